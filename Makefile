@@ -1,0 +1,57 @@
+# fastssl: `make test` and `make demo` do all the set-up on a fresh Linux machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+# The extension is compiled for Hopper when no GPU is there to detect.
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+
+.PHONY: venv data test demo bench lint cuda-check clean
+
+# A machine whose python already has torch >= 2.6 (a GPU box) keeps it: the venv
+# sees the system packages and no second torch is installed.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*.h csrc/*/*.h)
+	@if [ ! -x $(VPY) ]; then \
+	  if $(PYTHON) -c 'import sys, torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(v < (2, 6))' 2>/dev/null; then \
+	    echo "using the torch of $(PYTHON) (>= 2.6)"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else \
+	    $(PYTHON) -m venv $(VENV) && $(VPY) -m pip install -q --upgrade pip && $(VPY) -m pip install -q $(TORCH_PAIR); \
+	  fi; \
+	fi
+	$(VPY) -m pip install -q setuptools wheel ninja pybind11
+	$(VPY) -m pip install -q --no-build-isolation -e '.[dev,dali]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+# Fashion-MNIST from Debian's package, where apt is available.
+data:
+	@if [ ! -f $(FMNIST) ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	  else echo "Fashion-MNIST missing: install Debian's dataset-fashion-mnist (or pass --data PATH)"; fi; \
+	fi
+
+# Each .cu is plain CUDA C++: it must compile with bare nvcc (no torch headers).
+cuda-check:
+	@if command -v nvcc >/dev/null; then \
+	  for f in csrc/cuda/*.cu; do echo "nvcc -c $$f"; nvcc -std=c++17 -arch=sm_90 -c $$f -o /tmp/fastssl_$$(basename $$f).o || exit 1; done; \
+	else echo "nvcc not found: skipping the .cu compile check"; fi
+
+lint: venv
+	$(VENV)/bin/ruff check fastssl tests benchmarks
+
+test: venv data cuda-check lint
+	$(VPY) -m pytest -q -n 2 --durations=15
+
+demo: venv data
+	$(VENV)/bin/fastssl train
+
+bench: venv
+	$(VENV)/bin/fastssl bench
+
+clean:
+	rm -rf build *.egg-info fastssl/_C*.so

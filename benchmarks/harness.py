@@ -1,0 +1,252 @@
+"""One benchmark harness for every fastssl op.
+
+Times each provider (``eager``: the official-repo formula, ``compile``: torch.compile
+of it, ``fastssl``: the fused op) on the same inputs in the same process:
+
+* GPU: CUDA events around each call, median of many calls after warm-up, several
+  input sets rotated so that caches don't flatter; peak extra memory from the
+  allocator; the card's roofline (device-to-device copy GB/s and bf16 matmul
+  TFLOP/s) measured in the same run.
+* CPU: perf_counter medians. CPU times are only meaningful as ratios between
+  providers; the tables say so.
+
+Output: a markdown table per op (printed, and written to OUT_DIR/<op>.md) and a
+JSON line per row (OUT_DIR/<op>.jsonl) with the GPU name, versions and git SHA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+Inputs = tuple
+Provider = Callable[..., object]
+
+
+@dataclass
+class Case:
+    """One benchmark row: a shape/dtype setting and the providers to compare.
+
+    make_inputs() builds one input set (called `rotate` times); every provider is
+    called as provider(*inputs) and must do the whole timed work (fwd+bwd).
+    flops / bytes_moved, when given, turn times into TFLOP/s and GB/s."""
+
+    name: str
+    params: dict
+    make_inputs: Callable[[], Inputs]
+    providers: dict[str, Provider]
+    flops: float | None = None
+    bytes_moved: float | None = None
+    notes: dict = field(default_factory=dict)
+
+
+def environment() -> dict:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+    except OSError:
+        sha = ""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    return {
+        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda if cuda else None,
+        "git_sha": sha or None,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[int], object], *, warmup: int, iters: int) -> float:
+    """Median milliseconds of fn(i) over `iters` calls after `warmup` calls."""
+    for i in range(warmup):
+        fn(i)
+    _sync()
+    times = []
+    if torch.cuda.is_available():
+        for i in range(iters):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(i)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+    else:
+        for i in range(iters):
+            t0 = time.perf_counter()
+            fn(i)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(fn: Callable[[], object]) -> int | None:
+    """Bytes allocated at the peak of one call beyond what was live before it."""
+    if not torch.cuda.is_available():
+        return None
+    _sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    _sync()
+    return torch.cuda.max_memory_allocated() - base
+
+
+_ROOFLINE: dict | None = None
+
+
+def roofline() -> dict:
+    """Copy bandwidth (GB/s, bytes read + written) and bf16 matmul TFLOP/s of this card."""
+    global _ROOFLINE
+    if _ROOFLINE is not None:
+        return _ROOFLINE
+    if not torch.cuda.is_available():
+        _ROOFLINE = {"copy_gbps": None, "bf16_tflops": None}
+        return _ROOFLINE
+    n = 256 * 1024 * 1024  # 1 GiB of fp32, far beyond L2
+    src, dst = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
+    ms = time_fn(lambda i: dst.copy_(src), warmup=3, iters=20)
+    copy_gbps = 2 * n * 4 / ms / 1e6
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    ms = time_fn(lambda i: a @ b, warmup=3, iters=20)
+    _ROOFLINE = {"copy_gbps": copy_gbps, "bf16_tflops": 2 * m**3 / ms / 1e9}
+    del a, b
+    torch.cuda.empty_cache()
+    return _ROOFLINE
+
+
+def run_case(case: Case, *, rotate: int, warmup: int, iters: int) -> list[dict]:
+    inputs = [case.make_inputs() for _ in range(rotate)]
+    rows = []
+    for provider, fn in case.providers.items():
+        row = {"case": case.name, **case.params, "provider": provider}
+        try:
+            ms = time_fn(lambda i: fn(*inputs[i % rotate]), warmup=warmup, iters=iters)
+            row["ms"] = ms
+            row["peak_extra_mb"] = (
+                None if (b := peak_extra_bytes(lambda: fn(*inputs[0]))) is None else b / 2**20
+            )
+            if case.flops is not None:
+                row["tflops"] = case.flops / ms / 1e9
+            if case.bytes_moved is not None:
+                row["gbps"] = case.bytes_moved / ms / 1e6
+        except Exception as exc:  # an OOM or a compile failure is a result to report
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        rows.append(row)
+    baseline = next((r["ms"] for r in rows if r["provider"] == "eager" and "ms" in r), None)
+    for r in rows:
+        if baseline is not None and "ms" in r:
+            r["speedup_vs_eager"] = baseline / r["ms"]
+    return rows
+
+
+def _fmt(v, digits=3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def markdown(op: str, rows: Sequence[dict], env: dict, roof: dict) -> str:
+    cuda = torch.cuda.is_available()
+    param_keys = [k for k in rows[0] if k not in {"case", "provider", "ms", "peak_extra_mb", "tflops", "gbps", "speedup_vs_eager", "error"}]
+    cols = ["case", *param_keys, "provider", "ms" if cuda else "ms (CPU, ratios only)", "× eager", "peak extra MB"]
+    has_tflops = any("tflops" in r for r in rows)
+    has_gbps = any("gbps" in r for r in rows)
+    if has_tflops:
+        cols += ["TFLOP/s", "% bf16 matmul"]
+    if has_gbps:
+        cols += ["GB/s", "% copy BW"]
+    lines = [
+        f"### {op}",
+        "",
+        f"{env['device']} · torch {env['torch']} · triton {env['triton']} · CUDA {env['cuda']} · "
+        f"git {env['git_sha']} · {env['date']}",
+    ]
+    if cuda:
+        lines.append(
+            f"Measured roofline in this run: copy {roof['copy_gbps']:.0f} GB/s (read+write), "
+            f"bf16 matmul {roof['bf16_tflops']:.0f} TFLOP/s."
+        )
+    else:
+        lines.append("CPU run: times are only comparable as ratios within this table.")
+    lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        if "error" in r:
+            cells = [r["case"], *[_fmt(r.get(k)) for k in param_keys], r["provider"], r["error"]]
+            cells += [""] * (len(cols) - len(cells))
+        else:
+            cells = [r["case"], *[_fmt(r.get(k)) for k in param_keys], r["provider"], _fmt(r["ms"]),
+                     _fmt(r.get("speedup_vs_eager"), 2), _fmt(r.get("peak_extra_mb"))]
+            if has_tflops:
+                t = r.get("tflops")
+                cells += [_fmt(t), _fmt(100 * t / roof["bf16_tflops"], 2) if t and roof["bf16_tflops"] else "–"]
+            if has_gbps:
+                g = r.get("gbps")
+                cells += [_fmt(g), _fmt(100 * g / roof["copy_gbps"], 2) if g and roof["copy_gbps"] else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(description: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, default=None, help="folder for <op>.md and <op>.jsonl")
+    parser.add_argument("--quick", action="store_true", help="small shapes and few iterations (smoke run)")
+    parser.add_argument("--iters", type=int, default=None)
+    return parser.parse_args()
+
+
+def run(op: str, cases: Sequence[Case], args: argparse.Namespace) -> list[dict]:
+    """Time all cases, print the markdown table, write .md/.jsonl under args.out."""
+    env = environment()
+    roof = roofline()
+    quick = getattr(args, "quick", False)
+    iters = args.iters or (5 if quick else (50 if torch.cuda.is_available() else 10))
+    warmup = 2 if quick else (10 if torch.cuda.is_available() else 2)
+    rows = []
+    for case in cases:
+        rows += run_case(case, rotate=2 if quick else 4, warmup=warmup, iters=iters)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    table = markdown(op, rows, env, roof)
+    print(table, flush=True)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{op}.md").write_text(table)
+        with open(args.out / f"{op}.jsonl", "w") as f:
+            for r in rows:
+                f.write(json.dumps({**env, **roof, "op": op, **r}) + "\n")
+    return rows
+
+
+def compiled(fn: Provider) -> Provider:
+    """torch.compile of the eager formula (the 'compile' provider)."""
+    return torch.compile(fn)

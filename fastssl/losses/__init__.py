@@ -1,0 +1,1 @@
+"""nn.Module losses (with their state) built on fastssl.ops."""

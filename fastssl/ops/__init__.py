@@ -1,0 +1,1 @@
+"""Fused ops: Triton kernels with a pure-PyTorch reference (`*_ref`) each."""
