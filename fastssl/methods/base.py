@@ -1,0 +1,124 @@
+"""The contract between the training engine and a pretraining method.
+
+The engine (fastssl/engine) owns the loop, the optimizer, the LR / weight-decay
+schedules, autocast, DDP, checkpoints and logging. A method owns its networks,
+its view recipe, its loss and whatever it updates outside the optimizer (EMA
+teacher, key queue, DINO center). One file per method in fastssl/methods/.
+
+Per step the engine does:
+
+    ctx = StepContext(step, epoch, steps_per_epoch, total_steps, lr, weight_decay,
+                      {name: schedule[step] for name, schedule in method_schedules.items()})
+    out = model(batch, ctx)            # model = method, or DDP(method); out["loss"] is a scalar
+    out["loss"].backward()
+    method.before_optimizer_step(ctx)  # e.g. DINO cancels the last layer's gradient in epoch 0
+    clip, optimizer.step()
+    method.after_optimizer_step(ctx)   # e.g. EMA teacher update, queue push
+
+`batch` is what fastssl.data.build_loader yields:
+{"views": [Tensor[B, 3, h, w], ...] in recipe order, "label": Tensor[B], "index": Tensor[B]}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass
+class TrainConfig:
+    """Fields every method shares. Each method subclasses it with the paper's
+    defaults for its own fields (and overrides of these)."""
+
+    method: str = ""
+    data: str = "fashion-mnist"
+    backbone: str = "resnet18"
+    image_size: int = 224
+    epochs: int = 100
+    batch_size: int = 256
+    base_lr: float = 0.03          # scaled by batch_size / 256 (see lr_batch_divisor)
+    lr_batch_divisor: int = 256
+    min_lr: float = 0.0
+    warmup_epochs: float = 0.0
+    weight_decay: float = 1e-4
+    weight_decay_end: float | None = None  # cosine wd schedule when set (DINO)
+    optimizer: str = "sgd"         # sgd | adamw | lars
+    momentum: float = 0.9          # SGD / LARS momentum
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad: float | None = None
+    fused: bool = True             # False: every fused op runs its *_ref (for end-to-end speedups)
+    compile: bool = False
+    channels_last: bool = False
+    sync_bn: bool = False
+    data_backend: str = "auto"     # dali | torchvision | auto (dali when installed)
+    data_device: str = "auto"      # gpu | cpu | auto
+    num_threads: int = 2
+    seed: int = 0
+    out: str = "runs/default"
+    checkpoint_every: int = 0      # steps; 0 = only at epoch end
+    log_every: int = 10
+    eval_knn: bool = True
+    max_steps: int | None = None   # stop early (tests, time-boxed runs)
+
+
+@dataclass
+class StepContext:
+    step: int
+    epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    lr: float
+    weight_decay: float
+    schedules: dict[str, float] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Base class: subclasses set `name` and `config_class` and implement the hooks."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[TrainConfig]] = TrainConfig
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    @property
+    def backend(self) -> str:
+        """Backend passed to every fastssl op: 'auto' (fused on CUDA) or 'torch' (reference)."""
+        return "auto" if self.cfg.fused else "torch"
+
+    def recipe(self):
+        """The fastssl.data recipe whose views this method consumes."""
+        raise NotImplementedError
+
+    def encoder(self) -> nn.Module:
+        """The backbone whose [B, F] features kNN / linear probe evaluate."""
+        raise NotImplementedError
+
+    def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """Loss (key "loss", a scalar) and any scalar metrics for logging."""
+        raise NotImplementedError
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        """Per-step schedules besides LR and weight decay (teacher momentum, temperature...)."""
+        return {}
+
+    def parameter_groups(self) -> list[dict]:
+        """Optimizer groups: by default no weight decay on biases and norm parameters."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
+
+    def before_optimizer_step(self, ctx: StepContext) -> None:
+        pass
+
+    @torch.no_grad()
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        pass
