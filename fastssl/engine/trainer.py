@@ -1,0 +1,307 @@
+"""The training loop: schedules, autocast, DDP, checkpoints, logging, evaluation hooks.
+
+One `Trainer.fit()` call is one run. The method (fastssl/methods) owns its networks and
+loss; the loader (fastssl/data.build_loader, this rank's shard) yields batches; the
+optional `evaluator` scores the method's encoder (kNN on a labelled split)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastssl.distributed import get_rank, get_world_size, is_distributed
+from fastssl.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from fastssl.engine.config import config_to_dict, save_config
+from fastssl.engine.optim import build_optimizer
+from fastssl.engine.schedules import build_schedules
+from fastssl.methods.base import Method, StepContext
+
+Evaluator = Callable[[nn.Module], dict[str, float]]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the run stopped before that step's update."""
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK in the
+    environment): NCCL with one GPU per process, gloo on CPU. Returns (rank, world, device).
+    A group that is already initialised (tests) is used as is."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not is_distributed() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return get_rank(), get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = dict(batch)
+    out["views"] = [v.to(device, non_blocking=True).contiguous(memory_format=fmt) for v in batch["views"]]
+    for key in ("label", "index"):
+        if key in batch:
+            out[key] = batch[key].to(device, non_blocking=True)
+    return out
+
+
+class Trainer:
+    """Runs `method` on `loader` for cfg.epochs (or cfg.max_steps) and writes into cfg.out:
+    config.yaml (resolved config), metrics.jsonl (one JSON object per step), last.pt
+    (atomic checkpoint every cfg.checkpoint_every steps and at each epoch end) and
+    summary.json. cfg.batch_size is the global batch; the loader yields this rank's share.
+
+    resume: None (fresh run), "auto" (continue from OUT/last.pt when it exists) or a path."""
+
+    def __init__(self, method: Method, loader: Iterable, *, evaluator: Evaluator | None = None,
+                 resume: str | None = None, progress: bool = True, tensorboard: bool = False,
+                 log: Callable[[str], None] | None = None):
+        self.cfg = cfg = method.cfg
+        self.method, self.loader, self.evaluator = method, loader, evaluator
+        self.rank, self.world, self.device = init_distributed()
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if cfg.batch_size % self.world:
+            raise ValueError(f"batch_size: expected a multiple of the world size {self.world}, "
+                             f"got {cfg.batch_size}")
+        self.out = Path(cfg.out)
+        self.ckpt_path = self.out / "last.pt"
+        self.steps_per_epoch = len(loader)
+        if self.steps_per_epoch < 1:
+            raise ValueError("loader: expected at least one batch per epoch, got 0 "
+                             "(dataset smaller than the batch?)")
+        self.total_steps = cfg.epochs * self.steps_per_epoch
+        self.stop_step = self.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.total_steps)
+        self.schedules = build_schedules(cfg, self.steps_per_epoch) | method.schedules(
+            self.total_steps, self.steps_per_epoch)
+
+        method.to(self.device)
+        if cfg.sync_bn:
+            if self.world > 1 and self.device.type == "cuda":
+                method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+            else:
+                self.log("sync_bn: not converting BatchNorm (needs > 1 CUDA process)")
+        if cfg.channels_last:
+            method.to(memory_format=torch.channels_last)
+        if cfg.compile:
+            method.encoder().compile()
+        self.model: nn.Module = method
+        if self.world > 1:
+            # Buffers (queue, BN statistics of the teacher) are per-rank state, not broadcast from rank 0.
+            self.model = nn.parallel.DistributedDataParallel(
+                method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False)
+        self.optimizer = build_optimizer(cfg, method.parameter_groups())
+        # bf16 needs no loss scaling; the scaler is kept (disabled) so checkpoints have one format.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
+        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16,
+                             enabled=self.device.type == "cuda")
+        self.step = 0
+        self.extra: dict[str, Any] = {}  # results carried across resumes (random-init kNN)
+        self.tb = None
+        if tensorboard and self.is_main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ValueError("tensorboard: requested, but the package is not installed") from e
+            self.tb = SummaryWriter(str(self.out / "tb"))
+        if resume is not None:
+            self._resume(resume)
+
+    # ----------------------------------------------------------------- checkpoints
+    def _resume(self, resume: str) -> None:
+        if resume == "auto":
+            if not self.ckpt_path.is_file():
+                self.log(f"resume auto: no {self.ckpt_path}, starting fresh")
+                return
+            path = self.ckpt_path
+        else:
+            path = Path(resume)
+        state = load_checkpoint(path)
+        if state["batch_size"] != self.cfg.batch_size or state["steps_per_epoch"] != self.steps_per_epoch:
+            raise ValueError(f"resume: checkpoint {str(path)!r} was written with "
+                             f"batch_size={state['batch_size']}, steps_per_epoch={state['steps_per_epoch']}; "
+                             f"this run has {self.cfg.batch_size}, {self.steps_per_epoch}")
+        self.method.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step, self.extra = state["step"], state["extra"]
+        self._rng_to_restore = state["rng"][self.rank] if self.rank < len(state["rng"]) else None
+        self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
+
+    def save(self) -> None:
+        """Atomic checkpoint of everything the next step depends on (rank 0 writes; RNG of all ranks)."""
+        rng = [rng_state()]
+        if self.world > 1:
+            rng = [None] * self.world
+            dist.all_gather_object(rng, rng_state())
+        if not self.is_main:
+            return
+        save_atomic({
+            "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "step": self.step,
+            "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
+            "batch_size": self.cfg.batch_size, "rng": rng, "extra": self.extra,
+            "config": config_to_dict(self.cfg), "method": self.method.name,
+        }, self.ckpt_path)
+
+    # ----------------------------------------------------------------- evaluation
+    def _evaluate(self) -> dict[str, float]:
+        if self.evaluator is None:
+            return {}
+        result: dict[str, float] = {}
+        if self.is_main:
+            was_training = self.method.training
+            self.method.eval()
+            with torch.no_grad(), torch.autocast(**self.autocast):
+                result = self.evaluator(self.method.encoder())
+            self.method.train(was_training)
+        if self.world > 1:
+            box = [result]
+            dist.broadcast_object_list(box, src=0)
+            result = box[0]
+        return result
+
+    # ----------------------------------------------------------------- loop
+    def _log_step(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def fit(self) -> dict[str, Any]:
+        """Train until cfg.epochs * len(loader) steps (or cfg.max_steps), evaluate, write
+        summary.json; returns the summary. Raises NonFiniteLossError on a NaN/inf loss."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out / "config.yaml")
+        self.log(f"{self.method.name}: {cfg.backbone}, {self.world} process(es) on {self.device}, "
+                 f"{'bf16 autocast' if self.autocast['enabled'] else 'fp32'}, fused={cfg.fused}, "
+                 f"{spe} steps/epoch, steps {self.step}..{self.stop_step} of {self.total_steps}")
+        if "knn_random_init" not in self.extra and self.evaluator is not None:
+            t0 = time.perf_counter()
+            self.extra["knn_random_init"] = self._evaluate()
+            self.log(f"random init: {self.extra['knn_random_init']} ({time.perf_counter() - t0:.0f} s)")
+
+        self.method.train()
+        train_time, images, last_loss = 0.0, 0, float("nan")
+        t_start = time.perf_counter()
+        while self.step < self.stop_step:
+            epoch, skip = divmod(self.step, spe)
+            if hasattr(self.loader, "set_epoch"):
+                self.loader.set_epoch(epoch)
+            batches = iter(self.loader)
+            # Mid-epoch resume: the loader is deterministic per (seed, epoch), so skip what was consumed.
+            for _ in range(skip):
+                next(batches)
+            if getattr(self, "_rng_to_restore", None) is not None:
+                set_rng_state(self._rng_to_restore)
+                self._rng_to_restore = None
+            bar = None
+            if self.progress:
+                from tqdm import tqdm
+                bar = tqdm(total=min(spe, self.stop_step - epoch * spe), initial=skip, desc=f"epoch {epoch}",
+                           mininterval=2.0, file=sys.stderr, dynamic_ncols=True)
+            t_prev = time.perf_counter()
+            wait_acc = time_acc = 0.0
+            while skip < spe and self.step < self.stop_step:
+                batch = next(batches, None)
+                if batch is None:
+                    raise RuntimeError(f"loader: yielded fewer batches ({skip}) than len(loader)={spe}")
+                batch = _to_device(batch, self.device, cfg.channels_last)
+                t_data = time.perf_counter()
+                record = self._train_step(batch, epoch)
+                t_now = time.perf_counter()
+                n_img = batch["views"][0].shape[0] * self.world
+                step_time, wait = t_now - t_prev, t_data - t_prev
+                train_time, images = train_time + step_time, images + n_img
+                wait_acc, time_acc = wait_acc + wait, time_acc + step_time
+                record |= {"img_per_s": n_img / step_time, "data_wait": wait / step_time}
+                self._log_step(record)
+                last_loss = record["loss"]
+                self.step += 1
+                skip += 1
+                if bar is not None:
+                    bar.update(1)
+                    if self.step % max(cfg.log_every, 1) == 0 or skip == spe:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
+                                        img_s=f"{images / train_time:.0f}", data=f"{wait_acc / time_acc:.0%}")
+                if skip == spe or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                    self.save()
+                t_prev = time.perf_counter()
+            if bar is not None:
+                bar.close()
+
+        wall = time.perf_counter() - t_start
+        result = self._evaluate()
+        summary = {
+            "method": self.method.name, "backbone": cfg.backbone, "epochs": cfg.epochs,
+            "steps": self.step, "total_steps": self.total_steps, "batch_size": cfg.batch_size,
+            "images_per_second": images / train_time if train_time else None,
+            "final_loss": last_loss, "train_seconds": wall, "device": self._device_name(),
+            "world_size": self.world, "fused": cfg.fused,
+        }
+        for k, v in result.items():
+            summary[k] = v
+        for k, v in self.extra.get("knn_random_init", {}).items():
+            summary[f"{k}_random_init"] = v
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.tb is not None:
+            self.tb.close()
+        return summary
+
+    def _train_step(self, batch: dict, epoch: int) -> dict[str, Any]:
+        s = self.step
+        lr, wd = float(self.schedules["lr"][s]), float(self.schedules["weight_decay"][s])
+        ctx = StepContext(step=s, epoch=epoch, steps_per_epoch=self.steps_per_epoch,
+                          total_steps=self.total_steps, lr=lr, weight_decay=wd,
+                          schedules={k: float(v[s]) for k, v in self.schedules.items()
+                                     if k not in ("lr", "weight_decay")})
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+            if group.get("apply_wd", True):
+                group["weight_decay"] = wd
+        with torch.autocast(**self.autocast):
+            out = self.model(batch, ctx)
+        loss = out["loss"]
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            kept = (f"the last good checkpoint {self.ckpt_path} is left intact" if self.ckpt_path.is_file()
+                    else "no checkpoint had been written yet")
+            raise NonFiniteLossError(f"loss is {loss_value} at step {s} (epoch {epoch}); stopping before the "
+                                     f"update; {kept}. Try a lower base_lr or a longer warmup_epochs.")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.method.before_optimizer_step(ctx)
+        if self.cfg.clip_grad:
+            nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.clip_grad)
+        self.optimizer.step()
+        self.method.after_optimizer_step(ctx)
+        record = {"step": s, "epoch": epoch, "loss": loss_value, "lr": lr, "weight_decay": wd}
+        for k, v in out.items():
+            if k != "loss" and (isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)):
+                record[k] = float(v)
+        return record | ctx.schedules
+
+    def _device_name(self) -> str:
+        if self.device.type == "cuda":
+            return f"{torch.cuda.get_device_name(self.device)} x{self.world}"
+        return f"cpu ({torch.get_num_threads()} threads) x{self.world}"
