@@ -1,0 +1,21 @@
+// Schemas of the fastssl ops implemented in C++/CUDA, and the Python module fastssl._C.
+// Implementations register per device in csrc/cpu/*.cpp and csrc/cuda/*.cpp. Triton ops
+// join the same namespace from Python (torch.library.custom_op("fastssl::...")), which
+// adds fragments; this is the namespace's one TORCH_LIBRARY block.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fastssl, m) {
+  // Ring-buffer push of the MoCo key queue (KeyQueue.push): row r of keys [n, dim] goes to
+  // queue[(ptr + r) % size], optionally L2-normalized, cast to queue's dtype; ptr advances
+  // by n mod size. arrivals is a zeroed int32 scratch counter the CUDA kernel uses to let
+  // its last block advance ptr.
+  m.def("queue_push_(Tensor(a!) queue, Tensor(b!) ptr, Tensor(c!) arrivals, Tensor keys, bool normalize) -> ()");
+}
+
+// Importing fastssl._C runs the static registrations above; the module has no Python API.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fastssl C++/CUDA ops (torch.ops.fastssl)", -1,
+                                      nullptr};
+  return PyModule_Create(&module);
+}
