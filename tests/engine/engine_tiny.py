@@ -50,7 +50,8 @@ class TinyLoader:
     noisy views per sample. Rank r of W gets rows [r*b/W, (r+1)*b/W) of every global batch,
     so the ranks' shards concatenated equal the one-process batch."""
 
-    def __init__(self, n: int = 32, batch_size: int = 8, seed: int = 0, shard_id: int = 0, num_shards: int = 1):
+    def __init__(self, n: int = 32, batch_size: int = 8, seed: int = 0, shard_id: int = 0,
+                 num_shards: int = 1):
         g = torch.Generator().manual_seed(1234)
         self.x = torch.randn(n, 3, 4, 4, generator=g)
         self.y = self.x.flatten(1)[:, :4].argmax(1)

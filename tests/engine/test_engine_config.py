@@ -27,7 +27,8 @@ def test_merge_order_defaults_yaml_overrides(tmp_path):
 
 def test_override_types_are_converted():
     cfg = resolve_config(DemoConfig, None, parse_overrides(
-        ["fused=False", "compile=yes", "betas=0.8,0.9", "weight_decay_end=0.4", "max_steps=none", "base_lr=1e-3"]))
+        ["fused=False", "compile=yes", "betas=0.8,0.9", "weight_decay_end=0.4", "max_steps=none",
+         "base_lr=1e-3"]))
     assert (cfg.fused, cfg.compile, cfg.betas) == (False, True, (0.8, 0.9))
     assert cfg.weight_decay_end == 0.4 and cfg.max_steps is None and cfg.base_lr == 1e-3
 
