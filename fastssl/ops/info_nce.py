@@ -1,0 +1,548 @@
+"""Fused InfoNCE: the MoCo v2 (query vs positive key + queue) and MoCo v3 / SimCLR
+(query vs all keys) contrastive loss, flash-attention style.
+
+Math (He et al. 2020, MoCo; Chen et al. 2020/2021, MoCo v2/v3). With qn, kn the
+L2-normalized rows (when normalize=True) and T the temperature:
+
+* queue form:   l_i = [qn_i·kn_i, qn_i·queue_1, …, qn_i·queue_K] / T, target 0
+* in-batch:     l_i = [qn_i·kn_1, …, qn_i·kn_M] / T,            target i + label_offset
+* loss_i = lse(l_i) − l_i[target] = −log softmax(l_i)[target]
+
+The kernels never build an N×K logits tile outside registers/shared memory:
+
+1. ``_info_nce_fwd_kernel``: grid (query blocks, column splits). Each program streams
+   BLOCK_M rows of the queue (or of the keys) through ``tl.dot`` with an online
+   log-sum-exp (base 2, one exp2 per logit) and, when the query needs a gradient,
+   accumulates Σ_j p_ij x̂_j with the rescaled flash-attention update (V = the
+   streamed rows). Splitting the columns fills the GPU when N is small
+   (N=256 is two query blocks); each split writes (max, sum, acc) partials, O(S·N·D).
+2. ``_info_nce_combine_kernel``: merges the splits, adds the queue form's positive
+   column, writes loss and lse [N] and the gradient directions
+   dq_i = ∂loss_i/∂q_i = (Σ_j p_ij x̂_j − k̂_pos(i)) / T pulled back through the
+   normalization, and for the queue form dk_i = (p_i0 − 1)·q̂_i / T likewise. The
+   backward of both forms then only multiplies these [N, D] rows by the incoming
+   per-row gradient: dq costs no recomputation in either form.
+3. In-batch key gradient (``_info_nce_bwd_kernel``): grid (key blocks, query splits),
+   recomputes logits tiles kᵀq from lse and accumulates dk̂_j = Σ_i g_i p_ij q̂_i / T
+   into per-split partials (no atomics, so results are deterministic);
+   ``_info_nce_bwd_combine_kernel`` sums them, subtracts the target term
+   g_i q̂_i / T for j = i + label_offset and applies the normalization backward.
+
+Matmul-equivalents (2·N·K·D flops each): queue form 2 (logits, p·queue), in-batch with
+key gradient 4 (forward 2, backward 2). Extra memory: O((N+M)·D), independent of N·K.
+
+Normalization: row norms are one fp32 read pass over query/key (`_row_norms`); the
+kernels scale logits by 1/‖q‖·1/‖k‖ after the dot (so bf16 inputs feed the tensor cores
+unchanged and no normalized copy is written) and apply d(x/‖x‖) =
+(I − x̂x̂ᵀ)/‖x‖ in their epilogues. ‖x‖ is clamped at 1e-12 like F.normalize.
+
+Precision: fp32 accumulation everywhere; bf16/fp16 tiles go to the tensor cores, and
+the probabilities multiplying the streamed rows are rounded to the input dtype for
+that dot (as flash attention does). fp32 inputs use input_precision="tf32x3" (three
+tf32 products, close to fp32 accuracy on tensor cores) so the kernel stays within the
+tolerance of a plain fp32 reference; plain tf32 would err by ~1e-3 relative in the
+logits, i.e. ~0.1 absolute at T=0.01.
+
+At D=128 the exponentials are a co-limit with the matmuls on an H100; overlapping them
+is left to Triton's software pipelining (num_stages) across the streamed tiles.
+"""
+
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from fastssl.ops._dispatch import (
+    check_positive,
+    check_same_dtype,
+    check_tensor,
+    resolve_backend,
+    triton_interpreting,
+)
+
+_EPS = 1e-12  # F.normalize's clamp on the norm
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_SPLIT_CHUNK = 128  # columns per split are a multiple of this, the largest BLOCK_M of any config
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _info_nce_fwd_kernel(
+    q_ptr, x_ptr, q_norm_ptr, x_norm_ptr, m_ptr, l_ptr, acc_ptr,
+    N, X_ROWS, D, split_cols, scale2,
+    SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, COMPUTE_DQ: tl.constexpr,
+    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Partial online LSE (and Σ p·x̂) of BLOCK_N queries over one split of the streamed rows x."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    dim_ok = dims < D
+    q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    # Logits in base 2: s2 = q·x · (log2(e)/T) / (‖q‖‖x‖), scaled after the dot so the
+    # tensor cores see the raw (e.g. bf16) rows.
+    row_scale = tl.zeros([BLOCK_N], tl.float32) + scale2
+    if SCALE_ROWS:
+        row_scale = scale2 / tl.maximum(tl.load(q_norm_ptr + rows, mask=row_ok, other=1.0), EPS)
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    start = split * split_cols
+    end = tl.minimum(start + split_cols, X_ROWS)
+    for col0 in range(start, end, BLOCK_M):
+        cols = col0 + tl.arange(0, BLOCK_M)
+        col_ok = cols < end
+        x = tl.load(x_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :],
+                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(x), input_precision=DOT_PRECISION) * row_scale[:, None]
+        if SCALE_COLS:
+            col_inv = 1.0 / tl.maximum(tl.load(x_norm_ptr + cols, mask=col_ok, other=1.0), EPS)
+            s = s * col_inv[None, :]
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if COMPUTE_DQ:
+            if SCALE_COLS:
+                p = p * col_inv[None, :]  # Σ p_ij x̂_j with x̂_j = x_j/‖x_j‖
+            acc = acc * alpha[:, None] + tl.dot(p.to(x.dtype), x, input_precision=DOT_PRECISION)
+        m_i = m_new
+    part = split.to(tl.int64) * N + rows
+    tl.store(m_ptr + part, m_i, mask=row_ok)
+    tl.store(l_ptr + part, l_i, mask=row_ok)
+    if COMPUTE_DQ:
+        tl.store(acc_ptr + part[:, None] * D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _info_nce_combine_kernel(
+    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, m_ptr, l_ptr, acc_ptr,
+    loss_ptr, lse_ptr, dq_ptr, dk_ptr,
+    N, D, num_splits, label_offset, scale2, inv_temperature,
+    HAS_QUEUE: tl.constexpr, NORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_DK: tl.constexpr,
+    EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the splits' partials; add the positive column (queue form); write loss, lse
+    and the per-row gradient directions dq (and dk for the queue form)."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    dim_ok = dims < D
+    tile_ok = row_ok[:, None] & dim_ok[None, :]
+    pos_rows = rows.to(tl.int64) + label_offset
+    q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + pos_rows[:, None] * D + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    q_inv = tl.zeros([BLOCK_N], tl.float32) + 1.0
+    k_inv = tl.zeros([BLOCK_N], tl.float32) + 1.0
+    if NORMALIZE:
+        q_norm = tl.load(q_norm_ptr + rows, mask=row_ok, other=1.0)
+        k_norm = tl.load(k_norm_ptr + pos_rows, mask=row_ok, other=1.0)
+        q_inv = 1.0 / tl.maximum(q_norm, EPS)
+        k_inv = 1.0 / tl.maximum(k_norm, EPS)
+    qn = q * q_inv[:, None]
+    kn = k * k_inv[:, None]
+    # Same scaling order as the streamed logits, so the in-batch positive matches its column.
+    pos2 = tl.sum(q * k, 1) * (scale2 * q_inv) * k_inv
+
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for split in range(num_splits):
+        part = split * N + rows.to(tl.int64)
+        m_s = tl.load(m_ptr + part, mask=row_ok, other=0.0)
+        l_s = tl.load(l_ptr + part, mask=row_ok, other=1.0)  # padded rows stay finite
+        m_new = tl.maximum(m_i, m_s)
+        alpha = tl.exp2(m_i - m_new)
+        beta = tl.exp2(m_s - m_new)
+        l_i = l_i * alpha + l_s * beta
+        if COMPUTE_DQ:
+            acc_s = tl.load(acc_ptr + part[:, None] * D + dims[None, :], mask=tile_ok, other=0.0)
+            acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_i = m_new
+    if HAS_QUEUE:
+        m_new = tl.maximum(m_i, pos2)
+        alpha = tl.exp2(m_i - m_new)
+        beta = tl.exp2(pos2 - m_new)
+        l_i = l_i * alpha + beta
+        if COMPUTE_DQ:
+            acc = acc * alpha[:, None] + kn * beta[:, None]
+        m_i = m_new
+    lse2 = m_i + tl.log2(l_i)
+    tl.store(loss_ptr + rows, (lse2 - pos2) * 0.6931471805599453, mask=row_ok)
+    tl.store(lse_ptr + rows, lse2 * 0.6931471805599453, mask=row_ok)
+    if COMPUTE_DQ:
+        # ∂loss_i/∂q̂_i = (Σ_j p_ij x̂_j − k̂_pos) / T, then through q̂ = q/max(‖q‖, eps):
+        # (I − q̂q̂ᵀ)/‖q‖, or plain 1/eps where the clamp is active.
+        dqn = (acc / l_i[:, None] - kn) * inv_temperature
+        if NORMALIZE:
+            proj = tl.where(q_norm > EPS, tl.sum(qn * dqn, 1), 0.0)
+            dqn = (dqn - qn * proj[:, None]) * q_inv[:, None]
+        tl.store(dq_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], dqn, mask=tile_ok)
+    if COMPUTE_DK:
+        # Queue form only: k_i appears in row i's positive logit alone, ∂loss_i/∂k̂_i = (p_i0 − 1) q̂_i / T.
+        p_pos = tl.exp2(pos2 - lse2)
+        dkn = qn * ((p_pos - 1.0) * inv_temperature)[:, None]
+        if NORMALIZE:
+            proj = tl.where(k_norm > EPS, tl.sum(kn * dkn, 1), 0.0)
+            dkn = (dkn - kn * proj[:, None]) * k_inv[:, None]
+        tl.store(dk_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], dkn, mask=tile_ok)
+
+
+@triton.jit
+def _info_nce_bwd_kernel(
+    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, grad_ptr, part_ptr,
+    N, M, D, split_rows, scale2, inv_temperature,
+    NORMALIZE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """In-batch key gradient, one split of the queries: Σ_i g_i p_ij q̂_i / T for BLOCK_M keys,
+    with p_ij = exp(l_ij − lse_i) recomputed from the saved lse."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    keys = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    key_ok = keys < M
+    dim_ok = dims < D
+    k = tl.load(k_ptr + keys.to(tl.int64)[:, None] * D + dims[None, :],
+                mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+    k_inv = tl.zeros([BLOCK_M], tl.float32) + 1.0
+    if NORMALIZE:
+        k_inv = 1.0 / tl.maximum(tl.load(k_norm_ptr + keys, mask=key_ok, other=1.0), EPS)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    start = split * split_rows
+    end = tl.minimum(start + split_rows, N)
+    for row0 in range(start, end, BLOCK_N):
+        rows = row0 + tl.arange(0, BLOCK_N)
+        row_ok = rows < end
+        q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :],
+                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        row_scale = tl.zeros([BLOCK_N], tl.float32) + scale2
+        coef = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
+        if NORMALIZE:
+            q_inv = 1.0 / tl.maximum(tl.load(q_norm_ptr + rows, mask=row_ok, other=1.0), EPS)
+            row_scale = scale2 * q_inv
+            coef = coef * q_inv
+        # +inf lse on padded rows makes their p exactly 0.
+        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * row_scale[None, :] * k_inv[:, None]
+        p = tl.exp2(s - lse2[None, :]) * coef[None, :]
+        acc += tl.dot(p.to(q.dtype), q, input_precision=DOT_PRECISION)
+    part = split.to(tl.int64) * M + keys
+    tl.store(part_ptr + part[:, None] * D + dims[None, :], acc, mask=key_ok[:, None] & dim_ok[None, :])
+
+
+@triton.jit
+def _info_nce_bwd_combine_kernel(
+    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, grad_ptr, part_ptr, dk_ptr,
+    N, M, D, num_splits, label_offset, inv_temperature,
+    NORMALIZE: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Sum the key-gradient splits, subtract the target term, apply the normalization backward."""
+    keys = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    key_ok = keys < M
+    dim_ok = dims < D
+    tile_ok = key_ok[:, None] & dim_ok[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for split in range(num_splits):
+        part = split * M + keys.to(tl.int64)
+        acc += tl.load(part_ptr + part[:, None] * D + dims[None, :], mask=tile_ok, other=0.0)
+    # Key j is the target of query i = j − label_offset (if that query exists).
+    rows = keys.to(tl.int64) - label_offset
+    has_row = key_ok & (rows >= 0) & (rows < N)
+    q = tl.load(q_ptr + rows[:, None] * D + dims[None, :], mask=has_row[:, None] & dim_ok[None, :],
+                other=0.0).to(tl.float32)
+    coef = tl.load(grad_ptr + rows, mask=has_row, other=0.0) * inv_temperature
+    if NORMALIZE:
+        coef = coef / tl.maximum(tl.load(q_norm_ptr + rows, mask=has_row, other=1.0), EPS)
+    dkn = acc - q * coef[:, None]
+    if NORMALIZE:
+        k = tl.load(k_ptr + keys.to(tl.int64)[:, None] * D + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        k_norm = tl.load(k_norm_ptr + keys, mask=key_ok, other=1.0)
+        k_inv = 1.0 / tl.maximum(k_norm, EPS)
+        kn = k * k_inv[:, None]
+        proj = tl.where(k_norm > EPS, tl.sum(kn * dkn, 1), 0.0)
+        dkn = (dkn - kn * proj[:, None]) * k_inv[:, None]
+    tl.store(dk_ptr + keys.to(tl.int64)[:, None] * D + dims[None, :], dkn, mask=tile_ok)
+
+
+# Autotuning only on a GPU: the interpreter runs one fixed, small-program configuration.
+_TILE_CONFIGS = [
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 128}, num_warps=8, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=4),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 128}, num_warps=4, num_stages=3),
+]
+_INTERPRETER_TILES = {"BLOCK_N": 32, "BLOCK_M": 64}
+_fwd_kernel_tuned = triton.autotune(
+    _TILE_CONFIGS, key=["D", "SCALE_ROWS", "SCALE_COLS", "COMPUTE_DQ", "DOT_PRECISION"]
+)(_info_nce_fwd_kernel)
+_bwd_kernel_tuned = triton.autotune(_TILE_CONFIGS, key=["D", "NORMALIZE", "DOT_PRECISION"])(_info_nce_bwd_kernel)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _row_norms(x: torch.Tensor) -> torch.Tensor:
+    """‖x_i‖ in fp32, [rows]: the only pass the normalization needs outside the kernels."""
+    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
+
+
+def _block_d(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))  # tl.dot needs every tile dim >= 16
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "tf32x3" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
+
+
+def _num_splits(outer_rows: int, stream_rows: int, D: int, device: torch.device) -> tuple[int, int]:
+    """(splits, rows per split) of the streamed dimension: enough programs to fill the GPU
+    (about 2 per SM) while every split keeps >= 4 chunks of work and the fp32 partials stay
+    under ~16 MiB. On the CPU interpreter, 2 splits so tests exercise the merge."""
+    chunks = triton.cdiv(stream_rows, _SPLIT_CHUNK)
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(2 * sms, triton.cdiv(outer_rows, 128))
+        want = min(want, max(1, chunks // 4), max(1, (16 << 20) // (outer_rows * D * 4)))
+    else:
+        want = 2
+    per_split = triton.cdiv(chunks, max(1, min(want, chunks)))
+    return triton.cdiv(chunks, per_split), per_split * _SPLIT_CHUNK
+
+
+def info_nce_fwd(
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None, temperature: float,
+    normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward. Returns (loss [N] fp32, lse [N] fp32, dq_dir, dk_dir) where
+    dq_dir [N, D] fp32 = ∂loss_i/∂query_i (empty unless compute_dq) and dk_dir [N, D]
+    fp32 = ∂loss_i/∂key_i for the queue form (empty unless compute_dk and a queue)."""
+    query, key = query.contiguous(), key.contiguous()
+    has_queue = queue is not None
+    x = queue.contiguous() if has_queue else key
+    N, D = query.shape
+    dev = query.device
+    q_norm = _row_norms(query) if normalize else query.new_empty(0, dtype=torch.float32)
+    k_norm = _row_norms(key) if normalize else q_norm
+    scale2 = _LOG2E / temperature
+    num_splits, split_cols = _num_splits(N, x.shape[0], D, dev)
+    f32 = {"dtype": torch.float32, "device": dev}
+    m_part = torch.empty(num_splits, N, **f32)
+    l_part = torch.empty(num_splits, N, **f32)
+    acc_part = torch.empty((num_splits, N, D) if compute_dq else (0,), **f32)
+    flags = dict(SCALE_ROWS=normalize, SCALE_COLS=normalize and not has_queue, COMPUTE_DQ=compute_dq,
+                 EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), BLOCK_D=_block_d(D))
+    args = (query, x, q_norm, k_norm, m_part, l_part, acc_part, N, x.shape[0], D, split_cols, scale2)
+    if triton_interpreting():
+        grid = (triton.cdiv(N, _INTERPRETER_TILES["BLOCK_N"]), num_splits)
+        _info_nce_fwd_kernel[grid](*args, **flags, **_INTERPRETER_TILES)
+    else:
+        _fwd_kernel_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), num_splits)](*args, **flags)
+
+    loss = torch.empty(N, **f32)
+    lse = torch.empty(N, **f32)
+    dq_dir = torch.empty((N, D) if compute_dq else (0,), **f32)
+    compute_dk = compute_dk and has_queue
+    dk_dir = torch.empty((N, D) if compute_dk else (0,), **f32)
+    block_d = _block_d(D)
+    block_n = max(1, min(64, 4096 // block_d))
+    _info_nce_combine_kernel[(triton.cdiv(N, block_n),)](
+        query, key, q_norm, k_norm, m_part, l_part, acc_part, loss, lse, dq_dir, dk_dir,
+        N, D, num_splits, label_offset, scale2, 1.0 / temperature,
+        HAS_QUEUE=has_queue, NORMALIZE=normalize, COMPUTE_DQ=compute_dq, COMPUTE_DK=compute_dk,
+        EPS=_EPS, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+    )
+    return loss, lse, dq_dir, dk_dir
+
+
+def info_nce_bwd(
+    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, temperature: float,
+    normalize: bool, label_offset: int,
+) -> torch.Tensor:
+    """In-batch key gradient [M, D] (key's dtype) of Σ_i grad_i · loss_i, recomputing the logits
+    tiles from lse [N]. grad [N] may be an expanded (stride-0) view."""
+    query, key = query.contiguous(), key.contiguous()
+    grad = grad.to(torch.float32).contiguous()
+    lse = lse.contiguous()
+    N, D = query.shape
+    M = key.shape[0]
+    dev = query.device
+    q_norm = _row_norms(query) if normalize else query.new_empty(0, dtype=torch.float32)
+    k_norm = _row_norms(key) if normalize else q_norm
+    num_splits, split_rows = _num_splits(M, N, D, dev)
+    part = torch.empty(num_splits, M, D, dtype=torch.float32, device=dev)
+    flags = dict(NORMALIZE=normalize, EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), BLOCK_D=_block_d(D))
+    args = (query, key, q_norm, k_norm, lse, grad, part, N, M, D, split_rows, _LOG2E / temperature,
+            1.0 / temperature)
+    if triton_interpreting():
+        grid = (triton.cdiv(M, _INTERPRETER_TILES["BLOCK_M"]), num_splits)
+        _info_nce_bwd_kernel[grid](*args, **flags, **_INTERPRETER_TILES)
+    else:
+        _bwd_kernel_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), num_splits)](*args, **flags)
+    dk = torch.empty_like(key)
+    block_d = _block_d(D)
+    block_m = max(1, min(64, 4096 // block_d))
+    _info_nce_bwd_combine_kernel[(triton.cdiv(M, block_m),)](
+        query, key, q_norm, k_norm, grad, part, dk, N, M, D, num_splits, label_offset, 1.0 / temperature,
+        NORMALIZE=normalize, EPS=_EPS, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+    )
+    return dk
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@torch.library.custom_op("fastssl::info_nce_fwd", mutates_args=())
+def _info_nce_fwd_op(
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None, temperature: float,
+    normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return info_nce_fwd(query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk)
+
+
+@_info_nce_fwd_op.register_fake
+def _(query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk):
+    N, D = query.shape
+    f32 = {"dtype": torch.float32}
+    dq_shape = (N, D) if compute_dq else (0,)
+    dk_shape = (N, D) if (compute_dk and queue is not None) else (0,)
+    return (query.new_empty(N, **f32), query.new_empty(N, **f32), query.new_empty(dq_shape, **f32),
+            query.new_empty(dk_shape, **f32))
+
+
+@torch.library.custom_op("fastssl::info_nce_bwd", mutates_args=())
+def _info_nce_bwd_op(
+    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, temperature: float,
+    normalize: bool, label_offset: int,
+) -> torch.Tensor:
+    return info_nce_bwd(query, key, lse, grad, temperature, normalize, label_offset)
+
+
+@_info_nce_bwd_op.register_fake
+def _(query, key, lse, grad, temperature, normalize, label_offset):
+    return torch.empty_like(key)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk = inputs
+    _, lse, dq_dir, dk_dir = output
+    ctx.save_for_backward(query, key, lse, dq_dir, dk_dir)
+    ctx.has_queue = queue is not None
+    ctx.temperature, ctx.normalize, ctx.label_offset = temperature, normalize, label_offset
+    ctx.compute_dq, ctx.compute_dk = compute_dq, compute_dk
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_dq_dir, grad_dk_dir):
+    # lse and the direction outputs are internal (the public function returns only the loss),
+    # so their incoming gradients are ignored.
+    query, key, lse, dq_dir, dk_dir = ctx.saved_tensors
+    g = grad_loss.to(torch.float32)
+    dq = dk = None
+    if ctx.needs_input_grad[0]:
+        if not ctx.compute_dq:
+            raise RuntimeError("fastssl::info_nce_fwd was called with compute_dq=False; query has no gradient")
+        dq = (g[:, None] * dq_dir).to(query.dtype)
+    if ctx.needs_input_grad[1]:
+        if ctx.has_queue:
+            if not ctx.compute_dk:
+                raise RuntimeError("fastssl::info_nce_fwd was called with compute_dk=False; key has no gradient")
+            dk = (g[:, None] * dk_dir).to(key.dtype)
+        else:
+            dk = _info_nce_bwd_op(query, key, lse, g, ctx.temperature, ctx.normalize, ctx.label_offset)
+    return dq, dk, None, None, None, None, None, None
+
+
+_info_nce_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- reference and public API
+
+
+def info_nce_ref(
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None, *, temperature: float = 0.2,
+    normalize: bool = True, label_offset: int = 0, reduction: str = "mean",
+) -> torch.Tensor:
+    """The official formulas in plain PyTorch (MoCo v2 with a queue, MoCo v3 without);
+    materializes the [N, K+1] / [N, M] logits. Same arguments as `info_nce`."""
+    if normalize:
+        query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
+    if queue is None:
+        logits = query @ key.T / temperature
+        labels = torch.arange(query.shape[0], device=query.device) + label_offset
+    else:
+        l_pos = (query * key).sum(1, keepdim=True)
+        l_neg = query @ queue.detach().T
+        logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+        labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+def info_nce(
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None, *, temperature: float = 0.2,
+    normalize: bool = True, label_offset: int = 0, reduction: str = "mean", backend: str = "auto",
+) -> torch.Tensor:
+    """InfoNCE / NT-Xent loss without materializing the logits (on the Triton backend).
+
+    query [N, D]; key [M, D]; queue [K, D] or None; fp32, bf16 or fp16, one dtype and device.
+
+    * queue given (MoCo v2): M == N; row i's logits are [q_i·k_i, q_i·queue_1, …, q_i·queue_K] / T,
+      target 0. The queue is used as given (not normalized) and gets no gradient.
+    * queue None (MoCo v3 / SimCLR): logits = q @ kᵀ / T [N, M], row i's target is column
+      i + label_offset (label_offset = rank·N when keys were gathered from all ranks).
+
+    normalize=True L2-normalizes query and key rows first (F.normalize, fused).
+    reduction: "mean" | "sum" (scalar) or "none" ([N]); the result has the input dtype.
+    backend: "auto" (Triton on CUDA, else `info_nce_ref`), "triton", "torch".
+    """
+    check_tensor("query", query, ndim=2, dtypes=_DTYPES)
+    check_tensor("key", key, ndim=2, dtypes=_DTYPES, device=query.device, like="query")
+    N, D = query.shape
+    M = key.shape[0]
+    if key.shape[1] != D:
+        raise ValueError(f"key must have D={D} columns like query, got shape {tuple(key.shape)}")
+    if queue is not None:
+        check_tensor("queue", queue, ndim=2, dtypes=_DTYPES, device=query.device, like="query")
+        if queue.shape[1] != D:
+            raise ValueError(f"queue must have D={D} columns like query, got shape {tuple(queue.shape)}")
+        check_same_dtype(("query", "key", "queue"), (query, key, queue))
+        if M != N:
+            raise ValueError(f"with a queue, key must have one row per query (M == N == {N}), got M={M}")
+    else:
+        check_same_dtype(("query", "key"), (query, key))
+    temperature = check_positive("temperature", temperature)
+    if not isinstance(normalize, bool):
+        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+    if not isinstance(label_offset, int) or isinstance(label_offset, bool):
+        raise TypeError(f"label_offset must be an int, got {type(label_offset).__name__}")
+    if queue is not None and label_offset != 0:
+        raise ValueError(f"label_offset applies to the in-batch form (queue=None); with a queue the target "
+                         f"is always column 0, got label_offset={label_offset}")
+    if label_offset < 0 or label_offset + N > M:
+        raise ValueError(f"label_offset must satisfy 0 <= label_offset and label_offset + N <= M "
+                         f"(N={N}, M={M}), got label_offset={label_offset}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    tensors = (query, key) if queue is None else (query, key, queue)
+    if resolve_backend(backend, *tensors) == "torch":
+        return info_nce_ref(query, key, queue, temperature=temperature, normalize=normalize,
+                            label_offset=label_offset, reduction=reduction)
+    grad = torch.is_grad_enabled()
+    loss, _, _, _ = _info_nce_fwd_op(query, key, queue, temperature, normalize, label_offset,
+                                     grad and query.requires_grad, grad and key.requires_grad)
+    if reduction == "mean":
+        loss = loss.mean()
+    elif reduction == "sum":
+        loss = loss.sum()
+    return loss.to(query.dtype)
