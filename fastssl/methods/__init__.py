@@ -4,4 +4,16 @@ from fastssl.methods.base import Method, StepContext, TrainConfig
 
 METHODS: dict[str, type[Method]] = {}
 
-__all__ = ["METHODS", "Method", "StepContext", "TrainConfig"]
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: METHODS[cls.name] = cls."""
+    if not cls.name or cls.name in METHODS:
+        raise ValueError(f"method name must be unique and non-empty, got {cls.name!r}")
+    METHODS[cls.name] = cls
+    return cls
+
+
+# imported after METHODS exists: each module registers itself
+from fastssl.methods import dino, mae, mocov2, mocov3, rotnet  # noqa: E402,F401
+
+__all__ = ["METHODS", "Method", "StepContext", "TrainConfig", "register"]

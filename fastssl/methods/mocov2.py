@@ -1,0 +1,94 @@
+"""MoCo v2 (Chen, Fan, Girshick, He 2020, "Improved Baselines with Momentum Contrastive Learning").
+
+Query encoder = backbone + 2-layer MLP head; key encoder = its momentum (EMA) copy, m = 0.999;
+a KeyQueue of 65,536 normalized keys gathered across ranks; InfoNCE with T = 0.2 over
+[positive key, queue]. SGD, lr 0.03 * B / 256, cosine schedule, weight decay 1e-4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import fastssl
+from fastssl import ops
+from fastssl.methods import register
+from fastssl.methods._common import backbone_from_config, check_views
+from fastssl.methods.base import Method, StepContext, TrainConfig
+from fastssl.models import ema_update_, frozen_copy, moco_v2_head
+
+
+@dataclass
+class MoCoV2Config(TrainConfig):
+    method: str = "mocov2"
+    backbone: str = "resnet50"
+    image_size: int = 224
+    epochs: int = 200
+    batch_size: int = 256
+    base_lr: float = 0.03
+    weight_decay: float = 1e-4
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    moco_dim: int = 128
+    mlp_hidden_dim: int = 2048
+    queue_size: int = 65536
+    moco_momentum: float = 0.999
+    temperature: float = 0.2
+    symmetric: bool = False        # also contrast (view 2 -> view 1) and push both key sets
+    vit_depth: int | None = None
+
+
+@register
+class MoCoV2(Method):
+    name = "mocov2"
+    config_class = MoCoV2Config
+
+    def __init__(self, cfg: MoCoV2Config):
+        super().__init__(cfg)
+        backbone, feature_dim = backbone_from_config(cfg)
+        self.encoder_q = nn.Sequential(backbone, moco_v2_head(feature_dim, cfg.mlp_hidden_dim, cfg.moco_dim))
+        self.encoder_k = frozen_copy(self.encoder_q)
+        # the queue stores L2-normalized keys: info_nce uses queue rows as given
+        self.queue = fastssl.KeyQueue(cfg.queue_size, cfg.moco_dim, normalize=True)
+        self._keys: torch.Tensor | None = None
+
+    def recipe(self):
+        from fastssl.data import recipes
+
+        return recipes.mocov2(size=self.cfg.image_size)
+
+    def encoder(self) -> nn.Module:
+        return self.encoder_q[0]
+
+    def _loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        queue = self.queue.keys.to(q.dtype)  # no copy in fp32; bf16 under autocast
+        return ops.info_nce(q, k.to(q.dtype), queue, temperature=self.cfg.temperature, normalize=True,
+                            backend=self.backend)
+
+    def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        x1, x2 = check_views(batch, 2, self.name)[:2]
+        q1 = self.encoder_q(x1)
+        with torch.no_grad():
+            k2 = self.encoder_k(x2)
+        if not self.cfg.symmetric:
+            self._keys = k2.detach()
+            return {"loss": self._loss(q1, k2)}
+        q2 = self.encoder_q(x2)
+        with torch.no_grad():
+            k1 = self.encoder_k(x1)
+        self._keys = torch.cat([k2, k1]).detach()
+        return {"loss": 0.5 * (self._loss(q1, k2) + self._loss(q2, k1))}
+
+    def parameter_groups(self) -> list[dict]:
+        # the official MoCo applies weight decay to every parameter, BN and biases included
+        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    @torch.no_grad()
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        # EMA after step t equals the official EMA at the start of step t+1 (same query weights)
+        ema_update_(self.encoder_k, self.encoder_q, self.cfg.moco_momentum)
+        if self._keys is not None:
+            self.queue.push(self._keys, gather=True)
+            self._keys = None

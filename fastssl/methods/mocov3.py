@@ -1,0 +1,97 @@
+"""MoCo v3 (Chen, Xie, He 2021, "An Empirical Study of Training Self-Supervised Vision Transformers").
+
+Base encoder = backbone + projector MLP, followed by a predictor MLP; momentum encoder =
+EMA of backbone + projector with m rising from 0.99 to 1 on a cosine. Symmetric in-batch
+InfoNCE: queries of one view against the keys of the other view gathered from every rank,
+target = the sample's own key (label offset rank * N), loss scaled by 2T, T = 0.2.
+ResNet-50 defaults: LARS, lr 0.6 * B / 256, weight decay 1e-6, 10 warm-up epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastssl import ops
+from fastssl.distributed import all_gather_no_grad, get_rank
+from fastssl.methods import register
+from fastssl.methods._common import backbone_from_config, check_views
+from fastssl.methods.base import Method, StepContext, TrainConfig
+from fastssl.models import cosine_momentum, ema_update_, frozen_copy, moco_v3_mlp
+from fastssl.models.backbones import RESNETS
+
+
+@dataclass
+class MoCoV3Config(TrainConfig):
+    method: str = "mocov3"
+    backbone: str = "resnet50"
+    image_size: int = 224
+    epochs: int = 100
+    batch_size: int = 4096
+    base_lr: float = 0.6
+    weight_decay: float = 1e-6
+    optimizer: str = "lars"
+    momentum: float = 0.9
+    warmup_epochs: float = 10.0
+    sync_bn: bool = True
+    moco_dim: int = 256
+    mlp_hidden_dim: int = 4096
+    projector_layers: int | None = None  # None: 2 for a ResNet, 3 for a ViT (as the official code)
+    moco_momentum: float = 0.99           # start of the cosine ramp to 1
+    temperature: float = 0.2
+    freeze_patch_embed: bool = True       # ViT only: the paper's random (frozen) patch projection
+    vit_depth: int | None = None
+
+
+@register
+class MoCoV3(Method):
+    name = "mocov3"
+    config_class = MoCoV3Config
+
+    def __init__(self, cfg: MoCoV3Config):
+        super().__init__(cfg)
+        backbone, feature_dim = backbone_from_config(cfg)
+        is_resnet = cfg.backbone in RESNETS
+        if not is_resnet and cfg.freeze_patch_embed:
+            backbone.patch_embed.requires_grad_(False)
+        layers = cfg.projector_layers or (2 if is_resnet else 3)
+        projector = moco_v3_mlp(layers, feature_dim, cfg.mlp_hidden_dim, cfg.moco_dim)
+        self.base_encoder = nn.Sequential(backbone, projector)
+        self.predictor = moco_v3_mlp(2, cfg.moco_dim, cfg.mlp_hidden_dim, cfg.moco_dim, last_bn=False)
+        self.momentum_encoder = frozen_copy(self.base_encoder)
+
+    def recipe(self):
+        from fastssl.data import recipes
+
+        return recipes.mocov3(size=self.cfg.image_size)
+
+    def encoder(self) -> nn.Module:
+        return self.base_encoder[0]
+
+    def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
+        return {"teacher_momentum": cosine_momentum(self.cfg.moco_momentum, total_steps)}
+
+    def _contrastive(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        # keys come from the momentum encoder (no gradient), so a plain all-gather suffices
+        keys = all_gather_no_grad(k).to(q.dtype)
+        T = self.cfg.temperature
+        loss = ops.info_nce(q, keys, temperature=T, normalize=True, label_offset=get_rank() * q.shape[0],
+                            backend=self.backend)
+        return 2.0 * T * loss
+
+    def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        x1, x2 = check_views(batch, 2, self.name)[:2]
+        q1 = self.predictor(self.base_encoder(x1))
+        q2 = self.predictor(self.base_encoder(x2))
+        with torch.no_grad():
+            k1 = self.momentum_encoder(x1)
+            k2 = self.momentum_encoder(x2)
+        return {"loss": self._contrastive(q1, k2) + self._contrastive(q2, k1)}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        m = ctx.schedules.get("teacher_momentum", self.cfg.moco_momentum)
+        ema_update_(self.momentum_encoder, self.base_encoder, float(m))

@@ -1,0 +1,11 @@
+"""Backbones, heads, EMA teachers and the MAE model used by fastssl.methods."""
+
+from fastssl.models.backbones import build_backbone
+from fastssl.models.ema import cosine_momentum, ema_update_, frozen_copy
+from fastssl.models.heads import DINOHead, MultiCropWrapper, moco_v2_head, moco_v3_mlp
+from fastssl.models.mae import MAEEncoder, MaskedAutoencoderViT, mae_vit, sincos_pos_embed_2d
+
+__all__ = [
+    "DINOHead", "MAEEncoder", "MaskedAutoencoderViT", "MultiCropWrapper", "build_backbone", "cosine_momentum",
+    "ema_update_", "frozen_copy", "mae_vit", "moco_v2_head", "moco_v3_mlp", "sincos_pos_embed_2d",
+]

@@ -1,0 +1,106 @@
+"""Backbones: torchvision ResNets and timm ViTs, randomly initialised (no weight downloads).
+
+`build_backbone(name, image_size)` returns `(module, feature_dim)`; the module maps
+images [B, 3, H, W] to features [B, feature_dim] (ResNet: global-average-pooled last
+stage; ViT: the class token after the final norm).
+"""
+
+from __future__ import annotations
+
+import re
+
+import torchvision
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# ViT sizes of the ViT / DeiT papers: (embed_dim, depth, num_heads).
+VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
+SMALL_IMAGE_MAX = 64  # at or below this size a ResNet gets the CIFAR stem by default
+
+
+def resnet(name: str, *, small_stem: bool = False, zero_init_residual: bool = False) -> tuple[nn.Module, int]:
+    """A torchvision ResNet without its classifier (fc = Identity).
+
+    small_stem: replace the 7x7/2 conv + max-pool with a 3x3/1 conv (the CIFAR variant of
+    He et al. 2016), so 32x32 inputs keep a 4x4 map at the last stage instead of 1x1.
+    """
+    if name not in RESNETS:
+        raise ValueError(f"resnet name must be one of {RESNETS}, got {name!r}")
+    model = getattr(torchvision.models, name)(weights=None, zero_init_residual=zero_init_residual)
+    if small_stem:
+        model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    feature_dim = model.fc.in_features
+    model.fc = nn.Identity()
+    return model, feature_dim
+
+
+def vit(
+    size: str,
+    *,
+    image_size: int,
+    patch_size: int = 16,
+    depth: int | None = None,
+    drop_path_rate: float = 0.0,
+) -> tuple[nn.Module, int]:
+    """A timm VisionTransformer (Tiny/Small/Base) returning the class token [B, D].
+
+    `dynamic_img_size=True` interpolates the position embedding, so one model takes the
+    global and the local crops of multi-crop training (DINO).
+    """
+    if size not in VIT_SIZES:
+        raise ValueError(f"ViT size must be one of {tuple(VIT_SIZES)}, got {size!r}")
+    if image_size % patch_size != 0:
+        raise ValueError(f"image_size must be a multiple of patch_size={patch_size}, got {image_size}")
+    dim, default_depth, heads = VIT_SIZES[size]
+    model = VisionTransformer(
+        img_size=image_size, patch_size=patch_size, embed_dim=dim, depth=depth or default_depth,
+        num_heads=heads, num_classes=0, global_pool="token", dynamic_img_size=True,
+        drop_path_rate=drop_path_rate,
+    )
+    return model, dim
+
+
+_VIT_NAME = re.compile(r"^vit_(tiny|small|base)(?:_patch(\d+))?$")
+
+
+def parse_vit_name(name: str) -> tuple[str, int | None]:
+    """"vit_small_patch16" -> ("small", 16); "vit_tiny" -> ("tiny", None); ValueError otherwise."""
+    match = _VIT_NAME.match(name) if isinstance(name, str) else None
+    if match is None:
+        raise ValueError(
+            f"a ViT backbone name must look like vit_{{tiny,small,base}}[_patch<P>], got {name!r}"
+        )
+    size, patch = match.groups()
+    return size, None if patch is None else int(patch)
+
+
+def build_backbone(name: str, image_size: int, **options) -> tuple[nn.Module, int]:
+    """Backbone by name: "resnet18".."resnet152", or "vit_{tiny,small,base}[_patch{P}]".
+
+    ResNets take `small_stem` (default: image_size <= 64) and `zero_init_residual`; ViTs
+    take `patch_size` (default 16, or the name's), `depth` and `drop_path_rate`.
+    Returns (module: [B, 3, H, W] -> [B, feature_dim], feature_dim).
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backbone name must be a str, got {type(name).__name__}")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if name in RESNETS:
+        options.setdefault("small_stem", image_size <= SMALL_IMAGE_MAX)
+        return resnet(name, **options)
+    if _VIT_NAME.match(name):
+        size, patch = parse_vit_name(name)
+        if patch is not None:
+            options.setdefault("patch_size", patch)
+        return vit(size, image_size=image_size, **options)
+    raise ValueError(
+        f"backbone must be one of {RESNETS} or vit_{{tiny,small,base}}[_patch<P>], got {name!r}"
+    )
+
+
+def is_vit(module: nn.Module) -> bool:
+    return isinstance(module, VisionTransformer)
+
