@@ -328,7 +328,8 @@ def _dino_loss(student, teacher, center, n_crops, n_global, student_temp, teache
     if resolve_backend(backend, student, teacher, center) == "torch":
         loss = dino_loss_ref(student, teacher, center, n_crops=n_crops, n_global=n_global,
                              student_temp=student_temp, teacher_temp=teacher_temp)
-        return loss, (teacher.detach().float().sum(dim=0) if with_teacher_sum else None)
+        teacher_sum = teacher.detach().to(torch.promote_types(teacher.dtype, torch.float32)).sum(dim=0)
+        return loss, (teacher_sum if with_teacher_sum else None)
     loss, _, _, t_sum = _fwd_op(student, teacher, center.reshape(-1), n_crops, n_global, student_temp,
                                 teacher_temp, True, True, with_teacher_sum)
     return loss, (t_sum if with_teacher_sum else None)
@@ -392,13 +393,14 @@ def dino_update_center_(center: Tensor, teacher: Tensor | None, momentum: float 
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     if teacher_sum is None:
         check_tensor("teacher", teacher, ndim=2, device=center.device, like="center")
-        teacher_sum, n_rows = teacher.float().sum(dim=0), teacher.shape[0]
+        n_rows = teacher.shape[0]
+        teacher_sum = teacher.to(torch.promote_types(teacher.dtype, torch.float32)).sum(dim=0)
     elif n_rows is None or n_rows < 1:
         raise ValueError(f"n_rows must be a positive int when teacher_sum is given, got {n_rows}")
     if teacher_sum.numel() != center.numel() or (center.ndim == 2 and center.shape[0] != 1):
         raise ValueError(f"center must have shape [1, K] or [K] with K={teacher_sum.numel()} (teacher's last "
                          f"dim), got {tuple(center.shape)}")
-    batch_sum = teacher_sum.float().clone()
+    batch_sum = teacher_sum.to(torch.promote_types(teacher_sum.dtype, torch.float32)).clone()
     all_reduce_sum_(batch_sum)
     batch_mean = batch_sum / (n_rows * get_world_size())
     center.mul_(momentum).add_(batch_mean.view_as(center).to(center.dtype), alpha=1.0 - momentum)

@@ -1,0 +1,180 @@
+"""DINOLoss: a drop-in for the official DINO loss module (Caron et al. 2021), on the fused op.
+
+State: the teacher-temperature schedule and the `center` buffer [1, out_dim]. Options beyond
+the official class: an asynchronous center update (DINOv2: the all-reduce of the teacher batch
+sum is launched after step n and applied at the start of step n+1, so values are unchanged
+while the communication overlaps the backward) and DINOv2's Sinkhorn-Knopp teacher
+(`teacher_centering="sinkhorn_knopp"`), which replaces centering + softmax.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fastssl.distributed import all_reduce_sum_, get_world_size, is_distributed
+from fastssl.ops._dispatch import check_positive, check_tensor
+from fastssl.ops.dino_loss import _dino_loss, dino_update_center_, soft_cross_entropy
+
+CENTERINGS = ("center", "sinkhorn_knopp")
+
+
+@torch.no_grad()
+def sinkhorn_knopp_teacher(teacher_output: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
+    """DINOv2's Sinkhorn-Knopp teacher (after SwAV): [N, K] logits -> [N, K] assignments.
+
+    Q = exp(t / teacher_temp), normalised to total mass 1, then `n_iterations` times: each
+    prototype's (row of Q^T) mass to 1/K, each sample's mass to 1/B, with B the number of samples
+    over all ranks; finally each sample's row sums to 1. The prototype sums and the total are
+    all-reduced, so W ranks with N rows each compute what one process computes on all W*N rows.
+    Computed in float32 (float64 for float64 input).
+    """
+    check_tensor("teacher_output", teacher_output, ndim=2)
+    teacher_temp = check_positive("teacher_temp", teacher_temp)
+    if not isinstance(n_iterations, int) or isinstance(n_iterations, bool) or n_iterations < 1:
+        raise ValueError(f"n_iterations must be an int >= 1, got {n_iterations!r}")
+    logits = teacher_output.to(torch.promote_types(teacher_output.dtype, torch.float32)) / teacher_temp
+    # exp(t / T) overflows fp32 for T = 0.04 and |t| > 3.5; a global constant cancels in the first
+    # normalisation (per-row constants would not, after a finite number of iterations).
+    shift = logits.max()
+    if is_distributed():
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    q = (logits - shift).exp().t()  # [K, N]
+    n_samples = q.shape[1] * get_world_size()
+    n_prototypes = q.shape[0]
+    q /= all_reduce_sum_(q.sum())
+    for _ in range(n_iterations):
+        q /= all_reduce_sum_(q.sum(dim=1, keepdim=True))
+        q /= n_prototypes
+        q /= q.sum(dim=0, keepdim=True)
+        q /= n_samples
+    q *= n_samples
+    return q.t()
+
+
+class DINOLoss(nn.Module):
+    """The DINO loss with its teacher-temperature schedule and center.
+
+    Same constructor and forward as facebookresearch/dino's DINOLoss:
+    ``DINOLoss(out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
+    nepochs, student_temp=0.1, center_momentum=0.9)``, ``loss = criterion(student_output,
+    teacher_output, epoch)`` with student_output [ncrops * B, out_dim] and teacher_output
+    [n_global * B, out_dim], both crop-major. The teacher temperature rises linearly from
+    warmup_teacher_temp to teacher_temp over warmup_teacher_temp_epochs epochs, then stays.
+    After each forward the center moves towards the teacher batch mean (all ranks) with
+    `center_momentum`.
+
+    Extra keyword options: n_global (teacher crops, 2 in DINO); teacher_centering "center"
+    (DINO) or "sinkhorn_knopp" (DINOv2; the center is then left alone, as DINOv2 does);
+    async_center (DINOv2's overlapped all-reduce: the update from step n is applied at the
+    start of step n+1, or by apply_center_update() — call it before reading or saving `center`);
+    sinkhorn_iterations; backend ("auto" | "triton" | "torch", see fastssl.ops.dino_loss).
+    """
+
+    center: Tensor
+
+    def __init__(
+        self, out_dim: int, ncrops: int, warmup_teacher_temp: float, teacher_temp: float,
+        warmup_teacher_temp_epochs: int, nepochs: int, student_temp: float = 0.1,
+        center_momentum: float = 0.9, *, n_global: int = 2, teacher_centering: str = "center",
+        async_center: bool = False, sinkhorn_iterations: int = 3, backend: str = "auto",
+    ):
+        super().__init__()
+        counts = {"out_dim": out_dim, "ncrops": ncrops, "nepochs": nepochs, "n_global": n_global,
+                  "warmup_teacher_temp_epochs": warmup_teacher_temp_epochs}
+        for name, value in counts.items():
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if out_dim < 1 or nepochs < 1 or n_global < 1:
+            raise ValueError(f"out_dim, nepochs and n_global must be >= 1, "
+                             f"got {out_dim}, {nepochs}, {n_global}")
+        if not n_global < ncrops:
+            raise ValueError(f"ncrops must be > n_global={n_global}, got {ncrops}")
+        if not 0 <= warmup_teacher_temp_epochs <= nepochs:
+            raise ValueError(f"warmup_teacher_temp_epochs must be in [0, nepochs={nepochs}], "
+                             f"got {warmup_teacher_temp_epochs}")
+        check_positive("warmup_teacher_temp", warmup_teacher_temp)
+        check_positive("teacher_temp", teacher_temp)
+        check_positive("student_temp", student_temp)
+        if not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be in [0, 1], got {center_momentum}")
+        if teacher_centering not in CENTERINGS:
+            raise ValueError(f"teacher_centering must be one of {CENTERINGS}, got {teacher_centering!r}")
+        self.out_dim, self.ncrops, self.n_global = int(out_dim), int(ncrops), int(n_global)
+        self.student_temp, self.center_momentum = float(student_temp), float(center_momentum)
+        self.teacher_centering, self.async_center = teacher_centering, bool(async_center)
+        self.sinkhorn_iterations, self.backend = sinkhorn_iterations, backend
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
+        ))
+        self._pending: tuple[Tensor, object, int] | None = None  # (batch sum, all-reduce handle, rows)
+
+    def teacher_temp_at(self, epoch: int) -> float:
+        """The teacher temperature used in `epoch` (0-based)."""
+        if not isinstance(epoch, (int, np.integer)) or isinstance(epoch, bool):
+            raise TypeError(f"epoch must be an int, got {type(epoch).__name__}")
+        if not 0 <= epoch < len(self.teacher_temp_schedule):
+            raise ValueError(f"epoch must be in [0, nepochs={len(self.teacher_temp_schedule)}), got {epoch}")
+        return float(self.teacher_temp_schedule[epoch])
+
+    def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int) -> Tensor:
+        """Scalar loss (float32; float64 for float64 input); updates the center (center mode)."""
+        temp = self.teacher_temp_at(epoch)
+        if self.teacher_centering == "sinkhorn_knopp":
+            check_tensor("student_output", student_output, ndim=2)
+            check_tensor("teacher_output", teacher_output, ndim=2)
+            if teacher_output.shape[1] != self.out_dim or student_output.shape[1] != self.out_dim:
+                got = f"{tuple(student_output.shape)} and {tuple(teacher_output.shape)}"
+                raise ValueError(f"student_output and teacher_output must have out_dim={self.out_dim} "
+                                 f"columns, got {got}")
+            probs = sinkhorn_knopp_teacher(teacher_output, temp, self.sinkhorn_iterations)
+            return soft_cross_entropy(student_output, probs, n_crops=self.ncrops, n_targets=self.n_global,
+                                      student_temp=self.student_temp, exclude_same=True, backend=self.backend)
+        # The pending (async) update is computed aside and committed only once the inputs passed
+        # validation: a rejected call leaves the module as it was.
+        center = self._center_with_pending_update()
+        loss, teacher_sum = _dino_loss(student_output, teacher_output, center, self.ncrops, self.n_global,
+                                       self.student_temp, temp, self.backend, True)
+        if center is not self.center:
+            self.center.copy_(center)
+            self._pending = None
+        self._update_center(teacher_sum, teacher_output.shape[0])
+        return loss
+
+    @torch.no_grad()
+    def _update_center(self, teacher_sum: Tensor, n_rows: int) -> None:
+        if not self.async_center:
+            dino_update_center_(self.center, None, self.center_momentum, teacher_sum=teacher_sum,
+                                n_rows=n_rows)
+            return
+        batch_sum = teacher_sum.to(torch.promote_types(teacher_sum.dtype, torch.float32)).clone()
+        handle = dist.all_reduce(batch_sum, async_op=True) if is_distributed() else None
+        self._pending = (batch_sum, handle, n_rows)
+
+    @torch.no_grad()
+    def _center_with_pending_update(self) -> Tensor:
+        if self._pending is None:
+            return self.center
+        batch_sum, handle, n_rows = self._pending
+        if handle is not None:
+            handle.wait()
+            self._pending = (batch_sum, None, n_rows)  # reduced once; a retry must not wait again
+        batch_mean = (batch_sum / (n_rows * get_world_size())).view_as(self.center)
+        return self.center * self.center_momentum + batch_mean * (1.0 - self.center_momentum)
+
+    @torch.no_grad()
+    def apply_center_update(self) -> None:
+        """Apply a pending asynchronous center update now (no-op when none is pending)."""
+        center = self._center_with_pending_update()
+        if center is not self.center:
+            self.center.copy_(center)
+        self._pending = None
+
+    def extra_repr(self) -> str:
+        return (f"out_dim={self.out_dim}, ncrops={self.ncrops}, n_global={self.n_global}, "
+                f"student_temp={self.student_temp}, center_momentum={self.center_momentum}, "
+                f"teacher_centering={self.teacher_centering!r}, async_center={self.async_center}")
