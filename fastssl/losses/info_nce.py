@@ -1,0 +1,54 @@
+"""InfoNCELoss: the MoCo v2 / v3 contrastive loss as a module, with cross-GPU key gathering."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastssl.distributed import all_gather_with_grad, get_rank, get_world_size, is_distributed
+from fastssl.ops.info_nce import info_nce
+
+
+class InfoNCELoss(nn.Module):
+    """criterion(query [N, D], key [N, D], queue [K, D] | None) -> loss (see fastssl.ops.info_nce).
+
+    gather_distributed=True (in-batch form only, MoCo v3): keys are all-gathered from every
+    rank with gradient, [W·N, D] rank-major, and row i's target is key rank·N + i. Every rank
+    must pass the same N. The gather's backward all-reduces the key gradients, so with DDP's
+    gradient averaging each rank's query and key receive the gradient of the mean of the
+    ranks' losses, which equals the loss on the concatenated batch.
+    """
+
+    def __init__(self, temperature: float = 0.2, normalize: bool = True, gather_distributed: bool = False,
+                 reduction: str = "mean", backend: str = "auto") -> None:
+        super().__init__()
+        if not isinstance(gather_distributed, bool):
+            raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
+        self.temperature = temperature
+        self.normalize = normalize
+        self.gather_distributed = gather_distributed
+        self.reduction = reduction
+        self.backend = backend
+
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        label_offset = 0
+        if self.gather_distributed and is_distributed() and get_world_size() > 1:
+            if queue is not None:
+                raise ValueError("gather_distributed=True applies to the in-batch form (queue=None); "
+                                 "got a queue, whose keys are local by design (MoCo v2)")
+            if not isinstance(key, torch.Tensor) or not isinstance(query, torch.Tensor):
+                raise TypeError(f"query and key must be torch.Tensors, got {type(query).__name__} "
+                                f"and {type(key).__name__}")
+            if key.shape[0] != query.shape[0]:
+                raise ValueError(f"gather_distributed=True needs one key per query on each rank, got "
+                                 f"query {tuple(query.shape)} and key {tuple(key.shape)}")
+            key = all_gather_with_grad(key)
+            label_offset = get_rank() * query.shape[0]
+        return info_nce(query, key, queue, temperature=self.temperature, normalize=self.normalize,
+                        label_offset=label_offset, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, normalize={self.normalize}, "
+                f"gather_distributed={self.gather_distributed}, reduction={self.reduction!r}")
