@@ -1,0 +1,220 @@
+"""The DALI backend: one pipeline graph for every recipe, CPU or GPU by a device switch.
+
+`device="cpu"` runs CPU operators only (`device_id=None`, DALI's CPU-only mode, how the
+tests run it); `device="gpu"` decodes files with nvJPEG (`device="mixed"`) or copies
+arrays to the GPU, and every augmentation after that runs on the GPU. The graph uses
+`@pipeline_def` and `fn.*` only; per-sample probabilities use DALI conditionals
+(`enable_conditionals=True`), so a skipped blur or solarize costs nothing.
+
+Samples come in through `fn.external_source` with a batch callable that serves exactly
+the batches the loader planned for the epoch (shuffle, shard or weak-supervision
+sampler: decided in Python, the same for both backends). One pipeline is built per epoch
+with a seed derived from (seed, epoch, shard), which makes the augmentations of an epoch
+a function of those three alone: resuming at epoch e reproduces epoch e.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from fastssl.data.recipes import Recipe, ViewSpec
+from fastssl.data.sources import decode_error
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+    from nvidia.dali.tensors import TensorListGPU
+
+    HAS_DALI = True
+except ImportError:  # recorded, never silent: build_loader(backend="dali") raises with this fact
+    HAS_DALI = False
+
+PREFETCH = 2
+
+
+def _coin(p: float, dtype):
+    """1 with probability p, else 0, per sample (the constant 1 when p >= 1)."""
+    if p >= 1.0:
+        return 1
+    return fn.random.coin_flip(probability=p, dtype=dtype)
+
+
+def _apply(p: float, op, x):
+    """op(x) with probability p per sample; DALI conditionals skip the op for the rest."""
+    if p <= 0.0:
+        return x
+    if p >= 1.0:
+        return op(x)
+    if fn.random.coin_flip(probability=p, dtype=types.BOOL):
+        x = op(x)
+    return x
+
+
+def _factor(on, strength: float):
+    """ColorJitter factor: uniform in [1 - s, 1 + s] where `on`, else 1."""
+    if strength == 0.0:
+        return 1.0
+    lo = max(0.0, 1.0 - strength)
+    return on * (fn.random.uniform(range=(lo, 1.0 + strength)) - 1.0) + 1.0
+
+
+def _color(x, v: ViewSpec):
+    b, c, s, h = v.jitter
+    on = _coin(v.jitter_p, types.INT32) if v.jitter_p > 0 else 0.0
+    saturation = _factor(on, s)
+    if v.grayscale_p > 0:
+        # Saturation 0 in the same color matrix is grayscale of the jittered image.
+        saturation = saturation * (1.0 - _coin(v.grayscale_p, types.INT32))
+    hue = on * fn.random.uniform(range=(-h * 360.0, h * 360.0)) if h > 0 else 0.0
+    return fn.color_twist(
+        x, brightness=_factor(on, b), contrast=_factor(on, c), saturation=saturation, hue=hue
+    )
+
+
+def _augment(images, v: ViewSpec, flip_here: bool):
+    """Crop and photometric ops of one view on HWC uint8; flips here only when asked
+    (RotNet must flip before rotating; otherwise crop_mirror_normalize mirrors for free)."""
+    if v.crop == "center":
+        return fn.resize(images, resize_shorter=v.resize_to, antialias=True)
+    x = fn.random_resized_crop(
+        images, size=(v.size, v.size), random_area=v.scale, random_aspect_ratio=v.ratio
+    )
+    if (v.jitter_p > 0 and any(v.jitter)) or v.grayscale_p > 0:
+        x = _color(x, v)
+    x = _apply(v.blur_p, lambda y: fn.gaussian_blur(y, sigma=fn.random.uniform(range=v.blur_sigma)), x)
+    # Solarize: 255 - x == x ^ 255 for uint8, applied where x >= 128.
+    x = _apply(v.solarize_p, lambda y: fn.cast(y ^ ((y >= 128) * 255), dtype=types.UINT8), x)
+    if flip_here and v.flip_p > 0:
+        x = fn.flip(x, horizontal=_coin(v.flip_p, types.INT32))
+    return x
+
+
+def _rotate(x, k: int):
+    """k counter-clockwise quarter turns of HWC, equal to torch.rot90(x, k, dims=(H, W)):
+    exact transposes and flips rather than an interpolating rotation."""
+    if k == 0:
+        return x
+    if k == 2:
+        return fn.flip(x, horizontal=1, vertical=1)
+    x = fn.transpose(x, perm=[1, 0, 2], transpose_layout=False)
+    return fn.flip(x, vertical=1) if k == 1 else fn.flip(x, horizontal=1)
+
+
+def _normalize(x, v: ViewSpec, recipe: Recipe, mirror, fp16: bool):
+    crop = (v.size, v.size) if v.crop == "center" else None
+    return fn.crop_mirror_normalize(
+        x, crop=crop, crop_pos_x=0.5, crop_pos_y=0.5, mirror=mirror,
+        mean=[255.0 * m for m in recipe.mean], std=[255.0 * s for s in recipe.std],
+        dtype=types.FLOAT16 if fp16 else types.FLOAT, output_layout="CHW",
+    )
+
+
+if HAS_DALI:
+
+    @pipeline_def(enable_conditionals=True)
+    def views_pipeline(feeder, recipe: Recipe, encoded: bool, gpu: bool, fp16: bool):
+        """The whole graph: decode (or take arrays), then each view of the recipe, then the
+        label and dataset index passed through. Returns (*views, label, index)."""
+        data, label, index = fn.external_source(
+            source=feeder, num_outputs=3, batch=True,
+            dtype=[types.UINT8, types.INT64, types.INT64], layout=["" if encoded else "HWC", "", ""],
+        )
+        if encoded:
+            images = fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB)
+        else:
+            images = data.gpu() if gpu else data
+        if recipe.rotations:
+            v = recipe.views[0]
+            base = _augment(images, v, flip_here=True)
+            views = [_normalize(_rotate(base, k), v, recipe, 0, fp16) for k in recipe.rotations]
+        else:
+            views = [
+                _normalize(_augment(images, v, flip_here=False), v, recipe,
+                           _coin(v.flip_p, types.INT32) if v.flip_p > 0 else 0, fp16)
+                for v in recipe.views
+            ]
+        return (*views, label, index)
+
+
+class _Feeder:
+    """Batch callable for fn.external_source: batch i of the planned epoch."""
+
+    def __init__(self, source, batches: list[np.ndarray]):
+        self.source, self.batches = source, batches
+        self.read = source.read_bytes if source.kind == "encoded" else source.image
+
+    def __call__(self, iteration: int):
+        if iteration >= len(self.batches):
+            raise StopIteration
+        idx = self.batches[iteration]
+        labels = self.source.labels[idx]
+        return [self.read(int(i)) for i in idx], list(labels), list(idx.astype(np.int64))
+
+
+class DaliViews:
+    """Runs the recipe's pipeline over planned epochs; yields batches as torch tensors."""
+
+    name = "dali"
+
+    def __init__(self, source, recipe: Recipe, *, device: torch.device, num_threads: int, seed: int,
+                 shard_id: int, dtype: torch.dtype, max_batch: int):
+        self.source, self.recipe = source, recipe
+        self.device, self.num_threads, self.seed, self.shard_id = device, num_threads, seed, shard_id
+        self.dtype, self.max_batch = dtype, max_batch
+
+    def _pipeline(self, epoch: int, batches: list[np.ndarray]):
+        gpu = self.device.type == "cuda"
+        # DALI seeds are 32-bit; mix (seed, epoch, shard) so neighbouring runs differ.
+        seed = hash((self.seed, epoch, self.shard_id)) % (2**31 - 1)
+        pipe = views_pipeline(
+            _Feeder(self.source, batches), self.recipe, self.source.kind == "encoded", gpu,
+            self.dtype == torch.float16,
+            batch_size=self.max_batch, num_threads=self.num_threads,
+            device_id=self.device.index if gpu else None, seed=seed, prefetch_queue_depth=PREFETCH,
+        )
+        pipe.build()
+        return pipe
+
+    def _to_torch(self, tensor_list) -> torch.Tensor:
+        """Copy a dense DALI TensorList into a new torch tensor on the list's device (DALI
+        reuses its buffers, so a view would be overwritten by the next batch)."""
+        on_gpu = isinstance(tensor_list, TensorListGPU)
+        dtype = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16, types.INT64: torch.int64}
+        dense = tensor_list.as_tensor()
+        out = torch.empty(dense.shape(), dtype=dtype[tensor_list.dtype], device=self.device if on_gpu else "cpu")
+        feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
+        return out
+
+    def _raise_naming_file(self, exc: Exception, batches: list[np.ndarray], i: int) -> None:
+        if self.source.kind != "encoded":
+            return
+        for idx in batches[i: i + PREFETCH + 1]:
+            for j in idx:
+                path = self.source.paths[int(j)]
+                if (err := decode_error(path)) is not None:
+                    raise ValueError(
+                        f"cannot decode image file {path!r} ({err}); remove it or build the source "
+                        "with skip_corrupt=True to skip undecodable files"
+                    ) from exc
+
+    def iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[dict]:
+        pipe = self._pipeline(epoch, batches)
+        n_views = self.recipe.num_views
+        try:
+            for i in range(len(batches)):
+                try:
+                    outs = pipe.run()
+                except Exception as exc:  # DALI reports decode failures as RuntimeError without the path
+                    self._raise_naming_file(exc, batches, i)
+                    raise
+                views = [self._to_torch(o) for o in outs[:n_views]]
+                if self.dtype != views[0].dtype:
+                    views = [v.to(self.dtype) for v in views]
+                label = self._to_torch(outs[n_views])
+                index = self._to_torch(outs[n_views + 1])
+                yield {"views": views, "label": label.to(self.device), "index": index.to(self.device)}
+        finally:
+            del pipe

@@ -1,0 +1,188 @@
+"""build_loader: epochs of augmented views from a source, by DALI or torchvision.
+
+Which samples an epoch holds and in what order is decided here, once, for both
+backends: a per-epoch permutation from seed + epoch (torch.randperm, as
+torch.utils.data.DistributedSampler), split across shards by stride, then cut into
+batches; or the indices an external sampler (the weak-supervision ResamplingSampler)
+gives for the epoch. The backend only turns planned batches into views.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from fastssl.data import dali as _dali
+from fastssl.data.recipes import Recipe
+from fastssl.data.sources import ArraySource, FileListSource, ImageFolderSource
+from fastssl.data.torchvision_views import TorchvisionViews
+
+logger = logging.getLogger("fastssl.data")
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def shard_indices(n: int, *, epoch: int, seed: int, shard_id: int, num_shards: int, shuffle: bool = True,
+                  drop_last: bool = True) -> np.ndarray:
+    """This shard's dataset indices for one epoch, as DistributedSampler: a permutation
+    of range(n) from seed + epoch (identity when shuffle is False), trimmed to a multiple
+    of num_shards (drop_last) or padded by wrapping around, then every num_shards-th
+    element from shard_id. Shards are disjoint when nothing is padded."""
+    if shuffle:
+        g = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(n, generator=g).numpy()
+    else:
+        order = np.arange(n)
+    if drop_last:
+        order = order[: n - n % num_shards]
+    elif n % num_shards:
+        pad = num_shards - n % num_shards
+        order = np.concatenate([order, np.resize(order, pad)])
+    return order[shard_id::num_shards].astype(np.int64)
+
+
+class Loader:
+    """Epochs of {"views": [Tensor[B, 3, h, w], ...], "label": Tensor[B], "index": Tensor[B]}.
+
+    Each `iter(loader)` runs one epoch, the next one each time (start with set_epoch(e)
+    to resume); len(loader) is the number of batches of the current epoch."""
+
+    def __init__(self, source, recipe: Recipe, impl, *, batch_size: int, seed: int, shard_id: int,
+                 num_shards: int, drop_last: bool, shuffle: bool, sampler):
+        self.source, self.recipe, self.impl = source, recipe, impl
+        self.batch_size, self.seed, self.shard_id, self.num_shards = batch_size, seed, shard_id, num_shards
+        self.drop_last, self.shuffle, self.sampler = drop_last, shuffle, sampler
+        self.epoch = 0
+        self._plan_cache: tuple[int, list[np.ndarray]] | None = None
+
+    @property
+    def backend(self) -> str:
+        """"dali" or "torchvision": which backend makes the views."""
+        return self.impl.name
+
+    @property
+    def device(self) -> torch.device:
+        return self.impl.device
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next iteration runs (resume); later iterations follow from it."""
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """The dataset indices this shard sees in `epoch`, in order (before batching)."""
+        if self.sampler is not None:
+            self.sampler.set_epoch(epoch)
+            idx = np.fromiter((int(i) for i in self.sampler), dtype=np.int64)
+            if idx.size and (idx.min() < 0 or idx.max() >= len(self.source)):
+                raise ValueError(
+                    f"sampler gave index {int(idx.min() if idx.min() < 0 else idx.max())} outside "
+                    f"[0, {len(self.source)}) in epoch {epoch}"
+                )
+            return idx
+        return shard_indices(len(self.source), epoch=epoch, seed=self.seed, shard_id=self.shard_id,
+                             num_shards=self.num_shards, shuffle=self.shuffle, drop_last=self.drop_last)
+
+    def plan(self, epoch: int) -> list[np.ndarray]:
+        """The batches (arrays of dataset indices) of `epoch`."""
+        if self._plan_cache is None or self._plan_cache[0] != epoch:
+            idx = self.epoch_indices(epoch)
+            stop = len(idx) - len(idx) % self.batch_size if self.drop_last else len(idx)
+            self._plan_cache = (epoch, [idx[s: s + self.batch_size] for s in range(0, stop, self.batch_size)])
+        return self._plan_cache[1]
+
+    def __len__(self) -> int:
+        return len(self.plan(self.epoch))
+
+    def __iter__(self) -> Iterator[dict]:
+        epoch = self.epoch
+        batches = self.plan(epoch)
+        self.epoch = epoch + 1
+        return self.impl.iterate(epoch, batches)
+
+    def __repr__(self) -> str:
+        return (f"Loader(backend={self.backend!r}, device={str(self.device)!r}, recipe={self.recipe.name!r}, "
+                f"views={self.recipe.view_sizes}, batch_size={self.batch_size}, "
+                f"shard={self.shard_id}/{self.num_shards}, samples={len(self.source)})")
+
+
+def _resolve_backend(backend: str) -> str:
+    if backend not in ("dali", "torchvision", "auto"):
+        raise ValueError(f"backend must be 'dali', 'torchvision' or 'auto', got {backend!r}")
+    if backend == "auto":
+        return "dali" if _dali.HAS_DALI else "torchvision"
+    if backend == "dali" and not _dali.HAS_DALI:
+        raise ImportError(
+            "backend='dali' but NVIDIA DALI is not installed: `pip install fastssl[dali]` "
+            "(nvidia-dali-cuda130, Linux x86_64), or pass backend='torchvision'"
+        )
+    return backend
+
+
+def _resolve_device(device: str | torch.device) -> torch.device:
+    name = str(device)
+    if name == "auto":
+        name = "gpu" if torch.cuda.is_available() else "cpu"
+    if name in ("gpu", "cuda") or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} needs CUDA, which is not available; pass device='cpu'")
+        dev = torch.device("cuda" if name == "gpu" else name)
+        return torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+    if name == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"device must be 'gpu', 'cpu', 'auto' or 'cuda[:n]', got {device!r}")
+
+
+def _check_int(name: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dali", device: str = "gpu",
+                 num_threads: int = 4, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
+                 drop_last: bool = True, shuffle: bool = True, sampler=None,
+                 dtype: torch.dtype = torch.float32) -> Loader:
+    """A loader of augmented views (see `Loader`) for `recipe` over `source`.
+
+    backend: "dali" (DALI pipeline, CPU operators for device="cpu", nvJPEG + GPU operators
+    for device="gpu"), "torchvision" (transforms.v2 in `num_threads` DataLoader workers) or
+    "auto" (DALI when installed); the choice is logged and exposed as `loader.backend`.
+    shard_id / num_shards: DDP rank / world size (disjoint shards, per-epoch reshuffle from
+    seed + epoch). sampler: optional object with set_epoch(e) and __iter__ giving this
+    shard's dataset indices for the epoch; it replaces the built-in shuffle and sharding.
+    shuffle=False keeps dataset order (feature extraction). dtype: float32, float16 or bfloat16.
+    Views are [B, 3, size, size] normalized with the recipe's mean/std, on the output device."""
+    if not isinstance(source, ArraySource | ImageFolderSource | FileListSource):
+        raise TypeError(
+            f"source must be an ArraySource, ImageFolderSource or FileListSource, got {type(source).__name__}"
+        )
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"recipe must be a fastssl.data.recipes.Recipe, got {type(recipe).__name__}")
+    _check_int("batch_size", batch_size, 1)
+    _check_int("num_threads", num_threads, 1)
+    _check_int("num_shards", num_shards, 1)
+    _check_int("seed", seed, 0)
+    if not isinstance(shard_id, int) or isinstance(shard_id, bool) or not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be an int in [0, num_shards={num_shards}), got {shard_id!r}")
+    if dtype not in _DTYPES:
+        raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    if sampler is not None and not (hasattr(sampler, "set_epoch") and hasattr(sampler, "__iter__")):
+        raise TypeError(f"sampler must have set_epoch(epoch) and __iter__, got {type(sampler).__name__}")
+    name = _resolve_backend(backend)
+    dev = _resolve_device(device)
+    impl_class = _dali.DaliViews if name == "dali" else TorchvisionViews
+    impl = impl_class(source, recipe, device=dev, num_threads=num_threads, seed=seed, shard_id=shard_id,
+                      dtype=dtype, max_batch=batch_size)
+    loader = Loader(source, recipe, impl, batch_size=batch_size, seed=seed, shard_id=shard_id,
+                    num_shards=num_shards, drop_last=drop_last, shuffle=shuffle, sampler=sampler)
+    if len(loader) == 0:
+        raise ValueError(
+            f"batch_size={batch_size} with drop_last={drop_last} leaves no batch: this shard has "
+            f"{len(loader.epoch_indices(0))} samples"
+        )
+    logger.info("fastssl.data: %r (requested backend=%r, device=%r)", loader, backend, device)
+    return loader

@@ -1,0 +1,197 @@
+"""Image sources: where the pixels come from, independent of the augmentation backend.
+
+A source has a length, int64 labels (-1 when unknown) and either encoded image files
+(`kind == "encoded"`: ImageFolderSource, FileListSource; decoded by DALI's decoder or
+torchvision.io) or decoded uint8 pixels in memory (`kind == "array"`: ArraySource,
+Fashion-MNIST), which DALI receives through `fn.external_source`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
+FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+
+
+def decode_error(path: str) -> str | None:
+    """Why `path` cannot be decoded as an image (None when it decodes), by fully decoding it
+    with PIL, which catches truncated files that a header check would accept."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+    except Exception as exc:  # PIL raises many types for broken files; all mean "skip or report"
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+class _FileSource:
+    kind = "encoded"
+
+    def __init__(self, paths: list[str], labels: list[int], skip_corrupt: bool, what: str):
+        if skip_corrupt:
+            bad = [(p, err) for p in paths if (err := decode_error(p)) is not None]
+            if bad:
+                bad_set = {p for p, _ in bad}
+                shown = "; ".join(f"{p} ({err})" for p, err in bad[:10])
+                warnings.warn(
+                    f"{what}: skipping {len(bad)} undecodable file(s): {shown}"
+                    + (" ..." if len(bad) > 10 else ""),
+                    stacklevel=3,
+                )
+                keep = [i for i, p in enumerate(paths) if p not in bad_set]
+                paths, labels = [paths[i] for i in keep], [labels[i] for i in keep]
+        if not paths:
+            raise ValueError(f"{what}: no images found")
+        self.paths = paths
+        self.labels = np.asarray(labels, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def read_bytes(self, i: int) -> np.ndarray:
+        """The encoded file i as a 1-D uint8 array."""
+        return np.fromfile(self.paths[i], dtype=np.uint8)
+
+
+class ImageFolderSource(_FileSource):
+    """Images under `root/<class>/...`, labels by sorted class-folder name (as
+    torchvision's ImageFolder). skip_corrupt=True decodes every file once up front and
+    skips (with a warning naming them) those that fail; otherwise a broken file raises
+    an error naming it when the loader reaches it."""
+
+    def __init__(self, root: str | os.PathLike, *, extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
+                 skip_corrupt: bool = False):
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"root must be a directory of class folders, got {str(root)!r}")
+        self.classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+        if not self.classes:
+            raise ValueError(f"root {str(root)!r} has no class sub-folders")
+        paths, labels = [], []
+        for label, name in enumerate(self.classes):
+            for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
+                for f in sorted(files):
+                    if f.lower().endswith(extensions):
+                        paths.append(os.path.join(dirpath, f))
+                        labels.append(label)
+        super().__init__(paths, labels, skip_corrupt, f"ImageFolderSource({str(root)!r})")
+
+
+class FileListSource(_FileSource):
+    """Images listed in a text file, one `path label` per line (label an int; relative
+    paths are relative to `root`, default the list file's folder; blank lines and lines
+    starting with # are ignored)."""
+
+    def __init__(self, list_file: str | os.PathLike, *, root: str | os.PathLike | None = None,
+                 skip_corrupt: bool = False):
+        list_file = Path(list_file)
+        if not list_file.is_file():
+            raise ValueError(f"list_file must be an existing file, got {str(list_file)!r}")
+        base = Path(root) if root is not None else list_file.parent
+        paths, labels = [], []
+        for n, line in enumerate(list_file.read_text().splitlines(), 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)
+            try:
+                if len(parts) != 2:
+                    raise ValueError
+                label = int(parts[1])
+            except ValueError:
+                raise ValueError(
+                    f"{list_file}:{n}: expected '<path> <int label>', got {line!r}"
+                ) from None
+            paths.append(str(base / parts[0]))
+            labels.append(label)
+        super().__init__(paths, labels, skip_corrupt, f"FileListSource({str(list_file)!r})")
+
+
+class ArraySource:
+    """In-memory uint8 images [N, H, W] (grayscale, made 3-channel) or [N, H, W, 3],
+    with optional int labels [N] (-1 when None)."""
+
+    kind = "array"
+
+    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor | None = None):
+        if isinstance(images, torch.Tensor):
+            images = images.cpu().numpy()
+        if not isinstance(images, np.ndarray):
+            raise TypeError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
+        if images.dtype != np.uint8:
+            raise TypeError(f"images must be uint8, got {images.dtype}")
+        if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)) or images.shape[0] == 0:
+            raise ValueError(
+                f"images must have shape [N, H, W] or [N, H, W, 3] with N > 0, got {list(images.shape)}"
+            )
+        n = images.shape[0]
+        if labels is None:
+            labels = np.full(n, -1, dtype=np.int64)
+        if isinstance(labels, torch.Tensor):
+            labels = labels.cpu().numpy()
+        labels = np.asarray(labels)
+        if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"labels must be integers of shape [{n}], got {labels.dtype} {list(labels.shape)}"
+            )
+        self.images = np.ascontiguousarray(images)
+        self.labels = labels.astype(np.int64)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def grayscale(self) -> bool:
+        return self.images.ndim == 3
+
+    def image(self, i: int) -> np.ndarray:
+        """Image i as HWC uint8 with 3 channels."""
+        img = self.images[i]
+        return np.repeat(img[:, :, None], 3, axis=2) if img.ndim == 2 else img
+
+
+def _read_idx(path: Path, magic: int, header: int) -> np.ndarray:
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if int.from_bytes(data[:4], "big") != magic:
+        raise ValueError(f"{path}: not an IDX file with magic {magic:#x}")
+    dims = [int.from_bytes(data[4 + 4 * k: 8 + 4 * k], "big") for k in range((header - 4) // 4)]
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> ArraySource:
+    """Fashion-MNIST (Xiao et al. 2017) from Debian's `dataset-fashion-mnist` IDX files:
+    train = 60,000 and test = 10,000 grayscale 28x28 images (yielded as 3 channels),
+    labels 0..9. root defaults to /usr/share/datasets/fashion-mnist."""
+    prefixes = {"train": "train", "test": "t10k", "t10k": "t10k"}
+    if split not in prefixes:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root if root is not None else FASHION_MNIST_ROOT)
+    img_path = root / f"{prefixes[split]}-images-idx3-ubyte.gz"
+    lbl_path = root / f"{prefixes[split]}-labels-idx1-ubyte.gz"
+    for p in (img_path, lbl_path):
+        if not p.is_file():
+            raise FileNotFoundError(
+                f"Fashion-MNIST file {p} not found. Install Debian's package: "
+                "`apt-get update && apt-get install dataset-fashion-mnist`, or pass root= "
+                "a folder holding the four *-ubyte.gz IDX files."
+            )
+    images = _read_idx(img_path, 0x803, 16)
+    labels = _read_idx(lbl_path, 0x801, 8)
+    if images.shape[0] != labels.shape[0]:
+        raise ValueError(
+            f"{img_path} has {images.shape[0]} images but {lbl_path} has {labels.shape[0]} labels"
+        )
+    return ArraySource(images, labels)
+
+
+__all__ = ["ArraySource", "FileListSource", "ImageFolderSource", "decode_error", "fashion_mnist"]

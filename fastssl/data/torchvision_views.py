@@ -1,0 +1,129 @@
+"""The torchvision.transforms.v2 backend: the same recipes with the same ranges and
+probabilities, for machines without DALI (macOS, Windows) or by choice.
+
+A torch DataLoader with `num_threads` worker processes makes uint8 views per sample;
+the main process converts and normalizes whole batches (on the output device, so a
+GPU run moves uint8, a quarter of the float bytes). Each sample's randomness is seeded
+from (seed, epoch, shard, position in the epoch), so batches do not depend on the number
+of workers and resuming at epoch e reproduces epoch e.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+
+from fastssl.data.recipes import Recipe, ViewSpec
+
+
+def view_transform(v: ViewSpec) -> v2.Transform:
+    """uint8 CHW image -> uint8 CHW view, without normalization."""
+    if v.crop == "center":
+        return v2.Compose([v2.Resize(v.resize_to, antialias=True), v2.CenterCrop(v.size)])
+    ops: list[v2.Transform] = [v2.RandomResizedCrop(v.size, scale=v.scale, ratio=v.ratio, antialias=True)]
+    if v.jitter_p > 0 and any(v.jitter):
+        b, c, s, h = v.jitter
+        ops.append(v2.RandomApply([v2.ColorJitter(b, c, s, h)], p=v.jitter_p))
+    if v.grayscale_p > 0:
+        ops.append(v2.RandomGrayscale(p=v.grayscale_p))
+    if v.blur_p > 0:
+        # A window of +-3 sigma (as DALI picks), kept odd and within reflect padding limits.
+        kernel = min(2 * math.ceil(3 * v.blur_sigma[1]) + 1, 2 * v.size - 1)
+        ops.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=v.blur_sigma)], p=v.blur_p))
+    if v.solarize_p > 0:
+        ops.append(v2.RandomSolarize(threshold=128, p=v.solarize_p))
+    if v.flip_p > 0:
+        ops.append(v2.RandomHorizontalFlip(p=v.flip_p))
+    return v2.Compose(ops)
+
+
+class _ViewsDataset(Dataset):
+    """Item (epoch, position, dataset index) -> (list of uint8 views, label, index)."""
+
+    def __init__(self, source, recipe: Recipe, seed: int, shard_id: int):
+        self.source, self.recipe, self.seed, self.shard_id = source, recipe, seed, shard_id
+        self.transforms = [view_transform(v) for v in recipe.views]
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def _load(self, i: int) -> torch.Tensor:
+        if self.source.kind == "array":
+            return torch.from_numpy(self.source.image(i)).permute(2, 0, 1)
+        path = self.source.paths[i]
+        try:
+            return decode_image(torch.from_numpy(self.source.read_bytes(i)), mode=ImageReadMode.RGB)
+        except Exception as exc:  # torchvision raises RuntimeError without the path
+            raise ValueError(
+                f"cannot decode image file {path!r} ({type(exc).__name__}: {exc}); remove it or build "
+                "the source with skip_corrupt=True to skip undecodable files"
+            ) from exc
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        epoch, position, i = key
+        # Runs in a worker process (never the caller's), so reseeding the global RNG that
+        # v2 transforms draw from is private to the loader.
+        torch.manual_seed(hash((self.seed, epoch, self.shard_id, position)) % (2**63 - 1))
+        img = self._load(i)
+        if self.recipe.rotations:
+            base = self.transforms[0](img)
+            views = [torch.rot90(base, k, dims=(-2, -1)) for k in self.recipe.rotations]
+        else:
+            views = [t(img) for t in self.transforms]
+        return views, int(self.source.labels[i]), i
+
+
+class _EpochBatches:
+    """Batch sampler whose batches are replaced each epoch (workers stay alive)."""
+
+    def __init__(self):
+        self.batches: list[list[tuple[int, int, int]]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _collate(items):
+    views = [torch.stack([it[0][k] for it in items]) for k in range(len(items[0][0]))]
+    label = torch.tensor([it[1] for it in items], dtype=torch.int64)
+    index = torch.tensor([it[2] for it in items], dtype=torch.int64)
+    return views, label, index
+
+
+class TorchvisionViews:
+    """Runs the recipe with torchvision.transforms.v2 in `num_threads` worker processes."""
+
+    name = "torchvision"
+
+    def __init__(self, source, recipe: Recipe, *, device: torch.device, num_threads: int, seed: int,
+                 shard_id: int, dtype: torch.dtype, max_batch: int):
+        self.device, self.dtype, self.recipe = device, dtype, recipe
+        self.batch_sampler = _EpochBatches()
+        self.loader = DataLoader(
+            _ViewsDataset(source, recipe, seed, shard_id), batch_sampler=self.batch_sampler,
+            num_workers=num_threads, collate_fn=_collate, persistent_workers=True,
+            pin_memory=device.type == "cuda", prefetch_factor=2,
+        )
+        self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255.0
+        self.inv_std = 1.0 / (torch.tensor(recipe.std, device=device).view(1, 3, 1, 1) * 255.0)
+
+    def iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[dict]:
+        start = np.cumsum([0] + [len(b) for b in batches])
+        self.batch_sampler.batches = [
+            [(epoch, int(start[n] + k), int(i)) for k, i in enumerate(b)] for n, b in enumerate(batches)
+        ]
+        for views, label, index in self.loader:
+            views = [
+                ((v.to(self.device, non_blocking=True).float() - self.mean) * self.inv_std).to(self.dtype)
+                for v in views
+            ]
+            yield {"views": views, "label": label.to(self.device), "index": index.to(self.device)}
