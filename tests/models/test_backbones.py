@@ -1,0 +1,66 @@
+"""Backbones: shapes, the small-image stem, ViT sizes/patches, no downloads, clear errors."""
+
+import pytest
+import torch
+from torch import nn
+
+from fastssl.models import build_backbone
+from fastssl.models.backbones import parse_vit_name
+
+
+def test_resnet_small_stem_keeps_resolution():
+    model, dim = build_backbone("resnet18", 32)
+    assert dim == 512
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, nn.Identity) and isinstance(model.fc, nn.Identity)
+    seen = []
+    model.layer4.register_forward_hook(lambda m, i, o: seen.append(o.shape) and None)
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 512)
+    # CIFAR stem: 32 -> 32 (stem) -> 32, 16, 8, 4 over the four stages
+    assert seen[0][-2:] == (4, 4)
+
+
+def test_resnet_imagenet_stem_above_64px_and_width_of_resnet50():
+    model, dim = build_backbone("resnet50", 224)
+    assert dim == 2048
+    assert model.conv1.kernel_size == (7, 7) and model.conv1.stride == (2, 2)
+    assert isinstance(model.maxpool, nn.MaxPool2d)
+    small, _ = build_backbone("resnet50", 224, small_stem=True)
+    assert small.conv1.kernel_size == (3, 3)
+
+
+@pytest.mark.parametrize("name,dim,heads,patch", [("vit_tiny_patch4", 192, 3, 4), ("vit_small", 384, 6, 16),
+                                                  ("vit_base_patch8", 768, 12, 8)])
+def test_vit_sizes_and_patches(name, dim, heads, patch):
+    model, feature_dim = build_backbone(name, 32, depth=1)
+    assert feature_dim == dim
+    assert model.patch_embed.proj.kernel_size == (patch, patch)
+    assert model.blocks[0].attn.num_heads == heads and len(model.blocks) == 1
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, dim)
+
+
+def test_vit_default_depth_is_12_and_takes_smaller_crops():
+    model, _ = build_backbone("vit_tiny_patch4", 32)
+    assert len(model.blocks) == 12
+    small, _ = build_backbone("vit_tiny_patch4", 32, depth=1)
+    # local crops of multi-crop training: 16x16 through a model built for 32x32
+    assert small(torch.randn(3, 3, 16, 16)).shape == (3, 192)
+
+
+def test_parse_vit_name():
+    assert parse_vit_name("vit_small_patch16") == ("small", 16)
+    assert parse_vit_name("vit_tiny") == ("tiny", None)
+    with pytest.raises(ValueError, match="vit_huge"):
+        parse_vit_name("vit_huge")
+
+
+def test_bad_backbone_arguments():
+    with pytest.raises(ValueError, match="backbone must be one of .*'resnet9'"):
+        build_backbone("resnet9", 32)
+    with pytest.raises(TypeError, match="backbone name must be a str, got int"):
+        build_backbone(18, 32)
+    with pytest.raises(ValueError, match="image_size must be a positive int, got 0"):
+        build_backbone("resnet18", 0)
+    with pytest.raises(ValueError, match="multiple of patch_size=16, got 40"):
+        build_backbone("vit_tiny", 40)
