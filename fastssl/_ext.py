@@ -65,7 +65,8 @@ def _jit_build(import_error: ImportError) -> str:
     missing = _build.missing_tools(with_cuda)
     if missing:
         raise ExtensionError(
-            f"{why_prebuilt}, and the JIT build cannot run: missing {'; '.join(missing)}. {fix}"
+            f"{why_prebuilt}, and the JIT build cannot run: missing {'; '.join(missing)} "
+            f"(CUDA sources {'included' if with_cuda else 'skipped'}: {cuda_why}). {fix}"
         ) from import_error
     build_dir = _build_directory()
     build_dir.mkdir(parents=True, exist_ok=True)
