@@ -1,0 +1,401 @@
+"""MAE ops against references written here from the official code's behaviour
+(facebookresearch/mae: random_masking, forward_decoder, forward_loss, patchify), in float64,
+on both backends ("triton" runs the kernels under TRITON_INTERPRET=1 on CPU)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from fastssl.ops import mae
+from fastssl.ops.mae import mae_loss, patchify, random_masking, unpatchify, unshuffle_tokens
+
+BACKENDS = ("torch", "triton")
+
+
+# --- references: per-row Python, the official functions' behaviour stated directly -------------
+
+def official_masking(x, mask_ratio, noise):
+    """Sort tokens by noise (ascending); keep the first int(L (1 - r)) in that order; mask marks
+    the others (1) in the original order; ids_restore[l] = the rank of token l."""
+    N, L, _ = x.shape
+    len_keep = int(L * (1 - mask_ratio))
+    kept, mask, ids_restore = [], torch.ones(N, L, dtype=x.dtype), torch.empty(N, L, dtype=torch.int64)
+    for n in range(N):
+        order = sorted(range(L), key=lambda l: noise[n, l].item())
+        kept.append(x[n, order[:len_keep]])
+        mask[n, order[:len_keep]] = 0
+        ids_restore[n, order] = torch.arange(L)
+    return torch.stack(kept), mask, ids_restore
+
+
+def official_unshuffle(x_kept, mask_token, ids_restore):
+    """Append L - len_keep mask tokens to each row's kept tokens, then reorder by ids_restore."""
+    N, K, D = x_kept.shape
+    L = ids_restore.shape[1]
+    tokens = mask_token.reshape(1, D).expand(L - K, D)
+    return torch.stack([torch.cat([x_kept[n], tokens])[ids_restore[n]] for n in range(N)])
+
+
+def official_loss(pred, target, mask, norm_pix_loss):
+    """The formula, run in the inputs' own dtype (no upcast)."""
+    if norm_pix_loss:
+        mu = target.mean(-1, keepdim=True)
+        var = ((target - mu) ** 2).sum(-1, keepdim=True) / (target.shape[-1] - 1)
+        target = (target - mu) / torch.sqrt(var + 1e-6)
+    per_patch = ((pred - target) ** 2).mean(-1)
+    return (per_patch * mask).sum() / mask.sum()
+
+
+def chi2_critical(dof: int, z: float = 3.09) -> float:
+    """Upper critical value of chi-square (Wilson-Hilferty), z = 3.09 <-> p = 0.001."""
+    return dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+
+
+# --- random_masking + unshuffle_tokens: identity and gradients, fp64 -----------------------------
+
+@pytest.mark.parametrize("L", [4, 49, 196, 197])
+@pytest.mark.parametrize("D", [8, 100, 768])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75, 0.9])
+def test_masking_and_unshuffle_match_official(L, D, ratio):
+    N = 2
+    gen = torch.Generator().manual_seed(L * 1000 + D + int(ratio * 100))
+    x = torch.randn(N, L, D, dtype=torch.float64, generator=gen)
+    noise = torch.randperm(N * L, generator=gen).reshape(N, L).double()  # distinct: no ties
+    token = torch.randn(D, dtype=torch.float64, generator=gen)
+    if int(L * (1 - ratio)) == 0:
+        for backend in BACKENDS:
+            with pytest.raises(ValueError, match="keeps"):
+                random_masking(x, ratio, noise=noise, backend=backend)
+        return
+    x_kept_ref, mask_ref, ids_ref = official_masking(x, ratio, noise)
+    xr, tr = x.clone().requires_grad_(), token.clone().requires_grad_()
+    out_ref = official_unshuffle(official_masking(xr, ratio, noise)[0], tr, ids_ref)
+    grad_out = torch.randn(N, L, D, dtype=torch.float64, generator=gen)
+    gx_ref, gt_ref = torch.autograd.grad(out_ref, (xr, tr), grad_out)
+    for backend in BACKENDS:
+        xb, tb = x.clone().requires_grad_(), token.clone().requires_grad_()
+        x_kept, mask, ids_restore = random_masking(xb, ratio, noise=noise, backend=backend)
+        assert mask.dtype == x.dtype and ids_restore.dtype == torch.int64
+        assert torch.equal(x_kept, x_kept_ref) and torch.equal(mask, mask_ref)
+        assert torch.equal(ids_restore, ids_ref)
+        out = unshuffle_tokens(x_kept, tb, ids_restore, backend=backend)
+        assert torch.equal(out, out_ref)
+        gx, gt = torch.autograd.grad(out, (xb, tb), grad_out)
+        assert torch.equal(gx, gx_ref)  # pure copies: exact, zeros at removed tokens
+        torch.testing.assert_close(gt, gt_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_low_precision_copies_are_exact_and_token_grad_accumulates_in_fp32(dtype):
+    N, L, D = 3, 197, 100
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(N, L, D, generator=gen).to(dtype).requires_grad_()
+    token = torch.randn(1, 1, D).requires_grad_()  # fp32 parameter, as under autocast
+    x_kept, mask, ids = random_masking(x, 0.75, generator=gen, backend="triton")
+    out = unshuffle_tokens(x_kept, token, ids, backend="triton")
+    assert out.dtype == dtype and mask.dtype == dtype
+    # sorting tokens by their rank ids_restore[n, l] replays the op's shuffle order
+    kept_ref = official_masking(x.detach(), 0.75, ids.double())[0]
+    assert torch.equal(out, official_unshuffle(kept_ref, token.detach().to(dtype), ids))
+    grad_out = torch.randn(N, L, D, generator=gen).to(dtype)
+    gx, gt = torch.autograd.grad(out, (x, token), grad_out)
+    assert gt.dtype == torch.float32 and gt.shape == token.shape
+    truth = (grad_out.double() * mask.double()[..., None]).sum((0, 1))
+    err = (gt.double().reshape(D) - truth).abs().max().item()
+    # the kernel sums in fp32 and rounds once to `dtype` (a sum in bf16 would be far off)
+    rounding = 2**-8 if dtype == torch.bfloat16 else 2**-11 if dtype == torch.float16 else 2**-20
+    assert err <= 2 * rounding * truth.abs().max().item() + 1e-4, err
+    assert torch.equal(gx, grad_out * (1 - mask)[..., None])
+
+
+def test_noncontiguous_inputs_and_expanded_grads():
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(5, 2, 33, dtype=torch.float64, generator=gen)
+    x = base.transpose(0, 2).requires_grad_()  # [33, 2, 5], strided view
+    noise = torch.rand(33, 2, dtype=torch.float64, generator=gen)
+    token = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
+    grads = []
+    for backend in BACKENDS:
+        x_kept, _, ids = random_masking(x, 0.5, noise=noise, backend=backend)
+        out = unshuffle_tokens(x_kept, token, ids, backend=backend)
+        grads.append(torch.autograd.grad(out.sum(), (x, token)))  # .sum() gives a stride-0 grad
+    assert torch.equal(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    assert torch.equal(grads[1][1], torch.full((5,), 33.0, dtype=torch.float64))  # 33 rows x 1 removed
+
+
+# --- randomness: uniformity, independence of the kept set, reproducibility ----------------------
+
+def test_kept_positions_uniform_chi_square():
+    """Per row, every kept subset (C(6, 3) = 20) and every (position, rank) pair is equally likely."""
+    L, rows_per_draw, draws = 6, 2000, 5
+    subsets = {s: i for i, s in enumerate(itertools.combinations(range(L), 3))}
+    subset_counts = torch.zeros(len(subsets))
+    rank_counts = torch.zeros(L, L)
+    x = torch.zeros(rows_per_draw, L, 1)
+    for seed in range(draws):
+        _, mask, ids = random_masking(x, 0.5, generator=torch.Generator().manual_seed(seed), backend="torch")
+        kept = (mask == 0).nonzero()[:, 1].reshape(rows_per_draw, 3)
+        for row in kept.tolist():
+            subset_counts[subsets[tuple(row)]] += 1
+        rank_counts += torch.nn.functional.one_hot(ids, L).sum(0)
+    total = rows_per_draw * draws
+    expected = total / len(subsets)
+    stat = ((subset_counts - expected) ** 2 / expected).sum().item()
+    assert stat < chi2_critical(len(subsets) - 1), stat
+    expected = total / L
+    stat = ((rank_counts - expected) ** 2 / expected).sum().item()
+    assert stat < chi2_critical((L - 1) ** 2), stat  # margins are fixed: (L-1)^2 dof
+
+
+def test_rows_are_independent_permutations():
+    """Consecutive rows of one call: the joint law of their first-ranked tokens is uniform."""
+    L = 5
+    _, _, ids = random_masking(torch.zeros(20001, L, 1), 0.4, generator=torch.Generator().manual_seed(7),
+                               backend="torch")
+    first = ids.argmin(1)
+    pairs = torch.zeros(L, L)
+    pairs.index_put_((first[:-1], first[1:]), torch.ones(20000), accumulate=True)
+    expected = 20000 / L**2
+    stat = ((pairs - expected) ** 2 / expected).sum().item()
+    assert stat < chi2_critical(L * L - 1), stat
+
+
+def test_seeded_generator_reproduces_and_backends_agree():
+    x = torch.randn(4, 49, 8)
+    outs = [random_masking(x, 0.75, generator=torch.Generator().manual_seed(3), backend=b) for b in BACKENDS]
+    again = random_masking(x, 0.75, generator=torch.Generator().manual_seed(3), backend="triton")
+    other = random_masking(x, 0.75, generator=torch.Generator().manual_seed(4), backend="triton")
+    for a, b, c in zip(outs[0], outs[1], again):
+        assert torch.equal(a, b) and torch.equal(b, c)
+    assert not torch.equal(outs[1][2], other[2])
+    # documented equivalence: generator draws float64 uniform noise
+    noise = torch.rand(4, 49, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(random_masking(x, 0.75, noise=noise)[2], outs[0][2])
+    # the default generator is used (and reproducible) without one
+    torch.manual_seed(11)
+    first = random_masking(x, 0.5)[2]
+    torch.manual_seed(11)
+    assert torch.equal(random_masking(x, 0.5)[2], first)
+
+
+# --- mae_loss --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(2, 4, 8), (3, 49, 100), (2, 197, 768), (1, 3, 2)])
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_mae_loss_fp64_matches_formula_and_autograd(shape, norm_pix_loss):
+    gen = torch.Generator().manual_seed(sum(shape))
+    pred = torch.randn(shape, dtype=torch.float64, generator=gen)
+    target = 3 + 2 * torch.randn(shape, dtype=torch.float64, generator=gen)
+    mask = (torch.rand(shape[:2], generator=gen) < 0.75).double()
+    mask[0, 0] = 1
+    pr = pred.clone().requires_grad_()
+    ref = official_loss(pr, target, mask, norm_pix_loss)
+    (g_ref,) = torch.autograd.grad(ref * 1.7, pr)
+    for backend in BACKENDS:
+        pb = pred.clone().requires_grad_()
+        loss = mae_loss(pb, target, mask, norm_pix_loss=norm_pix_loss, backend=backend)
+        assert loss.dtype == torch.float64 and loss.shape == ()
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+        (g,) = torch.autograd.grad(loss * 1.7, pb)
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_mae_loss_low_precision_within_twice_the_reference_error(dtype, norm_pix_loss):
+    gen = torch.Generator().manual_seed(5)
+    shape = (4, 49, 192)
+    pred = torch.randn(shape, generator=gen).to(dtype)
+    target = (0.5 + torch.rand(shape, generator=gen)).to(dtype)
+    mask = (torch.rand(shape[:2], generator=gen) < 0.75).to(dtype)
+    p64 = pred.double().requires_grad_()
+    truth = official_loss(p64, target.double(), mask.double(), norm_pix_loss)
+    (g_truth,) = torch.autograd.grad(truth, p64)
+    pl = pred.clone().requires_grad_()
+    low = official_loss(pl, target, mask, norm_pix_loss)  # the formula run in `dtype`
+    (g_low,) = torch.autograd.grad(low, pl)
+    pk = pred.clone().requires_grad_()
+    loss = mae_loss(pk, target, mask, norm_pix_loss=norm_pix_loss, backend="triton")
+    (g,) = torch.autograd.grad(loss, pk)
+    assert loss.dtype == dtype and g.dtype == dtype
+    err, ref_err = (loss.double() - truth).abs().item(), (low.double() - truth).abs().item()
+    assert err <= 2 * ref_err + 1e-2 * truth.abs().item(), (err, ref_err)
+    err, ref_err = (g.double() - g_truth).abs().max().item(), (g_low.double() - g_truth).abs().max().item()
+    assert err <= 2 * ref_err + 1e-3 * g_truth.abs().max().item(), (err, ref_err)
+
+
+def test_mae_loss_mixed_dtypes_like_autocast():
+    """bf16 decoder output against an fp32 target: fp32 loss, bf16 gradient; both backends agree."""
+    gen = torch.Generator().manual_seed(6)
+    pred = torch.randn(2, 16, 48, generator=gen).bfloat16()
+    target = torch.randn(2, 16, 48, generator=gen)
+    mask = torch.ones(2, 16, dtype=torch.bfloat16)
+    results = []
+    for backend in BACKENDS:
+        p = pred.clone().requires_grad_()
+        loss = mae_loss(p, target, mask, backend=backend)
+        results.append((loss, torch.autograd.grad(loss, p)[0]))
+    assert results[0][0].dtype == results[1][0].dtype == torch.float32
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-6)
+    assert results[1][1].dtype == torch.bfloat16
+    torch.testing.assert_close(results[1][1], results[0][1])
+
+
+# --- NaN in, NaN out -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates(backend):
+    x = torch.randn(2, 8, 4)
+    noise = torch.arange(16.0).reshape(2, 8)  # token 0 of each row is kept
+    x[0, 0, 1] = float("nan")
+    x_kept, _, ids = random_masking(x, 0.5, noise=noise, backend=backend)
+    assert x_kept[0, 0, 1].isnan() and x_kept.isnan().sum() == 1
+    token = torch.full((4,), float("nan"))
+    out = unshuffle_tokens(x_kept.nan_to_num(), token, ids, backend=backend)
+    assert out[:, 4:].isnan().all() and not out[:, :4].isnan().any()
+    pred, target = torch.randn(2, 8, 6), torch.randn(2, 8, 6)
+    mask = torch.zeros(2, 8)
+    mask[:, 4:] = 1
+    pred[0, 0, 0] = float("nan")  # a kept patch: weight 0, but NaN * 0 is NaN, as in the official loss
+    assert mae_loss(pred, target, mask, backend=backend).isnan()
+
+
+# --- custom ops and torch.compile ------------------------------------------------------------------
+
+def test_opcheck_all_custom_ops():
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 10, 12, generator=gen)
+    ids = torch.stack([torch.randperm(10, generator=gen) for _ in range(2)])
+    x_kept = torch.randn(2, 4, 12, generator=gen)
+    pred, target = torch.randn(2, 10, 6, generator=gen), torch.randn(2, 10, 6, generator=gen)
+    mask = (ids >= 4).float()
+    token = torch.randn(12, generator=gen, requires_grad=True)
+    cases = [
+        (torch.ops.fastssl.mae_gather_kept.default, (x.clone().requires_grad_(), ids, 4)),
+        (torch.ops.fastssl.mae_unshuffle.default, (x_kept.requires_grad_(), ids, token)),
+        (torch.ops.fastssl.mae_unshuffle_bwd.default, (x.detach(), ids, 4)),
+        (torch.ops.fastssl.mae_loss_fwd.default, (pred.clone().requires_grad_(), target, mask, True)),
+        (torch.ops.fastssl.mae_loss_bwd.default, (torch.tensor(1.0), pred, target, mask, mask.sum(), False)),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph_traces_through_ops():
+    def step(x, token, target):
+        x_kept, mask, ids = random_masking(x, 0.75, noise=torch.arange(x.shape[0] * x.shape[1], 0, -1.0)
+                                           .reshape(x.shape[:2]), backend="triton")
+        out = unshuffle_tokens(x_kept * 2, token, ids, backend="triton")
+        return mae_loss(out, target, mask, backend="triton")
+
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 16, 12, generator=gen, requires_grad=True)
+    token = torch.randn(12, generator=gen, requires_grad=True)
+    target = torch.randn(2, 16, 12, generator=gen)
+    eager = step(x, token, target)
+    g_eager = torch.autograd.grad(eager, (x, token))
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, token, target)
+    g_compiled = torch.autograd.grad(compiled, (x, token))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b)
+
+
+# --- patchify / unpatchify -------------------------------------------------------------------------
+
+def test_patchify_official_layout_and_roundtrip():
+    imgs = torch.randn(2, 3, 32, 48)
+    p = 8
+    ref = torch.einsum("nchpwq->nhwpqc", imgs.reshape(2, 3, 4, p, 6, p)).reshape(2, 24, p * p * 3)
+    x = patchify(imgs, p)
+    assert torch.equal(x, ref)
+    # patch (h=1, w=2), pixel (row 3, col 5), channel 2 sits at [1 * 6 + 2, (3 * p + 5) * 3 + 2]
+    assert x[1, 8, (3 * p + 5) * 3 + 2] == imgs[1, 2, 1 * p + 3, 2 * p + 5]
+    assert torch.equal(unpatchify(x, p, grid=(4, 6)), imgs)
+    square = torch.randn(1, 3, 32, 32)
+    assert torch.equal(unpatchify(patchify(square, 16), 16), square)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+def test_random_masking_rejects_bad_input_without_touching_the_generator():
+    x = torch.randn(2, 4, 3)
+    gen = torch.Generator().manual_seed(0)
+    state = gen.get_state()
+    with pytest.raises(ValueError, match=r"keeps int\(4 \* \(1 - 0.8\)\) = 0"):
+        random_masking(x, 0.8, generator=gen)
+    for ratio in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=rf"mask_ratio must be in \[0, 1\), got {ratio}"):
+            random_masking(x, ratio, generator=gen)
+    assert torch.equal(gen.get_state(), state)
+    with pytest.raises(TypeError, match="mask_ratio must be a number"):
+        random_masking(x, "0.5")
+    with pytest.raises(ValueError, match=r"noise must have shape \[N, L\] = \(2, 4\) like x, got \(2, 5\)"):
+        random_masking(x, 0.5, noise=torch.rand(2, 5))
+    with pytest.raises(ValueError, match="noise or generator, not both"):
+        random_masking(x, 0.5, noise=torch.rand(2, 4), generator=gen)
+    with pytest.raises(ValueError, match="x must be 3-D"):
+        random_masking(torch.randn(2, 4), 0.5)
+    with pytest.raises(TypeError, match="x must have dtype"):
+        random_masking(torch.zeros(2, 4, 3, dtype=torch.int64), 0.5)
+
+
+def test_unshuffle_tokens_rejects_bad_input():
+    x_kept, token = torch.randn(2, 3, 8), torch.randn(8)
+    bad_token = r"mask_token must be \[D\] or \[1, 1, D\] with D=8.*got "
+    bad_ids = r"ids_restore must be \[N=2, L\] with L >= len_keep=3.*got shape "
+    ids = torch.stack([torch.randperm(6) for _ in range(2)])
+    with pytest.raises(ValueError, match=bad_token + r"\(7,\)"):
+        unshuffle_tokens(x_kept, torch.randn(7), ids)
+    with pytest.raises(ValueError, match=bad_token + r"\(2, 1, 8\)"):
+        unshuffle_tokens(x_kept, torch.randn(2, 1, 8), ids)
+    with pytest.raises(ValueError, match=bad_ids + r"\(3, 6\)"):
+        unshuffle_tokens(x_kept, token, torch.zeros(3, 6, dtype=torch.int64))
+    with pytest.raises(ValueError, match=bad_ids + r"\(2, 2\)"):
+        unshuffle_tokens(x_kept, token, torch.zeros(2, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="ids_restore must be 2-D"):
+        unshuffle_tokens(x_kept, token, ids[0])
+    with pytest.raises(TypeError, match="ids_restore must have dtype in \\(int64\\), got torch.int32"):
+        unshuffle_tokens(x_kept, token, ids.int())
+
+
+def test_mae_loss_and_patchify_reject_bad_input():
+    pred, target, mask = torch.randn(2, 4, 6), torch.randn(2, 4, 6), torch.ones(2, 4)
+    with pytest.raises(ValueError, match=r"target must have pred's shape \(2, 4, 6\), got \(2, 4, 5\)"):
+        mae_loss(pred, torch.randn(2, 4, 5), mask)
+    with pytest.raises(ValueError, match=r"mask must have shape \[N, L\] = \(2, 4\) like pred, got \(2, 5\)"):
+        mae_loss(pred, target, torch.ones(2, 5))
+    with pytest.raises(ValueError, match="norm_pix_loss needs P >= 2"):
+        mae_loss(pred[..., :1], target[..., :1], mask)
+    with pytest.raises(ValueError, match="differentiates pred only"):
+        mae_loss(pred, target.requires_grad_(), mask)
+    with pytest.raises(ValueError, match="imgs height and width must be multiples of p=5"):
+        patchify(torch.randn(1, 3, 16, 16), 5)
+    with pytest.raises(ValueError, match="not a square grid"):
+        unpatchify(torch.randn(1, 6, 12), 2)
+
+
+# --- GPU: the same checks at training shapes (run by benchmarks/gpu_check.sh) ----------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_pipeline_matches_reference(dtype):
+    N, L, D = 16, 196, 768
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, L, D, device="cuda", generator=gen).to(dtype)
+    token = torch.randn(D, device="cuda", generator=gen)
+    target = torch.randn(N, L, D, device="cuda", generator=gen).to(dtype)
+    results = {}
+    for backend in BACKENDS:
+        xb, tb = x.clone().requires_grad_(), token.clone().requires_grad_()
+        seeded = torch.Generator("cuda").manual_seed(1)
+        x_kept, mask, ids = random_masking(xb, 0.75, generator=seeded, backend=backend)
+        out = unshuffle_tokens(x_kept, tb, ids, backend=backend)
+        loss = mae_loss(out, target, mask, backend=backend)
+        results[backend] = (x_kept, mask, ids, out, loss, *torch.autograd.grad(loss, (xb, tb)))
+    for a, b in zip(results["torch"], results["triton"]):
+        torch.testing.assert_close(b, a, rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-5)
+    assert mae.HAS_TRITON
