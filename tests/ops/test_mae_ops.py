@@ -58,7 +58,7 @@ def chi2_critical(dof: int, z: float = 3.09) -> float:
 @pytest.mark.parametrize("L", [4, 49, 196, 197])
 @pytest.mark.parametrize("D", [8, 100, 768])
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75, 0.9])
-def test_masking_and_unshuffle_match_official(L, D, ratio):
+def test_masking_and_unshuffle_match_official(L, D, ratio, device):
     N = 2
     gen = torch.Generator().manual_seed(L * 1000 + D + int(ratio * 100))
     x = torch.randn(N, L, D, dtype=torch.float64, generator=gen)
@@ -75,32 +75,34 @@ def test_masking_and_unshuffle_match_official(L, D, ratio):
     grad_out = torch.randn(N, L, D, dtype=torch.float64, generator=gen)
     gx_ref, gt_ref = torch.autograd.grad(out_ref, (xr, tr), grad_out)
     for backend in BACKENDS:
-        xb, tb = x.clone().requires_grad_(), token.clone().requires_grad_()
-        x_kept, mask, ids_restore = random_masking(xb, ratio, noise=noise, backend=backend)
+        xb, tb = x.to(device).requires_grad_(), token.to(device).requires_grad_()
+        x_kept, mask, ids_restore = random_masking(xb, ratio, noise=noise.to(device), backend=backend)
         assert mask.dtype == x.dtype and ids_restore.dtype == torch.int64
-        assert torch.equal(x_kept, x_kept_ref) and torch.equal(mask, mask_ref)
-        assert torch.equal(ids_restore, ids_ref)
+        assert torch.equal(x_kept.cpu(), x_kept_ref) and torch.equal(mask.cpu(), mask_ref)
+        assert torch.equal(ids_restore.cpu(), ids_ref)
         out = unshuffle_tokens(x_kept, tb, ids_restore, backend=backend)
-        assert torch.equal(out, out_ref)
-        gx, gt = torch.autograd.grad(out, (xb, tb), grad_out)
-        assert torch.equal(gx, gx_ref)  # pure copies: exact, zeros at removed tokens
-        torch.testing.assert_close(gt, gt_ref, rtol=1e-12, atol=1e-12)
+        assert torch.equal(out.cpu(), out_ref)
+        gx, gt = torch.autograd.grad(out, (xb, tb), grad_out.to(device))
+        assert torch.equal(gx.cpu(), gx_ref)  # pure copies: exact, zeros at removed tokens
+        torch.testing.assert_close(gt.cpu(), gt_ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_low_precision_copies_are_exact_and_token_grad_accumulates_in_fp32(dtype):
+def test_low_precision_copies_are_exact_and_token_grad_accumulates_in_fp32(dtype, device):
     N, L, D = 3, 197, 100
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(N, L, D, generator=gen).to(dtype).requires_grad_()
-    token = torch.randn(1, 1, D).requires_grad_()  # fp32 parameter, as under autocast
-    x_kept, mask, ids = random_masking(x, 0.75, generator=gen, backend="triton")
+    x = torch.randn(N, L, D, generator=gen).to(device, dtype).requires_grad_()
+    token = torch.randn(1, 1, D, generator=gen).to(device).requires_grad_()  # an fp32 parameter (autocast)
+    seeded = torch.Generator(device).manual_seed(1)
+    x_kept, mask, ids = random_masking(x, 0.75, generator=seeded, backend="triton")
     out = unshuffle_tokens(x_kept, token, ids, backend="triton")
     assert out.dtype == dtype and mask.dtype == dtype
     # sorting tokens by their rank ids_restore[n, l] replays the op's shuffle order
-    kept_ref = official_masking(x.detach(), 0.75, ids.double())[0]
-    assert torch.equal(out, official_unshuffle(kept_ref, token.detach().to(dtype), ids))
+    ids, mask = ids.cpu(), mask.cpu()
+    kept_ref = official_masking(x.detach().cpu(), 0.75, ids.double())[0]
+    assert torch.equal(out.cpu(), official_unshuffle(kept_ref, token.detach().cpu().to(dtype), ids))
     grad_out = torch.randn(N, L, D, generator=gen).to(dtype)
-    gx, gt = torch.autograd.grad(out, (x, token), grad_out)
+    gx, gt = (g.cpu() for g in torch.autograd.grad(out, (x, token), grad_out.to(device)))
     assert gt.dtype == torch.float32 and gt.shape == token.shape
     truth = (grad_out.double() * mask.double()[..., None]).sum((0, 1))
     err = (gt.double().reshape(D) - truth).abs().max().item()
@@ -110,12 +112,12 @@ def test_low_precision_copies_are_exact_and_token_grad_accumulates_in_fp32(dtype
     assert torch.equal(gx, grad_out * (1 - mask)[..., None])
 
 
-def test_noncontiguous_inputs_and_expanded_grads():
+def test_noncontiguous_inputs_and_expanded_grads(device):
     gen = torch.Generator().manual_seed(2)
-    base = torch.randn(5, 2, 33, dtype=torch.float64, generator=gen)
+    base = torch.randn(5, 2, 33, dtype=torch.float64, generator=gen).to(device)
     x = base.transpose(0, 2).requires_grad_()  # [33, 2, 5], strided view
-    noise = torch.rand(33, 2, dtype=torch.float64, generator=gen)
-    token = torch.randn(5, dtype=torch.float64, generator=gen, requires_grad=True)
+    noise = torch.rand(33, 2, dtype=torch.float64, generator=gen).to(device)
+    token = torch.randn(5, dtype=torch.float64, generator=gen).to(device).requires_grad_()
     grads = []
     for backend in BACKENDS:
         x_kept, _, ids = random_masking(x, 0.5, noise=noise, backend=backend)
@@ -123,7 +125,7 @@ def test_noncontiguous_inputs_and_expanded_grads():
         grads.append(torch.autograd.grad(out.sum(), (x, token)))  # .sum() gives a stride-0 grad
     assert torch.equal(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
-    assert torch.equal(grads[1][1], torch.full((5,), 33.0, dtype=torch.float64))  # 33 rows x 1 removed
+    assert torch.equal(grads[1][1].cpu(), torch.full((5,), 33.0, dtype=torch.float64))  # 33 rows x 1 removed
 
 
 # --- randomness: uniformity, independence of the kept set, reproducibility ----------------------
@@ -163,16 +165,17 @@ def test_rows_are_independent_permutations():
     assert stat < chi2_critical(L * L - 1), stat
 
 
-def test_seeded_generator_reproduces_and_backends_agree():
-    x = torch.randn(4, 49, 8)
-    outs = [random_masking(x, 0.75, generator=torch.Generator().manual_seed(3), backend=b) for b in BACKENDS]
-    again = random_masking(x, 0.75, generator=torch.Generator().manual_seed(3), backend="triton")
-    other = random_masking(x, 0.75, generator=torch.Generator().manual_seed(4), backend="triton")
+def test_seeded_generator_reproduces_and_backends_agree(device):
+    x = torch.randn(4, 49, 8, device=device)
+    seeded = lambda seed: torch.Generator(device).manual_seed(seed)
+    outs = [random_masking(x, 0.75, generator=seeded(3), backend=b) for b in BACKENDS]
+    again = random_masking(x, 0.75, generator=seeded(3), backend="triton")
+    other = random_masking(x, 0.75, generator=seeded(4), backend="triton")
     for a, b, c in zip(outs[0], outs[1], again):
         assert torch.equal(a, b) and torch.equal(b, c)
     assert not torch.equal(outs[1][2], other[2])
     # documented equivalence: generator draws float64 uniform noise
-    noise = torch.rand(4, 49, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    noise = torch.rand(4, 49, dtype=torch.float64, generator=seeded(3), device=device)
     assert torch.equal(random_masking(x, 0.75, noise=noise)[2], outs[0][2])
     # the default generator is used (and reproducible) without one
     torch.manual_seed(11)
@@ -185,7 +188,7 @@ def test_seeded_generator_reproduces_and_backends_agree():
 
 @pytest.mark.parametrize("shape", [(2, 4, 8), (3, 49, 100), (2, 197, 768), (1, 3, 2)])
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
-def test_mae_loss_fp64_matches_formula_and_autograd(shape, norm_pix_loss):
+def test_mae_loss_fp64_matches_formula_and_autograd(shape, norm_pix_loss, device):
     gen = torch.Generator().manual_seed(sum(shape))
     pred = torch.randn(shape, dtype=torch.float64, generator=gen)
     target = 3 + 2 * torch.randn(shape, dtype=torch.float64, generator=gen)
@@ -195,17 +198,17 @@ def test_mae_loss_fp64_matches_formula_and_autograd(shape, norm_pix_loss):
     ref = official_loss(pr, target, mask, norm_pix_loss)
     (g_ref,) = torch.autograd.grad(ref * 1.7, pr)
     for backend in BACKENDS:
-        pb = pred.clone().requires_grad_()
-        loss = mae_loss(pb, target, mask, norm_pix_loss=norm_pix_loss, backend=backend)
+        pb = pred.to(device).requires_grad_()
+        loss = mae_loss(pb, target.to(device), mask.to(device), norm_pix_loss=norm_pix_loss, backend=backend)
         assert loss.dtype == torch.float64 and loss.shape == ()
-        torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(loss.cpu(), ref.detach(), rtol=1e-12, atol=1e-12)
         (g,) = torch.autograd.grad(loss * 1.7, pb)
-        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(g.cpu(), g_ref, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("norm_pix_loss", [True, False])
-def test_mae_loss_low_precision_within_twice_the_reference_error(dtype, norm_pix_loss):
+def test_mae_loss_low_precision_within_twice_the_reference_error(dtype, norm_pix_loss, device):
     gen = torch.Generator().manual_seed(5)
     shape = (4, 49, 192)
     pred = torch.randn(shape, generator=gen).to(dtype)
@@ -217,9 +220,10 @@ def test_mae_loss_low_precision_within_twice_the_reference_error(dtype, norm_pix
     pl = pred.clone().requires_grad_()
     low = official_loss(pl, target, mask, norm_pix_loss)  # the formula run in `dtype`
     (g_low,) = torch.autograd.grad(low, pl)
-    pk = pred.clone().requires_grad_()
-    loss = mae_loss(pk, target, mask, norm_pix_loss=norm_pix_loss, backend="triton")
+    pk = pred.to(device).requires_grad_()
+    loss = mae_loss(pk, target.to(device), mask.to(device), norm_pix_loss=norm_pix_loss, backend="triton")
     (g,) = torch.autograd.grad(loss, pk)
+    loss, g = loss.cpu(), g.cpu()
     assert loss.dtype == dtype and g.dtype == dtype
     err, ref_err = (loss.double() - truth).abs().item(), (low.double() - truth).abs().item()
     assert err <= 2 * ref_err + 1e-2 * truth.abs().item(), (err, ref_err)
@@ -227,12 +231,12 @@ def test_mae_loss_low_precision_within_twice_the_reference_error(dtype, norm_pix
     assert err <= 2 * ref_err + 1e-3 * g_truth.abs().max().item(), (err, ref_err)
 
 
-def test_mae_loss_mixed_dtypes_like_autocast():
+def test_mae_loss_mixed_dtypes_like_autocast(device):
     """bf16 decoder output against an fp32 target: fp32 loss, bf16 gradient; both backends agree."""
     gen = torch.Generator().manual_seed(6)
-    pred = torch.randn(2, 16, 48, generator=gen).bfloat16()
-    target = torch.randn(2, 16, 48, generator=gen)
-    mask = torch.ones(2, 16, dtype=torch.bfloat16)
+    pred = torch.randn(2, 16, 48, generator=gen).to(device, torch.bfloat16)
+    target = torch.randn(2, 16, 48, generator=gen).to(device)
+    mask = torch.ones(2, 16, dtype=torch.bfloat16, device=device)
     results = []
     for backend in BACKENDS:
         p = pred.clone().requires_grad_()
@@ -247,17 +251,17 @@ def test_mae_loss_mixed_dtypes_like_autocast():
 # --- NaN in, NaN out -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_propagates(backend):
-    x = torch.randn(2, 8, 4)
-    noise = torch.arange(16.0).reshape(2, 8)  # token 0 of each row is kept
+def test_nan_propagates(backend, device):
+    x = torch.randn(2, 8, 4, device=device)
+    noise = torch.arange(16.0, device=device).reshape(2, 8)  # tokens 0-3 of each row are kept
     x[0, 0, 1] = float("nan")
     x_kept, _, ids = random_masking(x, 0.5, noise=noise, backend=backend)
     assert x_kept[0, 0, 1].isnan() and x_kept.isnan().sum() == 1
-    token = torch.full((4,), float("nan"))
+    token = torch.full((4,), float("nan"), device=device)
     out = unshuffle_tokens(x_kept.nan_to_num(), token, ids, backend=backend)
     assert out[:, 4:].isnan().all() and not out[:, :4].isnan().any()
-    pred, target = torch.randn(2, 8, 6), torch.randn(2, 8, 6)
-    mask = torch.zeros(2, 8)
+    pred, target = torch.randn(2, 8, 6, device=device), torch.randn(2, 8, 6, device=device)
+    mask = torch.zeros(2, 8, device=device)
     mask[:, 4:] = 1
     pred[0, 0, 0] = float("nan")  # a kept patch: weight 0, but NaN * 0 is NaN, as in the official loss
     assert mae_loss(pred, target, mask, backend=backend).isnan()
@@ -265,36 +269,37 @@ def test_nan_propagates(backend):
 
 # --- custom ops and torch.compile ------------------------------------------------------------------
 
-def test_opcheck_all_custom_ops():
+def test_opcheck_all_custom_ops(device):
     gen = torch.Generator().manual_seed(8)
-    x = torch.randn(2, 10, 12, generator=gen)
-    ids = torch.stack([torch.randperm(10, generator=gen) for _ in range(2)])
-    x_kept = torch.randn(2, 4, 12, generator=gen)
-    pred, target = torch.randn(2, 10, 6, generator=gen), torch.randn(2, 10, 6, generator=gen)
+    x = torch.randn(2, 10, 12, generator=gen).to(device)
+    ids = torch.stack([torch.randperm(10, generator=gen) for _ in range(2)]).to(device)
+    x_kept = torch.randn(2, 4, 12, generator=gen).to(device)
+    pred, target = torch.randn(2, 2, 10, 6, generator=gen).to(device).unbind(0)
     mask = (ids >= 4).float()
-    token = torch.randn(12, generator=gen, requires_grad=True)
+    token = torch.randn(12, generator=gen).to(device).requires_grad_()
+    ops = torch.ops.fastssl
     cases = [
-        (torch.ops.fastssl.mae_gather_kept.default, (x.clone().requires_grad_(), ids, 4)),
-        (torch.ops.fastssl.mae_unshuffle.default, (x_kept.requires_grad_(), ids, token)),
-        (torch.ops.fastssl.mae_unshuffle_bwd.default, (x.detach(), ids, 4)),
-        (torch.ops.fastssl.mae_loss_fwd.default, (pred.clone().requires_grad_(), target, mask, True)),
-        (torch.ops.fastssl.mae_loss_bwd.default, (torch.tensor(1.0), pred, target, mask, mask.sum(), False)),
+        (ops.mae_gather_kept.default, (x.clone().requires_grad_(), ids, 4)),
+        (ops.mae_unshuffle.default, (x_kept.requires_grad_(), ids, token)),
+        (ops.mae_unshuffle_bwd.default, (x.detach(), ids, 4)),
+        (ops.mae_loss_fwd.default, (pred.clone().requires_grad_(), target, mask, True)),
+        (ops.mae_loss_bwd.default, (pred.new_tensor(1.0), pred, target, mask, mask.sum(), False)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
 
 
-def test_compile_fullgraph_traces_through_ops():
+def test_compile_fullgraph_traces_through_ops(device):
     def step(x, token, target):
-        x_kept, mask, ids = random_masking(x, 0.75, noise=torch.arange(x.shape[0] * x.shape[1], 0, -1.0)
-                                           .reshape(x.shape[:2]), backend="triton")
+        noise = torch.arange(x.shape[0] * x.shape[1], 0, -1.0, device=x.device).reshape(x.shape[:2])
+        x_kept, mask, ids = random_masking(x, 0.75, noise=noise, backend="triton")
         out = unshuffle_tokens(x_kept * 2, token, ids, backend="triton")
         return mae_loss(out, target, mask, backend="triton")
 
     gen = torch.Generator().manual_seed(9)
-    x = torch.randn(2, 16, 12, generator=gen, requires_grad=True)
-    token = torch.randn(12, generator=gen, requires_grad=True)
-    target = torch.randn(2, 16, 12, generator=gen)
+    x = torch.randn(2, 16, 12, generator=gen).to(device).requires_grad_()
+    token = torch.randn(12, generator=gen).to(device).requires_grad_()
+    target = torch.randn(2, 16, 12, generator=gen).to(device)
     eager = step(x, token, target)
     g_eager = torch.autograd.grad(eager, (x, token))
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(x, token, target)
