@@ -1,0 +1,219 @@
+"""fastssl.ops.dino_loss against a float64 oracle written from the official DINOLoss behaviour.
+
+The oracle follows facebookresearch/dino's DINOLoss.forward step by step: student logits / tau_s
+chunked into n_crops, teacher softmax((t - center) / tau_t) chunked into n_global, for each
+teacher crop iq and student crop v != iq the batch mean of sum(-q * log_softmax(s_v)), averaged
+over the number of such terms. It is run in float64 (the truth) and in the low dtype (the error
+budget of the PyTorch formula in that precision)."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastssl.ops.dino_loss import (
+    dino_loss,
+    dino_loss_ref,
+    dino_update_center_,
+    soft_cross_entropy,
+)
+
+
+def official_loss(student, teacher, center, n_crops, n_global, student_temp, teacher_temp):
+    student_out = (student / student_temp).chunk(n_crops)
+    teacher_out = F.softmax((teacher - center) / teacher_temp, dim=-1).detach().chunk(n_global)
+    total, n_terms = 0, 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v == iq:
+                continue
+            total = total + torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1).mean()
+            n_terms += 1
+    return total / n_terms
+
+
+def make(n_crops, n_global, B, K, dtype=torch.float64, scale=3.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = (scale * torch.randn(n_crops * B, K, generator=g, dtype=torch.float64)).to(dtype)
+    teacher = (scale * torch.randn(n_global * B, K, generator=g, dtype=torch.float64)).to(dtype)
+    center = (0.5 * torch.randn(1, K, generator=g, dtype=torch.float64)).to(dtype)
+    return student, teacher, center
+
+
+def value_and_grad(fn, student, *args, **kw):
+    s = student.detach().clone().requires_grad_(True)
+    loss = fn(s, *args, **kw)
+    (grad,) = torch.autograd.grad(loss, s)
+    return loss.detach(), grad
+
+
+# Every n_crops x n_global x B with K in {7, 1000}; K = 4099 with the small batches and once at full size
+# (the largest cases cost seconds of CPU each).
+GRID = [*itertools.product([2, 3, 6, 12], [1, 2], [1, 3, 64], [7, 1000]),
+        *itertools.product([2, 3, 6, 12], [1, 2], [1, 3], [4096 + 3]), (12, 2, 64, 4096 + 3)]
+
+
+@pytest.mark.parametrize("n_crops,n_global,B,K", GRID)
+def test_torch_backend_matches_official_formula(n_crops, n_global, B, K):
+    student, teacher, center = make(n_crops, n_global, B, K)
+    kw = dict(n_crops=n_crops, n_global=n_global, student_temp=0.1, teacher_temp=0.04)
+    loss, grad = value_and_grad(dino_loss, student, teacher, center, backend="torch", **kw)
+    want, want_grad = value_and_grad(official_loss, student, teacher, center, n_crops, n_global, 0.1, 0.04)
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-10, atol=1e-12)
+
+
+# The interpreter runs a few thousand tile-rows per second: shapes stay small here, and every
+# (n_crops, n_global) pair still runs, with K below, at and across the 1024-wide tile.
+KERNEL_CASES = [
+    (2, 1, 1, 7), (2, 2, 3, 7), (3, 1, 3, 1000), (3, 2, 1, 4096 + 3), (6, 1, 3, 130), (6, 2, 3, 1000),
+    (12, 1, 1, 17), (12, 2, 3, 1030),
+]
+
+
+@pytest.mark.parametrize("n_crops,n_global,B,K", KERNEL_CASES)
+def test_kernel_matches_official_formula(n_crops, n_global, B, K):
+    student, teacher, center = make(n_crops, n_global, B, K, dtype=torch.float32)
+    loss, grad = value_and_grad(dino_loss, student, teacher, center, n_crops=n_crops, n_global=n_global,
+                                backend="triton")
+    want, want_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(),
+                                     n_crops, n_global, 0.1, 0.04)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=2e-5)
+    # Each gradient entry is a difference of probabilities (up to 1) times 1/(tau_s n_pairs B), and
+    # logits/temperature reach ~100 here: fp32 rounding is ~1e-5 of that scale, whatever the difference.
+    grad_scale = n_global / (0.1 * n_global * (n_crops - 1) * B)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-5 * grad_scale)
+
+
+@pytest.mark.parametrize("student_temp,teacher_temp,scale",
+                         [(0.01, 0.01, 5.0), (1.0, 1.0, 0.01), (0.1, 0.04, 30.0)])
+def test_kernel_extreme_temperatures(student_temp, teacher_temp, scale):
+    student, teacher, center = make(3, 2, 3, 300, dtype=torch.float32, scale=scale, seed=1)
+    kw = dict(n_crops=3, n_global=2, student_temp=student_temp, teacher_temp=teacher_temp)
+    loss, grad = value_and_grad(dino_loss, student, teacher, center, backend="triton", **kw)
+    want, want_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(), 3, 2,
+                                     student_temp, teacher_temp)
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-5)
+    grad_scale = 2 / (student_temp * 4 * 3)  # c_v / (tau_s n_pairs B)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-5 * grad_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernel_low_precision_within_twice_torch_error(dtype):
+    """DESIGN.md rule: error vs fp64 truth <= 2x the official formula's error in the same dtype + atol."""
+    n_crops, n_global, B, K = 6, 2, 3, 1000
+    student, teacher, center = make(n_crops, n_global, B, K, dtype=dtype, scale=1.0, seed=2)
+    kw = dict(n_crops=n_crops, n_global=n_global, student_temp=0.1, teacher_temp=0.04)
+    loss, grad = value_and_grad(dino_loss, student, teacher, center, backend="triton", **kw)
+    assert grad.dtype == dtype
+    truth, truth_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(),
+                                       n_crops, n_global, 0.1, 0.04)
+    low, low_grad = value_and_grad(official_loss, student, teacher, center, n_crops, n_global, 0.1, 0.04)
+    assert (loss.double() - truth).abs() <= 2 * (low.double() - truth).abs() + 1e-3
+    kernel_err = (grad.double() - truth_grad).abs().max()
+    torch_err = (low_grad.double() - truth_grad).abs().max()
+    assert kernel_err <= 2 * torch_err + 1e-3 * truth_grad.abs().max()
+
+
+def test_kernel_grad_output_scaling_and_noncontiguous_input():
+    student, teacher, center = make(3, 2, 3, 65, dtype=torch.float32)
+    s_t = student.t().contiguous().requires_grad_(True)  # the kernel must copy the transposed view
+    loss = dino_loss(s_t.t(), teacher, center.view(-1), n_crops=3, n_global=2, backend="triton")
+    (grad,) = torch.autograd.grad(loss, s_t, grad_outputs=torch.tensor(-2.5))
+    want, want_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(), 3, 2,
+                                     0.1, 0.04)
+    torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(grad.t().double(), -2.5 * want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_teacher_and_center_get_no_gradient():
+    student, teacher, center = make(2, 1, 3, 40, dtype=torch.float32)
+    teacher.requires_grad_(True)
+    student.requires_grad_(True)
+    loss = dino_loss(student, teacher, center, n_crops=2, n_global=1, backend="triton")
+    loss.backward()
+    assert teacher.grad is None and student.grad is not None
+
+
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_nan_in_gives_nan_out(where):
+    student, teacher, center = make(3, 2, 3, 50, dtype=torch.float32)
+    (student if where == "student" else teacher)[4, 7] = float("nan")
+    loss = dino_loss(student, teacher, center, n_crops=3, n_global=2, backend="triton")
+    assert torch.isnan(loss)
+
+
+def test_soft_cross_entropy_given_probabilities():
+    """Target weights mode (multi-label, Sinkhorn-Knopp teacher), with and without the v != i rule."""
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(3 * 2, 1100, generator=g)
+    weights = torch.rand(2 * 2, 1100, generator=g) * (torch.rand(2 * 2, 1100, generator=g) < 0.05)
+    weights[:, 5] = 0.5
+    probs = weights.double() / weights.double().sum(-1, keepdim=True)
+    for exclude in (True, False):
+        loss, grad = value_and_grad(soft_cross_entropy, student, weights, n_crops=3, n_targets=2,
+                                    student_temp=0.2, exclude_same=exclude, backend="triton")
+        s64 = student.double().requires_grad_(True)
+        log_q = F.log_softmax(s64 / 0.2, dim=-1).chunk(3)
+        terms = [-(probs.chunk(2)[i] * log_q[v]).sum(-1).mean()
+                 for i in range(2) for v in range(3) if not (exclude and i == v)]
+        want = sum(terms) / len(terms)
+        (want_grad,) = torch.autograd.grad(want, s64)
+        torch.testing.assert_close(loss.double(), want.detach(), rtol=2e-6, atol=1e-5)
+        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_dino_update_center_formula():
+    g = torch.Generator().manual_seed(4)
+    center = torch.randn(1, 33, generator=g)
+    teacher = torch.randn(10, 33, generator=g)
+    want = 0.9 * center + 0.1 * teacher.mean(dim=0, keepdim=True)
+    out = dino_update_center_(center, teacher, momentum=0.9)
+    assert out is center
+    torch.testing.assert_close(center, want)
+    flat = torch.zeros(33)
+    dino_update_center_(flat, None, momentum=0.5, teacher_sum=teacher.sum(0), n_rows=10)
+    torch.testing.assert_close(flat, 0.5 * teacher.mean(0))
+
+
+def test_ref_is_the_documented_formula():
+    student, teacher, center = make(3, 2, 2, 9)
+    torch.testing.assert_close(dino_loss_ref(student, teacher, center, n_crops=3, n_global=2),
+                               official_loss(student, teacher, center, 3, 2, 0.1, 0.04))
+
+
+def test_opcheck():
+    student, teacher, center = make(3, 2, 2, 40, dtype=torch.float32)
+    student.requires_grad_(True)
+    args = (student, teacher, center.view(-1), 3, 2, 0.1, 0.04, True, True, True)
+    torch.library.opcheck(torch.ops.fastssl.dino_soft_ce_fwd.default, args)
+
+
+@pytest.mark.parametrize(
+    "shapes,kw,match",
+    [
+        (((7, 8), (2, 8), (1, 8)), dict(n_crops=3, n_global=1), "divisible by n_crops"),
+        (((6, 8), (4, 8), (1, 8)), dict(n_crops=3, n_global=1), r"teacher must have shape .* \(2, 8\)"),
+        (((6, 8), (4, 8), (1, 9)), dict(n_crops=3, n_global=2), "center must have shape"),
+        (((6, 8), (4, 9), (1, 8)), dict(n_crops=3, n_global=2), "teacher must have shape"),
+        (((6, 8), (8, 8), (1, 8)), dict(n_crops=2, n_global=4), "n_global must be <= n_crops"),
+        (((6, 8), (6, 8), (1, 8)), dict(n_crops=1, n_global=1), "n_crops must be >= 2"),
+        (((6, 8), (4, 8), (1, 8)), dict(n_crops=3, n_global=2, student_temp=0.0), "student_temp"),
+        (((6, 8), (4, 8), (1, 8)), dict(n_crops=3, n_global=2, teacher_temp=-1.0), "teacher_temp"),
+        (((6, 8), (4, 8), (1, 8)), dict(n_crops=3, n_global=2, backend="cuda"), "backend"),
+    ],
+)
+def test_clear_errors(shapes, kw, match):
+    student, teacher, center = (torch.randn(*s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        dino_loss(student, teacher, center, **kw)
+
+
+def test_type_errors():
+    with pytest.raises(TypeError, match="n_crops must be an int"):
+        dino_loss(torch.randn(6, 8), torch.randn(4, 8), torch.randn(8), n_crops=3.0)
+    with pytest.raises(TypeError, match="student must have dtype"):
+        dino_loss(torch.ones(6, 8, dtype=torch.long), torch.randn(4, 8), torch.randn(8), n_crops=3)
