@@ -100,7 +100,7 @@ def _rotate(x, k: int):
     if k == 2:
         return fn.flip(x, horizontal=1, vertical=1)
     x = fn.transpose(x, perm=[1, 0, 2], transpose_layout=False)
-    return fn.flip(x, vertical=1) if k == 1 else fn.flip(x, horizontal=1)
+    return fn.flip(x, horizontal=0, vertical=1) if k == 1 else fn.flip(x, horizontal=1)
 
 
 def _normalize(x, v: ViewSpec, recipe: Recipe, mirror, fp16: bool):
@@ -184,7 +184,8 @@ class DaliViews:
         on_gpu = isinstance(tensor_list, TensorListGPU)
         dtype = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16, types.INT64: torch.int64}
         dense = tensor_list.as_tensor()
-        out = torch.empty(dense.shape(), dtype=dtype[tensor_list.dtype], device=self.device if on_gpu else "cpu")
+        out = torch.empty(dense.shape(), dtype=dtype[tensor_list.dtype],
+                          device=self.device if on_gpu else "cpu")
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
         return out
 
