@@ -9,6 +9,8 @@ while the communication overlaps the backward) and DINOv2's Sinkhorn-Knopp teach
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -21,37 +23,40 @@ from fastssl.ops.dino_loss import _dino_loss, dino_update_center_, soft_cross_en
 CENTERINGS = ("center", "sinkhorn_knopp")
 
 
+def _logsumexp_all_ranks(x: Tensor, dim: int | None = None) -> Tensor:
+    """logsumexp over `dim` (all elements when None) of the rows of all ranks together."""
+    local = x.logsumexp(dim=dim) if dim is not None else x.flatten().logsumexp(dim=0)
+    if not is_distributed():
+        return local
+    shift = local.clone()
+    dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    total = all_reduce_sum_((local - shift).exp())
+    return shift + total.log()
+
+
 @torch.no_grad()
 def sinkhorn_knopp_teacher(teacher_output: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
     """DINOv2's Sinkhorn-Knopp teacher (after SwAV): [N, K] logits -> [N, K] assignments.
 
     Q = exp(t / teacher_temp), normalised to total mass 1, then `n_iterations` times: each
-    prototype's (row of Q^T) mass to 1/K, each sample's mass to 1/B, with B the number of samples
-    over all ranks; finally each sample's row sums to 1. The prototype sums and the total are
-    all-reduced, so W ranks with N rows each compute what one process computes on all W*N rows.
-    Computed in float32 (float64 for float64 input).
+    prototype's mass to 1/K, each sample's mass to 1/B, with B the number of samples over all
+    ranks; finally each sample's row sums to 1. The prototype sums and the total are reduced over
+    ranks, so W ranks with N rows each compute what one process computes on all W*N rows.
+    Computed in the log domain, in float32 (float64 for float64 input): DINOv2's exp(t / T)
+    overflows for t / T > 88, and any shifted version underflows whole prototypes to 0.
     """
     check_tensor("teacher_output", teacher_output, ndim=2)
     teacher_temp = check_positive("teacher_temp", teacher_temp)
     if not isinstance(n_iterations, int) or isinstance(n_iterations, bool) or n_iterations < 1:
         raise ValueError(f"n_iterations must be an int >= 1, got {n_iterations!r}")
-    logits = teacher_output.to(torch.promote_types(teacher_output.dtype, torch.float32)) / teacher_temp
-    # exp(t / T) overflows fp32 for T = 0.04 and |t| > 3.5; a global constant cancels in the first
-    # normalisation (per-row constants would not, after a finite number of iterations).
-    shift = logits.max()
-    if is_distributed():
-        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-    q = (logits - shift).exp().t()  # [K, N]
-    n_samples = q.shape[1] * get_world_size()
-    n_prototypes = q.shape[0]
-    q /= all_reduce_sum_(q.sum())
+    log_q = teacher_output.to(torch.promote_types(teacher_output.dtype, torch.float32)) / teacher_temp
+    log_n_samples = math.log(log_q.shape[0] * get_world_size())
+    log_n_prototypes = math.log(log_q.shape[1])
+    log_q -= _logsumexp_all_ranks(log_q)
     for _ in range(n_iterations):
-        q /= all_reduce_sum_(q.sum(dim=1, keepdim=True))
-        q /= n_prototypes
-        q /= q.sum(dim=0, keepdim=True)
-        q /= n_samples
-    q *= n_samples
-    return q.t()
+        log_q -= _logsumexp_all_ranks(log_q, dim=0) + log_n_prototypes  # each prototype (column) to 1/K
+        log_q -= log_q.logsumexp(dim=1, keepdim=True) + log_n_samples  # each sample (row) to 1/B
+    return (log_q + log_n_samples).exp()
 
 
 class DINOLoss(nn.Module):

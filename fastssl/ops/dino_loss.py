@@ -330,7 +330,10 @@ def _dino_loss(student, teacher, center, n_crops, n_global, student_temp, teache
                              student_temp=student_temp, teacher_temp=teacher_temp)
         teacher_sum = teacher.detach().to(torch.promote_types(teacher.dtype, torch.float32)).sum(dim=0)
         return loss, (teacher_sum if with_teacher_sum else None)
-    loss, _, _, t_sum = _fwd_op(student, teacher, center.reshape(-1), n_crops, n_global, student_temp,
+    # The op saves the center for backward; a copy lets callers update theirs in place before
+    # backward (DINO's loop does), which autograd would otherwise reject.
+    center = center.detach().reshape(-1).clone()
+    loss, _, _, t_sum = _fwd_op(student, teacher, center, n_crops, n_global, student_temp,
                                 teacher_temp, True, True, with_teacher_sum)
     return loss, (t_sum if with_teacher_sum else None)
 
