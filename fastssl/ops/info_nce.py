@@ -17,13 +17,13 @@ The kernels never build an N×K logits tile outside registers/shared memory:
    streamed rows). Splitting the columns fills the GPU when N is small
    (N=256 is two query blocks); each split writes (max, sum, acc) partials, O(S·N·D).
 2. ``_info_nce_combine_kernel``: merges the splits, adds the queue form's positive
-   column, writes loss and lse [N] and the gradient directions
+   column, writes loss and lse2 [N] (base-2 log-sum-exp) and the gradient directions
    dq_i = ∂loss_i/∂q_i = (Σ_j p_ij x̂_j − k̂_pos(i)) / T pulled back through the
    normalization, and for the queue form dk_i = (p_i0 − 1)·q̂_i / T likewise. The
    backward of both forms then only multiplies these [N, D] rows by the incoming
    per-row gradient: dq costs no recomputation in either form.
 3. In-batch key gradient (``_info_nce_bwd_kernel``): grid (key blocks, query splits),
-   recomputes logits tiles kᵀq from lse and accumulates dk̂_j = Σ_i g_i p_ij q̂_i / T
+   recomputes logits tiles kᵀq from lse2 and accumulates dk̂_j = Σ_i g_i p_ij q̂_i / T
    into per-split partials (no atomics, so results are deterministic);
    ``_info_nce_bwd_combine_kernel`` sums them, subtracts the target term
    g_i q̂_i / T for j = i + label_offset and applies the normalization backward.
@@ -128,12 +128,12 @@ def _info_nce_fwd_kernel(
 @triton.jit
 def _info_nce_combine_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, m_ptr, l_ptr, acc_ptr,
-    loss_ptr, lse_ptr, dq_ptr, dk_ptr,
+    loss_ptr, lse2_ptr, dq_ptr, dk_ptr,
     N, D, num_splits, label_offset, scale2, inv_temperature,
     HAS_QUEUE: tl.constexpr, NORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_DK: tl.constexpr,
     EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Merge the splits' partials; add the positive column (queue form); write loss, lse
+    """Merge the splits' partials; add the positive column (queue form); write loss, lse2
     and the per-row gradient directions dq (and dk for the queue form)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
@@ -180,7 +180,9 @@ def _info_nce_combine_kernel(
         m_i = m_new
     lse2 = m_i + tl.log2(l_i)
     tl.store(loss_ptr + rows, (lse2 - pos2) * 0.6931471805599453, mask=row_ok)
-    tl.store(lse_ptr + rows, lse2 * 0.6931471805599453, mask=row_ok)
+    # Kept in base 2: a conversion would cost an ulp of lse, which the backward's exp2 amplifies
+    # when logits are large (unnormalized inputs at small T).
+    tl.store(lse2_ptr + rows, lse2, mask=row_ok)
     if COMPUTE_DQ:
         # ∂loss_i/∂q̂_i = (Σ_j p_ij x̂_j − k̂_pos) / T, then through q̂ = q/max(‖q‖, eps):
         # (I − q̂q̂ᵀ)/‖q‖, or plain 1/eps where the clamp is active.
@@ -201,13 +203,13 @@ def _info_nce_combine_kernel(
 
 @triton.jit
 def _info_nce_bwd_kernel(
-    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse_ptr, grad_ptr, part_ptr,
+    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse2_ptr, grad_ptr, part_ptr,
     N, M, D, split_rows, scale2, inv_temperature,
     NORMALIZE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """In-batch key gradient, one split of the queries: Σ_i g_i p_ij q̂_i / T for BLOCK_M keys,
-    with p_ij = exp(l_ij − lse_i) recomputed from the saved lse."""
+    with p_ij = 2^(l_ij·log2(e) − lse2_i) recomputed from the saved base-2 lse."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     keys = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -233,8 +235,8 @@ def _info_nce_bwd_kernel(
             q_inv = 1.0 / tl.maximum(tl.load(q_norm_ptr + rows, mask=row_ok, other=1.0), EPS)
             row_scale = scale2 * q_inv
             coef = coef * q_inv
-        # +inf lse on padded rows makes their p exactly 0.
-        lse2 = tl.load(lse_ptr + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
+        # +inf lse2 on padded rows makes their p exactly 0.
+        lse2 = tl.load(lse2_ptr + rows, mask=row_ok, other=float("inf"))
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * row_scale[None, :] * k_inv[:, None]
         p = tl.exp2(s - lse2[None, :]) * coef[None, :]
         acc += tl.dot(p.to(q.dtype), q, input_precision=DOT_PRECISION)
@@ -326,7 +328,7 @@ def info_nce_fwd(
     query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None, temperature: float,
     normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward. Returns (loss [N] fp32, lse [N] fp32, dq_dir, dk_dir) where
+    """Launch the forward. Returns (loss [N] fp32, lse2 [N] fp32 (log2 Σ_j 2^(l_ij·log2 e)), dq_dir, dk_dir) where
     dq_dir [N, D] fp32 = ∂loss_i/∂query_i (empty unless compute_dq) and dk_dir [N, D]
     fp32 = ∂loss_i/∂key_i for the queue form (empty unless compute_dk and a queue)."""
     query, key = query.contiguous(), key.contiguous()
@@ -352,30 +354,30 @@ def info_nce_fwd(
         _fwd_kernel_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), num_splits)](*args, **flags)
 
     loss = torch.empty(N, **f32)
-    lse = torch.empty(N, **f32)
+    lse2 = torch.empty(N, **f32)
     dq_dir = torch.empty((N, D) if compute_dq else (0,), **f32)
     compute_dk = compute_dk and has_queue
     dk_dir = torch.empty((N, D) if compute_dk else (0,), **f32)
     block_d = _block_d(D)
     block_n = max(1, min(64, 4096 // block_d))
     _info_nce_combine_kernel[(triton.cdiv(N, block_n),)](
-        query, key, q_norm, k_norm, m_part, l_part, acc_part, loss, lse, dq_dir, dk_dir,
+        query, key, q_norm, k_norm, m_part, l_part, acc_part, loss, lse2, dq_dir, dk_dir,
         N, D, num_splits, label_offset, scale2, 1.0 / temperature,
         HAS_QUEUE=has_queue, NORMALIZE=normalize, COMPUTE_DQ=compute_dq, COMPUTE_DK=compute_dk,
         EPS=_EPS, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
     )
-    return loss, lse, dq_dir, dk_dir
+    return loss, lse2, dq_dir, dk_dir
 
 
 def info_nce_bwd(
-    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, temperature: float,
+    query: torch.Tensor, key: torch.Tensor, lse2: torch.Tensor, grad: torch.Tensor, temperature: float,
     normalize: bool, label_offset: int,
 ) -> torch.Tensor:
     """In-batch key gradient [M, D] (key's dtype) of Σ_i grad_i · loss_i, recomputing the logits
-    tiles from lse [N]. grad [N] may be an expanded (stride-0) view."""
+    tiles from lse2 [N] (from info_nce_fwd). grad [N] may be an expanded (stride-0) view."""
     query, key = query.contiguous(), key.contiguous()
     grad = grad.to(torch.float32).contiguous()
-    lse = lse.contiguous()
+    lse2 = lse2.contiguous()
     N, D = query.shape
     M = key.shape[0]
     dev = query.device
@@ -384,7 +386,7 @@ def info_nce_bwd(
     num_splits, split_rows = _num_splits(M, N, D, dev)
     part = torch.empty(num_splits, M, D, dtype=torch.float32, device=dev)
     flags = dict(NORMALIZE=normalize, EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), BLOCK_D=_block_d(D))
-    args = (query, key, q_norm, k_norm, lse, grad, part, N, M, D, split_rows, _LOG2E / temperature,
+    args = (query, key, q_norm, k_norm, lse2, grad, part, N, M, D, split_rows, _LOG2E / temperature,
             1.0 / temperature)
     if triton_interpreting():
         grid = (triton.cdiv(M, _INTERPRETER_TILES["BLOCK_M"]), num_splits)
@@ -424,30 +426,30 @@ def _(query, key, queue, temperature, normalize, label_offset, compute_dq, compu
 
 @torch.library.custom_op("fastssl::info_nce_bwd", mutates_args=())
 def _info_nce_bwd_op(
-    query: torch.Tensor, key: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, temperature: float,
+    query: torch.Tensor, key: torch.Tensor, lse2: torch.Tensor, grad: torch.Tensor, temperature: float,
     normalize: bool, label_offset: int,
 ) -> torch.Tensor:
-    return info_nce_bwd(query, key, lse, grad, temperature, normalize, label_offset)
+    return info_nce_bwd(query, key, lse2, grad, temperature, normalize, label_offset)
 
 
 @_info_nce_bwd_op.register_fake
-def _(query, key, lse, grad, temperature, normalize, label_offset):
+def _(query, key, lse2, grad, temperature, normalize, label_offset):
     return torch.empty_like(key)
 
 
 def _setup_context(ctx, inputs, output):
     query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk = inputs
-    _, lse, dq_dir, dk_dir = output
-    ctx.save_for_backward(query, key, lse, dq_dir, dk_dir)
+    _, lse2, dq_dir, dk_dir = output
+    ctx.save_for_backward(query, key, lse2, dq_dir, dk_dir)
     ctx.has_queue = queue is not None
     ctx.temperature, ctx.normalize, ctx.label_offset = temperature, normalize, label_offset
     ctx.compute_dq, ctx.compute_dk = compute_dq, compute_dk
 
 
-def _backward(ctx, grad_loss, grad_lse, grad_dq_dir, grad_dk_dir):
-    # lse and the direction outputs are internal (the public function returns only the loss),
+def _backward(ctx, grad_loss, grad_lse2, grad_dq_dir, grad_dk_dir):
+    # lse2 and the direction outputs are internal (the public function returns only the loss),
     # so their incoming gradients are ignored.
-    query, key, lse, dq_dir, dk_dir = ctx.saved_tensors
+    query, key, lse2, dq_dir, dk_dir = ctx.saved_tensors
     g = grad_loss.to(torch.float32)
     dq = dk = None
     if ctx.needs_input_grad[0]:
@@ -460,7 +462,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_dq_dir, grad_dk_dir):
                 raise RuntimeError("fastssl::info_nce_fwd was called with compute_dk=False; key has no gradient")
             dk = (g[:, None] * dk_dir).to(key.dtype)
         else:
-            dk = _info_nce_bwd_op(query, key, lse, g, ctx.temperature, ctx.normalize, ctx.label_offset)
+            dk = _info_nce_bwd_op(query, key, lse2, g, ctx.temperature, ctx.normalize, ctx.label_offset)
     return dq, dk, None, None, None, None, None, None
 
 
