@@ -1,0 +1,208 @@
+"""Weak supervision at small scale: softmax vs sigmoid loss, natural vs sqrt sampling.
+
+Reproduces the two findings of Mahajan et al. 2018 ("Exploring the Limits of Weakly
+Supervised Pretraining") on a noisy, long-tailed, multi-label variant of Fashion-MNIST:
+
+* each training image is two Fashion-MNIST train images tiled side by side (28x56) and
+  carries both classes as labels (one label when both tiles share a class);
+* tile classes follow a power law, P(class of rank r) ~ (r + 1)^-alpha, the rank order
+  being a seeded permutation of the 10 classes;
+* `--noise` (default 20%) of all label slots are replaced by labels drawn from the
+  marginal label distribution (fastssl.data.labels.inject_label_noise).
+
+Each (loss, sampling) pair trains the same backbone from the same initialisation with
+fastssl's `weak` method, ResamplingSampler and Trainer; the frozen backbone is then scored
+by weighted kNN (k=20, T=0.07, fastssl.eval) on the clean, balanced Fashion-MNIST test
+split with clean train images as the memory bank. Prints a markdown table (and writes
+it with a JSON copy under --out). Deterministic given --seed and the thread count.
+
+    python benchmarks/weak_study.py            # ~ a few minutes on 2 CPU cores
+    python benchmarks/weak_study.py --quick    # smoke run (< 1 minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import environment  # noqa: E402
+
+from fastssl.data import fashion_mnist  # noqa: E402
+from fastssl.data.labels import LabelTable, inject_label_noise  # noqa: E402
+from fastssl.engine import Trainer  # noqa: E402
+from fastssl.eval import extract_features, knn_top1  # noqa: E402
+from fastssl.methods.weak import WeakConfig, WeakSupervised  # noqa: E402
+from fastssl.models import build_backbone  # noqa: E402
+
+NUM_CLASSES = 10
+RUNS = [("softmax", "natural"), ("softmax", "sqrt"), ("sigmoid", "natural"), ("sigmoid", "sqrt")]
+
+
+def long_tailed_pairs(images: np.ndarray, labels: np.ndarray, n: int, alpha: float,
+                      rng: np.random.Generator) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
+    """n images [n, 28, 56] of two tiles each, their label lists, and the class prior used."""
+    rank = rng.permutation(NUM_CLASSES)  # rank[c]: class c's place in the power law
+    prior = (rank + 1.0) ** -alpha
+    prior /= prior.sum()
+    tiles = rng.choice(NUM_CLASSES, size=(n, 2), p=prior)
+    by_class = [np.flatnonzero(labels == c) for c in range(NUM_CLASSES)]
+    pick = np.stack([np.array([rng.choice(by_class[c]) for c in tiles[:, t]]) for t in range(2)], axis=1)
+    pairs = np.concatenate([images[pick[:, 0]], images[pick[:, 1]]], axis=2)
+    return pairs, [sorted({int(a), int(b)}) for a, b in tiles], prior
+
+
+class TensorViews:
+    """A loader over in-memory uint8 images: the sampler's indices, a seeded flip and
+    +-2 pixel shift per image, normalised, 3 channels (the Method batch contract)."""
+
+    def __init__(self, images: torch.Tensor, sampler, batch_size: int, mean: float, std: float, seed: int):
+        self.images, self.sampler, self.batch_size = images, sampler, batch_size
+        self.mean, self.std, self.seed, self.epoch = mean, std, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        order = torch.tensor(list(self.sampler), dtype=torch.int64)
+        _, h, w = self.images.shape
+        for b in range(len(self)):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            x = self.images[idx].float().div_(255).sub_(self.mean).div_(self.std)
+            flip = torch.rand(len(idx), generator=g) < 0.5
+            x = torch.where(flip[:, None, None], x.flip(-1), x)
+            dy, dx = torch.randint(0, 5, (2,), generator=g).tolist()  # one shift per batch: cheap
+            x = nn.functional.pad(x, (2, 2, 2, 2))[:, dy:dy + h, dx:dx + w]
+            yield {"views": [x[:, None].expand(-1, 3, -1, -1)], "label": torch.zeros_like(idx), "index": idx}
+        self.epoch += 1
+        self.sampler.set_epoch(self.epoch)
+
+
+def small_convnet() -> tuple[nn.Module, int]:
+    """A 4-conv-layer net (0.24M parameters; the stride-2 stem keeps CPU runs short) whose
+    global-average-pooled output is the feature."""
+    def block(cin, cout, stride):
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+    layers = block(3, 32, 2) + block(32, 64, 1) + block(64, 128, 2) + block(128, 128, 1)
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), 128
+
+
+def batches(images: torch.Tensor, labels: torch.Tensor, mean: float, std: float, size: int = 500):
+    for s in range(0, len(images), size):
+        x = images[s:s + size].float().div(255).sub(mean).div(std)
+        yield x[:, None].expand(-1, 3, -1, -1), labels[s:s + size]
+
+
+def knn_score(encoder: nn.Module, bank, test, mean: float, std: float) -> float:
+    fb, yb = extract_features(encoder, batches(*bank, mean, std))
+    ft, yt = extract_features(encoder, batches(*test, mean, std))
+    return knn_top1(fb, yb, ft, yt, k=20, temperature=0.07)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny smoke settings")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-images", type=int, default=8000, help="composite training images")
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--base-lr", type=float, default=0.2, help="per 256 images (linear scaling)")
+    p.add_argument("--alpha", type=float, default=1.5, help="power-law exponent of class frequencies")
+    p.add_argument("--noise", type=float, default=0.2, help="fraction of label slots replaced")
+    p.add_argument("--bank", type=int, default=10000, help="clean train images in the kNN memory bank")
+    p.add_argument("--test", type=int, default=10000, help="clean test images scored")
+    p.add_argument("--backbone", default="small", help="'small' (5-layer convnet) or a fastssl backbone")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--root", default=None, help="Fashion-MNIST folder (default: Debian's dataset path)")
+    p.add_argument("--out", type=Path, default=Path("runs/weak_study"))
+    args = p.parse_args()
+    if args.quick:
+        args.train_images, args.epochs, args.bank, args.test = 1024, 1, 2000, 1000
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+
+    train, test = fashion_mnist("train", root=args.root), fashion_mnist("test", root=args.root)
+    rng = np.random.default_rng(args.seed)
+    pairs, clean_rows, prior = long_tailed_pairs(train.images, train.labels, args.train_images, args.alpha,
+                                                 rng)
+    noisy_rows = inject_label_noise(clean_rows, args.noise, NUM_CLASSES, seed=args.seed)
+    table = LabelTable(noisy_rows, NUM_CLASSES)
+    mean, std = float(train.images.mean() / 255), float(train.images.std() / 255)
+    pair_images = torch.from_numpy(pairs)
+    bank_idx = torch.from_numpy(rng.permutation(len(train))[: args.bank])
+    train_images, train_labels = torch.tensor(train.images), torch.tensor(train.labels)
+    bank = (train_images[bank_idx], train_labels[bank_idx])
+    test_set = (torch.tensor(test.images[: args.test]), torch.tensor(test.labels[: args.test]))
+
+    def make_backbone():
+        torch.manual_seed(args.seed)  # every run starts from the same weights
+        return small_convnet() if args.backbone == "small" else build_backbone(args.backbone, 28)
+
+    pixels = knn_top1(bank[0].flatten(1).float(), bank[1], test_set[0].flatten(1).float(), test_set[1])
+    random_init = knn_score(make_backbone()[0], bank, test_set, mean, std)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for loss, sampling in RUNS:
+            cfg = WeakConfig(loss=loss, sampling=sampling, num_classes=NUM_CLASSES, backbone=args.backbone,
+                             image_size=28, epochs=args.epochs, batch_size=args.batch_size,
+                             base_lr=args.base_lr, warmup_epochs=0.0, weight_decay=5e-4, seed=args.seed,
+                             out=f"{tmp}/{loss}_{sampling}", eval_knn=False, fused=True)
+            method = WeakSupervised(cfg, labels=table, backbone=make_backbone())
+            loader = TensorViews(pair_images, method.build_sampler(), args.batch_size, mean, std, args.seed)
+            t0 = time.perf_counter()
+            summary = Trainer(method, loader, progress=False, log=lambda msg: None).fit()
+            train_s = time.perf_counter() - t0
+            top1 = knn_score(method.encoder(), bank, test_set, mean, std)
+            results.append({"loss": loss, "sampling": sampling, "knn_top1": top1,
+                            "final_loss": summary["final_loss"], "steps": summary["steps"],
+                            "train_seconds": train_s, "images_per_second": summary["images_per_second"]})
+            print(f"{loss:8s} {sampling:8s} kNN top-1 {100 * top1:.2f}%  ({train_s:.0f} s training)",
+                  file=sys.stderr, flush=True)
+
+    env = environment()
+    counts = table.counts().tolist()
+    lines = [
+        "### Weak supervision study: long-tailed, multi-label, noisy Fashion-MNIST",
+        "",
+        f"{args.train_images} composite 28x56 training images (2 tiles, class prior ~ "
+        f"(rank+1)^-{args.alpha}: "
+        f"{', '.join(f'{x:.3f}' for x in sorted(prior, reverse=True))}), {args.noise:.0%} label noise; "
+        f"images per (noisy) label min {min(counts)} / max {max(counts)}. Backbone {args.backbone}, "
+        f"{args.epochs} epochs, batch {args.batch_size}, SGD base lr {args.base_lr} (per 256). "
+        f"kNN (k=20, T=0.07) on {args.test} clean test images, bank of {args.bank} clean train images. "
+        f"seed {args.seed}, {args.threads} threads, {env['device']}, "
+        f"torch {torch.__version__}, git {env.get('git_sha', '')}.",
+        "",
+        "| loss | sampling | kNN top-1 (%) | final train loss | steps | train s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(f"| {r['loss']} | {r['sampling']} | {100 * r['knn_top1']:.2f} | {r['final_loss']:.4f} | "
+                     f"{r['steps']} | {r['train_seconds']:.0f} |")
+    lines += [f"| (random init) | - | {100 * random_init:.2f} | - | 0 | 0 |",
+              f"| (raw pixels) | - | {100 * pixels:.2f} | - | - | - |",
+              "", f"Total wall time {time.perf_counter() - t_start:.0f} s."]
+    table_md = "\n".join(lines) + "\n"
+    print(table_md, flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "weak_study.md").write_text(table_md)
+    (args.out / "weak_study.json").write_text(json.dumps(
+        {"args": {k: str(v) for k, v in vars(args).items()}, "env": env, "results": results,
+         "random_init_knn_top1": random_init, "raw_pixels_knn_top1": pixels}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
