@@ -25,10 +25,14 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from fastssl.data.labels import LabelTable
+
 MODES = ("natural", "uniform", "sqrt", "inverse_sqrt")
 
 
 def _check_labels(labels: object, need_nonempty: bool) -> list[list[int]]:
+    if isinstance(labels, LabelTable):
+        labels = labels.labels
     if isinstance(labels, (str, bytes)) or not isinstance(labels, Sequence):
         raise TypeError(
             f"labels must be a list of label-index lists (one per image), got {type(labels).__name__}"
@@ -63,7 +67,8 @@ class ResamplingSampler(Sampler[int]):
     """A DDP-aware, reproducible sampler over images with (multi-)label lists.
 
     Args:
-        labels: one list of label indices per image (expand hierarchies / add noise first).
+        labels: one list of label indices per image, or a LabelTable (expand hierarchies / add
+            noise first).
         mode: "natural" | "uniform" | "sqrt" | "inverse_sqrt" (see the module docstring).
         num_samples: draws per epoch over all ranks (default: the number of images).
         seed: base seed; epoch e draws from seed and e only.

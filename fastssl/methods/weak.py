@@ -6,8 +6,8 @@ Loss `softmax`: cross-entropy against a target of 1/k on each of an image's k la
 (the paper's finding: it beats per-label sigmoids); `sigmoid`: per-label BCE, the
 baseline. Sampling (`natural | uniform | sqrt | inverse_sqrt`) is fastssl.data's
 ResamplingSampler, built by `build_sampler`. Targets come from the method's label table
-(a labels file, or the source's class labels) indexed by batch["index"]; the optional
-parent map and label noise are applied to that table once, at construction.
+(a labels file, or the source's class labels) indexed by batch["index"]; label noise and
+then the optional parent map are applied to that table once, at construction.
 Optimisation as in Goyal et al. 2017 / Mahajan et al.: SGD, momentum 0.9, lr 0.1 per 256
 images, weight decay 1e-4.
 """
@@ -83,10 +83,11 @@ class WeakSupervised(Method):
         if labels is not None:
             if not isinstance(labels, LabelTable):
                 raise TypeError(f"labels must be a fastssl.data LabelTable, got {type(labels).__name__}")
-            if cfg.hierarchy:
-                labels = labels.expand_hierarchy(read_parent_map(cfg.hierarchy, labels.names))
+            # Noise corrupts the annotations as observed; the hierarchy then expands whatever was observed.
             if cfg.label_noise:
                 labels = labels.with_noise(cfg.label_noise, seed=cfg.seed)
+            if cfg.hierarchy:
+                labels = labels.expand_hierarchy(read_parent_map(cfg.hierarchy, labels.names))
             cfg.num_classes = labels.num_classes  # the resolved config states the real label space
         if cfg.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")

@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from fastssl.data.labels import LabelTable
 from fastssl.data.sampler import ResamplingSampler
 
 # Power-law class sizes, single label per image.
@@ -163,6 +164,9 @@ def test_errors():
     with pytest.raises(ValueError, match=r"labels\[1\] is empty"):
         ResamplingSampler([[0], []], "sqrt")
     ResamplingSampler([[0], []], "natural")  # natural sampling does not read labels
+    table = LabelTable([[0], [1, 2]], 3)
+    assert torch.equal(ResamplingSampler(table, "uniform").probabilities,
+                       ResamplingSampler(rows, "uniform").probabilities)
     with pytest.raises(TypeError, match="list of label-index lists"):
         ResamplingSampler(torch.tensor([0, 1]), "sqrt")
     with pytest.raises(ValueError, match=r"labels\[0\] must hold label indices >= 0, got -1"):
