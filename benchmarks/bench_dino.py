@@ -1,0 +1,103 @@
+"""DINO loss (issue 4) and multi-label softmax loss (issue 9): fwd+bwd of the official formula
+(eager), torch.compile of it, and fastssl's fused soft-target cross-entropy kernel.
+
+Bytes per call, the kernel's minimum traffic as issue 4 counts it: student read twice (forward
+and backward), its gradient written once, teacher read once (the multi-label rows: logits read
+twice, gradient written, targets read once). The kernel also re-reads the teacher in the backward,
+which the GB/s column does not credit.
+
+    python benchmarks/bench_dino.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from harness import Case, compiled, parse_args, run
+
+from fastssl.losses import multilabel_softmax_loss
+from fastssl.ops import dino_loss
+
+
+def official_dino_loss(student, teacher, center, n_crops, n_global=2, student_temp=0.1, teacher_temp=0.04):
+    """facebookresearch/dino's DINOLoss.forward (without the center update), restated."""
+    student_out = (student / student_temp).chunk(n_crops)
+    teacher_out = F.softmax((teacher - center) / teacher_temp, dim=-1).detach().chunk(n_global)
+    total, n_terms = 0, 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(n_crops):
+            if v != iq:
+                total = total + torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1).mean()
+                n_terms += 1
+    return total / n_terms
+
+
+def official_multilabel_loss(logits, targets):
+    """Softmax cross-entropy with 1/k on each of k labels, as the formula is usually written."""
+    return -(targets / targets.sum(dim=1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def fwd_bwd(loss_fn):
+    def step(x, *rest):
+        (grad,) = torch.autograd.grad(loss_fn(x, *rest), x)
+        return grad
+    return step
+
+
+def dino_cases(quick: bool, device: str) -> list[Case]:
+    shapes = [(2, 512, 4)] if quick else [(B, 65536, v) for B in (64, 128) for v in (10, 12)]
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    cases = []
+    for (B, K, n_crops) in shapes:
+        for dtype in dtypes:
+            def make(B=B, K=K, n_crops=n_crops, dtype=dtype):
+                student = torch.randn(n_crops * B, K, device=device, dtype=dtype).requires_grad_(True)
+                teacher = torch.randn(2 * B, K, device=device, dtype=dtype)
+                center = 0.1 * torch.randn(1, K, device=device, dtype=torch.float32)
+                return student, teacher, center
+
+            eager = lambda s, t, c, n=n_crops: official_dino_loss(s, t, c, n)
+            fused = lambda s, t, c, n=n_crops: dino_loss(s, t, c, n_crops=n, n_global=2)
+            elt = torch.finfo(dtype).bits // 8
+            cases.append(Case(
+                name="dino_loss", params={"B": B, "K": K, "n_crops": n_crops, "dtype": str(dtype)[6:]},
+                make_inputs=make,
+                providers={"eager": fwd_bwd(eager), "compile": fwd_bwd(compiled(eager)),
+                           "fastssl": fwd_bwd(fused)},
+                bytes_moved=(3 * n_crops * B * K + 2 * B * K) * elt,
+            ))
+    return cases
+
+
+def multilabel_cases(quick: bool, device: str) -> list[Case]:
+    shapes = [(4, 1000)] if quick else [(256, 10_000), (256, 100_000)]
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    cases = []
+    for (N, C) in shapes:
+        for dtype in dtypes:
+            def make(N=N, C=C, dtype=dtype):
+                logits = torch.randn(N, C, device=device, dtype=dtype).requires_grad_(True)
+                targets = (torch.rand(N, C, device=device) < 5 / C).to(dtype)
+                targets[:, 0] = 1  # every image has a label
+                return logits, targets
+
+            elt = torch.finfo(dtype).bits // 8
+            cases.append(Case(
+                name="multilabel_softmax", params={"N": N, "C": C, "dtype": str(dtype)[6:]}, make_inputs=make,
+                providers={"eager": fwd_bwd(official_multilabel_loss),
+                           "compile": fwd_bwd(compiled(official_multilabel_loss)),
+                           "fastssl": fwd_bwd(multilabel_softmax_loss)},
+                bytes_moved=4 * N * C * elt,
+            ))
+    return cases
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    run("dino_loss", dino_cases(args.quick, device), args)
+    run("multilabel_softmax_loss", multilabel_cases(args.quick, device), args)
+
+
+if __name__ == "__main__":
+    main()
