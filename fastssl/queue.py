@@ -108,6 +108,8 @@ class KeyQueue(nn.Module):
             )
         if gather:
             keys = all_gather_no_grad(keys)
+        elif keys.untyped_storage().data_ptr() == self.keys.untyped_storage().data_ptr():
+            keys = keys.clone()  # rows of the queue itself: read them all before any is overwritten
         try:
             torch.ops.fastssl.queue_push_(
                 self.keys, self.ptr, self._arrivals, keys.contiguous(), self.normalize

@@ -154,6 +154,15 @@ def test_keys_need_not_be_contiguous_or_grad_free():
     assert not q.keys.requires_grad
 
 
+def test_pushing_the_queues_own_rows_reads_them_first():
+    q = KeyQueue(5, 3)
+    q.push(torch.randn(4, 3))  # ptr = 4: the next rows overwrite slots 4, 0, 1, 2
+    expected, ptr = q.keys.clone(), 4
+    ptr = push_ref(expected, ptr, q.keys[1:5].clone())
+    q.push(q.keys[1:5])
+    assert torch.equal(q.keys, expected) and q.ptr.tolist() == [ptr]
+
+
 @pytest.mark.parametrize(
     "keys,exc,words",
     [
