@@ -81,14 +81,15 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 
 def resolve_config(cls: type[C], yaml_path: str | Path | None = None,
-                   overrides: dict[str, Any] | None = None) -> C:
-    """Build a `cls` instance: its defaults, then the YAML file's keys, then `overrides`.
+                   overrides: dict[str, Any] | None = None, preset: dict[str, Any] | None = None) -> C:
+    """Build a `cls` instance: its defaults, then `preset` (a named configuration such as the
+    demo's), then the YAML file's keys, then `overrides`.
 
     Unknown keys (in the file or the overrides) raise ValueError naming the key and
     listing the valid ones; values are converted to each field's annotated type."""
     fields = _fields(cls)
     values: dict[str, Any] = {}
-    layers: list[tuple[str, dict]] = []
+    layers: list[tuple[str, dict]] = [("preset", dict(preset or {}))]
     if yaml_path is not None:
         path = Path(yaml_path)
         if not path.is_file():
