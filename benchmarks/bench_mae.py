@@ -2,18 +2,20 @@
 
 One timed call is what an MAE step does around its encoder and decoder (He et al. 2021,
 facebookresearch/mae `random_masking`, `forward_decoder`, `forward_loss`), with the
-networks left out: x [N, L, D] -> keep 25% -> rebuild [N, L, D] with the mask token ->
+networks left out: x [N, L, D] -> add the (fixed) positional embedding and keep 25% ->
+rebuild [N, L, D] with the mask token ->
 loss against a target [N, L, D] (the decoder output is taken as the prediction, P = D) ->
 gradients to x and to the mask token.
 
-Providers: eager (the official code path: `*_ref` in fastssl/ops/mae.py - noise from
-torch.rand, two argsorts, gathers through a `repeat`-built N x L x D int64 index, cat of mask
+Providers: eager (the official code path: `*_ref` in fastssl/ops/mae.py - x + pos_embed,
+noise from torch.rand, two argsorts, gathers through a `repeat`-built N x L x D int64 index, cat of mask
 tokens, the loss as separate passes in fp32), compile (torch.compile of it), fastssl
-(random_masking / unshuffle_tokens / mae_loss: one sort, row-indexed gather/scatter kernels,
-fused mask-token fill, one-pass loss forward and backward).
+(random_masking / unshuffle_tokens / mae_loss: one sort, row-indexed gather/scatter kernels
+with the pos-embed add fused into the gather, fused mask-token fill, one-pass loss forward and backward).
 
 Bytes moved, the least any implementation of this chain must touch (K = L / 4 kept tokens,
-b bytes per element, index and mask traffic of N x L elements left out):
+b bytes per element; index and mask traffic of N x L elements and the pos-embed rows, shared by
+all samples and served from cache, left out):
 masking fwd 2K, unshuffle fwd K + L, loss fwd 2L, loss bwd 3L, unshuffle bwd L + K,
 masking bwd K + L rows of D: (5K + 8L) * N * D * b.
 """
@@ -35,17 +37,18 @@ from fastssl.ops.mae import (
 MASK_RATIO = 0.75
 
 
-def official_step(x: torch.Tensor, mask_token: torch.Tensor, target: torch.Tensor):
+def official_step(x: torch.Tensor, pos_embed: torch.Tensor, mask_token: torch.Tensor, target: torch.Tensor):
     N, L, _ = x.shape
     len_keep = int(L * (1 - MASK_RATIO))
-    x_kept, mask, ids_restore = random_masking_ref(x, len_keep, torch.rand(N, L, device=x.device))
+    noise = torch.rand(N, L, device=x.device)
+    x_kept, mask, ids_restore = random_masking_ref(x, len_keep, noise, pos_embed=pos_embed)
     pred = unshuffle_tokens_ref(x_kept, mask_token, ids_restore)
     loss = mae_loss_ref(pred, target, mask, norm_pix_loss=True)
     return torch.autograd.grad(loss, (x, mask_token))
 
 
-def fastssl_step(x: torch.Tensor, mask_token: torch.Tensor, target: torch.Tensor):
-    x_kept, mask, ids_restore = random_masking(x, MASK_RATIO)
+def fastssl_step(x: torch.Tensor, pos_embed: torch.Tensor, mask_token: torch.Tensor, target: torch.Tensor):
+    x_kept, mask, ids_restore = random_masking(x, MASK_RATIO, pos_embed=pos_embed)
     pred = unshuffle_tokens(x_kept, mask_token, ids_restore)
     loss = mae_loss(pred, target, mask, norm_pix_loss=True)
     return torch.autograd.grad(loss, (x, mask_token))
@@ -54,9 +57,10 @@ def fastssl_step(x: torch.Tensor, mask_token: torch.Tensor, target: torch.Tensor
 def make_case(N: int, L: int, D: int, dtype: torch.dtype, device: str) -> Case:
     def make_inputs():
         x = torch.randn(N, L, D, device=device, dtype=dtype, requires_grad=True)
+        pos_embed = torch.randn(1, L, D, device=device, dtype=dtype)  # MAE's is a fixed sin-cos buffer
         mask_token = (0.02 * torch.randn(D, device=device, dtype=dtype)).requires_grad_()
         target = torch.randn(N, L, D, device=device, dtype=dtype)
-        return x, mask_token, target
+        return x, pos_embed, mask_token, target
 
     K = int(L * (1 - MASK_RATIO))
     element = torch.finfo(dtype).bits // 8

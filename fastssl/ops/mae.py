@@ -54,14 +54,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _compact_kernel(
-        src_ptr, ids_restore_ptr, dst_ptr, mask_ptr, rest_ptr, L, K, D,
+        src_ptr, pos_ptr, ids_restore_ptr, dst_ptr, mask_ptr, rest_ptr, L, K, D,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-        WRITE_MASK: tl.constexpr, SUM_REST: tl.constexpr, IS_FP64: tl.constexpr,
+        HAS_POS: tl.constexpr, WRITE_MASK: tl.constexpr, SUM_REST: tl.constexpr, IS_FP64: tl.constexpr,
     ):
-        """dst[n, j] = src[n, l] where j = ids_restore[n, l] < K; program (n, column block).
+        """dst[n, j] = src[n, l] (+ pos[l]) where j = ids_restore[n, l] < K; program (n, column block).
 
         ids_restore is a permutation per row, so each kept row is written exactly once (no
-        atomics). WRITE_MASK: mask[n, l] = 0 if kept else 1 (masking forward). SUM_REST:
+        atomics). HAS_POS: add the positional embedding to kept rows only (saves the full-size
+        x + pos pass). WRITE_MASK: mask[n, l] = 0 if kept else 1 (masking forward). SUM_REST:
         rest[n, :] = sum of the removed rows (the mask-token gradient, unshuffle backward)."""
         n = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1)
@@ -85,6 +86,12 @@ if HAS_TRITON:
                 rest += tl.sum(tl.where(removed[:, None], vals.to(rest.dtype), 0.0), axis=0)
             else:  # only kept rows are read: the masking forward moves 25% of x, not all of it
                 vals = tl.load(src_ptr + src_offs, mask=kept[:, None] & col_ok[None, :], other=0.0)
+            if HAS_POS:
+                # x + pos in fp32 and one rounding: the same value as torch's add in x's dtype
+                pos = tl.load(pos_ptr + rows[:, None] * D + cols[None, :], mask=kept[:, None] & col_ok[None, :],
+                              other=0.0)
+                acc = tl.float64 if IS_FP64 else tl.float32
+                vals = (vals.to(acc) + pos.to(acc)).to(dst_ptr.dtype.element_ty)
             dst_offs = (n * K + j)[:, None] * D + cols[None, :]
             tl.store(dst_ptr + dst_offs, vals, mask=kept[:, None] & col_ok[None, :])
         if SUM_REST:
@@ -161,16 +168,19 @@ def _row_blocks(D: int) -> tuple[int, int]:
     return max(1, min(64, 8192 // block_d)), block_d
 
 
-def gather_kept_fwd(x: torch.Tensor, ids_restore: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [N, L, D] -> (x_kept [N, len_keep, D], mask [N, L] in x's dtype) by `_compact_kernel`."""
+def gather_kept_fwd(x: torch.Tensor, ids_restore: torch.Tensor, len_keep: int,
+                    pos_embed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, L, D] (+ pos_embed [L, D] in x's dtype) -> (x_kept [N, len_keep, D], mask [N, L] in x's
+    dtype) by `_compact_kernel`."""
     x, ids_restore = x.contiguous(), ids_restore.contiguous()
+    pos = x if pos_embed is None else pos_embed.contiguous()
     N, L, D = x.shape
     x_kept = x.new_empty(N, len_keep, D)
     mask = x.new_empty(N, L)
     block_t, block_d = _row_blocks(D)
     _compact_kernel[(N, triton.cdiv(D, block_d))](
-        x, ids_restore, x_kept, mask, x, L, len_keep, D,
-        BLOCK_T=block_t, BLOCK_D=block_d, WRITE_MASK=True, SUM_REST=False, IS_FP64=x.dtype == torch.float64,
+        x, pos, ids_restore, x_kept, mask, x, L, len_keep, D, BLOCK_T=block_t, BLOCK_D=block_d,
+        HAS_POS=pos_embed is not None, WRITE_MASK=True, SUM_REST=False, IS_FP64=x.dtype == torch.float64,
     )
     return x_kept, mask
 
@@ -199,8 +209,8 @@ def unshuffle_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, len_keep: i
     rest = torch.empty(N, D, device=grad_out.device, dtype=torch.float64 if is_fp64 else torch.float32)
     block_t, block_d = _row_blocks(D)
     _compact_kernel[(N, triton.cdiv(D, block_d))](
-        grad_out, ids_restore, grad_x_kept, grad_out, rest, L, len_keep, D,
-        BLOCK_T=block_t, BLOCK_D=block_d, WRITE_MASK=False, SUM_REST=True, IS_FP64=is_fp64,
+        grad_out, grad_out, ids_restore, grad_x_kept, grad_out, rest, L, len_keep, D, BLOCK_T=block_t, BLOCK_D=block_d,
+        HAS_POS=False, WRITE_MASK=False, SUM_REST=True, IS_FP64=is_fp64,
     )
     return grad_x_kept, rest.sum(0).to(grad_out.dtype)
 
@@ -255,18 +265,19 @@ def mae_loss_bwd(grad_loss: torch.Tensor, pred: torch.Tensor, target: torch.Tens
 
 
 @torch.library.custom_op("fastssl::mae_gather_kept", mutates_args=())
-def _gather_kept_op(x: torch.Tensor, ids_restore: torch.Tensor, len_keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return gather_kept_fwd(x, ids_restore, len_keep)
+def _gather_kept_op(x: torch.Tensor, ids_restore: torch.Tensor, len_keep: int,
+                    pos_embed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return gather_kept_fwd(x, ids_restore, len_keep, pos_embed)
 
 
 @_gather_kept_op.register_fake
-def _(x, ids_restore, len_keep):
+def _(x, ids_restore, len_keep, pos_embed):
     N, L, D = x.shape
     return x.new_empty(N, len_keep, D), x.new_empty(N, L)
 
 
 def _gather_kept_setup(ctx, inputs, output):
-    _, ids_restore, _ = inputs
+    _, ids_restore, _, _ = inputs
     ctx.save_for_backward(ids_restore)
     ctx.mark_non_differentiable(output[1])
 
@@ -274,7 +285,7 @@ def _gather_kept_setup(ctx, inputs, output):
 def _gather_kept_backward(ctx, grad_x_kept, grad_mask):
     (ids_restore,) = ctx.saved_tensors
     zero = grad_x_kept.new_zeros(grad_x_kept.shape[-1])
-    return _unshuffle_op(grad_x_kept, ids_restore, zero), None, None
+    return _unshuffle_op(grad_x_kept, ids_restore, zero), None, None, None
 
 
 _gather_kept_op.register_autograd(_gather_kept_backward, setup_context=_gather_kept_setup)
@@ -359,9 +370,13 @@ def _(grad_loss, pred, target, mask, mask_sum, norm_pix_loss):
 # ---------------------------------------------------------------------------------------------
 
 
-def random_masking_ref(x: torch.Tensor, len_keep: int, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The official `random_masking` given its noise [N, L] (stable argsort for ties)."""
+def random_masking_ref(x: torch.Tensor, len_keep: int, noise: torch.Tensor,
+                       pos_embed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The official `random_masking` given its noise [N, L] (stable argsort for ties), after the
+    encoder's `x + pos_embed` when one is given."""
     N, L, D = x.shape
+    if pos_embed is not None:
+        x = x + pos_embed.reshape(L, D).to(x.dtype)
     ids_shuffle = torch.argsort(noise, dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
@@ -417,6 +432,7 @@ def random_masking(
     *,
     noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    pos_embed: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MAE per-sample random masking (He et al. 2021, `random_masking`).
@@ -426,6 +442,11 @@ def random_masking(
     Without: each row gets an independent uniform permutation from the sort of float64 uniform
     keys drawn from `generator` (or the default generator), so a seeded generator reproduces it,
     and it equals passing noise=torch.rand(N, L, dtype=float64, generator=g, device=x.device).
+
+    pos_embed [L, D] or [1, L, D] (optional): the encoder's positional embedding, cast to x's
+    dtype and added to the kept rows inside the gather, i.e. the result equals masking
+    x + pos_embed without that full-size pass. A pos_embed that requires grad (a learned one)
+    is added by torch before the gather instead, so its gradient is exact either way.
 
     Returns x_kept [N, len_keep, D] (x's rows in shuffle order), mask [N, L] in x's dtype
     (0 kept, 1 removed, original order) and ids_restore [N, L] int64 (the inverse permutation).
@@ -450,18 +471,26 @@ def random_masking(
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         if generator.device.type != x.device.type:
             raise ValueError(f"generator must be on x's device type {x.device.type}, got {generator.device}")
+    if pos_embed is not None:
+        check_tensor("pos_embed", pos_embed, ndim=(2, 3), device=x.device, like="x")
+        if pos_embed.shape[-2:] != (L, D) or pos_embed.numel() != L * D:
+            raise ValueError(f"pos_embed must be [L, D] or [1, L, D] = {(L, D)} like x, got {tuple(pos_embed.shape)}")
     backend = resolve_backend(backend, x)
 
     if noise is None:
         # float64 keys: ties (which the stable sort breaks by index) have probability ~L^2 / 2^54
         noise = torch.rand(N, L, generator=generator, device=x.device, dtype=torch.float64)
     if backend == "torch":
-        return random_masking_ref(x, len_keep, noise)
+        return random_masking_ref(x, len_keep, noise, pos_embed)
+    if pos_embed is not None:
+        pos_embed = pos_embed.reshape(L, D).to(x.dtype)
+        if torch.is_grad_enabled() and pos_embed.requires_grad:
+            x, pos_embed = x + pos_embed, None
     ids_shuffle = torch.argsort(noise, dim=1, stable=True)
     # the inverse permutation by a scatter, not the official second argsort
     positions = torch.arange(L, device=x.device).expand(N, L)
     ids_restore = torch.empty_like(ids_shuffle).scatter_(1, ids_shuffle, positions)
-    x_kept, mask = _gather_kept_op(x, ids_restore, len_keep)
+    x_kept, mask = _gather_kept_op(x, ids_restore, len_keep, pos_embed)
     return x_kept, mask, ids_restore
 
 

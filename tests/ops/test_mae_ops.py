@@ -128,6 +128,38 @@ def test_noncontiguous_inputs_and_expanded_grads(device):
     assert torch.equal(grads[1][1].cpu(), torch.full((5,), 33.0, dtype=torch.float64))  # 33 rows x 1 removed
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_pos_embed_fused_into_the_gather(dtype, device):
+    """random_masking(x, pos_embed=pos) == masking x + pos, the official encoder's order."""
+    N, L, D = 3, 49, 100
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(N, L, D, generator=gen).to(dtype)
+    pos = torch.randn(1, L, D, generator=gen).to(dtype)
+    noise = torch.rand(N, L, dtype=torch.float64, generator=gen)
+    grad_kept = torch.randn(N, 12, D, generator=gen).to(dtype)
+    xr = x.clone().requires_grad_()
+    kept_ref, mask_ref, ids_ref = official_masking(xr + pos, 0.75, noise)
+    (gx_ref,) = torch.autograd.grad(kept_ref, xr, grad_kept)
+    for backend in BACKENDS:
+        for learned in (False, True):  # a pos_embed that requires grad takes the unfused path
+            xb = x.to(device).requires_grad_()
+            pb = pos.to(device).requires_grad_(learned)
+            x_kept, mask, ids = random_masking(xb, 0.75, noise=noise.to(device), pos_embed=pb,
+                                               backend=backend)
+            if backend == "triton" and dtype == torch.bfloat16 and not x_kept.is_cuda:
+                # the CPU interpreter truncates fp32 -> bf16 casts (GPUs round to nearest even)
+                torch.testing.assert_close(x_kept.cpu(), kept_ref.detach(), rtol=2**-7, atol=0)
+            else:
+                assert torch.equal(x_kept.cpu(), kept_ref.detach())
+            assert torch.equal(ids.cpu(), ids_ref) and torch.equal(mask.cpu(), mask_ref.to(dtype))
+            grads = torch.autograd.grad(x_kept, (xb, pb) if learned else (xb,), grad_kept.to(device))
+            assert torch.equal(grads[0].cpu(), gx_ref)
+            if learned:  # d pos = sum over samples of d x
+                torch.testing.assert_close(grads[1].cpu(), gx_ref.sum(0, keepdim=True))
+    with pytest.raises(ValueError, match=r"pos_embed must be \[L, D\] or \[1, L, D\] = \(49, 100\)"):
+        random_masking(x, 0.75, pos_embed=pos[0, :48])
+
+
 # --- randomness: uniformity, independence of the kept set, reproducibility ----------------------
 
 def test_kept_positions_uniform_chi_square():
@@ -279,7 +311,8 @@ def test_opcheck_all_custom_ops(device):
     token = torch.randn(12, generator=gen).to(device).requires_grad_()
     ops = torch.ops.fastssl
     cases = [
-        (ops.mae_gather_kept.default, (x.clone().requires_grad_(), ids, 4)),
+        (ops.mae_gather_kept.default, (x.clone().requires_grad_(), ids, 4, None)),
+        (ops.mae_gather_kept.default, (x.clone().requires_grad_(), ids, 4, x[0].clone())),
         (ops.mae_unshuffle.default, (x_kept.requires_grad_(), ids, token)),
         (ops.mae_unshuffle_bwd.default, (x.detach(), ids, 4)),
         (ops.mae_loss_fwd.default, (pred.clone().requires_grad_(), target, mask, True)),
