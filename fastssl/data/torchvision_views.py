@@ -3,7 +3,7 @@ probabilities, for machines without DALI (macOS, Windows) or by choice.
 
 A torch DataLoader with `num_threads` worker processes makes uint8 views per sample;
 the main process converts and normalizes whole batches (on the output device, so a
-GPU run moves uint8, a quarter of the float bytes). Each sample's randomness is seeded
+GPU run moves uint8, a quarter of the float bytes). Each batch's randomness is seeded
 from (seed, epoch, shard, position in the epoch), so batches do not depend on the number
 of workers and resuming at epoch e reproduces epoch e.
 """
@@ -65,18 +65,24 @@ class _ViewsDataset(Dataset):
                 "the source with skip_corrupt=True to skip undecodable files"
             ) from exc
 
-    def __getitem__(self, key: tuple[int, int, int]):
-        epoch, position, i = key
-        # Runs in a worker process (never the caller's), so reseeding the global RNG that
-        # v2 transforms draw from is private to the loader.
-        torch.manual_seed(hash((self.seed, epoch, self.shard_id, position)) % (2**63 - 1))
+    def _views(self, i: int):
         img = self._load(i)
         if self.recipe.rotations:
             base = self.transforms[0](img)
-            views = [torch.rot90(base, k, dims=(-2, -1)) for k in self.recipe.rotations]
-        else:
-            views = [t(img) for t in self.transforms]
-        return views, int(self.source.labels[i]), i
+            return [torch.rot90(base, k, dims=(-2, -1)) for k in self.recipe.rotations]
+        return [t(img) for t in self.transforms]
+
+    def __getitems__(self, keys: list[tuple[int, int, int]]):
+        """One batch; torch's DataLoader calls this instead of per-item __getitem__."""
+        epoch, position, _ = keys[0]
+        # Runs in a worker process (never the caller's), so reseeding the global RNG that
+        # v2 transforms draw from is private to the loader. Once per batch: reseeding
+        # costs more than augmenting a 32x32 image.
+        torch.manual_seed(hash((self.seed, epoch, self.shard_id, position)) % (2**63 - 1))
+        return [(self._views(i), int(self.source.labels[i]), i) for _, _, i in keys]
+
+    def __getitem__(self, key: tuple[int, int, int]):
+        return self.__getitems__([key])[0]
 
 
 class _EpochBatches:
