@@ -1,0 +1,110 @@
+"""InfoNCE (issue 3): fwd+bwd of the official MoCo v2 / v3 formulas (eager), torch.compile of
+them, and fastssl.ops.info_nce (backend "auto": the fused Triton kernels on CUDA, the
+reference on the CPU, where this script only smoke-tests with --quick).
+
+FLOPs per call, as issue 3 counts them: 2 matmul-equivalents of 2·N·K·D each (K = queue
+rows + 1 for MoCo v2, K = M keys in-batch). The in-batch kernels actually run 4 (the key
+gradient recomputes the logits in the backward), which the TFLOP/s column does not credit.
+
+Cases: MoCo v2 N ∈ {256, 1024, 4096}, K = 65536, D = 128 (query gradient only: keys come
+from the momentum encoder); in-batch N = M ∈ {4096, 16384}, D = 256 (query and key
+gradients); bf16 and fp32. Each form is its own table so a time-out keeps the first.
+
+    python benchmarks/bench_info_nce.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from harness import Case, compiled, parse_args, run
+
+from fastssl.ops import info_nce
+
+T = 0.2
+
+
+def official_moco_v2(q, k, queue):
+    """facebookresearch/moco builder.py: normalized q, k; logits = [l_pos, l_neg] / T, labels 0."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
+    l_neg = torch.einsum("nc,kc->nk", q, queue.detach())
+    logits = torch.cat([l_pos, l_neg], dim=1) / T
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=q.device))
+
+
+def official_moco_v3(q, k):
+    """facebookresearch/moco-v3 builder.py contrastive_loss (one rank): logits = q k^T / T, labels arange."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    logits = torch.einsum("nc,mc->nm", q, k) / T
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=q.device))
+
+
+def fastssl_moco_v2(q, k, queue):
+    return info_nce(q, k, queue, temperature=T)
+
+
+def fastssl_moco_v3(q, k):
+    return info_nce(q, k, temperature=T)
+
+
+def fwd_bwd(loss_fn):
+    """One training step's loss work: forward, and the gradients of every input that needs one."""
+    def step(*inputs):
+        wrt = [x for x in inputs if x.requires_grad]
+        return torch.autograd.grad(loss_fn(*inputs), wrt)
+    return step
+
+
+def moco_v2_cases(quick: bool, device: str) -> list[Case]:
+    shapes = [(64, 512, 32)] if quick else [(N, 65536, 128) for N in (256, 1024, 4096)]
+    dtypes = [torch.float32] if quick else [torch.bfloat16, torch.float32]
+    eager_c = compiled(official_moco_v2)  # one compiled function per form: later shapes go dynamic
+    cases = []
+    for dtype in dtypes:
+        for N, K, D in shapes:
+            def make(N=N, K=K, D=D, dtype=dtype):
+                q = torch.randn(N, D, device=device, dtype=dtype).requires_grad_(True)
+                k = torch.randn(N, D, device=device, dtype=dtype)
+                queue = F.normalize(torch.randn(K, D, device=device), dim=1).to(dtype)
+                return q, k, queue
+
+            cases.append(Case(
+                name="moco_v2", params={"N": N, "K": K, "D": D, "dtype": str(dtype)[6:]}, make_inputs=make,
+                providers={"eager": fwd_bwd(official_moco_v2), "compile": fwd_bwd(eager_c),
+                           "fastssl": fwd_bwd(fastssl_moco_v2)},
+                flops=2 * (2 * N * (K + 1) * D),
+            ))
+    return cases
+
+
+def in_batch_cases(quick: bool, device: str) -> list[Case]:
+    shapes = [(128, 32)] if quick else [(4096, 256), (16384, 256)]
+    dtypes = [torch.float32] if quick else [torch.bfloat16, torch.float32]
+    eager_c = compiled(official_moco_v3)
+    cases = []
+    for dtype in dtypes:
+        for N, D in shapes:
+            def make(N=N, D=D, dtype=dtype):
+                q = torch.randn(N, D, device=device, dtype=dtype).requires_grad_(True)
+                k = torch.randn(N, D, device=device, dtype=dtype).requires_grad_(True)
+                return q, k
+
+            cases.append(Case(
+                name="in_batch", params={"N": N, "M": N, "D": D, "dtype": str(dtype)[6:]}, make_inputs=make,
+                providers={"eager": fwd_bwd(official_moco_v3), "compile": fwd_bwd(eager_c),
+                           "fastssl": fwd_bwd(fastssl_moco_v3)},
+                flops=2 * (2 * N * N * D),
+            ))
+    return cases
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    run("info_nce_moco_v2", moco_v2_cases(args.quick, device), args)
+    run("info_nce_in_batch", in_batch_cases(args.quick, device), args)
+
+
+if __name__ == "__main__":
+    main()
