@@ -1,0 +1,106 @@
+"""Tiny configurations, batches and an engine-like step for the method tests."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import fastssl.ops
+from fastssl.methods import METHODS
+from fastssl.methods.base import Method, StepContext
+
+TINY = {
+    "mocov2": dict(backbone="resnet18", image_size=8, moco_dim=16, mlp_hidden_dim=32, queue_size=64),
+    "mocov3": dict(backbone="resnet18", image_size=8, moco_dim=16, mlp_hidden_dim=32),
+    "rotnet": dict(backbone="resnet18", image_size=8),
+    "dino": dict(backbone="vit_tiny_patch4", image_size=16, local_size=8, local_crops=2, vit_depth=1,
+                 out_dim=32, head_hidden_dim=32, bottleneck_dim=16, epochs=2, drop_path_rate=0.0),
+    "mae": dict(backbone="vit_tiny_patch4", image_size=16, vit_depth=1, decoder_dim=32, decoder_depth=1,
+                decoder_heads=4),
+}
+# the fused ops each method calls (all must exist for the fused-vs-reference comparison)
+OPS = {
+    "mocov2": ("info_nce",), "mocov3": ("info_nce",), "rotnet": (),
+    "dino": ("dino_loss",), "mae": ("random_masking", "unshuffle_tokens", "mae_loss", "patchify"),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two threads mostly spin (about 20x the CPU
+    time for these tiny models)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def require_ops(name: str) -> None:
+    missing = [op for op in OPS[name] if not hasattr(fastssl.ops, op)]
+    if missing:
+        pytest.skip(f"fastssl.ops does not export {missing} yet (the op module has not landed)")
+
+
+def build(name: str, seed: int = 0, **overrides) -> Method:
+    cls = METHODS[name]
+    torch.manual_seed(seed)
+    return cls(cls.config_class(**{**TINY[name], **overrides}))
+
+
+def make_batch(method: Method, batch_size: int = 8, seed: int = 0) -> dict:
+    """Views of random images in the recipe's count, sizes and order: view k of sample i is
+    image i (flipped on odd k, resized to the view's size) plus a little noise, so the views of
+    one sample share content as augmentations do."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = method.cfg
+    x = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, generator=g)
+    if method.name == "rotnet":  # one image in its 4 quarter turns: view k = rot90 k times
+        return {"views": [torch.rot90(x, k, dims=(2, 3)) for k in range(4)],
+                "label": torch.zeros(batch_size, dtype=torch.long), "index": torch.arange(batch_size)}
+    sizes = {
+        "mocov2": [cfg.image_size] * 2, "mocov3": [cfg.image_size] * 2, "mae": [cfg.image_size],
+        "dino": [cfg.image_size] * 2 + [getattr(cfg, "local_size", 0)] * getattr(cfg, "local_crops", 0),
+    }[method.name]
+    views = []
+    for k, size in enumerate(sizes):
+        v = x.flip(-1) if k % 2 else x
+        v = torch.nn.functional.interpolate(v, size=size, mode="area") if size != cfg.image_size else v
+        views.append(v + 0.1 * torch.randn(v.shape, generator=g))
+    return {"views": views, "label": torch.zeros(batch_size, dtype=torch.long),
+            "index": torch.arange(batch_size)}
+
+
+def context(step: int = 0, epoch: int = 0, total_steps: int = 100, **schedules) -> StepContext:
+    return StepContext(step=step, epoch=epoch, steps_per_epoch=10, total_steps=total_steps, lr=0.0,
+                       weight_decay=0.0, schedules=schedules)
+
+
+def optimizer(method: Method, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+
+
+def train_step(method: Method, opt: torch.optim.Optimizer, batch: dict, ctx: StepContext) -> torch.Tensor:
+    """What the engine does per step (fastssl/methods/base.py)."""
+    opt.zero_grad(set_to_none=True)
+    out = method(batch, ctx)
+    out["loss"].backward()
+    method.before_optimizer_step(ctx)
+    opt.step()
+    method.after_optimizer_step(ctx)
+    return out["loss"].detach()
+
+
+def loss_and_grads(method: Method, batch: dict, backend: str, monkeypatch, ctx=None, seed: int = 0):
+    """Loss and parameter gradients with every fused op forced to `backend`."""
+    method = copy.deepcopy(method)
+    with monkeypatch.context() as mp:
+        mp.setattr(type(method), "backend", property(lambda self: backend))
+        if hasattr(method, "criterion"):
+            mp.setattr(method.criterion, "backend", backend)
+        torch.manual_seed(seed)
+        loss = method(batch, ctx or context())["loss"]
+        loss.backward()
+    grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
