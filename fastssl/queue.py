@@ -27,6 +27,12 @@ def _queue_push_fake(queue, ptr, arrivals, keys, normalize) -> None:
     return None
 
 
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # Checked eagerly only (dynamo cannot trace data_ptr). Under torch.compile, pushing a view
+    # of the queue itself is unsupported: inductor's re-inplacing reads rows already overwritten.
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -108,7 +114,7 @@ class KeyQueue(nn.Module):
             )
         if gather:
             keys = all_gather_no_grad(keys)
-        elif keys.untyped_storage().data_ptr() == self.keys.untyped_storage().data_ptr():
+        elif not torch.compiler.is_compiling() and _same_storage(keys, self.keys):
             keys = keys.clone()  # rows of the queue itself: read them all before any is overwritten
         try:
             torch.ops.fastssl.queue_push_(
