@@ -51,15 +51,15 @@ def _resolve_data(data: str) -> str:
 
 
 def _sources(data: str, split: str):
-    """(source, is_fashion) for a split: Fashion-MNIST train/test, or an image folder
-    (PATH for training; PATH/train and PATH/val when present for evaluation)."""
+    """The source of a split: Fashion-MNIST train/test, or an image folder (pretraining on
+    PATH/train when present, else PATH; evaluation on PATH/train and PATH/val, None if absent)."""
     from fastssl.data import ImageFolderSource, fashion_mnist
 
     if data == FASHION_MNIST:
         return fashion_mnist("test" if split == "test" else "train")
     root = Path(data)
     if split == "pretrain":
-        return ImageFolderSource(root)
+        return ImageFolderSource(root / "train" if (root / "train").is_dir() else root)
     sub = root / ("train" if split == "train" else "val")
     return ImageFolderSource(sub) if sub.is_dir() else None
 
@@ -95,7 +95,8 @@ def build_evaluator(cfg, data: str, device: torch.device, linear: bool = False):
             loader = build_loader(src, recipe, batch_size=512, seed=cfg.seed, drop_last=False, shuffle=False,
                                   **options)
             feats[name] = extract_features(encoder, loader, device, cfg.channels_last)
-        result = {"knn_top1": knn_top1(*feats["train"], *feats["test"], k=20, temperature=0.07)}
+        k = min(20, len(feats["train"][1]))  # DINO's k = 20; fewer only for a memory bank that small
+        result = {"knn_top1": knn_top1(*feats["train"], *feats["test"], k=k, temperature=0.07)}
         if linear:
             result |= linear_probe(*feats["train"], *feats["test"])
         return result
