@@ -203,13 +203,14 @@ def _info_nce_combine_kernel(
 
 @triton.jit
 def _info_nce_bwd_kernel(
-    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse2_ptr, grad_ptr, part_ptr,
-    N, M, D, split_rows, scale2, inv_temperature,
+    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse2_ptr, weight_ptr, part_ptr,
+    N, M, D, split_rows, scale2,
     NORMALIZE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """In-batch key gradient, one split of the queries: Σ_i g_i p_ij q̂_i / T for BLOCK_M keys,
-    with p_ij = 2^(l_ij·log2(e) − lse2_i) recomputed from the saved base-2 lse."""
+    """In-batch key gradient, one split of the queries: Σ_i w_i p_ij q_i for BLOCK_M keys, with
+    w_i = g_i/‖q_i‖ / max_i' |g_i'/‖q_i'‖| (the combine multiplies back the scale and 1/T) and
+    p_ij = 2^(l_ij·log2(e) − lse2_i) recomputed from the saved base-2 lse."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     keys = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -230,15 +231,13 @@ def _info_nce_bwd_kernel(
         q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :],
                     mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
         row_scale = tl.zeros([BLOCK_N], tl.float32) + scale2
-        coef = tl.load(grad_ptr + rows, mask=row_ok, other=0.0) * inv_temperature
         if NORMALIZE:
-            q_inv = 1.0 / tl.maximum(tl.load(q_norm_ptr + rows, mask=row_ok, other=1.0), EPS)
-            row_scale = scale2 * q_inv
-            coef = coef * q_inv
+            row_scale = scale2 / tl.maximum(tl.load(q_norm_ptr + rows, mask=row_ok, other=1.0), EPS)
+        weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
         # +inf lse2 on padded rows makes their p exactly 0.
         lse2 = tl.load(lse2_ptr + rows, mask=row_ok, other=float("inf"))
         s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * row_scale[None, :] * k_inv[:, None]
-        p = tl.exp2(s - lse2[None, :]) * coef[None, :]
+        p = tl.exp2(s - lse2[None, :]) * weight[None, :]
         acc += tl.dot(p.to(q.dtype), q, input_precision=DOT_PRECISION)
     part = split.to(tl.int64) * M + keys
     tl.store(part_ptr + part[:, None] * D + dims[None, :], acc, mask=key_ok[:, None] & dim_ok[None, :])
@@ -246,7 +245,7 @@ def _info_nce_bwd_kernel(
 
 @triton.jit
 def _info_nce_bwd_combine_kernel(
-    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, grad_ptr, part_ptr, dk_ptr,
+    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, grad_ptr, weight_scale_ptr, part_ptr, dk_ptr,
     N, M, D, num_splits, label_offset, inv_temperature,
     NORMALIZE: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -260,6 +259,7 @@ def _info_nce_bwd_combine_kernel(
     for split in range(num_splits):
         part = split * M + keys.to(tl.int64)
         acc += tl.load(part_ptr + part[:, None] * D + dims[None, :], mask=tile_ok, other=0.0)
+    acc = acc * (tl.load(weight_scale_ptr) * inv_temperature)
     # Key j is the target of query i = j − label_offset (if that query exists).
     rows = keys.to(tl.int64) - label_offset
     has_row = key_ok & (rows >= 0) & (rows < N)
@@ -383,11 +383,16 @@ def info_nce_bwd(
     dev = query.device
     q_norm = _row_norms(query) if normalize else query.new_empty(0, dtype=torch.float32)
     k_norm = _row_norms(key) if normalize else q_norm
+    # The per-query weights g_i/‖q_i‖ multiply p before it is rounded to the input dtype for the
+    # tensor-core dot; scaling them into [-1, 1] keeps fp16 from underflowing (g = 1/N at large
+    # N). One [N] pass; the scale stays on the device (no sync).
+    weight = grad / q_norm.clamp_min(_EPS) if normalize else grad
+    weight_scale = weight.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
+    weight = weight / weight_scale
     num_splits, split_rows = _num_splits(M, N, D, dev)
     part = torch.empty(num_splits, M, D, dtype=torch.float32, device=dev)
     flags = dict(NORMALIZE=normalize, EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), BLOCK_D=_block_d(D))
-    args = (query, key, q_norm, k_norm, lse2, grad, part, N, M, D, split_rows, _LOG2E / temperature,
-            1.0 / temperature)
+    args = (query, key, q_norm, k_norm, lse2, weight, part, N, M, D, split_rows, _LOG2E / temperature)
     if triton_interpreting():
         grid = (triton.cdiv(M, _INTERPRETER_TILES["BLOCK_M"]), num_splits)
         _info_nce_bwd_kernel[grid](*args, **flags, **_INTERPRETER_TILES)
@@ -397,7 +402,8 @@ def info_nce_bwd(
     block_d = _block_d(D)
     block_m = max(1, min(64, 4096 // block_d))
     _info_nce_bwd_combine_kernel[(triton.cdiv(M, block_m),)](
-        query, key, q_norm, k_norm, grad, part, dk, N, M, D, num_splits, label_offset, 1.0 / temperature,
+        query, key, q_norm, k_norm, grad, weight_scale, part, dk, N, M, D, num_splits, label_offset,
+        1.0 / temperature,
         NORMALIZE=normalize, EPS=_EPS, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
     )
     return dk
