@@ -313,6 +313,15 @@ def test_gather_two_processes_gloo():
         assert torch.equal(r["keys"], expected) and r["ptr"].tolist() == [ptr]
 
 
+def test_gather_without_process_group_is_a_plain_push():
+    q, plain = KeyQueue(4, 2), KeyQueue(4, 2)
+    plain.load_state_dict(q.state_dict())
+    keys = torch.randn(3, 2)
+    q.push(keys, gather=True)
+    plain.push(keys)
+    assert torch.equal(q.keys, plain.keys) and torch.equal(q.ptr, plain.ptr)
+
+
 def test_jit_fallback_names_what_is_missing(monkeypatch):
     # The prebuilt module "fails to import" and neither ninja nor a compiler is there:
     # the error must say so (never a bare ImportError) and point at the fix.
