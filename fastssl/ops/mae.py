@@ -52,7 +52,9 @@ MAX_PATCH_DIM = 16384  # the loss kernel keeps one patch row in registers
 
 if HAS_TRITON:
 
-    @triton.jit
+    # L, K, R are not specialized (each new sequence length would compile again); D and P are,
+    # since their divisibility by 16 lets Triton vectorize the row accesses.
+    @triton.jit(do_not_specialize=["L", "K"])
     def _compact_kernel(
         src_ptr, pos_ptr, ids_restore_ptr, dst_ptr, mask_ptr, rest_ptr, L, K, D,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -97,7 +99,7 @@ if HAS_TRITON:
         if SUM_REST:
             tl.store(rest_ptr + n * D + cols, rest, mask=col_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["L", "K"])
     def _expand_kernel(
         src_ptr, ids_restore_ptr, fill_ptr, out_ptr, L, K, D,
         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -119,7 +121,7 @@ if HAS_TRITON:
             tl.store(out_ptr + (n * L + rows)[:, None] * D + cols[None, :], vals,
                      mask=row_ok[:, None] & col_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["R"])
     def _mae_loss_kernel(
         pred_ptr, target_ptr, mask_ptr, scale_ptr, dpred_ptr, num_ptr, den_ptr, R, P, eps,
         BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
