@@ -135,13 +135,15 @@ if HAS_TRITON:
                 x = tl.load(s_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
                 lse = tl.load(lse_s_ptr + row)
                 q = p_all
-                count = G * 1.0
+                # a float32 tensor even when Triton specialises G == 1 to a constant, so both paths of
+                # the runtime `if` below carry one type
+                count = tl.zeros([], dtype=tl.float32) + G
                 if EXCLUDE_SAME:
                     if v < G:
                         norm_v = tl.load(t_norm_ptr + row)
                         q = p_all - _target_prob(t_ptr, row, offs, mask, K, center, norm_v, inv_tt,
                                                  TARGET_IS_LOGITS)
-                        count = G - 1.0
+                        count = count - 1.0
                 grad = (count * tl.exp(x - lse) - q) * g
                 tl.store(ds_ptr + row * K + offs, grad.to(ds_ptr.dtype.element_ty), mask=mask)
 
