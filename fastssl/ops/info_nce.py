@@ -279,18 +279,36 @@ def _info_nce_bwd_combine_kernel(
     tl.store(dk_ptr + keys.to(tl.int64)[:, None] * D + dims[None, :], dkn, mask=tile_ok)
 
 
-# Autotuning only on a GPU: the interpreter runs one fixed, small-program configuration.
+# Autotuning on a GPU for problems big enough to repay it (each config is a compile); small
+# ones and the interpreter run one fixed configuration. The last config fits fp32 at D=256
+# in shared memory, where the larger tiles run out and the autotuner drops them.
 _TILE_CONFIGS = [
     triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_M": 128}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=4),
-    triton.Config({"BLOCK_N": 64, "BLOCK_M": 128}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 128, "BLOCK_M": 128}, num_warps=8, num_stages=2),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=3),
+    triton.Config({"BLOCK_N": 64, "BLOCK_M": 32}, num_warps=4, num_stages=2),
 ]
+_AUTOTUNE_MIN_LOGITS = 1 << 22  # N·K below this: the fixed configuration
 _INTERPRETER_TILES = {"BLOCK_N": 32, "BLOCK_M": 64}
 _fwd_kernel_tuned = triton.autotune(
-    _TILE_CONFIGS, key=["D", "SCALE_ROWS", "SCALE_COLS", "COMPUTE_DQ", "DOT_PRECISION"]
+    _TILE_CONFIGS, key=["BLOCK_D", "SCALE_ROWS", "SCALE_COLS", "COMPUTE_DQ", "DOT_PRECISION"]
 )(_info_nce_fwd_kernel)
-_bwd_kernel_tuned = triton.autotune(_TILE_CONFIGS, key=["D", "NORMALIZE", "DOT_PRECISION"])(_info_nce_bwd_kernel)
+_bwd_kernel_tuned = triton.autotune(_TILE_CONFIGS, key=["BLOCK_D", "NORMALIZE", "DOT_PRECISION"])(_info_nce_bwd_kernel)
+
+
+def _launch(kernel, tuned, splits: int, outer_block: str, outer_rows: int, logits: int, args: tuple,
+            flags: dict) -> None:
+    """Run `kernel` over (ceil(outer_rows / BLOCK), splits) programs with the tiles for this machine.
+    The fixed GPU tiles fit fp32 rows up to D=512 in shared memory."""
+    if triton_interpreting():
+        grid = (triton.cdiv(outer_rows, _INTERPRETER_TILES[outer_block]), splits)
+        kernel[grid](*args, **flags, **_INTERPRETER_TILES)
+    elif logits >= _AUTOTUNE_MIN_LOGITS:
+        tuned[lambda meta: (triton.cdiv(outer_rows, meta[outer_block]), splits)](*args, **flags)
+    else:
+        tiles = {"BLOCK_N": 64, "BLOCK_M": 64} if flags["BLOCK_D"] <= 256 else {"BLOCK_N": 32, "BLOCK_M": 32}
+        grid = (triton.cdiv(outer_rows, tiles[outer_block]), splits)
+        kernel[grid](*args, **flags, **tiles, num_warps=4, num_stages=2)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -347,11 +365,7 @@ def info_nce_fwd(
     flags = dict(SCALE_ROWS=normalize, SCALE_COLS=normalize and not has_queue, COMPUTE_DQ=compute_dq,
                  EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), BLOCK_D=_block_d(D))
     args = (query, x, q_norm, k_norm, m_part, l_part, acc_part, N, x.shape[0], D, split_cols, scale2)
-    if triton_interpreting():
-        grid = (triton.cdiv(N, _INTERPRETER_TILES["BLOCK_N"]), num_splits)
-        _info_nce_fwd_kernel[grid](*args, **flags, **_INTERPRETER_TILES)
-    else:
-        _fwd_kernel_tuned[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), num_splits)](*args, **flags)
+    _launch(_info_nce_fwd_kernel, _fwd_kernel_tuned, num_splits, "BLOCK_N", N, N * x.shape[0], args, flags)
 
     loss = torch.empty(N, **f32)
     lse2 = torch.empty(N, **f32)
@@ -393,11 +407,7 @@ def info_nce_bwd(
     part = torch.empty(num_splits, M, D, dtype=torch.float32, device=dev)
     flags = dict(NORMALIZE=normalize, EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), BLOCK_D=_block_d(D))
     args = (query, key, q_norm, k_norm, lse2, weight, part, N, M, D, split_rows, _LOG2E / temperature)
-    if triton_interpreting():
-        grid = (triton.cdiv(M, _INTERPRETER_TILES["BLOCK_M"]), num_splits)
-        _info_nce_bwd_kernel[grid](*args, **flags, **_INTERPRETER_TILES)
-    else:
-        _bwd_kernel_tuned[lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), num_splits)](*args, **flags)
+    _launch(_info_nce_bwd_kernel, _bwd_kernel_tuned, num_splits, "BLOCK_M", M, N * M, args, flags)
     dk = torch.empty_like(key)
     block_d = _block_d(D)
     block_m = max(1, min(64, 4096 // block_d))

@@ -1,7 +1,8 @@
 """fastssl.ops.info_nce against the official MoCo v2 / v3 formulas in float64.
 
 The Triton kernels run on the CPU under TRITON_INTERPRET=1 (conftest), so shapes stay
-small. bf16 kernel runs are GPU-only: the interpreter's tl.dot multiplies bf16 tiles as
+small; on a GPU machine the same tests run on the card (the `device` fixture). bf16 kernel
+runs are GPU-only: the interpreter's tl.dot multiplies bf16 tiles as
 their raw uint16 storage (triton 3.8), so CPU runs cover fp32 and fp16 (the same 16-bit
 code path) and the gpu-marked test covers bf16.
 """
@@ -117,7 +118,7 @@ def test_ref_matches_official_formulas(K, normalize):
     torch.testing.assert_close(got, truth, rtol=1e-12, atol=1e-12)
 
 
-def test_ref_matches_hand_computed_value():
+def test_ref_matches_hand_computed_value(device):
     # q·k = 1 for the positive, q·queue = [0, -1]: loss = -log(e^(1/T) / (e^(1/T) + e^0 + e^(-1/T))).
     q = torch.tensor([[1.0, 0.0]], dtype=F64)
     k = torch.tensor([[1.0, 0.0]], dtype=F64)
@@ -125,7 +126,8 @@ def test_ref_matches_hand_computed_value():
     T = 0.5
     want = -math.log(math.exp(2.0) / (math.exp(2.0) + 1.0 + math.exp(-2.0)))
     for backend in ("torch", "triton"):
-        got = info_nce(q.float(), k.float(), queue.float(), temperature=T, backend=backend)
+        got = info_nce(q.float().to(device), k.float().to(device), queue.float().to(device), temperature=T,
+                       backend=backend)
         assert abs(got.item() - want) < 1e-6, backend
 
 
@@ -148,9 +150,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}-M{}-K{}-D{}-T{}-off{}-norm{}".format(*c))
-def test_kernel_fp32_vs_fp64(case):
+def test_kernel_fp32_vs_fp64(case, device):
     N, M, K, D, T, offset, normalize = case
-    q, k, queue, w = make_inputs(N, M, K, D, seed=N * 31 + M)
+    q, k, queue, w = make_inputs(N, M, K, D, seed=N * 31 + M, device=device)
     kw = dict(temperature=T, normalize=normalize, label_offset=offset, reduction="none")
     truth = losses_and_grads(lambda *a: oracle(*a, T, offset, normalize), q, k, queue, w, F64)
     low = losses_and_grads(lambda *a: info_nce_ref(*a, **kw), q, k, queue, w, torch.float32)
@@ -160,9 +162,9 @@ def test_kernel_fp32_vs_fp64(case):
 
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6], CASES[8]], ids=["queue1000", "queueT001",
                                                                              "offset", "inbatchT001"])
-def test_kernel_fp16_vs_fp64(case):
+def test_kernel_fp16_vs_fp64(case, device):
     N, M, K, D, T, offset, normalize = case
-    q, k, queue, w = make_inputs(N, M, K, D, seed=7)
+    q, k, queue, w = make_inputs(N, M, K, D, seed=7, device=device)
     kw = dict(temperature=T, normalize=normalize, label_offset=offset, reduction="none")
     truth = losses_and_grads(lambda *a: oracle(*a, T, offset, normalize), q, k, queue, w, F64)
     low = losses_and_grads(lambda *a: info_nce_ref(*a, **kw), q, k, queue, w, torch.float16)
@@ -170,10 +172,10 @@ def test_kernel_fp16_vs_fp64(case):
     check_all(got, low, truth, torch.float16, q, k, queue, T, normalize, w)
 
 
-def test_kernel_large_unnormalized_logits_do_not_overflow():
+def test_kernel_large_unnormalized_logits_do_not_overflow(device):
     # normalize=False with long vectors at T=0.01: logits in the thousands, exp would overflow fp32.
-    q, _, queue, w = make_inputs(6, 6, 40, 32, seed=3)
-    k = torch.randn(6, 32, generator=torch.Generator().manual_seed(4), dtype=F64)  # unrelated: large losses
+    q, _, queue, w = make_inputs(6, 6, 40, 32, seed=3, device=device)
+    k = torch.randn(6, 32, generator=torch.Generator().manual_seed(4), dtype=F64).to(device)  # unrelated keys
     q, k, queue = 3 * q, 3 * k, 10 * queue
     kw = dict(temperature=0.01, normalize=False, reduction="none")
     for K_queue in (queue, None):
@@ -185,23 +187,23 @@ def test_kernel_large_unnormalized_logits_do_not_overflow():
 
 
 @pytest.mark.parametrize("K", [None, 9])
-def test_identical_inputs(K):
+def test_identical_inputs(K, device):
     # Every logit equal: loss = log(#columns) exactly, and the gradients vanish (the softmax
     # is uniform and the normalization backward removes the component along q̂ = k̂).
     N, D = 5, 16
-    v = torch.randn(1, D)
+    v = torch.randn(1, D, device=device)
     q, k = v.repeat(N, 1).requires_grad_(), v.repeat(N, 1).requires_grad_()
     queue = None if K is None else F.normalize(v, dim=1).repeat(K, 1)
     loss = info_nce(q, k, queue, temperature=0.01, reduction="none", backend="triton")
     columns = N if K is None else K + 1
-    torch.testing.assert_close(loss, torch.full((N,), math.log(columns)), rtol=0, atol=2e-4)
+    torch.testing.assert_close(loss, torch.full((N,), math.log(columns), device=device), rtol=0, atol=2e-4)
     gq, gk = torch.autograd.grad(loss.sum(), [q, k])
     assert gq.abs().max() < 1e-3 and gk.abs().max() < 1e-3
 
 
 @pytest.mark.parametrize("K", [None, 6])
-def test_reductions(K):
-    q, k, queue, _ = make_inputs(7, 7, K, 16, seed=5)
+def test_reductions(K, device):
+    q, k, queue, _ = make_inputs(7, 7, K, 16, seed=5, device=device)
     truth = oracle(q, k, queue, 0.2)
     for reduction, want in (("none", truth), ("mean", truth.mean()), ("sum", truth.sum())):
         got = info_nce(q.float(), k.float(), None if queue is None else queue.float(), reduction=reduction,
@@ -212,18 +214,19 @@ def test_reductions(K):
     assert half.dtype == torch.float16
 
 
-def test_label_offset_selects_the_target_column():
+def test_label_offset_selects_the_target_column(device):
     # Keys gathered from 3 ranks; this rank's queries target keys [4, 8): only those columns change the loss.
-    q, k, _, _ = make_inputs(4, 12, None, 16, seed=9)
+    q, k, _, _ = make_inputs(4, 12, None, 16, seed=9, device=device)
     for offset in (0, 4, 8):
         got = info_nce(q.float(), k.float(), label_offset=offset, reduction="none", backend="triton")
         logits = F.normalize(q, dim=1) @ F.normalize(k, dim=1).T / 0.2
-        want = torch.logsumexp(logits, 1) - logits[torch.arange(4), torch.arange(4) + offset]
+        rows = torch.arange(4, device=device)
+        want = torch.logsumexp(logits, 1) - logits[rows, rows + offset]
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_gradient_flags_and_queue_gets_none():
-    q, k, queue, _ = make_inputs(5, 5, 11, 16, seed=11)
+def test_gradient_flags_and_queue_gets_none(device):
+    q, k, queue, _ = make_inputs(5, 5, 11, 16, seed=11, device=device)
     q, k, queue = q.float().requires_grad_(), k.float(), queue.float().requires_grad_()
     loss = info_nce(q, k, queue, backend="triton")  # MoCo v2: keys come from the momentum encoder, no grad
     loss.backward()
@@ -235,13 +238,13 @@ def test_gradient_flags_and_queue_gets_none():
         torch.testing.assert_close(info_nce(q, k, queue, backend="triton"), loss.detach())
 
 
-def test_non_contiguous_and_zero_norm_rows():
+def test_non_contiguous_and_zero_norm_rows(device):
     # Strided views, and an all-zero query row (F.normalize's eps clamp: its gradient is dq̂ / eps).
     base_q = torch.randn(6, 40, dtype=F64)
     base_q[2] = 0.0
-    q = base_q[:, ::2]  # [6, 20], column stride 2
-    k = torch.randn(32, 6, dtype=F64).T[:, :20]  # [6, 20], transposed
-    w = torch.rand(6, dtype=F64)
+    q = base_q.to(device)[:, ::2]  # [6, 20], column stride 2
+    k = torch.randn(32, 6, dtype=F64, device=device).T[:, :20]  # [6, 20], transposed
+    w = torch.rand(6, dtype=F64, device=device)
     truth = losses_and_grads(lambda *a: moco_v3_loss(a[0], a[1], 0.2), q, k, None, w, F64)
     got = losses_and_grads(lambda *a: info_nce(*a, reduction="none", backend="triton"), q, k, None, w,
                            torch.float32)
@@ -252,8 +255,8 @@ def test_non_contiguous_and_zero_norm_rows():
 
 
 @pytest.mark.parametrize("K", [None, 4])
-def test_nan_in_gives_nan_out(K):
-    q, k, queue, _ = make_inputs(5, 5, K, 16, seed=13)
+def test_nan_in_gives_nan_out(K, device):
+    q, k, queue, _ = make_inputs(5, 5, K, 16, seed=13, device=device)
     q, k = q.float(), k.float()
     queue = None if queue is None else queue.float()
     q[1, 3] = float("nan")
@@ -309,21 +312,22 @@ def test_errors(i):
 # ---------------------------------------------------------------- op registration
 
 
-def test_opcheck():
-    q, k = torch.randn(5, 16, requires_grad=True), torch.randn(5, 16, requires_grad=True)
-    queue = torch.randn(7, 16)
+def test_opcheck(device):
+    q = torch.randn(5, 16, device=device, requires_grad=True)
+    k = torch.randn(5, 16, device=device, requires_grad=True)
+    queue = torch.randn(7, 16, device=device)
     for args in [(q, k, queue, 0.2, True, 0, True, True), (q, k, None, 0.3, False, 0, True, True),
                  (q[:3], k, None, 0.2, True, 2, True, False)]:
         torch.library.opcheck(torch.ops.fastssl.info_nce_fwd.default, args)
-    lse = torch.rand(5) + 2.0
-    bwd_args = (q.detach(), k.detach(), lse, torch.rand(5), 0.2, True, 0)
+    lse2 = torch.rand(5, device=device) + 2.0
+    bwd_args = (q.detach(), k.detach(), lse2, torch.rand(5, device=device), 0.2, True, 0)
     torch.library.opcheck(torch.ops.fastssl.info_nce_bwd.default, bwd_args)
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(device):
     torch.manual_seed(0)
-    proj = torch.nn.Linear(16, 16)
-    x, y = torch.randn(6, 16), torch.randn(6, 16)
+    proj = torch.nn.Linear(16, 16).to(device)
+    x, y = torch.randn(6, 16, device=device), torch.randn(6, 16, device=device)
 
     def step(x, y):
         return info_nce(proj(x), proj(y), temperature=0.1, backend="triton")
@@ -342,8 +346,12 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("shape", [(1000, 1000, 8193, 128), (777, 2050, None, 256), (33, 33, None, 100)])
+@pytest.mark.parametrize("dtype,shape", [
+    # N·K above the autotuning threshold: the tuned configurations (MoCo v2, in-batch D=256).
+    (torch.bfloat16, (1000, 1000, 8193, 128)), (torch.float32, (1000, 1000, 8193, 128)),
+    (torch.bfloat16, (2048, 2560, None, 256)), (torch.float32, (2048, 2560, None, 256)),
+    (torch.float16, (777, 2050, None, 100)), (torch.bfloat16, (33, 33, 70, 64)),
+], ids=["v2-bf16", "v2-fp32", "inbatch-bf16", "inbatch-fp32", "inbatch-fp16", "small-bf16"])
 def test_kernel_cuda_vs_fp64(dtype, shape):
     N, M, K, D = shape
     offset = M - N if K is None else 0
