@@ -5,14 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from fastssl.models import build_backbone
-from fastssl.models.backbones import RESNETS
+from fastssl.models.backbones import is_vit_name
 
 
 def backbone_from_config(cfg) -> tuple[nn.Module, int]:
     """build_backbone(cfg.backbone, cfg.image_size) with the config's ViT overrides
     (`vit_depth`, `drop_path_rate`) where the config has them and the backbone is a ViT."""
     options = {}
-    if cfg.backbone not in RESNETS:
+    if is_vit_name(cfg.backbone):
         if getattr(cfg, "vit_depth", None):
             options["depth"] = cfg.vit_depth
         if getattr(cfg, "drop_path_rate", 0.0):

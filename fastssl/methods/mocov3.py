@@ -21,7 +21,7 @@ from fastssl.methods import register
 from fastssl.methods._common import backbone_from_config, check_views
 from fastssl.methods.base import Method, StepContext, TrainConfig
 from fastssl.models import cosine_momentum, ema_update_, frozen_copy, moco_v3_mlp
-from fastssl.models.backbones import RESNETS
+from fastssl.models.backbones import is_vit_name
 
 
 @dataclass
@@ -54,7 +54,7 @@ class MoCoV3(Method):
     def __init__(self, cfg: MoCoV3Config):
         super().__init__(cfg)
         backbone, feature_dim = backbone_from_config(cfg)
-        is_resnet = cfg.backbone in RESNETS
+        is_resnet = not is_vit_name(cfg.backbone)
         if not is_resnet and cfg.freeze_patch_embed:
             backbone.patch_embed.requires_grad_(False)
         layers = cfg.projector_layers or (2 if is_resnet else 3)

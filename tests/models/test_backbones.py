@@ -64,3 +64,13 @@ def test_bad_backbone_arguments():
         build_backbone("resnet18", 0)
     with pytest.raises(ValueError, match="multiple of patch_size=16, got 40"):
         build_backbone("vit_tiny", 40)
+
+
+def test_cifar_resnets():
+    model, dim = build_backbone("resnet20", 32)
+    assert dim == 64
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3)]
+    assert len(convs) == 19  # 6n + 1 convolutions (+ the classifier in the paper) with n = 3
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+    wide, dim = build_backbone("resnet8", 28, width=2)
+    assert dim == 128 and wide(torch.randn(2, 3, 28, 28)).shape == (2, 128)
