@@ -1,0 +1,128 @@
+"""End-to-end training throughput (issues 7 and 8): images/s and peak memory of the real
+Trainer loop (autocast, optimizer, EMA/queue updates, per-step loss check) on synthetic
+on-device views, fused ops (`fused=True`) against every op's reference (`--fused false`).
+
+GPU cases: MoCo v2 and v3 ResNet-50 at 224; DINO ViT-S/16 with 2 x 224 + 10 x 96 crops and
+out_dim 65,536; MAE ViT-B/16 at 224. `--quick` (and any CPU run) uses tiny models and
+batches: a smoke test of the loop, not a measurement. images/s = global batch / median
+step time over the timed steps (after warm-up steps, which include any compilation).
+
+    python benchmarks/bench_train.py [--quick] [--out DIR] [--iters N]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import torch
+from harness import environment, parse_args
+
+from fastssl.engine import Trainer, resolve_config
+from fastssl.methods import METHODS
+
+GPU_CASES = [
+    ("mocov2", {"backbone": "resnet50", "image_size": 224, "batch_size": 256}),
+    ("mocov3", {"backbone": "resnet50", "image_size": 224, "batch_size": 256}),
+    ("dino", {"backbone": "vit_small_patch16", "image_size": 224, "local_size": 96, "local_crops": 10,
+              "out_dim": 65536, "batch_size": 64}),
+    ("mae", {"backbone": "vit_base_patch16", "image_size": 224, "batch_size": 128}),
+]
+CPU_CASES = [
+    ("mocov2", {"backbone": "resnet18", "image_size": 8, "batch_size": 8, "queue_size": 64,
+                "mlp_hidden_dim": 64}),
+    ("mocov3", {"backbone": "resnet18", "image_size": 8, "batch_size": 8, "mlp_hidden_dim": 64}),
+    ("rotnet", {"backbone": "resnet18", "image_size": 8, "batch_size": 8}),
+    ("dino", {"backbone": "vit_tiny_patch4", "image_size": 16, "local_size": 8, "local_crops": 2,
+              "vit_depth": 1, "out_dim": 128, "head_hidden_dim": 64, "batch_size": 8}),
+    ("mae", {"backbone": "vit_tiny_patch4", "image_size": 16, "vit_depth": 1, "decoder_depth": 1,
+             "decoder_dim": 32, "decoder_heads": 2, "batch_size": 8}),
+]
+
+
+class SyntheticLoader:
+    """The same on-device batch every step (data loading is not what this measures)."""
+
+    def __init__(self, sizes: list[int], batch_size: int, steps: int, device: torch.device):
+        g = torch.Generator(device=device).manual_seed(0)
+        self.batch = {
+            "views": [torch.randn(batch_size, 3, s, s, device=device, generator=g) for s in sizes],
+            "label": torch.randint(0, 10, (batch_size,), device=device, generator=g),
+            "index": torch.arange(batch_size, device=device),
+        }
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield self.batch
+
+
+def measure(method_name: str, params: dict, fused: bool, warmup: int, iters: int, out: Path) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cls = METHODS[method_name]
+    # One epoch longer than the run: no epoch-end checkpoint inside the timed steps.
+    cfg = resolve_config(cls.config_class, None, params | {
+        "fused": fused, "epochs": 1, "max_steps": warmup + iters, "warmup_epochs": 0.0, "eval_knn": False,
+        "out": str(out), "log_every": 1_000_000, "checkpoint_every": 0})
+    torch.manual_seed(0)
+    method = cls(cfg)
+    loader = SyntheticLoader(method.recipe().view_sizes, cfg.batch_size, warmup + iters + 1, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    Trainer(method, loader, progress=False, log=lambda m: None).fit()
+    with open(out / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f][warmup:]
+    step_s = statistics.median(cfg.batch_size / r["img_per_s"] for r in records)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"method": method_name, "fused": fused, "images_per_second": cfg.batch_size / step_s,
+            "step_ms": 1e3 * step_s, "peak_memory_gib": peak, "final_loss": records[-1]["loss"]} | params
+
+
+def main() -> None:
+    args = parse_args(__doc__.split("\n\n")[0])
+    quick = args.quick or not torch.cuda.is_available()
+    cases = CPU_CASES if quick else GPU_CASES
+    warmup, iters = (1, args.iters or 2) if quick else (5, args.iters or 20)
+    env = environment()
+    rows = []
+    lines = [f"## Training throughput ({env['device']}, torch {env['torch']}, triton {env['triton']}, "
+             f"{env['date']}, git {env['git_sha']})", "",
+             "| method | backbone | batch | fused img/s | reference img/s | speedup | fused peak GiB | "
+             "reference peak GiB |", "|---|---|---|---|---|---|---|---|"]
+    if quick:
+        lines.insert(1, "\n(smoke run: tiny models; not a measurement)")
+    for name, params in cases:
+        if name not in METHODS:
+            print(f"skipping {name}: method not registered")
+            continue
+        pair = {}
+        for fused in (True, False):
+            with tempfile.TemporaryDirectory() as tmp:
+                pair[fused] = measure(name, params, fused, warmup, iters, Path(tmp))
+            rows.append(pair[fused] | env)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        f, r = pair[True], pair[False]
+        mem = lambda row: "-" if row["peak_memory_gib"] is None else f"{row['peak_memory_gib']:.2f}"
+        fast, ref = f["images_per_second"], r["images_per_second"]
+        lines.append(f"| {name} | {params['backbone']} | {params['batch_size']} | {fast:.1f} | {ref:.1f} | "
+                     f"{fast / ref:.2f}x | {mem(f)} | {mem(r)} |")
+        print(lines[-1], flush=True)
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "train.md").write_text(table)
+        with open(args.out / "train.jsonl", "w") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
