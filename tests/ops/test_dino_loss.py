@@ -192,6 +192,17 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastssl.dino_soft_ce_fwd.default, args)
 
 
+def test_torch_compile_fullgraph_traces_the_op():
+    student, teacher, center = make(3, 2, 2, 40, dtype=torch.float32)
+    fn = torch.compile(lambda s, t, c: dino_loss(s, t, c, n_crops=3, n_global=2, backend="triton"),
+                       fullgraph=True)
+    loss, grad = value_and_grad(fn, student, teacher, center)
+    want, want_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(), 3, 2,
+                                     0.1, 0.04)
+    torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-5)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-5 * 2 / (0.1 * 4 * 2))
+
+
 @pytest.mark.parametrize(
     "shapes,kw,match",
     [
