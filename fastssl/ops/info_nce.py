@@ -47,6 +47,7 @@ At D=128 the exponentials are a co-limit with the matmuls on an H100; overlappin
 is left to Triton's software pipelining (num_stages) across the streamed tiles.
 """
 
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -346,8 +347,8 @@ def info_nce_fwd(
     query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None, temperature: float,
     normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward. Returns (loss [N] fp32, lse2 [N] fp32 (log2 Σ_j 2^(l_ij·log2 e)), dq_dir, dk_dir) where
-    dq_dir [N, D] fp32 = ∂loss_i/∂query_i (empty unless compute_dq) and dk_dir [N, D]
+    """Launch the forward. Returns (loss [N] fp32, lse2 [N] fp32 = log2 Σ_j 2^(l_ij·log2 e),
+    dq_dir, dk_dir) where dq_dir [N, D] fp32 = ∂loss_i/∂query_i (empty unless compute_dq) and dk_dir [N, D]
     fp32 = ∂loss_i/∂key_i for the queue form (empty unless compute_dk and a queue)."""
     query, key = query.contiguous(), key.contiguous()
     has_queue = queue is not None
@@ -424,7 +425,8 @@ def info_nce_bwd(
 
 @torch.library.custom_op("fastssl::info_nce_fwd", mutates_args=())
 def _info_nce_fwd_op(
-    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None, temperature: float,
+    # typing.Optional: the spelling every torch version's schema inference knows.
+    query: torch.Tensor, key: torch.Tensor, queue: Optional[torch.Tensor], temperature: float,  # noqa: UP045
     normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return info_nce_fwd(query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk)
