@@ -4,7 +4,7 @@ every fused op to its reference."""
 
 import pytest
 import torch
-from helpers import (  # noqa: F401 (one_thread is an autouse fixture)
+from method_helpers import (  # noqa: F401 (one_thread is an autouse fixture)
     build,
     context,
     loss_and_grads,

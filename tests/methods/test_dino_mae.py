@@ -5,7 +5,7 @@ moves; MAE's encoder sees exactly len_keep tokens and its loss counts only maske
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build, context, make_batch, one_thread, optimizer, train_step  # noqa: F401
+from method_helpers import build, context, make_batch, one_thread, optimizer, train_step  # noqa: F401
 from torch import nn
 
 

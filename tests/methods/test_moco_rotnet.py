@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build, context, make_batch, one_thread  # noqa: F401 (autouse fixture)
+from method_helpers import build, context, make_batch, one_thread  # noqa: F401 (autouse fixture)
 from torch import nn
 
 from fastssl.models.backbones import RESNETS

@@ -1,0 +1,48 @@
+"""Two gloo processes on half batches give what one process gives on the whole batch (the
+losses averaged, the gradients averaged as DDP does, the DINO center identical on every rank),
+for a DINO step and a MoCo v3 step (keys gathered across ranks, label offset rank * N).
+Both use a ViT backbone, whose samples are independent; MoCo v3's heads keep BatchNorm1d,
+which normalizes with per-rank statistics without SyncBN, so those layers run in eval mode."""
+
+import torch
+from dist_utils import run_gloo
+from method_helpers import build, context, make_batch, one_thread  # noqa: F401 (autouse fixture)
+
+JOBS = [("dino", {}), ("mocov3", {"backbone": "vit_tiny_patch4", "image_size": 16, "vit_depth": 1})]
+
+
+def _steps(rank: int, world: int, jobs: list) -> list:
+    results = []
+    for name, overrides, state, batch in jobs:
+        torch.set_num_threads(1)
+        method = build(name, **overrides)
+        method.load_state_dict(state)
+        for m in method.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.eval()
+        shard = {"views": [v.chunk(world)[rank] for v in batch["views"]]}
+        loss = method(shard, context(epoch=1))["loss"]
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in method.named_parameters() if p.grad is not None}
+        center = method.criterion.center.clone() if name == "dino" else None
+        results.append((loss.detach(), grads, center))
+    return results
+
+
+def test_dino_and_mocov3_two_processes_equal_one_process_on_the_full_batch():
+    jobs = []
+    for name, overrides in JOBS:
+        method = build(name, **overrides)
+        jobs.append((name, overrides, method.state_dict(), make_batch(method, batch_size=4)))
+    full = _steps(0, 1, jobs)
+    ranks = run_gloo(_steps, 2, jobs)
+    for j, (name, _) in enumerate(JOBS):
+        full_loss, full_grads, full_center = full[j]
+        r0, r1 = ranks[0][j], ranks[1][j]
+        torch.testing.assert_close((r0[0] + r1[0]) / 2, full_loss, rtol=1e-5, atol=1e-6, msg=name)
+        assert r0[1].keys() == full_grads.keys()
+        for n, g in full_grads.items():
+            torch.testing.assert_close((r0[1][n] + r1[1][n]) / 2, g, rtol=1e-4, atol=1e-6, msg=f"{name} {n}")
+        if full_center is not None:
+            torch.testing.assert_close(r0[2], full_center, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(r1[2], full_center, rtol=1e-5, atol=1e-7)
