@@ -55,37 +55,39 @@ def test_teacher_temperature_schedule():
 
 @pytest.mark.parametrize("backend,K,B", [("torch", 1000, 16), ("torch", 4096 + 3, 3), ("triton", 130, 3)])
 @pytest.mark.parametrize("ncrops,n_global", [(6, 2), (3, 1)])
-def test_matches_official_over_warmup_epochs_and_center_steps(backend, K, B, ncrops, n_global):
+def test_matches_official_over_warmup_epochs_and_center_steps(backend, K, B, ncrops, n_global, device):
     args = (K, ncrops, 0.04, 0.07, 3, 5)
-    ours = DINOLoss(*args, student_temp=0.1, center_momentum=0.9, n_global=n_global, backend=backend)
+    dev = device if backend == "triton" else "cpu"  # the kernel on CUDA when present, else interpreted
+    ours = DINOLoss(*args, student_temp=0.1, center_momentum=0.9, n_global=n_global, backend=backend).to(dev)
     official = OfficialDINOLoss(*args, student_temp=0.1, center_momentum=0.9, n_global=n_global)
     dtype = torch.float32 if backend == "triton" else torch.float64
     if dtype == torch.float64:
         ours = ours.double()
     for epoch, (s, t) in enumerate(batches(5, ncrops, n_global, B, K, dtype=dtype)):
-        s_ours = s.clone().requires_grad_(True)
+        s_ours = s.to(dev).requires_grad_(True)
         s_off = s.double().requires_grad_(True)
-        loss, want = ours(s_ours, t, epoch), official(s_off, t.double(), epoch)
+        loss, want = ours(s_ours, t.to(dev), epoch), official(s_off, t.double(), epoch)
         (grad,) = torch.autograd.grad(loss, s_ours)
+        loss, grad = loss.detach().cpu(), grad.cpu()
         (want_grad,) = torch.autograd.grad(want, s_off)
         tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loss.double(), want.detach(), **tol)
         torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4 if dtype == torch.float32 else 1e-9,
                                    atol=1e-5 / B if dtype == torch.float32 else 1e-12)
-        torch.testing.assert_close(ours.center.double(), official.center, **tol)
+        torch.testing.assert_close(ours.center.cpu().double(), official.center, **tol)
     assert ours.center.shape == (1, K)
     assert "center" in ours.state_dict()
 
 
-def test_bf16_logits_fp32_center_and_loss():
-    ours = DINOLoss(64, 4, 0.04, 0.04, 0, 2, backend="triton")
+def test_bf16_logits_fp32_center_and_loss(device):
+    ours = DINOLoss(64, 4, 0.04, 0.04, 0, 2, backend="triton").to(device)
     official = OfficialDINOLoss(64, 4, 0.04, 0.04, 0, 2)
     for epoch, (s, t) in enumerate(batches(2, 4, 2, 3, 64, seed=1, dtype=torch.bfloat16)):
-        loss = ours(s, t, epoch)
+        loss = ours(s.to(device), t.to(device), epoch)
         want = official(s.double(), t.double(), epoch)
         assert loss.dtype == torch.float32 and ours.center.dtype == torch.float32
-        torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(ours.center.double(), official.center, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss.cpu().double(), want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(ours.center.cpu().double(), official.center, rtol=1e-5, atol=1e-5)
 
 
 def test_async_center_gives_the_same_losses_and_lags_by_one_step():
@@ -156,22 +158,24 @@ def test_sinkhorn_knopp_matches_float64_reference():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_sinkhorn_knopp_loss(backend):
+def test_sinkhorn_knopp_loss(backend, device):
     ncrops, n_global, B, K = 4, 2, 3, 70
-    ours = DINOLoss(K, ncrops, 0.05, 0.05, 0, 2, teacher_centering="sinkhorn_knopp", backend=backend)
+    dev = device if backend == "triton" else "cpu"
+    ours = DINOLoss(K, ncrops, 0.05, 0.05, 0, 2, teacher_centering="sinkhorn_knopp", backend=backend).to(dev)
     s, t = batches(1, ncrops, n_global, B, K, seed=6)[0]
     s64 = s.clone().requires_grad_(True)
     probs = official_sinkhorn_knopp(t, 0.05).chunk(n_global)
     log_q = F.log_softmax(s64 / 0.1, dim=-1).chunk(ncrops)
     terms = [-(probs[i] * log_q[v]).sum(-1).mean() for i in range(n_global) for v in range(ncrops) if v != i]
     want = sum(terms) / len(terms)
-    s32 = s.float().requires_grad_(True)
-    loss = ours(s32, t.float(), 0)
+    s32 = s.float().to(dev).requires_grad_(True)
+    loss = ours(s32, t.float().to(dev), 0)
     (grad,) = torch.autograd.grad(loss, s32)
+    loss, grad = loss.detach().cpu(), grad.cpu()
     (want_grad,) = torch.autograd.grad(want, s64)
     torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-6)
-    assert torch.equal(ours.center, torch.zeros(1, K))  # DINOv2 leaves the center alone with SK
+    assert torch.equal(ours.center.cpu(), torch.zeros(1, K))  # DINOv2 leaves the center alone with SK
 
 
 MODES = [("center", False), ("center", True), ("sinkhorn_knopp", False)]

@@ -45,7 +45,15 @@ def value_and_grad(fn, student, *args, **kw):
     s = student.detach().clone().requires_grad_(True)
     loss = fn(s, *args, **kw)
     (grad,) = torch.autograd.grad(loss, s)
-    return loss.detach(), grad
+    return loss.detach().cpu(), grad
+
+
+def on(device, fn):
+    """fn with its tensor arguments moved to `device` (CUDA when present, else the CPU, where
+    backend='triton' runs under the interpreter); gradients flow back to the CPU originals."""
+    def call(*args, **kw):
+        return fn(*(a.to(device) if isinstance(a, torch.Tensor) else a for a in args), **kw)
+    return call
 
 
 # Every n_crops x n_global x B with K in {7, 1000}; K = 4099 with the small batches and once at full size
@@ -73,10 +81,10 @@ KERNEL_CASES = [
 
 
 @pytest.mark.parametrize("n_crops,n_global,B,K", KERNEL_CASES)
-def test_kernel_matches_official_formula(n_crops, n_global, B, K):
+def test_kernel_matches_official_formula(n_crops, n_global, B, K, device):
     student, teacher, center = make(n_crops, n_global, B, K, dtype=torch.float32)
-    loss, grad = value_and_grad(dino_loss, student, teacher, center, n_crops=n_crops, n_global=n_global,
-                                backend="triton")
+    loss, grad = value_and_grad(on(device, dino_loss), student, teacher, center, n_crops=n_crops,
+                                n_global=n_global, backend="triton")
     want, want_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(),
                                      n_crops, n_global, 0.1, 0.04)
     assert loss.dtype == torch.float32 and grad.dtype == torch.float32
@@ -89,10 +97,10 @@ def test_kernel_matches_official_formula(n_crops, n_global, B, K):
 
 @pytest.mark.parametrize("student_temp,teacher_temp,scale",
                          [(0.01, 0.01, 5.0), (1.0, 1.0, 0.01), (0.1, 0.04, 30.0)])
-def test_kernel_extreme_temperatures(student_temp, teacher_temp, scale):
+def test_kernel_extreme_temperatures(student_temp, teacher_temp, scale, device):
     student, teacher, center = make(3, 2, 3, 300, dtype=torch.float32, scale=scale, seed=1)
     kw = dict(n_crops=3, n_global=2, student_temp=student_temp, teacher_temp=teacher_temp)
-    loss, grad = value_and_grad(dino_loss, student, teacher, center, backend="triton", **kw)
+    loss, grad = value_and_grad(on(device, dino_loss), student, teacher, center, backend="triton", **kw)
     want, want_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(), 3, 2,
                                      student_temp, teacher_temp)
     assert torch.isfinite(loss) and torch.isfinite(grad).all()
@@ -102,12 +110,12 @@ def test_kernel_extreme_temperatures(student_temp, teacher_temp, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernel_low_precision_within_twice_torch_error(dtype):
+def test_kernel_low_precision_within_twice_torch_error(dtype, device):
     """DESIGN.md rule: error vs fp64 truth <= 2x the official formula's error in the same dtype + atol."""
     n_crops, n_global, B, K = 6, 2, 3, 1000
     student, teacher, center = make(n_crops, n_global, B, K, dtype=dtype, scale=1.0, seed=2)
     kw = dict(n_crops=n_crops, n_global=n_global, student_temp=0.1, teacher_temp=0.04)
-    loss, grad = value_and_grad(dino_loss, student, teacher, center, backend="triton", **kw)
+    loss, grad = value_and_grad(on(device, dino_loss), student, teacher, center, backend="triton", **kw)
     assert grad.dtype == dtype
     truth, truth_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(),
                                        n_crops, n_global, 0.1, 0.04)
@@ -118,19 +126,21 @@ def test_kernel_low_precision_within_twice_torch_error(dtype):
     assert kernel_err <= 2 * torch_err + 1e-3 * truth_grad.abs().max()
 
 
-def test_kernel_grad_output_scaling_and_noncontiguous_input():
+def test_kernel_grad_output_scaling_and_noncontiguous_input(device):
     student, teacher, center = make(3, 2, 3, 65, dtype=torch.float32)
-    s_t = student.t().contiguous().requires_grad_(True)  # the kernel must copy the transposed view
-    loss = dino_loss(s_t.t(), teacher, center.view(-1), n_crops=3, n_global=2, backend="triton")
-    (grad,) = torch.autograd.grad(loss, s_t, grad_outputs=torch.tensor(-2.5))
+    s_t = student.t().contiguous().to(device).requires_grad_(True)  # the kernel must copy the transposed view
+    loss = dino_loss(s_t.t(), teacher.to(device), center.view(-1).to(device), n_crops=3, n_global=2,
+                     backend="triton")
+    (grad,) = torch.autograd.grad(loss, s_t, grad_outputs=torch.tensor(-2.5, device=device))
+    loss, grad = loss.detach().cpu(), grad.cpu()
     want, want_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(), 3, 2,
                                      0.1, 0.04)
     torch.testing.assert_close(loss.double(), want, rtol=2e-6, atol=1e-5)
     torch.testing.assert_close(grad.t().double(), -2.5 * want_grad, rtol=1e-4, atol=1e-6)
 
 
-def test_teacher_and_center_get_no_gradient():
-    student, teacher, center = make(2, 1, 3, 40, dtype=torch.float32)
+def test_teacher_and_center_get_no_gradient(device):
+    student, teacher, center = (x.to(device) for x in make(2, 1, 3, 40, dtype=torch.float32))
     teacher.requires_grad_(True)
     student.requires_grad_(True)
     loss = dino_loss(student, teacher, center, n_crops=2, n_global=1, backend="triton")
@@ -139,14 +149,14 @@ def test_teacher_and_center_get_no_gradient():
 
 
 @pytest.mark.parametrize("where", ["student", "teacher"])
-def test_nan_in_gives_nan_out(where):
-    student, teacher, center = make(3, 2, 3, 50, dtype=torch.float32)
+def test_nan_in_gives_nan_out(where, device):
+    student, teacher, center = (x.to(device) for x in make(3, 2, 3, 50, dtype=torch.float32))
     (student if where == "student" else teacher)[4, 7] = float("nan")
     loss = dino_loss(student, teacher, center, n_crops=3, n_global=2, backend="triton")
     assert torch.isnan(loss)
 
 
-def test_soft_cross_entropy_given_probabilities():
+def test_soft_cross_entropy_given_probabilities(device):
     """Target weights mode (multi-label, Sinkhorn-Knopp teacher), with and without the v != i rule."""
     g = torch.Generator().manual_seed(3)
     student = torch.randn(3 * 2, 1100, generator=g)
@@ -154,7 +164,7 @@ def test_soft_cross_entropy_given_probabilities():
     weights[:, 5] = 0.5
     probs = weights.double() / weights.double().sum(-1, keepdim=True)
     for exclude in (True, False):
-        loss, grad = value_and_grad(soft_cross_entropy, student, weights, n_crops=3, n_targets=2,
+        loss, grad = value_and_grad(on(device, soft_cross_entropy), student, weights, n_crops=3, n_targets=2,
                                     student_temp=0.2, exclude_same=exclude, backend="triton")
         s64 = student.double().requires_grad_(True)
         log_q = F.log_softmax(s64 / 0.2, dim=-1).chunk(3)
@@ -185,17 +195,17 @@ def test_ref_is_the_documented_formula():
                                official_loss(student, teacher, center, 3, 2, 0.1, 0.04))
 
 
-def test_opcheck():
-    student, teacher, center = make(3, 2, 2, 40, dtype=torch.float32)
+def test_opcheck(device):
+    student, teacher, center = (x.to(device) for x in make(3, 2, 2, 40, dtype=torch.float32))
     student.requires_grad_(True)
     args = (student, teacher, center.view(-1), 3, 2, 0.1, 0.04, True, True, True)
     torch.library.opcheck(torch.ops.fastssl.dino_soft_ce_fwd.default, args)
 
 
-def test_torch_compile_fullgraph_traces_the_op():
+def test_torch_compile_fullgraph_traces_the_op(device):
     student, teacher, center = make(3, 2, 2, 40, dtype=torch.float32)
-    fn = torch.compile(lambda s, t, c: dino_loss(s, t, c, n_crops=3, n_global=2, backend="triton"),
-                       fullgraph=True)
+    fn = on(device, torch.compile(lambda s, t, c: dino_loss(s, t, c, n_crops=3, n_global=2, backend="triton"),
+                                  fullgraph=True))
     loss, grad = value_and_grad(fn, student, teacher, center)
     want, want_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(), 3, 2,
                                      0.1, 0.04)
