@@ -11,6 +11,13 @@ the batches the loader planned for the epoch (shuffle, shard or weak-supervision
 sampler: decided in Python, the same for both backends). One pipeline is built per epoch
 with a seed derived from (seed, epoch, shard), which makes the augmentations of an epoch
 a function of those three alone: resuming at epoch e reproduces epoch e.
+
+Same ranges and probabilities as the torchvision backend; where the operators differ:
+color jitter is one `fn.color_twist` (fixed order brightness, contrast, hue, saturation,
+contrast around mid-gray) where torchvision applies the four in random order with contrast
+around the image mean; grayscale is saturation 0 in that same color matrix; the blur
+window is DALI's +-3 sigma. The outputs of the two backends are alike in distribution, not
+equal pixel for pixel.
 """
 
 from __future__ import annotations

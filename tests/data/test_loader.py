@@ -107,6 +107,11 @@ def test_determinism_epochs_and_resume(backend):
         assert torch.equal(x["index"], y["index"])
         assert all(torch.equal(u, v) for u, v in zip(x["views"], y["views"]))
     assert not torch.equal(torch.cat([x["index"] for x in epoch0]), torch.cat([x["index"] for x in epoch1]))
+    # Leaving an epoch early does not disturb the next one.
+    c = make(0, 2)
+    next(iter(c))
+    again = _collect(c)
+    assert all(torch.equal(x["views"][0], y["views"][0]) for x, y in zip(epoch1, again))
     other_seed = _collect(make(1, 2))
     assert not torch.equal(epoch0[0]["views"][0], other_seed[0]["views"][0])
     # The two views of one image differ (independent randomness per view).
@@ -135,11 +140,13 @@ def test_op_probabilities(backend):
         replace(base, solarize_p=0.2),
         replace(base, blur_p=0.5),
         replace(base, jitter=(0.4, 0.0, 0.0, 0.0), jitter_p=0.8),
+        replace(base, flip_p=1.0, grayscale_p=1.0),
+        replace(base, solarize_p=1.0),
     ])
     loader = build_loader(ArraySource(_probe_images(n)), recipe, batch_size=200, backend=backend,
                           device="cpu", num_threads=2)
     views = [torch.cat(vs) for vs in zip(*(b["views"] for b in loader))]
-    ident, gray, flip, solar, blur, jitter = (_unnormalize(v) for v in views)
+    ident, gray, flip, solar, blur, jitter, always, always_solar = (_unnormalize(v) for v in views)
     original = torch.from_numpy(_probe_images(1)[0]).permute(2, 0, 1).float() / 255
     torch.testing.assert_close(ident, original.expand_as(ident), atol=1e-3, rtol=0)
     changed = lambda v: (v - ident).abs().amax(dim=(1, 2, 3)) > 1.5 / 255
@@ -162,6 +169,11 @@ def test_op_probabilities(backend):
     expected = original.clone()
     expected[original >= 128 / 255] = 1 - expected[original >= 128 / 255]
     torch.testing.assert_close(hit, expected.expand_as(hit), atol=1e-3, rtol=0)
+    # Probability 1: every sample is solarized; every sample is gray (left ~98, right ~87
+    # of 255) and flipped.
+    torch.testing.assert_close(always_solar, expected.expand_as(always_solar), atol=1e-3, rtol=0)
+    assert (always.amax(dim=1) - always.amin(dim=1)).amax() < 1.5 / 255
+    assert (always - always[0]).abs().amax() < 1e-3 and (always[0, 0, :, 0] < always[0, 0, :, -1]).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
