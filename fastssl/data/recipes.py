@@ -51,6 +51,8 @@ class ViewSpec:
             raise ValueError(f"crop must be 'random_resized' or 'center', got {self.crop!r}")
         if self.resize is not None:
             _check_int("resize", self.resize)
+            if self.resize < self.size:
+                raise ValueError(f"resize must be >= size={self.size} (the center crop), got {self.resize}")
         for name in ("scale", "ratio", "blur_sigma"):
             lo, hi = _pair(name, getattr(self, name))
             if not 0 < lo <= hi:

@@ -72,6 +72,7 @@ def test_overrides():
         ({"scale": (0.2, 1.5)}, "scale"),
         ({"crop": "square"}, "crop"),
         ({"jitter": (0.4, 0.4, 0.4)}, "jitter"),
+        ({"crop": "center", "size": 32, "resize": 28}, "resize"),
     ],
 )
 def test_bad_view_fields(kwargs, match):
