@@ -72,8 +72,11 @@ def test_matches_official_over_warmup_epochs_and_center_steps(backend, K, B, ncr
         (want_grad,) = torch.autograd.grad(want, s_off)
         tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loss.double(), want.detach(), **tol)
-        torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4 if dtype == torch.float32 else 1e-9,
-                                   atol=1e-5 / B if dtype == torch.float32 else 1e-12)
+        # fp32: gradient entries are probability differences times 1/(tau_s (ncrops - 1) B), rounded
+        # with logits/temperature up to ~150
+        grad_tol = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(
+            rtol=1e-4, atol=3e-5 / (0.1 * (ncrops - 1) * B))
+        torch.testing.assert_close(grad.double(), want_grad, **grad_tol)
         torch.testing.assert_close(ours.center.cpu().double(), official.center, **tol)
     assert ours.center.shape == (1, K)
     assert "center" in ours.state_dict()
