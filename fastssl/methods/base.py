@@ -81,6 +81,9 @@ class Method(nn.Module):
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[TrainConfig]] = TrainConfig
+    # Named configurations (config-field overrides), e.g. presets["fashion-mnist"] for 32x32
+    # images on a CPU; for resolve_config(..., preset=...). Between the defaults and a YAML file.
+    presets: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, cfg: TrainConfig):
         super().__init__()

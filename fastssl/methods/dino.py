@@ -61,6 +61,13 @@ class DINOConfig(TrainConfig):
 class DINO(Method):
     name = "dino"
     config_class = DINOConfig
+    # 32x32 (Fashion-MNIST): ViT-Tiny/4 (64 patches), global crops 32, local crops 16; a shallower
+    # ViT and fewer prototypes so that a CPU gets through epochs in minutes
+    presets = {"fashion-mnist": dict(
+        backbone="vit_tiny_patch4", image_size=32, local_size=16, local_crops=6, vit_depth=4,
+        batch_size=256, epochs=10, warmup_epochs=1.0, out_dim=4096, head_hidden_dim=1024,
+        drop_path_rate=0.0, warmup_teacher_temp=0.04, teacher_temp=0.04,
+    )}
 
     def __init__(self, cfg: DINOConfig):
         super().__init__(cfg)

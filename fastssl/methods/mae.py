@@ -45,6 +45,10 @@ class MAEConfig(TrainConfig):
 class MAE(Method):
     name = "mae"
     config_class = MAEConfig
+    presets = {"fashion-mnist": dict(
+        backbone="vit_tiny_patch4", image_size=32, vit_depth=4, decoder_dim=128, decoder_depth=2,
+        decoder_heads=4, batch_size=256, epochs=20, warmup_epochs=1.0,
+    )}
 
     def __init__(self, cfg: MAEConfig):
         super().__init__(cfg)

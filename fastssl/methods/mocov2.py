@@ -44,6 +44,12 @@ class MoCoV2Config(TrainConfig):
 class MoCoV2(Method):
     name = "mocov2"
     config_class = MoCoV2Config
+    # 32x32 (Fashion-MNIST): the official MoCo CIFAR-10 demo's changes (K = 4096, m = 0.99,
+    # T = 0.1, symmetric loss, lr 0.06 for batch 512, wd 5e-4) on a CIFAR ResNet-20.
+    presets = {"fashion-mnist": dict(
+        backbone="resnet20", image_size=32, batch_size=512, epochs=20, base_lr=0.03, weight_decay=5e-4,
+        queue_size=4096, moco_momentum=0.99, temperature=0.1, symmetric=True, mlp_hidden_dim=512,
+    )}
 
     def __init__(self, cfg: MoCoV2Config):
         super().__init__(cfg)

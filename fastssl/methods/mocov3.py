@@ -50,6 +50,10 @@ class MoCoV3Config(TrainConfig):
 class MoCoV3(Method):
     name = "mocov3"
     config_class = MoCoV3Config
+    presets = {"fashion-mnist": dict(
+        backbone="resnet20", image_size=32, batch_size=256, epochs=20, optimizer="sgd", base_lr=0.3,
+        weight_decay=5e-4, warmup_epochs=1.0, mlp_hidden_dim=1024, moco_dim=128,
+    )}
 
     def __init__(self, cfg: MoCoV3Config):
         super().__init__(cfg)

@@ -38,6 +38,7 @@ class RotNetConfig(TrainConfig):
 class RotNet(Method):
     name = "rotnet"
     config_class = RotNetConfig
+    presets = {"fashion-mnist": dict(backbone="resnet20", image_size=32, batch_size=128, epochs=20)}
 
     def __init__(self, cfg: RotNetConfig):
         super().__init__(cfg)

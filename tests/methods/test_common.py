@@ -129,3 +129,17 @@ def test_engine_like_step_runs_for_every_method():
         method = build(name)
         loss = train_step(method, optimizer(method, 1e-3), make_batch(method, batch_size=4), context())
         assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fashion_mnist_presets_are_valid_32px_configs(name):
+    cls = METHODS[name]
+    preset = cls.presets["fashion-mnist"]
+    cfg = cls.config_class(**preset)  # unknown keys would raise TypeError here
+    assert cfg.image_size == 32
+    if name == "dino":
+        assert (cfg.local_size, cfg.backbone) == (16, "vit_tiny_patch4")
+    method = cls(cfg)
+    batch = make_batch(method, batch_size=2)
+    with torch.no_grad():
+        assert torch.isfinite(method(batch, context())["loss"])
