@@ -329,3 +329,24 @@ def test_gpu_output_matches_layout(backend):
     b = next(iter(loader))
     assert all(v.is_cuda for v in b["views"]) and b["label"].is_cuda and b["index"].is_cuda
     assert [tuple(v.shape) for v in b["views"]] == [(8, 3, 16, 16)] * 2 + [(8, 3, 8, 8)] * 2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_resized_crop_area_follows_scale(backend):
+    # Red encodes x (4 per pixel), green encodes y: across a 16-pixel output row the red
+    # values span (w - w / 16) * 4 for a crop of width w. Square ratio on a square image:
+    # the area fraction is the scale drawn uniformly in (0.2, 1), mean 0.6.
+    side, out, n = 64, 16, 400
+    ramp = np.arange(side, dtype=np.uint8) * 4
+    img = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.zeros((side, side), np.uint8)), -1)
+    recipe = Recipe("crop", [ViewSpec(size=out, scale=(0.2, 1.0), ratio=(1.0, 1.0), flip_p=0.0)])
+    images = np.broadcast_to(img, (n, side, side, 3)).copy()
+    loader = build_loader(ArraySource(images), recipe, batch_size=100, backend=backend, device="cpu",
+                          num_threads=2)
+    views = _unnormalize(torch.cat([b["views"][0] for b in loader])) * 255
+    width = (views[:, 0, :, -1] - views[:, 0, :, 0]).mean(dim=1) / 4 * out / (out - 1)
+    height = (views[:, 1, -1, :] - views[:, 1, 0, :]).mean(dim=1) / 4 * out / (out - 1)
+    area = width * height / side**2
+    assert abs(float(area.mean()) - 0.6) < 0.04, float(area.mean())
+    assert float(area.min()) > 0.2 - 0.03 and float(area.max()) < 1.0 + 0.03
+    torch.testing.assert_close(width, height, atol=1.5, rtol=0)  # ratio (1, 1): square crops
