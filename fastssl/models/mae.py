@@ -108,11 +108,15 @@ class MaskedAutoencoderViT(nn.Module):
 
         noise [B, L]: the official masking noise (keep the len_keep lowest); None draws a random
         permutation per sample from the global generator."""
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        x = self.patch_embed(imgs)
         if mask_ratio > 0:
-            x, mask, ids_restore = ops.random_masking(x, mask_ratio, noise=noise, backend=backend)
+            # the fixed position embedding is added to the kept rows inside the masking gather
+            # (equal to masking x + pos_embed, without a pass over all L tokens)
+            x, mask, ids_restore = ops.random_masking(
+                x, mask_ratio, noise=noise, pos_embed=self.pos_embed[:, 1:], backend=backend
+            )
         else:
-            mask = ids_restore = None
+            x, mask, ids_restore = x + self.pos_embed[:, 1:], None, None
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls, x], dim=1)
         for block in self.blocks:

@@ -101,7 +101,7 @@ def test_mae_encoder_sees_len_keep_tokens_and_loss_counts_masked_patches():
     model = method.model
     L, len_keep = 16, int(16 * (1 - 0.75))  # 16x16 image, patch 4
     encoder_in, decoder_in, preds = [], [], []
-    model.blocks[0].register_forward_hook(lambda m, i, o: encoder_in.append(i[0].shape) and None)
+    model.blocks[0].register_forward_hook(lambda m, i, o: encoder_in.append(i[0]) and None)
     model.decoder_blocks[0].register_forward_hook(lambda m, i, o: decoder_in.append(i[0].shape) and None)
 
     def keep_pred(m, i, o):
@@ -112,12 +112,18 @@ def test_mae_encoder_sees_len_keep_tokens_and_loss_counts_masked_patches():
     imgs = make_batch(method, batch_size=3)["views"][0]
     noise = torch.rand(3, L, generator=torch.Generator().manual_seed(1))
     loss, pred, mask = model(imgs, 0.75, backend=method.backend, noise=noise)
-    assert encoder_in == [(3, 1 + len_keep, 192)]     # class token + kept patches only
+    assert encoder_in[0].shape == (3, 1 + len_keep, 192)  # class token + kept patches only
     assert decoder_in == [(3, 1 + L, 32)]             # class token + every position
     # official masking: keep the len_keep lowest-noise patches, mask 1 = removed
     want_mask = torch.ones(3, L)
     want_mask.scatter_(1, noise.argsort(1)[:, :len_keep], 0.0)
     assert torch.equal(mask, want_mask)
+    # position embedding added before masking, class token (with its position) prepended after
+    with torch.no_grad():
+        tokens = model.patch_embed(imgs) + model.pos_embed[:, 1:]
+        kept = torch.gather(tokens, 1, noise.argsort(1)[:, :len_keep, None].expand(-1, -1, 192))
+        cls = (model.cls_token + model.pos_embed[:, :1]).expand(3, -1, -1)
+    torch.testing.assert_close(encoder_in[0], torch.cat([cls, kept], dim=1))
 
     target = patchify_reference(imgs, 4)
     target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
