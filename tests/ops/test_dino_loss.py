@@ -88,10 +88,10 @@ def test_torch_backend_matches_official_formula(n_crops, n_global, B, K):
 
 
 # The interpreter runs a few thousand tile-rows per second: shapes stay small here, and every
-# (n_crops, n_global) pair still runs, with K below, at and across the 1024-wide tile.
+# (n_crops, n_global) pair still runs, with K below and across the 2048-wide tile.
 KERNEL_CASES = [
     (2, 1, 1, 7), (2, 2, 3, 7), (3, 1, 3, 1000), (3, 2, 1, 4096 + 3), (6, 1, 3, 130), (6, 2, 3, 1000),
-    (12, 1, 1, 17), (12, 2, 3, 1030),
+    (12, 1, 1, 17), (12, 2, 3, 2048 + 2),
 ]
 
 
@@ -274,11 +274,11 @@ def build(kernel, sig, consts):
     names = kernel.arg_names  # the kernel's parameter order: constexpr indices refer to it
     sig = {n: ("constexpr" if n in consts else sig[n]) for n in names}
     src = ASTSource(kernel, sig, {(names.index(n),): v for n, v in consts.items()})
-    triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
 for logits, exclude, ones in itertools.product([True, False], [True, False], [False, True]):
     # Triton turns int arguments equal to 1 into constants: multi-label (V = G = 1) and B = 1 take that path
     one = dict(B=1, V=1, G=1, samples_per_group=1) if ones else {}
-    flags = dict(BLOCK_K=1024, TARGET_IS_LOGITS=logits, EXCLUDE_SAME=exclude)
+    flags = dict(BLOCK_K=2048, TARGET_IS_LOGITS=logits, EXCLUDE_SAME=exclude)
     build(m._dino_loss_fwd_kernel, {k: v for k, v in FWD.items() if k not in one},
           {**one, **flags, "WITH_TARGET_SUM": logits})
     build(m._dino_loss_bwd_kernel, {k: v for k, v in BWD.items() if k not in one}, {**one, **flags})
