@@ -64,6 +64,8 @@ class WeakSupervised(Method):
 
     name = "weak"
     config_class = WeakConfig
+    presets = {"fashion-mnist": dict(backbone="resnet20", image_size=32, batch_size=128, epochs=20,
+                                     num_classes=10, crop_scale=(0.25, 1.0))}
 
     def __init__(self, cfg: WeakConfig, labels: LabelTable | None = None,
                  backbone: tuple[nn.Module, int] | None = None):
