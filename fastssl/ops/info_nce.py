@@ -281,33 +281,57 @@ def _info_nce_bwd_combine_kernel(
 
 
 # Autotuning on a GPU for problems big enough to repay it (each config is a compile); small
-# ones and the interpreter run one fixed configuration. The last config fits fp32 at D=256
-# in shared memory, where the larger tiles run out and the autotuner drops them.
-_TILE_CONFIGS = [
-    triton.Config({"BLOCK_N": 128, "BLOCK_M": 64}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_N": 128, "BLOCK_M": 128}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_N": 64, "BLOCK_M": 64}, num_warps=4, num_stages=3),
-    triton.Config({"BLOCK_N": 64, "BLOCK_M": 32}, num_warps=4, num_stages=2),
+# ones and the interpreter run one fixed configuration.
+# (BLOCK_N, BLOCK_M, warps, stages, shared-memory bytes per unit of BLOCK_D for 16-bit / fp32
+# inputs): the larger of the forward's and the key-gradient kernel's, as compiled for sm_90
+# (triton 3.8; linear in BLOCK_D). Configs that cannot fit the card's shared memory are pruned
+# before compiling (a tf32x3 compile at D=256 takes tens of seconds): fp32 at D=256 keeps only
+# the last one (~224 KiB of the H100's 227).
+_TILE_TABLE = [
+    (128, 64, 8, 3, 512, 2584),
+    (128, 128, 8, 2, 518, 2572),
+    (64, 64, 4, 3, 262, 1548),
+    (64, 32, 4, 2, 256, 897),
 ]
+_TILE_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_M": m}, num_warps=w, num_stages=st)
+                 for n, m, w, st, _, _ in _TILE_TABLE]
 _AUTOTUNE_MIN_LOGITS = 1 << 22  # N·K below this: the fixed configuration
 _INTERPRETER_TILES = {"BLOCK_N": 32, "BLOCK_M": 64}
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    bytes_col = 5 if kwargs["DOT_PRECISION"] == "tf32x3" else 4
+    limit = torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+    kept = [cfg for cfg, row in zip(_TILE_CONFIGS, _TILE_TABLE) if row[bytes_col] * kwargs["BLOCK_D"] <= limit]
+    return kept or _TILE_CONFIGS[-1:]  # nothing fits: the smallest, whose launch then says why
+
+
 _fwd_kernel_tuned = triton.autotune(
-    _TILE_CONFIGS, key=["BLOCK_D", "SCALE_ROWS", "SCALE_COLS", "COMPUTE_DQ", "DOT_PRECISION"]
+    _TILE_CONFIGS, key=["BLOCK_D", "SCALE_ROWS", "SCALE_COLS", "COMPUTE_DQ", "DOT_PRECISION"],
+    prune_configs_by={"early_config_prune": _prune_configs},
 )(_info_nce_fwd_kernel)
-_bwd_kernel_tuned = triton.autotune(_TILE_CONFIGS, key=["BLOCK_D", "NORMALIZE", "DOT_PRECISION"])(_info_nce_bwd_kernel)
+_bwd_kernel_tuned = triton.autotune(
+    _TILE_CONFIGS, key=["BLOCK_D", "NORMALIZE", "DOT_PRECISION"], prune_configs_by={"early_config_prune": _prune_configs},
+)(_info_nce_bwd_kernel)
+
+
+def _fixed_tiles(block_d: int, dtype: torch.dtype) -> dict:
+    """GPU tiles for problems below the autotuning threshold; fit sm_90's shared memory for
+    rows up to D=512 (fp32: 32x32 tiles from D=256 on, ~96-192 KiB)."""
+    row_bytes = block_d * dtype.itemsize
+    return {"BLOCK_N": 64, "BLOCK_M": 64} if row_bytes <= 512 else {"BLOCK_N": 32, "BLOCK_M": 32}
 
 
 def _launch(kernel, tuned, splits: int, outer_block: str, outer_rows: int, logits: int, args: tuple,
             flags: dict) -> None:
-    """Run `kernel` over (ceil(outer_rows / BLOCK), splits) programs with the tiles for this machine.
-    The fixed GPU tiles fit fp32 rows up to D=512 in shared memory."""
+    """Run `kernel` over (ceil(outer_rows / BLOCK), splits) programs with the tiles for this machine."""
     if triton_interpreting():
         grid = (triton.cdiv(outer_rows, _INTERPRETER_TILES[outer_block]), splits)
         kernel[grid](*args, **flags, **_INTERPRETER_TILES)
     elif logits >= _AUTOTUNE_MIN_LOGITS:
         tuned[lambda meta: (triton.cdiv(outer_rows, meta[outer_block]), splits)](*args, **flags)
     else:
-        tiles = {"BLOCK_N": 64, "BLOCK_M": 64} if flags["BLOCK_D"] <= 256 else {"BLOCK_N": 32, "BLOCK_M": 32}
+        tiles = _fixed_tiles(flags["BLOCK_D"], args[0].dtype)
         grid = (triton.cdiv(outer_rows, tiles[outer_block]), splits)
         kernel[grid](*args, **flags, **tiles, num_warps=4, num_stages=2)
 
