@@ -98,3 +98,51 @@ class MultiCropWrapper(nn.Module):
             features.append(self.backbone(torch.cat(crops[start:end])))
             start = end
         return self.head(torch.cat(features))
+
+
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics come from `splits` sub-batches (samples i with
+    i % splits == s), each normalized on its own, as `splits` GPUs would; eval mode is plain BN.
+
+    This is how the official MoCo CIFAR demo simulates multi-GPU shuffling BN in one process:
+    with the key batch shuffled, a query and its positive key see different statistics, which
+    removes the batch-statistics shortcut (He et al. 2020, sec. 3.3)."""
+
+    def __init__(self, num_features: int, splits: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if not isinstance(splits, int) or splits < 1:
+            raise ValueError(f"splits must be an int >= 1, got {splits!r}")
+        self.splits = splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.splits == 1 or not self.track_running_stats:
+            return super().forward(x)
+        N, C, H, W = x.shape
+        if N % self.splits:
+            raise ValueError(f"batch size must be a multiple of splits={self.splits}, got {N}")
+        s = self.splits
+        # sample a*s + b lands in channel block b: one batch_norm call normalizes each split alone
+        mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)
+        weight = self.weight.repeat(s) if self.affine else None
+        bias = self.bias.repeat(s) if self.affine else None
+        # momentum None means a cumulative average in BatchNorm
+        factor = self.momentum if self.momentum is not None else 1.0 / (int(self.num_batches_tracked) + 1)
+        out = F.batch_norm(x.reshape(N // s, s * C, H, W), mean, var, weight, bias, True, factor, self.eps)
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(s, C).mean(0))
+            self.running_var.copy_(var.view(s, C).mean(0))
+            self.num_batches_tracked.add_(1)
+        return out.view(N, C, H, W)
+
+
+def split_batch_norm_(module: nn.Module, splits: int) -> nn.Module:
+    """Replace every BatchNorm2d in `module` (in place) by a SplitBatchNorm2d with the same state."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d) and not isinstance(child, SplitBatchNorm2d):
+            bn = SplitBatchNorm2d(child.num_features, splits, eps=child.eps, momentum=child.momentum,
+                                  affine=child.affine, track_running_stats=child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            split_batch_norm_(child, splits)
+    return module

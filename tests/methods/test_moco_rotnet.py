@@ -116,3 +116,24 @@ def test_rotnet_predicts_the_quarter_turn_of_each_view():
     assert logits[0].shape == (12, 4)
     with pytest.raises(ValueError, match="with at least 4 views, got 2 views"):
         method({"views": batch["views"][:2]}, context())
+
+
+def test_mocov2_shuffled_split_bn_keys():
+    from fastssl.models.heads import SplitBatchNorm2d
+
+    method = build("mocov2", bn_splits=2)
+    assert any(isinstance(m, SplitBatchNorm2d) for m in method.encoder_k.modules())
+    x = make_batch(method, batch_size=8)["views"][1]
+    torch.manual_seed(3)
+    keys = method._keys_of(x)
+    # the same permutation by hand: keys come back in the batch's order
+    torch.manual_seed(3)
+    perm = torch.randperm(8)
+    with torch.no_grad():
+        want = method.encoder_k(x[perm])[torch.argsort(perm)]
+    torch.testing.assert_close(keys, want)
+    with torch.no_grad():
+        unshuffled = method.encoder_k(x)
+    assert not torch.allclose(keys, unshuffled)  # other split statistics for each key
+    loss = method(make_batch(method, batch_size=8), context())["loss"]
+    assert torch.isfinite(loss)

@@ -121,3 +121,31 @@ def test_sincos_pos_embed_matches_the_formula():
             torch.testing.assert_close(emb[1 + row * grid + col], torch.tensor(want, dtype=torch.float32))
     with pytest.raises(ValueError, match="multiple of 4 .* got 6"):
         sincos_pos_embed_2d(6, 2)
+
+
+def test_split_batch_norm_normalizes_each_split_alone():
+    from fastssl.models.heads import SplitBatchNorm2d, split_batch_norm_
+
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(8, 3, 4, 4) * 3 + 1
+    split = SplitBatchNorm2d(3, 4)
+    split.load_state_dict(bn.state_dict())
+    out = split(x)
+    # each sub-batch {i : i % 4 == s} through its own copy of the BN, running stats averaged
+    refs = [nn.BatchNorm2d(3) for _ in range(4)]
+    for s, ref in enumerate(refs):
+        ref.load_state_dict(bn.state_dict())
+        torch.testing.assert_close(out[s::4], ref(x[s::4]))
+    torch.testing.assert_close(split.running_mean, torch.stack([r.running_mean for r in refs]).mean(0))
+    torch.testing.assert_close(split.running_var, torch.stack([r.running_var for r in refs]).mean(0))
+    split.eval()
+    bn.load_state_dict(split.state_dict())
+    torch.testing.assert_close(split(x), bn.eval()(x))
+    with pytest.raises(ValueError, match="multiple of splits=4, got 6"):
+        split.train()(x[:6])
+    net = split_batch_norm_(nn.Sequential(nn.Conv2d(3, 3, 1), nn.Sequential(nn.BatchNorm2d(3))), 2)
+    assert isinstance(net[1][0], SplitBatchNorm2d) and net[1][0].splits == 2
