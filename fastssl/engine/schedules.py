@@ -31,10 +31,12 @@ def scaled_lr(cfg: TrainConfig) -> float:
     return cfg.base_lr * cfg.batch_size / cfg.lr_batch_divisor
 
 
-def build_schedules(cfg: TrainConfig, steps_per_epoch: int) -> dict[str, np.ndarray]:
+def build_schedules(cfg: TrainConfig, steps_per_epoch: int,
+                    total_steps: int | None = None) -> dict[str, np.ndarray]:
     """LR (warm-up + cosine to min_lr) and weight decay (constant, or cosine to
-    weight_decay_end) for epochs * steps_per_epoch steps; cfg.batch_size is the global batch."""
-    total = cfg.epochs * steps_per_epoch
+    weight_decay_end) for `total_steps` (default epochs * steps_per_epoch) steps;
+    cfg.batch_size is the global batch."""
+    total = cfg.epochs * steps_per_epoch if total_steps is None else total_steps
     warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total)
     lr = cosine_schedule(scaled_lr(cfg), cfg.min_lr, total, warmup)
     if cfg.weight_decay_end is None:

@@ -62,11 +62,16 @@ class Trainer:
     (atomic checkpoint every cfg.checkpoint_every steps and at each epoch end) and
     summary.json. cfg.batch_size is the global batch; the loader yields this rank's share.
 
-    resume: None (fresh run), "auto" (continue from OUT/last.pt when it exists) or a path."""
+    resume: None (fresh run), "auto" (continue from OUT/last.pt when it exists) or a path.
+    time_budget_s: wall-clock budget of fit() (training and evaluations). After timing the
+    first steps, the run is shortened to the steps that fit (never lengthened): the
+    schedules are re-spread over the shorter run, so it still ends with a full cosine decay."""
+
+    CALIBRATION_STEPS = 12  # timed steps (after 2 warm-up steps) before a time budget is applied
 
     def __init__(self, method: Method, loader: Iterable, *, evaluator: Evaluator | None = None,
                  resume: str | None = None, progress: bool = True, tensorboard: bool = False,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, time_budget_s: float | None = None):
         self.cfg = cfg = method.cfg
         self.method, self.loader, self.evaluator = method, loader, evaluator
         self.rank, self.world, self.device = init_distributed()
@@ -82,10 +87,9 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError("loader: expected at least one batch per epoch, got 0 "
                              "(dataset smaller than the batch?)")
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        self.stop_step = self.total_steps if cfg.max_steps is None else min(cfg.max_steps, self.total_steps)
-        self.schedules = build_schedules(cfg, self.steps_per_epoch) | method.schedules(
-            self.total_steps, self.steps_per_epoch)
+        self.stop_step = cfg.epochs * self.steps_per_epoch if cfg.max_steps is None else cfg.max_steps
+        self._set_total_steps(cfg.epochs * self.steps_per_epoch)
+        self.time_budget_s = time_budget_s
 
         method.to(self.device)
         if cfg.sync_bn:
@@ -120,6 +124,26 @@ class Trainer:
         if resume is not None:
             self._resume(resume)
 
+    def _set_total_steps(self, total: int) -> None:
+        self.total_steps = total
+        self.stop_step = min(self.stop_step, total)
+        self.schedules = build_schedules(self.cfg, self.steps_per_epoch, total) | self.method.schedules(
+            total, self.steps_per_epoch)
+
+    def _apply_time_budget(self, step_times: list[float], eval_s: float, deadline: float) -> None:
+        step_s = sorted(step_times)[len(step_times) // 2]
+        remaining = deadline - time.perf_counter() - eval_s
+        fit = self.step + max(int(remaining / step_s), 0)
+        if self.world > 1:  # every rank must stop at the same step
+            box = [fit]
+            dist.broadcast_object_list(box, src=0)
+            fit = box[0]
+        if fit < self.total_steps:
+            self.log(f"time budget: {step_s:.2f} s/step, evaluation {eval_s:.0f} s: training {fit} of "
+                     f"{self.total_steps} steps ({fit / self.steps_per_epoch:.2f} epochs)")
+            self._set_total_steps(max(fit, self.step + 1))
+        self.extra["total_steps"] = self.total_steps
+
     # ----------------------------------------------------------------- checkpoints
     def _resume(self, resume: str) -> None:
         if resume == "auto":
@@ -138,6 +162,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.extra = state["step"], state["extra"]
+        if "total_steps" in self.extra:  # a time-budgeted run keeps the length it chose
+            self._set_total_steps(self.extra["total_steps"])
         self._rng_to_restore = state["rng"][self.rank] if self.rank < len(state["rng"]) else None
         self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
 
@@ -195,10 +221,14 @@ class Trainer:
         self.log(f"{self.method.name}: {cfg.backbone}, {self.world} process(es) on {self.device}, "
                  f"{'bf16 autocast' if self.autocast['enabled'] else 'fp32'}, fused={cfg.fused}, "
                  f"{spe} steps/epoch, steps {self.step}..{self.stop_step} of {self.total_steps}")
+        t_fit = time.perf_counter()
+        eval_s = 0.0
         if "knn_random_init" not in self.extra and self.evaluator is not None:
-            t0 = time.perf_counter()
             self.extra["knn_random_init"] = self._evaluate()
-            self.log(f"random init: {self.extra['knn_random_init']} ({time.perf_counter() - t0:.0f} s)")
+            eval_s = time.perf_counter() - t_fit
+            self.log(f"random init: {self.extra['knn_random_init']} ({eval_s:.0f} s)")
+        budget_open = self.time_budget_s is not None and "total_steps" not in self.extra
+        step_times: list[float] = []
 
         self.method.train()
         train_time, images, last_loss = 0.0, 0, float("nan")
@@ -243,7 +273,13 @@ class Trainer:
                     if self.step % max(cfg.log_every, 1) == 0 or skip == spe:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
                                         img_s=f"{images / train_time:.0f}", data=f"{wait_acc / time_acc:.0%}")
-                if skip == spe or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0):
+                if budget_open:
+                    step_times.append(step_time)
+                    if len(step_times) == self.CALIBRATION_STEPS + 2:
+                        self._apply_time_budget(step_times[2:], eval_s, t_fit + self.time_budget_s)
+                        budget_open = False
+                if (skip == spe or self.step == self.stop_step
+                        or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
                     self.save()
                 t_prev = time.perf_counter()
             if bar is not None:
@@ -252,7 +288,8 @@ class Trainer:
         wall = time.perf_counter() - t_start
         result = self._evaluate()
         summary = {
-            "method": self.method.name, "backbone": cfg.backbone, "epochs": cfg.epochs,
+            "method": self.method.name, "backbone": cfg.backbone,
+            "epochs": round(self.total_steps / spe, 3), "epochs_configured": cfg.epochs,
             "steps": self.step, "total_steps": self.total_steps, "batch_size": cfg.batch_size,
             "images_per_second": images / train_time if train_time else None,
             "final_loss": last_loss, "train_seconds": wall, "device": self._device_name(),

@@ -16,18 +16,21 @@ from fastssl.methods.base import Method, StepContext, TrainConfig
 class TinyMethod(Method):
     name = "tiny"
 
-    def __init__(self, cfg: TrainConfig, dropout: float = 0.2, nan_at_step: int | None = None):
+    def __init__(self, cfg: TrainConfig, dropout: float = 0.2, nan_at_step: int | None = None,
+                 crash_at_step: int | None = None):
         super().__init__(cfg)
         torch.manual_seed(cfg.seed)
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.ReLU(), nn.Dropout(dropout))
         self.head = nn.Linear(16, 4)
         self.register_buffer("ema", torch.zeros(16))
-        self.nan_at_step = nan_at_step
+        self.nan_at_step, self.crash_at_step = nan_at_step, crash_at_step
 
     def encoder(self) -> nn.Module:
         return self.net
 
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        if ctx.step == self.crash_at_step:
+            raise KeyboardInterrupt("killed")  # a run killed mid-way, after its last checkpoint
         a, b = batch["views"]
         fa, fb = self.net(a), self.net(b)
         loss = F.cross_entropy(self.head(fa), batch["label"]) + (fa - fb).pow(2).mean()

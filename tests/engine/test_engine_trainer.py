@@ -14,9 +14,9 @@ def _losses(out) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
-def _train(out, resume=None, **kw):
+def _train(out, resume=None, crash_at_step=None, **kw):
     cfg = tiny_config(out, **kw)
-    method = TinyMethod(cfg)
+    method = TinyMethod(cfg, crash_at_step=crash_at_step)
     summary = Trainer(method, TinyLoader(), resume=resume, progress=False, log=lambda m: None).fit()
     return method, summary
 
@@ -43,8 +43,9 @@ def test_loss_decreases_and_run_files(tmp_path):
 
 def test_resume_gives_the_same_losses(tmp_path):
     full, _ = _train(tmp_path / "full", epochs=3, checkpoint_every=2)
-    # Killed after 5 steps (mid-epoch 1; last checkpoint at step 4), then resumed with --resume auto.
-    _train(tmp_path / "cut", epochs=3, checkpoint_every=2, max_steps=5)
+    # Killed in step 5 (mid-epoch 1; last checkpoint at step 4), then resumed with --resume auto.
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "cut", epochs=3, checkpoint_every=2, crash_at_step=5)
     assert load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 4
     resumed, _ = _train(tmp_path / "cut", resume="auto", epochs=3, checkpoint_every=2)
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "cut")   # "cut" holds steps 0-4, then 4-11 again
@@ -108,3 +109,16 @@ def test_two_process_gloo_equals_one_process_full_batch(tmp_path):
             continue
         for r in range(2):
             torch.testing.assert_close(states[r][name], p, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_time_budget_shortens_the_run_and_respreads_schedules(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=6)   # 24 steps planned
+    method = TinyMethod(cfg)
+    summary = Trainer(method, TinyLoader(), progress=False, log=lambda m: None, time_budget_s=0.0).fit()
+    # Budget spent: the run stops right after the 2 + 12 timed calibration steps.
+    assert summary["steps"] == 15 and summary["epochs"] == 3.75 and summary["epochs_configured"] == 6
+    with open(tmp_path / "metrics.jsonl") as f:
+        lr = [json.loads(line)["lr"] for line in f]
+    assert len(lr) == 15 and lr[-1] < 0.05 * max(lr)   # the cosine was re-spread to end at step 15
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["step"] == 15 and state["extra"]["total_steps"] == 15
