@@ -107,7 +107,13 @@ class DINO(Method):
         return {"teacher_momentum": cosine_momentum(self.cfg.teacher_momentum, total_steps)}
 
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
-        crops = check_views(batch, N_GLOBAL + self.cfg.local_crops, self.name)
+        n_crops = N_GLOBAL + self.cfg.local_crops
+        crops = check_views(batch, n_crops, self.name)
+        if len(crops) != n_crops:
+            raise ValueError(f"dino: expected {n_crops} views (2 global + "
+                             f"local_crops={self.cfg.local_crops}), got {len(crops)}")
+        # cfg.fused may be changed after construction (benchmarks toggle it): the loss follows
+        self.criterion.backend = self.backend
         with torch.no_grad():
             teacher_out = self.teacher(crops[:N_GLOBAL])
         student_out = self.student(crops)

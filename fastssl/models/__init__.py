@@ -2,10 +2,18 @@
 
 from fastssl.models.backbones import build_backbone
 from fastssl.models.ema import cosine_momentum, ema_update_, frozen_copy
-from fastssl.models.heads import DINOHead, MultiCropWrapper, moco_v2_head, moco_v3_mlp
+from fastssl.models.heads import (
+    DINOHead,
+    MultiCropWrapper,
+    SplitBatchNorm2d,
+    moco_v2_head,
+    moco_v3_mlp,
+    split_batch_norm_,
+)
 from fastssl.models.mae import MAEEncoder, MaskedAutoencoderViT, mae_vit, sincos_pos_embed_2d
 
 __all__ = [
-    "DINOHead", "MAEEncoder", "MaskedAutoencoderViT", "MultiCropWrapper", "build_backbone", "cosine_momentum",
-    "ema_update_", "frozen_copy", "mae_vit", "moco_v2_head", "moco_v3_mlp", "sincos_pos_embed_2d",
+    "DINOHead", "MAEEncoder", "MaskedAutoencoderViT", "MultiCropWrapper", "SplitBatchNorm2d",
+    "build_backbone", "cosine_momentum", "ema_update_", "frozen_copy", "mae_vit", "moco_v2_head",
+    "moco_v3_mlp", "sincos_pos_embed_2d", "split_batch_norm_",
 ]
