@@ -5,7 +5,7 @@ resolution); teacher = EMA of the student (momentum 0.996 -> 1, cosine) over the
 crops only, without gradient. fastssl.losses.DINOLoss: centered, sharpened teacher softmax
 (teacher temperature warm-up, center momentum 0.9, all-reduced) against the student's
 log-softmax. The head's last layer is frozen during the first epoch. AdamW, lr 5e-4 * B / 256
-with 10 warm-up epochs, weight decay 0.04 -> 0.4 (cosine), gradient clipping 3.0.
+with 10 warm-up epochs, weight decay 0.04 -> 0.4 (cosine), gradient clipping 3.0 (per tensor).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ class DINOConfig(TrainConfig):
     weight_decay: float = 0.04
     weight_decay_end: float | None = 0.4
     optimizer: str = "adamw"
-    clip_grad: float | None = 3.0
+    clip_grad: float | None = None        # the engine's global-norm clipping: off, DINO clips per tensor
+    clip_grad_per_param: float | None = 3.0  # official DINO: each parameter's gradient norm <= 3.0
     drop_path_rate: float = 0.1           # student only; the teacher has none
     out_dim: int = 65536
     head_hidden_dim: int = 2048
@@ -120,7 +121,15 @@ class DINO(Method):
         loss = self.criterion(student_out, teacher_out, ctx.epoch)
         return {"loss": loss}
 
+    @torch.no_grad()
     def before_optimizer_step(self, ctx: StepContext) -> None:
+        clip = self.cfg.clip_grad_per_param
+        if clip:
+            # official DINO's clip_gradients: every tensor on its own, scale = clip / (norm + 1e-6)
+            # when that is < 1; foreach launches and no host sync
+            grads = [p.grad for p in self.student.parameters() if p.grad is not None]
+            norms = torch._foreach_norm(grads)
+            torch._foreach_mul_(grads, [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms])
         # the official recipe keeps the prototypes fixed in the first epoch(s) for stability
         if ctx.epoch < self.cfg.freeze_last_layer_epochs:
             for p in self.student.head.last_layer.parameters():

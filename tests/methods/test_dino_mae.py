@@ -146,3 +146,16 @@ def test_mae_method_and_encoder_features():
     assert not any("pos_embed" in n for n in names)
     with pytest.raises(ValueError, match=r"mask_ratio must be in \(0, 1\), got 1.0"):
         build("mae", mask_ratio=1.0)
+
+
+def test_dino_clips_each_gradient_tensor_to_norm_3():
+    method = build("dino")
+    params = [p for p in method.student.parameters() if p.requires_grad]
+    for i, p in enumerate(params):
+        p.grad = torch.full_like(p, 10.0 if i % 2 else 1e-4)
+    before = [p.grad.clone() for p in params]
+    method.before_optimizer_step(context(epoch=1))
+    for p, g in zip(params, before):
+        norm = g.norm()
+        want = g * (3.0 / (norm + 1e-6)) if 3.0 / (norm + 1e-6) < 1 else g
+        torch.testing.assert_close(p.grad, want)
