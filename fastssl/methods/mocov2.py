@@ -3,6 +3,10 @@
 Query encoder = backbone + 2-layer MLP head; key encoder = its momentum (EMA) copy, m = 0.999;
 a KeyQueue of 65,536 normalized keys gathered across ranks; InfoNCE with T = 0.2 over
 [positive key, queue]. SGD, lr 0.03 * B / 256, cosine schedule, weight decay 1e-4.
+
+Shuffling BN (paper sec. 3.3) is done within each process: bn_splits > 1 gives both encoders
+BatchNorm statistics per sub-batch and shuffles the key batch (the official CIFAR demo's
+single-GPU version). The official cross-GPU shuffle is not implemented; under DDP use bn_splits.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Projection / prediction heads of MoCo v2, MoCo v3 and DINO, and DINO's multi-crop wrapper."""
+"""Projection / prediction heads of MoCo v2, MoCo v3 and DINO, DINO's multi-crop wrapper, and the
+split BatchNorm that simulates MoCo's shuffling BN in one process."""
 
 from __future__ import annotations
 
