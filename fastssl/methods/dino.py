@@ -10,7 +10,7 @@ with 10 warm-up epochs, weight decay 0.04 -> 0.4 (cosine), gradient clipping 3.0
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -88,8 +88,7 @@ class DINO(Method):
 
     @staticmethod
     def _network(cfg: DINOConfig, drop_path_rate: float) -> MultiCropWrapper:
-        cfg_copy = type(cfg)(**{**cfg.__dict__, "drop_path_rate": drop_path_rate})
-        backbone, feature_dim = backbone_from_config(cfg_copy)
+        backbone, feature_dim = backbone_from_config(replace(cfg, drop_path_rate=drop_path_rate))
         head = DINOHead(feature_dim, cfg.out_dim, cfg.head_hidden_dim, cfg.bottleneck_dim,
                         use_bn=cfg.use_bn_in_head, norm_last_layer=cfg.norm_last_layer)
         return MultiCropWrapper(backbone, head)
