@@ -159,3 +159,12 @@ def test_dino_clips_each_gradient_tensor_to_norm_3():
         norm = g.norm()
         want = g * (3.0 / (norm + 1e-6)) if 3.0 / (norm + 1e-6) < 1 else g
         torch.testing.assert_close(p.grad, want)
+
+
+def test_dino_rejects_a_wrong_number_of_crops():
+    method = build("dino")
+    batch = make_batch(method, batch_size=2)
+    center = method.criterion.center.clone()
+    with pytest.raises(ValueError, match=r"dino: expected 4 views \(2 global \+ local_crops=2\), got 5"):
+        method({"views": batch["views"] + batch["views"][-1:]}, context())
+    assert torch.equal(method.criterion.center, center)
