@@ -64,8 +64,9 @@ class Trainer:
 
     resume: None (fresh run), "auto" (continue from OUT/last.pt when it exists) or a path.
     time_budget_s: wall-clock budget of fit() (training and evaluations). After timing the
-    first steps, the run is shortened to the steps that fit (never lengthened): the
-    schedules are re-spread over the shorter run, so it still ends with a full cosine decay."""
+    first steps (and again every 50 steps), the run is shortened to the steps that fit (never
+    lengthened): the schedules are re-spread over the shorter run, so it still ends with a
+    full cosine decay. A resumed run keeps the length recorded in its checkpoint."""
 
     CALIBRATION_STEPS = 12  # timed steps (after 2 warm-up steps) before a time budget is applied
 
@@ -133,12 +134,13 @@ class Trainer:
     def _apply_time_budget(self, step_times: list[float], eval_s: float, deadline: float) -> None:
         step_s = sorted(step_times)[len(step_times) // 2]
         remaining = deadline - time.perf_counter() - eval_s
-        fit = self.step + max(int(remaining / step_s), 0)
+        # 5% reserve: epoch starts (pipeline set-up), checkpoints and the final save are not in step_s.
+        fit = min(self.step + max(int(0.95 * remaining / step_s), 0), self.total_steps)
         if self.world > 1:  # every rank must stop at the same step
             box = [fit]
             dist.broadcast_object_list(box, src=0)
             fit = box[0]
-        if fit < self.total_steps:
+        if fit < self.total_steps - 1:
             self.log(f"time budget: {step_s:.2f} s/step, evaluation {eval_s:.0f} s: training {fit} of "
                      f"{self.total_steps} steps ({fit / self.steps_per_epoch:.2f} epochs)")
             self._set_total_steps(max(fit, self.step + 1))
@@ -274,10 +276,13 @@ class Trainer:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
                                         img_s=f"{images / train_time:.0f}", data=f"{wait_acc / time_acc:.0%}")
                 if budget_open:
+                    # First after CALIBRATION_STEPS, then every 50 steps on the latest speed (a
+                    # machine that got busier shortens the run again; it is never lengthened).
                     step_times.append(step_time)
-                    if len(step_times) == self.CALIBRATION_STEPS + 2:
-                        self._apply_time_budget(step_times[2:], eval_s, t_fit + self.time_budget_s)
-                        budget_open = False
+                    n = len(step_times) - 2 - self.CALIBRATION_STEPS
+                    if n >= 0 and n % 50 == 0:
+                        self._apply_time_budget(step_times[-50:] if n else step_times[2:], eval_s,
+                                                t_fit + self.time_budget_s)
                 if (skip == spe or self.step == self.stop_step
                         or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
                     self.save()
