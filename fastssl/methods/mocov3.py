@@ -20,7 +20,7 @@ from fastssl.distributed import all_gather_no_grad, get_rank
 from fastssl.methods import register
 from fastssl.methods._common import backbone_from_config, check_views
 from fastssl.methods.base import Method, StepContext, TrainConfig
-from fastssl.models import cosine_momentum, ema_update_, frozen_copy, moco_v3_mlp
+from fastssl.models import cosine_momentum, ema_update_, frozen_copy, moco_v3_mlp, sincos_pos_embed_2d
 from fastssl.models.backbones import is_vit_name
 
 
@@ -59,8 +59,13 @@ class MoCoV3(Method):
         super().__init__(cfg)
         backbone, feature_dim = backbone_from_config(cfg)
         is_resnet = not is_vit_name(cfg.backbone)
-        if not is_resnet and cfg.freeze_patch_embed:
-            backbone.patch_embed.requires_grad_(False)
+        if not is_resnet:
+            # the paper's ViT: fixed 2-D sin-cos position embedding, random (frozen) patch projection
+            grid = backbone.patch_embed.grid_size[0]
+            backbone.pos_embed.data.copy_(sincos_pos_embed_2d(feature_dim, grid, cls_token=True)[None])
+            backbone.pos_embed.requires_grad_(False)
+            if cfg.freeze_patch_embed:
+                backbone.patch_embed.requires_grad_(False)
         layers = cfg.projector_layers or (2 if is_resnet else 3)
         projector = moco_v3_mlp(layers, feature_dim, cfg.mlp_hidden_dim, cfg.moco_dim)
         self.base_encoder = nn.Sequential(backbone, projector)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from method_helpers import build, context, make_batch, one_thread  # noqa: F401 (autouse fixture)
 from torch import nn
 
+from fastssl.models import sincos_pos_embed_2d
 from fastssl.models.backbones import RESNETS
 
 
@@ -100,6 +101,10 @@ def test_mocov3_heads_follow_the_backbone_type():
     assert len(linears(vit.base_encoder[1])) == 3
     # the paper's random patch projection: frozen, so no gradient and no optimizer state
     assert not any(p.requires_grad for p in vit.base_encoder[0].patch_embed.parameters())
+    # and the fixed 2-D sin-cos position embedding (16x16 image, patch 4: a 4x4 grid)
+    pos = vit.base_encoder[0].pos_embed
+    assert not pos.requires_grad
+    torch.testing.assert_close(pos[0], sincos_pos_embed_2d(192, 4, cls_token=True))
     assert vit.encoder() is vit.base_encoder[0]
 
 
