@@ -133,6 +133,7 @@ def main() -> None:
         args.train_images, args.epochs, args.bank, args.test = 1024, 1, 2000, 1000
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    env = environment()  # at the start: the git SHA of the code that runs
 
     train, test = fashion_mnist("train", root=args.root), fashion_mnist("test", root=args.root)
     rng = np.random.default_rng(args.seed)
@@ -172,7 +173,6 @@ def main() -> None:
             print(f"{loss:8s} {sampling:8s} kNN top-1 {100 * top1:.2f}%  ({train_s:.0f} s training)",
                   file=sys.stderr, flush=True)
 
-    env = environment()
     counts = table.counts().tolist()
     lines = [
         "### Weak supervision study: long-tailed, multi-label, noisy Fashion-MNIST",
