@@ -119,6 +119,33 @@ def _rows(path: Path) -> list[tuple[int, object, list]]:
     return out
 
 
+class _PathIndex:
+    """Finds a labels-file path key among a source's file paths: the same path, or a path
+    ending in the key at a folder boundary ("cat/1.jpg" matches "/data/train/cat/1.jpg")."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.count = len(paths)
+        self.by_suffix: dict[str, int] = {}
+        ambiguous: set[str] = set()
+        for i, p in enumerate(paths):
+            parts = Path(p).parts
+            for j in range(len(parts)):
+                suffix = Path(*parts[j:]).as_posix()
+                if suffix in self.by_suffix and self.by_suffix[suffix] != i:
+                    ambiguous.add(suffix)
+                self.by_suffix.setdefault(suffix, i)
+        for suffix in ambiguous:
+            self.by_suffix[suffix] = -1
+
+    def find(self, key: str, where: str) -> int:
+        i = self.by_suffix.get(Path(key).as_posix(), None)
+        if i is None:
+            raise ValueError(f"{where}: path {key!r} is not in the source's {self.count} files")
+        if i < 0:
+            raise ValueError(f"{where}: path {key!r} matches several of the source's files; give more of it")
+        return i
+
+
 def multi_hot(rows: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Multi-hot float32 targets [B, C] from padded label rows [B, K] (int64, -1 = no label)."""
     valid = rows >= 0
@@ -167,6 +194,23 @@ class LabelTable:
             out[i, : len(row)] = torch.tensor(row, dtype=torch.int64)
         return out
 
+    def reorder(self, paths: Sequence[str]) -> LabelTable:
+        """The table in the order of a source's file `paths`, for a table read from a labels
+        file keyed by path without the source's paths (keys matched as in read_labels)."""
+        if self.keys is None:
+            raise ValueError("reorder needs a table read from a path-keyed labels file (keys is None)")
+        index = _PathIndex(paths)
+        rows: list[list[int] | None] = [None] * len(paths)
+        for row, (key, labels) in enumerate(zip(self.keys, self.labels)):
+            item = index.find(str(key), f"labels row {row + 1}")
+            if rows[item] is not None:
+                raise ValueError(f"labels row {row + 1}: {paths[item]!r} already has a row")
+            rows[item] = labels
+        missing = [paths[i] for i, r in enumerate(rows) if r is None]
+        if missing:
+            raise ValueError(f"{len(missing)} of the source's files have no labels row, e.g. {missing[:5]}")
+        return LabelTable(rows, self.num_classes, self.names, list(paths))
+
     def expand_hierarchy(self, parents: Mapping[int, int | Sequence[int]]) -> LabelTable:
         """A table whose rows also carry every ancestor of their labels."""
         for child, ps in parents.items():
@@ -212,7 +256,7 @@ def read_labels(
         raise ValueError(f"{path}: the labels file has no rows")
     by_index = isinstance(rows[0][1], int)
     if paths is not None:
-        position = {p: i for i, p in enumerate(paths)}
+        position = _PathIndex(paths)
         num_items = len(paths)
     elif by_index and num_items is None:
         num_items = len(rows)
@@ -228,9 +272,7 @@ def read_labels(
                 raise ValueError(f"{where}: index {key} out of range [0, {len(table)})")
             item = key
         elif paths is not None:
-            if key not in position:
-                raise ValueError(f"{where}: path {key!r} is not in the source's {len(paths)} files")
-            item = position[key]
+            item = position.find(key, where)
         else:
             item = row_number
         if item in line_of:

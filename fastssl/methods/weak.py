@@ -14,10 +14,8 @@ images, weight decay 1e-4.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -112,18 +110,28 @@ class WeakSupervised(Method):
     def encoder(self) -> nn.Module:
         return self.backbone
 
-    def build_sampler(self, source_labels: Sequence[int] | np.ndarray | torch.Tensor | None = None, *,
-                      rank: int = 0, world_size: int = 1, seed: int | None = None,
+    def build_sampler(self, source=None, *, rank: int = 0, world_size: int = 1, seed: int | None = None,
                       num_samples: int | None = None) -> ResamplingSampler:
-        """The cfg.sampling sampler over the label table, or over `source_labels` (the source's
-        class per item) when the method has no table. Pass it to build_loader(sampler=...)."""
+        """The cfg.sampling sampler for this rank; pass it to build_loader(sampler=...).
+
+        source: the pretraining source (its `labels`, and `paths` to put a path-keyed labels
+        file in the source's order) or its class labels [N]. Without a label table the
+        sampler and the targets use those class labels."""
+        labels = getattr(source, "labels", source)
         if self.labels is not None:
+            paths = getattr(source, "paths", None)
+            if paths is not None and self.labels.keys is not None and list(self.labels.keys) != list(paths):
+                self.labels = self.labels.reorder(paths)
+                self.label_rows = self.labels.padded().to(self.classifier.weight.device)
+            if labels is not None and len(labels) != len(self.labels):
+                raise ValueError(f"build_sampler: the label table has {len(self.labels)} items but the "
+                                 f"source has {len(labels)}")
             rows = self.labels.labels
-        elif source_labels is not None:
-            ids = source_labels.tolist() if hasattr(source_labels, "tolist") else list(source_labels)
+        elif labels is not None:
+            ids = labels.tolist() if hasattr(labels, "tolist") else list(labels)
             rows = [[int(c)] for c in ids]
         else:
-            raise ValueError("build_sampler: the method has no label table; pass source_labels=source.labels")
+            raise ValueError("build_sampler: the method has no label table; pass the source (or its labels)")
         return ResamplingSampler(
             rows, self.cfg.sampling, num_samples=num_samples, seed=self.cfg.seed if seed is None else seed,
             rank=rank, world_size=world_size, rare_threshold=self.cfg.rare_threshold,

@@ -50,6 +50,22 @@ def test_csv_paths_with_vocabulary(vocab_file, tmp_path):
     assert table.labels == [[1, 2], [0], [3, 4]] and table.keys == ["b.jpg", "a.jpg", "c.jpg"]
 
 
+def test_path_keys_match_source_paths_by_suffix(tmp_path):
+    p = write(tmp_path, "labels.csv", "b/x.jpg,1\na/x.jpg,0\n./c.jpg,2\n")
+    table = read_labels(p, num_classes=3, paths=["/r/a/x.jpg", "/r/b/x.jpg", "/r/c.jpg"])
+    assert table.labels == [[0], [1], [2]]
+    with pytest.raises(ValueError, match=r"amb.csv:1: path 'x.jpg' matches several of the source's files"):
+        read_labels(write(tmp_path, "amb.csv", "x.jpg,1\n"), num_classes=3,
+                    paths=["/r/a/x.jpg", "/r/b/x.jpg"])
+    unordered = read_labels(p, num_classes=3)
+    assert unordered.keys == ["b/x.jpg", "a/x.jpg", "./c.jpg"]
+    assert unordered.reorder(["/r/a/x.jpg", "/r/b/x.jpg", "/r/c.jpg"]).labels == [[0], [1], [2]]
+    with pytest.raises(ValueError, match=r"1 of the source's files have no labels row, e.g. \['/r/d.jpg'\]"):
+        unordered.reorder(["/r/a/x.jpg", "/r/b/x.jpg", "/r/c.jpg", "/r/d.jpg"])
+    with pytest.raises(ValueError, match="reorder needs a table read from a path-keyed labels file"):
+        LabelTable([[0]], 1).reorder(["a.jpg"])
+
+
 def test_csv_and_jsonl_indices(tmp_path):
     p = write(tmp_path, "labels.csv", "1,4,2\n0,3\n2,0\n")
     table = read_labels(p, num_classes=5)

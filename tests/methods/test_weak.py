@@ -122,11 +122,34 @@ def test_build_sampler():
                           labels=TABLE, backbone=tiny_backbone()).build_sampler()
     assert (swag.rare_threshold, swag.rare_factor) == (3.0, 7.0)
     plain = WeakSupervised(cfg(num_classes=3, sampling="uniform"), backbone=tiny_backbone())
-    s = plain.build_sampler(source_labels=torch.tensor([0, 0, 0, 1, 2, 2]))
+    s = plain.build_sampler(torch.tensor([0, 0, 0, 1, 2, 2]))
     torch.testing.assert_close(s.probabilities, torch.tensor([1 / 9] * 3 + [1 / 3] + [1 / 6] * 2,
                                                              dtype=torch.float64))
-    with pytest.raises(ValueError, match="pass source_labels=source.labels"):
+    with pytest.raises(ValueError, match=r"no label table; pass the source \(or its labels\)"):
         plain.build_sampler()
+    with pytest.raises(ValueError, match="the label table has 8 items but the source has 3"):
+        method.build_sampler([0, 1, 2])
+
+
+class FolderSource:
+    """The two attributes build_sampler reads from an image-folder source."""
+
+    def __init__(self, paths):
+        self.paths, self.labels = paths, [0] * len(paths)
+
+
+def test_path_keyed_labels_follow_the_source_order(tmp_path):
+    (tmp_path / "labels.csv").write_text("path,labels\ncat/2.jpg,1\ndog/1.jpg,0,2\ncat/1.jpg,1,3\n")
+    c = cfg(labels_file=str(tmp_path / "labels.csv"), num_classes=4)
+    method = WeakSupervised(c, backbone=tiny_backbone())
+    assert method.labels.labels == [[1], [0, 2], [1, 3]]  # file order until the source is known
+    source = FolderSource(["/d/cat/1.jpg", "/d/cat/2.jpg", "/d/dog/1.jpg"])
+    sampler = method.build_sampler(source, rank=0, world_size=1)
+    assert method.labels.labels == [[1, 3], [1], [0, 2]] and len(sampler.probabilities) == 3
+    assert method.targets({"index": torch.tensor([0, 2])}).tolist() == [[0, 1, 0, 1], [1, 0, 1, 0]]
+    # the reordered table is keyed by the source's paths
+    with pytest.raises(ValueError, match=r"labels row 1: path '/d/cat/1.jpg' is not in the source's 2 files"):
+        method.labels.reorder(["/d/cat/2.jpg", "/d/dog/1.jpg"])
 
 
 def test_config_errors():
