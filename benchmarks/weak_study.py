@@ -14,7 +14,7 @@ Each (loss, sampling) pair trains the same backbone from the same initialisation
 fastssl's `weak` method, ResamplingSampler and Trainer; the frozen backbone is then scored
 by weighted kNN (k=20, T=0.07, fastssl.eval) on the clean, balanced Fashion-MNIST test
 split with clean train images as the memory bank. Prints a markdown table (and writes
-it with a JSON copy under --out). Deterministic given --seed and the thread count.
+it with a JSON copy under --out). Deterministic given --seeds and the thread count.
 
     python benchmarks/weak_study.py            # ~ a few minutes on 2 CPU cores
     python benchmarks/weak_study.py --quick    # smoke run (< 1 minute)
@@ -112,10 +112,56 @@ def knn_score(encoder: nn.Module, bank, test, mean: float, std: float) -> float:
     return knn_top1(fb, yb, ft, yt, k=20, temperature=0.07)
 
 
+def run_seed(args: argparse.Namespace, seed: int, train, test) -> dict:
+    """Build the data for `seed`, train the four (loss, sampling) runs, score them."""
+    rng = np.random.default_rng(seed)
+    pairs, clean_rows, prior = long_tailed_pairs(train.images, train.labels, args.train_images, args.alpha,
+                                                 rng)
+    table = LabelTable(inject_label_noise(clean_rows, args.noise, NUM_CLASSES, seed=seed), NUM_CLASSES)
+    mean, std = float(train.images.mean() / 255), float(train.images.std() / 255)
+    pair_images = torch.from_numpy(pairs)
+    bank_idx = torch.from_numpy(rng.permutation(len(train))[: args.bank])
+    bank = (torch.tensor(train.images)[bank_idx], torch.tensor(train.labels)[bank_idx])
+    test_set = (torch.tensor(test.images[: args.test]), torch.tensor(test.labels[: args.test]))
+
+    def make_backbone():
+        torch.manual_seed(seed)  # every run of a seed starts from the same weights
+        return small_convnet() if args.backbone == "small" else build_backbone(args.backbone, 28)
+
+    out = {"seed": seed, "prior": sorted(prior.tolist(), reverse=True),
+           "label_counts": table.counts().tolist(),
+           "raw_pixels": knn_top1(bank[0].flatten(1).float(), bank[1], test_set[0].flatten(1).float(),
+                                  test_set[1]),
+           "random_init": knn_score(make_backbone()[0], bank, test_set, mean, std), "runs": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for loss, sampling in RUNS:
+            cfg = WeakConfig(loss=loss, sampling=sampling, num_classes=NUM_CLASSES, backbone=args.backbone,
+                             image_size=28, epochs=args.epochs, batch_size=args.batch_size,
+                             base_lr=args.base_lr, warmup_epochs=0.0, weight_decay=5e-4, seed=seed,
+                             out=f"{tmp}/{loss}_{sampling}", eval_knn=False, fused=True)
+            method = WeakSupervised(cfg, labels=table, backbone=make_backbone())
+            loader = TensorViews(pair_images, method.build_sampler(), args.batch_size, mean, std, seed)
+            t0 = time.perf_counter()
+            summary = Trainer(method, loader, progress=False, log=lambda msg: None).fit()
+            train_s = time.perf_counter() - t0
+            top1 = knn_score(method.encoder(), bank, test_set, mean, std)
+            out["runs"].append({"loss": loss, "sampling": sampling, "knn_top1": top1,
+                                "final_loss": summary["final_loss"], "steps": summary["steps"],
+                                "train_seconds": train_s})
+            print(f"seed {seed} {loss:8s} {sampling:8s} kNN top-1 {100 * top1:.2f}% ({train_s:.0f} s)",
+                  file=sys.stderr, flush=True)
+    return out
+
+
+def mean_std(values: list[float]) -> str:
+    m = 100 * float(np.mean(values))
+    return f"{m:.2f}" if len(values) == 1 else f"{m:.2f} ± {100 * float(np.std(values, ddof=1)):.2f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke settings")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (data, noise, init); mean ± std")
     p.add_argument("--train-images", type=int, default=8000, help="composite training images")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)
@@ -124,84 +170,48 @@ def main() -> None:
     p.add_argument("--noise", type=float, default=0.2, help="fraction of label slots replaced")
     p.add_argument("--bank", type=int, default=10000, help="clean train images in the kNN memory bank")
     p.add_argument("--test", type=int, default=10000, help="clean test images scored")
-    p.add_argument("--backbone", default="small", help="'small' (5-layer convnet) or a fastssl backbone")
+    p.add_argument("--backbone", default="small", help="'small' (4-layer convnet) or a fastssl backbone")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--root", default=None, help="Fashion-MNIST folder (default: Debian's dataset path)")
     p.add_argument("--out", type=Path, default=Path("runs/weak_study"))
     args = p.parse_args()
     if args.quick:
         args.train_images, args.epochs, args.bank, args.test = 1024, 1, 2000, 1000
+    seeds = [int(x) for x in args.seeds.split(",")]
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     env = environment()  # at the start: the git SHA of the code that runs
-
     train, test = fashion_mnist("train", root=args.root), fashion_mnist("test", root=args.root)
-    rng = np.random.default_rng(args.seed)
-    pairs, clean_rows, prior = long_tailed_pairs(train.images, train.labels, args.train_images, args.alpha,
-                                                 rng)
-    noisy_rows = inject_label_noise(clean_rows, args.noise, NUM_CLASSES, seed=args.seed)
-    table = LabelTable(noisy_rows, NUM_CLASSES)
-    mean, std = float(train.images.mean() / 255), float(train.images.std() / 255)
-    pair_images = torch.from_numpy(pairs)
-    bank_idx = torch.from_numpy(rng.permutation(len(train))[: args.bank])
-    train_images, train_labels = torch.tensor(train.images), torch.tensor(train.labels)
-    bank = (train_images[bank_idx], train_labels[bank_idx])
-    test_set = (torch.tensor(test.images[: args.test]), torch.tensor(test.labels[: args.test]))
+    per_seed = [run_seed(args, seed, train, test) for seed in seeds]
 
-    def make_backbone():
-        torch.manual_seed(args.seed)  # every run starts from the same weights
-        return small_convnet() if args.backbone == "small" else build_backbone(args.backbone, 28)
-
-    pixels = knn_top1(bank[0].flatten(1).float(), bank[1], test_set[0].flatten(1).float(), test_set[1])
-    random_init = knn_score(make_backbone()[0], bank, test_set, mean, std)
-    results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        for loss, sampling in RUNS:
-            cfg = WeakConfig(loss=loss, sampling=sampling, num_classes=NUM_CLASSES, backbone=args.backbone,
-                             image_size=28, epochs=args.epochs, batch_size=args.batch_size,
-                             base_lr=args.base_lr, warmup_epochs=0.0, weight_decay=5e-4, seed=args.seed,
-                             out=f"{tmp}/{loss}_{sampling}", eval_knn=False, fused=True)
-            method = WeakSupervised(cfg, labels=table, backbone=make_backbone())
-            loader = TensorViews(pair_images, method.build_sampler(), args.batch_size, mean, std, args.seed)
-            t0 = time.perf_counter()
-            summary = Trainer(method, loader, progress=False, log=lambda msg: None).fit()
-            train_s = time.perf_counter() - t0
-            top1 = knn_score(method.encoder(), bank, test_set, mean, std)
-            results.append({"loss": loss, "sampling": sampling, "knn_top1": top1,
-                            "final_loss": summary["final_loss"], "steps": summary["steps"],
-                            "train_seconds": train_s, "images_per_second": summary["images_per_second"]})
-            print(f"{loss:8s} {sampling:8s} kNN top-1 {100 * top1:.2f}%  ({train_s:.0f} s training)",
-                  file=sys.stderr, flush=True)
-
-    counts = table.counts().tolist()
+    prior = ", ".join(f"{x:.3f}" for x in per_seed[0]["prior"])
     lines = [
         "### Weak supervision study: long-tailed, multi-label, noisy Fashion-MNIST",
         "",
-        f"{args.train_images} composite 28x56 training images (2 tiles, class prior ~ "
-        f"(rank+1)^-{args.alpha}: "
-        f"{', '.join(f'{x:.3f}' for x in sorted(prior, reverse=True))}), {args.noise:.0%} label noise; "
-        f"images per (noisy) label min {min(counts)} / max {max(counts)}. Backbone {args.backbone}, "
-        f"{args.epochs} epochs, batch {args.batch_size}, SGD base lr {args.base_lr} (per 256). "
+        f"{args.train_images} composite 28x56 training images (2 tiles, class prior ~ (rank+1)^-{args.alpha}"
+        f" = {prior}, rank order seeded), {args.noise:.0%} label noise. Backbone {args.backbone}, "
+        f"{args.epochs} epochs, batch {args.batch_size}, SGD base lr {args.base_lr} (per 256), cosine. "
         f"kNN (k=20, T=0.07) on {args.test} clean test images, bank of {args.bank} clean train images. "
-        f"seed {args.seed}, {args.threads} threads, {env['device']}, "
-        f"torch {torch.__version__}, git {env.get('git_sha', '')}.",
+        f"Seeds {args.seeds} (mean ± std over seeds), {args.threads} threads, {env['device']}, "
+        f"torch {torch.__version__}, git {env.get('git_sha', '')}, {env['date']}.",
         "",
         "| loss | sampling | kNN top-1 (%) | final train loss | steps | train s |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for r in results:
-        lines.append(f"| {r['loss']} | {r['sampling']} | {100 * r['knn_top1']:.2f} | {r['final_loss']:.4f} | "
-                     f"{r['steps']} | {r['train_seconds']:.0f} |")
-    lines += [f"| (random init) | - | {100 * random_init:.2f} | - | 0 | 0 |",
-              f"| (raw pixels) | - | {100 * pixels:.2f} | - | - | - |",
+    for k, (loss, sampling) in enumerate(RUNS):
+        runs = [s["runs"][k] for s in per_seed]
+        lines.append(f"| {loss} | {sampling} | {mean_std([r['knn_top1'] for r in runs])} | "
+                     f"{np.mean([r['final_loss'] for r in runs]):.4f} | {runs[0]['steps']} | "
+                     f"{np.mean([r['train_seconds'] for r in runs]):.0f} |")
+    lines += [f"| (random init) | - | {mean_std([s['random_init'] for s in per_seed])} | - | 0 | 0 |",
+              f"| (raw pixels) | - | {mean_std([s['raw_pixels'] for s in per_seed])} | - | - | - |",
               "", f"Total wall time {time.perf_counter() - t_start:.0f} s."]
     table_md = "\n".join(lines) + "\n"
     print(table_md, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "weak_study.md").write_text(table_md)
     (args.out / "weak_study.json").write_text(json.dumps(
-        {"args": {k: str(v) for k, v in vars(args).items()}, "env": env, "results": results,
-         "random_init_knn_top1": random_init, "raw_pixels_knn_top1": pixels}, indent=2) + "\n")
+        {"args": {k: str(v) for k, v in vars(args).items()}, "env": env, "seeds": per_seed}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
