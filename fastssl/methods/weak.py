@@ -56,8 +56,9 @@ class WeakConfig(TrainConfig):
 class WeakSupervised(Method):
     """Backbone + Linear(feature_dim, num_classes) trained on multi-hot targets.
 
-    labels: a LabelTable in dataset order (else cfg.labels_file is read, else targets
-    are batch["label"], the source's class, with nothing to expand or corrupt).
+    labels: a LabelTable in dataset order (else cfg.labels_file is read; else the source's
+    class labels: from build_sampler(source) when noise / a hierarchy must be applied to
+    them, otherwise batch["label"] directly).
     backbone: (module, feature_dim) to use instead of cfg.backbone (small study nets)."""
 
     name = "weak"
@@ -77,28 +78,39 @@ class WeakSupervised(Method):
         if labels is None and cfg.labels_file:
             labels = read_labels(cfg.labels_file, vocabulary=cfg.vocabulary or None,
                                  num_classes=None if cfg.vocabulary else cfg.num_classes)
-        if labels is None and (cfg.hierarchy or cfg.label_noise):
-            raise ValueError("hierarchy / label_noise need a label table: set labels_file or pass labels= "
-                             "(e.g. LabelTable.from_single_labels(source.labels))")
-        if labels is not None:
-            if not isinstance(labels, LabelTable):
-                raise TypeError(f"labels must be a fastssl.data LabelTable, got {type(labels).__name__}")
-            # Noise corrupts the annotations as observed; the hierarchy then expands whatever was observed.
-            if cfg.label_noise:
-                labels = labels.with_noise(cfg.label_noise, seed=cfg.seed)
-            if cfg.hierarchy:
-                labels = labels.expand_hierarchy(read_parent_map(cfg.hierarchy, labels.names))
-            cfg.num_classes = labels.num_classes  # the resolved config states the real label space
+        if labels is not None and not isinstance(labels, LabelTable):
+            raise TypeError(f"labels must be a fastssl.data LabelTable, got {type(labels).__name__}")
         if cfg.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")
-        self.labels = labels
-        # [N, K_max] label ids (-1 padded) as a buffer so it follows the module's device;
-        # not persistent: it is data, rebuilt from the same files and seed on resume.
-        self.register_buffer("label_rows", None if labels is None else labels.padded(), persistent=False)
+        self.labels: LabelTable | None = None
+        self.register_buffer("label_rows", None, persistent=False)
+        # Without a labels file, noise / hierarchy apply to the source's class labels, which
+        # build_sampler(source) supplies; until then forward() refuses to train on clean labels.
+        self._needs_source_labels = labels is None and bool(cfg.hierarchy or cfg.label_noise)
+        if labels is not None:
+            self._set_table(labels)
         self.backbone, feature_dim = backbone if backbone is not None else backbone_from_config(cfg)
         self.classifier = nn.Linear(feature_dim, cfg.num_classes)
         nn.init.normal_(self.classifier.weight, std=0.01)
         nn.init.zeros_(self.classifier.bias)
+
+    def _set_table(self, labels: LabelTable) -> None:
+        cfg = self.cfg
+        # Noise corrupts the annotations as observed; the hierarchy then expands whatever was observed.
+        if cfg.label_noise:
+            labels = labels.with_noise(cfg.label_noise, seed=cfg.seed)
+        if cfg.hierarchy:
+            labels = labels.expand_hierarchy(read_parent_map(cfg.hierarchy, labels.names))
+        if hasattr(self, "classifier") and labels.num_classes != self.classifier.out_features:
+            raise ValueError(f"labels have {labels.num_classes} classes, the classifier "
+                             f"{self.classifier.out_features} (num_classes)")
+        cfg.num_classes = labels.num_classes  # the resolved config states the real label space
+        self.labels = labels
+        # [N, K_max] label ids (-1 padded) as a buffer so it follows the module's device;
+        # not persistent: it is data, rebuilt from the same files and seed on resume.
+        rows = labels.padded()
+        self.label_rows = rows.to(self.classifier.weight.device) if hasattr(self, "classifier") else rows
+        self._needs_source_labels = False
 
     def recipe(self):
         from fastssl.data import recipes
@@ -118,6 +130,9 @@ class WeakSupervised(Method):
         file in the source's order) or its class labels [N]. Without a label table the
         sampler and the targets use those class labels."""
         labels = getattr(source, "labels", source)
+        if self._needs_source_labels and labels is not None:
+            ids = labels.tolist() if hasattr(labels, "tolist") else list(labels)
+            self._set_table(LabelTable.from_single_labels(ids, self.cfg.num_classes))
         if self.labels is not None:
             paths = getattr(source, "paths", None)
             if paths is not None and self.labels.keys is not None and list(self.labels.keys) != list(paths):
@@ -140,6 +155,9 @@ class WeakSupervised(Method):
 
     def targets(self, batch: dict) -> torch.Tensor:
         """Multi-hot float32 targets [B, C] for the batch's items."""
+        if self._needs_source_labels:
+            raise ValueError("weak: label_noise / hierarchy without a labels_file act on the source's "
+                             "labels: call build_sampler(source) before training")
         if self.label_rows is not None:
             index = batch.get("index")
             if not isinstance(index, torch.Tensor):

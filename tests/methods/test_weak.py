@@ -109,6 +109,17 @@ def test_label_files_hierarchy_and_noise_from_config(tmp_path):
     assert noisy.labels.labels == expand_hierarchy(noisy_raw, {0: [2], 1: [2], 3: [4]})
 
 
+def test_noise_on_source_labels_comes_with_build_sampler():
+    method = WeakSupervised(cfg(num_classes=3, label_noise=0.5, seed=1), backbone=tiny_backbone())
+    with pytest.raises(ValueError, match=r"call build_sampler\(source\) before training"):
+        method.targets({"index": torch.tensor([0]), "label": torch.tensor([0])})
+    source_labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    method.build_sampler(source_labels)
+    want = inject_label_noise([[c] for c in source_labels.tolist()], 0.5, 3, seed=1)
+    assert method.labels.labels == want
+    assert method.targets({"index": torch.arange(8)}).argmax(1).tolist() == [r[0] for r in want]
+
+
 def test_build_sampler():
     c = cfg(num_classes=5, sampling="sqrt", seed=4)
     method = WeakSupervised(c, labels=TABLE, backbone=tiny_backbone())
@@ -157,8 +168,6 @@ def test_config_errors():
         WeakSupervised(cfg(loss="hinge"), backbone=tiny_backbone())
     with pytest.raises(ValueError, match="sampling must be one of"):
         WeakSupervised(cfg(sampling="balanced"), backbone=tiny_backbone())
-    with pytest.raises(ValueError, match="hierarchy / label_noise need a label table"):
-        WeakSupervised(cfg(label_noise=0.2), backbone=tiny_backbone())
     with pytest.raises(ValueError, match="label_noise must be a fraction"):
         WeakSupervised(cfg(label_noise=1.5), labels=TABLE, backbone=tiny_backbone())
 
