@@ -64,9 +64,9 @@ class Trainer:
 
     resume: None (fresh run), "auto" (continue from OUT/last.pt when it exists) or a path.
     time_budget_s: wall-clock budget of fit() (training and evaluations). After timing the
-    first steps (and again every 50 steps), the run is shortened to the steps that fit (never
-    lengthened): the schedules are re-spread over the shorter run, so it still ends with a
-    full cosine decay. A resumed run keeps the length recorded in its checkpoint."""
+    first steps, and again every 50 steps on the latest speed, the run's length is set to the
+    steps that fit (at most cfg.epochs): the schedules are re-spread over it, so the run still
+    ends with a full cosine decay. A resumed run keeps the length recorded in its checkpoint."""
 
     CALIBRATION_STEPS = 12  # timed steps (after 2 warm-up steps) before a time budget is applied
 
@@ -88,8 +88,9 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError("loader: expected at least one batch per epoch, got 0 "
                              "(dataset smaller than the batch?)")
-        self.stop_step = cfg.epochs * self.steps_per_epoch if cfg.max_steps is None else cfg.max_steps
-        self._set_total_steps(cfg.epochs * self.steps_per_epoch)
+        self.planned_steps = cfg.epochs * self.steps_per_epoch
+        self.max_steps = self.planned_steps if cfg.max_steps is None else cfg.max_steps
+        self._set_total_steps(self.planned_steps)
         self.time_budget_s = time_budget_s
 
         method.to(self.device)
@@ -127,7 +128,7 @@ class Trainer:
 
     def _set_total_steps(self, total: int) -> None:
         self.total_steps = total
-        self.stop_step = min(self.stop_step, total)
+        self.stop_step = min(self.max_steps, total)
         self.schedules = build_schedules(self.cfg, self.steps_per_epoch, total) | self.method.schedules(
             total, self.steps_per_epoch)
 
@@ -135,15 +136,15 @@ class Trainer:
         step_s = sorted(step_times)[len(step_times) // 2]
         remaining = deadline - time.perf_counter() - eval_s
         # 5% reserve: epoch starts (pipeline set-up), checkpoints and the final save are not in step_s.
-        fit = min(self.step + max(int(0.95 * remaining / step_s), 0), self.total_steps)
+        fit = min(max(self.step + int(0.95 * remaining / step_s), self.step + 1), self.planned_steps)
         if self.world > 1:  # every rank must stop at the same step
             box = [fit]
             dist.broadcast_object_list(box, src=0)
             fit = box[0]
-        if fit < self.total_steps - 1:
+        if abs(fit - self.total_steps) > 0.01 * self.total_steps:
             self.log(f"time budget: {step_s:.2f} s/step, evaluation {eval_s:.0f} s: training {fit} of "
-                     f"{self.total_steps} steps ({fit / self.steps_per_epoch:.2f} epochs)")
-            self._set_total_steps(max(fit, self.step + 1))
+                     f"{self.planned_steps} steps ({fit / self.steps_per_epoch:.2f} epochs)")
+            self._set_total_steps(fit)
         self.extra["total_steps"] = self.total_steps
 
     # ----------------------------------------------------------------- checkpoints
@@ -276,8 +277,8 @@ class Trainer:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
                                         img_s=f"{images / train_time:.0f}", data=f"{wait_acc / time_acc:.0%}")
                 if budget_open:
-                    # First after CALIBRATION_STEPS, then every 50 steps on the latest speed (a
-                    # machine that got busier shortens the run again; it is never lengthened).
+                    # First after CALIBRATION_STEPS, then every 50 steps on the latest speed: a
+                    # shared machine's speed changes during the run.
                     step_times.append(step_time)
                     n = len(step_times) - 2 - self.CALIBRATION_STEPS
                     if n >= 0 and n % 50 == 0:
