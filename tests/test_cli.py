@@ -51,7 +51,7 @@ def _image_folder(root, n_per_class=8):
 def test_train_then_eval_end_to_end(capsys, tmp_path):
     _image_folder(tmp_path / "data")
     out = tmp_path / "run"
-    argv = ["train", "--method", "rotnet", "--data", str(tmp_path / "data"), "--backbone", "resnet18",
+    argv = ["train", "--method", "rotnet", "--data", str(tmp_path / "data"), "--backbone", "resnet8",
             "--epochs", "2", "--batch-size", "8", "--out", str(out), "image_size=16", "num_threads=1",
             "data_backend=torchvision", "log_every=1"]
     assert main(argv) == 0
