@@ -235,6 +235,7 @@ class Trainer:
 
         self.method.train()
         train_time, images, last_loss = 0.0, 0, float("nan")
+        pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
         t_start = time.perf_counter()
         while self.step < self.stop_step:
             epoch, skip = divmod(self.step, spe)
@@ -260,22 +261,16 @@ class Trainer:
                     raise RuntimeError(f"loader: yielded fewer batches ({skip}) than len(loader)={spe}")
                 batch = _to_device(batch, self.device, cfg.channels_last)
                 t_data = time.perf_counter()
-                record = self._train_step(batch, epoch)
+                record, values = self._train_step(batch, epoch)
                 t_now = time.perf_counter()
                 n_img = batch["views"][0].shape[0] * self.world
                 step_time, wait = t_now - t_prev, t_data - t_prev
                 train_time, images = train_time + step_time, images + n_img
                 wait_acc, time_acc = wait_acc + wait, time_acc + step_time
                 record |= {"img_per_s": n_img / step_time, "data_wait": wait / step_time}
-                self._log_step(record)
-                last_loss = record["loss"]
+                pending.append((record, values))
                 self.step += 1
                 skip += 1
-                if bar is not None:
-                    bar.update(1)
-                    if self.step % max(cfg.log_every, 1) == 0 or skip == spe:
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.3g}",
-                                        img_s=f"{images / train_time:.0f}", data=f"{wait_acc / time_acc:.0%}")
                 if budget_open:
                     # First after CALIBRATION_STEPS, then every 50 steps on the latest speed: a
                     # shared machine's speed changes during the run.
@@ -284,8 +279,16 @@ class Trainer:
                     if n >= 0 and n % 50 == 0:
                         self._apply_time_budget(step_times[-50:] if n else step_times[2:], eval_s,
                                                 t_fit + self.time_budget_s)
-                if (skip == spe or self.step == self.stop_step
-                        or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0)):
+                will_save = (skip == spe or self.step == self.stop_step
+                             or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0))
+                if will_save or self.step % max(cfg.log_every, 1) == 0:
+                    last_loss = self._flush(pending)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.3g}",
+                                        img_s=f"{images / train_time:.0f}", data=f"{wait_acc / time_acc:.0%}")
+                if bar is not None:
+                    bar.update(1)
+                if will_save:
                     self.save()
                 t_prev = time.perf_counter()
             if bar is not None:
@@ -325,12 +328,6 @@ class Trainer:
         with torch.autocast(**self.autocast):
             out = self.model(batch, ctx)
         loss = out["loss"]
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            kept = (f"the last good checkpoint {self.ckpt_path} is left intact" if self.ckpt_path.is_file()
-                    else "no checkpoint had been written yet")
-            raise NonFiniteLossError(f"loss is {loss_value} at step {s} (epoch {epoch}); stopping before the "
-                                     f"update; {kept}. Try a lower base_lr or a longer warmup_epochs.")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.method.before_optimizer_step(ctx)
@@ -338,11 +335,30 @@ class Trainer:
             nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.clip_grad)
         self.optimizer.step()
         self.method.after_optimizer_step(ctx)
-        record = {"step": s, "epoch": epoch, "loss": loss_value, "lr": lr, "weight_decay": wd}
-        for k, v in out.items():
-            if k != "loss" and (isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)):
-                record[k] = float(v)
-        return record | ctx.schedules
+        record = {"step": s, "epoch": epoch, "lr": lr, "weight_decay": wd} | ctx.schedules
+        # Scalars stay on the device until _flush reads a window of steps at once: no host sync per step.
+        values = {k: v.detach() for k, v in out.items() if torch.is_tensor(v) and v.numel() == 1}
+        record |= {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
+        return record, values
+
+    def _flush(self, pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]]) -> float:
+        """Read the pending steps' losses and metrics in one transfer, stop on a non-finite
+        loss, append the records to metrics.jsonl; returns the latest loss. Called every
+        cfg.log_every steps and before every checkpoint, so a checkpoint never holds the
+        result of a step whose loss was NaN/inf."""
+        flat = torch.stack([v.float().reshape(()) for _, values in pending for v in values.values()]).tolist()
+        numbers = iter(flat)
+        for record, values in pending:
+            record |= {k: next(numbers) for k in values}
+            if not math.isfinite(record["loss"]):
+                kept = (f"the last good checkpoint {self.ckpt_path} is left intact"
+                        if self.ckpt_path.is_file() else "no checkpoint had been written yet")
+                raise NonFiniteLossError(
+                    f"loss is {record['loss']} at step {record['step']} (epoch {record['epoch']}); stopped; "
+                    f"{kept}. Try a lower base_lr or a longer warmup_epochs.")
+            self._log_step(record)
+        pending.clear()
+        return record["loss"]
 
     def _device_name(self) -> str:
         if self.device.type == "cuda":
