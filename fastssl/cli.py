@@ -31,7 +31,7 @@ DEMO_METHOD = "mocov3"
 DEMO_PRESET: dict[str, Any] = {
     "backbone": "resnet8", "image_size": 28, "epochs": 10, "batch_size": 256, "optimizer": "lars",
     "base_lr": 1.0, "weight_decay": 1e-5, "warmup_epochs": 0.5, "mlp_hidden_dim": 512, "moco_dim": 128,
-    "sync_bn": False, "out": "runs/demo",
+    "sync_bn": False, "channels_last": True, "out": "runs/demo",
 }
 # The demo trains for the epochs that fit this budget (at most DEMO_PRESET's); the rest of the
 # 15 minutes is start-up and loading.
