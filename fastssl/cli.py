@@ -129,7 +129,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--method: expected one of {sorted(methods)}, got {name!r}")
     data = _resolve_data(args.data or FASHION_MNIST)
     overrides = parse_overrides(args.overrides)
-    for key in ("backbone", "epochs", "batch_size", "out", "fused"):
+    for key in ("backbone", "epochs", "batch_size", "out", "fused", "loss", "sampling"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
     overrides["data"] = data
@@ -147,8 +147,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = dataclasses.replace(recipe, views=[dataclasses.replace(v, **DEMO_VIEW_OVERRIDES)
                                                     for v in recipe.views])
     options = _data_options(cfg, device)
-    loader = build_loader(_sources(data, "pretrain"), recipe, batch_size=cfg.batch_size // world,
-                          shard_id=rank, num_shards=world, seed=cfg.seed, drop_last=True, **options)
+    source = _sources(data, "pretrain")
+    loader = build_loader(source, recipe, batch_size=cfg.batch_size // world, shard_id=rank, num_shards=world,
+                          seed=cfg.seed, drop_last=True,
+                          sampler=method.build_sampler(source, rank=rank, world_size=world), **options)
     _log(f"data: {data}, {options['backend']} on {options['device']}, {len(loader)} steps/epoch")
     evaluator = build_evaluator(cfg, data, device, linear=args.linear_probe) if cfg.eval_knn else None
     t0 = time.perf_counter()
@@ -247,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", dest="batch_size", type=int, help="global batch size")
     train.add_argument("--out", help="run directory")
     train.add_argument("--fused", type=_bool, help="false: every fused op runs its *_ref")
+    train.add_argument("--loss", help="method weak: softmax (1/k targets) or sigmoid (per-label BCE)")
+    train.add_argument("--sampling", help="method weak: natural, uniform, sqrt or inverse_sqrt")
     train.add_argument("--config", help="YAML file of key: value (below key=value overrides)")
     train.add_argument("--resume", help="'auto' (continue OUT/last.pt when present) or a checkpoint path")
     train.add_argument("--time-budget", dest="time_budget", type=float, metavar="SECONDS",

@@ -67,3 +67,32 @@ def test_train_then_eval_end_to_end(capsys, tmp_path):
     assert main(["eval", "--checkpoint", str(out / "last.pt")]) == 0
     printed = capsys.readouterr().out
     assert "kNN top-1" in printed and "linear probe top-1" in printed
+
+
+def test_weak_method_trains_on_its_resampling_sampler(monkeypatch, tmp_path):
+    import fastssl.data
+    from fastssl.data import ResamplingSampler
+
+    _image_folder(tmp_path / "data")
+    seen = {}
+    real_build_loader = fastssl.data.build_loader
+
+    def recording_build_loader(source, recipe, **kwargs):
+        seen.setdefault("samplers", []).append(kwargs.get("sampler"))
+        return real_build_loader(source, recipe, **kwargs)
+
+    monkeypatch.setattr(fastssl.data, "build_loader", recording_build_loader)
+    argv = ["train", "--method", "weak", "--data", str(tmp_path / "data"), "--backbone", "resnet8",
+            "--loss", "sigmoid", "--sampling", "sqrt", "--epochs", "1", "--batch-size", "8",
+            "--out", str(tmp_path / "run"), "image_size=16", "num_threads=1", "num_classes=2",
+            "data_backend=torchvision", "eval_knn=false"]
+    assert main(argv) == 0
+    pretrain_sampler = seen["samplers"][0]
+    assert isinstance(pretrain_sampler, ResamplingSampler) and pretrain_sampler.mode == "sqrt"
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    assert "loss: sigmoid" in config and "sampling: sqrt" in config
+
+
+def test_loss_flag_is_rejected_by_methods_without_it(capsys):
+    err = _error(capsys, ["train", "--method", "mocov2", "--loss", "sigmoid"])
+    assert "unknown key 'loss'" in err

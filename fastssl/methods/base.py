@@ -119,6 +119,11 @@ class Method(nn.Module):
             (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0, "apply_wd": False}]
 
+    def build_sampler(self, source, *, rank: int = 0, world_size: int = 1):
+        """An index sampler (set_epoch + __iter__, already sharded for this rank) that replaces
+        the loader's shuffle, or None for the loader's own. The weak method resamples labels."""
+        return None
+
     def before_optimizer_step(self, ctx: StepContext) -> None:
         pass
 
