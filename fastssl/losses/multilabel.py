@@ -25,11 +25,12 @@ TARGET_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, 
 
 
 def multi_hot(targets: Tensor | Sequence[Sequence[int]], n_rows: int, n_classes: int,
-              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Tensor:
+              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+              validate: bool = True) -> Tensor:
     """[N, C] multi-hot tensor from a multi-hot tensor or from N lists of label indices.
 
-    Raises a ValueError naming the row for a row without labels, an index outside [0, C),
-    or (tensor input) a value other than 0 or 1. Repeated indices in a list count once.
+    Raises a ValueError naming the row for an index outside [0, C), or (tensor input, when
+    `validate`) a value other than 0 or 1. Repeated indices in a list count once.
     """
     if isinstance(targets, Tensor):
         check_tensor("targets", targets, ndim=2, dtypes=TARGET_DTYPES)
@@ -37,7 +38,7 @@ def multi_hot(targets: Tensor | Sequence[Sequence[int]], n_rows: int, n_classes:
             raise ValueError(f"targets must have the logits' shape ({n_rows}, {n_classes}), "
                              f"got {tuple(targets.shape)}")
         bad = (targets != 0) & (targets != 1)
-        if bad.any():
+        if validate and bad.any():
             row, col = (int(x) for x in bad.nonzero()[0])
             raise ValueError(f"targets must be multi-hot (0 or 1); row {row}, column {col} holds "
                              f"{targets[row, col].item()}")
@@ -75,7 +76,7 @@ def multilabel_softmax_loss_ref(logits: Tensor, multi_hot_targets: Tensor) -> Te
 
 
 def multilabel_softmax_loss(logits: Tensor, targets: Tensor | Sequence[Sequence[int]],
-                            backend: str = "auto") -> Tensor:
+                            backend: str = "auto", *, validate: bool = True) -> Tensor:
     """Softmax cross-entropy with a target of 1/k on each of a row's k labels (Mahajan et al. 2018).
 
     logits: [N, C] float. targets: multi-hot [N, C] (bool, int or float 0/1) or N lists of label
@@ -83,14 +84,16 @@ def multilabel_softmax_loss(logits: Tensor, targets: Tensor | Sequence[Sequence[
     (float32; float64 for float64 logits). Every row needs at least one label.
     backend: "auto" runs the fused Triton kernel on CUDA when C >= FUSED_MIN_CLASSES (below that,
     torch's log_softmax is as fast), "triton" forces it, "torch" is the reference.
+    validate=False skips the data-dependent checks of a target tensor (values 0/1, no empty row),
+    each a device-to-host sync: for training loops whose targets are valid by construction.
     """
     check_tensor("logits", logits, ndim=2)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     n_rows, n_classes = logits.shape
-    y = multi_hot(targets, n_rows, n_classes, device=logits.device, dtype=logits.dtype)
+    y = multi_hot(targets, n_rows, n_classes, device=logits.device, dtype=logits.dtype, validate=validate)
     empty = y.sum(dim=1) == 0
-    if empty.any():
+    if validate and empty.any():
         row = int(empty.nonzero()[0])
         raise ValueError(f"every targets row needs at least one label; row {row} has none")
     if backend == "auto":
@@ -102,16 +105,17 @@ def multilabel_softmax_loss(logits: Tensor, targets: Tensor | Sequence[Sequence[
                               backend="triton")
 
 
-def multilabel_sigmoid_loss(logits: Tensor, targets: Tensor | Sequence[Sequence[int]]) -> Tensor:
+def multilabel_sigmoid_loss(logits: Tensor, targets: Tensor | Sequence[Sequence[int]], *,
+                            validate: bool = True) -> Tensor:
     """Per-label sigmoid binary cross-entropy, the baseline of Mahajan et al. 2018.
 
     logits: [N, C]; targets as for multilabel_softmax_loss (rows without labels are allowed:
     all C labels are negatives). Returns mean_n sum_c BCE(sigmoid(logits_nc), y_nc): summed over
     labels so that its scale per image matches the softmax loss (torch's default mean over N*C
-    would shrink gradients by C). Float32 math for half inputs.
+    would shrink gradients by C). Float32 math for half inputs. validate as for the softmax loss.
     """
     check_tensor("logits", logits, ndim=2)
     n_rows, n_classes = logits.shape
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    y = multi_hot(targets, n_rows, n_classes, device=logits.device, dtype=dtype)
+    y = multi_hot(targets, n_rows, n_classes, device=logits.device, dtype=dtype, validate=validate)
     return F.binary_cross_entropy_with_logits(logits.to(dtype), y, reduction="sum") / n_rows

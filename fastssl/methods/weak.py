@@ -183,10 +183,11 @@ class WeakSupervised(Method):
         x = check_views(batch, 1, self.name)[0]
         logits = self.classifier(self.backbone(x))
         target = self.targets(batch).to(logits.device)
+        # The label table guarantees 0/1 rows with >= 1 label: no per-step validation sync.
         if self.cfg.loss == "softmax":
-            loss = multilabel_softmax_loss(logits, target, backend=self.backend)
+            loss = multilabel_softmax_loss(logits, target, backend=self.backend, validate=False)
         else:
-            loss = multilabel_sigmoid_loss(logits, target)
+            loss = multilabel_sigmoid_loss(logits, target, validate=False)
         # precision@1: the top-scoring class is one of the image's (noisy) labels
         hit = target.gather(1, logits.detach().argmax(dim=1, keepdim=True)).mean()
         return {"loss": loss, "precision_at_1": hit}

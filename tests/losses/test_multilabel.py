@@ -124,3 +124,14 @@ def test_backend_errors():
         multilabel_softmax_loss(torch.randn(2, 5), [[0], [1]], backend="fast")
     with pytest.raises(ValueError, match="logits must be 2-D"):
         multilabel_softmax_loss(torch.randn(5), [[0]])
+
+
+def test_validate_false_skips_only_the_data_dependent_checks():
+    logits = torch.randn(3, 5, dtype=torch.float64)
+    y = torch.zeros(3, 5, dtype=torch.float64)
+    y[0, 1] = y[1, 2] = y[1, 4] = y[2, 0] = 1
+    expected = multilabel_softmax_loss(logits, y)
+    assert torch.equal(multilabel_softmax_loss(logits, y, validate=False), expected)
+    assert torch.equal(multilabel_sigmoid_loss(logits, y, validate=False), multilabel_sigmoid_loss(logits, y))
+    with pytest.raises(ValueError, match="targets must have the logits' shape"):
+        multilabel_softmax_loss(logits, y[:2], validate=False)
