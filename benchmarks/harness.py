@@ -66,7 +66,8 @@ def environment() -> dict:
         triton_version = None
     cuda = torch.cuda.is_available()
     return {
-        "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name() if cuda
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda if cuda else None,
@@ -125,19 +126,24 @@ def roofline() -> dict:
     if not torch.cuda.is_available():
         _ROOFLINE = {"copy_gbps": None, "bf16_tflops": None}
         return _ROOFLINE
+    _ROOFLINE = {"copy_gbps": _copy_gbps(), "bf16_tflops": _bf16_matmul_tflops()}
+    torch.cuda.empty_cache()
+    return _ROOFLINE
+
+
+def _copy_gbps() -> float:
     n = 256 * 1024 * 1024  # 1 GiB of fp32, far beyond L2
     src, dst = torch.randn(n, device="cuda"), torch.empty(n, device="cuda")
     ms = time_fn(lambda i: dst.copy_(src), warmup=3, iters=20)
-    copy_gbps = 2 * n * 4 / ms / 1e6
-    del src, dst
+    return 2 * n * 4 / ms / 1e6
+
+
+def _bf16_matmul_tflops() -> float:
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
     ms = time_fn(lambda i: a @ b, warmup=3, iters=20)
-    _ROOFLINE = {"copy_gbps": copy_gbps, "bf16_tflops": 2 * m**3 / ms / 1e9}
-    del a, b
-    torch.cuda.empty_cache()
-    return _ROOFLINE
+    return 2 * m**3 / ms / 1e9
 
 
 def run_case(case: Case, *, rotate: int, warmup: int, iters: int) -> list[dict]:
@@ -146,11 +152,10 @@ def run_case(case: Case, *, rotate: int, warmup: int, iters: int) -> list[dict]:
     for provider, fn in case.providers.items():
         row = {"case": case.name, **case.params, "provider": provider}
         try:
-            ms = time_fn(lambda i: fn(*inputs[i % rotate]), warmup=warmup, iters=iters)
+            ms = time_fn(lambda i, fn=fn: fn(*inputs[i % rotate]), warmup=warmup, iters=iters)
             row["ms"] = ms
-            row["peak_extra_mb"] = (
-                None if (b := peak_extra_bytes(lambda: fn(*inputs[0]))) is None else b / 2**20
-            )
+            extra = peak_extra_bytes(lambda fn=fn: fn(*inputs[0]))
+            row["peak_extra_mb"] = None if extra is None else extra / 2**20
             if case.flops is not None:
                 row["tflops"] = case.flops / ms / 1e9
             if case.bytes_moved is not None:
@@ -177,8 +182,10 @@ def _fmt(v, digits=3) -> str:
 
 def markdown(op: str, rows: Sequence[dict], env: dict, roof: dict) -> str:
     cuda = torch.cuda.is_available()
-    param_keys = [k for k in rows[0] if k not in {"case", "provider", "ms", "peak_extra_mb", "tflops", "gbps", "speedup_vs_eager", "error"}]
-    cols = ["case", *param_keys, "provider", "ms" if cuda else "ms (CPU, ratios only)", "× eager", "peak extra MB"]
+    measured = {"case", "provider", "ms", "peak_extra_mb", "tflops", "gbps", "speedup_vs_eager", "error"}
+    param_keys = [k for k in rows[0] if k not in measured]
+    time_col = "ms" if cuda else "ms (CPU, ratios only)"
+    cols = ["case", *param_keys, "provider", time_col, "× eager", "peak extra MB"]
     has_tflops = any("tflops" in r for r in rows)
     has_gbps = any("gbps" in r for r in rows)
     if has_tflops:
@@ -208,10 +215,12 @@ def markdown(op: str, rows: Sequence[dict], env: dict, roof: dict) -> str:
                      _fmt(r.get("speedup_vs_eager"), 2), _fmt(r.get("peak_extra_mb"))]
             if has_tflops:
                 t = r.get("tflops")
-                cells += [_fmt(t), _fmt(100 * t / roof["bf16_tflops"], 2) if t and roof["bf16_tflops"] else "–"]
+                share = _fmt(100 * t / roof["bf16_tflops"], 2) if t and roof["bf16_tflops"] else "–"
+                cells += [_fmt(t), share]
             if has_gbps:
                 g = r.get("gbps")
-                cells += [_fmt(g), _fmt(100 * g / roof["copy_gbps"], 2) if g and roof["copy_gbps"] else "–"]
+                share = _fmt(100 * g / roof["copy_gbps"], 2) if g and roof["copy_gbps"] else "–"
+                cells += [_fmt(g), share]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

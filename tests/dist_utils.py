@@ -43,4 +43,5 @@ def run_gloo(fn: Callable, world_size: int = 2, *args) -> list:
             _worker, args=(world_size, port, out_dir, fn, args), nprocs=world_size, join=True,
             start_method="spawn",
         )
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        paths = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world_size)]
+        return [torch.load(p, weights_only=False) for p in paths]
