@@ -29,7 +29,7 @@ _T0 = time.perf_counter()
 # in <= 15 minutes on a 2-core CPU. Chosen by timed runs; see README.
 DEMO_METHOD = "mocov3"
 DEMO_PRESET: dict[str, Any] = {
-    "backbone": "resnet8", "image_size": 28, "epochs": 10, "batch_size": 256, "optimizer": "lars",
+    "backbone": "resnet8", "image_size": 28, "epochs": 10, "batch_size": 128, "optimizer": "lars",
     "base_lr": 1.0, "weight_decay": 1e-5, "warmup_epochs": 0.5, "mlp_hidden_dim": 512, "moco_dim": 128,
     "sync_bn": False, "channels_last": True, "out": "runs/demo",
 }
