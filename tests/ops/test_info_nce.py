@@ -370,7 +370,7 @@ COMPILE_FOR_H100 = r"""
 import importlib, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-m = importlib.import_module("fastssl.ops.info_nce")
+m = importlib.import_module("fastssl.ops._info_nce_kernels")
 SMEM = 232448  # sm_90's shared memory per block (opt-in)
 
 def build(kernel, types, consts, **options):
