@@ -65,3 +65,33 @@ def all_reduce_sum_(x: torch.Tensor) -> torch.Tensor:
     if is_distributed() and get_world_size() > 1:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's shuffling BN across ranks (He et al. 2020, sec. 3.3): gather [n, ...] from every
+    rank, permute the [W*n, ...] batch with one permutation (drawn on rank 0 from `generator`,
+    or the default generator of x's device, and broadcast, so every rank agrees), and return
+    this rank's n rows of it with the inverse permutation for `batch_unshuffle`.
+
+    A key encoder's BatchNorm then sees, on each rank, samples whose queries were normalized
+    on other ranks, so BN statistics cannot leak which key is the positive. Without a process
+    group the permutation is local (useful with BatchNorm over sub-batches). No host sync."""
+    world, rank = get_world_size(), get_rank()
+    x_all = all_gather_no_grad(x)
+    perm = torch.randperm(x_all.shape[0], device=x.device, generator=generator)
+    if world > 1:
+        dist.broadcast(perm, src=0)
+    return x_all[perm.view(world, -1)[rank]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(y: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Undo `batch_shuffle` on its output's image y [n, ...]: this rank's rows, in the order of
+    the x it passed to batch_shuffle."""
+    world, rank = get_world_size(), get_rank()
+    if inverse.shape[0] != world * y.shape[0]:
+        raise ValueError(f"inverse: expected {world} * {y.shape[0]} entries (world size * rows of y), "
+                         f"got {inverse.shape[0]}")
+    return all_gather_no_grad(y)[inverse.view(world, -1)[rank]]

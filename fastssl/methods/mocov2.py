@@ -4,9 +4,11 @@ Query encoder = backbone + 2-layer MLP head; key encoder = its momentum (EMA) co
 a KeyQueue of 65,536 normalized keys gathered across ranks; InfoNCE with T = 0.2 over
 [positive key, queue]. SGD, lr 0.03 * B / 256, cosine schedule, weight decay 1e-4.
 
-Shuffling BN (paper sec. 3.3) is done within each process: bn_splits > 1 gives both encoders
-BatchNorm statistics per sub-batch and shuffles the key batch (the official CIFAR demo's
-single-GPU version). The official cross-GPU shuffle is not implemented; under DDP use bn_splits.
+Shuffling BN (paper sec. 3.3, on by default): under DDP the key batch is gathered, permuted
+across all ranks, encoded, and un-permuted (fastssl.distributed.batch_shuffle, as the official
+code does), so a key's BatchNorm statistics come from other samples than its query's. In one
+process, bn_splits > 1 gives both encoders BatchNorm statistics per sub-batch and the shuffle
+is local (the official CIFAR demo's single-GPU version).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 import fastssl
 from fastssl import ops
+from fastssl.distributed import batch_shuffle, batch_unshuffle, get_world_size
 from fastssl.methods import register
 from fastssl.methods._common import backbone_from_config, check_views
 from fastssl.methods.base import Method, StepContext, TrainConfig
@@ -45,6 +48,9 @@ class MoCoV2Config(TrainConfig):
     # > 1: shuffling BN in one process (the official CIFAR demo): BatchNorm2d statistics per
     # `bn_splits` sub-batches in both encoders, and the key batch shuffled before the key encoder
     bn_splits: int = 1
+    # permute the key batch (across ranks under DDP) before the key encoder; skipped where it
+    # changes nothing: one process without bn_splits, or SyncBatchNorm
+    shuffle_bn: bool = True
     vit_depth: int | None = None
 
 
@@ -78,6 +84,9 @@ class MoCoV2(Method):
     def encoder(self) -> nn.Module:
         return self.encoder_q[0]
 
+    def compile_modules(self) -> list[nn.Module]:
+        return [self.encoder_q[0], self.encoder_k[0]]
+
     def _loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         queue = self.queue.keys.to(q.dtype)  # no copy in fp32; bf16 under autocast
         return ops.info_nce(q, k.to(q.dtype), queue, temperature=self.cfg.temperature, normalize=True,
@@ -85,11 +94,12 @@ class MoCoV2(Method):
 
     @torch.no_grad()
     def _keys_of(self, x: torch.Tensor) -> torch.Tensor:
-        if self.cfg.bn_splits <= 1:
+        synced = any(isinstance(m, nn.SyncBatchNorm) for m in self.encoder_k.modules())
+        if not self.cfg.shuffle_bn or synced or (get_world_size() == 1 and self.cfg.bn_splits <= 1):
             return self.encoder_k(x)
-        # shuffled so that a key and its query fall into different BN splits (He et al. 2020, 3.3)
-        perm = torch.randperm(x.shape[0], device=x.device)
-        return self.encoder_k(x[perm])[torch.argsort(perm)]
+        # a key and its query fall into different BN batches (He et al. 2020, sec. 3.3)
+        x_shuffled, inverse = batch_shuffle(x)
+        return batch_unshuffle(self.encoder_k(x_shuffled), inverse)
 
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         x1, x2 = check_views(batch, 2, self.name)[:2]

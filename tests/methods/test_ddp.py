@@ -46,3 +46,43 @@ def test_dino_and_mocov3_two_processes_equal_one_process_on_the_full_batch():
         if full_center is not None:
             torch.testing.assert_close(r0[2], full_center, rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(r1[2], full_center, rtol=1e-5, atol=1e-7)
+
+
+def _shuffled_keys(rank: int, world: int, state: dict, x: torch.Tensor, seed: int) -> tuple:
+    """MoCo v2's keys under 2-process DDP: this rank's half of x, the permutation drawn from the
+    global generator seeded with `seed` (rank 1 is seeded differently: rank 0's draw must win)."""
+    from fastssl.distributed import batch_shuffle, batch_unshuffle
+
+    torch.set_num_threads(1)
+    method = build("mocov2")
+    method.load_state_dict(state)
+    mine = x.chunk(world)[rank]
+    torch.manual_seed(seed + rank)
+    keys = method._keys_of(mine)
+    rows = torch.arange(len(x)).chunk(world)[rank] * 1.0
+    shuffled, inverse = batch_shuffle(rows[:, None], generator=torch.Generator().manual_seed(seed + rank))
+    return keys, shuffled[:, 0], batch_unshuffle(shuffled, inverse)[:, 0], rows
+
+
+def test_mocov2_shuffles_the_key_batch_across_ranks():
+    """Official MoCo's shuffling BN: the key encoder's BatchNorm on each rank sees the half of
+    the global batch that rank 0's permutation assigns to it; keys return in the input order."""
+    method = build("mocov2")
+    assert method.cfg.shuffle_bn and method.cfg.bn_splits == 1
+    x = make_batch(method, batch_size=8)["views"][1]
+    seed = 5
+    (k0, s0, u0, rows0), (k1, s1, u1, rows1) = run_gloo(_shuffled_keys, 2, method.state_dict(), x, seed)
+
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # the reference: BN in train mode on each permuted half
+        keys_permuted = torch.cat([method.encoder_k(x[half]) for half in perm.chunk(2)])
+    want = keys_permuted[torch.argsort(perm)]
+    torch.testing.assert_close(torch.cat([k0, k1]), want, rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        unshuffled = torch.cat([method.encoder_k(half) for half in x.chunk(2)])
+    assert not torch.allclose(torch.cat([k0, k1]), unshuffled, atol=1e-3)  # the shuffle changed BN's batches
+
+    # the helpers alone: rank 0's permutation on both ranks, its inverse restores each rank's rows
+    torch.testing.assert_close(torch.cat([s0, s1]), perm.float())
+    torch.testing.assert_close(u0, rows0)
+    torch.testing.assert_close(u1, rows1)
