@@ -102,7 +102,8 @@ class Trainer:
         if cfg.channels_last:
             method.to(memory_format=torch.channels_last)
         if cfg.compile:
-            method.encoder().compile()
+            for module in method.compile_modules():
+                module.compile()
         self.model: nn.Module = method
         if self.world > 1:
             # Buffers (queue, BN statistics of the teacher) are per-rank state, not broadcast from rank 0.

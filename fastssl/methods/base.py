@@ -102,6 +102,11 @@ class Method(nn.Module):
         """The backbone whose [B, F] features kNN / linear probe evaluate."""
         raise NotImplementedError
 
+    def compile_modules(self) -> list[nn.Module]:
+        """The modules the trainer compiles (in place, nn.Module.compile) when cfg.compile is set:
+        the networks the training step runs, teachers and momentum encoders included."""
+        return [self.encoder()]
+
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Loss (key "loss", a scalar) and any scalar metrics for logging."""
         raise NotImplementedError
