@@ -134,9 +134,11 @@ def cmd_train(args: argparse.Namespace) -> int:
             overrides[key] = getattr(args, key)
     overrides["data"] = data
     cfg = resolve_config(methods[name].config_class, args.config, overrides,
-                         preset=DEMO_PRESET if demo else None)
+                         preset=DEMO_PRESET if demo else methods[name].presets.get(data))
     if demo:
         _log(f"demo: {name} {cfg.backbone} on Fashion-MNIST at {cfg.image_size}px, {cfg.epochs} epochs")
+    elif data in methods[name].presets:
+        _log(f"{name}: the {data} preset ({cfg.backbone} at {cfg.image_size}px), then the overrides")
     torch.manual_seed(cfg.seed)
     rank, world, device = init_distributed()
     if cfg.batch_size % world:
@@ -168,8 +170,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict, data: str) -> None:
+    speed = summary["images_per_second"]  # None when no step ran (max_steps=0, a finished run resumed)
     lines = [f"{summary['method']} {summary['backbone']}: {summary['steps']} steps, "
-             f"{summary['images_per_second']:.0f} img/s on {summary['device']}"]
+             f"{'no step timed' if speed is None else f'{speed:.0f} img/s'} on {summary['device']}"]
     if "knn_top1" in summary:
         lines.append(f"kNN top-1 (k=20, T=0.07): pretrained {summary['knn_top1']:.2%}, "
                      f"random init {summary.get('knn_top1_random_init', float('nan')):.2%}"

@@ -96,3 +96,19 @@ def test_weak_method_trains_on_its_resampling_sampler(monkeypatch, tmp_path):
 def test_loss_flag_is_rejected_by_methods_without_it(capsys):
     err = _error(capsys, ["train", "--method", "mocov2", "--loss", "sigmoid"])
     assert "unknown key 'loss'" in err
+
+
+@pytest.mark.parametrize("method, backbone, size",
+                         [("mocov2", "resnet20", 32), ("dino", "vit_tiny_patch7", 28)])
+def test_fashion_mnist_runs_start_from_the_methods_preset(tmp_path, method, backbone, size):
+    """--data fashion-mnist takes the method's small-image preset (not its ImageNet defaults);
+    flags and key=value overrides still win over it."""
+    import yaml
+
+    out = tmp_path / "run"
+    argv = ["train", "--method", method, "--data", "fashion-mnist", "--batch-size", "64", "--out", str(out),
+            "max_steps=0", "eval_knn=false", "num_threads=1", "data_backend=torchvision", "seed=3"]
+    assert main(argv) == 0
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert (config["backbone"], config["image_size"]) == (backbone, size)
+    assert (config["batch_size"], config["seed"]) == (64, 3)
