@@ -5,8 +5,8 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 TORCH_PAIR := torch==2.14.1 torchvision==0.29.1
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
-# The extension is compiled for Hopper when no GPU is there to detect.
-export TORCH_CUDA_ARCH_LIST ?= 9.0
+# The extension's CUDA architectures: TORCH_CUDA_ARCH_LIST if set, else the visible GPU's,
+# else sm_80/86/89/90/100 + PTX (fastssl/_build.py).
 
 .PHONY: venv data test demo bench lint cuda-check clean
 
@@ -38,7 +38,9 @@ data:
 # Each .cu is plain CUDA C++: it must compile with bare nvcc (no torch headers).
 cuda-check:
 	@if command -v nvcc >/dev/null; then \
-	  for f in csrc/cuda/*.cu; do echo "nvcc -c $$f"; nvcc -std=c++17 -arch=sm_90 -c $$f -o /tmp/fastssl_$$(basename $$f).o || exit 1; done; \
+	  archs=$$(nvcc --list-gpu-code | grep -E '^sm_(80|86|89|90|100)$$' | sed 's/sm_\(.*\)/-gencode=arch=compute_\1,code=sm_\1/'); \
+	  for f in csrc/cuda/*.cu; do echo "nvcc -c $$f ($$(echo $$archs | grep -o 'sm_[0-9]*' | tr '\n' ' '))"; \
+	    nvcc -std=c++17 $$archs -c $$f -o /tmp/fastssl_$$(basename $$f).o || exit 1; done; \
 	else echo "nvcc not found: skipping the .cu compile check"; fi
 
 lint: venv

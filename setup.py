@@ -2,7 +2,8 @@
 
 Install with `pip install --no-build-isolation -e .` so it compiles against the torch
 already installed. CUDA sources are built whenever torch has CUDA and nvcc is present,
-even without a GPU (TORCH_CUDA_ARCH_LIST then defaults to 9.0)."""
+even without a GPU: TORCH_CUDA_ARCH_LIST then defaults to sm_80, 86, 89, 90 and 100 plus
+PTX (see fastssl/_build.py)."""
 
 import importlib.util
 from pathlib import Path
@@ -18,8 +19,10 @@ _spec.loader.exec_module(build)
 
 WITH_CUDA, WHY = build.cuda_build_status()
 print(f"fastssl._C: {'CPU + CUDA' if WITH_CUDA else 'CPU only'} ({WHY})")
+CXX_FLAGS = list(build.CXX_FLAGS)
 if WITH_CUDA:
-    build.set_default_arch_list()
+    print(f"fastssl._C: CUDA architectures from {build.set_default_arch_list()}")
+    CXX_FLAGS.append(build.image_define(build.cuda_images()))
 
 
 class BuildFastssl(BuildExtension):
@@ -40,8 +43,7 @@ setup(
         Extension(
             "fastssl._C",
             sources=build.sources(WITH_CUDA, relative_to=ROOT),
-            extra_compile_args={"cxx": build.CXX_FLAGS, "nvcc": build.NVCC_FLAGS} if WITH_CUDA
-            else build.CXX_FLAGS,
+            extra_compile_args={"cxx": CXX_FLAGS, "nvcc": build.NVCC_FLAGS} if WITH_CUDA else CXX_FLAGS,
         )
     ],
     cmdclass={"build_ext": BuildFastssl.with_options(use_ninja=True)},

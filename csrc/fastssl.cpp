@@ -5,12 +5,28 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+// The CUDA images nvcc embedded ("sm_80,sm_90,compute_100"), passed by the build; empty in a
+// CPU-only build. Compiled in so the library itself says which devices it can run on.
+#ifndef FASTSSL_CUDA_IMAGES
+#define FASTSSL_CUDA_IMAGES
+#endif
+#define FASTSSL_STRINGIFY(...) #__VA_ARGS__
+#define FASTSSL_STRING(...) FASTSSL_STRINGIFY(__VA_ARGS__)
+
+namespace {
+std::string cuda_images() { return FASTSSL_STRING(FASTSSL_CUDA_IMAGES); }
+}  // namespace
+
 TORCH_LIBRARY(fastssl, m) {
   // Ring-buffer push of the MoCo key queue (KeyQueue.push): row r of keys [n, dim] goes to
   // queue[(ptr + r) % size], optionally L2-normalized, cast to queue's dtype; ptr advances
   // by n mod size. arrivals is a zeroed int32 scratch counter the CUDA kernel uses to let
   // its last block advance ptr.
   m.def("queue_push_(Tensor(a!) queue, Tensor(b!) ptr, Tensor(c!) arrivals, Tensor keys, bool normalize) -> ()");
+  // Comma-separated CUDA images of this build, cuobjdump's names; "" when built CPU-only.
+  m.def("cuda_images() -> str", &cuda_images);
 }
 
 // Importing fastssl._C runs the static registrations above; the module has no Python API.

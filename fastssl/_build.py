@@ -2,9 +2,13 @@
 loads this file by path, before fastssl is importable) and the JIT fallback in _ext.py.
 
 CUDA sources are compiled whenever torch is a CUDA build and nvcc is found, GPU or
-not. Two gaps of a minimal CUDA toolkit are filled from the pip-installed CUDA runtime
-(site-packages/nvidia/cu<major>): headers such as cusparse.h that ATen's CUDA headers
-include, and an unversioned libcudart.so for torch's `-lcudart`.
+not. Which architectures: TORCH_CUDA_ARCH_LIST when the user sets it; else the visible GPUs'
+(torch's own choice); else, with no GPU to detect, PORTABLE_CUDA_ARCHS (those the installed
+nvcc can target) plus PTX of the newest, which later cards JIT-compile. The list is compiled
+into the library (torch.ops.fastssl.cuda_images) so KeyQueue can tell, before launching,
+whether a device can run the kernel. Two gaps of a minimal CUDA toolkit are filled from the
+pip-installed CUDA runtime (site-packages/nvidia/cu<major>): headers such as cusparse.h that
+ATen's CUDA headers include, and an unversioned libcudart.so for torch's `-lcudart`.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ CSRC = ROOT / "csrc"
 # No -std: torch's extension builder picks the standard its headers need (C++20 since 2.10).
 CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
-DEFAULT_CUDA_ARCH_LIST = "9.0"  # H100/H200, when there is no GPU to detect
+# With no GPU to detect: A100 (8.0), A10/A40/RTX 30xx (8.6), L40S/L4/RTX 40xx (8.9),
+# H100/H200 (9.0), B200 (10.0). SASS of 8.0 also runs on 8.7; PTX of the newest covers the rest.
+PORTABLE_CUDA_ARCHS = ("8.0", "8.6", "8.9", "9.0", "10.0")
 
 
 def sources(with_cuda: bool, relative_to: Path | None = None) -> list[str]:
@@ -55,12 +61,49 @@ def cuda_build_status() -> tuple[bool, str]:
     return True, f"torch CUDA {torch.version.cuda}, nvcc at {nvcc()}"
 
 
-def set_default_arch_list() -> None:
-    """With no GPU to detect, compile for DEFAULT_CUDA_ARCH_LIST unless the user chose."""
+def nvcc_archs() -> list[str]:
+    """Real architectures the installed nvcc can target, as "X.Y" (from `nvcc --list-gpu-code`)."""
+    try:
+        out = subprocess.run([nvcc(), "--list-gpu-code"], capture_output=True, text=True, timeout=60,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError, TypeError):
+        return []
+    return [f"{int(m[:-1])}.{m[-1]}" for m in re.findall(r"^sm_(\d+)$", out, flags=re.MULTILINE)]
+
+
+def portable_arch_list(supported: list[str]) -> str:
+    """TORCH_CUDA_ARCH_LIST for no GPU: PORTABLE_CUDA_ARCHS that `supported` has, PTX of the last."""
+    archs = [a for a in PORTABLE_CUDA_ARCHS if a in supported]
+    if not archs:
+        raise RuntimeError(f"nvcc supports none of {', '.join(PORTABLE_CUDA_ARCHS)} (it lists "
+                           f"{', '.join(supported) or 'nothing'}); set TORCH_CUDA_ARCH_LIST")
+    return ";".join(archs) + "+PTX"
+
+
+def set_default_arch_list() -> str:
+    """Leave a user's TORCH_CUDA_ARCH_LIST and a visible GPU (torch detects it) alone; with no
+    GPU set the portable list. Returns where the architectures come from, for the build log."""
     import torch
 
-    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_CUDA_ARCH_LIST
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (set by the user)"
+    if torch.cuda.is_available():
+        return "the visible GPUs' architectures"
+    os.environ["TORCH_CUDA_ARCH_LIST"] = portable_arch_list(nvcc_archs())
+    return f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']} (no GPU visible: portable default)"
+
+
+def cuda_images() -> list[str]:
+    """The images nvcc will embed, named as cuobjdump names them ("sm_80", "compute_100"), from
+    the -gencode flags torch's extension builder derives (call after set_default_arch_list)."""
+    from torch.utils.cpp_extension import _get_cuda_arch_flags
+
+    return [m for flag in _get_cuda_arch_flags() for m in re.findall(r"code=((?:sm|compute)_\w+)", flag)]
+
+
+def image_define(images: list[str]) -> str:
+    """The C++ define that compiles `images` into the library (read by torch.ops.fastssl.cuda_images)."""
+    return f"-DFASTSSL_CUDA_IMAGES={','.join(images)}"
 
 
 def _pip_cuda_dir() -> Path | None:

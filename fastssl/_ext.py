@@ -70,15 +70,16 @@ def _jit_build(import_error: ImportError) -> str:
         ) from import_error
     build_dir = _build_directory()
     build_dir.mkdir(parents=True, exist_ok=True)
-    includes, libs = [], []
+    includes, libs, cxx_flags = [], [], list(_build.CXX_FLAGS)
     if with_cuda:
-        _build.set_default_arch_list()
+        log.warning("fastssl ops: CUDA architectures from %s", _build.set_default_arch_list())
         includes, libs = _build.cuda_extra_dirs(build_dir)
+        cxx_flags.append(_build.image_define(_build.cuda_images()))
     try:
         cpp_extension.load(
             name="fastssl_C",
             sources=sources,
-            extra_cflags=_build.CXX_FLAGS,
+            extra_cflags=cxx_flags,
             extra_cuda_cflags=_build.NVCC_FLAGS,
             extra_include_paths=includes,
             extra_ldflags=[f"-L{d}" for d in libs],

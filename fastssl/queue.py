@@ -7,9 +7,15 @@ The official code (and solo-learn, lightly, VISSL, mmselfsup) enqueues with
 step, and needs the queue size to be a multiple of the batch. KeyQueue.push is one kernel
 (torch.ops.fastssl.queue_push_, csrc/) that writes the rows, casts and optionally
 L2-normalizes them, and advances the pointer in device memory; any n >= 1 works.
+`queue_push_ref` states the same push in PyTorch; it is the test oracle and the path taken on
+a CUDA device the built extension has no image for (with a warning, once per device).
 """
 
 from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -33,6 +39,79 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
+def has_kernel_image(capability: tuple[int, int], images: Sequence[str]) -> bool:
+    """Whether a CUDA binary holding `images` (cuobjdump's names: "sm_80", "sm_90a",
+    "compute_100") runs on a device of compute `capability` (major, minor), by CUDA's
+    compatibility rules: SASS sm_XY runs on X.Z for Z >= Y (same major; sm_XYa only on X.Y);
+    PTX compute_XY is JIT-compiled by the driver for any capability >= X.Y (compute_XYa only
+    for X.Y, compute_XYf only within major X)."""
+    major, minor = capability
+    for image in images:
+        match = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", image)
+        if match is None:
+            raise ValueError(f"images must be names like 'sm_80' or 'compute_100', got {image!r}")
+        kind, img_major, img_minor, suffix = match[1], int(match[2]), int(match[3]), match[4]
+        if suffix == "a":
+            runs = (major, minor) == (img_major, img_minor)
+        elif kind == "sm" or suffix == "f":
+            runs = major == img_major and minor >= img_minor
+        else:
+            runs = (major, minor) >= (img_major, img_minor)
+        if runs:
+            return True
+    return False
+
+
+def extension_cuda_images() -> tuple[str, ...]:
+    """The CUDA images compiled into the loaded extension (empty for a CPU-only build)."""
+    return tuple(sorted(i for i in torch.ops.fastssl.cuda_images().split(",") if i))
+
+
+_KERNEL_RUNS_ON: dict[torch.device, bool] = {}
+
+
+@torch.compiler.assume_constant_result
+def _kernel_runs_on(device: torch.device) -> bool:
+    # Decided once per device, before any launch: a missing image would otherwise fail every push.
+    if device.type != "cuda":
+        return True
+    if device not in _KERNEL_RUNS_ON:
+        capability = torch.cuda.get_device_capability(device)
+        images = extension_cuda_images()
+        _KERNEL_RUNS_ON[device] = has_kernel_image(capability, images)
+        if not _KERNEL_RUNS_ON[device]:
+            warnings.warn(
+                f"KeyQueue on {device} (sm_{capability[0]}{capability[1]}): the fastssl extension has no "
+                f"kernel image for it (built for {', '.join(images) or 'CPU only'}); pushing with the "
+                "PyTorch path (queue_push_ref) instead. Rebuild on this machine, or with "
+                "TORCH_CUDA_ARCH_LIST naming it, for the kernel.",
+                RuntimeWarning, stacklevel=3,
+            )
+    return _KERNEL_RUNS_ON[device]
+
+
+def queue_push_ref(queue: torch.Tensor, ptr: torch.Tensor, keys: torch.Tensor, normalize: bool) -> None:
+    """KeyQueue.push in PyTorch, in place: queue [size, dim], ptr [1] int64, keys [n, dim].
+
+    Row r of keys (the last `size` rows when n > size) goes to slot (ptr + r) % size, L2-normalized
+    when `normalize` (F.normalize, eps 1e-12) in fp32 (fp64 for fp64 keys) and cast to queue's
+    dtype through fp32; then ptr = (ptr + n) % size. No host sync (ptr stays on its device)."""
+    size, n = queue.shape[0], keys.shape[0]
+    start = max(0, n - size)
+    rows = keys[start:].to(torch.promote_types(keys.dtype, torch.float32))
+    if normalize:
+        rows = nn.functional.normalize(rows, dim=1)
+    if queue.dtype in (torch.float16, torch.bfloat16):
+        rows = rows.to(torch.float32)
+    slots = (ptr + torch.arange(start, n, device=queue.device)) % size
+    queue.index_copy_(0, slots, rows.to(queue.dtype))
+    ptr.copy_((ptr + n) % size)
+
+
+def _training_dtype(device: torch.device | str) -> torch.dtype:
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def _check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -48,6 +127,13 @@ class KeyQueue(nn.Module):
     random unit vectors, and `ptr` [1] int64, the slot the next pushed row goes to. Row
     order in `keys` is the ring's, not time order (irrelevant for a set of negatives).
 
+    dtype=None (default) stores the training dtype of the queue's device: bfloat16 on CUDA
+    (what bf16 autocast gives the query, so info_nce reads the queue as stored, with no cast
+    pass), float32 elsewhere; it is chosen again when the queue moves to another device type.
+    An explicit dtype stays.
+
+    The official MoCo queue is the transpose, [dim, K] with a column per key: see from_official.
+
     push(keys [n, dim]) is exactly pushing its rows one at a time: row i goes to slot
     (ptr + i) % size and ptr becomes (ptr + n) % size, for any n >= 1 (with n > size the
     last `size` rows survive). `normalize=True` stores keys / max(||keys||_2, 1e-12) per
@@ -62,13 +148,16 @@ class KeyQueue(nn.Module):
         size: int,
         dim: int,
         *,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | None = None,
         device: torch.device | str = "cpu",
         normalize: bool = False,
     ) -> None:
         super().__init__()
         _check_positive_int("size", size)
         _check_positive_int("dim", dim)
+        self._auto_dtype = dtype is None
+        if dtype is None:
+            dtype = _training_dtype(device)
         if dtype not in FLOAT_DTYPES:
             names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
             raise TypeError(f"dtype must be one of ({names}), got {dtype}")
@@ -83,6 +172,26 @@ class KeyQueue(nn.Module):
         self.register_buffer("ptr", torch.zeros(1, dtype=torch.int64, device=device))
         # Scratch counter of the CUDA kernel (its last block advances ptr); zero between pushes.
         self.register_buffer("_arrivals", torch.zeros(1, dtype=torch.int32, device=device), persistent=False)
+
+    @classmethod
+    def from_official(
+        cls, queue: torch.Tensor, queue_ptr: torch.Tensor, *, normalize: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> KeyQueue:
+        """A KeyQueue holding an official MoCo (v1/v2) queue: `queue` [dim, K], one key per column
+        (its `self.queue` buffer, "module.queue" in a checkpoint), and `queue_ptr` [1] int64, the next
+        column written. keys = queue.T and ptr = queue_ptr, on queue's device; so pushing the same
+        batches afterwards gives keys == official queue.T (the official enqueue writes columns
+        [ptr, ptr + n) and advances ptr by n mod K). The official code pushes normalized keys, hence
+        normalize=False; dtype as in the constructor (None: the device's training dtype)."""
+        check_tensor("queue", queue, ndim=2)
+        dim, size = queue.shape
+        if not isinstance(queue_ptr, torch.Tensor) or queue_ptr.numel() != 1:
+            raise TypeError(f"queue_ptr must be a one-element integer tensor (the official queue_ptr), "
+                            f"got {getattr(queue_ptr, 'shape', type(queue_ptr).__name__)}")
+        out = cls(size, dim, dtype=dtype, device=queue.device, normalize=normalize)
+        out.load_state_dict({"keys": queue.T, "ptr": queue_ptr.reshape(1).to(queue.device)})
+        return out
 
     @property
     def size(self) -> int:
@@ -116,6 +225,9 @@ class KeyQueue(nn.Module):
             keys = all_gather_no_grad(keys)
         elif not torch.compiler.is_compiling() and _same_storage(keys, self.keys):
             keys = keys.clone()  # rows of the queue itself: read them all before any is overwritten
+        if not _kernel_runs_on(self.keys.device):
+            queue_push_ref(self.keys, self.ptr, keys, self.normalize)
+            return
         try:
             torch.ops.fastssl.queue_push_(
                 self.keys, self.ptr, self._arrivals, keys.contiguous(), self.normalize
@@ -123,8 +235,15 @@ class KeyQueue(nn.Module):
         except NotImplementedError as exc:
             raise RuntimeError(
                 f"KeyQueue on {self.keys.device}: the fastssl extension ({_ext.load()}) has no kernel for "
-                "this device; on CUDA it must be built where torch has CUDA and nvcc is found"
+                "this device type"
             ) from exc
+
+    def _apply(self, fn, recurse=True):
+        device_type = self.keys.device.type
+        super()._apply(fn, recurse)
+        if self._auto_dtype and self.keys.device.type != device_type:
+            self.keys = self.keys.to(_training_dtype(self.keys.device))
+        return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Validate everything before nn.Module copies anything: a rejected load changes nothing.

@@ -72,7 +72,8 @@ class MoCoV2(Method):
             split_batch_norm_(backbone, cfg.bn_splits)
         self.encoder_q = nn.Sequential(backbone, moco_v2_head(feature_dim, cfg.mlp_hidden_dim, cfg.moco_dim))
         self.encoder_k = frozen_copy(self.encoder_q)
-        # the queue stores L2-normalized keys: info_nce uses queue rows as given
+        # the queue stores L2-normalized keys (info_nce uses queue rows as given), in the training
+        # dtype of the device the method is moved to
         self.queue = fastssl.KeyQueue(cfg.queue_size, cfg.moco_dim, normalize=True)
         self._keys: torch.Tensor | None = None
 
@@ -88,7 +89,9 @@ class MoCoV2(Method):
         return [self.encoder_q[0], self.encoder_k[0]]
 
     def _loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        queue = self.queue.keys.to(q.dtype)  # no copy in fp32; bf16 under autocast
+        # The queue is stored in the training dtype (bf16 on CUDA, where autocast makes q bf16;
+        # fp32 on the CPU), so this is the buffer itself, not a per-step copy of K x dim.
+        queue = self.queue.keys.to(q.dtype)
         return ops.info_nce(q, k.to(q.dtype), queue, temperature=self.cfg.temperature, normalize=True,
                             backend=self.backend)
 
