@@ -66,7 +66,8 @@ class DINOLoss(nn.Module):
     ``DINOLoss(out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs,
     nepochs, student_temp=0.1, center_momentum=0.9)``, ``loss = criterion(student_output,
     teacher_output, epoch)`` with student_output [ncrops * B, out_dim] and teacher_output
-    [n_global * B, out_dim], both crop-major. The teacher temperature rises linearly from
+    [n_global * B, out_dim], both crop-major; ncrops = n_global (no local crops, the official
+    --local_crops_number 0) and n_global = 1 work too. The teacher temperature rises linearly from
     warmup_teacher_temp to teacher_temp over warmup_teacher_temp_epochs epochs, then stays.
     After each forward the center moves towards the teacher batch mean (all ranks) with
     `center_momentum`.
@@ -76,6 +77,10 @@ class DINOLoss(nn.Module):
     async_center (DINOv2's overlapped all-reduce: the update from step n is applied at the
     start of step n+1, or by apply_center_update() — call it before reading or saving `center`);
     sinkhorn_iterations; backend ("auto" | "triton" | "torch", see fastssl.ops.dino_loss).
+
+    Arguments are validated here, once; the forward checks only shapes, so
+    torch.compile(fullgraph=True) traces it, with one graph for the warm-up epochs and one after.
+    state_dict() is {"center"}, as the official class's: its checkpoints' "dino_loss" loads as is.
     """
 
     center: Tensor
@@ -95,8 +100,9 @@ class DINOLoss(nn.Module):
         if out_dim < 1 or nepochs < 1 or n_global < 1:
             raise ValueError(f"out_dim, nepochs and n_global must be >= 1, "
                              f"got {out_dim}, {nepochs}, {n_global}")
-        if not n_global < ncrops:
-            raise ValueError(f"ncrops must be > n_global={n_global}, got {ncrops}")
+        if ncrops < max(2, n_global):
+            raise ValueError(f"ncrops must be >= n_global={n_global} and >= 2 (each teacher crop is compared "
+                             f"with every other student crop), got {ncrops}")
         if not 0 <= warmup_teacher_temp_epochs <= nepochs:
             raise ValueError(f"warmup_teacher_temp_epochs must be in [0, nepochs={nepochs}], "
                              f"got {warmup_teacher_temp_epochs}")
@@ -116,6 +122,10 @@ class DINOLoss(nn.Module):
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
             np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
         ))
+        # The schedule as arithmetic on Python floats (what np.linspace computes: start + i * step,
+        # the last warm-up epoch exactly teacher_temp): under torch.compile the temperature is then
+        # a function of the epoch, not a traced numpy element no check can branch on.
+        self._warmup = (int(warmup_teacher_temp_epochs), float(warmup_teacher_temp), float(teacher_temp))
         self._pending: tuple[Tensor, object, int] | None = None  # (batch sum, all-reduce handle, rows)
 
     def teacher_temp_at(self, epoch: int) -> float:
@@ -124,7 +134,14 @@ class DINOLoss(nn.Module):
             raise TypeError(f"epoch must be an int, got {type(epoch).__name__}")
         if not 0 <= epoch < len(self.teacher_temp_schedule):
             raise ValueError(f"epoch must be in [0, nepochs={len(self.teacher_temp_schedule)}), got {epoch}")
-        return float(self.teacher_temp_schedule[epoch])
+        n_warmup, start, stop = self._warmup
+        if epoch >= n_warmup:
+            return stop
+        if n_warmup == 1:
+            return start
+        if epoch == n_warmup - 1:
+            return stop
+        return start + epoch * ((stop - start) / (n_warmup - 1))
 
     def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int) -> Tensor:
         """Scalar loss (float32; float64 for float64 input); updates the center (center mode)."""

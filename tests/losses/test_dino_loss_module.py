@@ -53,8 +53,59 @@ def test_teacher_temperature_schedule():
     assert DINOLoss(8, 4, 0.04, 0.07, 0, 3).teacher_temp_at(0) == pytest.approx(0.07)
 
 
+@pytest.mark.parametrize("warmup,teacher,n_warmup,nepochs", [
+    (0.04, 0.07, 30, 100), (0.04, 0.07, 0, 5), (0.04, 0.07, 1, 3), (0.04, 0.04, 4, 6), (0.07, 0.04, 7, 7),
+    (0.01, 0.0703, 13, 20),
+])
+def test_schedule_is_the_officials_bit_for_bit(warmup, teacher, n_warmup, nepochs):
+    # The official schedule: np.concatenate((np.linspace(warmup, teacher, n_warmup),
+    # np.ones(nepochs - n_warmup) * teacher)).
+    official = np.concatenate((np.linspace(warmup, teacher, n_warmup), np.ones(nepochs - n_warmup) * teacher))
+    loss = DINOLoss(8, 4, warmup, teacher, n_warmup, nepochs)
+    assert [loss.teacher_temp_at(e) for e in range(nepochs)] == official.tolist()
+    assert np.array_equal(loss.teacher_temp_schedule, official)
+
+
+@pytest.mark.slow  # ~40 s on a busy 2-core CPU: three forward and backward graphs
+def test_compiles_with_fullgraph_across_warmup_and_after():
+    # More epochs than dynamo's default recompile limit (8): the temperature must not cost a
+    # graph per epoch, and there must be no per-step check on a traced value.
+    K, B, ncrops, nepochs = 24, 3, 4, 12
+    eager = DINOLoss(K, ncrops, 0.04, 0.07, 10, nepochs, backend="torch").double()
+    compiled_module = DINOLoss(K, ncrops, 0.04, 0.07, 10, nepochs, backend="torch").double()
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    official = OfficialDINOLoss(K, ncrops, 0.04, 0.07, 10, nepochs)
+    for epoch, (s, t) in enumerate(batches(nepochs, ncrops, 2, B, K, seed=9)):
+        s_eager, s_compiled = s.clone().requires_grad_(), s.clone().requires_grad_()
+        loss, want = compiled(s_compiled, t, epoch), official(s, t, epoch)
+        eager(s_eager, t, epoch).backward()
+        loss.backward()
+        torch.testing.assert_close(loss, want, rtol=1e-12, atol=0)
+        torch.testing.assert_close(s_compiled.grad, s_eager.grad, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(compiled_module.center, official.center, rtol=1e-12, atol=1e-15)
+
+
+def test_loads_an_official_checkpoints_loss_state(tmp_path):
+    # The official main_dino.py saves {"dino_loss": dino_loss.state_dict(), ...}: the center only.
+    K, ncrops = 16, 4
+    official = OfficialDINOLoss(K, ncrops, 0.04, 0.07, 2, 4)
+    for epoch, (s, t) in enumerate(batches(2, ncrops, 2, 3, K, seed=10)):
+        official(s, t, epoch)
+    torch.save({"epoch": 2, "dino_loss": {"center": official.center.float()}}, tmp_path / "checkpoint.pth")
+    checkpoint = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    ours = DINOLoss(K, ncrops, 0.04, 0.07, 2, 4, backend="torch")
+    ours.load_state_dict(checkpoint["dino_loss"])
+    assert torch.equal(ours.center, official.center.float())
+    official.center = official.center.float().double()
+    for epoch, (s, t) in enumerate(batches(2, ncrops, 2, 3, K, seed=11), start=2):
+        torch.testing.assert_close(ours(s.float(), t.float(), epoch), official(s, t, epoch).float(),
+                                   rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(ours.center, official.center.float(), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend,K,B", [("torch", 1000, 16), ("torch", 4096 + 3, 3), ("triton", 130, 3)])
-@pytest.mark.parametrize("ncrops,n_global", [(6, 2), (3, 1)])
+# (2, 2): no local crops (the official --local_crops_number 0); (2, 1), (3, 1): one global crop.
+@pytest.mark.parametrize("ncrops,n_global", [(6, 2), (3, 1), (2, 2), (2, 1)])
 def test_matches_official_over_warmup_epochs_and_center_steps(backend, K, B, ncrops, n_global, device):
     args = (K, ncrops, 0.04, 0.07, 3, 5)
     dev = device if backend == "triton" else "cpu"  # the kernel on CUDA when present, else interpreted
@@ -121,7 +172,8 @@ def test_rejected_input_leaves_center_and_pending_update_unchanged():
 @pytest.mark.parametrize(
     "kw,error,match",
     [
-        (dict(ncrops=2, n_global=2), ValueError, "ncrops must be > n_global"),
+        (dict(ncrops=1, n_global=1), ValueError, "ncrops must be >= n_global=1 and >= 2"),
+        (dict(ncrops=2, n_global=3), ValueError, "ncrops must be >= n_global=3"),
         (dict(warmup_teacher_temp_epochs=9), ValueError, "warmup_teacher_temp_epochs must be in"),
         (dict(teacher_centering="mean"), ValueError, "teacher_centering must be one of"),
         (dict(teacher_temp=0.0), ValueError, "teacher_temp"),
