@@ -79,7 +79,7 @@ class DINOLoss(nn.Module):
     sinkhorn_iterations; backend ("auto" | "triton" | "torch", see fastssl.ops.dino_loss).
 
     Arguments are validated here, once; the forward checks only shapes, so
-    torch.compile(fullgraph=True) traces it, with one graph for the warm-up epochs and one after.
+    torch.compile(fullgraph=True) traces it with a few graphs in all, not one per epoch.
     state_dict() is {"center"}, as the official class's: its checkpoints' "dino_loss" loads as is.
     """
 
