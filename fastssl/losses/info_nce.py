@@ -17,13 +17,20 @@ class InfoNCELoss(nn.Module):
     must pass the same N. The gather's backward all-reduces the key gradients, so with DDP's
     gradient averaging each rank's query and key receive the gradient of the mean of the
     ranks' losses, which equals the loss on the concatenated batch.
+
+    scale_by_2t=True multiplies the loss by 2 * temperature, as MoCo v3's contrastive_loss does
+    (Chen, Xie, He 2021): with gather_distributed=True it then equals the official
+    `nn.CrossEntropyLoss()(q @ concat_all_gather(k).T / T, arange(N) + N * rank) * 2 * T`.
     """
 
     def __init__(self, temperature: float = 0.2, normalize: bool = True, gather_distributed: bool = False,
-                 reduction: str = "mean", backend: str = "auto") -> None:
+                 reduction: str = "mean", backend: str = "auto", *, scale_by_2t: bool = False) -> None:
         super().__init__()
         if not isinstance(gather_distributed, bool):
             raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
+        if not isinstance(scale_by_2t, bool):
+            raise TypeError(f"scale_by_2t must be a bool, got {type(scale_by_2t).__name__}")
+        self.scale_by_2t = scale_by_2t
         self.temperature = temperature
         self.normalize = normalize
         self.gather_distributed = gather_distributed
@@ -46,9 +53,11 @@ class InfoNCELoss(nn.Module):
                                  f"query {tuple(query.shape)} and key {tuple(key.shape)}")
             key = all_gather_with_grad(key)
             label_offset = get_rank() * query.shape[0]
-        return info_nce(query, key, queue, temperature=self.temperature, normalize=self.normalize,
+        loss = info_nce(query, key, queue, temperature=self.temperature, normalize=self.normalize,
                         label_offset=label_offset, reduction=self.reduction, backend=self.backend)
+        return loss * (2 * self.temperature) if self.scale_by_2t else loss
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, normalize={self.normalize}, "
-                f"gather_distributed={self.gather_distributed}, reduction={self.reduction!r}")
+                f"gather_distributed={self.gather_distributed}, reduction={self.reduction!r}, "
+                f"scale_by_2t={self.scale_by_2t}")

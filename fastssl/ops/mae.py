@@ -441,9 +441,9 @@ def random_masking(
 
     x [N, L, D]; len_keep = int(L * (1 - mask_ratio)). With `noise` [N, L]: ids_shuffle =
     argsort(noise) (stable), the first len_keep are kept - identical to the official function.
-    Without: each row gets an independent uniform permutation from the sort of float64 uniform
-    keys drawn from `generator` (or the default generator), so a seeded generator reproduces it,
-    and it equals passing noise=torch.rand(N, L, dtype=float64, generator=g, device=x.device).
+    Without: noise = torch.rand(N, L, device=x.device) from `generator` (or the default
+    generator), the official draw, so the same seed gives the official code's mask (the two sorts
+    differ only where two noise values tie, which the official unstable argsort leaves unspecified).
 
     pos_embed [L, D] or [1, L, D] (optional): the encoder's positional embedding, cast to x's
     dtype and added to the kept rows inside the gather, i.e. the result equals masking
@@ -480,8 +480,7 @@ def random_masking(
     backend = resolve_backend(backend, x)
 
     if noise is None:
-        # float64 keys: ties (which the stable sort breaks by index) have probability ~L^2 / 2^54
-        noise = torch.rand(N, L, generator=generator, device=x.device, dtype=torch.float64)
+        noise = torch.rand(N, L, generator=generator, device=x.device)
     if backend == "torch":
         return random_masking_ref(x, len_keep, noise, pos_embed)
     if pos_embed is not None:

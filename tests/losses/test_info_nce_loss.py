@@ -40,7 +40,15 @@ def _gathered_step(rank, world, backend):
         queue_error = None
     except ValueError as exc:
         queue_error = str(exc)
-    return loss.detach(), q.grad, k.grad, queue_error
+    scaled = InfoNCELoss(temperature=T, gather_distributed=True, backend=backend, scale_by_2t=True)
+    return loss.detach(), q.grad, k.grad, queue_error, scaled(q, k).detach()
+
+
+def moco_v3_official_on_rank(q_all, k_all, rank, T):
+    """MoCo v3's contrastive_loss as rank `rank` computes it: its own N queries against all
+    gathered keys, labels arange(N) + N * rank, cross-entropy times 2T."""
+    q, k = F.normalize(q_all[rank * N:(rank + 1) * N], dim=1), F.normalize(k_all, dim=1)
+    return F.cross_entropy(q @ k.T / T, torch.arange(N) + N * rank) * (2 * T)
 
 
 def test_gather_distributed_equals_concatenated_batch():
@@ -55,7 +63,9 @@ def test_gather_distributed_equals_concatenated_batch():
     # DDP averages gradients over ranks: mean of the ranks' losses / grads = the full batch's.
     mean_loss = sum(r[0].double() for r in results) / WORLD
     torch.testing.assert_close(mean_loss, full.detach(), rtol=1e-5, atol=1e-6)
-    for rank, (_, gq, gk, queue_error) in enumerate(results):
+    for rank, (_, gq, gk, queue_error, scaled) in enumerate(results):
+        want = moco_v3_official_on_rank(q_all.detach(), k_all.detach(), rank, T)
+        torch.testing.assert_close(scaled.double(), want, rtol=1e-5, atol=1e-6)
         rows = slice(rank * N, (rank + 1) * N)
         torch.testing.assert_close(gq.double() / WORLD, q_all.grad[rows], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(gk.double() / WORLD, k_all.grad[rows], rtol=1e-4, atol=1e-6)
@@ -94,9 +104,25 @@ def test_module_kernel_backend_and_reduction(device):
     torch.testing.assert_close(per_row, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_scale_by_2t_is_moco_v3s_scaling():
+    q, k = full_batch(seed=3)
+    q, k = q[:N].float(), k[:N].float()
+    for reduction in ("mean", "none"):
+        plain = InfoNCELoss(temperature=0.2, reduction=reduction)(q, k)
+        scaled = InfoNCELoss(temperature=0.2, reduction=reduction, scale_by_2t=True)(q, k)
+        torch.testing.assert_close(scaled, plain * 0.4)
+    # One process, no group: the official contrastive_loss with rank 0 and world size 1.
+    want = moco_v3_official_on_rank(q.double(), k.double(), 0, 0.2)
+    got = InfoNCELoss(temperature=0.2, gather_distributed=True, scale_by_2t=True)(q, k)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert "scale_by_2t=True" in repr(InfoNCELoss(scale_by_2t=True))
+
+
 def test_module_errors():
     with pytest.raises(TypeError, match="gather_distributed must be a bool"):
         InfoNCELoss(gather_distributed="yes")
+    with pytest.raises(TypeError, match="scale_by_2t must be a bool"):
+        InfoNCELoss(scale_by_2t=1)
     with pytest.raises(ValueError, match="temperature"):
         InfoNCELoss(temperature=0.0)(torch.randn(2, 4), torch.randn(2, 4))
     with pytest.raises(ValueError, match="M == N"):

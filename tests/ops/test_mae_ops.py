@@ -206,8 +206,8 @@ def test_seeded_generator_reproduces_and_backends_agree(device):
     for a, b, c in zip(outs[0], outs[1], again):
         assert torch.equal(a, b) and torch.equal(b, c)
     assert not torch.equal(outs[1][2], other[2])
-    # documented equivalence: generator draws float64 uniform noise
-    noise = torch.rand(4, 49, dtype=torch.float64, generator=seeded(3), device=device)
+    # documented equivalence: generator draws the official noise, torch.rand(N, L)
+    noise = torch.rand(4, 49, generator=seeded(3), device=device)
     assert torch.equal(random_masking(x, 0.75, noise=noise)[2], outs[0][2])
     # the default generator is used (and reproducible) without one
     torch.manual_seed(11)
