@@ -130,7 +130,7 @@ class KeyQueue(nn.Module):
     dtype=None (default) stores the training dtype of the queue's device: bfloat16 on CUDA
     (what bf16 autocast gives the query, so info_nce reads the queue as stored, with no cast
     pass), float32 elsewhere; it is chosen again when the queue moves to another device type.
-    An explicit dtype stays.
+    An explicit dtype (the argument, or a later cast such as .double()) stays.
 
     The official MoCo queue is the transpose, [dim, K] with a column per key: see from_official.
 
@@ -239,9 +239,11 @@ class KeyQueue(nn.Module):
             ) from exc
 
     def _apply(self, fn, recurse=True):
-        device_type = self.keys.device.type
+        device_type, dtype = self.keys.device.type, self.keys.dtype
         super()._apply(fn, recurse)
-        if self._auto_dtype and self.keys.device.type != device_type:
+        if self.keys.dtype != dtype:  # a cast (.double(), .to(dtype)) is an explicit choice: keep it
+            self._auto_dtype = False
+        elif self._auto_dtype and self.keys.device.type != device_type:
             self.keys = self.keys.to(_training_dtype(self.keys.device))
         return self
 

@@ -561,6 +561,9 @@ def test_default_dtype_is_the_devices_training_dtype():
         assert moved.to("cpu").dtype == torch.float32
         assert KeyQueue(8, 4, dtype=torch.float32).to("cuda").dtype == torch.float32  # explicit: kept
         assert KeyQueue(8, 4, device="cuda").double().dtype == torch.float64  # a cast in place: kept
+        cast = KeyQueue(8, 4).to(torch.float16)
+        assert cast.to("cuda").dtype == torch.float16 and cast.to("cpu").dtype == torch.float16
+        assert KeyQueue(8, 4).to("cuda", torch.float64).dtype == torch.float64
 
 
 def official_dequeue_and_enqueue(queue: torch.Tensor, queue_ptr: torch.Tensor, keys: torch.Tensor) -> None:
