@@ -66,7 +66,7 @@ def test_schedule_is_the_officials_bit_for_bit(warmup, teacher, n_warmup, nepoch
     assert np.array_equal(loss.teacher_temp_schedule, official)
 
 
-@pytest.mark.slow  # ~40 s on a busy 2-core CPU: three forward and backward graphs
+@pytest.mark.slow  # 12-40 s on a 2-core CPU (by load): a few forward and backward graphs
 def test_compiles_with_fullgraph_across_warmup_and_after():
     # More epochs than dynamo's default recompile limit (8): the temperature must not cost a
     # graph per epoch, and there must be no per-step check on a traced value.
