@@ -1,0 +1,88 @@
+"""One forward + backward of every fused kernel and one KeyQueue push, on CUDA, at a small shape
+(for compute-sanitizer) or at the benchmarks' shapes (for one ncu summary per kernel).
+
+    python benchmarks/kernel_cases.py [--size small|bench] [--device cuda|cpu]
+
+Each case goes through the public op with backend="triton", so the launchers pick their
+configurations exactly as in training: bf16 on CUDA; float32 on the CPU, which needs
+TRITON_INTERPRET=1 and is how the script's own logic is tested without a GPU. Exits non-zero
+on the first failing case."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from fastssl import KeyQueue
+from fastssl.losses import multilabel_softmax_loss
+from fastssl.ops import dino_loss, info_nce, mae_loss, random_masking, unshuffle_tokens
+
+
+def cases(size: str, device: str) -> dict:
+    small = size == "small"
+    N, K, D = (17, 130, 64) if small else (4096, 65536, 128)
+    B, n_crops, P = (3, 4, 1000) if small else (128, 12, 65536)
+    n_img, L, width, patch_dim = (3, 16, 32, 48) if small else (256, 196, 1024, 768)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bf16 = dict(device=device, dtype=dtype)
+
+    def moco_v2():
+        q = torch.randn(N, D, **bf16, requires_grad=True)
+        k = torch.randn(N, D, **bf16)
+        queue = torch.nn.functional.normalize(torch.randn(K, D, **bf16), dim=1)
+        info_nce(q, k, queue, temperature=0.2, backend="triton").backward()
+
+    def in_batch():
+        q = torch.randn(N, 2 * D, **bf16, requires_grad=True)
+        k = torch.randn(N, 2 * D, **bf16, requires_grad=True)
+        info_nce(q, k, temperature=0.2, backend="triton").backward()
+
+    def dino():
+        student = torch.randn(n_crops * B, P, **bf16, requires_grad=True)
+        teacher = torch.randn(2 * B, P, **bf16)
+        center = torch.zeros(1, P, device=device)
+        dino_loss(student, teacher, center, n_crops=n_crops, backend="triton").backward()
+
+    def multilabel():
+        logits = torch.randn(4 * B, P // 2, **bf16, requires_grad=True)
+        targets = (torch.rand(4 * B, P // 2, device=device) < 0.01).to(dtype)
+        targets[:, 0] = 1
+        multilabel_softmax_loss(logits, targets, backend="triton").backward()
+
+    def mae():
+        tokens = torch.randn(n_img, L, width, **bf16, requires_grad=True)
+        kept, mask, ids_restore = random_masking(tokens, 0.75, backend="triton")
+        mask_token = torch.zeros(1, 1, width, **bf16, requires_grad=True)
+        full = unshuffle_tokens(kept, mask_token, ids_restore, backend="triton")
+        pred = full[..., :patch_dim] if width >= patch_dim else full.repeat(1, 1, 2)[..., :patch_dim]
+        target = torch.randn(n_img, L, patch_dim, **bf16)
+        mae_loss(pred, target, mask, norm_pix_loss=True, backend="triton").backward()
+
+    def queue_push():
+        queue = KeyQueue(K, D, device=device, normalize=True)
+        queue.push(torch.randn(N, D, **bf16))
+        queue.push(torch.randn(N, D, **bf16))
+
+    return {"info_nce_queue": moco_v2, "info_nce_in_batch": in_batch, "dino_loss": dino,
+            "multilabel": multilabel, "mae": mae, "queue_push": queue_push}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=("small", "bench"), default="small")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU visible")
+    for name, run in cases(args.size, args.device).items():
+        torch.manual_seed(0)
+        run()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        print(f"{name}: ok", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
