@@ -302,8 +302,8 @@ BWD = dict(s_ptr="*bf16", t_ptr="*bf16", c_ptr="*fp32", lse_s_ptr="*fp32", t_nor
            ds_ptr="*bf16", B="i32", K="i32", V="i32", G="i32", samples_per_group="i32", s_stride="i32",
            t_stride="i32", inv_ts="fp32", inv_tt="fp32", grad_scale="fp32")
 MERGE = dict(s_stats_ptr="*fp32", t_stats_ptr="*fp32", t_parts_ptr="*fp32", lse_s_ptr="*fp32",
-             t_norm_ptr="*fp32", loss_parts_ptr="*fp32", t_sum_ptr="*fp32", B="i32", K="i32", V="i32", G="i32",
-             n_tiles="i32", n_groups="i32", n_s_blocks="i32", n_t_blocks="i32", loss_scale="fp32")
+             t_norm_ptr="*fp32", loss_parts_ptr="*fp32", t_sum_ptr="*fp32", B="i32", K="i32", V="i32",
+             G="i32", n_tiles="i32", n_groups="i32", n_s_blocks="i32", n_t_blocks="i32", loss_scale="fp32")
 def build(kernel, sig, consts):
     names = kernel.arg_names  # the kernel's parameter order: constexpr indices refer to it
     sig = {n: ("constexpr" if n in consts else sig[n]) for n in names}
