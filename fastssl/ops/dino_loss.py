@@ -226,6 +226,42 @@ if HAS_TRITON:
             tl.store(loss_parts_ptr + pid, 0.0)
 
 
+def _bytes(*tensors: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# Traffic of one launch, from its bound arguments (name -> value): (bytes read, bytes written),
+# counting each distinct address once (what DRAM must serve when a program's re-reads hit cache).
+# tests/test_traffic_model.py checks each against the addresses the kernel touches under the
+# interpreter; fastssl.bench.traffic sums them for the model.
+def _dino_loss_fwd_kernel_traffic(a: dict) -> tuple[int, int]:
+    rows_s, rows_t = a["V"] * a["B"], a["G"] * a["B"]
+    read = (rows_s * a["K"] * a["s_ptr"].element_size() + rows_t * a["K"] * a["t_ptr"].element_size()
+            + (a["K"] * a["c_ptr"].element_size() if a["TARGET_IS_LOGITS"] else 0))
+    written = _bytes(a["s_stats_ptr"], a["t_stats_ptr"]) + (_bytes(a["t_sum_ptr"]) if a["WITH_TARGET_SUM"] else 0)
+    return read, written
+
+
+def _dino_loss_merge_kernel_traffic(a: dict) -> tuple[int, int]:
+    return (_bytes(a["s_stats_ptr"], a["t_stats_ptr"], a["t_parts_ptr"]),
+            _bytes(a["lse_s_ptr"], a["t_norm_ptr"], a["t_sum_ptr"], a["loss_parts_ptr"]))
+
+
+def _dino_loss_bwd_kernel_traffic(a: dict) -> tuple[int, int]:
+    rows_s, rows_t = a["V"] * a["B"], a["G"] * a["B"]
+    read = (rows_s * a["K"] * a["s_ptr"].element_size() + rows_t * a["K"] * a["t_ptr"].element_size()
+            + (a["K"] * a["c_ptr"].element_size() if a["TARGET_IS_LOGITS"] else 0)
+            + _bytes(a["lse_s_ptr"], a["t_norm_ptr"]) + a["g_ptr"].element_size())
+    return read, rows_s * a["K"] * a["ds_ptr"].element_size()
+
+
+KERNEL_TRAFFIC = {
+    "_dino_loss_fwd_kernel": _dino_loss_fwd_kernel_traffic,
+    "_dino_loss_merge_kernel": _dino_loss_merge_kernel_traffic,
+    "_dino_loss_bwd_kernel": _dino_loss_bwd_kernel_traffic,
+}
+
+
 def _launch_shape(K: int, B: int) -> tuple[int, int, int, int]:
     """(BLOCK_K, n_tiles, samples_per_group, num_warps). Tiles of 2048 (8 KB of fp32 per row, 8 per
     thread) keep each tile's two reductions cheap next to its loads; samples are split into groups

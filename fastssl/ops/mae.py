@@ -227,6 +227,53 @@ if HAS_TRITON:
             tl.store(den_ptr + pid, tl.sum(m, axis=0))
 
 
+# Traffic of one launch, from its bound arguments (name -> value): (bytes read, bytes written),
+# each distinct address counted once, as each kernel's docstring states it. The position
+# embedding's rows count once for all samples (every position is kept by some sample of a real
+# batch). tests/test_traffic_model.py checks each against the interpreter; fastssl.bench.traffic
+# sums them for the model.
+def _bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _compact_kernel_traffic(a: dict) -> tuple[int, int]:
+    ids, src, dst = a["ids_restore_ptr"], a["src_ptr"], a["dst_ptr"]
+    N, L, K, D = ids.shape[0], a["L"], a["K"], a["D"]
+    read = _bytes(ids) + N * (L if a["SUM_REST"] else K) * D * src.element_size()
+    if a["HAS_POS"]:
+        read += L * D * a["pos_ptr"].element_size()
+    if a["HAS_PREFIX"]:
+        read += (N if a["pre_sn"] else 1) * D * a["prefix_ptr"].element_size()
+    written = _bytes(dst) + (N * L * a["mask_ptr"].element_size() if a["WRITE_MASK"] else 0)
+    return read, written + (N * D * a["rest_ptr"].element_size() if a["SUM_REST"] else 0)
+
+
+def _expand_kernel_traffic(a: dict) -> tuple[int, int]:
+    ids, src, out = a["ids_restore_ptr"], a["src_ptr"], a["out_ptr"]
+    N, L, K, D = ids.shape[0], a["L"], a["K"], a["D"]
+    n_prefix = int(a["HAS_PREFIX"])
+    read = _bytes(ids) + N * (n_prefix + K) * D * src.element_size() + D * a["fill_ptr"].element_size()
+    if a["HAS_POS"]:
+        read += (n_prefix + L) * D * a["pos_ptr"].element_size()
+    return read, N * (n_prefix + L) * D * out.element_size()
+
+
+def _mae_loss_kernel_traffic(a: dict) -> tuple[int, int]:
+    R, L, P = a["R"], a["L"], a["P"]
+    read = R * P * (a["pred_ptr"].element_size() + a["target_ptr"].element_size()) + R * a["mask_ptr"].element_size()
+    if not a["BACKWARD"]:
+        return read, _bytes(a["num_ptr"], a["den_ptr"])
+    written = (R + (R // L) * int(a["HAS_PREFIX"])) * P * a["dpred_ptr"].element_size()
+    return read + a["scale_ptr"].element_size(), written
+
+
+KERNEL_TRAFFIC = {
+    "_compact_kernel": _compact_kernel_traffic,
+    "_expand_kernel": _expand_kernel_traffic,
+    "_mae_loss_kernel": _mae_loss_kernel_traffic,
+}
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers: every activation is read through its strides (no hidden copy); outputs are fresh
 # ---------------------------------------------------------------------------------------------
