@@ -47,22 +47,26 @@ def _info_nce_flops(a: dict, matmuls: int) -> int:
     return matmuls * 2 * a["q_ptr"].shape[0] * a["k_ptr" if "k_ptr" in a else "x_ptr"].shape[0] * a["D"]
 
 
+def _info_nce_fwd_traffic(a: dict) -> tuple[int, int]:
+    reads = ("q_ptr", "x_ptr") + ("q_norm_ptr",) * a["SCALE_ROWS"] + ("x_norm_ptr",) * a["SCALE_COLS"]
+    return _whole(a, reads, ("m_ptr", "l_ptr", "acc_ptr"))
+
+
+def _info_nce_norms(a: dict) -> tuple[str, ...]:
+    return ("q_norm_ptr", "k_norm_ptr") if a["NORMALIZE"] else ()
+
+
 INFO_NCE_TRAFFIC = {
-    "_info_nce_fwd_kernel": lambda a: _whole(
-        a, ("q_ptr", "x_ptr", "q_norm_ptr", "x_norm_ptr"), ("m_ptr", "l_ptr", "acc_ptr")
-    ),
+    "_info_nce_fwd_kernel": _info_nce_fwd_traffic,
     "_info_nce_combine_kernel": lambda a: _whole(
-        a,
-        ("q_ptr", "k_ptr", "q_norm_ptr", "k_norm_ptr", "m_ptr", "l_ptr", "acc_ptr"),
+        a, ("q_ptr", "k_ptr", "m_ptr", "l_ptr", "acc_ptr") + _info_nce_norms(a),
         ("loss_ptr", "lse2_ptr", "dq_ptr", "dk_ptr"),
     ),
     "_info_nce_bwd_kernel": lambda a: _whole(
-        a, ("q_ptr", "k_ptr", "q_norm_ptr", "k_norm_ptr", "lse2_ptr", "weight_ptr"), ("part_ptr",)
+        a, ("q_ptr", "k_ptr", "lse2_ptr", "weight_ptr") + _info_nce_norms(a), ("part_ptr",)
     ),
     "_info_nce_bwd_combine_kernel": lambda a: _whole(
-        a,
-        ("q_ptr", "k_ptr", "q_norm_ptr", "k_norm_ptr", "grad_ptr", "weight_scale_ptr", "part_ptr"),
-        ("dk_ptr",),
+        a, ("q_ptr", "k_ptr", "grad_ptr", "weight_scale_ptr", "part_ptr") + _info_nce_norms(a), ("dk_ptr",)
     ),
 }
 INFO_NCE_FLOPS = {
