@@ -57,8 +57,8 @@ def test_mae_kernels_traffic():
 
     def run():
         x = conv_out.transpose(1, 2)  # the patch embedding's layout
-        kept, mask, ids = ops.random_masking(x, 0.75, noise=noise, pos_embed=pos[:, 1:], cls_token=cls + pos[:, :1],
-                                             backend="triton")
+        kept, mask, ids = ops.random_masking(x, 0.75, noise=noise, pos_embed=pos[:, 1:],
+                                             cls_token=cls + pos[:, :1], backend="triton")
         out = ops.unshuffle_tokens(kept, token, ids, "triton", pos_embed=pos, with_cls_token=True)
         plain = ops.unshuffle_tokens(kept[:, 1:], token, ids, "triton")
         loss = ops.mae_loss(out, out.detach()[:, 1:] * 2, mask, with_cls_token=True, backend="triton")
