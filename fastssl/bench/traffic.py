@@ -355,15 +355,31 @@ def goals(records: list[Record]) -> list[str]:
     ]
 
 
+def _versions() -> str:
+    import datetime
+    import subprocess
+    from pathlib import Path
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                         cwd=Path(__file__).resolve().parent).stdout.strip()
+    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} · torch {torch.__version__} · "
+            f"triton {triton_version} · git {sha or 'unknown'}")
+
+
 def main(json_path: str | None = None) -> int:
     """Print the model's table and goals; write the records as JSON to json_path when given."""
     records = model()
-    print(
-        f"Traffic model (not a measurement), torch {torch.__version__}; limits: H100 SXM "
-        f"{LIMITS['spec'][0] / 1e12:.2f} TB/s, {LIMITS['spec'][1] / 1e12:.0f} TFLOP/s (spec), "
-        f"{LIMITS['measured'][0] / 1e12:.2f} TB/s, {LIMITS['measured'][1] / 1e12:.0f} TFLOP/s (measured); "
-        f"speed-up at the measured limits"
-    )
+    print(f"Traffic model (a model, not a measurement) · {_versions()}")
+    (bw, peak), (bw_measured, peak_measured) = LIMITS["spec"], LIMITS["measured"]
+    print(f"limits: H100 SXM {bw / 1e12:.2f} TB/s, {peak / 1e12:.0f} TFLOP/s bf16 "
+          f"(spec); {bw_measured / 1e12:.2f} TB/s, {peak_measured / 1e12:.0f} TFLOP/s "
+          f"(measured on such a card); speed-up at the measured limits; forward + backward")
     print(table(records))
     for line in goals(records):
         print(line)
