@@ -279,9 +279,14 @@ KERNEL_TRAFFIC = {
 # ---------------------------------------------------------------------------------------------
 
 
-def _row_blocks(D: int) -> tuple[int, int]:
-    """Tile [BLOCK_T tokens, BLOCK_D columns]: ~8K elements so a program moves 16-32 KB per step."""
+def _row_blocks(D: int, d_major: bool = False) -> tuple[int, int]:
+    """Tile [BLOCK_T tokens, BLOCK_D columns]: ~8K elements so a program moves 16-32 KB per step.
+    A D-major side (the patch embedding's layout: tokens contiguous) gets 64 x 64 tiles: its
+    accesses coalesce along tokens, and the tile is transposed through shared memory, whose size
+    and the registers it needs grow with the tile (ptxas: ~250 registers at 32 x 256)."""
     block_d = min(256, max(16, triton.next_power_of_2(D)))
+    if d_major:
+        return 64, min(64, block_d)
     return max(1, min(64, 8192 // block_d)), block_d
 
 
@@ -305,7 +310,7 @@ def gather_kept_fwd(x: torch.Tensor, ids_restore: torch.Tensor, len_keep: int, p
     n_prefix = 0 if prefix is None else 1
     x_kept = x.new_empty(N, n_prefix + len_keep, D)
     mask = x.new_empty(N, L)
-    block_t, block_d = _row_blocks(D)
+    block_t, block_d = _row_blocks(D, x.stride(2) != 1)
     _compact_kernel[(N, triton.cdiv(D, block_d))](
         x, x if pos_embed is None else pos_embed, ids_restore, x if prefix is None else prefix, x_kept, mask, x,
         L, len_keep, D, *x.stride(), *_strides_2d(pos_embed), 0, 0 if prefix is None else prefix.stride(0),
@@ -325,7 +330,7 @@ def expand_fwd(x: torch.Tensor, ids_restore: torch.Tensor, fill: torch.Tensor, p
     n_prefix = int(has_prefix)
     L = ids_restore.shape[1]
     out = _d_major_empty(x, N, n_prefix + L, D, d_major)
-    block_t, block_d = _row_blocks(D)
+    block_t, block_d = _row_blocks(D, d_major or x.stride(2) != 1)
     _expand_kernel[(N, triton.cdiv(D, block_d))](
         x, ids_restore, fill, x if pos_embed is None else pos_embed, out, L, x.shape[1] - n_prefix, D,
         *x.stride(), *_strides_2d(pos_embed), *out.stride(),
