@@ -4,6 +4,7 @@
                   [--batch-size B] [--out DIR] [--config YAML] [--resume auto|PATH] [key=value ...]
     fastssl eval --checkpoint RUN/last.pt [--data fashion-mnist|PATH]
     fastssl bench [--quick] [NAME ...]
+    fastssl bench --model [--json FILE]
 
 `fastssl train` with no --method and no --data runs the demo: DEMO_METHOD with DEMO_PRESET on
 Fashion-MNIST. Multi-GPU / multi-node: launch the same command with torchrun, e.g.
@@ -211,6 +212,14 @@ def benchmarks_dir() -> Path:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.json and not args.model:
+        raise ValueError("bench: --json FILE writes the traffic model's records; it needs --model")
+    if args.model:
+        if args.names or args.quick:
+            raise ValueError("bench: --model runs the traffic model alone; drop benchmark names and --quick")
+        from fastssl.bench.traffic import main as traffic_model
+
+        return traffic_model(args.json)
     root = benchmarks_dir()
     scripts = sorted(root.glob("bench_*.py"))
     if not scripts:
@@ -267,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="default: the data the checkpoint was trained on")
     bench = sub.add_parser("bench", help="run benchmarks/bench_*.py")
     bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--model", action="store_true",
+                       help="traffic model of every fused op (bytes, kernels, FLOPs, memory; runs on a CPU)")
+    bench.add_argument("--json", metavar="FILE", help="with --model: write its records to FILE")
     bench.add_argument("names", nargs="*", help="e.g. info_nce train (default: all)")
     return parser
 

@@ -92,10 +92,11 @@ def multilabel_softmax_loss(logits: Tensor, targets: Tensor | Sequence[Sequence[
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     n_rows, n_classes = logits.shape
     y = multi_hot(targets, n_rows, n_classes, device=logits.device, dtype=logits.dtype, validate=validate)
-    empty = y.sum(dim=1) == 0
-    if validate and empty.any():
-        row = int(empty.nonzero()[0])
-        raise ValueError(f"every targets row needs at least one label; row {row} has none")
+    if validate:  # a pass over the [N, C] targets: skipped with validate=False
+        empty = y.sum(dim=1) == 0
+        if empty.any():
+            row = int(empty.nonzero()[0])
+            raise ValueError(f"every targets row needs at least one label; row {row} has none")
     if backend == "auto":
         fused = logits.is_cuda and HAS_TRITON and n_classes >= FUSED_MIN_CLASSES
         backend = "triton" if fused else "torch"

@@ -108,37 +108,42 @@ class MaskedAutoencoderViT(nn.Module):
 
         noise [B, L]: the official masking noise (keep the len_keep lowest); None draws a random
         permutation per sample from the global generator."""
+        # a transposed view of the convolution's output: the masking kernel reads it in place
         x = self.patch_embed(imgs)
+        cls = self.cls_token + self.pos_embed[:, :1]
         if mask_ratio > 0:
-            # the fixed position embedding is added to the kept rows inside the masking gather
-            # (equal to masking x + pos_embed, without a pass over all L tokens)
+            # the masking gather adds the fixed position embedding to the kept rows and writes the
+            # class token as row 0: the official x + pos_embed, gather and cat in one pass over 25% of x
             x, mask, ids_restore = ops.random_masking(
-                x, mask_ratio, noise=noise, pos_embed=self.pos_embed[:, 1:], backend=backend
+                x, mask_ratio, noise=noise, pos_embed=self.pos_embed[:, 1:], cls_token=cls, backend=backend
             )
         else:
             x, mask, ids_restore = x + self.pos_embed[:, 1:], None, None
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+            x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.norm(x), mask, ids_restore
 
     def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor, backend: str = "auto") -> torch.Tensor:
-        """latent [B, 1 + len_keep, D] -> pixel predictions [B, L, p*p*3] (class token dropped)."""
+        """latent [B, 1 + len_keep, D] -> pixel predictions [B, 1 + L, p*p*3] (row 0: the class token's)."""
         x = self.decoder_embed(latent)
-        tokens = ops.unshuffle_tokens(x[:, 1:], self.mask_token, ids_restore, backend=backend)
-        x = torch.cat([x[:, :1], tokens], dim=1) + self.decoder_pos_embed
+        # one pass: the class token, the unshuffled tokens with mask tokens, + the fixed position embedding
+        x = ops.unshuffle_tokens(x, self.mask_token, ids_restore, backend=backend,
+                                 pos_embed=self.decoder_pos_embed, with_cls_token=True)
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return self.decoder_pred(self.decoder_norm(x))
 
     def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, backend: str = "auto",
                 noise: torch.Tensor | None = None):
+        """-> (loss, pred [B, L, p*p*3] (a view), mask [B, L])."""
         latent, mask, ids_restore = self.encode(imgs, mask_ratio, backend, noise)
         pred = self.decode(latent, ids_restore, backend)
-        target = ops.patchify(imgs, self.patch_size)
-        loss = ops.mae_loss(pred, target, mask, norm_pix_loss=self.norm_pix_loss, backend=backend)
-        return loss, pred, mask
+        # the loss skips the class-token row and reads the target from imgs in the patchify layout,
+        # so neither pred[:, 1:] nor patchify(imgs) is ever copied
+        loss = ops.mae_loss(pred, imgs, mask, norm_pix_loss=self.norm_pix_loss, patch_size=self.patch_size,
+                            with_cls_token=True, backend=backend)
+        return loss, pred[:, 1:], mask
 
 
 class MAEEncoder(nn.Module):

@@ -15,9 +15,15 @@ tensor exists: with S = sum_v s_v,
 where c_v counts the teacher crops paired with student crop v. The forward kernel reads each
 student and teacher logit once (one program per K-tile and group of samples), writing per-tile
 partial statistics (max, sum of exponentials, and the two dot products, all relative to the tile
-max); a few torch ops combine the tiles. The backward kernel reads them once more and writes
+max); one merge kernel combines the tiles (and the groups' column sums of the teacher, for the
+center) and one torch sum adds the loss shares. The backward kernel reads student and teacher
+once more (the least a recomputing backward can read: no [B, K] probability tensor is stored)
+and writes
 
     grad s_v = (c_v * softmax(s_v / tau_s) - sum_{i != v} p_i) / (tau_s * n_pairs * B) * grad_out.
+
+Inputs are read through their row stride (a sliced or row-strided view costs no copy); only a
+last dimension that is not unit-stride is copied. Each kernel states its traffic in its docstring.
 
 The same kernels, with the target given as non-negative weights (p_i = w_i / sum w_i) instead of
 teacher logits, compute the multi-label softmax loss (n_crops = n_global = 1, the pair (0, 0)
@@ -42,9 +48,9 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _target_prob(t_ptr, row, offs, mask, K, center, norm, inv_tt, TARGET_IS_LOGITS: tl.constexpr):
+    def _target_prob(t_ptr, row, offs, mask, t_stride, center, norm, inv_tt, TARGET_IS_LOGITS: tl.constexpr):
         """p tile of target row `row`, given its normaliser (lse of the logits, or log of the weight sum)."""
-        t = tl.load(t_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(t_ptr + row * t_stride + offs, mask=mask, other=0.0).to(tl.float32)
         if TARGET_IS_LOGITS:
             p = tl.exp((t - center) * inv_tt - norm)
         else:
@@ -54,10 +60,16 @@ if HAS_TRITON:
     @triton.jit
     def _dino_loss_fwd_kernel(
         s_ptr, t_ptr, c_ptr, s_stats_ptr, t_stats_ptr, t_sum_ptr,
-        B, K, V, G, n_tiles, samples_per_group, inv_ts, inv_tt,
+        B, K, V, G, n_tiles, samples_per_group, s_stride, t_stride, inv_ts, inv_tt,
         BLOCK_K: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr, EXCLUDE_SAME: tl.constexpr,
         WITH_TARGET_SUM: tl.constexpr,
     ):
+        """Per (K-tile, group of samples): tile statistics of every student and target row, relative to
+        the tile's max (see the module docstring), and the group's column sum of the target rows.
+
+        Traffic (distinct bytes): loads each student and target element once (the exclude-same term
+        re-reads student rows the program has just loaded: cache hits) and the center; stores
+        2 (V*B) + (3 or 4) (G*B) fp32 per tile, and n_groups * K fp32 column sums."""
         tile = tl.program_id(0)
         group = tl.program_id(1)
         offs = tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -75,7 +87,7 @@ if HAS_TRITON:
             s_sum = tl.zeros([BLOCK_K], dtype=tl.float32)
             for v in range(V):
                 row = (v * B + b).to(tl.int64)
-                x = tl.load(s_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
+                x = tl.load(s_ptr + row * s_stride + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
                 m = tl.max(tl.where(mask, x, float("-inf")), axis=0)
                 z = tl.sum(tl.where(mask, tl.exp(x - m), 0.0), axis=0)
                 tl.store(s_stats_ptr + row * n_tiles + tile, m)
@@ -83,7 +95,7 @@ if HAS_TRITON:
                 s_sum += x
             for i in range(G):
                 row = (i * B + b).to(tl.int64)
-                t = tl.load(t_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+                t = tl.load(t_ptr + row * t_stride + offs, mask=mask, other=0.0).to(tl.float32)
                 if WITH_TARGET_SUM:
                     col_sum += t
                 # e = p * (normaliser relative to this tile): exp(y - tile max) for logits, w for weights
@@ -102,7 +114,7 @@ if HAS_TRITON:
                 tl.store(t_stats_ptr + 2 * t_plane + idx, a)
                 if EXCLUDE_SAME:
                     # student crop i is teacher crop i's own view: subtract <e, s_i> (a cache hit, just read)
-                    x_i = tl.load(s_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
+                    x_i = tl.load(s_ptr + row * s_stride + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
                     tl.store(t_stats_ptr + 3 * t_plane + idx, tl.sum(e * x_i, axis=0))
         if WITH_TARGET_SUM:
             tl.store(t_sum_ptr + group.to(tl.int64) * K + offs, col_sum, mask=mask)
@@ -110,9 +122,14 @@ if HAS_TRITON:
     @triton.jit
     def _dino_loss_bwd_kernel(
         s_ptr, t_ptr, c_ptr, lse_s_ptr, t_norm_ptr, g_ptr, ds_ptr,
-        B, K, V, G, samples_per_group, inv_ts, inv_tt, grad_scale,
+        B, K, V, G, samples_per_group, s_stride, t_stride, inv_ts, inv_tt, grad_scale,
         BLOCK_K: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr, EXCLUDE_SAME: tl.constexpr,
     ):
+        """grad s_v for a (K-tile, group of samples), recomputing p_i from the target and its normaliser.
+
+        Traffic (distinct bytes): loads each student and target element once (p_v of the excluded
+        pair re-reads a target row the program has just loaded: a cache hit), the center, the
+        V*B + G*B fp32 normalisers; stores each gradient element once (contiguous [V*B, K])."""
         tile = tl.program_id(0)
         group = tl.program_id(1)
         offs = tile * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -129,10 +146,10 @@ if HAS_TRITON:
             for i in range(G):
                 row = (i * B + b).to(tl.int64)
                 norm = tl.load(t_norm_ptr + row)
-                p_all += _target_prob(t_ptr, row, offs, mask, K, center, norm, inv_tt, TARGET_IS_LOGITS)
+                p_all += _target_prob(t_ptr, row, offs, mask, t_stride, center, norm, inv_tt, TARGET_IS_LOGITS)
             for v in range(V):
                 row = (v * B + b).to(tl.int64)
-                x = tl.load(s_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
+                x = tl.load(s_ptr + row * s_stride + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
                 lse = tl.load(lse_s_ptr + row)
                 q = p_all
                 # a float32 tensor even when Triton specialises G == 1 to a constant, so both paths of
@@ -141,11 +158,108 @@ if HAS_TRITON:
                 if EXCLUDE_SAME:
                     if v < G:
                         norm_v = tl.load(t_norm_ptr + row)
-                        q = p_all - _target_prob(t_ptr, row, offs, mask, K, center, norm_v, inv_tt,
+                        q = p_all - _target_prob(t_ptr, row, offs, mask, t_stride, center, norm_v, inv_tt,
                                                  TARGET_IS_LOGITS)
                         count = count - 1.0
                 grad = (count * tl.exp(x - lse) - q) * g
                 tl.store(ds_ptr + row * K + offs, grad.to(ds_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _dino_loss_merge_kernel(
+        s_stats_ptr, t_stats_ptr, t_parts_ptr, lse_s_ptr, t_norm_ptr, loss_parts_ptr, t_sum_ptr,
+        B, K, V, G, n_tiles, n_groups, n_s_blocks, n_t_blocks, loss_scale,
+        BLOCK_ROWS: tl.constexpr, BLOCK_TILES: tl.constexpr, BLOCK_COLS: tl.constexpr,
+        EXCLUDE_SAME: tl.constexpr,
+    ):
+        """Merge the forward's tiles in one launch; a program's role is set by its id:
+        student rows -> lse_s and c_v * lse_s, target rows -> normaliser and -<p_i, S - s_i>, then
+        column blocks -> the column sum of the groups' partials. Each row program writes its
+        (scaled) share of the loss to loss_parts[pid], summed by one torch reduction: deterministic.
+
+        Traffic: loads the forward's statistics and column partials once; stores (V + G) * B + K
+        fp32 and one value per program."""
+        pid = tl.program_id(0)
+        tiles = tl.arange(0, BLOCK_TILES)
+        tile_ok = tiles < n_tiles
+        if pid < n_s_blocks:
+            rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            row_ok = rows < V * B
+            ok = row_ok[:, None] & tile_ok[None, :]
+            idx = rows.to(tl.int64)[:, None] * n_tiles + tiles[None, :]
+            m = tl.load(s_stats_ptr + idx, mask=ok, other=float("-inf"))
+            z = tl.load(s_stats_ptr + V * B * n_tiles + idx, mask=ok, other=0.0)
+            m_row = tl.where(row_ok, tl.max(m, axis=1), 0.0)
+            # padded rows get z = 1, not log(0)
+            lse = m_row + tl.log(tl.where(row_ok, tl.sum(z * tl.exp(m - m_row[:, None]), axis=1), 1.0))
+            tl.store(lse_s_ptr + rows, lse, mask=row_ok)
+            # c_v: the number of target crops paired with student crop v
+            count = tl.full([BLOCK_ROWS], G, tl.float32)
+            if EXCLUDE_SAME:
+                count = tl.where((rows // B) < G, count - 1.0, count)
+            tl.store(loss_parts_ptr + pid, tl.sum(tl.where(row_ok, count * lse, 0.0), axis=0) * loss_scale)
+        elif pid < n_s_blocks + n_t_blocks:
+            rows = (pid - n_s_blocks) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+            row_ok = rows < G * B
+            ok = row_ok[:, None] & tile_ok[None, :]
+            plane = G * B * n_tiles
+            idx = rows.to(tl.int64)[:, None] * n_tiles + tiles[None, :]
+            m = tl.load(t_stats_ptr + idx, mask=ok, other=float("-inf"))
+            m_row = tl.where(row_ok, tl.max(m, axis=1), 0.0)
+            w = tl.where(ok, tl.exp(m - m_row[:, None]), 0.0)
+            z = tl.sum(w * tl.load(t_stats_ptr + plane + idx, mask=ok, other=0.0), axis=1)
+            z = tl.where(row_ok, z, 1.0)
+            a = w * tl.load(t_stats_ptr + 2 * plane + idx, mask=ok, other=0.0)
+            if EXCLUDE_SAME:
+                a -= w * tl.load(t_stats_ptr + 3 * plane + idx, mask=ok, other=0.0)
+            tl.store(t_norm_ptr + rows, m_row + tl.log(z), mask=row_ok)
+            dots = tl.where(row_ok, tl.sum(a, axis=1) / z, 0.0)
+            tl.store(loss_parts_ptr + pid, -tl.sum(dots, axis=0) * loss_scale)
+        else:
+            cols = (pid - n_s_blocks - n_t_blocks) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+            col_ok = cols < K
+            col_sum = tl.zeros([BLOCK_COLS], dtype=tl.float32)
+            part_ptrs = t_parts_ptr + cols  # advanced by K per group: 64-bit pointer arithmetic
+            for _ in range(n_groups):
+                col_sum += tl.load(part_ptrs, mask=col_ok, other=0.0)
+                part_ptrs += K
+            tl.store(t_sum_ptr + cols, col_sum, mask=col_ok)
+            tl.store(loss_parts_ptr + pid, 0.0)
+
+
+def _bytes(*tensors: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+# Traffic of one launch, from its bound arguments (name -> value): (bytes read, bytes written),
+# counting each distinct address once (what DRAM must serve when a program's re-reads hit cache).
+# tests/test_traffic_model.py checks each against the addresses the kernel touches under the
+# interpreter; fastssl.bench.traffic sums them for the model.
+def _dino_loss_fwd_kernel_traffic(a: dict) -> tuple[int, int]:
+    rows_s, rows_t = a["V"] * a["B"], a["G"] * a["B"]
+    read = (rows_s * a["K"] * a["s_ptr"].element_size() + rows_t * a["K"] * a["t_ptr"].element_size()
+            + (a["K"] * a["c_ptr"].element_size() if a["TARGET_IS_LOGITS"] else 0))
+    written = _bytes(a["s_stats_ptr"], a["t_stats_ptr"]) + (_bytes(a["t_sum_ptr"]) if a["WITH_TARGET_SUM"] else 0)
+    return read, written
+
+
+def _dino_loss_merge_kernel_traffic(a: dict) -> tuple[int, int]:
+    return (_bytes(a["s_stats_ptr"], a["t_stats_ptr"], a["t_parts_ptr"]),
+            _bytes(a["lse_s_ptr"], a["t_norm_ptr"], a["t_sum_ptr"], a["loss_parts_ptr"]))
+
+
+def _dino_loss_bwd_kernel_traffic(a: dict) -> tuple[int, int]:
+    rows_s, rows_t = a["V"] * a["B"], a["G"] * a["B"]
+    read = (rows_s * a["K"] * a["s_ptr"].element_size() + rows_t * a["K"] * a["t_ptr"].element_size()
+            + (a["K"] * a["c_ptr"].element_size() if a["TARGET_IS_LOGITS"] else 0)
+            + _bytes(a["lse_s_ptr"], a["t_norm_ptr"]) + a["g_ptr"].element_size())
+    return read, rows_s * a["K"] * a["ds_ptr"].element_size()
+
+
+KERNEL_TRAFFIC = {
+    "_dino_loss_fwd_kernel": _dino_loss_fwd_kernel_traffic,
+    "_dino_loss_merge_kernel": _dino_loss_merge_kernel_traffic,
+    "_dino_loss_bwd_kernel": _dino_loss_bwd_kernel_traffic,
+}
 
 
 def _launch_shape(K: int, B: int) -> tuple[int, int, int, int]:
@@ -162,39 +276,56 @@ def _n_pairs(n_crops: int, n_targets: int, exclude_same: bool) -> int:
     return n_targets * (n_crops - 1) if exclude_same else n_targets * n_crops
 
 
+def _unit_last_dim(x: Tensor) -> Tensor:
+    """x itself when its rows are unit-stride (the kernels take the row stride), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _merge_shape(n_tiles: int) -> tuple[int, int, int]:
+    """(BLOCK_ROWS, BLOCK_TILES, BLOCK_COLS) of the merge kernel: ~4K statistics per program."""
+    block_tiles = triton.next_power_of_2(n_tiles)
+    return max(1, 4096 // block_tiles), block_tiles, 1024
+
+
 def dino_loss_fwd(
     student: Tensor, target: Tensor, center: Tensor, n_crops: int, n_targets: int, student_temp: float,
     target_temp: float, target_is_logits: bool, exclude_same: bool, with_target_sum: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Launch the forward kernel. Returns (loss, lse of student/tau_s per row [n_crops*B],
+    """Launch the forward and merge kernels. Returns (loss, lse of student/tau_s per row [n_crops*B],
     normaliser per target row [n_targets*B], column sum of the target rows [K] or [0])."""
-    student, target, center = student.contiguous(), target.contiguous(), center.contiguous()
+    student, target = _unit_last_dim(student), _unit_last_dim(target)
     K = student.shape[1]
     B = student.shape[0] // n_crops
     block_k, n_tiles, per_group, num_warps = _launch_shape(K, B)
     n_groups = triton.cdiv(B, per_group)
     f32 = dict(device=student.device, dtype=torch.float32)
     s_stats = torch.empty(2, n_crops * B, n_tiles, **f32)
-    t_stats = torch.zeros(4, n_targets * B, n_tiles, **f32)
-    t_sum = torch.empty(n_groups if with_target_sum else 0, K, **f32)
+    t_stats = torch.empty(4 if exclude_same else 3, n_targets * B, n_tiles, **f32)
+    t_parts = torch.empty(n_groups if with_target_sum else 0, K, **f32)
     _dino_loss_fwd_kernel[(n_tiles, n_groups)](
-        student, target, center, s_stats, t_stats, t_sum,
-        B, K, n_crops, n_targets, n_tiles, per_group, 1.0 / student_temp, 1.0 / target_temp,
+        student, target, center, s_stats, t_stats, t_parts,
+        B, K, n_crops, n_targets, n_tiles, per_group, student.stride(0), target.stride(0),
+        1.0 / student_temp, 1.0 / target_temp,
         BLOCK_K=block_k, TARGET_IS_LOGITS=target_is_logits, EXCLUDE_SAME=exclude_same,
         WITH_TARGET_SUM=with_target_sum, num_warps=num_warps,
     )
-    # Merge the tiles: everything the kernel stored is relative to its tile's max.
-    lse_s = (s_stats[0] + s_stats[1].log()).logsumexp(dim=1)
-    m_t = t_stats[0].amax(dim=1, keepdim=True)
-    z_t, a_t, d_t = (t_stats[1:] * (t_stats[0] - m_t).exp()).sum(dim=2)
-    norm_t = m_t.squeeze(1) + z_t.log()
-    dots = ((a_t - d_t) / z_t).sum()
-    counts = torch.full((n_crops, 1), float(n_targets), **f32)
-    if exclude_same:
-        counts[:n_targets] -= 1
-    loss = ((lse_s.view(n_crops, B) * counts).sum() - dots) / (_n_pairs(n_crops, n_targets, exclude_same) * B)
+    block_rows, block_tiles, block_cols = _merge_shape(n_tiles)
+    n_s_blocks = triton.cdiv(n_crops * B, block_rows)
+    n_t_blocks = triton.cdiv(n_targets * B, block_rows)
+    n_programs = n_s_blocks + n_t_blocks + (triton.cdiv(K, block_cols) if with_target_sum else 0)
+    lse_s = torch.empty(n_crops * B, **f32)
+    norm_t = torch.empty(n_targets * B, **f32)
+    loss_parts = torch.empty(n_programs, **f32)
+    t_sum = torch.empty(K if with_target_sum else 0, **f32)
+    _dino_loss_merge_kernel[(n_programs,)](
+        s_stats, t_stats, t_parts, lse_s, norm_t, loss_parts, t_sum,
+        B, K, n_crops, n_targets, n_tiles, n_groups, n_s_blocks, n_t_blocks,
+        1.0 / (_n_pairs(n_crops, n_targets, exclude_same) * B),
+        BLOCK_ROWS=block_rows, BLOCK_TILES=block_tiles, BLOCK_COLS=block_cols, EXCLUDE_SAME=exclude_same,
+    )
+    loss = loss_parts.sum()
     out_dtype = torch.promote_types(student.dtype, torch.float32)
-    return loss.to(out_dtype), lse_s, norm_t, t_sum.sum(dim=0)
+    return loss.to(out_dtype), lse_s, norm_t, t_sum
 
 
 def dino_loss_bwd(
@@ -202,17 +333,18 @@ def dino_loss_bwd(
     n_crops: int, n_targets: int, student_temp: float, target_temp: float, target_is_logits: bool,
     exclude_same: bool,
 ) -> Tensor:
-    """Launch the backward kernel: d loss / d student, [n_crops*B, K] in the student's dtype."""
-    # grad may be a stride-0 expanded view; the kernel reads one scalar from its pointer.
-    grad, student, target, center = (x.contiguous() for x in (grad, student, target, center))
+    """Launch the backward kernel: d loss / d student, a contiguous [n_crops*B, K] in the student's dtype."""
+    # grad may be a stride-0 expanded view of a scalar: the kernel reads one value from its pointer
+    student, target = _unit_last_dim(student), _unit_last_dim(target)
     K = student.shape[1]
     B = student.shape[0] // n_crops
     block_k, n_tiles, per_group, num_warps = _launch_shape(K, B)
-    grad_student = torch.empty_like(student)
+    grad_student = student.new_empty(student.shape)
     scale = 1.0 / (student_temp * _n_pairs(n_crops, n_targets, exclude_same) * B)
     _dino_loss_bwd_kernel[(n_tiles, triton.cdiv(B, per_group))](
         student, target, center, lse_s, norm_t, grad, grad_student,
-        B, K, n_crops, n_targets, per_group, 1.0 / student_temp, 1.0 / target_temp, scale,
+        B, K, n_crops, n_targets, per_group, student.stride(0), target.stride(0),
+        1.0 / student_temp, 1.0 / target_temp, scale,
         BLOCK_K=block_k, TARGET_IS_LOGITS=target_is_logits, EXCLUDE_SAME=exclude_same, num_warps=num_warps,
     )
     return grad_student

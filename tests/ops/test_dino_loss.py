@@ -158,6 +158,37 @@ def test_kernel_grad_output_scaling_and_noncontiguous_input(device):
     torch.testing.assert_close(grad.t().double(), -2.5 * want_grad, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("layout", ["row_slices", "transposed"])
+def test_strided_views_match_the_contiguous_result(layout, device):
+    """Row-strided views (slices of wider logits) are read in place; a transposed one is copied by
+    the launcher. Both give the fp64 official loss and gradient, also for the multi-label form."""
+    n_crops, n_global, B, K = 4, 2, 3, 70
+    student, teacher, center = make(n_crops, n_global, B, K)
+    want, want_grad = value_and_grad(official_loss, student, teacher, center, n_crops, n_global, 0.1, 0.04)
+    if layout == "row_slices":
+        wide_s = torch.zeros(n_crops * B, K + 9, dtype=torch.float64)
+        wide_s[:, 5:5 + K] = student
+        wide_t = torch.zeros(n_global * B, 2 * K, dtype=torch.float64)
+        wide_t[:, K:] = teacher
+        wide_s, wide_t = wide_s.to(device).requires_grad_(), wide_t.to(device)
+        s_view, t_view = wide_s[:, 5:5 + K], wide_t[:, K:]
+    else:
+        wide_s = student.t().contiguous().to(device).requires_grad_()
+        s_view, t_view = wide_s.t(), teacher.t().contiguous().to(device).t()
+    assert not s_view.is_contiguous() and not t_view.is_contiguous()
+    loss = dino_loss(s_view, t_view, center.to(device), n_crops=n_crops, n_global=n_global, backend="triton")
+    (grad,) = torch.autograd.grad(loss, wide_s)
+    # the kernel computes in fp32 whatever the input dtype
+    torch.testing.assert_close(loss.cpu(), want, rtol=1e-6, atol=1e-6)
+    grad = grad.cpu()[:, 5:5 + K] if layout == "row_slices" else grad.cpu().t()
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
+    # multi-label form (one crop, weights as target) on the same views
+    weights = (t_view[:B] > 0).double()
+    got = soft_cross_entropy(s_view[:B], weights, backend="triton")
+    ref = soft_cross_entropy(s_view[:B].cpu(), weights.cpu(), backend="torch")
+    torch.testing.assert_close(got.cpu(), ref, rtol=1e-6, atol=1e-6)
+
+
 def test_teacher_and_center_get_no_gradient(device):
     student, teacher, center = (x.to(device) for x in make(2, 1, 3, 40, dtype=torch.float32))
     teacher.requires_grad_(True)
@@ -266,10 +297,13 @@ from triton.compiler import ASTSource
 m = importlib.import_module("fastssl.ops.dino_loss")
 FWD = dict(s_ptr="*bf16", t_ptr="*bf16", c_ptr="*fp32", s_stats_ptr="*fp32", t_stats_ptr="*fp32",
            t_sum_ptr="*fp32", B="i32", K="i32", V="i32", G="i32", n_tiles="i32", samples_per_group="i32",
-           inv_ts="fp32", inv_tt="fp32")
+           s_stride="i32", t_stride="i32", inv_ts="fp32", inv_tt="fp32")
 BWD = dict(s_ptr="*bf16", t_ptr="*bf16", c_ptr="*fp32", lse_s_ptr="*fp32", t_norm_ptr="*fp32", g_ptr="*fp32",
-           ds_ptr="*bf16", B="i32", K="i32", V="i32", G="i32", samples_per_group="i32", inv_ts="fp32",
-           inv_tt="fp32", grad_scale="fp32")
+           ds_ptr="*bf16", B="i32", K="i32", V="i32", G="i32", samples_per_group="i32", s_stride="i32",
+           t_stride="i32", inv_ts="fp32", inv_tt="fp32", grad_scale="fp32")
+MERGE = dict(s_stats_ptr="*fp32", t_stats_ptr="*fp32", t_parts_ptr="*fp32", lse_s_ptr="*fp32",
+             t_norm_ptr="*fp32", loss_parts_ptr="*fp32", t_sum_ptr="*fp32", B="i32", K="i32", V="i32",
+             G="i32", n_tiles="i32", n_groups="i32", n_s_blocks="i32", n_t_blocks="i32", loss_scale="fp32")
 def build(kernel, sig, consts):
     names = kernel.arg_names  # the kernel's parameter order: constexpr indices refer to it
     sig = {n: ("constexpr" if n in consts else sig[n]) for n in names}
@@ -282,6 +316,9 @@ for logits, exclude, ones in itertools.product([True, False], [True, False], [Fa
     build(m._dino_loss_fwd_kernel, {k: v for k, v in FWD.items() if k not in one},
           {**one, **flags, "WITH_TARGET_SUM": logits})
     build(m._dino_loss_bwd_kernel, {k: v for k, v in BWD.items() if k not in one}, {**one, **flags})
+    merge_one = {k: v for k, v in one.items() if k != "samples_per_group"}
+    build(m._dino_loss_merge_kernel, {k: v for k, v in MERGE.items() if k not in merge_one},
+          {**merge_one, "BLOCK_ROWS": 128, "BLOCK_TILES": 32, "BLOCK_COLS": 1024, "EXCLUDE_SAME": exclude})
 print("compiled")
 """
 

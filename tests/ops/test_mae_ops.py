@@ -128,6 +128,94 @@ def test_noncontiguous_inputs_and_expanded_grads(device):
     assert torch.equal(grads[1][1].cpu(), torch.full((5,), 33.0, dtype=torch.float64))  # 33 rows x 1 removed
 
 
+def test_encoder_gather_reads_the_patch_embedding_layout_and_writes_the_class_token(device):
+    """The official encoder: x + pos, masking, cat([cls + pos0, x_kept]); x a transposed view
+    (timm's PatchEmbed: conv output .flatten(2).transpose(1, 2)); its gradient keeps that layout."""
+    N, L, D = 3, 17, 24
+    gen = torch.Generator().manual_seed(21)
+    conv_out = torch.randn(N, D, L, dtype=torch.float64, generator=gen)
+    pos = torch.randn(L, D, dtype=torch.float64, generator=gen)
+    cls = torch.randn(1, 1, D, dtype=torch.float64, generator=gen)
+    noise = torch.rand(N, L, dtype=torch.float64, generator=gen)
+    weight = torch.randn(N, 1 + 8, D, dtype=torch.float64, generator=gen)
+    xr, cr = conv_out.transpose(1, 2).clone().requires_grad_(), cls.clone().requires_grad_()
+    kept, mask, ids = official_masking(xr + pos, 0.5, noise)
+    want = torch.cat([cr.expand(N, 1, D), kept], dim=1)
+    want_gx, want_gc = torch.autograd.grad((want * weight).sum(), (xr, cr))
+    for backend in BACKENDS:
+        x = conv_out.clone().to(device).requires_grad_()
+        c = cls.clone().to(device).requires_grad_()
+        xt = x.transpose(1, 2)
+        assert not xt.is_contiguous()
+        got, got_mask, got_ids = random_masking(xt, 0.5, noise=noise.to(device), pos_embed=pos.to(device),
+                                                cls_token=c, backend=backend)
+        assert torch.equal(got.cpu(), want) and torch.equal(got_mask.cpu(), mask)
+        assert torch.equal(got_ids.cpu(), ids)
+        gx, gc = torch.autograd.grad((got * weight.to(device)).sum(), (x, c))
+        assert torch.equal(gx.cpu(), want_gx.transpose(1, 2))
+        assert backend == "torch" or gx.is_contiguous()  # [N, D, L] memory, as the convolution wrote x
+        torch.testing.assert_close(gc.cpu(), want_gc, rtol=0, atol=1e-12)
+
+
+def test_decoder_unshuffle_fuses_class_token_and_pos_embed_on_a_sliced_input(device):
+    """The official decoder: cat(x[:, 1:], mask tokens), gather, cat(x[:, :1], .), + pos, on a
+    sliced (non-contiguous) x; the stride-0 gradient of .sum() and a weighted one."""
+    N, K, L, D = 4, 5, 13, 20
+    gen = torch.Generator().manual_seed(22)
+    wide = torch.randn(N, 1 + K, 2 * D, dtype=torch.float64, generator=gen)
+    token = torch.randn(D, dtype=torch.float64, generator=gen)
+    pos = torch.randn(1, 1 + L, D, dtype=torch.float64, generator=gen)
+    ids = torch.stack([torch.randperm(L, generator=gen) for _ in range(N)])
+    weight = torch.randn(N, 1 + L, D, dtype=torch.float64, generator=gen)
+    xr, tr = wide[..., 3:3 + D].clone().requires_grad_(), token.clone().requires_grad_()
+    want = torch.cat([xr[:, :1], official_unshuffle(xr[:, 1:], tr, ids)], dim=1) + pos
+    want_g = torch.autograd.grad((want * weight).sum(), (xr, tr))
+    for backend in BACKENDS:
+        w = wide.clone().to(device).requires_grad_()
+        t = token.clone().to(device).requires_grad_()
+        x = w[..., 3:3 + D]
+        assert not x.is_contiguous()
+        out = unshuffle_tokens(x, t, ids.to(device), backend, pos_embed=pos.to(device), with_cls_token=True)
+        torch.testing.assert_close(out.cpu(), want, rtol=0, atol=1e-15)
+        gw, gt = torch.autograd.grad((out * weight.to(device)).sum(), (w, t))
+        assert torch.equal(gw[..., 3:3 + D].cpu(), want_g[0]) and not gw[..., :3].any()
+        torch.testing.assert_close(gt.cpu(), want_g[1], rtol=0, atol=1e-12)
+        gw, gt = torch.autograd.grad(unshuffle_tokens(x, t, ids.to(device), backend, pos_embed=pos.to(device),
+                                                      with_cls_token=True).sum(), (w, t))
+        assert torch.equal(gw[..., 3:3 + D].cpu(), torch.ones(N, 1 + K, D, dtype=torch.float64))
+        assert torch.equal(gt.cpu(), torch.full((D,), float(N * (L - K)), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("norm_pix_loss", [True, False])
+def test_loss_reads_the_images_and_skips_the_class_token_row(norm_pix_loss, device):
+    """mae_loss(pred_with_cls, imgs, patch_size=p) == official forward_loss(pred[:, 1:], patchify(imgs));
+    the gradient is the decoder output's (class-token row 0), no slice or patchified copy."""
+    N, C, H, W, p = 3, 3, 8, 12, 4
+    L, P = (H // p) * (W // p), p * p * C
+    gen = torch.Generator().manual_seed(23)
+    imgs = torch.randn(N, C, H, W, dtype=torch.float64, generator=gen)
+    pred = torch.randn(N, 1 + L, P, dtype=torch.float64, generator=gen)
+    mask = (torch.rand(N, L, generator=gen) < 0.7).double()
+    pr = pred.clone().requires_grad_()
+    target = torch.einsum("nchpwq->nhwpqc", imgs.reshape(N, C, H // p, p, W // p, p)).reshape(N, L, P)
+    want = official_loss(pr[:, 1:], target, mask, norm_pix_loss)
+    (want_g,) = torch.autograd.grad(want, pr)
+    for backend in BACKENDS:
+        pd = pred.clone().to(device).requires_grad_()
+        # the images as a channels-last view: any strides are read in place
+        im = imgs.to(device).contiguous(memory_format=torch.channels_last)
+        loss = mae_loss(pd, im, mask.to(device), norm_pix_loss=norm_pix_loss, patch_size=p,
+                        with_cls_token=True, backend=backend)
+        torch.testing.assert_close(loss.cpu(), want, rtol=1e-12, atol=0)
+        (g,) = torch.autograd.grad(loss, pd)
+        torch.testing.assert_close(g.cpu(), want_g, rtol=1e-10, atol=1e-15)
+        assert not g[:, 0].any()
+    with pytest.raises(ValueError, match="patch_size=4"):
+        mae_loss(pred, imgs[..., :8], mask, patch_size=4, with_cls_token=True)
+    with pytest.raises(ValueError, match="target must have pred's shape .* after its class-token row"):
+        mae_loss(pred, target[:, :2], mask, with_cls_token=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_pos_embed_fused_into_the_gather(dtype, device):
     """random_masking(x, pos_embed=pos) == masking x + pos, the official encoder's order."""
@@ -310,13 +398,24 @@ def test_opcheck_all_custom_ops(device):
     mask = (ids >= 4).float()
     token = torch.randn(12, generator=gen).to(device).requires_grad_()
     ops = torch.ops.fastssl
+    imgs = torch.randn(2, 3, 4, 8, generator=gen).to(device)  # p = 2: 8 patches of 2 * 2 * 3 = 12 values
+    pred_cls = torch.randn(2, 9, 12, generator=gen).to(device)
+    mask8 = (torch.stack([torch.randperm(8, generator=gen) for _ in range(2)]) >= 4).float().to(device)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # the patch embedding's layout
+    ids9 = torch.stack([torch.randperm(9, generator=gen) for _ in range(2)]).to(device)
     cases = [
-        (ops.mae_gather_kept.default, (x.clone().requires_grad_(), ids, 4, None)),
-        (ops.mae_gather_kept.default, (x.clone().requires_grad_(), ids, 4, x[0].clone())),
-        (ops.mae_unshuffle.default, (x_kept.requires_grad_(), ids, token)),
-        (ops.mae_unshuffle_bwd.default, (x.detach(), ids, 4)),
-        (ops.mae_loss_fwd.default, (pred.clone().requires_grad_(), target, mask, True)),
-        (ops.mae_loss_bwd.default, (pred.new_tensor(1.0), pred, target, mask, mask.sum(), False)),
+        (ops.mae_gather_kept.default, (x.clone().requires_grad_(), ids, 4, None, None)),
+        (ops.mae_gather_kept.default, (x.clone().requires_grad_(), ids, 4, x[0].clone(), None)),
+        (ops.mae_gather_kept.default, (xt.clone().requires_grad_(), ids, 4, x[0].clone(), token)),
+        (ops.mae_masking_bwd.default, (x_kept.detach(), ids, True)),
+        (ops.mae_unshuffle.default, (x_kept.requires_grad_(), ids, token, None, False)),
+        (ops.mae_unshuffle.default, (x_kept, ids9, token, x[0, :10].clone(), True)),
+        (ops.mae_unshuffle_bwd.default, (x.detach(), ids, 4, False)),
+        (ops.mae_unshuffle_bwd.default, (x.detach(), ids9, 4, True)),
+        (ops.mae_loss_fwd.default, (pred.clone().requires_grad_(), target, mask, True, 0, False)),
+        (ops.mae_loss_fwd.default, (pred_cls.clone().requires_grad_(), imgs, mask8, True, 2, True)),
+        (ops.mae_loss_bwd.default, (pred.new_tensor(1.0), pred, target, mask, mask.sum(), False, 0, False)),
+        (ops.mae_loss_bwd.default, (pred.new_tensor(1.0), pred_cls, imgs, mask8, mask8.sum(), True, 2, True)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)

@@ -1,0 +1,1 @@
+"""Tools that describe the fused ops without a GPU: the dispatch counter and the traffic model."""

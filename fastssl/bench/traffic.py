@@ -1,0 +1,389 @@
+"""A traffic model of each fused op against its official formula, runnable on a CPU.
+
+For each op and benchmark shape, one training step of the loss (forward and backward):
+
+* eager: the official formula (the op's `*_ref`) runs on meta tensors under a DispatchCounter:
+  its kernels (every aten op that is not a view or an allocation), the bytes each reads and
+  writes (inputs' distinct elements + outputs), and the peak memory it allocates, all measured;
+  its FLOPs per op from torch.utils.flop_counter's registry (matmul-like ops only: the
+  tensor-core work; elementwise math is left out on both sides).
+* fused: the fused path runs on meta tensors with its Triton launches recorded instead of run:
+  the torch ops around the kernels are measured as above, each kernel's bytes come from the
+  formula written next to it (`KERNEL_TRAFFIC` in its ops file; InfoNCE's below), tested against
+  the addresses the kernel touches under the Triton interpreter.
+
+Predicted time = max(bytes / bandwidth, FLOPs / peak) summed over kernels, at an H100 SXM's
+limits as specified (3.35 TB/s, 989 TFLOP/s dense bf16) and as measured on such a card
+(3.0 TB/s, 798 TFLOP/s); launch overheads are left out. It is a model, not a measurement.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from unittest import mock
+
+import torch
+
+from fastssl.bench.counter import DispatchCounter, Launch, kernel_launches
+
+LIMITS = {"spec": (3.35e12, 989e12), "measured": (3.0e12, 798e12)}  # (bytes/s, bf16 FLOP/s)
+H100_SMS = 132
+
+
+# ---------------------------------------------------------------- InfoNCE kernels' traffic
+# (the kernels live in fastssl/ops/_info_nce_kernels.py; each reads the tensors named here whole,
+# each distinct address once, and writes the outputs named here whole)
+def _whole(a: dict, reads: tuple[str, ...], writes: tuple[str, ...]) -> tuple[int, int]:
+    size = lambda n: a[n].numel() * a[n].element_size() if hasattr(a.get(n), "numel") else 0  # noqa: E731
+    return sum(size(n) for n in reads), sum(size(n) for n in writes)
+
+
+def _info_nce_flops(a: dict, matmuls: int) -> int:
+    """matmuls x 2 N K D: the logits tile (and p @ streamed rows, or its backward)."""
+    return matmuls * 2 * a["q_ptr"].shape[0] * a["k_ptr" if "k_ptr" in a else "x_ptr"].shape[0] * a["D"]
+
+
+def _info_nce_fwd_traffic(a: dict) -> tuple[int, int]:
+    reads = ("q_ptr", "x_ptr") + ("q_norm_ptr",) * a["SCALE_ROWS"] + ("x_norm_ptr",) * a["SCALE_COLS"]
+    return _whole(a, reads, ("m_ptr", "l_ptr", "acc_ptr"))
+
+
+def _info_nce_norms(a: dict) -> tuple[str, ...]:
+    return ("q_norm_ptr", "k_norm_ptr") if a["NORMALIZE"] else ()
+
+
+INFO_NCE_TRAFFIC = {
+    "_info_nce_fwd_kernel": _info_nce_fwd_traffic,
+    "_info_nce_combine_kernel": lambda a: _whole(
+        a, ("q_ptr", "k_ptr", "m_ptr", "l_ptr", "acc_ptr") + _info_nce_norms(a),
+        ("loss_ptr", "lse2_ptr", "dq_ptr", "dk_ptr"),
+    ),
+    "_info_nce_bwd_kernel": lambda a: _whole(
+        a, ("q_ptr", "k_ptr", "lse2_ptr", "weight_ptr") + _info_nce_norms(a), ("part_ptr",)
+    ),
+    "_info_nce_bwd_combine_kernel": lambda a: _whole(
+        a, ("q_ptr", "k_ptr", "grad_ptr", "weight_scale_ptr", "part_ptr") + _info_nce_norms(a), ("dk_ptr",)
+    ),
+}
+INFO_NCE_FLOPS = {
+    "_info_nce_fwd_kernel": lambda a: _info_nce_flops(a, 2 if a["COMPUTE_DQ"] else 1),
+    "_info_nce_bwd_kernel": lambda a: _info_nce_flops(a, 2),
+}
+
+
+def kernel_traffic() -> dict[str, Callable[[dict], tuple[int, int]]]:
+    """Every fused kernel's (bytes read, bytes written) formula, by kernel name."""
+    table = dict(INFO_NCE_TRAFFIC)
+    for module in ("fastssl.ops.dino_loss", "fastssl.ops.mae"):
+        table.update(importlib.import_module(module).KERNEL_TRAFFIC)
+    return table
+
+
+# ---------------------------------------------------------------- measuring one path
+
+
+@dataclass
+class PathCount:
+    kernels: int
+    bytes: int
+    flops: int
+    peak_bytes: int
+    times: dict  # limit name -> predicted seconds
+
+
+def _predict(ops: list[tuple[int, int]]) -> dict:
+    """Each kernel (bytes, flops) runs at the slower of its two limits."""
+    return {name: sum(max(b / bw, f / peak) for b, f in ops) for name, (bw, peak) in LIMITS.items()}
+
+
+def _h100_device():
+    """Launchers size their grids from the device (SM count); on meta tensors, an H100 SXM's."""
+    props = mock.Mock(multi_processor_count=H100_SMS, shared_memory_per_block_optin=232448)
+    return mock.patch.object(torch.cuda, "get_device_properties", lambda *a, **k: props)
+
+
+@contextlib.contextmanager
+def _fused_on_meta():
+    """Let backend='triton' accept meta tensors and InfoNCE size its splits for the H100."""
+    import fastssl.ops._dispatch as dispatch
+
+    kernels = importlib.import_module("fastssl.ops._info_nce_kernels")
+    splits = kernels._num_splits
+    with (
+        mock.patch.object(dispatch, "triton_interpreting", lambda: True),
+        mock.patch.object(kernels, "_num_splits", lambda o, s, D, dev: splits(o, s, D, torch.device("cuda"))),
+        mock.patch.object(kernels, "triton_interpreting", lambda: False),
+        _h100_device(),
+    ):
+        yield
+
+
+def count_eager(make: Callable[[], tuple], step: Callable[..., None]) -> PathCount:
+    """step(*make()) measured; the inputs are made outside the counter (not extra memory)."""
+    inputs = make()
+    with DispatchCounter() as counter:
+        step(*inputs)
+    ops = [(r.bytes_read + r.bytes_written, r.flops) for r in counter.records]
+    return PathCount(
+        counter.kernels, counter.bytes, sum(f for _, f in ops), counter.peak_bytes, _predict(ops)
+    )
+
+
+def count_fused(make: Callable[[], tuple], step: Callable[..., None]) -> tuple[PathCount, list[Launch]]:
+    """step(*make()) with its Triton launches recorded, each costed by its kernel's formula."""
+    formulas = kernel_traffic()
+    inputs = make()
+    with _fused_on_meta(), kernel_launches() as launches, DispatchCounter() as counter:
+        step(*inputs)
+    ops = [(r.bytes_read + r.bytes_written, r.flops) for r in counter.records]
+    kernel_bytes, kernel_flops = 0, sum(f for _, f in ops)
+    for launch in launches:
+        read, written = formulas[launch.name](launch.args)
+        f = INFO_NCE_FLOPS.get(launch.name, lambda a: 0)(launch.args)
+        ops.append((read + written, f))
+        kernel_bytes += read + written
+        kernel_flops += f
+    return PathCount(
+        counter.kernels + len(launches),
+        counter.bytes + kernel_bytes,
+        kernel_flops,
+        counter.peak_bytes,
+        _predict(ops),
+    ), launches
+
+
+# ---------------------------------------------------------------- the benchmark shapes
+
+MAE_RATIO = 0.75
+
+
+def _meta(*shape, dtype=torch.bfloat16, grad=False):
+    return torch.empty(*shape, device="meta", dtype=dtype).requires_grad_(grad)
+
+
+def _info_nce_case(N, K, D, queue):
+    from fastssl.ops.info_nce import info_nce, info_nce_ref
+
+    def make():
+        q = _meta(N, D, grad=True)
+        if queue:  # MoCo v2: keys from the momentum encoder, the queue as given
+            return q, _meta(N, D), _meta(K, D)
+        return q, _meta(K, D, grad=True), None  # in-batch: both sides get a gradient
+
+    def eager(q, k, qu):
+        info_nce_ref(q, k, qu, temperature=0.2).backward()
+
+    def fused(q, k, qu):
+        info_nce(q, k, qu, temperature=0.2, backend="triton").backward()
+
+    return make, eager, fused
+
+
+def _dino_case(B, crops, K):
+    from fastssl.losses.dino import DINOLoss
+
+    def make(backend):
+        criterion = DINOLoss(K, crops, 0.04, 0.04, 0, 100, backend=backend).to("meta")
+        return criterion, _meta(crops * B, K, grad=True), _meta(2 * B, K)
+
+    def step(criterion, student, teacher):  # loss, backward and the center update
+        criterion(student, teacher, epoch=0).backward()
+
+    return (lambda: make("torch"), step), (lambda: make("triton"), step)
+
+
+def _mae_case(N, L, D):
+    """Masking (+ pos, + class token), unshuffle (+ class token, + pos), loss on the tokens
+    (P = D, as benchmarks/bench_mae.py; the networks in between left out), norm-pix."""
+    from fastssl.ops.mae import (
+        mae_loss,
+        mae_loss_ref,
+        random_masking,
+        random_masking_ref,
+        unshuffle_tokens,
+        unshuffle_tokens_ref,
+    )
+
+    len_keep = int(L * (1 - MAE_RATIO))
+
+    def make():
+        conv_out = _meta(N, D, L, grad=True)  # the patch embedding's output, as timm returns it
+        return (
+            conv_out.transpose(1, 2),
+            _meta(1, 1 + L, D),
+            _meta(1, 1, D, grad=True),
+            _meta(D, grad=True),
+            _meta(N, L, D),
+        )
+
+    def eager(x, pos, cls, token, target):
+        noise = torch.rand(N, L, device="meta")
+        kept, mask, ids = random_masking_ref(x, len_keep, noise, pos[:, 1:], cls + pos[:, :1])
+        pred = unshuffle_tokens_ref(kept, token, ids, pos, with_cls_token=True)
+        mae_loss_ref(pred, target, mask, True, with_cls_token=True).backward()
+
+    def fused(x, pos, cls, token, target):
+        kept, mask, ids = random_masking(
+            x, MAE_RATIO, pos_embed=pos[:, 1:], cls_token=cls + pos[:, :1], backend="triton"
+        )
+        pred = unshuffle_tokens(kept, token, ids, "triton", pos_embed=pos, with_cls_token=True)
+        mae_loss(pred, target, mask, with_cls_token=True, backend="triton").backward()
+
+    return make, eager, fused
+
+
+def _multilabel_case(N, C):
+    from fastssl.losses.multilabel import multilabel_softmax_loss
+
+    def make():
+        return _meta(N, C, grad=True), _meta(N, C)
+
+    def step(backend):
+        return lambda logits, targets: multilabel_softmax_loss(
+            logits, targets, backend, validate=False
+        ).backward()
+
+    return make, step("torch"), step("triton")
+
+
+def _split(case):
+    """(eager make, eager step), (fused make, fused step) of a case."""
+    if len(case) == 2:
+        return case
+    make, eager, fused = case
+    return (make, eager), (make, fused)
+
+
+CASES = [
+    ("info_nce moco_v2", "N=4096 K=65536 D=128 bf16", lambda: _info_nce_case(4096, 65536, 128, True)),
+    ("info_nce in-batch", "N=M=4096 D=256 bf16", lambda: _info_nce_case(4096, 4096, 256, False)),
+    ("dino_loss", "B=128 x 12 crops K=65536 bf16", lambda: _dino_case(128, 12, 65536)),
+    ("mae mask+unshuffle+loss", "N=256 L=196 D=1024 bf16 r=0.75 norm-pix", lambda: _mae_case(256, 196, 1024)),
+    ("multilabel softmax", "N=256 C=27000 bf16", lambda: _multilabel_case(256, 27000)),
+]
+
+
+@dataclass
+class Record:
+    op: str
+    shape: str
+    eager_bytes: int
+    fused_bytes: int
+    eager_kernels: int
+    fused_kernels: int
+    eager_flops: int
+    fused_flops: int
+    eager_peak_bytes: int
+    fused_peak_bytes: int
+    predicted_speedup: float
+    eager_time_s: dict
+    fused_time_s: dict
+
+
+def model() -> list[Record]:
+    """One Record per benchmark op and shape (forward + backward)."""
+    records = []
+    for op, shape, build in CASES:
+        eager_case, fused_case = _split(build())
+        eager = count_eager(*eager_case)
+        fused, _ = count_fused(*fused_case)
+        records.append(
+            Record(
+                op,
+                shape,
+                eager.bytes,
+                fused.bytes,
+                eager.kernels,
+                fused.kernels,
+                eager.flops,
+                fused.flops,
+                eager.peak_bytes,
+                fused.peak_bytes,
+                eager.times["measured"] / fused.times["measured"],
+                eager.times,
+                fused.times,
+            )
+        )
+    return records
+
+
+def table(records: list[Record]) -> str:
+    """The markdown table `fastssl bench --model` prints."""
+    mb = lambda b: f"{b / 1e6:,.1f}"  # noqa: E731
+    us = lambda t: f"{t * 1e6:,.0f}"  # noqa: E731
+    lines = [
+        "| op | shape | kernels eager / fused | MB eager / fused (ratio) | GFLOP eager / fused | "
+        "peak MB eager / fused | µs eager / fused, spec | µs eager / fused, measured | speed-up |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(
+            f"| {r.op} | {r.shape} | {r.eager_kernels} / {r.fused_kernels} | {mb(r.eager_bytes)} / "
+            f"{mb(r.fused_bytes)} ({r.fused_bytes / r.eager_bytes:.3f}) | {r.eager_flops / 1e9:,.1f} / "
+            f"{r.fused_flops / 1e9:,.1f} | {mb(r.eager_peak_bytes)} / {mb(r.fused_peak_bytes)} | "
+            f"{us(r.eager_time_s['spec'])} / {us(r.fused_time_s['spec'])} | "
+            f"{us(r.eager_time_s['measured'])} / {us(r.fused_time_s['measured'])} | "
+            f"{r.predicted_speedup:.1f}x |"
+        )
+    return "\n".join(lines)
+
+
+def goals(records: list[Record]) -> list[str]:
+    """The model's goals, each with whether it holds."""
+    by_op = {r.op: r for r in records}
+    dino, mae, nce = by_op["dino_loss"], by_op["mae mask+unshuffle+loss"], by_op["info_nce moco_v2"]
+    checks = [
+        ("DINO fused bytes <= 1/8 of eager", dino.fused_bytes / dino.eager_bytes, 1 / 8),
+        (
+            "MAE masking + unshuffle + loss fused bytes <= 1/3 of eager",
+            mae.fused_bytes / mae.eager_bytes,
+            1 / 3,
+        ),
+        (
+            "InfoNCE (N=4096, K=65536) peak extra memory <= 2% of eager",
+            nce.fused_peak_bytes / nce.eager_peak_bytes,
+            0.02,
+        ),
+    ]
+    return [
+        f"{'holds' if value <= limit else 'FAILS'}: {text} (model: {value:.4f})"
+        for text, value, limit in checks
+    ]
+
+
+def _versions() -> str:
+    import datetime
+    import subprocess
+    from pathlib import Path
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "absent"
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+                         cwd=Path(__file__).resolve().parent).stdout.strip()
+    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} · torch {torch.__version__} · "
+            f"triton {triton_version} · git {sha or 'unknown'}")
+
+
+def main(json_path: str | None = None) -> int:
+    """Print the model's table and goals; write the records as JSON to json_path when given."""
+    records = model()
+    print(f"Traffic model (a model, not a measurement) · {_versions()}")
+    (bw, peak), (bw_measured, peak_measured) = LIMITS["spec"], LIMITS["measured"]
+    print(f"limits: H100 SXM {bw / 1e12:.2f} TB/s, {peak / 1e12:.0f} TFLOP/s bf16 "
+          f"(spec); {bw_measured / 1e12:.2f} TB/s, {peak_measured / 1e12:.0f} TFLOP/s "
+          f"(measured on such a card); speed-up at the measured limits; forward + backward")
+    print(table(records))
+    for line in goals(records):
+        print(line)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump([asdict(r) for r in records], f, indent=1)
+    return 0

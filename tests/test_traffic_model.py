@@ -1,0 +1,110 @@
+"""The traffic model: each kernel's traffic formula against the addresses the kernel really loads
+and stores (Triton interpreter, small shapes), the dispatch counter against hand-counted ops, and
+`fastssl bench --model --json`."""
+
+import importlib
+import json
+
+import pytest
+import torch
+
+from fastssl import ops
+from fastssl.bench import traffic
+from fastssl.bench.counter import DispatchCounter, interpreted_traffic
+from fastssl.cli import main
+
+dino = importlib.import_module("fastssl.ops.dino_loss")
+
+
+def check_formulas(run) -> set[str]:
+    """Run `run()` under the interpreter; every launch's measured (read, written) bytes equal its
+    kernel's formula. Returns the kernel names seen."""
+    formulas = traffic.kernel_traffic()
+    with interpreted_traffic() as launches:
+        run()
+    assert launches
+    for launch in launches:
+        want = formulas[launch.name](launch.args)
+        assert (launch.bytes_read, launch.bytes_written) == want, (launch.name, launch.args)
+    return {launch.name for launch in launches}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dino_kernels_traffic(dtype):
+    student = torch.randn(4 * 5, 300, dtype=dtype, requires_grad=True)
+    teacher, center = torch.randn(2 * 5, 300, dtype=dtype), torch.randn(300)
+
+    def run():
+        loss, _ = dino._dino_loss(student, teacher, center, 4, 2, 0.1, 0.04, "triton", True)
+        loss.backward()
+        ops.soft_cross_entropy(student[:5], (teacher[:5] > 0).to(dtype), backend="triton").backward()
+
+    names = check_formulas(run)
+    assert names == {"_dino_loss_fwd_kernel", "_dino_loss_merge_kernel", "_dino_loss_bwd_kernel"}
+
+
+def test_mae_kernels_traffic():
+    """Every kernel configuration the MAE step launches, on strided inputs. Sample n keeps positions
+    2n and 2n + 1, so every position is kept by some sample (as in any real batch)."""
+    N, L, D, p = 4, 8, 12, 2
+    conv_out = torch.randn(N, D, L, requires_grad=True)
+    noise = torch.stack([torch.roll(torch.arange(L, dtype=torch.float32), 2 * n) for n in range(N)])
+    pos, cls = torch.randn(1, 1 + L, D), torch.randn(1, 1, D, requires_grad=True)
+    token = torch.randn(D, requires_grad=True)
+    imgs = torch.randn(N, 3, 4, 4)  # L = 4 patches of p * p * 3 = 12 values
+    _, mask, _ = ops.random_masking(conv_out.transpose(1, 2), 0.75, noise=noise, backend="torch")
+    assert ((1 - mask).sum(0) > 0).all()  # every position kept by some sample
+
+    def run():
+        x = conv_out.transpose(1, 2)  # the patch embedding's layout
+        kept, mask, ids = ops.random_masking(x, 0.75, noise=noise, pos_embed=pos[:, 1:],
+                                             cls_token=cls + pos[:, :1], backend="triton")
+        out = ops.unshuffle_tokens(kept, token, ids, "triton", pos_embed=pos, with_cls_token=True)
+        plain = ops.unshuffle_tokens(kept[:, 1:], token, ids, "triton")
+        loss = ops.mae_loss(out, out.detach()[:, 1:] * 2, mask, with_cls_token=True, backend="triton")
+        loss = loss + ops.mae_loss(plain[:, :4], imgs, mask[:, :4], patch_size=p, backend="triton")
+        loss.backward()
+
+    assert check_formulas(run) == {"_compact_kernel", "_expand_kernel", "_mae_loss_kernel"}
+
+
+@pytest.mark.parametrize("queue", [True, False])
+def test_info_nce_kernels_traffic(queue):
+    q = torch.randn(40, 16, requires_grad=True)
+    k = torch.randn(40, 16, requires_grad=not queue)
+    qu = torch.randn(100, 16) if queue else None
+    names = check_formulas(lambda: ops.info_nce(q, k, qu, backend="triton").backward())
+    assert "_info_nce_fwd_kernel" in names and ("_info_nce_bwd_kernel" in names) != queue
+
+
+def test_counter_bytes_flops_and_peak():
+    a, b = torch.randn(8, 16), torch.randn(16, 4)
+    with DispatchCounter() as counter:
+        c = a @ b  # reads 8*16 + 16*4 floats, writes 8*4; 2*8*16*4 FLOPs
+        d = c.expand(3, 8, 4).sum(0)  # a stride-0 input is read once
+        del c
+        e = d.t()  # a view: nothing
+    assert [r.name for r in counter.records] == ["mm", "sum"]
+    assert counter.records[0].bytes_read == 4 * (8 * 16 + 16 * 4)
+    assert counter.records[0].bytes_written == 4 * 32
+    assert counter.records[0].flops == 2 * 8 * 16 * 4
+    assert counter.records[1].bytes_read == 4 * 32
+    assert counter.peak_bytes == 2 * 4 * 32 and counter.live_bytes == 4 * 32 and e.shape == (4, 8)
+
+
+def test_bench_model_prints_the_table_and_writes_records(tmp_path, capsys):
+    out = tmp_path / "model.json"
+    assert main(["bench", "--model", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    records = json.loads(out.read_text())
+    assert [r["op"] for r in records] == [c[0] for c in traffic.CASES]
+    keys = {"op", "shape", "eager_bytes", "fused_bytes", "eager_kernels", "fused_kernels", "eager_flops",
+            "fused_flops", "eager_peak_bytes", "fused_peak_bytes", "predicted_speedup"}
+    assert all(keys <= set(r) for r in records)
+    for r in records:
+        assert 0 < r["fused_bytes"] < r["eager_bytes"] and r["fused_kernels"] < r["eager_kernels"]
+        assert r["predicted_speedup"] > 1 and f"| {r['op']} |" in printed
+    moco = records[0]  # two matmul-equivalents of 2 N K D on both sides
+    assert moco["eager_flops"] == moco["fused_flops"] == 2 * 2 * 4096 * 65536 * 128
+    assert printed.count("holds:") + printed.count("FAILS:") == 3
+    assert main(["bench", "--json", str(out)]) == 2  # --json needs --model
