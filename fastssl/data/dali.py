@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from fastssl.data.recipes import Recipe, ViewSpec
-from fastssl.data.sources import decode_error
+from fastssl.data.sources import decode_error, fill_skipped
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -147,18 +147,31 @@ if HAS_DALI:
 
 
 class _Feeder:
-    """Batch callable for fn.external_source: batch i of the planned epoch."""
+    """Batch callable for fn.external_source: batch i of the planned epoch's remaining
+    batches. A sample in `bad` (known undecodable) or whose bytes cannot be read is
+    replaced by another sample of its batch (fill_skipped) and recorded in `bad`."""
 
-    def __init__(self, source, batches: list[np.ndarray]):
-        self.source, self.batches = source, batches
+    def __init__(self, source, batches: list[np.ndarray], bad: dict[int, str]):
+        self.source, self.batches, self.bad = source, batches, bad
         self.read = source.read_bytes if source.kind == "encoded" else source.image
+
+    def _read(self, i: int):
+        if i in self.bad:
+            return None
+        try:
+            return self.read(i)
+        except OSError as exc:
+            self.bad[i] = f"{type(exc).__name__}: {exc}"
+            return None
 
     def __call__(self, iteration: int):
         if iteration >= len(self.batches):
             raise StopIteration
-        idx = self.batches[iteration]
-        labels = self.source.labels[idx]
-        return [self.read(int(i)) for i in idx], list(labels), list(idx.astype(np.int64))
+        idx = [int(i) for i in self.batches[iteration]]
+        data = [self._read(i) for i in idx]
+        items = fill_skipped(list(zip(data, idx)), [d is not None for d in data])
+        return ([d for d, _ in items], [self.source.labels[i] for _, i in items],
+                [np.int64(i) for _, i in items])
 
 
 class DaliViews:
@@ -171,13 +184,14 @@ class DaliViews:
         self.source, self.recipe = source, recipe
         self.device, self.num_threads, self.seed, self.shard_id = device, num_threads, seed, shard_id
         self.dtype, self.max_batch = dtype, max_batch
+        self.bad: dict[int, str] = {}  # undecodable samples found so far: never fed again
 
     def _pipeline(self, epoch: int, batches: list[np.ndarray]):
         gpu = self.device.type == "cuda"
         # DALI seeds are 32-bit; mix (seed, epoch, shard) so neighbouring runs differ.
         seed = hash((self.seed, epoch, self.shard_id)) % (2**31 - 1)
         pipe = views_pipeline(
-            _Feeder(self.source, batches), self.recipe, self.source.kind == "encoded", gpu,
+            _Feeder(self.source, batches, self.bad), self.recipe, self.source.kind == "encoded", gpu,
             self.dtype == torch.float16,
             batch_size=self.max_batch, num_threads=self.num_threads,
             device_id=self.device.index if gpu else None, seed=seed, prefetch_queue_depth=PREFETCH,
@@ -185,44 +199,61 @@ class DaliViews:
         pipe.build()
         return pipe
 
-    def _to_torch(self, tensor_list) -> torch.Tensor:
+    def _to_torch(self, tensor_list, pin: bool = False) -> torch.Tensor:
         """Copy a dense DALI TensorList into a new torch tensor on the list's device (DALI
-        reuses its buffers, so a view would be overwritten by the next batch)."""
+        reuses its buffers, so a view would be overwritten by the next batch); pin: into
+        page-locked memory, so the copy to the GPU that follows does not block the host."""
         on_gpu = isinstance(tensor_list, TensorListGPU)
         dtype = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16, types.INT64: torch.int64}
         dense = tensor_list.as_tensor()
         out = torch.empty(dense.shape(), dtype=dtype[tensor_list.dtype],
-                          device=self.device if on_gpu else "cpu")
+                          device=self.device if on_gpu else "cpu", pin_memory=pin and not on_gpu)
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
         return out
 
-    def _raise_naming_file(self, exc: Exception, batches: list[np.ndarray], i: int) -> None:
+    def _find_undecodable(self, batches: list[np.ndarray]) -> bool:
+        """Record in self.bad the samples of `batches` that do not decode; whether any did not."""
+        found = False
         if self.source.kind != "encoded":
-            return
-        for idx in batches[i: i + PREFETCH + 1]:
-            for j in idx:
-                path = self.source.paths[int(j)]
-                if (err := decode_error(path)) is not None:
-                    raise ValueError(
-                        f"cannot decode image file {path!r} ({err}); remove it or build the source "
-                        "with skip_corrupt=True to skip undecodable files"
-                    ) from exc
-
-    def iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[dict]:
-        pipe = self._pipeline(epoch, batches)
-        n_views = self.recipe.num_views
-        try:
-            for i in range(len(batches)):
+            return found
+        for idx in batches:
+            for j in map(int, idx):
+                if j in self.bad:
+                    continue
                 try:
-                    outs = pipe.run()
-                except Exception as exc:  # DALI reports decode failures as RuntimeError without the path
-                    self._raise_naming_file(exc, batches, i)
-                    raise
-                views = [self._to_torch(o) for o in outs[:n_views]]
-                if self.dtype != views[0].dtype:
-                    views = [v.to(self.dtype) for v in views]
-                label = self._to_torch(outs[n_views])
-                index = self._to_torch(outs[n_views + 1])
-                yield {"views": views, "label": label.to(self.device), "index": index.to(self.device)}
-        finally:
-            del pipe
+                    err = decode_error(self.source.read_bytes(j))
+                except OSError as exc:
+                    err = f"{type(exc).__name__}: {exc}"
+                if err is not None:
+                    self.bad[j], found = err, True
+        return found
+
+    def iterate(self, epoch: int, batches: list[np.ndarray], start: int = 0) -> Iterator[dict]:
+        """Views of batches[start:]. A decoding failure stops DALI's pipeline without naming
+        the sample: the batches in flight are then checked with PIL, the bad samples recorded,
+        and a new pipeline resumes at the failed batch with them replaced."""
+        n_views, pin = self.recipe.num_views, self.device.type == "cuda"
+        first = start
+        while first < len(batches):
+            pipe = self._pipeline(epoch, batches[first:])
+            try:
+                for i in range(first, len(batches)):
+                    try:
+                        outs = pipe.run()
+                    except Exception:  # DALI reports decode failures as RuntimeError without the sample
+                        if not self._find_undecodable(batches[i: i + PREFETCH + 1]):
+                            raise
+                        first = i
+                        break
+                    views = [self._to_torch(o) for o in outs[:n_views]]
+                    if self.dtype != views[0].dtype:
+                        views = [v.to(self.dtype) for v in views]
+                    label = self._to_torch(outs[n_views], pin).to(self.device, non_blocking=True)
+                    index = self._to_torch(outs[n_views + 1], pin).to(self.device, non_blocking=True)
+                    skipped = [(self.source.name(int(j)), self.bad[int(j)]) for j in batches[i]
+                               if int(j) in self.bad]
+                    yield {"views": views, "label": label, "index": index, "skipped": skipped}
+                else:
+                    first = len(batches)
+            finally:
+                del pipe
