@@ -171,6 +171,55 @@ def write_shards(source, out: str | os.PathLike, *, shard_size: int = 10_000,
     return manifest
 
 
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+
+
+def shard_dataset(src: str, out: str | os.PathLike, *, shard_size: int = 10_000, split: str = "train",
+                  labels: str | None = None) -> dict:
+    """`fastssl shards`: write SRC as shards under OUT; returns the manifest.
+
+    src: "fashion-mnist" (split train or test), an image folder (ROOT/train or ROOT/val by
+    split when present, else ROOT's class folders), or a labels file (.csv / .jsonl, as
+    fastssl.data.labels reads them: image paths relative to the file's folder; every
+    row's labels become the sample's tags, and its class when the file has one label per row).
+    labels: a labels file whose labels become the tags of SRC's images (matched by path,
+    or by index for Fashion-MNIST)."""
+    from fastssl.data.labels import _rows, read_labels
+    from fastssl.data.sources import ImageFolderSource, _FileSource, fashion_mnist
+
+    if split not in ("train", "test"):
+        raise ValueError(f"--split: expected 'train' or 'test', got {split!r}")
+    class_names: list[str] = []
+    tags = None
+    if src == "fashion-mnist":
+        source = fashion_mnist(split)
+        class_names = list(FASHION_MNIST_CLASSES)
+    elif os.path.isdir(src):
+        sub = os.path.join(src, "train" if split == "train" else "val")
+        source = ImageFolderSource(sub if os.path.isdir(sub) else src)
+        class_names = source.classes
+    elif os.path.isfile(src):
+        rows = _rows(Path(src))
+        if not rows or isinstance(rows[0][1], int):
+            raise ValueError(f"SRC: a labels file must key its rows by image path, got {src!r}")
+        names = sorted({str(t) for _, _, raw in rows for t in raw})
+        ids = {t: k for k, t in enumerate(names)}
+        base = Path(src).parent
+        tags = [[str(t) for t in raw] for _, _, raw in rows]
+        single = all(len(t) == 1 for t in tags)
+        source = _FileSource([str(base / key) for _, key, _ in rows],
+                             [ids[t[0]] if single else -1 for t in tags], False, f"labels file {src!r}")
+        class_names = names if single else []
+    else:
+        raise ValueError(f"SRC: expected 'fashion-mnist', an image folder or a labels file, got {src!r}")
+    if labels is not None:
+        table = read_labels(labels, paths=getattr(source, "paths", None),
+                            num_items=len(source) if source.kind == "array" else None)
+        tags = [[table.names[c] if table.names else str(c) for c in row] for row in table.labels]
+    return write_shards(source, out, shard_size=shard_size, tags=tags, class_names=class_names)
+
+
 # ----------------------------------------------------------------------------- reading
 
 
@@ -314,6 +363,16 @@ class ShardSource:
             raise OSError(f"{self.name(i)}: short read ({len(data)} of {s.size} bytes)")
         return np.frombuffer(data, dtype=np.uint8)
 
+    def subset(self, indices) -> ShardSource:
+        """A source of the samples at `indices` (held-out splits); give them in increasing order
+        so each shard's samples stay contiguous for the streaming order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = object.__new__(ShardSource)
+        out.__dict__ |= self.__getstate__()
+        out.samples = [self.samples[int(i)] for i in indices]
+        out.labels, out.shard_of = self.labels[indices], self.shard_of[indices]
+        return out
+
     def raw_tags(self, i: int) -> list[str]:
         """Sample i's tag strings: its .json "tags", else the hashtags of its caption."""
         s = self.samples[i]
@@ -344,5 +403,5 @@ def vocabulary(source: ShardSource, top: int) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
 
 
-__all__ = ["ShardSource", "expand_braces", "hashtags", "is_shard_spec", "shard_paths", "split_member",
-           "vocabulary", "write_shards"]
+__all__ = ["FASHION_MNIST_CLASSES", "ShardSource", "expand_braces", "hashtags", "is_shard_spec",
+           "shard_dataset", "shard_paths", "split_member", "vocabulary", "write_shards"]
