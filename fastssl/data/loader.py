@@ -25,7 +25,7 @@ import torch
 
 from fastssl.data import dali as _dali
 from fastssl.data.recipes import Recipe
-from fastssl.data.shards import ShardSource
+from fastssl.data.shards import ShardSource, stream_indices
 from fastssl.data.sources import ArraySource, FileListSource, ImageFolderSource
 from fastssl.data.torchvision_views import TorchvisionViews
 
@@ -53,39 +53,6 @@ def shard_indices(n: int, *, epoch: int, seed: int, shard_id: int, num_shards: i
     return order[shard_id::num_shards].astype(np.int64)
 
 
-def stream_indices(shard_of: np.ndarray, *, epoch: int, seed: int, shard_id: int, num_shards: int,
-                   buffer_size: int, repeats: np.ndarray | None = None, drop_last: bool = True) -> np.ndarray:
-    """This rank's sample indices for one epoch of a sharded dataset, as a streaming reader
-    sees them: the shards in a per-epoch order from (seed, epoch), each shard's samples in
-    stored order (sample i repeated repeats[i] times, for resampling on a stream), through a
-    shuffle buffer of buffer_size (webdataset's: each arriving sample takes the place of a
-    uniformly chosen one, which is emitted); then, as shard_indices, trimmed to a multiple
-    of num_shards (drop_last; else padded by wrapping) and every num_shards-th from shard_id.
-    shard_of: int64 [N], the shard of each sample, samples of a shard contiguous."""
-    rng = np.random.default_rng([seed, epoch])
-    n_shards = int(shard_of.max()) + 1 if len(shard_of) else 0
-    starts = np.searchsorted(shard_of, np.arange(n_shards + 1))
-    stream = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in rng.permutation(n_shards)]
-                            or [np.zeros(0, np.int64)])
-    if repeats is not None:
-        stream = np.repeat(stream, repeats[stream])
-    n, b = len(stream), min(buffer_size, len(stream))
-    if b > 1:
-        out = np.empty(n, dtype=np.int64)
-        buf = stream[:b].copy()
-        picks = rng.integers(0, b, n - b)
-        for t in range(n - b):
-            out[t] = buf[picks[t]]
-            buf[picks[t]] = stream[b + t]
-        out[n - b:] = rng.permutation(buf)
-        stream = out
-    if drop_last:
-        stream = stream[: n - n % num_shards]
-    elif n % num_shards:
-        stream = np.concatenate([stream, np.resize(stream, num_shards - n % num_shards)])
-    return stream[shard_id::num_shards].astype(np.int64)
-
-
 class Loader:
     """Epochs of {"views": [Tensor[B, 3, h, w], ...], "label": Tensor[B], "index": Tensor[B]}.
 
@@ -103,8 +70,13 @@ class Loader:
         self.shuffle_buffer, self.max_skipped_fraction = shuffle_buffer, max_skipped_fraction
         self.epoch, self.start = 0, 0
         self._plan_cache: tuple[int, list[np.ndarray]] | None = None
-        left_out = list(getattr(source, "skipped", [])) + list(getattr(sampler, "skipped", []))
-        self.skipped_samples = len(left_out) if shard_id == 0 else 0
+        left_out = list(getattr(source, "skipped", []))
+        # A sampler's excluded samples (no known tag) are counted as skipped but are not damage.
+        excluded = list(getattr(sampler, "excluded", []))
+        self.skipped_samples = len(left_out) + len(excluded) if shard_id == 0 else 0
+        if excluded and shard_id == 0:
+            logger.warning("fastssl.data: %d sample(s) skipped by the sampler, e.g. %s (%s)", len(excluded),
+                           *excluded[0])
         total = len(source) + len(left_out)
         if len(left_out) > max_skipped_fraction * total:
             raise ValueError(self._too_many(len(left_out), total, left_out, "of the dataset's samples"))

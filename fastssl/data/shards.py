@@ -394,6 +394,43 @@ class ShardSource:
         return f"ShardSource({self.spec!r}, shards={len(self.shards)}, samples={len(self)})"
 
 
+def stream_indices(shard_of: np.ndarray, *, epoch: int, seed: int, shard_id: int, num_shards: int,
+                   buffer_size: int, repeats: np.ndarray | None = None, length: int | None = None,
+                   drop_last: bool = True) -> np.ndarray:
+    """This rank's sample indices for one epoch of a sharded dataset, as a streaming reader
+    sees them: the shards in a per-epoch order from (seed, epoch), each shard's samples in
+    stored order (sample i repeated repeats[i] times, for resampling on a stream), through a
+    shuffle buffer of buffer_size (webdataset's: each arriving sample takes the place of a
+    uniformly chosen one, which is emitted); cut or wrapped to `length` when given (a
+    resampled stream's epoch keeps one length); then, as shard_indices, trimmed to a multiple
+    of num_shards (drop_last; else padded by wrapping) and every num_shards-th from shard_id.
+    shard_of: int64 [N], the shard of each sample, samples of a shard contiguous."""
+    rng = np.random.default_rng([seed, epoch])
+    n_shards = int(shard_of.max()) + 1 if len(shard_of) else 0
+    starts = np.searchsorted(shard_of, np.arange(n_shards + 1))
+    stream = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in rng.permutation(n_shards)]
+                            or [np.zeros(0, np.int64)])
+    if repeats is not None:
+        stream = np.repeat(stream, repeats[stream])
+    n, b = len(stream), min(buffer_size, len(stream))
+    if b > 1:
+        out = np.empty(n, dtype=np.int64)
+        buf = stream[:b].copy()
+        picks = rng.integers(0, b, n - b)
+        for t in range(n - b):
+            out[t] = buf[picks[t]]
+            buf[picks[t]] = stream[b + t]
+        out[n - b:] = rng.permutation(buf)
+        stream = out
+    if length is not None:
+        stream, n = np.resize(stream, length), length
+    if drop_last:
+        stream = stream[: n - n % num_shards]
+    elif n % num_shards:
+        stream = np.concatenate([stream, np.resize(stream, num_shards - n % num_shards)])
+    return stream[shard_id::num_shards].astype(np.int64)
+
+
 def vocabulary(source: ShardSource, top: int) -> list[tuple[str, int]]:
     """The `top` most frequent tags over the samples (hashtags of captions, or .json tags),
     as (tag, number of samples carrying it), most frequent first, ties by tag."""
@@ -404,4 +441,4 @@ def vocabulary(source: ShardSource, top: int) -> list[tuple[str, int]]:
 
 
 __all__ = ["FASHION_MNIST_CLASSES", "ShardSource", "expand_braces", "hashtags", "is_shard_spec",
-           "shard_dataset", "shard_paths", "split_member", "vocabulary", "write_shards"]
+           "shard_dataset", "shard_paths", "split_member", "stream_indices", "vocabulary", "write_shards"]
