@@ -312,11 +312,12 @@ class Trainer:
             "world_size": self.world, "fused": cfg.fused,
         }
         # Bad samples skipped (fastssl.data.Loader), summed over ranks.
-        skipped = torch.tensor(getattr(self.loader, "skipped_samples", 0), dtype=torch.int64,
-                               device=self.device)
+        skipped = getattr(self.loader, "skipped_samples", 0)
         if self.world > 1:
-            dist.all_reduce(skipped)
-        summary["skipped_samples"] = int(skipped)
+            box = torch.tensor(skipped, dtype=torch.int64, device=self.device)
+            dist.all_reduce(box)
+            skipped = int(box)
+        summary["skipped_samples"] = skipped
         for k, v in result.items():
             summary[k] = v
         for k, v in self.extra.get("knn_random_init", {}).items():
