@@ -6,8 +6,13 @@ arrays to the GPU, and every augmentation after that runs on the GPU. The graph 
 `@pipeline_def` and `fn.*` only; per-sample probabilities use DALI conditionals
 (`enable_conditionals=True`), so a skipped blur or solarize costs nothing.
 
-Samples come in through `fn.external_source` with a batch callable that serves exactly
-the batches the loader planned for the epoch (shuffle, shard or weak-supervision
+Image files (folders, file lists) are read by `fn.readers.file` in DALI's own threads,
+given the epoch's planned order as its file list (no shuffle, one shard) and the dataset
+indices as its labels; class labels are then looked up on the output device, so the
+host neither reads files in `pipe.run()` nor waits for a copy. Arrays and WebDataset
+shards come in through `fn.external_source` with a batch callable serving the planned
+batches (a memory copy, or one positioned read per sample). Either way the batches are
+exactly those the loader planned for the epoch (shuffle, shard or weak-supervision
 sampler: decided in Python, the same for both backends). One pipeline is built per epoch
 with a seed derived from (seed, epoch, shard), which makes the augmentations of an epoch
 a function of those three alone: resuming at epoch e reproduces epoch e.
@@ -122,13 +127,20 @@ def _normalize(x, v: ViewSpec, recipe: Recipe, mirror, fp16: bool):
 if HAS_DALI:
 
     @pipeline_def(enable_conditionals=True)
-    def views_pipeline(feeder, recipe: Recipe, encoded: bool, gpu: bool, fp16: bool):
-        """The whole graph: decode (or take arrays), then each view of the recipe, then the
-        label and dataset index passed through. Returns (*views, label, index)."""
-        data, label, index = fn.external_source(
-            source=feeder, num_outputs=3, batch=True,
-            dtype=[types.UINT8, types.INT64, types.INT64], layout=["" if encoded else "HWC", "", ""],
-        )
+    def views_pipeline(feeder, recipe: Recipe, encoded: bool, gpu: bool, fp16: bool, files=None):
+        """The whole graph: read (files: fn.readers.file over the planned file order, its
+        labels the dataset indices; else the feeder), decode (or take arrays), then each view
+        of the recipe, then the label and dataset index passed through. Returns
+        (*views, label, index); with files, label is the index too (the caller looks it up)."""
+        if files is not None:
+            data, index = fn.readers.file(files=files[0], labels=files[1], random_shuffle=False, name="r")
+            index = fn.reshape(fn.cast(index, dtype=types.INT64), shape=[])  # the reader's labels are [1]
+            label = index
+        else:
+            data, label, index = fn.external_source(
+                source=feeder, num_outputs=3, batch=True,
+                dtype=[types.UINT8, types.INT64, types.INT64], layout=["" if encoded else "HWC", "", ""],
+            )
         if encoded:
             images = fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB)
         else:
@@ -185,6 +197,18 @@ class DaliViews:
         self.device, self.num_threads, self.seed, self.shard_id = device, num_threads, seed, shard_id
         self.dtype, self.max_batch = dtype, max_batch
         self.bad: dict[int, str] = {}  # undecodable samples found so far: never fed again
+        # Files are read by fn.readers.file (paths known up front); shards and arrays by the feeder.
+        self.read_files = source.kind == "encoded" and hasattr(source, "paths")
+        self.labels = torch.as_tensor(np.asarray(source.labels), dtype=torch.int64).to(device)
+
+    def _file_order(self, batches: list[np.ndarray]) -> tuple[list[str], list[int]]:
+        """The planned batches as fn.readers.file's files and labels (= dataset indices), each
+        known-bad sample replaced by a good one of its batch."""
+        order: list[int] = []
+        for idx in batches:
+            items = [int(i) for i in idx]
+            order += fill_skipped(items, [i not in self.bad for i in items])
+        return [self.source.paths[i] for i in order], order
 
     def _pipeline(self, epoch: int, batches: list[np.ndarray]):
         gpu = self.device.type == "cuda"
@@ -192,7 +216,7 @@ class DaliViews:
         seed = hash((self.seed, epoch, self.shard_id)) % (2**31 - 1)
         pipe = views_pipeline(
             _Feeder(self.source, batches, self.bad), self.recipe, self.source.kind == "encoded", gpu,
-            self.dtype == torch.float16,
+            self.dtype == torch.float16, self._file_order(batches) if self.read_files else None,
             batch_size=self.max_batch, num_threads=self.num_threads,
             device_id=self.device.index if gpu else None, seed=seed, prefetch_queue_depth=PREFETCH,
         )
@@ -245,11 +269,14 @@ class DaliViews:
                             raise
                         first = i
                         break
-                    views = [self._to_torch(o) for o in outs[:n_views]]
+                    # The file reader fills a short last batch by wrapping around: keep the planned ones.
+                    size = len(batches[i])
+                    views = [self._to_torch(o)[:size] for o in outs[:n_views]]
                     if self.dtype != views[0].dtype:
                         views = [v.to(self.dtype) for v in views]
-                    label = self._to_torch(outs[n_views], pin).to(self.device, non_blocking=True)
-                    index = self._to_torch(outs[n_views + 1], pin).to(self.device, non_blocking=True)
+                    index = self._to_torch(outs[n_views + 1], pin)[:size].to(self.device, non_blocking=True)
+                    label = (self.labels[index] if self.read_files else
+                             self._to_torch(outs[n_views], pin).to(self.device, non_blocking=True))
                     skipped = [(self.source.name(int(j)), self.bad[int(j)]) for j in batches[i]
                                if int(j) in self.bad]
                     yield {"views": views, "label": label, "index": index, "skipped": skipped}

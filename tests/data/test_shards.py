@@ -282,3 +282,43 @@ def test_shard_source_bad_spec(tmp_path):
         ShardSource(tmp_path)
     with pytest.raises(ValueError, match="brace pattern"):
         ShardSource(str(tmp_path / "x.zip"))
+
+
+def _png_folder(root, n=6, bad=None):
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for k in range(n):
+            Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(root / c / f"{k}.png")
+    if bad:
+        (root / bad).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 50)
+    return root
+
+
+@pytest.mark.skipif(not dali_backend.HAS_DALI, reason="DALI not installed")
+def test_dali_reads_image_folders_with_its_file_reader_not_a_python_feeder(tmp_path, monkeypatch):
+    from fastssl.data import ImageFolderSource
+
+    source = ImageFolderSource(_png_folder(tmp_path / "f"))
+    reads = []
+    monkeypatch.setattr(ImageFolderSource, "read_bytes", lambda self, i: reads.append(i))
+    loader = build_loader(source, recipes.mae(8), batch_size=5, backend="dali", device="cpu", num_threads=1,
+                          shuffle=True, seed=2, drop_last=False)
+    batches = [(b["index"].tolist(), b["label"].tolist()) for b in loader]
+    assert reads == []  # nothing read in Python: fn.readers.file did it
+    planned = [b.tolist() for b in loader.plan(0)]
+    assert [idx for idx, _ in batches] == planned and [len(b) for b in planned] == [5, 5, 2]
+    assert all(lab == [int(source.labels[i]) for i in idx] for idx, lab in batches)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_image_folder_bad_file_is_skipped_and_counted(backend, tmp_path, caplog):
+    from fastssl.data import ImageFolderSource
+
+    source = ImageFolderSource(_png_folder(tmp_path / "f", bad="b/zz.png"))
+    loader = build_loader(source, recipes.mae(8), batch_size=13, backend=backend, device="cpu", num_threads=1,
+                          max_skipped_fraction=0.1)
+    with caplog.at_level(logging.WARNING, logger="fastssl.data"):
+        batches = _epoch(loader)
+    assert [len(idx) for idx, _, _ in batches] == [13] and loader.skipped_samples == 1
+    assert "zz.png" in caplog.text
