@@ -214,7 +214,9 @@ def shard_dataset(src: str, out: str | os.PathLike, *, shard_size: int = 10_000,
     else:
         raise ValueError(f"SRC: expected 'fashion-mnist', an image folder or a labels file, got {src!r}")
     if labels is not None:
-        table = read_labels(labels, paths=getattr(source, "paths", None),
+        raw = {str(t) for _, _, row in _rows(Path(labels)) for t in row}
+        names = None if all(t.isdigit() for t in raw) else sorted(raw)  # label strings: their own vocabulary
+        table = read_labels(labels, vocabulary=names, paths=getattr(source, "paths", None),
                             num_items=len(source) if source.kind == "array" else None)
         tags = [[table.names[c] if table.names else str(c) for c in row] for row in table.labels]
     return write_shards(source, out, shard_size=shard_size, tags=tags, class_names=class_names)

@@ -183,3 +183,40 @@ def test_small_folder_warns_with_the_small_image_preset(tmp_path, capsys):
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "is small (8 images of about 16 px" in err and "'fashion-mnist' preset: backbone=resnet20" in err
+
+
+def test_mid_epoch_resume_on_shards_repeats_the_uninterrupted_run(shard_root, tmp_path):
+    """Stopped after step 2 of a 4-step epoch and resumed: the same losses at steps 2..5 as a
+    run that never stopped (the loader restarts at batch 2 without reading batches 0, 1)."""
+    def run(out, steps, resume=False):
+        argv = ["train", "--method", "rotnet", "--data", str(shard_root), "--batch-size", "4",
+                "--out", str(out), f"max_steps={steps}", "eval_knn=false", "num_threads=1",
+                "data_backend=torchvision", "image_size=16", "backbone=resnet8", "log_every=1",
+                "checkpoint_every=2", "fused=false"]
+        assert main(argv + (["--resume", "auto"] if resume else [])) == 0
+        records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+        return {r["step"]: r["loss"] for r in records}
+
+    whole = run(tmp_path / "a", 6)
+    run(tmp_path / "b", 2)
+    resumed = run(tmp_path / "b", 6, resume=True)
+    assert [resumed[s] for s in range(6)] == [whole[s] for s in range(6)]
+
+
+def test_shards_from_a_labels_file_and_tags_from_labels(tmp_path):
+    folder = _image_folder(tmp_path / "img", n_per_class=3, splits=("train",))
+    rows = [f"train/{c}/{i}.png,{c},{'night' if c == 'dark' else 'day'}" for c in ("dark", "bright")
+            for i in range(3)]
+    (folder / "labels.csv").write_text("path,labels\n" + "\n".join(rows) + "\n")
+    assert main(["shards", str(folder / "labels.csv"), str(tmp_path / "s1"), "--shard-size", "4"]) == 0
+    s1 = ShardSource(tmp_path / "s1")
+    assert s1.tag_vocabulary() == ["bright", "dark", "day", "night"] and s1.labels.tolist() == [-1] * 6
+    assert s1.tags(s1.tag_vocabulary())[:3] == [[1, 3]] * 3
+    single = folder / "single.csv"
+    single.write_text("\n".join(r.rsplit(",", 1)[0] for r in rows) + "\n")
+    assert main(["shards", str(single), str(tmp_path / "s2")]) == 0
+    s2 = ShardSource(tmp_path / "s2")
+    assert s2.classes == ["bright", "dark"] and s2.labels.tolist() == [1, 1, 1, 0, 0, 0]
+    assert main(["shards", str(folder), str(tmp_path / "s3"), "--labels", str(single)]) == 0
+    s3 = ShardSource(tmp_path / "s3")
+    assert s3.classes == ["bright", "dark"] and s3.tags(["bright", "dark"]) == [[0]] * 3 + [[1]] * 3
