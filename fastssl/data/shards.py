@@ -26,7 +26,7 @@ import os
 import re
 import tarfile
 import warnings
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +36,7 @@ import numpy as np
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 MANIFEST = "manifest.json"
 SHARD_NAME = "shard-{:06d}.tar"
+OPEN_SHARDS = 64  # shard files a process keeps open (least recently read closed first)
 FORMAT = "fastssl-webdataset-1"
 _HASHTAG = re.compile(r"#(\w+)")
 
@@ -341,13 +342,13 @@ class ShardSource:
         self.labels = np.asarray([s.cls for s in kept], dtype=np.int64)
         self.shard_of = np.asarray([s.shard for s in kept], dtype=np.int64)
         self.classes = list(self.manifest.get("class_names", [])) if self.manifest else []
-        self._fds: dict[int, int] = {}
+        self._fds: OrderedDict[int, int] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getstate__(self):  # file descriptors do not cross processes (loader workers)
-        return {k: v for k, v in self.__dict__.items() if k != "_fds"} | {"_fds": {}}
+        return {k: v for k, v in self.__dict__.items() if k != "_fds"} | {"_fds": OrderedDict()}
 
     def name(self, i: int) -> str:
         """"SHARD:KEY" of sample i, as logs and errors name it."""
@@ -359,7 +360,11 @@ class ShardSource:
         s = self.samples[i]
         fd = self._fds.get(s.shard)
         if fd is None:
+            if len(self._fds) >= OPEN_SHARDS:  # a stream visits few shards at once; stay far below ulimit -n
+                os.close(self._fds.popitem(last=False)[1])
             fd = self._fds[s.shard] = os.open(self.shards[s.shard], os.O_RDONLY)
+        else:
+            self._fds.move_to_end(s.shard)
         data = os.pread(fd, s.size, s.offset)
         if len(data) != s.size:
             raise OSError(f"{self.name(i)}: short read ({len(data)} of {s.size} bytes)")
