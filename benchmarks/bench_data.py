@@ -15,6 +15,11 @@ per batch at steady state. Providers, all with `--threads` workers/threads:
   fastssl      fastssl.data.build_loader(backend="dali"): device "gpu" when CUDA is present,
                else DALI's CPU-only mode (absent from the table when DALI is not installed).
 Images/s and views/s per provider are printed after the timing table.
+
+`--shards`: the same JPEGs as an image folder and as WebDataset shards (fastssl.data
+write_shards, 128 images per shard), MoCo v2 views, each backend with 1, 2 and 4 threads:
+sustained images/s over `--iters` batches after 3 warm-up batches. On a GPU machine it prints
+images/s; on a CPU only ratios (shards / folder at the same threads, and / 1 thread).
 """
 
 from __future__ import annotations
@@ -22,17 +27,19 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from harness import Case, run
+from harness import Case, environment, run
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
-from fastssl.data import ArraySource, ImageFolderSource, Recipe, ViewSpec, build_loader, recipes
+from fastssl.data import ArraySource, ImageFolderSource, Recipe, ShardSource, ViewSpec, build_loader, recipes
 from fastssl.data.dali import HAS_DALI
+from fastssl.data.shards import write_shards
 from fastssl.data.sources import fashion_mnist
 
 
@@ -43,6 +50,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--iters", type=int, default=None, help="timed batches per provider (default 10)")
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1),
                         help="DALI threads = DataLoader workers")
+    parser.add_argument("--shards", action="store_true", help="shards vs folders at 1, 2, 4 threads")
     return parser.parse_args()
 
 
@@ -158,8 +166,61 @@ def make_case(name: str, recipe: Recipe, source, official_dataset, batch: int, t
                 make_inputs=tuple, providers=providers)
 
 
+def _sustained(loader, iters: int) -> float:
+    """Images/s over `iters` batches after 3 warm-up batches, across epoch ends."""
+    it = _forever(lambda: loader)
+    for _ in range(3):
+        next(it)
+    t0, n = time.perf_counter(), 0
+    for _ in range(iters):
+        n += next(it)["views"][0].shape[0]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t0)
+
+
+def shards_vs_folders(args: argparse.Namespace) -> None:
+    n_files, side, size, batch = (64, 48, 32, 16) if args.quick else (512, 256, 224, 32)
+    gpu = torch.cuda.is_available()
+    backends = (["dali"] if HAS_DALI else []) + ["torchvision"]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "folder").mkdir()
+        origin = _jpeg_folder(Path(tmp) / "folder", n_files, side)
+        folder = ImageFolderSource(Path(tmp) / "folder")
+        write_shards(folder, Path(tmp) / "shards", shard_size=128, class_names=folder.classes)
+        sources = {"folder": folder, "shards": ShardSource(Path(tmp) / "shards")}
+        rate = {}
+        for backend in backends:
+            for threads in (1, 2, 4):
+                for kind, source in sources.items():
+                    recipe = recipes.mocov2(size=size)
+                    loader = build_loader(source, recipe, batch_size=batch, backend=backend,
+                                          device="gpu" if gpu else "cpu", num_threads=threads)
+                    rate[backend, threads, kind] = _sustained(loader, args.iters)
+                    del loader
+    env = environment()
+    print(f"{env['device']} · torch {env['torch']} · DALI {'yes' if HAS_DALI else 'no'} · "
+          f"git {env['git_sha']} · {env['date']}")
+    print(f"MoCo v2 {size}px views, batch {batch}, {n_files} JPEGs of {side}px ({origin}), "
+          f"{args.iters} batches")
+    head = "| backend | threads | " + ("folder img/s | shards img/s | " if gpu else "")
+    print(head + "shards / folder | folder / 1 thread | shards / 1 thread |")
+    print("|---" * (head.count("|") + 2) + "|")
+    for backend in backends:
+        for threads in (1, 2, 4):
+            f, s = rate[backend, threads, "folder"], rate[backend, threads, "shards"]
+            f1, s1 = rate[backend, 1, "folder"], rate[backend, 1, "shards"]
+            absolute = f"{f:.0f} | {s:.0f} | " if gpu else ""
+            print(f"| {backend} | {threads} | {absolute}{s / f:.2f} | {f / f1:.2f} | {s / s1:.2f} |")
+
+
 def main() -> None:
     args = parse_args()
+    if args.shards:
+        if args.iters is None:
+            args.iters = 4 if args.quick else 20
+        shards_vs_folders(args)
+        return
     threads = args.threads
     if args.iters is None:
         # Data loading is CPU-bound even on a GPU machine: 10 steady-state batches suffice.

@@ -1,10 +1,12 @@
-"""`fastssl train | eval | bench`.
+"""`fastssl train | eval | bench | shards | vocab`.
 
     fastssl train [--method M] [--data fashion-mnist|PATH] [--backbone NAME] [--epochs E]
                   [--batch-size B] [--out DIR] [--config YAML] [--resume auto|PATH] [key=value ...]
     fastssl eval --checkpoint RUN/last.pt [--data fashion-mnist|PATH]
     fastssl bench [--quick] [NAME ...]
     fastssl bench --model [--json FILE]
+    fastssl shards SRC OUT [--shard-size N] [--split train|test] [--labels FILE]
+    fastssl vocab SHARDS --top K [--out vocab.json]
 
 `fastssl train` with no --method and no --data runs the demo: DEMO_METHOD with DEMO_PRESET on
 Fashion-MNIST. Multi-GPU / multi-node: launch the same command with torchrun, e.g.
@@ -39,7 +41,7 @@ DEMO_PRESET: dict[str, Any] = {
 DEMO_TIME_BUDGET_S = 14 * 60
 # ImageNet's views are too harsh for 28x28 grayscale clothes: milder crops, no blur.
 DEMO_VIEW_OVERRIDES: dict[str, Any] = {"scale": (0.25, 1.0), "blur_p": 0.0, "grayscale_p": 0.0}
-FASHION_MNIST = "fashion-mnist"
+FASHION_MNIST = "fashion-mnist"  # the spec fastssl.data.spec reads as Fashion-MNIST
 RAW_PIXEL_KNN_FASHION_MNIST = 0.8459  # NOTES.md: weighted kNN on raw pixels, test split
 
 
@@ -53,27 +55,6 @@ def _methods() -> dict:
     return METHODS
 
 
-def _resolve_data(data: str) -> str:
-    if data == FASHION_MNIST or Path(data).is_dir():
-        return data
-    raise ValueError(f"--data: expected {FASHION_MNIST!r} or an existing image folder, got {data!r} "
-                     f"(no such directory)")
-
-
-def _sources(data: str, split: str):
-    """The source of a split: Fashion-MNIST train/test, or an image folder (pretraining on
-    PATH/train when present, else PATH; evaluation on PATH/train and PATH/val, None if absent)."""
-    from fastssl.data import ImageFolderSource, fashion_mnist
-
-    if data == FASHION_MNIST:
-        return fashion_mnist("test" if split == "test" else "train")
-    root = Path(data)
-    if split == "pretrain":
-        return ImageFolderSource(root / "train" if (root / "train").is_dir() else root)
-    sub = root / ("train" if split == "train" else "val")
-    return ImageFolderSource(sub) if sub.is_dir() else None
-
-
 def _data_options(cfg, device: torch.device) -> dict[str, Any]:
     backend = cfg.data_backend
     if backend == "auto":
@@ -81,18 +62,21 @@ def _data_options(cfg, device: torch.device) -> dict[str, Any]:
     data_device = cfg.data_device
     if data_device == "auto":
         data_device = "gpu" if device.type == "cuda" else "cpu"
-    return {"backend": backend, "device": data_device, "num_threads": cfg.num_threads}
+    return {"backend": backend, "device": data_device, "num_threads": cfg.num_threads,
+            "max_skipped_fraction": cfg.max_skipped_fraction}
 
 
-def build_evaluator(cfg, data: str, device: torch.device, linear: bool = False):
+def build_evaluator(cfg, data, device: torch.device, linear: bool = False):
     """Callable(encoder) -> {"knn_top1": ..., ["linear_top1": ...]} on the data's labelled
-    train (memory bank) and test splits, or None when the data has no such splits."""
-    from fastssl.data import build_loader, recipes
+    train (memory bank) and test splits (`data`: a spec or its fastssl.data.DataSplits), or
+    None when the data has no such splits."""
+    from fastssl.data import build_loader, data_splits, recipes
     from fastssl.eval import extract_features, knn_top1, linear_probe
 
-    train_src, test_src = _sources(data, "train"), _sources(data, "test")
+    splits = data_splits(data) if isinstance(data, str) else data
+    train_src, test_src = splits.train, splits.test
     if train_src is None or test_src is None:
-        _log(f"eval: {data} has no train/ and val/ folders: no kNN evaluation")
+        _log(f"eval: {'; '.join(splits.notes) or 'no labelled splits'}")
         return None
     # Fashion-MNIST is 28x28: resize to the model's size and keep the whole image (no crop margin).
     resize = cfg.image_size if data == FASHION_MNIST else None
@@ -120,7 +104,7 @@ def _build_method(name: str, cfg):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from fastssl.data import build_loader
+    from fastssl.data import build_loader, check_data_spec, data_splits
     from fastssl.engine import Trainer, init_distributed, parse_overrides, resolve_config
 
     methods = _methods()
@@ -128,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     name = args.method or DEMO_METHOD
     if name not in methods:
         raise ValueError(f"--method: expected one of {sorted(methods)}, got {name!r}")
-    data = _resolve_data(args.data or FASHION_MNIST)
+    data = check_data_spec(args.data or FASHION_MNIST)
     overrides = parse_overrides(args.overrides)
     for key in ("backbone", "epochs", "batch_size", "out", "fused", "loss", "sampling"):
         if getattr(args, key) is not None:
@@ -150,12 +134,18 @@ def cmd_train(args: argparse.Namespace) -> int:
         recipe = dataclasses.replace(recipe, views=[dataclasses.replace(v, **DEMO_VIEW_OVERRIDES)
                                                     for v in recipe.views])
     options = _data_options(cfg, device)
-    source = _sources(data, "pretrain")
+    splits = data_splits(data)
+    for note in splits.notes:
+        _log(f"data: {note}")
+    small = splits.is_small() if data not in methods[name].presets else None
+    if small is not None and rank == 0:
+        _log(_small_data_hint(name, methods[name], cfg, data, small))
+    source = splits.pretrain
     loader = build_loader(source, recipe, batch_size=cfg.batch_size // world, shard_id=rank, num_shards=world,
                           seed=cfg.seed, drop_last=True,
                           sampler=method.build_sampler(source, rank=rank, world_size=world), **options)
     _log(f"data: {data}, {options['backend']} on {options['device']}, {len(loader)} steps/epoch")
-    evaluator = build_evaluator(cfg, data, device, linear=args.linear_probe) if cfg.eval_knn else None
+    evaluator = build_evaluator(cfg, splits, device, linear=args.linear_probe) if cfg.eval_knn else None
     t0 = time.perf_counter()
     budget = args.time_budget if args.time_budget is not None else (DEMO_TIME_BUDGET_S if demo else None)
     if budget is not None:
@@ -168,6 +158,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         Path(cfg.out, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _print_summary(summary, data)
     return 0
+
+
+def _small_data_hint(name: str, method, cfg, data: str, small: str) -> str:
+    preset = method.presets.get(FASHION_MNIST, {})
+    keys = " ".join(f"{k}={v}" for k, v in preset.items() if k in ("backbone", "image_size", "batch_size",
+                                                                       "queue_size", "epochs"))
+    return (f"warning: {data} is small ({small}; < 50,000 images or < 64 px): {name}'s defaults "
+            f"({cfg.backbone} at {cfg.image_size} px, batch {cfg.batch_size}) are sized for ImageNet. "
+            f"Start from the small-image preset, {name}'s {FASHION_MNIST!r} preset: {keys}")
 
 
 def _print_summary(summary: dict, data: str) -> None:
@@ -184,6 +183,7 @@ def _print_summary(summary: dict, data: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from fastssl.data import check_data_spec
     from fastssl.engine import load_checkpoint, resolve_config
 
     state = load_checkpoint(args.checkpoint)
@@ -192,7 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--checkpoint: written by method {name!r}, which is not one of "
                          f"{sorted(_methods())}")
     cfg = resolve_config(_methods()[name].config_class, None, state["config"])
-    data = _resolve_data(args.data or cfg.data)
+    data = check_data_spec(args.data or cfg.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method = _build_method(name, cfg)
     method.load_state_dict(state["model"])
@@ -204,6 +204,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluator(method.encoder())
     print(f"{name} {cfg.backbone} step {state['step']}: kNN top-1 {result['knn_top1']:.2%}, "
           f"linear probe top-1 {result['linear_top1']:.2%}", flush=True)
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    from fastssl.data.shards import shard_dataset
+
+    manifest = shard_dataset(args.src, args.out, shard_size=args.shard_size, split=args.split,
+                             labels=args.labels)
+    print(f"{args.out}: {manifest['total']} samples in {len(manifest['shards'])} shard(s), "
+          f"{len(manifest['class_names'])} classes, {len(manifest['tag_vocabulary'])} tags", flush=True)
+    return 0
+
+
+def cmd_vocab(args: argparse.Namespace) -> int:
+    from fastssl.data.shards import ShardSource, vocabulary
+
+    top = vocabulary(ShardSource(args.shards), args.top)
+    if args.out:
+        tags = [t for t, _ in top]
+        text = (json.dumps({"tags": tags, "counts": [c for _, c in top]}, indent=1) + "\n"
+                if args.out.endswith(".json") else "".join(t + "\n" for t in tags))
+        Path(args.out).write_text(text)
+    print("\n".join(f"{count}\t#{tag}" for tag, count in top[:20]), flush=True)
+    _log(f"vocab: {len(top)} hashtags" + (f" written to {args.out}" if args.out else ""))
     return 0
 
 
@@ -255,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="pretrain (no --method/--data: the Fashion-MNIST demo)")
     train.add_argument("--method", help="mocov2, mocov3, rotnet, dino, mae (default: the demo's)")
-    train.add_argument("--data", help=f"{FASHION_MNIST!r} or an image folder (default: {FASHION_MNIST})")
+    train.add_argument("--data", help=f"{FASHION_MNIST!r}, an image folder, a shard folder or a brace "
+                                      f"pattern of .tar shards (default: {FASHION_MNIST})")
     train.add_argument("--backbone")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", dest="batch_size", type=int, help="global batch size")
@@ -274,6 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="kNN and linear probe of a checkpoint's frozen backbone")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", help="default: the data the checkpoint was trained on")
+    shards = sub.add_parser("shards", help="write a dataset as WebDataset tar shards (+ DALI index files)")
+    shards.add_argument("src", help=f"{FASHION_MNIST!r}, an image folder or a labels file (.csv/.jsonl)")
+    shards.add_argument("out", help="an empty or new folder")
+    shards.add_argument("--shard-size", dest="shard_size", type=int, default=10_000, help="samples per shard")
+    shards.add_argument("--split", default="train",
+                        help="train or test (Fashion-MNIST's; ROOT/train or ROOT/val of a folder)")
+    shards.add_argument("--labels", help="labels file whose labels become each sample's tags (method weak)")
+    vocab = sub.add_parser("vocab", help="hashtag vocabulary of shards' captions (#tag tokens, lower-cased)")
+    vocab.add_argument("shards", help="shard folder or brace pattern")
+    vocab.add_argument("--top", type=int, required=True, help="keep the K most frequent hashtags")
+    vocab.add_argument("--out", help="vocab.json ({tags, counts}) or a text file, one tag per line")
     bench = sub.add_parser("bench", help="run benchmarks/bench_*.py")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--model", action="store_true",
@@ -285,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}[args.command]
+    command = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "shards": cmd_shards,
+               "vocab": cmd_vocab}[args.command]
     try:
         return command(args)
     except (ValueError, TypeError, FileNotFoundError) as e:

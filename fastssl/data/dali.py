@@ -6,8 +6,13 @@ arrays to the GPU, and every augmentation after that runs on the GPU. The graph 
 `@pipeline_def` and `fn.*` only; per-sample probabilities use DALI conditionals
 (`enable_conditionals=True`), so a skipped blur or solarize costs nothing.
 
-Samples come in through `fn.external_source` with a batch callable that serves exactly
-the batches the loader planned for the epoch (shuffle, shard or weak-supervision
+Image files (folders, file lists) are read by `fn.readers.file` in DALI's own threads,
+given the epoch's planned order as its file list (no shuffle, one shard) and the dataset
+indices as its labels; class labels are then looked up on the output device, so the
+host neither reads files in `pipe.run()` nor waits for a copy. Arrays and WebDataset
+shards come in through `fn.external_source` with a batch callable serving the planned
+batches (a memory copy, or one positioned read per sample). Either way the batches are
+exactly those the loader planned for the epoch (shuffle, shard or weak-supervision
 sampler: decided in Python, the same for both backends). One pipeline is built per epoch
 with a seed derived from (seed, epoch, shard), which makes the augmentations of an epoch
 a function of those three alone: resuming at epoch e reproduces epoch e.
@@ -28,7 +33,7 @@ import numpy as np
 import torch
 
 from fastssl.data.recipes import Recipe, ViewSpec
-from fastssl.data.sources import decode_error
+from fastssl.data.sources import decode_error, fill_skipped
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -122,13 +127,20 @@ def _normalize(x, v: ViewSpec, recipe: Recipe, mirror, fp16: bool):
 if HAS_DALI:
 
     @pipeline_def(enable_conditionals=True)
-    def views_pipeline(feeder, recipe: Recipe, encoded: bool, gpu: bool, fp16: bool):
-        """The whole graph: decode (or take arrays), then each view of the recipe, then the
-        label and dataset index passed through. Returns (*views, label, index)."""
-        data, label, index = fn.external_source(
-            source=feeder, num_outputs=3, batch=True,
-            dtype=[types.UINT8, types.INT64, types.INT64], layout=["" if encoded else "HWC", "", ""],
-        )
+    def views_pipeline(feeder, recipe: Recipe, encoded: bool, gpu: bool, fp16: bool, files=None):
+        """The whole graph: read (files: fn.readers.file over the planned file order, its
+        labels the dataset indices; else the feeder), decode (or take arrays), then each view
+        of the recipe, then the label and dataset index passed through. Returns
+        (*views, label, index); with files, label is the index too (the caller looks it up)."""
+        if files is not None:
+            data, index = fn.readers.file(files=files[0], labels=files[1], random_shuffle=False, name="r")
+            index = fn.reshape(fn.cast(index, dtype=types.INT64), shape=[])  # the reader's labels are [1]
+            label = index
+        else:
+            data, label, index = fn.external_source(
+                source=feeder, num_outputs=3, batch=True,
+                dtype=[types.UINT8, types.INT64, types.INT64], layout=["" if encoded else "HWC", "", ""],
+            )
         if encoded:
             images = fn.decoders.image(data, device="mixed" if gpu else "cpu", output_type=types.RGB)
         else:
@@ -147,18 +159,31 @@ if HAS_DALI:
 
 
 class _Feeder:
-    """Batch callable for fn.external_source: batch i of the planned epoch."""
+    """Batch callable for fn.external_source: batch i of the planned epoch's remaining
+    batches. A sample in `bad` (known undecodable) or whose bytes cannot be read is
+    replaced by another sample of its batch (fill_skipped) and recorded in `bad`."""
 
-    def __init__(self, source, batches: list[np.ndarray]):
-        self.source, self.batches = source, batches
+    def __init__(self, source, batches: list[np.ndarray], bad: dict[int, str]):
+        self.source, self.batches, self.bad = source, batches, bad
         self.read = source.read_bytes if source.kind == "encoded" else source.image
+
+    def _read(self, i: int):
+        if i in self.bad:
+            return None
+        try:
+            return self.read(i)
+        except OSError as exc:
+            self.bad[i] = f"{type(exc).__name__}: {exc}"
+            return None
 
     def __call__(self, iteration: int):
         if iteration >= len(self.batches):
             raise StopIteration
-        idx = self.batches[iteration]
-        labels = self.source.labels[idx]
-        return [self.read(int(i)) for i in idx], list(labels), list(idx.astype(np.int64))
+        idx = [int(i) for i in self.batches[iteration]]
+        data = [self._read(i) for i in idx]
+        items = fill_skipped(list(zip(data, idx)), [d is not None for d in data])
+        return ([d for d, _ in items], [self.source.labels[i] for _, i in items],
+                [np.int64(i) for _, i in items])
 
 
 class DaliViews:
@@ -171,58 +196,91 @@ class DaliViews:
         self.source, self.recipe = source, recipe
         self.device, self.num_threads, self.seed, self.shard_id = device, num_threads, seed, shard_id
         self.dtype, self.max_batch = dtype, max_batch
+        self.bad: dict[int, str] = {}  # undecodable samples found so far: never fed again
+        # Files are read by fn.readers.file (paths known up front); shards and arrays by the feeder.
+        self.read_files = source.kind == "encoded" and hasattr(source, "paths")
+        self.labels = torch.as_tensor(np.asarray(source.labels), dtype=torch.int64).to(device)
+
+    def _file_order(self, batches: list[np.ndarray]) -> tuple[list[str], list[int]]:
+        """The planned batches as fn.readers.file's files and labels (= dataset indices), each
+        known-bad sample replaced by a good one of its batch."""
+        order: list[int] = []
+        for idx in batches:
+            items = [int(i) for i in idx]
+            order += fill_skipped(items, [i not in self.bad for i in items])
+        return [self.source.paths[i] for i in order], order
 
     def _pipeline(self, epoch: int, batches: list[np.ndarray]):
         gpu = self.device.type == "cuda"
         # DALI seeds are 32-bit; mix (seed, epoch, shard) so neighbouring runs differ.
         seed = hash((self.seed, epoch, self.shard_id)) % (2**31 - 1)
         pipe = views_pipeline(
-            _Feeder(self.source, batches), self.recipe, self.source.kind == "encoded", gpu,
-            self.dtype == torch.float16,
+            _Feeder(self.source, batches, self.bad), self.recipe, self.source.kind == "encoded", gpu,
+            self.dtype == torch.float16, self._file_order(batches) if self.read_files else None,
             batch_size=self.max_batch, num_threads=self.num_threads,
             device_id=self.device.index if gpu else None, seed=seed, prefetch_queue_depth=PREFETCH,
         )
         pipe.build()
         return pipe
 
-    def _to_torch(self, tensor_list) -> torch.Tensor:
+    def _to_torch(self, tensor_list, pin: bool = False) -> torch.Tensor:
         """Copy a dense DALI TensorList into a new torch tensor on the list's device (DALI
-        reuses its buffers, so a view would be overwritten by the next batch)."""
+        reuses its buffers, so a view would be overwritten by the next batch); pin: into
+        page-locked memory, so the copy to the GPU that follows does not block the host."""
         on_gpu = isinstance(tensor_list, TensorListGPU)
         dtype = {types.FLOAT: torch.float32, types.FLOAT16: torch.float16, types.INT64: torch.int64}
         dense = tensor_list.as_tensor()
         out = torch.empty(dense.shape(), dtype=dtype[tensor_list.dtype],
-                          device=self.device if on_gpu else "cpu")
+                          device=self.device if on_gpu else "cpu", pin_memory=pin and not on_gpu)
         feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(self.device) if on_gpu else None)
         return out
 
-    def _raise_naming_file(self, exc: Exception, batches: list[np.ndarray], i: int) -> None:
+    def _find_undecodable(self, batches: list[np.ndarray]) -> bool:
+        """Record in self.bad the samples of `batches` that do not decode; whether any did not."""
+        found = False
         if self.source.kind != "encoded":
-            return
-        for idx in batches[i: i + PREFETCH + 1]:
-            for j in idx:
-                path = self.source.paths[int(j)]
-                if (err := decode_error(path)) is not None:
-                    raise ValueError(
-                        f"cannot decode image file {path!r} ({err}); remove it or build the source "
-                        "with skip_corrupt=True to skip undecodable files"
-                    ) from exc
-
-    def iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[dict]:
-        pipe = self._pipeline(epoch, batches)
-        n_views = self.recipe.num_views
-        try:
-            for i in range(len(batches)):
+            return found
+        for idx in batches:
+            for j in map(int, idx):
+                if j in self.bad:
+                    continue
                 try:
-                    outs = pipe.run()
-                except Exception as exc:  # DALI reports decode failures as RuntimeError without the path
-                    self._raise_naming_file(exc, batches, i)
-                    raise
-                views = [self._to_torch(o) for o in outs[:n_views]]
-                if self.dtype != views[0].dtype:
-                    views = [v.to(self.dtype) for v in views]
-                label = self._to_torch(outs[n_views])
-                index = self._to_torch(outs[n_views + 1])
-                yield {"views": views, "label": label.to(self.device), "index": index.to(self.device)}
-        finally:
-            del pipe
+                    err = decode_error(self.source.read_bytes(j))
+                except OSError as exc:
+                    err = f"{type(exc).__name__}: {exc}"
+                if err is not None:
+                    self.bad[j], found = err, True
+        return found
+
+    def iterate(self, epoch: int, batches: list[np.ndarray], start: int = 0) -> Iterator[dict]:
+        """Views of batches[start:]. A decoding failure stops DALI's pipeline without naming
+        the sample: the batches in flight are then checked with PIL, the bad samples recorded,
+        and a new pipeline resumes at the failed batch with them replaced."""
+        n_views, pin = self.recipe.num_views, self.device.type == "cuda"
+        first = start
+        while first < len(batches):
+            pipe = self._pipeline(epoch, batches[first:])
+            try:
+                for i in range(first, len(batches)):
+                    try:
+                        outs = pipe.run()
+                    except Exception:  # DALI reports decode failures as RuntimeError without the sample
+                        if not self._find_undecodable(batches[i: i + PREFETCH + 1]):
+                            raise
+                        first = i
+                        break
+                    # The file reader fills a short last batch by wrapping around: keep the planned ones.
+                    size = len(batches[i])
+                    views = [self._to_torch(o)[:size] for o in outs[:n_views]]
+                    if self.dtype != views[0].dtype:
+                        views = [v.to(self.dtype) for v in views]
+                    index = self._to_torch(outs[n_views + 1], pin)[:size].to(self.device, non_blocking=True)
+                    label = (self.labels[index] if self.read_files else
+                             self._to_torch(outs[n_views], pin).to(self.device, non_blocking=True))
+                    skipped = [(self.source.name(int(j)), self.bad[int(j)]) for j in batches[i]
+                               if int(j) in self.bad]
+                    yield {"views": views, "label": label, "index": index, "skipped": skipped}
+                else:
+                    first = len(batches)
+            finally:
+                del pipe

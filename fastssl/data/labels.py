@@ -32,7 +32,17 @@ import torch
 
 
 def load_vocabulary(path: str | Path) -> list[str]:
-    """Label strings in id order, read from a one-label-per-line text file."""
+    """Label strings in id order, read from a one-label-per-line text file, or from a .json
+    file holding a list of strings or {"tags": [...]} (as `fastssl vocab --out` writes)."""
+    if str(path).endswith(".json"):
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        tags = obj.get("tags") if isinstance(obj, dict) else obj
+        if not isinstance(tags, list) or not tags or not all(isinstance(t, str) and t for t in tags):
+            raise ValueError(f'{path}: expected a non-empty list of label strings or {{"tags": [...]}}')
+        if len(set(tags)) != len(tags):
+            raise ValueError(f"{path}: labels repeat (ids are list positions)")
+        return tags
     names: list[str] = []
     seen: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:

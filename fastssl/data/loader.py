@@ -3,8 +3,16 @@
 Which samples an epoch holds and in what order is decided here, once, for both
 backends: a per-epoch permutation from seed + epoch (torch.randperm, as
 torch.utils.data.DistributedSampler), split across shards by stride, then cut into
-batches; or the indices an external sampler (the weak-supervision ResamplingSampler)
-gives for the epoch. The backend only turns planned batches into views.
+batches; for WebDataset shards a streaming order (stream_indices: shards shuffled per
+epoch, read in order through a seeded shuffle buffer); or the indices an external sampler
+(the weak-supervision samplers) gives for the epoch. The backend only turns planned
+batches into views. A resumed epoch starts at a planned batch: skipped batches are never
+read or decoded.
+
+Bad samples (undecodable image, unreadable bytes, and what a source left out when it was
+indexed) never end a run: the backend fills the slot with another sample of the batch,
+the loader counts and logs each one by name, and raises a ValueError once more than
+max_skipped_fraction of the epoch's samples were skipped on this rank.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import torch
 
 from fastssl.data import dali as _dali
 from fastssl.data.recipes import Recipe
+from fastssl.data.shards import ShardSource, stream_indices
 from fastssl.data.sources import ArraySource, FileListSource, ImageFolderSource
 from fastssl.data.torchvision_views import TorchvisionViews
 
@@ -48,15 +57,35 @@ class Loader:
     """Epochs of {"views": [Tensor[B, 3, h, w], ...], "label": Tensor[B], "index": Tensor[B]}.
 
     Each `iter(loader)` runs one epoch, the next one each time (start with set_epoch(e)
-    to resume); len(loader) is the number of batches of the current epoch."""
+    to resume, set_epoch(e, start=k) to resume at batch k); len(loader) is the number of
+    batches of the current epoch. skipped_samples: bad samples skipped on this rank so far
+    (those the source left out when indexed count on shard 0 only, once)."""
 
     def __init__(self, source, recipe: Recipe, impl, *, batch_size: int, seed: int, shard_id: int,
-                 num_shards: int, drop_last: bool, shuffle: bool, sampler):
+                 num_shards: int, drop_last: bool, shuffle: bool, sampler, shuffle_buffer: int = 0,
+                 max_skipped_fraction: float = 0.001):
         self.source, self.recipe, self.impl = source, recipe, impl
         self.batch_size, self.seed, self.shard_id, self.num_shards = batch_size, seed, shard_id, num_shards
         self.drop_last, self.shuffle, self.sampler = drop_last, shuffle, sampler
-        self.epoch = 0
+        self.shuffle_buffer, self.max_skipped_fraction = shuffle_buffer, max_skipped_fraction
+        self.epoch, self.start = 0, 0
         self._plan_cache: tuple[int, list[np.ndarray]] | None = None
+        left_out = list(getattr(source, "skipped", []))
+        # A sampler's excluded samples (no known tag) are counted as skipped but are not damage.
+        excluded = list(getattr(sampler, "excluded", []))
+        self.skipped_samples = len(left_out) + len(excluded) if shard_id == 0 else 0
+        if excluded and shard_id == 0:
+            logger.warning("fastssl.data: %d sample(s) skipped by the sampler, e.g. %s (%s)", len(excluded),
+                           *excluded[0])
+        total = len(source) + len(left_out)
+        if len(left_out) > max_skipped_fraction * total:
+            raise ValueError(self._too_many(len(left_out), total, left_out, "of the dataset's samples"))
+
+    def _too_many(self, count: int, total: int, examples: list[tuple[str, str]], what: str) -> str:
+        shown = "; ".join(f"{name} ({why})" for name, why in examples[:5])
+        return (f"{count} of {total} {what} are bad (more than max_skipped_fraction="
+                f"{self.max_skipped_fraction}), e.g. {shown}; repair or remove them, or raise "
+                "max_skipped_fraction")
 
     @property
     def backend(self) -> str:
@@ -67,11 +96,14 @@ class Loader:
     def device(self) -> torch.device:
         return self.impl.device
 
-    def set_epoch(self, epoch: int) -> None:
-        """The epoch the next iteration runs (resume); later iterations follow from it."""
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch the next iteration runs (resume), from its batch `start` (a mid-epoch
+        resume: the batches before it are not read); later iterations follow from it."""
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
-        self.epoch = epoch
+        if not isinstance(start, int) or isinstance(start, bool) or start < 0:
+            raise ValueError(f"start must be an int >= 0, got {start!r}")
+        self.epoch, self.start = epoch, start
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
         """The dataset indices this shard sees in `epoch`, in order (before batching)."""
@@ -84,6 +116,10 @@ class Loader:
                     f"[0, {len(self.source)}) in epoch {epoch}"
                 )
             return idx
+        if isinstance(self.source, ShardSource) and self.shuffle:
+            return stream_indices(self.source.shard_of, epoch=epoch, seed=self.seed, shard_id=self.shard_id,
+                                  num_shards=self.num_shards, buffer_size=self.shuffle_buffer,
+                                  drop_last=self.drop_last)
         return shard_indices(len(self.source), epoch=epoch, seed=self.seed, shard_id=self.shard_id,
                              num_shards=self.num_shards, shuffle=self.shuffle, drop_last=self.drop_last)
 
@@ -99,10 +135,23 @@ class Loader:
         return len(self.plan(self.epoch))
 
     def __iter__(self) -> Iterator[dict]:
-        epoch = self.epoch
+        epoch, start = self.epoch, self.start
         batches = self.plan(epoch)
-        self.epoch = epoch + 1
-        return self.impl.iterate(epoch, batches)
+        self.epoch, self.start = epoch + 1, 0
+        return self._count_skips(self.impl.iterate(epoch, batches, start), epoch,
+                                 sum(len(b) for b in batches))
+
+    def _count_skips(self, batches: Iterator[dict], epoch: int, epoch_samples: int) -> Iterator[dict]:
+        seen: list[tuple[str, str]] = []
+        for batch in batches:
+            for name, why in batch.pop("skipped", ()):
+                logger.warning("fastssl.data: skipped %s (%s)", name, why)
+                seen.append((name, why))
+                self.skipped_samples += 1
+            if len(seen) > self.max_skipped_fraction * epoch_samples:
+                raise ValueError(self._too_many(len(seen), epoch_samples, seen,
+                                                f"samples of epoch {epoch} on shard {self.shard_id}"))
+            yield batch
 
     def __repr__(self) -> str:
         return (f"Loader(backend={self.backend!r}, device={str(self.device)!r}, recipe={self.recipe.name!r}, "
@@ -145,7 +194,8 @@ def _check_int(name: str, value, low: int) -> None:
 def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dali", device: str = "gpu",
                  num_threads: int = 4, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                  drop_last: bool = True, shuffle: bool = True, sampler=None,
-                 dtype: torch.dtype = torch.float32) -> Loader:
+                 dtype: torch.dtype = torch.float32, shuffle_buffer: int = 10_000,
+                 max_skipped_fraction: float = 0.001) -> Loader:
     """A loader of augmented views (see `Loader`) for `recipe` over `source`.
 
     backend: "dali" (DALI pipeline, CPU operators for device="cpu", nvJPEG + GPU operators
@@ -155,11 +205,13 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
     seed + epoch). sampler: optional object with set_epoch(e) and __iter__ giving this
     shard's dataset indices for the epoch; it replaces the built-in shuffle and sharding.
     shuffle=False keeps dataset order (feature extraction). dtype: float32, float16 or bfloat16.
+    shuffle_buffer: a ShardSource's shuffle buffer (samples; see stream_indices).
+    max_skipped_fraction: bad samples are skipped and counted (see the module docstring) up
+    to this fraction of an epoch's samples on this rank; beyond it a ValueError names them.
     Views are [B, 3, size, size] normalized with the recipe's mean/std, on the output device."""
-    if not isinstance(source, ArraySource | ImageFolderSource | FileListSource):
-        raise TypeError(
-            f"source must be an ArraySource, ImageFolderSource or FileListSource, got {type(source).__name__}"
-        )
+    if not isinstance(source, ArraySource | ImageFolderSource | FileListSource | ShardSource):
+        raise TypeError(f"source must be an ArraySource, ImageFolderSource, FileListSource or ShardSource, "
+                        f"got {type(source).__name__}")
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a fastssl.data.recipes.Recipe, got {type(recipe).__name__}")
     _check_int("batch_size", batch_size, 1)
@@ -168,6 +220,9 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
     _check_int("seed", seed, 0)
     if not isinstance(shard_id, int) or isinstance(shard_id, bool) or not 0 <= shard_id < num_shards:
         raise ValueError(f"shard_id must be an int in [0, num_shards={num_shards}), got {shard_id!r}")
+    _check_int("shuffle_buffer", shuffle_buffer, 0)
+    if not isinstance(max_skipped_fraction, int | float) or not 0.0 <= max_skipped_fraction <= 1.0:
+        raise ValueError(f"max_skipped_fraction must be a number in [0, 1], got {max_skipped_fraction!r}")
     if dtype not in _DTYPES:
         raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     if sampler is not None and not (hasattr(sampler, "set_epoch") and hasattr(sampler, "__iter__")):
@@ -178,7 +233,8 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
     impl = impl_class(source, recipe, device=dev, num_threads=num_threads, seed=seed, shard_id=shard_id,
                       dtype=dtype, max_batch=batch_size)
     loader = Loader(source, recipe, impl, batch_size=batch_size, seed=seed, shard_id=shard_id,
-                    num_shards=num_shards, drop_last=drop_last, shuffle=shuffle, sampler=sampler)
+                    num_shards=num_shards, drop_last=drop_last, shuffle=shuffle, sampler=sampler,
+                    shuffle_buffer=shuffle_buffer, max_skipped_fraction=max_skipped_fraction)
     if len(loader) == 0:
         raise ValueError(
             f"batch_size={batch_size} with drop_last={drop_last} leaves no batch: this shard has "

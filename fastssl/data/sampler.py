@@ -163,3 +163,65 @@ class ResamplingSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.samples_per_rank
+
+
+class StreamResampler:
+    """Resampling on a stream of shards, by per-sample repeat factors (Gupta et al. 2019,
+    LVIS's repeat-factor sampling; the stream form of ResamplingSampler's modes).
+
+    Sample i of the labelled ones gets the factor r_i = N * P(i), with P(i) the image
+    probability of `mode` (ResamplingSampler's; r_i = 1 for "natural") and N the number of
+    labelled samples; each epoch it appears floor(r_i) + Bernoulli(frac(r_i)) times, drawn
+    from (seed, epoch), so its expected frequency is P(i). The repeated stream goes through
+    shards.stream_indices (seeded shard order, shuffle buffer), is cut or wrapped to N
+    samples so every epoch has the same length, and is split across ranks by stride.
+
+    rows: label rows of the samples `index` (dataset indices of the labelled samples);
+    shard_of: the shard of every dataset sample. excluded: (name, reason) of samples left
+    out for having no label, counted by the loader as skipped.
+    """
+
+    def __init__(self, rows: Sequence[Sequence[int]], index: Sequence[int], shard_of, mode: str = "sqrt", *,
+                 seed: int = 0, rank: int = 0, world_size: int = 1, buffer_size: int = 10_000,
+                 rare_threshold: float | None = None, rare_factor: float = 100,
+                 excluded: Sequence[tuple[str, str]] = ()):
+        import numpy as np
+
+        base = ResamplingSampler(rows, mode, seed=seed, rank=rank, world_size=world_size,
+                                 rare_threshold=rare_threshold, rare_factor=rare_factor)
+        index = np.asarray(index, dtype=np.int64)
+        if len(index) != len(rows):
+            raise ValueError(f"index must give one dataset index per row ({len(rows)}), got {len(index)}")
+        self.shard_of = np.asarray(shard_of, dtype=np.int64)
+        self.factors = np.zeros(len(self.shard_of), dtype=np.float64)
+        self.factors[index] = 1.0 if base.probabilities is None else base.probabilities.numpy() * len(index)
+        self.mode, self.seed, self.rank, self.world_size = mode, seed, rank, world_size
+        self.buffer_size, self.length = buffer_size, len(index)
+        self.counts = base.counts
+        self.excluded = list(excluded)
+        self.epoch = 0
+
+    def repeats(self, epoch: int):
+        """How often each dataset sample appears in `epoch`'s stream, int64 [len(shard_of)]."""
+        import numpy as np
+
+        whole = np.floor(self.factors)
+        u = np.random.default_rng([self.seed, epoch, 1]).random(len(self.factors))
+        return (whole + (u < self.factors - whole)).astype(np.int64)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch __iter__ streams."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        from fastssl.data.shards import stream_indices
+
+        order = stream_indices(self.shard_of, epoch=self.epoch, seed=self.seed, shard_id=self.rank,
+                               num_shards=self.world_size, buffer_size=self.buffer_size,
+                               repeats=self.repeats(self.epoch), length=self.length)
+        return iter(order.tolist())
+
+    def __len__(self) -> int:
+        return self.length // self.world_size

@@ -9,6 +9,7 @@ Fashion-MNIST), which DALI receives through `fn.external_source`.
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import warnings
 from pathlib import Path
@@ -20,13 +21,15 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".t
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 
 
-def decode_error(path: str) -> str | None:
-    """Why `path` cannot be decoded as an image (None when it decodes), by fully decoding it
-    with PIL, which catches truncated files that a header check would accept."""
+def decode_error(image: str | bytes | np.ndarray) -> str | None:
+    """Why `image` (a path, or encoded bytes) cannot be decoded (None when it decodes), by
+    fully decoding it with PIL, which catches truncated files that a header check would accept."""
     from PIL import Image
 
+    if not isinstance(image, str):
+        image = io.BytesIO(bytes(image))
     try:
-        with Image.open(path) as img:
+        with Image.open(image) as img:
             img.load()
     except Exception as exc:  # PIL raises many types for broken files; all mean "skip or report"
         return f"{type(exc).__name__}: {exc}"
@@ -60,6 +63,18 @@ class _FileSource:
     def read_bytes(self, i: int) -> np.ndarray:
         """The encoded file i as a 1-D uint8 array."""
         return np.fromfile(self.paths[i], dtype=np.uint8)
+
+    def name(self, i: int) -> str:
+        """Sample i as logs and errors name it: its path."""
+        return self.paths[i]
+
+    def subset(self, indices) -> _FileSource:
+        """A source of the samples at `indices` (held-out splits), labels and classes kept."""
+        out = object.__new__(type(self))
+        out.__dict__ |= self.__dict__
+        out.paths = [self.paths[int(i)] for i in indices]
+        out.labels = self.labels[np.asarray(indices, dtype=np.int64)]
+        return out
 
 
 class ImageFolderSource(_FileSource):
@@ -149,6 +164,10 @@ class ArraySource:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def name(self, i: int) -> str:
+        """Sample i as logs and errors name it."""
+        return f"array item {i}"
+
     @property
     def grayscale(self) -> bool:
         return self.images.ndim == 3
@@ -194,4 +213,18 @@ def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -
     return ArraySource(images, labels)
 
 
-__all__ = ["ArraySource", "FileListSource", "ImageFolderSource", "decode_error", "fashion_mnist"]
+
+
+def fill_skipped(items: list, ok: list[bool]) -> list:
+    """The batch with each failed slot (ok False) taken by a good item of the same batch,
+    cycling through them, so a bad sample never changes a batch's size (every rank keeps
+    its step count). Raises ValueError when no item of the batch is good."""
+    good = [it for it, fine in zip(items, ok) if fine]
+    if not good:
+        raise ValueError(f"every sample of a batch of {len(items)} failed to load")
+    fill = iter(good * len(items))
+    return [it if fine else next(fill) for it, fine in zip(items, ok)]
+
+
+__all__ = ["ArraySource", "FileListSource", "ImageFolderSource", "decode_error", "fashion_mnist",
+           "fill_skipped"]

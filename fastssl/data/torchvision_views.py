@@ -10,6 +10,7 @@ of workers and resuming at epoch e reproduces epoch e.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Iterator
 
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from fastssl.data.recipes import Recipe, ViewSpec
+from fastssl.data.sources import fill_skipped
 
 
 def view_transform(v: ViewSpec) -> v2.Transform:
@@ -61,15 +63,8 @@ class _ViewsDataset(Dataset):
     def _load(self, i: int) -> Image.Image:
         if self.source.kind == "array":
             return Image.fromarray(self.source.image(i))
-        path = self.source.paths[i]
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except Exception as exc:  # PIL's errors do not always carry the path
-            raise ValueError(
-                f"cannot decode image file {path!r} ({type(exc).__name__}: {exc}); remove it or build "
-                "the source with skip_corrupt=True to skip undecodable files"
-            ) from exc
+        with Image.open(io.BytesIO(self.source.read_bytes(i).tobytes())) as img:
+            return img.convert("RGB")
 
     def _views(self, i: int):
         img = self._load(i)
@@ -79,16 +74,24 @@ class _ViewsDataset(Dataset):
         return [t(img) for t in self.transforms]
 
     def __getitems__(self, keys: list[tuple[int, int, int]]):
-        """One batch; torch's DataLoader calls this instead of per-item __getitem__."""
+        """One batch and its skipped samples [(name, reason)]; torch's DataLoader calls this
+        instead of per-item __getitem__ and hands the pair to _collate."""
         epoch, position, _ = keys[0]
         # Runs in a worker process (never the caller's), so reseeding the global RNG that
         # v2 transforms draw from is private to the loader. Once per batch: reseeding
         # costs more than augmenting a 32x32 image.
         torch.manual_seed(hash((self.seed, epoch, self.shard_id, position)) % (2**63 - 1))
-        return [(self._views(i), int(self.source.labels[i]), i) for _, _, i in keys]
+        items, skipped = [], []
+        for _, _, i in keys:
+            try:
+                items.append((self._views(i), int(self.source.labels[i]), i))
+            except Exception as exc:  # PIL and file errors come in many types; all mean "skip this sample"
+                items.append(None)
+                skipped.append((self.source.name(i), f"{type(exc).__name__}: {exc}"))
+        return fill_skipped(items, [it is not None for it in items]), skipped
 
     def __getitem__(self, key: tuple[int, int, int]):
-        return self.__getitems__([key])[0]
+        return self.__getitems__([key])[0][0]
 
 
 class _EpochBatches:
@@ -104,11 +107,12 @@ class _EpochBatches:
         return len(self.batches)
 
 
-def _collate(items):
+def _collate(batch):
+    items, skipped = batch
     views = [torch.stack([it[0][k] for it in items]) for k in range(len(items[0][0]))]
     label = torch.tensor([it[1] for it in items], dtype=torch.int64)
     index = torch.tensor([it[2] for it in items], dtype=torch.int64)
-    return views, label, index
+    return views, label, index, skipped
 
 
 class TorchvisionViews:
@@ -128,14 +132,19 @@ class TorchvisionViews:
         self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(recipe.std, device=device).view(1, 3, 1, 1) * 255.0)
 
-    def iterate(self, epoch: int, batches: list[np.ndarray]) -> Iterator[dict]:
-        start = np.cumsum([0] + [len(b) for b in batches])
+    def iterate(self, epoch: int, batches: list[np.ndarray], start: int = 0) -> Iterator[dict]:
+        """Views of batches[start:]; a batch's randomness depends on its position in the
+        epoch, so a resumed epoch repeats an uninterrupted one exactly."""
+        first = np.cumsum([0] + [len(b) for b in batches])
         self.batch_sampler.batches = [
-            [(epoch, int(start[n] + k), int(i)) for k, i in enumerate(b)] for n, b in enumerate(batches)
+            [(epoch, int(first[n] + k), int(i)) for k, i in enumerate(b)]
+            for n, b in enumerate(batches) if n >= start
         ]
-        for views, label, index in self.loader:
+        for views, label, index, skipped in self.loader:
             views = [
                 ((v.to(self.device, non_blocking=True).float() - self.mean) * self.inv_std).to(self.dtype)
                 for v in views
             ]
-            yield {"views": views, "label": label.to(self.device), "index": index.to(self.device)}
+            # Pinned by the DataLoader on CUDA, so these copies do not block the host.
+            yield {"views": views, "label": label.to(self.device, non_blocking=True),
+                   "index": index.to(self.device, non_blocking=True), "skipped": skipped}

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastssl.data.loader import Loader
 from fastssl.distributed import get_rank, get_world_size, is_distributed
 from fastssl.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from fastssl.engine.config import config_to_dict, save_config
@@ -240,12 +241,17 @@ class Trainer:
         t_start = time.perf_counter()
         while self.step < self.stop_step:
             epoch, skip = divmod(self.step, spe)
-            if hasattr(self.loader, "set_epoch"):
-                self.loader.set_epoch(epoch)
-            batches = iter(self.loader)
-            # Mid-epoch resume: the loader is deterministic per (seed, epoch), so skip what was consumed.
-            for _ in range(skip):
-                next(batches)
+            if isinstance(self.loader, Loader):
+                # Mid-epoch resume: the loader starts at the first unconsumed batch and reads nothing before.
+                self.loader.set_epoch(epoch, start=skip)
+                batches = iter(self.loader)
+            else:
+                if hasattr(self.loader, "set_epoch"):
+                    self.loader.set_epoch(epoch)
+                batches = iter(self.loader)
+                # Mid-epoch resume: the loader is deterministic per (seed, epoch), so skip what was consumed.
+                for _ in range(skip):
+                    next(batches)
             if getattr(self, "_rng_to_restore", None) is not None:
                 set_rng_state(self._rng_to_restore)
                 self._rng_to_restore = None
@@ -305,6 +311,13 @@ class Trainer:
             "final_loss": last_loss, "train_seconds": wall, "device": self._device_name(),
             "world_size": self.world, "fused": cfg.fused,
         }
+        # Bad samples skipped (fastssl.data.Loader), summed over ranks.
+        skipped = getattr(self.loader, "skipped_samples", 0)
+        if self.world > 1:
+            box = torch.tensor(skipped, dtype=torch.int64, device=self.device)
+            dist.all_reduce(box)
+            skipped = int(box)
+        summary["skipped_samples"] = skipped
         for k, v in result.items():
             summary[k] = v
         for k, v in self.extra.get("knn_random_init", {}).items():

@@ -63,6 +63,7 @@ class TrainConfig:
     log_every: int = 10
     eval_knn: bool = True
     max_steps: int | None = None   # stop early (tests, time-boxed runs)
+    max_skipped_fraction: float = 0.001  # bad samples are skipped and counted; beyond this fraction: an error
 
 
 @dataclass

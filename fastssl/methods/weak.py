@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fastssl.data.labels import LabelTable, multi_hot, read_labels, read_parent_map
-from fastssl.data.sampler import MODES, ResamplingSampler
+from fastssl.data.labels import LabelTable, load_vocabulary, multi_hot, read_labels, read_parent_map
+from fastssl.data.sampler import MODES, ResamplingSampler, StreamResampler
 from fastssl.methods import register
 from fastssl.methods._common import backbone_from_config, check_views
 from fastssl.methods.base import Method, StepContext, TrainConfig
@@ -128,7 +128,12 @@ class WeakSupervised(Method):
 
         source: the pretraining source (its `labels`, and `paths` to put a path-keyed labels
         file in the source's order) or its class labels [N]. Without a label table the
-        sampler and the targets use those class labels."""
+        sampler and the targets use those class labels. Shards (fastssl.data.ShardSource)
+        with tags: see _shard_sampler."""
+        if not self.cfg.labels_file and hasattr(source, "tags") and hasattr(source, "shard_of"):
+            vocab = load_vocabulary(self.cfg.vocabulary) if self.cfg.vocabulary else source.tag_vocabulary()
+            if vocab:
+                return self._shard_sampler(source, vocab, rank, world_size, seed)
         labels = getattr(source, "labels", source)
         if self._needs_source_labels and labels is not None:
             ids = labels.tolist() if hasattr(labels, "tolist") else list(labels)
@@ -152,6 +157,35 @@ class WeakSupervised(Method):
             rank=rank, world_size=world_size, rare_threshold=self.cfg.rare_threshold,
             rare_factor=self.cfg.rare_factor,
         )
+
+    def _shard_sampler(self, source, vocab: list[str], rank: int, world_size: int,
+                       seed: int | None) -> StreamResampler:
+        """Targets from the shards' tags (.json "tags", or the caption's hashtags) through `vocab`
+        (cfg.vocabulary, else the manifest's); samples with no known tag are never drawn and
+        are counted as skipped. The classifier is resized to the vocabulary when they differ."""
+        rows = source.tags(vocab)
+        index = [i for i, row in enumerate(rows) if row]
+        if not index:
+            raise ValueError(f"weak: no sample of {source.spec!r} carries a tag of the "
+                             f"{len(vocab)}-tag vocabulary")
+        table = LabelTable([rows[i] for i in index], len(vocab), vocab)
+        if table.num_classes != self.classifier.out_features:
+            self.classifier = nn.Linear(self.classifier.in_features, table.num_classes).to(
+                self.classifier.weight.device)
+            nn.init.normal_(self.classifier.weight, std=0.01)
+            nn.init.zeros_(self.classifier.bias)
+        if self.cfg.label_noise:
+            table = table.with_noise(self.cfg.label_noise, seed=self.cfg.seed)
+        self.cfg.num_classes, self.labels = table.num_classes, table
+        padded = torch.full((len(rows), max(len(r) for r in table.labels)), -1, dtype=torch.int64)
+        padded[index] = table.padded()
+        self.label_rows = padded.to(self.classifier.weight.device)  # untagged rows stay -1: never drawn
+        self._needs_source_labels = False
+        excluded = [(source.name(i), "no tag of the vocabulary") for i, row in enumerate(rows) if not row]
+        return StreamResampler(table.labels, index, source.shard_of, self.cfg.sampling,
+                               seed=self.cfg.seed if seed is None else seed, rank=rank, world_size=world_size,
+                               rare_threshold=self.cfg.rare_threshold, rare_factor=self.cfg.rare_factor,
+                               excluded=excluded)
 
     def targets(self, batch: dict) -> torch.Tensor:
         """Multi-hot float32 targets [B, C] for the batch's items."""

@@ -226,3 +226,83 @@ def test_trainer_runs_weak_with_the_sampler(tmp_path):
     assert summary["steps"] == 3 and math.isfinite(summary["final_loss"])
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(0.0 <= r["precision_at_1"] <= 1.0 for r in records)
+
+
+def _stream_class_shares(mode, counts, epochs=300, **kw):
+    """Class frequencies over many epochs of a StreamResampler on single-label data with
+    `counts` images per class, spread over 4 shards."""
+    import numpy as np
+
+    from fastssl.data.sampler import StreamResampler
+
+    labels = [c for c, n in enumerate(counts) for _ in range(n)]
+    rows = [[c] for c in labels]
+    shard_of = np.arange(len(labels)) * 4 // len(labels)
+    s = StreamResampler(rows, range(len(labels)), shard_of, mode, seed=2, buffer_size=16, **kw)
+    drawn = np.zeros(len(counts))
+    for e in range(epochs):
+        s.set_epoch(e)
+        idx = list(s)
+        assert len(idx) == len(labels) == len(s)  # every epoch the same length
+        drawn += np.bincount([labels[i] for i in idx], minlength=len(counts))
+    return drawn / drawn.sum()
+
+
+def test_stream_repeat_factors_give_square_root_class_frequencies():
+    """Mahajan et al. 2018: square-root sampling gives class c a share sqrt(n_c) / sum sqrt(n_c')."""
+    import numpy as np
+
+    counts = [200, 50, 8, 2]
+    got = _stream_class_shares("sqrt", counts)
+    want = np.sqrt(counts) / np.sqrt(counts).sum()
+    np.testing.assert_allclose(got, want, atol=0.01)
+    # SWAG's inverse_sqrt with rare labels upsampled: share n_c * n_c^-1/2 * (factor if n_c < threshold).
+    got = _stream_class_shares("inverse_sqrt", counts, rare_threshold=10, rare_factor=3.0)
+    w = np.sqrt(counts) * np.where(np.asarray(counts) < 10, 3.0, 1.0)
+    np.testing.assert_allclose(got, w / w.sum(), atol=0.01)
+    natural = _stream_class_shares("natural", counts, epochs=2)
+    np.testing.assert_allclose(natural, np.asarray(counts) / sum(counts))
+
+
+def test_weak_on_img2dataset_shards_takes_targets_from_hashtags(tmp_path):
+    """Captions' hashtags through a `fastssl vocab` vocabulary: 1/k targets; untagged samples
+    are never drawn and are counted as skipped."""
+    import io
+    import tarfile
+
+    import numpy as np
+    from PIL import Image
+
+    from fastssl.cli import main
+    from fastssl.data import ShardSource, build_loader
+
+    captions = ["#dog in the park #Cat", "just a photo", "#dog", "#cat #bird", "#dog again", "#fish"]
+    folder = tmp_path / "laion"
+    folder.mkdir()
+    with tarfile.open(folder / "00000.tar", "w") as tar:
+        for k, caption in enumerate(captions):
+            buf = io.BytesIO()
+            Image.fromarray(np.full((8, 8, 3), 40 * k, dtype=np.uint8)).save(buf, format="JPEG")
+            for ext, data in (("jpg", buf.getvalue()), ("txt", caption.encode()), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{k:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    assert main(["vocab", str(folder), "--top", "3", "--out", str(tmp_path / "vocab.json")]) == 0
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    assert vocab == {"tags": ["dog", "cat", "bird"], "counts": [3, 2, 1]}
+    method = WeakSupervised(cfg(vocabulary=str(tmp_path / "vocab.json"), sampling="natural"),
+                            backbone=tiny_backbone())
+    source = ShardSource(folder)
+    sampler = method.build_sampler(source)
+    assert method.classifier.out_features == 3 and method.cfg.num_classes == 3
+    assert [name.rsplit(":", 1)[-1] for name, _ in sampler.excluded] == ["00001", "00005"]
+    loader = build_loader(source, method.recipe(), batch_size=4, backend="torchvision", device="cpu",
+                          num_threads=1, sampler=sampler)
+    assert loader.skipped_samples == 2
+    batch = next(iter(loader))
+    assert sorted(batch["index"].tolist()) == [0, 2, 3, 4]
+    want = {0: [0.5, 0.5, 0], 2: [1, 0, 0], 3: [0, 0.5, 0.5], 4: [1, 0, 0]}
+    t = method.targets(batch)
+    t = t / t.sum(1, keepdim=True)  # the softmax loss's 1/k target
+    for row, i in zip(t.tolist(), batch["index"].tolist()):
+        assert row == want[i]

@@ -1,0 +1,451 @@
+"""WebDataset tar shards: writing them, indexing them, reading samples out of them.
+
+Layout written by `write_shards` (and `fastssl shards`): OUT/shard-000000.tar, ... where
+each sample is KEY.jpg or KEY.png (the image's encoded bytes, unchanged), KEY.cls (its
+class index as ASCII) and KEY.json ({"path": source path or index, "tags": [...]}); one
+OUT/shard-NNNNNN.idx per shard in the format DALI's `wds2idx` writes (so
+`fn.readers.webdataset` can read the shards directly); OUT/manifest.json last.
+
+Shards made by others are read as they are: img2dataset writes KEY.jpg + KEY.txt
+(caption) + KEY.json (metadata) with no .cls and no manifest; samples are counted and
+indexed from the tar headers. A sample's key is its member name up to the first dot of
+the base name (webdataset's rule), members of one sample are adjacent in the tar.
+
+`ShardSource` is an encoded-image source like ImageFolderSource: it knows every sample's
+shard, key and the byte range of its image, and reads an image with one positioned read
+(`os.pread`), so an epoch's order, rank shares and resume are planned by the loader for
+both backends (see loader.stream_indices) and skipping consumed samples reads nothing.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+import warnings
+from collections import Counter, OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
+MANIFEST = "manifest.json"
+SHARD_NAME = "shard-{:06d}.tar"
+OPEN_SHARDS = 64  # shard files a process keeps open (least recently read closed first)
+FORMAT = "fastssl-webdataset-1"
+_HASHTAG = re.compile(r"#(\w+)")
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """(key, extension) of a tar member name: split at the first dot of the base name, as
+    webdataset and DALI's wds2idx do ("a/b.c.jpg" -> ("a/b", "c.jpg"))."""
+    dot = name.find(".", name.rfind("/") + 1)
+    if dot < 0:
+        return name, ""
+    return name[:dot], name[dot + 1:]
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shard paths of a brace pattern "dir/shard-{000000..000099}.tar" (zero-padded ranges,
+    as webdataset's braceexpand), or "{a,b}" alternatives; several groups multiply."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end():]
+    r = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if r:
+        lo, hi = int(r.group(1)), int(r.group(2))
+        if hi < lo:
+            raise ValueError(f"brace range {{{body}}} in {pattern!r} is empty (end < start)")
+        width = len(r.group(1))
+        items = [str(i).zfill(width) for i in range(lo, hi + 1)]
+    elif "," in body:
+        items = body.split(",")
+    else:
+        raise ValueError(f"brace group {{{body}}} in {pattern!r}: expected {{START..END}} or {{a,b,...}}")
+    return [p for item in items for p in expand_braces(head + item + tail)]
+
+
+def hashtags(caption: str) -> list[str]:
+    """The caption's #tags, lower-cased, in order of first appearance, without repeats."""
+    return list(dict.fromkeys(t.lower() for t in _HASHTAG.findall(caption)))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _tar_info(name: str, size: int) -> tarfile.TarInfo:
+    # Fixed metadata: the same input gives byte-identical shards.
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
+    return info
+
+
+def _index_line(members: list[tuple[str, int, int, str]]) -> str:
+    return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in members)
+
+
+def _write_shard(path: Path, samples: list[tuple[str, list[tuple[str, bytes]]]]) -> None:
+    """One tar and its wds2idx-format index, each written to a temporary name and renamed:
+    a kill leaves either the complete file or none under the final name."""
+    lines = []
+    tmp_tar = path.with_name(f".{path.name}.tmp")
+    with open(tmp_tar, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            entry = []
+            for ext, data in members:
+                name = f"{key}.{ext}"
+                tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
+                # The data ends, padded to a 512-byte block, where the archive's offset now is.
+                entry.append((ext, tar.offset - _round512(len(data)), len(data), name))
+            lines.append(_index_line(entry))
+    tmp_idx = path.with_name(f".{path.stem}.idx.tmp")
+    tmp_idx.write_text(f"v1.2 {len(samples)}\n" + "".join(line + "\n" for line in lines))
+    os.replace(tmp_tar, path)
+    os.replace(tmp_idx, path.with_suffix(".idx"))
+
+
+def _round512(n: int) -> int:
+    return (n + 511) // 512 * 512
+
+
+def _png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def write_shards(source, out: str | os.PathLike, *, shard_size: int = 10_000,
+                 tags: Sequence[Sequence[str]] | None = None, class_names: Sequence[str] | None = None,
+                 keys: Sequence[str] | None = None) -> dict:
+    """Write `source` (an encoded-image source: its files' bytes unchanged; or an ArraySource:
+    PNG-encoded) as shards of `shard_size` samples under `out`; returns the manifest.
+
+    tags: one list of tag strings per sample (weak supervision), stored in KEY.json and
+    gathered, sorted, into the manifest's tag vocabulary. keys: the source's path or index
+    per sample for KEY.json (default: the file path, or the index for arrays).
+    Deterministic: the same source gives byte-identical shards. Shards appear atomically;
+    manifest.json is written last, so a folder with a manifest is complete."""
+    if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
+        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
+    n = len(source)
+    if tags is not None and len(tags) != n:
+        raise ValueError(f"tags must have one list per sample ({n}), got {len(tags)}")
+    out = Path(out)
+    if (out / MANIFEST).exists() or glob.glob(str(out / "shard-*.tar")):
+        raise ValueError(f"out: {str(out)!r} already holds shards; choose an empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    encoded = source.kind == "encoded"
+    counts: list[int] = []
+    for first in range(0, n, shard_size):
+        samples = []
+        for i in range(first, min(first + shard_size, n)):
+            if encoded:
+                ext = Path(source.paths[i]).suffix.lower().lstrip(".")
+                ext = "jpg" if ext == "jpeg" else ext
+                data = source.read_bytes(i).tobytes()
+            else:
+                ext, data = "png", _png_bytes(source.images[i])
+            origin = keys[i] if keys is not None else (source.paths[i] if encoded else i)
+            meta = {"path": origin, "tags": list(tags[i]) if tags is not None else []}
+            samples.append((f"{i:09d}", [(ext, data), ("cls", str(int(source.labels[i])).encode()),
+                                         ("json", json.dumps(meta, sort_keys=True).encode())]))
+        _write_shard(out / SHARD_NAME.format(len(counts)), samples)
+        counts.append(len(samples))
+    vocabulary = sorted({t for row in tags for t in row}) if tags is not None else []
+    manifest = {
+        "format": FORMAT, "total": n, "shards": [SHARD_NAME.format(k) for k in range(len(counts))],
+        "samples_per_shard": counts, "class_names": list(class_names) if class_names is not None else [],
+        "tag_vocabulary": vocabulary,
+    }
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+
+
+def shard_dataset(src: str, out: str | os.PathLike, *, shard_size: int = 10_000, split: str = "train",
+                  labels: str | None = None) -> dict:
+    """`fastssl shards`: write SRC as shards under OUT; returns the manifest.
+
+    src: "fashion-mnist" (split train or test), an image folder (ROOT/train or ROOT/val by
+    split when present, else ROOT's class folders), or a labels file (.csv / .jsonl, as
+    fastssl.data.labels reads them: image paths relative to the file's folder; every
+    row's labels become the sample's tags, and its class when the file has one label per row).
+    labels: a labels file whose labels become the tags of SRC's images (matched by path,
+    or by index for Fashion-MNIST)."""
+    from fastssl.data.labels import _rows, read_labels
+    from fastssl.data.sources import ImageFolderSource, _FileSource, fashion_mnist
+
+    if split not in ("train", "test"):
+        raise ValueError(f"--split: expected 'train' or 'test', got {split!r}")
+    class_names: list[str] = []
+    tags = None
+    if src == "fashion-mnist":
+        source = fashion_mnist(split)
+        class_names = list(FASHION_MNIST_CLASSES)
+    elif os.path.isdir(src):
+        sub = os.path.join(src, "train" if split == "train" else "val")
+        source = ImageFolderSource(sub if os.path.isdir(sub) else src)
+        class_names = source.classes
+    elif os.path.isfile(src):
+        rows = _rows(Path(src))
+        if not rows or isinstance(rows[0][1], int):
+            raise ValueError(f"SRC: a labels file must key its rows by image path, got {src!r}")
+        names = sorted({str(t) for _, _, raw in rows for t in raw})
+        ids = {t: k for k, t in enumerate(names)}
+        base = Path(src).parent
+        tags = [[str(t) for t in raw] for _, _, raw in rows]
+        single = all(len(t) == 1 for t in tags)
+        source = _FileSource([str(base / key) for _, key, _ in rows],
+                             [ids[t[0]] if single else -1 for t in tags], False, f"labels file {src!r}")
+        class_names = names if single else []
+    else:
+        raise ValueError(f"SRC: expected 'fashion-mnist', an image folder or a labels file, got {src!r}")
+    if labels is not None:
+        raw = {str(t) for _, _, row in _rows(Path(labels)) for t in row}
+        names = None if all(t.isdigit() for t in raw) else sorted(raw)  # label strings: their own vocabulary
+        table = read_labels(labels, vocabulary=names, paths=getattr(source, "paths", None),
+                            num_items=len(source) if source.kind == "array" else None)
+        tags = [[table.names[c] if table.names else str(c) for c in row] for row in table.labels]
+    return write_shards(source, out, shard_size=shard_size, tags=tags, class_names=class_names)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class _Sample:
+    shard: int
+    key: str
+    offset: int = -1          # the image member's data, -1 when the sample has none
+    size: int = 0
+    ext: str = ""
+    cls: int = -1
+    meta: dict = field(default_factory=dict)
+    caption: str = ""
+
+
+def _scan_shard(path: str, shard: int) -> tuple[list[_Sample], str | None]:
+    """The samples of one tar from its headers (small members .cls .json .txt are read),
+    and why reading stopped early (None when the whole tar was read). A sample cut by the
+    damage is dropped; the complete samples before it are kept."""
+    samples: list[_Sample] = []
+    key = None
+    try:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            file_size = os.fstat(f.fileno()).st_size
+            for member in tar:
+                key, ext = split_member(member.name)
+                if member.offset_data + member.size > file_size:
+                    raise tarfile.ReadError(f"member {member.name} runs past the end of the file (truncated)")
+                if not member.isfile():
+                    continue
+                if not key or key.endswith("/"):
+                    continue
+                if not samples or samples[-1].key != key:
+                    samples.append(_Sample(shard, key))
+                s = samples[-1]
+                ext = ext.lower()
+                if ext in IMAGE_MEMBERS:
+                    s.offset, s.size, s.ext = member.offset_data, member.size, ext
+                elif ext in ("cls", "json", "txt"):
+                    data = tar.extractfile(member).read()
+                    if ext == "cls":
+                        s.cls = int(data.decode().strip())
+                    elif ext == "json":
+                        s.meta = json.loads(data)
+                    else:
+                        s.caption = data.decode("utf-8", errors="replace")
+    except (OSError, tarfile.TarError, ValueError, UnicodeDecodeError) as exc:
+        cut = bool(samples) and samples[-1].key == key  # the sample being read when the damage began
+        return samples[:-1] if cut else samples, f"{type(exc).__name__}: {exc}"
+    return samples, None
+
+
+def shard_paths(spec: str | os.PathLike) -> tuple[list[str], dict | None]:
+    """The shard files of a spec and the manifest when there is one: a folder with
+    manifest.json (its shard list), a folder of *.tar (sorted; img2dataset's layout), or a
+    brace pattern / single .tar path."""
+    spec = str(spec)
+    if os.path.isdir(spec):
+        mpath = os.path.join(spec, MANIFEST)
+        if os.path.isfile(mpath):
+            with open(mpath, encoding="utf-8") as f:
+                manifest = json.load(f)
+            return [os.path.join(spec, s) for s in manifest["shards"]], manifest
+        paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
+        if not paths:
+            raise ValueError(f"{spec!r} holds no manifest.json and no *.tar shards")
+        return paths, None
+    paths = expand_braces(spec)
+    if not all(p.endswith(".tar") for p in paths):
+        raise ValueError(f"shards: expected a folder, a .tar path or a brace pattern of .tar paths, "
+                         f"got {spec!r}")
+    return paths, None
+
+
+def is_shard_spec(spec: str) -> bool:
+    """Whether `spec` names shards (a folder with manifest.json or *.tar files, a brace pattern, a .tar)."""
+    if "{" in spec or spec.endswith(".tar"):
+        return True
+    return os.path.isdir(spec) and (os.path.isfile(os.path.join(spec, MANIFEST))
+                                    or bool(glob.glob(os.path.join(spec, "*.tar"))))
+
+
+class ShardSource:
+    """The samples of WebDataset shards as an encoded-image source (`kind == "encoded"`).
+
+    spec: a folder with manifest.json, a folder of *.tar (img2dataset), or a brace pattern.
+    Samples missing an image, and every sample of a shard that cannot be read (a truncated
+    or non-tar file), are left out and recorded in `skipped` as (name, reason) with the
+    shard and key, for the loader's skip count. labels: each sample's .cls (-1 without one).
+    tags(vocabulary): each sample's tag ids (from .json "tags", else the caption's hashtags).
+    """
+
+    kind = "encoded"
+
+    def __init__(self, spec: str | os.PathLike):
+        self.spec = str(spec)
+        self.shards, self.manifest = shard_paths(spec)
+        self.skipped: list[tuple[str, str]] = []
+        kept: list[_Sample] = []
+        for k, path in enumerate(self.shards):
+            samples, problem = _scan_shard(path, k)
+            if problem is not None:
+                # The manifest says how many samples were lost; without one the damage counts once.
+                lost = self.manifest["samples_per_shard"][k] - len(samples) if self.manifest else 1
+                self.skipped.extend([(path, f"unreadable after {len(samples)} sample(s) ({problem})")] * lost)
+            for s in samples:
+                if s.offset < 0:
+                    self.skipped.append((f"{path}:{s.key}", "no image member"))
+                else:
+                    kept.append(s)
+        if not kept:
+            raise ValueError(f"shards {self.spec!r}: no readable samples")
+        if self.skipped:
+            warnings.warn(f"shards {self.spec!r}: {len(self.skipped)} sample(s) left out, e.g. "
+                          f"{self.skipped[0][0]} ({self.skipped[0][1]})", stacklevel=2)
+        self.samples = kept
+        self.labels = np.asarray([s.cls for s in kept], dtype=np.int64)
+        self.shard_of = np.asarray([s.shard for s in kept], dtype=np.int64)
+        self.classes = list(self.manifest.get("class_names", [])) if self.manifest else []
+        self._fds: OrderedDict[int, int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getstate__(self):  # file descriptors do not cross processes (loader workers)
+        return {k: v for k, v in self.__dict__.items() if k != "_fds"} | {"_fds": OrderedDict()}
+
+    def name(self, i: int) -> str:
+        """"SHARD:KEY" of sample i, as logs and errors name it."""
+        s = self.samples[i]
+        return f"{self.shards[s.shard]}:{s.key}"
+
+    def read_bytes(self, i: int) -> np.ndarray:
+        """The encoded image of sample i as a 1-D uint8 array (one positioned read)."""
+        s = self.samples[i]
+        fd = self._fds.get(s.shard)
+        if fd is None:
+            if len(self._fds) >= OPEN_SHARDS:  # a stream visits few shards at once; stay far below ulimit -n
+                os.close(self._fds.popitem(last=False)[1])
+            fd = self._fds[s.shard] = os.open(self.shards[s.shard], os.O_RDONLY)
+        else:
+            self._fds.move_to_end(s.shard)
+        data = os.pread(fd, s.size, s.offset)
+        if len(data) != s.size:
+            raise OSError(f"{self.name(i)}: short read ({len(data)} of {s.size} bytes)")
+        return np.frombuffer(data, dtype=np.uint8)
+
+    def subset(self, indices) -> ShardSource:
+        """A source of the samples at `indices` (held-out splits); give them in increasing order
+        so each shard's samples stay contiguous for the streaming order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        out = object.__new__(ShardSource)
+        out.__dict__ |= self.__getstate__()
+        out.samples = [self.samples[int(i)] for i in indices]
+        out.labels, out.shard_of = self.labels[indices], self.shard_of[indices]
+        return out
+
+    def raw_tags(self, i: int) -> list[str]:
+        """Sample i's tag strings: its .json "tags", else the hashtags of its caption."""
+        s = self.samples[i]
+        tags = s.meta.get("tags") if isinstance(s.meta, dict) else None
+        if tags:
+            return [str(t) for t in tags]
+        return hashtags(s.caption or (s.meta.get("caption", "") if isinstance(s.meta, dict) else ""))
+
+    def tag_vocabulary(self) -> list[str]:
+        """The manifest's tag vocabulary ([] without a manifest: build one with `vocabulary`)."""
+        return list(self.manifest.get("tag_vocabulary", [])) if self.manifest else []
+
+    def tags(self, vocabulary: Sequence[str]) -> list[list[int]]:
+        """Per sample, the ids in `vocabulary` of its known tags (unknown tags dropped)."""
+        ids = {t: k for k, t in enumerate(vocabulary)}
+        return [sorted({ids[t] for t in self.raw_tags(i) if t in ids}) for i in range(len(self))]
+
+    def __repr__(self) -> str:
+        return f"ShardSource({self.spec!r}, shards={len(self.shards)}, samples={len(self)})"
+
+
+def stream_indices(shard_of: np.ndarray, *, epoch: int, seed: int, shard_id: int, num_shards: int,
+                   buffer_size: int, repeats: np.ndarray | None = None, length: int | None = None,
+                   drop_last: bool = True) -> np.ndarray:
+    """This rank's sample indices for one epoch of a sharded dataset, as a streaming reader
+    sees them: the shards in a per-epoch order from (seed, epoch), each shard's samples in
+    stored order (sample i repeated repeats[i] times, for resampling on a stream), through a
+    shuffle buffer of buffer_size (webdataset's: each arriving sample takes the place of a
+    uniformly chosen one, which is emitted); cut or wrapped to `length` when given (a
+    resampled stream's epoch keeps one length); then, as shard_indices, trimmed to a multiple
+    of num_shards (drop_last; else padded by wrapping) and every num_shards-th from shard_id.
+    shard_of: int64 [N], the shard of each sample, samples of a shard contiguous."""
+    rng = np.random.default_rng([seed, epoch])
+    n_shards = int(shard_of.max()) + 1 if len(shard_of) else 0
+    starts = np.searchsorted(shard_of, np.arange(n_shards + 1))
+    stream = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in rng.permutation(n_shards)]
+                            or [np.zeros(0, np.int64)])
+    if repeats is not None:
+        stream = np.repeat(stream, repeats[stream])
+    n, b = len(stream), min(buffer_size, len(stream))
+    if b > 1:
+        out = np.empty(n, dtype=np.int64)
+        buf = stream[:b].copy()
+        picks = rng.integers(0, b, n - b)
+        for t in range(n - b):
+            out[t] = buf[picks[t]]
+            buf[picks[t]] = stream[b + t]
+        out[n - b:] = rng.permutation(buf)
+        stream = out
+    if length is not None:
+        stream, n = np.resize(stream, length), length
+    if drop_last:
+        stream = stream[: n - n % num_shards]
+    elif n % num_shards:
+        stream = np.concatenate([stream, np.resize(stream, num_shards - n % num_shards)])
+    return stream[shard_id::num_shards].astype(np.int64)
+
+
+def vocabulary(source: ShardSource, top: int) -> list[tuple[str, int]]:
+    """The `top` most frequent tags over the samples (hashtags of captions, or .json tags),
+    as (tag, number of samples carrying it), most frequent first, ties by tag."""
+    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
+        raise ValueError(f"top must be an int >= 1, got {top!r}")
+    counts = Counter(t for i in range(len(source)) for t in set(source.raw_tags(i)))
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
+
+
+__all__ = ["FASHION_MNIST_CLASSES", "ShardSource", "expand_braces", "hashtags", "is_shard_spec",
+           "shard_dataset", "shard_paths", "split_member", "stream_indices", "vocabulary", "write_shards"]
