@@ -3,6 +3,7 @@
     fastssl train [--method M] [--data fashion-mnist|PATH] [--backbone NAME] [--epochs E]
                   [--batch-size B] [--out DIR] [--config YAML] [--resume auto|PATH] [key=value ...]
     fastssl eval --checkpoint RUN/last.pt [--data fashion-mnist|PATH]
+    fastssl viz RUN [--out DIR]
     fastssl bench [--quick] [NAME ...]
 
 `fastssl train` with no --method and no --data runs the demo: DEMO_METHOD with DEMO_PRESET on
@@ -196,6 +197,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_viz(args: argparse.Namespace) -> int:
+    from fastssl.engine import load_checkpoint, resolve_config
+
+    run = Path(args.run)
+    checkpoint = run / "last.pt" if run.is_dir() else run
+    if not checkpoint.is_file():
+        raise ValueError(f"RUN: expected a run directory holding last.pt, or a checkpoint file, "
+                         f"got {args.run!r}")
+    try:
+        from fastssl.viz.figures import class_names, render_run
+    except ImportError as e:
+        raise ValueError(f"viz: needs {e.name}, which is not installed: pip install 'fastssl[viz]'") from e
+    state = load_checkpoint(checkpoint)
+    name = state["method"]
+    if name not in _methods():
+        raise ValueError(f"RUN: checkpoint written by method {name!r}, which is not one of "
+                         f"{sorted(_methods())}")
+    cfg = resolve_config(_methods()[name].config_class, None, state["config"])
+    data = _resolve_data(args.data or cfg.data)
+    train_src, test_src = _sources(data, "train"), _sources(data, "test")
+    if train_src is None or test_src is None:
+        raise ValueError(f"--data: {data!r} has no labelled train/ and val/ splits to draw features from")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    method = _build_method(name, cfg)
+    method.load_state_dict(state["model"])
+    method.to(device).eval()
+    out = Path(args.out) if args.out else checkpoint.parent / "viz"
+    with torch.no_grad():
+        render_run(method, cfg, train_src, test_src, device, out, class_names(test_src, data),
+                   resize=cfg.image_size if data == FASHION_MNIST else None, log=_log)
+    return 0
+
+
 def benchmarks_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -256,6 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="kNN and linear probe of a checkpoint's frozen backbone")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", help="default: the data the checkpoint was trained on")
+    viz = sub.add_parser("viz", help="figures of a run: feature map, nearest neighbours, "
+                                     "MAE reconstructions, ViT attention")
+    viz.add_argument("run", metavar="RUN", help="run directory (its last.pt) or a checkpoint file")
+    viz.add_argument("--out", help="where the PNGs go (default: RUN/viz)")
+    viz.add_argument("--data", help="default: the data the run was trained on")
     bench = sub.add_parser("bench", help="run benchmarks/bench_*.py")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("names", nargs="*", help="e.g. info_nce train (default: all)")
@@ -264,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}[args.command]
+    command = {"train": cmd_train, "eval": cmd_eval, "viz": cmd_viz, "bench": cmd_bench}[args.command]
     try:
         return command(args)
     except (ValueError, TypeError, FileNotFoundError) as e:

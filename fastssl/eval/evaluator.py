@@ -19,7 +19,7 @@ Evaluator = Callable[[nn.Module], dict[str, float]]
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO's weighted kNN
 
 
-class _FixedIndices:
+class FixedIndices:
     """A loader sampler that yields the same dataset indices every epoch (a fixed subsample)."""
 
     def __init__(self, indices: np.ndarray):
@@ -71,7 +71,7 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
     splits = []
     for name, source, size in (("train", train_source, max_train), ("test", test_source, max_test)):
         indices = subsample_indices(len(source), size, cfg.seed)
-        splits.append((name, source, None if indices is None else _FixedIndices(indices)))
+        splits.append((name, source, None if indices is None else FixedIndices(indices)))
 
     def evaluate(encoder: nn.Module) -> dict[str, float]:
         feats = {}
