@@ -245,6 +245,7 @@ class Trainer:
         t_fit = time.perf_counter()
         eval_s = 0.0
         if "knn_random_init" not in self.extra and self.evaluator is not None:
+            self.log("random init: kNN of the untrained encoder (the baseline to beat)")
             self.extra["knn_random_init"] = self._evaluate()
             eval_s = time.perf_counter() - t_fit
             self.log(f"random init: {self.extra['knn_random_init']} ({eval_s:.0f} s)")
