@@ -68,3 +68,22 @@ def test_one_class_split_is_refused_with_the_reason():
         build_evaluator(CFG, one_class, _dark_and_bright(3, seed=1), torch.device("cpu"))
     with pytest.raises(ValueError, match="test split has 1 class"):
         build_evaluator(CFG, _dark_and_bright(3, seed=1), one_class, torch.device("cpu"))
+
+
+def test_cli_refuses_knn_on_a_one_class_folder_in_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    from fastssl.cli import main
+
+    for split in ("train", "val"):
+        (tmp_path / split / "only").mkdir(parents=True)
+        for i in range(8):
+            image = Image.fromarray(np.full((16, 16, 3), 10 * i, np.uint8))
+            image.save(tmp_path / split / "only" / f"{i}.png")
+    argv = ["train", "--method", "rotnet", "--data", str(tmp_path), "--backbone", "resnet8",
+            "--batch-size", "4", "--out", str(tmp_path / "run"), "image_size=16", "num_threads=1",
+            "data_backend=torchvision"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "kNN evaluation: the train split has 1 class(es)" in err and "eval_knn=false" in err
+    assert "Traceback" not in err and not (tmp_path / "run" / "last.pt").exists()
