@@ -100,8 +100,6 @@ class Trainer:
         if cfg.deterministic:
             # cuBLAS reads this when its handle is created: set it before the first CUDA matmul.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-            torch.backends.cudnn.benchmark = False
         self.planned_steps = cfg.epochs * self.steps_per_epoch
         self.max_steps = self.planned_steps if cfg.max_steps is None else cfg.max_steps
         self._set_total_steps(self.planned_steps)
@@ -233,6 +231,21 @@ class Trainer:
                     self.tb.add_scalar(f"train/{k}", v, record["step"])
 
     def fit(self) -> dict[str, Any]:
+        """See _fit; with cfg.deterministic, deterministic kernels (and no cuDNN autotuning) for the
+        run only: the process's settings are restored afterwards."""
+        if not self.cfg.deterministic:
+            return self._fit()
+        before = (torch.are_deterministic_algorithms_enabled(),
+                  torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        try:
+            return self._fit()
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+            torch.backends.cudnn.benchmark = before[2]
+
+    def _fit(self) -> dict[str, Any]:
         """Train until cfg.epochs * len(loader) steps (or cfg.max_steps), evaluate, write
         summary.json; returns the summary. Raises NonFiniteLossError on a NaN/inf loss."""
         cfg, spe = self.cfg, self.steps_per_epoch

@@ -46,3 +46,13 @@ def test_every_run_draws_curves_png(tmp_path):
             evaluator=lambda enc: {"knn_top1": 0.6}, progress=False, log=lambda m: None).fit()
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_deterministic_mode_holds_for_the_run_only(tmp_path):
+    import torch
+
+    seen = []
+    monitor = lambda enc: seen.append(torch.are_deterministic_algorithms_enabled()) or {"knn_top1": 0.5}
+    cfg = tiny_config(tmp_path, epochs=1, deterministic=True, eval_every=1.0)
+    Trainer(TinyMethod(cfg), TinyLoader(), monitor=monitor, progress=False, log=lambda m: None).fit()
+    assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
