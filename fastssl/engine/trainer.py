@@ -262,6 +262,10 @@ class Trainer:
             self.extra["knn_random_init"] = self._evaluate()
             eval_s = time.perf_counter() - t_fit
             self.log(f"random init: {self.extra['knn_random_init']} ({eval_s:.0f} s)")
+        if self.monitor is not None and self.eval_interval and "knn_subset_random_init" not in self.extra:
+            # The subsample's smaller memory bank reads lower than the full split: its own
+            # random-init value is the baseline its curve is compared with.
+            self.extra["knn_subset_random_init"] = self._evaluate(self.monitor)["knn_top1"]
         budget_open = self.time_budget_s is not None and "total_steps" not in self.extra
         step_times: list[float] = []
 
@@ -349,6 +353,8 @@ class Trainer:
             summary[k] = v
         for k, v in self.extra.get("knn_random_init", {}).items():
             summary[f"{k}_random_init"] = v
+        if "knn_subset_random_init" in self.extra:
+            summary["knn_top1_subset_random_init"] = self.extra["knn_subset_random_init"]
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self._write_curves(summary)

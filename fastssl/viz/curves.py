@@ -35,14 +35,18 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path,
                 summary: dict[str, Any] | None = None) -> Path:
     """Draw loss (raw and smoothed), learning rate and kNN top-1 against the step into out_path (PNG).
 
-    kNN: the fixed-subsample values logged during training (`knn_top1_subset`), and, from
-    `summary` when given, the final full-split kNN and the random-init kNN as reference lines."""
+    kNN: the fixed-subsample values logged during training (`knn_top1_subset`, from the subsample's
+    random-init value at step 0 when `summary` has it), and, from `summary` when given, the final
+    full-split kNN and the random-init kNN as reference lines. The subsample's smaller memory bank
+    reads lower than the full split: compare the curve with its own start."""
     records = read_metrics(metrics_path)
     summary = summary or {}
     steps = np.array([r["step"] + 1 for r in records])  # step s's record is the state after s + 1 updates
     loss = np.array([r.get("loss", np.nan) for r in records], dtype=float)
     lr = np.array([r.get("lr", np.nan) for r in records], dtype=float)
     knn = [(r["step"] + 1, r["knn_top1_subset"]) for r in records if "knn_top1_subset" in r]
+    if "knn_top1_subset_random_init" in summary:
+        knn.insert(0, (0, summary["knn_top1_subset_random_init"]))
 
     fig = Figure(figsize=(12, 3.4), dpi=100, layout="constrained")
     ax_loss, ax_lr, ax_knn = fig.subplots(1, 3)
@@ -60,7 +64,8 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path,
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if knn:
         x, y = zip(*knn)
-        ax_knn.plot(x, 100 * np.array(y), "o-", color="tab:green", ms=4, label="kNN, fixed subsample")
+        ax_knn.plot(x, 100 * np.array(y), "o-", color="tab:green", ms=4,
+                    label="fixed subsample (from random init)")
     for key, label, style in (("knn_top1", "final kNN, test split", "-"),
                               ("knn_top1_random_init", "random init, test split", ":")):
         if key in summary:

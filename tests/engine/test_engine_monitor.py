@@ -19,8 +19,10 @@ def test_monitor_runs_every_eval_every_epochs_into_that_steps_record(tmp_path):
     records = _records(tmp_path)
     assert [r["step"] for r in records] == list(range(12))  # still one row per step
     monitored = {r["step"]: r["knn_top1_subset"] for r in records if "knn_top1_subset" in r}
-    assert monitored == {1: 0.25, 3: 0.5, 5: 0.75, 7: 1.0, 9: 1.25, 11: 1.5}
-    assert all(enc is method.net for enc in calls)
+    # the first call scores the random init (before any step): the summary holds it
+    assert monitored == {1: 0.5, 3: 0.75, 5: 1.0, 7: 1.25, 9: 1.5, 11: 1.75}
+    assert json.loads((tmp_path / "summary.json").read_text())["knn_top1_subset_random_init"] == 0.25
+    assert len(calls) == 7 and all(enc is method.net for enc in calls)
 
 
 def test_monitor_also_scores_the_last_step_of_a_short_run(tmp_path):
@@ -55,4 +57,4 @@ def test_deterministic_mode_holds_for_the_run_only(tmp_path):
     monitor = lambda enc: seen.append(torch.are_deterministic_algorithms_enabled()) or {"knn_top1": 0.5}
     cfg = tiny_config(tmp_path, epochs=1, deterministic=True, eval_every=1.0)
     Trainer(TinyMethod(cfg), TinyLoader(), monitor=monitor, progress=False, log=lambda m: None).fit()
-    assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
+    assert seen == [True, True] and not torch.are_deterministic_algorithms_enabled()
