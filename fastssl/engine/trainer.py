@@ -64,6 +64,9 @@ class Trainer:
     summary.json. cfg.batch_size is the global batch; the loader yields this rank's share.
 
     resume: None (fresh run), "auto" (continue from OUT/last.pt when it exists) or a path.
+    monitor: a cheap evaluator (kNN on a fixed subsample) run every cfg.eval_every epochs and
+    at the last step; its result goes into that step's metrics.jsonl record as `knn_top1_subset`
+    and into the progress line. At the end, rank 0 draws curves.png from metrics.jsonl.
     time_budget_s: wall-clock budget of fit() (training and evaluations). After timing the
     first steps, and again every 50 steps on the latest speed, the run's length is set to the
     steps that fit (at most cfg.epochs): the schedules are re-spread over it, so the run still
@@ -73,9 +76,10 @@ class Trainer:
 
     def __init__(self, method: Method, loader: Iterable, *, evaluator: Evaluator | None = None,
                  resume: str | None = None, progress: bool = True, tensorboard: bool = False,
-                 log: Callable[[str], None] | None = None, time_budget_s: float | None = None):
+                 log: Callable[[str], None] | None = None, time_budget_s: float | None = None,
+                 monitor: Evaluator | None = None):
         self.cfg = cfg = method.cfg
-        self.method, self.loader, self.evaluator = method, loader, evaluator
+        self.method, self.loader, self.evaluator, self.monitor = method, loader, evaluator, monitor
         self.rank, self.world, self.device = init_distributed()
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
@@ -89,6 +93,14 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise ValueError("loader: expected at least one batch per epoch, got 0 "
                              "(dataset smaller than the batch?)")
+        if cfg.eval_every < 0:
+            raise ValueError(f"eval_every: expected epochs >= 0 (0 = no kNN while training), "
+                             f"got {cfg.eval_every}")
+        self.eval_interval = max(1, round(cfg.eval_every * self.steps_per_epoch)) if cfg.eval_every else 0
+        self.monitor_s: list[float] = []  # seconds of each monitor call (the time budget counts them)
+        if cfg.deterministic:
+            # cuBLAS reads this when its handle is created: set it before the first CUDA matmul.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.planned_steps = cfg.epochs * self.steps_per_epoch
         self.max_steps = self.planned_steps if cfg.max_steps is None else cfg.max_steps
         self._set_total_steps(self.planned_steps)
@@ -136,6 +148,8 @@ class Trainer:
 
     def _apply_time_budget(self, step_times: list[float], eval_s: float, deadline: float) -> None:
         step_s = sorted(step_times)[len(step_times) // 2]
+        if self.monitor_s and self.eval_interval:
+            step_s += sum(self.monitor_s) / len(self.monitor_s) / self.eval_interval
         remaining = deadline - time.perf_counter() - eval_s
         # 5% reserve: epoch starts (pipeline set-up), checkpoints and the final save are not in step_s.
         fit = min(max(self.step + int(0.95 * remaining / step_s), self.step + 1), self.planned_steps)
@@ -189,15 +203,16 @@ class Trainer:
         }, self.ckpt_path)
 
     # ----------------------------------------------------------------- evaluation
-    def _evaluate(self) -> dict[str, float]:
-        if self.evaluator is None:
+    def _evaluate(self, evaluator: Evaluator | None = None) -> dict[str, float]:
+        evaluator = evaluator or self.evaluator
+        if evaluator is None:
             return {}
         result: dict[str, float] = {}
         if self.is_main:
             was_training = self.method.training
             self.method.eval()
             with torch.no_grad(), torch.autocast(**self.autocast):
-                result = self.evaluator(self.method.encoder())
+                result = evaluator(self.method.encoder())
             self.method.train(was_training)
         if self.world > 1:
             box = [result]
@@ -217,6 +232,21 @@ class Trainer:
                     self.tb.add_scalar(f"train/{k}", v, record["step"])
 
     def fit(self) -> dict[str, Any]:
+        """See _fit; with cfg.deterministic, deterministic kernels (and no cuDNN autotuning) for the
+        run only: the process's settings are restored afterwards."""
+        if not self.cfg.deterministic:
+            return self._fit()
+        before = (torch.are_deterministic_algorithms_enabled(),
+                  torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        try:
+            return self._fit()
+        finally:
+            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+            torch.backends.cudnn.benchmark = before[2]
+
+    def _fit(self) -> dict[str, Any]:
         """Train until cfg.epochs * len(loader) steps (or cfg.max_steps), evaluate, write
         summary.json; returns the summary. Raises NonFiniteLossError on a NaN/inf loss."""
         cfg, spe = self.cfg, self.steps_per_epoch
@@ -229,9 +259,14 @@ class Trainer:
         t_fit = time.perf_counter()
         eval_s = 0.0
         if "knn_random_init" not in self.extra and self.evaluator is not None:
+            self.log("random init: kNN of the untrained encoder (the baseline to beat)")
             self.extra["knn_random_init"] = self._evaluate()
             eval_s = time.perf_counter() - t_fit
             self.log(f"random init: {self.extra['knn_random_init']} ({eval_s:.0f} s)")
+        if self.monitor is not None and self.eval_interval and "knn_subset_random_init" not in self.extra:
+            # The subsample's smaller memory bank reads lower than the full split: its own
+            # random-init value is the baseline its curve is compared with.
+            self.extra["knn_subset_random_init"] = self._evaluate(self.monitor)["knn_top1"]
         budget_open = self.time_budget_s is not None and "total_steps" not in self.extra
         step_times: list[float] = []
 
@@ -239,6 +274,7 @@ class Trainer:
         train_time, images, last_loss = 0.0, 0, float("nan")
         pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
         t_start = time.perf_counter()
+        knn_text = ""
         while self.step < self.stop_step:
             epoch, skip = divmod(self.step, spe)
             if isinstance(self.loader, Loader):
@@ -278,6 +314,13 @@ class Trainer:
                 pending.append((record, values))
                 self.step += 1
                 skip += 1
+                monitored = self.monitor is not None and self.eval_interval and (
+                    self.step % self.eval_interval == 0 or self.step == self.stop_step)
+                if monitored:
+                    t_monitor = time.perf_counter()
+                    record["knn_top1_subset"] = self._evaluate(self.monitor)["knn_top1"]
+                    self.monitor_s.append(time.perf_counter() - t_monitor)
+                    knn_text = f"{record['knn_top1_subset']:.1%}"
                 if budget_open:
                     # First after CALIBRATION_STEPS, then every 50 steps on the latest speed: a
                     # shared machine's speed changes during the run.
@@ -288,11 +331,12 @@ class Trainer:
                                                 t_fit + self.time_budget_s)
                 will_save = (skip == spe or self.step == self.stop_step
                              or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0))
-                if will_save or self.step % max(cfg.log_every, 1) == 0:
+                if will_save or monitored or self.step % max(cfg.log_every, 1) == 0:
                     last_loss = self._flush(pending)
                     if bar is not None:
                         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.3g}",
-                                        img_s=f"{images / train_time:.0f}", data=f"{wait_acc / time_acc:.0%}")
+                                        img_s=f"{images / train_time:.0f}", data=f"{wait_acc / time_acc:.0%}",
+                                        **({"knn": knn_text} if knn_text else {}))
                 if bar is not None:
                     bar.update(1)
                 if will_save:
@@ -322,11 +366,26 @@ class Trainer:
             summary[k] = v
         for k, v in self.extra.get("knn_random_init", {}).items():
             summary[f"{k}_random_init"] = v
+        if "knn_subset_random_init" in self.extra:
+            summary["knn_top1_subset_random_init"] = self.extra["knn_subset_random_init"]
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self._write_curves(summary)
         if self.tb is not None:
             self.tb.close()
         return summary
+
+    def _write_curves(self, summary: dict[str, Any]) -> None:
+        """curves.png (loss, LR, kNN over the steps) from metrics.jsonl; a note when matplotlib,
+        an optional extra, is not installed."""
+        try:
+            from fastssl.viz.curves import plot_curves
+        except ImportError as e:
+            self.log(f"curves.png: not drawn ({e.name} is not installed: pip install 'fastssl[viz]')")
+            return
+        metrics = self.out / "metrics.jsonl"
+        if metrics.is_file():
+            plot_curves(metrics, self.out / "curves.png", summary)
 
     def _train_step(self, batch: dict, epoch: int) -> dict[str, Any]:
         s = self.step

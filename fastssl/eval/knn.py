@@ -4,6 +4,8 @@ class with weight exp(sim / T), the class with the largest total wins."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -13,10 +15,11 @@ from fastssl.ops._dispatch import check_positive, check_tensor
 @torch.no_grad()
 def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                 k: int = 20, temperature: float = 0.07, num_classes: int | None = None,
-                chunk_size: int = 1024) -> torch.Tensor:
+                chunk_size: int = 1024, progress: str | None = None) -> torch.Tensor:
     """train_features [N, D], train_labels [N] (int64 in [0, C)), test_features [M, D] ->
     predicted labels [M]. score_c(x) = sum over the top-k neighbours n with label c of
-    exp(cos(x, f_n) / T). Features are L2-normalised here; similarities in fp32."""
+    exp(cos(x, f_n) / T). Features are L2-normalised here; similarities in fp32.
+    progress: a label for a progress bar over the test chunks on stderr; None shows none."""
     check_tensor("train_features", train_features, ndim=2)
     check_tensor("test_features", test_features, ndim=2, device=train_features.device)
     check_tensor("train_labels", train_labels, ndim=1, dtypes=(torch.int64, torch.int32),
@@ -34,7 +37,13 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
     train = F.normalize(train_features.float(), dim=1)
     labels = train_labels.long()
     preds = []
-    for start in range(0, test_features.shape[0], chunk_size):
+    starts = range(0, test_features.shape[0], chunk_size)
+    if progress is not None:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=progress, unit="chunk", leave=False, mininterval=1.0, file=sys.stderr,
+                      dynamic_ncols=True)
+    for start in starts:
         test = F.normalize(test_features[start:start + chunk_size].float(), dim=1)
         sim, idx = (test @ train.T).topk(k, dim=1)
         votes = torch.zeros(test.shape[0], num_classes, device=test.device)
@@ -44,8 +53,10 @@ def knn_predict(train_features: torch.Tensor, train_labels: torch.Tensor, test_f
 
 
 def knn_top1(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
-             test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07) -> float:
+             test_labels: torch.Tensor, k: int = 20, temperature: float = 0.07,
+             progress: str | None = None) -> float:
     """Fraction of test samples whose weighted-kNN prediction equals their label."""
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-    pred = knn_predict(train_features, train_labels, test_features, k, temperature, num_classes)
+    pred = knn_predict(train_features, train_labels, test_features, k, temperature, num_classes,
+                       progress=progress)
     return (pred == test_labels.to(pred.device)).float().mean().item()

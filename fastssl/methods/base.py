@@ -62,6 +62,8 @@ class TrainConfig:
     checkpoint_every: int = 0      # steps; 0 = only at epoch end
     log_every: int = 10
     eval_knn: bool = True
+    eval_every: float = 1.0        # epochs between kNN checks on a fixed subsample while training; 0 = none
+    deterministic: bool = False    # deterministic kernels: same seed and machine -> same losses
     max_steps: int | None = None   # stop early (tests, time-boxed runs)
     max_skipped_fraction: float = 0.001  # bad samples are skipped and counted; beyond this fraction: an error
 

@@ -1,0 +1,91 @@
+"""An evaluator of a run: kNN (and optionally a linear probe) of an encoder's frozen features
+on labelled train (memory bank) and test sources, over the whole splits or a fixed subsample
+(the cheap kNN that tracks a run while it trains)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from fastssl.eval.features import extract_features
+from fastssl.eval.knn import knn_top1
+from fastssl.eval.linear import linear_probe
+
+Evaluator = Callable[[nn.Module], dict[str, float]]
+
+KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO's weighted kNN
+
+
+class FixedIndices:
+    """A loader sampler that yields the same dataset indices every epoch (a fixed subsample)."""
+
+    def __init__(self, indices: np.ndarray):
+        self.indices = indices
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        return iter(self.indices.tolist())
+
+
+def subsample_indices(n: int, size: int | None, seed: int) -> np.ndarray | None:
+    """`size` distinct indices of range(n), sorted, drawn with `seed` (the same on every call);
+    None when the whole split is asked for (size None or >= n)."""
+    if size is None or size >= n:
+        return None
+    if size < 1:
+        raise ValueError(f"subsample size: expected >= 1, got {size}")
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def check_knn_labels(source, split: str) -> None:
+    """kNN needs at least two classes: with one, every prediction is right and the 100% means
+    nothing. Raises ValueError naming the split and the way to train without evaluation."""
+    classes = np.unique(np.asarray(source.labels))
+    if len(classes) < 2:
+        raise ValueError(f"kNN evaluation: the {split} split has {len(classes)} class(es) "
+                         f"({len(source)} images), so every prediction would be right; it needs labelled "
+                         f"class folders (at least 2), or pass eval_knn=false to pretrain without evaluation")
+
+
+def build_evaluator(cfg, train_source, test_source, device: torch.device, *, resize: int | None = None,
+                    linear: bool = False, max_train: int | None = None, max_test: int | None = None,
+                    progress: bool = True) -> Evaluator:
+    """Callable(encoder) -> {"knn_top1": ..., ["linear_top1", "linear_train_top1"]}.
+
+    Features of `train_source` (the kNN memory bank) and `test_source` through the eval recipe
+    (cfg.image_size; `resize` first resizes the whole image to it, no crop margin), with the run's
+    data backend and threads. max_train / max_test: a fixed subsample of each split, drawn with
+    cfg.seed (the same images at every call, so successive calls are comparable). kNN top-1 with
+    k = 20 (fewer for a smaller memory bank), T = 0.07. progress: bars on stderr for each pass.
+    Raises ValueError for a split with fewer than two classes."""
+    from fastssl.data import build_loader, recipes
+
+    check_knn_labels(train_source, "train")
+    check_knn_labels(test_source, "test")
+    recipe = recipes.eval(size=cfg.image_size, resize=resize)
+    splits = []
+    for name, source, size in (("train", train_source, max_train), ("test", test_source, max_test)):
+        indices = subsample_indices(len(source), size, cfg.seed)
+        splits.append((name, source, None if indices is None else FixedIndices(indices)))
+
+    def evaluate(encoder: nn.Module) -> dict[str, float]:
+        feats = {}
+        for name, source, sampler in splits:
+            loader = build_loader(source, recipe, batch_size=512, seed=cfg.seed, drop_last=False,
+                                  shuffle=False, sampler=sampler, backend=cfg.data_backend,
+                                  device=cfg.data_device, num_threads=cfg.num_threads)
+            feats[name] = extract_features(encoder, loader, device, cfg.channels_last,
+                                           progress=f"{name} features" if progress else None)
+        k = min(KNN_K, len(feats["train"][1]))
+        result = {"knn_top1": knn_top1(*feats["train"], *feats["test"], k=k, temperature=KNN_TEMPERATURE,
+                                       progress="kNN" if progress else None)}
+        if linear:
+            result |= linear_probe(*feats["train"], *feats["test"])
+        return result
+
+    return evaluate
