@@ -3,7 +3,6 @@
     fastssl train [--method M] [--data fashion-mnist|PATH] [--backbone NAME] [--epochs E]
                   [--batch-size B] [--out DIR] [--config YAML] [--resume auto|PATH] [key=value ...]
     fastssl eval --checkpoint RUN/last.pt [--data fashion-mnist|PATH]
-    fastssl viz RUN [--out DIR]
     fastssl bench [--quick] [NAME ...]
     fastssl viz RUN [--out DIR] [--data SPEC]
     fastssl bench --model [--json FILE]
