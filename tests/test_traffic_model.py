@@ -90,6 +90,11 @@ def test_counter_bytes_flops_and_peak():
     assert counter.records[0].flops == 2 * 8 * 16 * 4
     assert counter.records[1].bytes_read == 4 * 32
     assert counter.peak_bytes == 2 * 4 * 32 and counter.live_bytes == 4 * 32 and e.shape == (4, 8)
+    with DispatchCounter() as counter:
+        a.new_zeros(3)  # a gives only dtype and device
+        torch.empty(8, 16).copy_(a)  # reads a, writes the destination
+    assert [(r.name, r.bytes_read, r.bytes_written) for r in counter.records] == [
+        ("new_zeros", 0, 12), ("copy_", 4 * 128, 4 * 128)]
 
 
 def test_bench_model_prints_the_table_and_writes_records(tmp_path, capsys):

@@ -45,6 +45,11 @@ _FREE = {
     "sym_numel",
 }
 # ops that copy an existing tensor's values into new or existing memory
+# ops whose tensor inputs give only a shape/dtype (factories), or whose first argument is only
+# written (copy_ into it, fill it): those inputs are not read
+_SHAPE_ONLY = {"new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like", "rand_like",
+               "randn_like"}
+_WRITE_ONLY_SELF = {"copy_", "fill_", "zero_", "uniform_", "normal_", "random_", "bernoulli_"}
 COPY_OPS = {
     "copy_",
     "clone",
@@ -108,6 +113,14 @@ def _is_view(func, ins: list[torch.Tensor], outs: list[torch.Tensor]) -> bool:
     return all(_storage(o) in in_storages for o in outs)
 
 
+def _read_inputs(name: str, args: tuple, ins: list[torch.Tensor]) -> list[torch.Tensor]:
+    if name in _SHAPE_ONLY:
+        return []
+    if name in _WRITE_ONLY_SELF and args and isinstance(args[0], torch.Tensor):
+        return [t for t in ins if t is not args[0]]
+    return ins
+
+
 class DispatchCounter(TorchDispatchMode):
     """Records every aten op dispatched inside `with DispatchCounter() as c:` in `c.records`."""
 
@@ -154,7 +167,7 @@ class DispatchCounter(TorchDispatchMode):
         self.records.append(
             OpRecord(
                 name,
-                sum(distinct_bytes(t) for t in ins),
+                sum(distinct_bytes(t) for t in _read_inputs(name, args, ins)),
                 sum(t.numel() * t.element_size() for t in outs),
                 max((t.numel() for t in outs), default=0),
                 int(count_flops(*args, **kwargs, out_val=out)) if count_flops else 0,

@@ -1,9 +1,10 @@
 """MAE (He et al. 2022, "Masked Autoencoders Are Scalable Vision Learners").
 
-ViT encoder on the 25% kept patches (fastssl.ops.random_masking; fixed sin-cos position
-embedding added before masking, class token after), decoder of 8 blocks of width 512 fed by
-fastssl.ops.unshuffle_tokens, per-patch-normalized pixel MSE on the masked patches
-(fastssl.ops.mae_loss). AdamW (beta2 0.95), lr 1.5e-4 * B / 256, 40 warm-up epochs + cosine,
+ViT encoder on the 25% kept patches (fastssl.ops.random_masking, which adds the fixed sin-cos
+position embedding to the kept patches and writes the class token in the same pass), decoder of
+8 blocks of width 512 fed by fastssl.ops.unshuffle_tokens (mask tokens, class token and decoder
+position embedding in one pass), per-patch-normalized pixel MSE on the masked patches read from
+the images (fastssl.ops.mae_loss). AdamW (beta2 0.95), lr 1.5e-4 * B / 256, 40 warm-up epochs + cosine,
 weight decay 0.05.
 """
 

@@ -81,6 +81,8 @@ if HAS_TRITON:
         (masking forward). SUM_REST: rest[n, :] = sum of the removed rows (the mask-token gradient).
 
         Traffic: loads K rows of src (+ K rows of pos) per sample, or all L rows with SUM_REST;
+        these are distinct bytes. A D-major src (the patch embedding's layout, tokens contiguous)
+        scatters the kept 25% over 32-byte sectors of 8-16 tokens, so DRAM then serves ~all of x;
         stores P + K rows of dst (+ L mask values, or one fp32 rest row); + L ids."""
         n = tl.program_id(0).to(tl.int64)
         pid_d = tl.program_id(1)
@@ -107,7 +109,7 @@ if HAS_TRITON:
                 vals = tl.load(src_ptr + src_offs, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
                 removed = row_ok & ~kept
                 rest += tl.sum(tl.where(removed[:, None], vals.to(rest.dtype), 0.0), axis=0)
-            else:  # only kept rows are read: the masking forward moves the kept 25% of x
+            else:  # only kept rows are read (see the traffic note for a D-major x)
                 vals = tl.load(src_ptr + src_offs, mask=kept[:, None] & col_ok[None, :], other=0.0)
             if HAS_POS:
                 # x + pos in fp32 and one rounding: the same value as torch's add in x's dtype

@@ -14,6 +14,7 @@ from torch import nn
 from fastssl import ops
 from fastssl.bench.counter import DispatchCounter, interpreted_kernels_uncounted
 from fastssl.losses.dino import DINOLoss
+from fastssl.methods import METHODS
 
 
 def count(step):
@@ -84,10 +85,12 @@ def test_dino_loss_step_has_no_copies():
 
 @pytest.fixture
 def mocov2(monkeypatch):
-    from tests.methods.method_helpers import build
-
-    method = build("mocov2")
-    monkeypatch.setattr(type(method), "backend", property(lambda self: "triton"))
+    """A small MoCo v2 (its key queue included) whose ops run the Triton kernels."""
+    cls = METHODS["mocov2"]
+    torch.manual_seed(0)
+    cfg = cls.config_class(backbone="resnet18", image_size=8, moco_dim=16, mlp_hidden_dim=32, queue_size=64)
+    method = cls(cfg)
+    monkeypatch.setattr(cls, "backend", property(lambda self: "triton"))
     return method
 
 
