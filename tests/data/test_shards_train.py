@@ -185,6 +185,7 @@ def test_small_folder_warns_with_the_small_image_preset(tmp_path, capsys):
     assert "is small (8 images of about 16 px" in err and "'fashion-mnist' preset: backbone=resnet20" in err
 
 
+@pytest.mark.slow  # ~35 s on a loaded 2-core CPU: three short runs through the CLI
 def test_mid_epoch_resume_on_shards_repeats_the_uninterrupted_run(shard_root, tmp_path):
     """Stopped after step 2 of a 4-step epoch and resumed: the same losses at steps 2..5 as a
     run that never stopped (the loader restarts at batch 2 without reading batches 0, 1)."""
