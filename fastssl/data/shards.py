@@ -124,14 +124,14 @@ def _png_bytes(image: np.ndarray) -> bytes:
 
 
 def write_shards(source, out: str | os.PathLike, *, shard_size: int = 10_000,
-                 tags: Sequence[Sequence[str]] | None = None, class_names: Sequence[str] | None = None,
-                 keys: Sequence[str] | None = None) -> dict:
+                 tags: Sequence[Sequence[str]] | None = None,
+                 class_names: Sequence[str] | None = None) -> dict:
     """Write `source` (an encoded-image source: its files' bytes unchanged; or an ArraySource:
     PNG-encoded) as shards of `shard_size` samples under `out`; returns the manifest.
 
     tags: one list of tag strings per sample (weak supervision), stored in KEY.json and
-    gathered, sorted, into the manifest's tag vocabulary. keys: the source's path or index
-    per sample for KEY.json (default: the file path, or the index for arrays).
+    gathered, sorted, into the manifest's tag vocabulary. KEY.json's "path" is the file's
+    path (an ArraySource's: the item index).
     Deterministic: the same source gives byte-identical shards. Shards appear atomically;
     manifest.json is written last, so a folder with a manifest is complete."""
     if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
@@ -154,7 +154,7 @@ def write_shards(source, out: str | os.PathLike, *, shard_size: int = 10_000,
                 data = source.read_bytes(i).tobytes()
             else:
                 ext, data = "png", _png_bytes(source.images[i])
-            origin = keys[i] if keys is not None else (source.paths[i] if encoded else i)
+            origin = source.paths[i] if encoded else i
             meta = {"path": origin, "tags": list(tags[i]) if tags is not None else []}
             samples.append((f"{i:09d}", [(ext, data), ("cls", str(int(source.labels[i])).encode()),
                                          ("json", json.dumps(meta, sort_keys=True).encode())]))

@@ -185,6 +185,7 @@ def test_small_folder_warns_with_the_small_image_preset(tmp_path, capsys):
     assert "is small (8 images of about 16 px" in err and "'fashion-mnist' preset: backbone=resnet20" in err
 
 
+@pytest.mark.slow  # ~35 s on a loaded 2-core CPU: three short runs through the CLI
 def test_mid_epoch_resume_on_shards_repeats_the_uninterrupted_run(shard_root, tmp_path):
     """Stopped after step 2 of a 4-step epoch and resumed: the same losses at steps 2..5 as a
     run that never stopped (the loader restarts at batch 2 without reading batches 0, 1)."""
@@ -212,6 +213,12 @@ def test_shards_from_a_labels_file_and_tags_from_labels(tmp_path):
     s1 = ShardSource(tmp_path / "s1")
     assert s1.tag_vocabulary() == ["bright", "dark", "day", "night"] and s1.labels.tolist() == [-1] * 6
     assert s1.tags(s1.tag_vocabulary())[:3] == [[1, 3]] * 3
+    # method weak trains on the tags through the manifest's vocabulary (4 classes, not the default 10)
+    out = tmp_path / "weak"
+    assert main(["train", "--method", "weak", "--data", str(tmp_path / "s1"), "--batch-size", "2",
+                 "--out", str(out), "max_steps=1", "num_threads=1", "data_backend=torchvision",
+                 "image_size=16", "backbone=resnet8"]) == 0
+    assert "num_classes: 4" in (out / "config.yaml").read_text()
     single = folder / "single.csv"
     single.write_text("\n".join(r.rsplit(",", 1)[0] for r in rows) + "\n")
     assert main(["shards", str(single), str(tmp_path / "s2")]) == 0
