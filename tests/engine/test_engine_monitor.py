@@ -21,7 +21,9 @@ def test_monitor_runs_every_eval_every_epochs_into_that_steps_record(tmp_path):
     monitored = {r["step"]: r["knn_top1_subset"] for r in records if "knn_top1_subset" in r}
     # the first call scores the random init (before any step): the summary holds it
     assert monitored == {1: 0.5, 3: 0.75, 5: 1.0, 7: 1.25, 9: 1.5, 11: 1.75}
-    assert json.loads((tmp_path / "summary.json").read_text())["knn_top1_subset_random_init"] == 0.25
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["knn_top1_subset_random_init"] == 0.25
+    assert 0 < summary["monitor_seconds"] <= summary["train_seconds"]
     assert len(calls) == 7 and all(enc is method.net for enc in calls)
 
 
