@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 _T0 = time.perf_counter()
@@ -88,29 +89,48 @@ def _data_options(cfg, device: torch.device) -> dict[str, Any]:
 
 def build_evaluator(cfg, data: str, device: torch.device, linear: bool = False):
     """Callable(encoder) -> {"knn_top1": ..., ["linear_top1": ...]} on the data's labelled
-    train (memory bank) and test splits, or None when the data has no such splits."""
+    train (memory bank) and test splits, or None when the data has no such splits.
+
+    Called on every rank of a distributed run: each rank extracts the features of its shard of
+    both splits, the train shards are gathered into the whole memory bank, each rank scores its
+    test shard and the counts are summed, so no rank idles in a collective while another runs
+    the whole extraction. The linear probe (on all features) runs on rank 0 only."""
     from fastssl.data import build_loader, recipes
+    from fastssl.distributed import all_gather_rows, all_reduce_sum_, comm_device, get_rank, get_world_size
     from fastssl.eval import extract_features, knn_top1, linear_probe
 
     train_src, test_src = _sources(data, "train"), _sources(data, "test")
     if train_src is None or test_src is None:
         _log(f"eval: {data} has no train/ and val/ folders: no kNN evaluation")
         return None
+    classes = len(np.unique(train_src.labels)) if hasattr(train_src, "labels") else None
+    if classes is not None and classes < 2:
+        raise ValueError(f"--data: the labelled train split of {data} has {classes} class: kNN accuracy "
+                         f"would be 100% whatever the features; give two classes or more (or eval_knn=false)")
     # Fashion-MNIST is 28x28: resize to the model's size and keep the whole image (no crop margin).
     resize = cfg.image_size if data == FASHION_MNIST else None
     recipe = recipes.eval(size=cfg.image_size, resize=resize)
     options = _data_options(cfg, device)
 
     def evaluate(encoder) -> dict[str, float]:
+        rank, world = get_rank(), get_world_size()
         feats = {}
         for name, src in (("train", train_src), ("test", test_src)):
             loader = build_loader(src, recipe, batch_size=512, seed=cfg.seed, drop_last=False, shuffle=False,
-                                  **options)
-            feats[name] = extract_features(encoder, loader, device, cfg.channels_last)
-        k = min(20, len(feats["train"][1]))  # DINO's k = 20; fewer only for a memory bank that small
-        result = {"knn_top1": knn_top1(*feats["train"], *feats["test"], k=k, temperature=0.07)}
+                                  shard_id=rank, num_shards=world, **options)
+            f, y = extract_features(encoder, loader, device, cfg.channels_last)
+            keep = len(range(rank, len(src), world))  # the shard without the loader's wrap-around padding
+            feats[name] = (f[:keep], y[:keep])
+        bank = tuple(all_gather_rows(t) for t in feats["train"])
+        k = min(20, len(bank[1]))  # DINO's k = 20; fewer only for a memory bank that small
+        n_test = len(feats["test"][1])
+        correct = round(knn_top1(*bank, *feats["test"], k=k, temperature=0.07) * n_test)
+        counts = all_reduce_sum_(torch.tensor([correct, n_test], dtype=torch.int64, device=comm_device()))
+        result = {"knn_top1": int(counts[0]) / int(counts[1])}
         if linear:
-            result |= linear_probe(*feats["train"], *feats["test"])
+            test = tuple(all_gather_rows(t) for t in feats["test"])
+            if rank == 0:
+                result |= linear_probe(*bank, *test)
         return result
 
     return evaluate

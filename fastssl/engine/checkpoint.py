@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,13 @@ def load_checkpoint(path: str | Path, method: str | None = None) -> dict[str, An
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint: expected an existing file, got {str(path)!r}")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive (a raw pickle, protocol >= 2, in its legacy format)
+    if not zipfile.is_zipfile(path) and not (len(head) == 2 and head[0] == 0x80):
+        what = "a damaged or truncated zip archive" if head == b"PK" else "neither a zip archive nor a pickle"
+        raise ValueError(f"checkpoint {str(path)!r}: not a readable torch checkpoint ({what}; fastssl reads "
+                         f"the last.pt that fastssl train writes)")
     try:
         with warnings.catch_warnings():  # a raw pickle's protocol warning: the error below says it all
             warnings.simplefilter("ignore")

@@ -2,7 +2,8 @@
 
 One `Trainer.fit()` call is one run. The method (fastssl/methods) owns its networks and
 loss; the loader (fastssl/data.build_loader, this rank's shard) yields batches; the
-optional `evaluator` scores the method's encoder (kNN on a labelled split)."""
+optional `evaluator` scores the method's encoder (kNN on a labelled split); it is called on
+every rank, and a distributed one shares the work (see fastssl.cli.build_evaluator)."""
 
 from __future__ import annotations
 
@@ -285,17 +286,13 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         if self.evaluator is None:
             return {}
-        result: dict[str, float] = {}
-        if self.is_main:
-            was_training = self.method.training
-            self.method.eval()
-            with torch.no_grad(), torch.autocast(**self.autocast):
-                result = self.evaluator(self.method.encoder())
-            self.method.train(was_training)
-        if self.world > 1:
-            box = [result]
-            dist.broadcast_object_list(box, src=0)
-            result = box[0]
+        # Every rank calls the evaluator: a distributed one (the CLI's) extracts each rank's shard,
+        # so no rank waits in a collective, past its timeout, while rank 0 does all the work.
+        was_training = self.method.training
+        self.method.eval()
+        with torch.no_grad(), torch.autocast(**self.autocast):
+            result = self.evaluator(self.method.encoder())
+        self.method.train(was_training)
         return result
 
     # ----------------------------------------------------------------- loop
