@@ -330,3 +330,45 @@ def test_one_class_data_is_refused_for_knn(capsys, tmp_path):
     args = _tiny_args(tmp_path / "data", "--epochs", "1", "--out", tmp_path / "run")
     args.remove("eval_knn=false")
     _mistake(capsys, args, "1 class", "kNN", "eval_knn=false")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_the_job_completes(tmp_path):
+    """2 workers under `torchrun --max-restarts 1`; one is SIGKILLed after the first checkpoint;
+    the restarted workers resume from it on their own and the job completes, each step logged
+    once. (~1-2 min on a busy 2-core machine: two start-ups of two workers.)"""
+    _image_folder(tmp_path / "data", n_per_class=32)
+    run = tmp_path / "run"
+    args = _tiny_args(tmp_path / "data", "--epochs", "3", "--out", run, "checkpoint_every=4")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "--max-restarts", "1"]
+    proc = subprocess.Popen([*torchrun, "-m", "fastssl.cli", *args], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline, killed = time.time() + 400, None
+    while time.time() < deadline and proc.poll() is None and killed is None:
+        if (run / "last.pt").exists():
+            workers = _children(proc.pid)
+            if len(workers) == 2:
+                killed = max(workers)
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=400)
+    assert killed is not None, "the job ended before a worker could be killed"
+    assert proc.returncode == 0, err[-3000:]
+    assert "torchrun restart 1: resuming" in err and re.search(r"resumed from .*last.pt at step [1-9]", err)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 24 and summary["world_size"] == 2
+    assert [s for s, _ in _steps_and_losses(run)] == list(range(24))
