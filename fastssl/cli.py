@@ -396,8 +396,7 @@ def _split_key_values(parser: argparse.ArgumentParser, argv: list[str]) -> tuple
     command = next((i for i, t in enumerate(argv) if not t.startswith("-")), None)
     if command is None or argv[command] != "train":
         return argv, []
-    train = next(a for a in parser._subparsers._group_actions if isinstance(a, argparse._SubParsersAction))
-    takes_value = {opt for action in train.choices["train"]._actions if action.nargs != 0
+    takes_value = {opt for action in _subcommands(parser)["train"]._actions if action.nargs != 0
                    for opt in action.option_strings}
     rest, items = argv[:command + 1], []
     tokens = argv[command + 1:]
@@ -407,6 +406,10 @@ def _split_key_values(parser: argparse.ArgumentParser, argv: list[str]) -> tuple
         else:
             rest.append(token)
     return rest, items
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
 
 
 def _method_in(argv: list[str]) -> str | None:
@@ -424,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_method_in(argv))
     rest, items = _split_key_values(parser, argv)
-    args = parser.parse_args(rest)
+    args, unknown = parser.parse_known_args(rest)
+    if unknown:  # reported by the subcommand's parser, whose help lists what it takes
+        _subcommands(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "train":
         args.overrides = args.overrides + items
     debug = getattr(args, "debug", False)
