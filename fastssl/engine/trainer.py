@@ -399,32 +399,7 @@ class Trainer:
             for s, previous in handlers.items():
                 signal.signal(s, previous)
             self._finish_stop_agreement()
-        train_time, images, last_loss = self._loop_stats
-
-        wall = time.perf_counter() - t_start
-        result = {} if stopped else self._evaluate()
-        summary = {
-            "method": self.method.name, "backbone": cfg.backbone,
-            "epochs": round(self.step / spe, 3), "epochs_planned": round(self.total_steps / spe, 3),
-            "epochs_configured": cfg.epochs,
-            "steps": self.step, "total_steps": self.total_steps, "batch_size": cfg.batch_size,
-            "images_per_second": images / train_time if train_time else None,
-            "final_loss": last_loss, "train_seconds": wall, "device": self._device_name(),
-            "world_size": self.world, "fused": cfg.fused,
-        }
-        for k, v in result.items():
-            summary[k] = v
-        for k, v in self.extra.get("knn_random_init", {}).items():
-            summary[f"{k}_random_init"] = v
-        if stopped:
-            summary["interrupted"] = signal.Signals(stopped).name
-            self.log(f"stopped by {summary['interrupted']} after step {self.step}: "
-                     f"checkpoint {self.ckpt_path}")
-        elif self.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        if self.tb is not None:
-            self.tb.close()
-        return summary
+        return self._finish(stopped, t_start)
 
     def _loop(self, pending: list, budget_open: bool, step_times: list[float], eval_s: float,
               t_fit: float) -> int:
@@ -495,6 +470,35 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return 0
+
+    def _finish(self, stopped: int, t_start: float) -> dict[str, Any]:
+        """Evaluate (unless stopped by a signal) and write summary.json; returns the summary."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        train_time, images, last_loss = self._loop_stats
+        wall = time.perf_counter() - t_start
+        result = {} if stopped else self._evaluate()
+        summary = {
+            "method": self.method.name, "backbone": cfg.backbone,
+            "epochs": round(self.step / spe, 3), "epochs_planned": round(self.total_steps / spe, 3),
+            "epochs_configured": cfg.epochs,
+            "steps": self.step, "total_steps": self.total_steps, "batch_size": cfg.batch_size,
+            "images_per_second": images / train_time if train_time else None,
+            "final_loss": last_loss, "train_seconds": wall, "device": self._device_name(),
+            "world_size": self.world, "fused": cfg.fused,
+        }
+        for k, v in result.items():
+            summary[k] = v
+        for k, v in self.extra.get("knn_random_init", {}).items():
+            summary[f"{k}_random_init"] = v
+        if stopped:
+            summary["interrupted"] = signal.Signals(stopped).name
+            self.log(f"stopped by {summary['interrupted']} after step {self.step}: "
+                     f"checkpoint {self.ckpt_path}")
+        elif self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.tb is not None:
+            self.tb.close()
+        return summary
 
     def _train_step(self, batch: dict, epoch: int) -> dict[str, Any]:
         s = self.step
