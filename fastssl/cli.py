@@ -263,7 +263,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = _resolve_data(args.data or cfg.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method = _build_method(name, cfg)
-    method.load_state_dict(state["model"])
+    try:
+        method.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"--checkpoint {args.checkpoint!r}: its weights do not fit the {name} "
+                         f"{cfg.backbone} model its config describes ({first})") from e
     method.to(device).eval()
     evaluator = build_evaluator(cfg, data, device, linear=True)
     if evaluator is None:
@@ -439,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return command(args)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; exited without a checkpoint", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C outside the training steps, or a second one inside them
+        print(f"{prog}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return 130
     except NonFiniteLossError as e:
         if debug:
