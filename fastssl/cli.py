@@ -228,7 +228,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = trainer.fit()
     if "interrupted" in summary:
         if rank == 0:
-            print(f"stopped by {summary['interrupted']} after step {summary['steps']}; checkpoint "
+            print(f"stopped by {summary['interrupted']} after {summary['steps']} steps; checkpoint "
                   f"{trainer.ckpt_path}; continue with: {_resume_command(cfg.out)}", flush=True)
         return 0
     if rank == 0:

@@ -492,7 +492,7 @@ class Trainer:
             summary[f"{k}_random_init"] = v
         if stopped:
             summary["interrupted"] = signal.Signals(stopped).name
-            self.log(f"stopped by {summary['interrupted']} after step {self.step}: "
+            self.log(f"stopped by {summary['interrupted']} after {self.step} steps: "
                      f"checkpoint {self.ckpt_path}")
         elif self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
