@@ -193,6 +193,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from fastssl.engine import Trainer, init_distributed
     from fastssl.engine.config import config_to_dict
 
+    if args.overwrite and args.resume:
+        raise ValueError(f"--overwrite and --resume {args.resume}: "
+                         f"give one (replace the run or continue it)")
+    if args.extend and not args.resume:
+        raise ValueError("--extend: lengthens a resumed run; use it with --resume")
     name, cfg, data, demo = _train_config(args)
     if args.print_config:
         import yaml

@@ -270,6 +270,8 @@ def test_flags_and_key_values(capsys, tmp_path):
     # A flag and a key=value for the same key: an error naming both.
     _mistake(capsys, ["train", "--method", "rotnet", "--batch-size", "32", "batch_size=abc"],
              "--batch-size 32", "batch_size=abc")
+    _mistake(capsys, ["train", "--overwrite", "--resume", "auto"], "--overwrite", "--resume auto")
+    _mistake(capsys, ["train", "--extend"], "--extend", "--resume")
     # key=value anywhere after the subcommand; precedence defaults < preset < YAML < flags and key=value.
     (tmp_path / "c.yaml").write_text("epochs: 3\nbatch_size: 64\nseed: 4\n")
     assert main(["train", "seed=5", "--method", "rotnet", "log_every=2", "--data", "fashion-mnist",
