@@ -175,17 +175,17 @@ def _train_config(args: argparse.Namespace):
     return name, cfg, data, demo
 
 
-def _resume_command(out: str) -> str:
+def _resume_command(argv: list[str], out: str) -> str:
     """The command line that continues this run: the same arguments, --resume auto, --out OUT."""
-    argv, skip = [], False
-    for token in sys.argv[1:]:
+    kept, skip = [], False
+    for token in argv:
         if skip:
             skip = False
         elif token in ("--resume", "--out"):
             skip = True
         elif token != "--overwrite" and not token.startswith(("--resume=", "--out=", "out=")):
-            argv.append(token)
-    return shlex.join(["fastssl", *argv, "--out", out, "--resume", "auto"])
+            kept.append(token)
+    return shlex.join(["fastssl", *kept, "--out", out, "--resume", "auto"])
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -234,7 +234,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "interrupted" in summary:
         if rank == 0:
             print(f"stopped by {summary['interrupted']} after {summary['steps']} steps; checkpoint "
-                  f"{trainer.ckpt_path}; continue with: {_resume_command(cfg.out)}", flush=True)
+                  f"{trainer.ckpt_path}; continue with: {_resume_command(args.argv, cfg.out)}", flush=True)
         return 0
     if rank == 0:
         summary["total_seconds"] = time.perf_counter() - t0
@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         _subcommands(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "train":
         args.overrides = args.overrides + items
+    args.argv = argv
     debug = getattr(args, "debug", False)
     command = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}[args.command]
     prog = f"fastssl {args.command}"

@@ -414,3 +414,12 @@ def test_knn_evaluation_sharded_over_two_ranks_equals_one_process(tmp_path):
     assert ranks[0]["knn_top1"] == ranks[1]["knn_top1"] == one["knn_top1"]
     assert round(one["knn_top1"] * 15) == one["knn_top1"] * 15
     assert "linear_top1" in ranks[0] and "linear_top1" not in ranks[1]   # the probe runs on rank 0 only
+
+
+def test_the_printed_resume_command_keeps_the_arguments_and_continues_the_folder():
+    from fastssl.cli import _resume_command
+
+    argv = ["train", "--method", "dino", "--out", "old", "--overwrite", "teacher_temp=0.07", "out=x",
+            "--resume", "some/last.pt", "--data", "my data"]
+    assert _resume_command(argv, "runs/dino-1") == ("fastssl train --method dino teacher_temp=0.07 --data "
+                                                    "'my data' --out runs/dino-1 --resume auto")
