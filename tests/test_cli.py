@@ -203,11 +203,11 @@ def test_cli_sigterm_saves_exits_0_and_the_printed_command_resumes_identically(t
     assert _cli(*_tiny_args(tmp_path / "data", *common, "--out", full)).returncode == 0
     cut = tmp_path / "cut"
     proc = _cli(*_tiny_args(tmp_path / "data", *common, "--out", cut), stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE)
+                stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if (cut / "metrics.jsonl").exists() and len((cut / "metrics.jsonl").read_text().splitlines()) >= 3:
-            proc.send_signal(signal.SIGTERM)
+            os.killpg(proc.pid, signal.SIGTERM)   # as a cluster does: every process, loader workers too
             break
         time.sleep(0.02)
     out, err = proc.communicate(timeout=240)
@@ -354,7 +354,9 @@ def test_torchrun_restarts_a_killed_worker_and_the_job_completes(tmp_path):
     _image_folder(tmp_path / "data", n_per_class=32)
     run = tmp_path / "run"
     args = _tiny_args(tmp_path / "data", "--epochs", "3", "--out", run, "checkpoint_every=4")
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # torchrun's rendezvous store, shared with the workers by default, can hand restarted workers
+    # the previous attempt's peer addresses (connection refused); a store per attempt avoids it.
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "--max-restarts", "1"]
     proc = subprocess.Popen([*torchrun, "-m", "fastssl.cli", *args], env=env, text=True,
