@@ -139,7 +139,8 @@ class Trainer:
             resume, overwrite = "auto", False
         self.extend = extend
         # Ranks agree on a stop (signal) and on a non-finite loss through this CPU group; see _stop_agreed.
-        self._flag_group = dist.new_group(backend="gloo") if self.world > 1 else None
+        timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
+        self._flag_group = dist.new_group(backend="gloo", timeout=timeout) if self.world > 1 else None
         self._stop_work: tuple[Any, torch.Tensor] | None = None
         self._signal: int | None = None
         self._saved_step: int | None = None  # the step of the checkpoint on disk, when this run knows one
