@@ -18,6 +18,9 @@ import torch
 
 # What every fastssl checkpoint holds (Trainer.save); a file without them was not written by fastssl.
 REQUIRED_KEYS = ("method", "model", "optimizer", "step", "steps_per_epoch", "batch_size", "config")
+# Checkpoints written before RNG states were stored as tensors hold numpy's state as an array;
+# a numpy array is rebuilt by exactly these (allow-listed for weights_only; they run nothing else).
+NUMPY_ARRAY_GLOBALS = [np.ndarray(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def _temp_name(path: Path) -> str:
@@ -81,7 +84,8 @@ def load_checkpoint(path: str | Path, method: str | None = None) -> dict[str, An
     try:
         with warnings.catch_warnings():  # a raw pickle's protocol warning: the error below says it all
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e):
             raise ValueError(f"checkpoint {str(path)!r}: not a fastssl checkpoint (it holds Python objects "
@@ -120,10 +124,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    n, p = state["numpy"], state["python"]
+    if isinstance(n, dict):  # tuples: a checkpoint from before RNG states were stored as tensors
+        n = (n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gauss"])
+        p = (p["version"], tuple(p["internal"]), p["gauss_next"])
+    np.random.set_state(n)
+    random.setstate(p)
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

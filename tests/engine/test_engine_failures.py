@@ -125,6 +125,14 @@ def test_checkpoints_load_with_weights_only_and_rng_survives(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True)["rng"])
     got = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]) and got[2] == expected[2]
+    # Checkpoints written before RNG states were tensors hold numpy's state as an array: still readable.
+    state = load_checkpoint(tmp_path / "last.pt")
+    torch.manual_seed(5), np.random.seed(6), random.seed(7)
+    state["rng"] = [{"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                     "python": random.getstate()}]
+    torch.save(state, tmp_path / "old.pt")
+    set_rng_state(load_checkpoint(tmp_path / "old.pt")["rng"][0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
 
 
 class _CreatesAFile:
