@@ -1,7 +1,8 @@
 """`fastssl train | eval | viz | bench | shards | vocab`.
 
     fastssl train [--method M] [--data fashion-mnist|PATH] [--backbone NAME] [--epochs E]
-                  [--batch-size B] [--out DIR] [--config YAML] [--resume auto|PATH] [key=value ...]
+                  [--batch-size B] [--out DIR] [--config YAML] [--resume auto|PATH] [--overwrite]
+                  [--extend] [--print-config] [key=value ...]
     fastssl eval --checkpoint RUN/last.pt [--data fashion-mnist|PATH]
     fastssl bench [--quick] [NAME ...]
     fastssl viz RUN [--out DIR] [--data SPEC]
@@ -19,6 +20,8 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import re
+import shlex
 import subprocess
 import sys
 import time
@@ -36,7 +39,7 @@ DEMO_METHOD = "mocov3"
 DEMO_PRESET: dict[str, Any] = {
     "backbone": "resnet8", "image_size": 28, "epochs": 10, "batch_size": 128, "optimizer": "lars",
     "base_lr": 1.0, "weight_decay": 1e-5, "warmup_epochs": 0.5, "mlp_hidden_dim": 512, "moco_dim": 128,
-    "sync_bn": False, "channels_last": True, "out": "runs/demo",
+    "sync_bn": False, "channels_last": True,
 }
 # Same seed, same machine -> the same losses and kNN (README: what can differ across machines).
 DEMO_PRESET["deterministic"] = True
@@ -91,9 +94,18 @@ def _build_method(name: str, cfg):
     return method
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from fastssl.data import build_loader, check_data_spec, data_splits
-    from fastssl.engine import Trainer, init_distributed, parse_overrides, resolve_config
+# Flags that set a config key (the key is the flag's dest); the rest steer the command.
+CONFIG_FLAGS = ("backbone", "epochs", "batch_size", "out", "fused", "loss", "sampling")
+
+
+def _train_config(args: argparse.Namespace):
+    """(method name, resolved config, data, demo?) of a train command line.
+
+    Precedence: the dataclass defaults < the preset (demo, or the method's preset for the
+    data) < the --config YAML < the flags and key=value items. A flag and a key=value for
+    the same key is an error (neither silently wins); among key=value items the last wins."""
+    from fastssl.data import check_data_spec
+    from fastssl.engine import parse_overrides, resolve_config
 
     methods = _methods()
     demo = args.method is None and args.data is None
@@ -102,18 +114,56 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ValueError(f"--method: expected one of {sorted(methods)}, got {name!r}")
     data = check_data_spec(args.data or FASHION_MNIST)
     overrides = parse_overrides(args.overrides)
-    for key in ("backbone", "epochs", "batch_size", "out", "fused", "loss", "sampling"):
+    for key in CONFIG_FLAGS:
         if getattr(args, key) is not None:
+            if key in overrides:
+                flag = "--" + key.replace("_", "-")
+                raise ValueError(f"{flag} {getattr(args, key)} and {key}={overrides[key]} both set {key}: "
+                                 f"give one of them")
             overrides[key] = getattr(args, key)
+    if "data" in overrides:
+        raise ValueError(f"data={overrides['data']}: set the data with --data")
     overrides["data"] = data
     cfg = resolve_config(methods[name].config_class, args.config, overrides,
                          preset=DEMO_PRESET if demo else methods[name].presets.get(data))
+    return name, cfg, data, demo
+
+
+def _resume_command(argv: list[str], out: str) -> str:
+    """The command line that continues this run: the same arguments, --resume auto, --out OUT."""
+    kept, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token in ("--resume", "--out"):
+            skip = True
+        elif token != "--overwrite" and not token.startswith(("--resume=", "--out=", "out=")):
+            kept.append(token)
+    return shlex.join(["fastssl", *kept, "--out", out, "--resume", "auto"])
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fastssl.data import build_loader, data_splits
+    from fastssl.engine import Trainer, init_distributed
+    from fastssl.engine.config import config_to_dict
+
+    if args.overwrite and args.resume:
+        raise ValueError(f"--overwrite and --resume {args.resume}: "
+                         f"give one (replace the run or continue it)")
+    if args.extend and not args.resume:
+        raise ValueError("--extend: lengthens a resumed run; use it with --resume")
+    name, cfg, data, demo = _train_config(args)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=True), end="", flush=True)
+        return 0
     if demo:
         _log(f"demo: {name} {cfg.backbone} on Fashion-MNIST at {cfg.image_size}px, {cfg.epochs} epochs")
-    elif data in methods[name].presets:
+    elif data in _methods()[name].presets:
         _log(f"{name}: the {data} preset ({cfg.backbone} at {cfg.image_size}px), then the overrides")
     torch.manual_seed(cfg.seed)
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(cfg.dist_timeout_s)
     if cfg.batch_size % world:
         raise ValueError(f"batch_size: expected a multiple of the world size {world}, got {cfg.batch_size}")
     method = _build_method(name, cfg)
@@ -125,9 +175,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     splits = data_splits(data)
     for note in splits.notes:
         _log(f"data: {note}")
-    small = splits.is_small() if data not in methods[name].presets else None
+    small = splits.is_small() if data not in method.presets else None
     if small is not None and rank == 0:
-        _log(_small_data_hint(name, methods[name], cfg, data, small))
+        _log(_small_data_hint(name, method, cfg, data, small))
     source = splits.pretrain
     loader = build_loader(source, recipe, batch_size=cfg.batch_size // world, shard_id=rank, num_shards=world,
                           seed=cfg.seed, drop_last=True,
@@ -143,8 +193,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     if budget is not None:
         budget -= time.perf_counter() - _T0  # the budget counts from the command's start
     trainer = Trainer(method, loader, evaluator=evaluator, resume=args.resume, tensorboard=args.tensorboard,
-                      time_budget_s=budget, monitor=monitor)
+                      time_budget_s=budget, monitor=monitor, overwrite=args.overwrite, extend=args.extend)
     summary = trainer.fit()
+    if "interrupted" in summary:
+        if rank == 0:
+            print(f"stopped by {summary['interrupted']} after {summary['steps']} steps; checkpoint "
+                  f"{trainer.ckpt_path}; continue with: {_resume_command(args.argv, cfg.out)}", flush=True)
+        return 0
     if rank == 0:
         summary["total_seconds"] = time.perf_counter() - t0
         Path(cfg.out, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -187,7 +242,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = check_data_spec(args.data or cfg.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method = _build_method(name, cfg)
-    method.load_state_dict(state["model"])
+    try:
+        method.load_state_dict(state["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f"--checkpoint {args.checkpoint!r}: its weights do not fit the {name} "
+                         f"{cfg.backbone} model its config describes ({first})") from e
     method.to(device).eval()
     evaluator = _evaluator(cfg, data, device, linear=True)
     if evaluator is None:
@@ -301,49 +361,97 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastssl", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="pretrain (no --method/--data: the Fashion-MNIST demo)")
-    train.add_argument("--method", help="mocov2, mocov3, rotnet, dino, mae (default: the demo's)")
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (what was wrong, where to look), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _keys_help(method: str | None) -> str:
+    """The epilog of `fastssl train --help`: every config key of the method (the demo's
+    without --method) with its default and meaning, from the method's config dataclass."""
+    from fastssl.engine.config import describe_fields
+
+    methods = _methods()
+    name = method if method in methods else DEMO_METHOD
+    lines = [f"keys of {name} (key=value, or a --config YAML file; --method M --help lists M's), "
+             f"with their defaults:"]
+    for key, default, meaning in describe_fields(methods[name].config_class):
+        text = f"  {key}={'none' if default is None else default}"
+        if meaning:
+            meaning = meaning if len(meaning) <= 90 else meaning[:87] + "..."
+            text = f"{text:<34} {meaning}" if len(text) < 34 else f"{text}\n{'':<34} {meaning}"
+        lines.append(text)
+    lines += ["", "precedence: defaults < preset (--data fashion-mnist, the demo) < --config YAML < flags "
+              "and key=value (a flag and a key=value for the same key is an error)"]
+    return "\n".join(lines)
+
+
+def _add_command(sub, name: str, help: str, common: argparse.ArgumentParser,
+                 **kwargs) -> argparse.ArgumentParser:
+    """A subcommand's parser, with the options every command has (--debug)."""
+    return sub.add_parser(name, help=help, parents=[common], **kwargs)
+
+
+def build_parser(method: str | None = None) -> argparse.ArgumentParser:
+    """The command line; `method` picks whose config keys `train --help` lists."""
+    methods = sorted(_methods())
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the Python traceback of an error")
+    parser = _Parser(prog="fastssl", description=__doc__.split("\n\n")[0], parents=[common])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = _add_command(sub, "train", "pretrain (no --method/--data: the Fashion-MNIST demo)", common,
+                         epilog=_keys_help(method), formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--method", help=f"{', '.join(methods)} (default: the demo's, {DEMO_METHOD})")
     train.add_argument("--data", help=f"{FASHION_MNIST!r}, an image folder, a shard folder or a brace "
                                       f"pattern of .tar shards (default: {FASHION_MNIST})")
     train.add_argument("--backbone")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", dest="batch_size", type=int, help="global batch size")
-    train.add_argument("--out", help="run directory")
+    train.add_argument("--out", help="run directory (default: a new runs/<method>-<UTC time>, printed)")
     train.add_argument("--fused", type=_bool, help="false: every fused op runs its *_ref")
     train.add_argument("--loss", help="method weak: softmax (1/k targets) or sigmoid (per-label BCE)")
     train.add_argument("--sampling", help="method weak: natural, uniform, sqrt or inverse_sqrt")
-    train.add_argument("--config", help="YAML file of key: value (below key=value overrides)")
+    train.add_argument("--config", help="YAML file of key: value (below flags and key=value)")
     train.add_argument("--resume", help="'auto' (continue OUT/last.pt when present) or a checkpoint path")
+    train.add_argument("--overwrite", action="store_true",
+                       help="start afresh in an --out folder holding a run (deletes its checkpoint and logs)")
+    train.add_argument("--extend", action="store_true",
+                       help="with --resume: allow other epochs than the checkpoint's (schedules re-spread)")
+    train.add_argument("--print-config", dest="print_config", action="store_true",
+                       help="print the resolved config (YAML) and exit")
     train.add_argument("--time-budget", dest="time_budget", type=float, metavar="SECONDS",
                        help="shorten the run to what fits (evaluations included); off by default: "
                             "runs are fixed work (epochs, max_steps)")
     train.add_argument("--tensorboard", action="store_true")
     train.add_argument("--linear-probe", dest="linear_probe", action="store_true",
                        help="also fit a linear probe on frozen features at the end")
-    train.add_argument("overrides", nargs="*", metavar="key=value")
-    ev = sub.add_parser("eval", help="kNN and linear probe of a checkpoint's frozen backbone")
+    train.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="config keys (listed below), anywhere after 'train'")
+    ev = _add_command(sub, "eval", "kNN and linear probe of a checkpoint's frozen backbone", common)
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", help="default: the data the checkpoint was trained on")
-    shards = sub.add_parser("shards", help="write a dataset as WebDataset tar shards (+ DALI index files)")
+    shards = _add_command(sub, "shards", "write a dataset as WebDataset tar shards (+ DALI index files)",
+                          common)
     shards.add_argument("src", help=f"{FASHION_MNIST!r}, an image folder or a labels file (.csv/.jsonl)")
     shards.add_argument("out", help="an empty or new folder")
     shards.add_argument("--shard-size", dest="shard_size", type=int, default=10_000, help="samples per shard")
     shards.add_argument("--split", default="train",
                         help="train or test (Fashion-MNIST's; ROOT/train or ROOT/val of a folder)")
     shards.add_argument("--labels", help="labels file whose labels become each sample's tags (method weak)")
-    vocab = sub.add_parser("vocab", help="hashtag vocabulary of shards' captions (#tag tokens, lower-cased)")
+    vocab = _add_command(sub, "vocab", "hashtag vocabulary of shards' captions (#tag tokens, lower-cased)",
+                         common)
     vocab.add_argument("shards", help="shard folder or brace pattern")
     vocab.add_argument("--top", type=int, required=True, help="keep the K most frequent hashtags")
     vocab.add_argument("--out", help="vocab.json ({tags, counts}) or a text file, one tag per line")
-    viz = sub.add_parser("viz", help="figures of a run: feature map, nearest neighbours, "
-                                     "MAE reconstructions, ViT attention")
+    viz = _add_command(sub, "viz", "figures of a run: feature map, nearest neighbours, "
+                                   "MAE reconstructions, ViT attention", common)
     viz.add_argument("run", metavar="RUN", help="run directory (its last.pt) or a checkpoint file")
     viz.add_argument("--out", help="where the PNGs go (default: RUN/viz)")
     viz.add_argument("--data", help="default: the data the run was trained on")
-    bench = sub.add_parser("bench", help="run benchmarks/bench_*.py")
+    bench = _add_command(sub, "bench", "run benchmarks/bench_*.py", common)
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("--model", action="store_true",
                        help="traffic model of every fused op (bytes, kernels, FLOPs, memory; runs on a CPU)")
@@ -352,22 +460,81 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_KEY_VALUE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def _split_key_values(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """(argv without the key=value items, the key=value items in order): argparse takes a
+    positional list only once, so key=value items between flags are pulled out first. A
+    token that is the value of the flag before it (--out a=b) stays with the flag."""
+    command = next((i for i, t in enumerate(argv) if not t.startswith("-")), None)
+    if command is None or argv[command] != "train":
+        return argv, []
+    takes_value = {opt for action in _subcommands(parser)["train"]._actions if action.nargs != 0
+                   for opt in action.option_strings}
+    rest, items = argv[:command + 1], []
+    tokens = argv[command + 1:]
+    for i, token in enumerate(tokens):
+        if _KEY_VALUE.match(token) and not (i and tokens[i - 1] in takes_value):
+            items.append(token)
+        else:
+            rest.append(token)
+    return rest, items
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _method_in(argv: list[str]) -> str | None:
+    for i, token in enumerate(argv):
+        if token == "--method" and i + 1 < len(argv):
+            return argv[i + 1]
+        if token.startswith("--method="):
+            return token.split("=", 1)[1]
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command; returns the exit status: 0, 1 (training failed or an unexpected error),
+    2 (a usage or input mistake, reported in one line), 130 (a second Ctrl-C)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_method_in(argv))
+    rest, items = _split_key_values(parser, argv)
+    args, unknown = parser.parse_known_args(rest)
+    if unknown:  # reported by the subcommand's parser, whose help lists what it takes
+        _subcommands(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "train":
+        args.overrides = args.overrides + items
+    args.argv = argv
+    debug = getattr(args, "debug", False)
     command = {"train": cmd_train, "eval": cmd_eval, "viz": cmd_viz, "bench": cmd_bench, "shards": cmd_shards,
                "vocab": cmd_vocab}[args.command]
+    prog = f"fastssl {args.command}"
+    from fastssl.engine import NonFiniteLossError
+
     try:
         return command(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
-        print(f"fastssl {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C outside the training steps, or a second one inside them
+        print(f"{prog}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
+        return 130
+    except NonFiniteLossError as e:
+        if debug:
+            raise
+        print(f"{prog}: stopped: {e}", file=sys.stderr)
+        return 1
+    except (ValueError, TypeError, OSError) as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        from fastssl.engine import NonFiniteLossError
-
-        if isinstance(e, NonFiniteLossError):
-            print(f"fastssl {args.command}: stopped: {e}", file=sys.stderr)
-            return 1
-        raise
+    except Exception as e:  # a bug, not a mistake of the user's: say how to see where
+        if debug:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"{prog}: unexpected {type(e).__name__}: {first} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

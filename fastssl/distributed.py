@@ -95,3 +95,37 @@ def batch_unshuffle(y: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"inverse: expected {world} * {y.shape[0]} entries (world size * rows of y), "
                          f"got {inverse.shape[0]}")
     return all_gather_no_grad(y)[inverse.view(world, -1)[rank]]
+
+
+def comm_device() -> torch.device:
+    """Where the default group's collectives take their tensors: the current GPU under NCCL,
+    else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def all_gather_rows(x: torch.Tensor, chunk_rows: int = 65536) -> torch.Tensor:
+    """[n_r, ...] on rank r -> [sum_r n_r, ...] (rank-major) on every rank, on x's device; the
+    ranks' n_r may differ (shards of a dataset). Sent in chunks of `chunk_rows` rows on the
+    device the backend needs (CUDA for NCCL), so a large feature bank never sits on a GPU whole.
+    Identity when not distributed."""
+    if not is_distributed() or get_world_size() == 1:
+        return x
+    world = get_world_size()
+    comm = comm_device()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=comm) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], dtype=torch.int64, device=comm))
+    sizes = [int(s.item()) for s in sizes]
+    parts: list[list[torch.Tensor]] = [[] for _ in range(world)]
+    for start in range(0, max(sizes), chunk_rows):
+        rows = min(chunk_rows, max(sizes) - start)
+        piece = torch.zeros((rows, *x.shape[1:]), dtype=x.dtype, device=comm)
+        mine = x[start:start + rows]
+        piece[:mine.shape[0]] = mine.to(comm)
+        gathered = [torch.empty_like(piece) for _ in range(world)]
+        dist.all_gather(gathered, piece)
+        for r, g in enumerate(gathered):
+            parts[r].append(g[:max(0, min(rows, sizes[r] - start))].to(x.device))
+    return torch.cat([p for rank_parts in parts for p in rank_parts])

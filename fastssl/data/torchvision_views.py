@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import math
+import signal
 from collections.abc import Iterator
 
 import numpy as np
@@ -115,6 +116,14 @@ def _collate(batch):
     return views, label, index, skipped
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave Ctrl-C, SIGTERM and SIGUSR1 (sent to the whole process group, or to every
+    process of a job) to the main process, which finishes its step and checkpoints (the
+    Trainer); a worker killed by one would fail that step. They exit when the main one does."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class TorchvisionViews:
     """Runs the recipe with torchvision.transforms.v2 in `num_threads` worker processes."""
 
@@ -127,6 +136,7 @@ class TorchvisionViews:
         self.loader = DataLoader(
             _ViewsDataset(source, recipe, seed, shard_id), batch_sampler=self.batch_sampler,
             num_workers=num_threads, collate_fn=_collate, persistent_workers=True,
+            worker_init_fn=_ignore_stop_signals,
             pin_memory=device.type == "cuda", prefetch_factor=2,
         )
         self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255.0

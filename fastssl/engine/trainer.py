@@ -2,14 +2,18 @@
 
 One `Trainer.fit()` call is one run. The method (fastssl/methods) owns its networks and
 loss; the loader (fastssl/data.build_loader, this rank's shard) yields batches; the
-optional `evaluator` scores the method's encoder (kNN on a labelled split)."""
+optional `evaluator` scores the method's encoder (kNN on a labelled split); it is called on
+every rank, and a distributed one shares the work (see fastssl.cli.build_evaluator)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -21,7 +25,13 @@ from torch import nn
 
 from fastssl.data.loader import Loader
 from fastssl.distributed import get_rank, get_world_size, is_distributed
-from fastssl.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from fastssl.engine.checkpoint import (
+    load_checkpoint,
+    remove_stale_temp,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+)
 from fastssl.engine.config import config_to_dict, save_config
 from fastssl.engine.optim import build_optimizer
 from fastssl.engine.schedules import build_schedules
@@ -34,17 +44,45 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stopped before that step's update."""
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
+# The files that make a folder a run: a new run never writes over them unless asked (overwrite).
+RUN_FILES = ("last.pt", "metrics.jsonl", "summary.json", "config.yaml")
+# Signals that stop a run cleanly: Ctrl-C, a scheduler's termination, SLURM's preemption warning.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK in the
     environment): NCCL with one GPU per process, gloo on CPU. Returns (rank, world, device).
-    A group that is already initialised (tests) is used as is."""
+    timeout_s: how long a collective may wait for the slowest rank before the group fails
+    (cfg.dist_timeout_s; None: torch's default). A group that is already initialised (tests)
+    is used as is."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
     if not is_distributed() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
     return get_rank(), get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def default_run_dir(method: str, root: str | Path = "runs") -> Path:
+    """runs/<method>-<UTC date-time>, with a suffix if that folder exists: unique per run."""
+    base = Path(root) / f"{method}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _rank0_value(value: Any, world: int) -> Any:
+    """rank 0's `value` on every rank (a one-off broadcast, never per step)."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
@@ -63,7 +101,15 @@ class Trainer:
     (atomic checkpoint every cfg.checkpoint_every steps and at each epoch end) and
     summary.json. cfg.batch_size is the global batch; the loader yields this rank's share.
 
-    resume: None (fresh run), "auto" (continue from OUT/last.pt when it exists) or a path.
+    cfg.out "" picks a fresh runs/<method>-<UTC time> (written back into cfg.out and logged).
+    resume: None (fresh run), "auto" (continue from OUT/last.pt when it exists) or a path. A
+    worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) resumes "auto" on its own.
+    A fresh run into a folder that holds a run (RUN_FILES) is refused unless overwrite=True,
+    which deletes those files first. Resuming with other epochs than the checkpoint's is
+    refused unless extend=True (the schedules are then re-spread over the new length).
+    SIGINT, SIGTERM and SIGUSR1 during training stop every rank after the same step, write a
+    checkpoint and return the summary with "interrupted" set (no final evaluation, no
+    summary.json); a second SIGINT raises KeyboardInterrupt at once.
     monitor: a cheap evaluator (kNN on a fixed subsample) run every cfg.eval_every epochs and
     at the last step; its result goes into that step's metrics.jsonl record as `knn_top1_subset`
     and into the progress line. At the end, rank 0 draws curves.png from metrics.jsonl.
@@ -77,17 +123,31 @@ class Trainer:
     def __init__(self, method: Method, loader: Iterable, *, evaluator: Evaluator | None = None,
                  resume: str | None = None, progress: bool = True, tensorboard: bool = False,
                  log: Callable[[str], None] | None = None, time_budget_s: float | None = None,
-                 monitor: Evaluator | None = None):
+                 monitor: Evaluator | None = None, overwrite: bool = False, extend: bool = False):
         self.cfg = cfg = method.cfg
         self.method, self.loader, self.evaluator, self.monitor = method, loader, evaluator, monitor
-        self.rank, self.world, self.device = init_distributed()
+        self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_s)
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size: expected a multiple of the world size {self.world}, "
                              f"got {cfg.batch_size}")
+        if not cfg.out:
+            cfg.out = str(_rank0_value(default_run_dir(method.name) if self.is_main else None, self.world))
+            self.log(f"out: {cfg.out} (a new run folder; --out DIR names one)")
         self.out = Path(cfg.out)
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        if restarts and resume is None:
+            self.log(f"torchrun restart {restarts}: resuming from {self.out / 'last.pt'} when present")
+            resume, overwrite = "auto", False
+        self.extend = extend
+        # Ranks agree on a stop (signal) and on a non-finite loss through this CPU group; see _stop_agreed.
+        timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
+        self._flag_group = dist.new_group(backend="gloo", timeout=timeout) if self.world > 1 else None
+        self._stop_work: tuple[Any, torch.Tensor] | None = None
+        self._signal: int | None = None
+        self._saved_step: int | None = None  # the step of the checkpoint on disk, when this run knows one
         self.ckpt_path = self.out / "last.pt"
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch < 1:
@@ -137,6 +197,8 @@ class Trainer:
             except ImportError as e:
                 raise ValueError("tensorboard: requested, but the package is not installed") from e
             self.tb = SummaryWriter(str(self.out / "tb"))
+        self._check_run_folder(resume, overwrite)
+        self._overwrite = overwrite and resume is None
         if resume is not None:
             self._resume(resume)
 
@@ -164,6 +226,18 @@ class Trainer:
         self.extra["total_steps"] = self.total_steps
 
     # ----------------------------------------------------------------- checkpoints
+    def _check_run_folder(self, resume: str | None, overwrite: bool) -> None:
+        """A fresh run must not write over another run's files (rank 0 looks; all ranks raise)."""
+        problem = None
+        if self.is_main and resume is None and not overwrite:
+            existing = [name for name in RUN_FILES if (self.out / name).exists()]
+            if existing:
+                problem = (f"out: {self.out} already holds a run ({', '.join(existing)}); continue it with "
+                           f"--resume auto, or replace it with --overwrite (deletes those files)")
+        problem = _rank0_value(problem, self.world)
+        if problem:
+            raise ValueError(problem)
+
     def _resume(self, resume: str) -> None:
         if resume == "auto":
             if not self.ckpt_path.is_file():
@@ -172,15 +246,34 @@ class Trainer:
             path = self.ckpt_path
         else:
             path = Path(resume)
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, method=self.method.name)
         if state["batch_size"] != self.cfg.batch_size or state["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(f"resume: checkpoint {str(path)!r} was written with "
                              f"batch_size={state['batch_size']}, steps_per_epoch={state['steps_per_epoch']}; "
                              f"this run has {self.cfg.batch_size}, {self.steps_per_epoch}")
-        self.method.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        epochs = state["config"].get("epochs")
+        if epochs != self.cfg.epochs and not self.extend:
+            raise ValueError(
+                f"resume: checkpoint {str(path)!r} belongs to a run of epochs={epochs}, this command asks "
+                f"for epochs={self.cfg.epochs}; resume with epochs={epochs}, or add --extend to re-spread "
+                f"the LR and other schedules over {self.cfg.epochs} epochs from step {state['step']} (the "
+                f"LR jumps to where the longer cosine is at that step)")
+        try:
+            self.method.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise ValueError(f"resume: checkpoint {str(path)!r} ({state['method']}, backbone "
+                             f"{state['config'].get('backbone')}) does not fit this run's model "
+                             f"(backbone {self.cfg.backbone}): {first}") from e
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.extra = state["step"], state["extra"]
+        self._saved_step = self.step
+        if epochs != self.cfg.epochs:
+            self.extra.pop("total_steps", None)  # extended: the new length replaces a time budget's
+            self.log(f"resume: extending from epochs={epochs} to {self.cfg.epochs}: schedules re-spread over "
+                     f"{self.total_steps} steps; at step {self.step} the LR is "
+                     f"{float(self.schedules['lr'][min(self.step, self.total_steps - 1)]):.3g}")
         if "total_steps" in self.extra:  # a time-budgeted run keeps the length it chose
             self._set_total_steps(self.extra["total_steps"])
         self._rng_to_restore = state["rng"][self.rank] if self.rank < len(state["rng"]) else None
@@ -193,6 +286,7 @@ class Trainer:
             rng = [None] * self.world
             dist.all_gather_object(rng, rng_state())
         if not self.is_main:
+            self._saved_step = self.step
             return
         save_atomic({
             "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -201,23 +295,20 @@ class Trainer:
             "batch_size": self.cfg.batch_size, "rng": rng, "extra": self.extra,
             "config": config_to_dict(self.cfg), "method": self.method.name,
         }, self.ckpt_path)
+        self._saved_step = self.step
 
     # ----------------------------------------------------------------- evaluation
     def _evaluate(self, evaluator: Evaluator | None = None) -> dict[str, float]:
         evaluator = evaluator or self.evaluator
         if evaluator is None:
             return {}
-        result: dict[str, float] = {}
-        if self.is_main:
-            was_training = self.method.training
-            self.method.eval()
-            with torch.no_grad(), torch.autocast(**self.autocast):
-                result = evaluator(self.method.encoder())
-            self.method.train(was_training)
-        if self.world > 1:
-            box = [result]
-            dist.broadcast_object_list(box, src=0)
-            result = box[0]
+        # Every rank calls the evaluator: a distributed one (the CLI's) extracts each rank's shard,
+        # so no rank waits in a collective, past its timeout, while rank 0 does all the work.
+        was_training = self.method.training
+        self.method.eval()
+        with torch.no_grad(), torch.autocast(**self.autocast):
+            result = evaluator(self.method.encoder())
+        self.method.train(was_training)
         return result
 
     # ----------------------------------------------------------------- loop
@@ -230,6 +321,66 @@ class Trainer:
             for k, v in record.items():
                 if k not in ("step", "epoch"):
                     self.tb.add_scalar(f"train/{k}", v, record["step"])
+
+    def _prepare_run_folder(self) -> None:
+        """Rank 0: clear what an overwrite replaces and what a killed save left, drop metrics rows
+        at or past the step this run starts from (they are trained again), write config.yaml."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self._overwrite:
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
+        for tmp in remove_stale_temp(self.ckpt_path):
+            self.log(f"removed {tmp.name}, left by a save that was killed")
+        metrics = self.out / "metrics.jsonl"
+        if metrics.exists():
+            kept = []
+            for line in metrics.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # the last line of a run killed mid-write
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < self.step:
+                    kept.append(line + "\n")
+            tmp = metrics.with_name(".metrics.jsonl.tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, metrics)
+        save_config(self.cfg, self.out / "config.yaml")
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a forked loader worker: the main process decides
+            return
+        if self._signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt("second Ctrl-C: stopped without a checkpoint")
+        if self._signal is None:
+            self._signal = signum
+            self.log(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                     f"(Ctrl-C again to quit at once)")
+
+    def _stop_agreed(self) -> int:
+        """The signal (a number, 0 for none) every rank stops on at this step boundary.
+
+        One process: the local flag. Several: each step all-reduces (MAX) its local flag
+        asynchronously on the CPU gloo group and reads the reduction issued one step earlier,
+        which completed long ago. No rank waits on the GPU or on another rank's step for it,
+        and since every rank reads the same reduction at the same step, all stop after the
+        same step (one step after the first signal)."""
+        local = self._signal or 0
+        if self._flag_group is None:
+            return local
+        agreed = 0
+        if self._stop_work is not None:
+            work, flag = self._stop_work
+            work.wait()
+            agreed = int(flag.item())
+        flag = torch.tensor([local], dtype=torch.int64)
+        self._stop_work = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group, async_op=True),
+                           flag)
+        return agreed
+
+    def _finish_stop_agreement(self) -> None:
+        if self._stop_work is not None:
+            self._stop_work[0].wait()
+            self._stop_work = None
 
     def fit(self) -> dict[str, Any]:
         """See _fit; with cfg.deterministic, deterministic kernels (and no cuDNN autotuning) for the
@@ -248,11 +399,12 @@ class Trainer:
 
     def _fit(self) -> dict[str, Any]:
         """Train until cfg.epochs * len(loader) steps (or cfg.max_steps), evaluate, write
-        summary.json; returns the summary. Raises NonFiniteLossError on a NaN/inf loss."""
+        summary.json; returns the summary. Raises NonFiniteLossError on a NaN/inf loss (on
+        every rank, after they agree). A stop signal ends the run early with a checkpoint
+        and the summary's "interrupted" set to the signal's name."""
         cfg, spe = self.cfg, self.steps_per_epoch
         if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.out / "config.yaml")
+            self._prepare_run_folder()
         self.log(f"{self.method.name}: {cfg.backbone}, {self.world} process(es) on {self.device}, "
                  f"{'bf16 autocast' if self.autocast['enabled'] else 'fp32'}, fused={cfg.fused}, "
                  f"{spe} steps/epoch, steps {self.step}..{self.stop_step} of {self.total_steps}")
@@ -271,9 +423,26 @@ class Trainer:
         step_times: list[float] = []
 
         self.method.train()
-        train_time, images, last_loss = 0.0, 0, float("nan")
         pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
         t_start = time.perf_counter()
+        self._pid = os.getpid()
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        try:
+            stopped = self._loop(pending, budget_open, step_times, eval_s, t_fit)
+        finally:
+            for s, previous in handlers.items():
+                signal.signal(s, previous)
+            self._finish_stop_agreement()
+        return self._finish(stopped, t_start)
+
+    def _loop(self, pending: list, budget_open: bool, step_times: list[float], eval_s: float,
+              t_fit: float) -> int:
+        """The training steps; returns the signal number that stopped them (0: ran to stop_step)."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        train_time, images, last_loss = 0.0, 0, float("nan")
+        self._loop_stats = (train_time, images, last_loss)
         knn_text = ""
         while self.step < self.stop_step:
             epoch, skip = divmod(self.step, spe)
@@ -329,7 +498,8 @@ class Trainer:
                     if n >= 0 and n % 50 == 0:
                         self._apply_time_budget(step_times[-50:] if n else step_times[2:], eval_s,
                                                 t_fit + self.time_budget_s)
-                will_save = (skip == spe or self.step == self.stop_step
+                stop = self._stop_agreed()
+                will_save = (skip == spe or self.step == self.stop_step or stop
                              or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0))
                 if will_save or monitored or self.step % max(cfg.log_every, 1) == 0:
                     last_loss = self._flush(pending)
@@ -341,15 +511,26 @@ class Trainer:
                     bar.update(1)
                 if will_save:
                     self.save()
+                self._loop_stats = (train_time, images, last_loss)
+                if stop:
+                    if bar is not None:
+                        bar.close()
+                    return stop
                 t_prev = time.perf_counter()
             if bar is not None:
                 bar.close()
+        return 0
 
+    def _finish(self, stopped: int, t_start: float) -> dict[str, Any]:
+        """Evaluate (unless stopped by a signal) and write summary.json; returns the summary."""
+        cfg, spe = self.cfg, self.steps_per_epoch
+        train_time, images, last_loss = self._loop_stats
         wall = time.perf_counter() - t_start
-        result = self._evaluate()
+        result = {} if stopped else self._evaluate()
         summary = {
             "method": self.method.name, "backbone": cfg.backbone,
-            "epochs": round(self.total_steps / spe, 3), "epochs_configured": cfg.epochs,
+            "epochs": round(self.step / spe, 3), "epochs_planned": round(self.total_steps / spe, 3),
+            "epochs_configured": cfg.epochs,
             "steps": self.step, "total_steps": self.total_steps, "batch_size": cfg.batch_size,
             "images_per_second": images / train_time if train_time else None,
             "final_loss": last_loss, "train_seconds": wall, "device": self._device_name(),
@@ -368,9 +549,11 @@ class Trainer:
             summary[f"{k}_random_init"] = v
         if "knn_subset_random_init" in self.extra:
             summary["knn_top1_subset_random_init"] = self.extra["knn_subset_random_init"]
-        if self.monitor_s:
-            summary["monitor_seconds"] = sum(self.monitor_s)  # the eval_every checks, within train_seconds
-        if self.is_main:
+        if stopped:
+            summary["interrupted"] = signal.Signals(stopped).name
+            self.log(f"stopped by {summary['interrupted']} after {self.step} steps: "
+                     f"checkpoint {self.ckpt_path}")
+        elif self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             self._write_curves(summary)
         if self.tb is not None:
@@ -420,20 +603,35 @@ class Trainer:
         """Read the pending steps' losses and metrics in one transfer, stop on a non-finite
         loss, append the records to metrics.jsonl; returns the latest loss. Called every
         cfg.log_every steps and before every checkpoint, so a checkpoint never holds the
-        result of a step whose loss was NaN/inf."""
+        result of a step whose loss was NaN/inf. Under DDP the ranks agree on the first
+        non-finite step (one all-reduce per flush, at steps every rank flushes at) so that
+        every rank raises the same error instead of one raising while the others wait."""
         flat = torch.stack([v.float().reshape(()) for _, values in pending for v in values.values()]).tolist()
         numbers = iter(flat)
         for record, values in pending:
             record |= {k: next(numbers) for k in values}
-            if not math.isfinite(record["loss"]):
-                kept = (f"the last good checkpoint {self.ckpt_path} is left intact"
-                        if self.ckpt_path.is_file() else "no checkpoint had been written yet")
-                raise NonFiniteLossError(
-                    f"loss is {record['loss']} at step {record['step']} (epoch {record['epoch']}); stopped; "
-                    f"{kept}. Try a lower base_lr or a longer warmup_epochs.")
+        bad = next(((r["step"], r["loss"]) for r, _ in pending if not math.isfinite(r["loss"])), None)
+        if self._flag_group is not None:
+            # key = 4 * step + kind (nan, inf, -inf): the MIN is the first bad step, the same on every rank
+            kinds = {"nan": 0, "inf": 1, "-inf": 2}
+            key = torch.tensor([4 * bad[0] + kinds[str(bad[1])] if bad else 2**62], dtype=torch.int64)
+            dist.all_reduce(key, op=dist.ReduceOp.MIN, group=self._flag_group)
+            k = int(key.item())
+            bad = None if k == 2**62 else (k // 4, float(list(kinds)[k % 4]))
+        for record, _ in pending:
+            if bad is not None and record["step"] >= bad[0]:
+                break
             self._log_step(record)
+        last = pending[-1][0]["loss"]
         pending.clear()
-        return record["loss"]
+        if bad is not None:
+            kept = (f"the last good checkpoint {self.ckpt_path} (step {self._saved_step}) is left intact"
+                    if self._saved_step is not None else "no checkpoint had been written yet")
+            where = " on at least one rank" if self.world > 1 else ""
+            raise NonFiniteLossError(
+                f"loss is {bad[1]} at step {bad[0]} (epoch {bad[0] // self.steps_per_epoch}){where}; "
+                f"stopped; {kept}. Try a lower base_lr or a longer warmup_epochs.")
+        return last
 
     def _device_name(self) -> str:
         if self.device.type == "cuda":

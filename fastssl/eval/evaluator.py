@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastssl.distributed import all_gather_rows, all_reduce_sum_, comm_device, get_rank, get_world_size
 from fastssl.eval.features import extract_features
 from fastssl.eval.knn import knn_top1
 from fastssl.eval.linear import linear_probe
@@ -62,15 +63,25 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
     data backend and threads. max_train / max_test: a fixed subsample of each split, drawn with
     cfg.seed (the same images at every call, so successive calls are comparable). kNN top-1 with
     k = 20 (fewer for a smaller memory bank), T = 0.07. progress: bars on stderr for each pass.
-    Raises ValueError for a split with fewer than two classes."""
+    Raises ValueError for a split with fewer than two classes.
+
+    Called on every rank of a distributed run: each rank extracts the features of its share of
+    both splits (every world-th image), the train shares are gathered into the whole memory
+    bank, each rank scores its test share and the counts are summed, so no rank idles in a
+    collective while another runs the whole extraction. The linear probe (on all features) runs
+    on rank 0 only; the other ranks' results hold the kNN alone."""
     from fastssl.data import build_loader, recipes
 
     check_knn_labels(train_source, "train")
     check_knn_labels(test_source, "test")
     recipe = recipes.eval(size=cfg.image_size, resize=resize)
+    rank, world = get_rank(), get_world_size()
+    progress = progress and rank == 0
     splits = []
     for name, source, size in (("train", train_source, max_train), ("test", test_source, max_test)):
         indices = subsample_indices(len(source), size, cfg.seed)
+        if world > 1:
+            indices = (np.arange(len(source)) if indices is None else indices)[rank::world]
         splits.append((name, source, None if indices is None else FixedIndices(indices)))
 
     def evaluate(encoder: nn.Module) -> dict[str, float]:
@@ -81,11 +92,20 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
                                   device=cfg.data_device, num_threads=cfg.num_threads)
             feats[name] = extract_features(encoder, loader, device, cfg.channels_last,
                                            progress=f"{name} features" if progress else None)
-        k = min(KNN_K, len(feats["train"][1]))
-        result = {"knn_top1": knn_top1(*feats["train"], *feats["test"], k=k, temperature=KNN_TEMPERATURE,
-                                       progress="kNN" if progress else None)}
+        bank = tuple(all_gather_rows(t) for t in feats["train"])
+        k = min(KNN_K, len(bank[1]))
+        n_test = len(feats["test"][1])
+        top1 = knn_top1(*bank, *feats["test"], k=k, temperature=KNN_TEMPERATURE,
+                        progress="kNN" if progress else None)
+        if world > 1:
+            counts = all_reduce_sum_(torch.tensor([round(top1 * n_test), n_test], dtype=torch.int64,
+                                                  device=comm_device()))
+            top1 = int(counts[0]) / int(counts[1])
+        result = {"knn_top1": top1}
         if linear:
-            result |= linear_probe(*feats["train"], *feats["test"])
+            test = tuple(all_gather_rows(t) for t in feats["test"])
+            if rank == 0:
+                result |= linear_probe(*bank, *test)
         return result
 
     return evaluate

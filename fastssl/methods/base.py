@@ -34,38 +34,39 @@ class TrainConfig:
     """Fields every method shares. Each method subclasses it with the paper's
     defaults for its own fields (and overrides of these)."""
 
-    method: str = ""
-    data: str = "fashion-mnist"
-    backbone: str = "resnet18"
-    image_size: int = 224
-    epochs: int = 100
-    batch_size: int = 256
+    method: str = ""               # set by --method
+    data: str = "fashion-mnist"    # fashion-mnist or an image folder (set by --data)
+    backbone: str = "resnet18"     # resnet8/18/20/50, vit_tiny/small/base_patchN (timm names)
+    image_size: int = 224          # training crop size in pixels
+    epochs: int = 100              # length of the run; the LR and other schedules span it
+    batch_size: int = 256          # global batch over all processes
     base_lr: float = 0.03          # scaled by batch_size / 256 (see lr_batch_divisor)
-    lr_batch_divisor: int = 256
-    min_lr: float = 0.0
-    warmup_epochs: float = 0.0
-    weight_decay: float = 1e-4
+    lr_batch_divisor: int = 256    # LR = base_lr * batch_size / lr_batch_divisor
+    min_lr: float = 0.0            # end of the cosine LR decay
+    warmup_epochs: float = 0.0     # linear LR warm-up from 0 (<= epochs)
+    weight_decay: float = 1e-4     # (start of the wd schedule when weight_decay_end is set)
     weight_decay_end: float | None = None  # cosine wd schedule when set (DINO)
     optimizer: str = "sgd"         # sgd | adamw | lars
     momentum: float = 0.9          # SGD / LARS momentum
-    betas: tuple[float, float] = (0.9, 0.999)
-    clip_grad: float | None = None
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    clip_grad: float | None = None     # global gradient-norm clipping; none: off
     fused: bool = True             # False: every fused op runs its *_ref (for end-to-end speedups)
-    compile: bool = False
-    channels_last: bool = False
-    sync_bn: bool = False
+    compile: bool = False          # torch.compile the networks
+    channels_last: bool = False    # NHWC memory format (faster convolutions)
+    sync_bn: bool = False          # SyncBatchNorm across GPUs
     data_backend: str = "auto"     # dali | torchvision | auto (dali when installed)
     data_device: str = "auto"      # gpu | cpu | auto
-    num_threads: int = 2
-    seed: int = 0
-    out: str = "runs/default"
+    num_threads: int = 2           # data loading threads / worker processes
+    seed: int = 0                  # seeds the model init, the data order and augmentations
+    out: str = ""                  # run folder; "": a new runs/<method>-<UTC time>
     checkpoint_every: int = 0      # steps; 0 = only at epoch end
-    log_every: int = 10
-    eval_knn: bool = True
+    log_every: int = 10            # steps between metrics.jsonl rows flushed (and NaN checks)
+    eval_knn: bool = True          # kNN top-1 of the random init and the trained backbone
     eval_every: float = 1.0        # epochs between kNN checks on a fixed subsample while training; 0 = none
     deterministic: bool = False    # deterministic kernels: same seed and machine -> same losses
     max_steps: int | None = None   # stop early (tests, time-boxed runs)
     max_skipped_fraction: float = 0.001  # bad samples are skipped and counted; beyond this fraction: an error
+    dist_timeout_s: float = 1800.0  # how long a collective waits for the slowest rank before failing
 
 
 @dataclass

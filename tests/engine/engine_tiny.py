@@ -5,6 +5,8 @@ RNG, a per-epoch shuffle)."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,13 +19,14 @@ class TinyMethod(Method):
     name = "tiny"
 
     def __init__(self, cfg: TrainConfig, dropout: float = 0.2, nan_at_step: int | None = None,
-                 crash_at_step: int | None = None):
+                 crash_at_step: int | None = None, signals: dict[int, list[int]] | None = None):
         super().__init__(cfg)
         torch.manual_seed(cfg.seed)
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.ReLU(), nn.Dropout(dropout))
         self.head = nn.Linear(16, 4)
         self.register_buffer("ema", torch.zeros(16))
         self.nan_at_step, self.crash_at_step = nan_at_step, crash_at_step
+        self.signals = signals or {}  # step -> signals this process sends itself during that step
 
     def encoder(self) -> nn.Module:
         return self.net
@@ -31,6 +34,8 @@ class TinyMethod(Method):
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         if ctx.step == self.crash_at_step:
             raise KeyboardInterrupt("killed")  # a run killed mid-way, after its last checkpoint
+        for signum in self.signals.get(ctx.step, []):
+            os.kill(os.getpid(), signum)
         a, b = batch["views"]
         fa, fb = self.net(a), self.net(b)
         loss = F.cross_entropy(self.head(fa), batch["label"]) + (fa - fb).pow(2).mean()
