@@ -122,6 +122,8 @@ def scenarios():
             for N in (256, 4096)
             for D in (128, 256, 1024)
         ]
+        # the widest rows a launcher accepts (D chunks over programs)
+        out += [(f"info_nce in-batch N=M=256 D=4096 {name}", lambda dt=dt: in_batch(dt, 256, 4096))]
         out += [
             (f"dino B={B} crops={V} K={K} {name}", lambda dt=dt, B=B, V=V, K=K: dino(dt, B, V, K))
             for B in (32, 128)

@@ -456,6 +456,9 @@ def test_float64_runs_the_reference_and_gradchecks():
         assert loss.dtype == F64
         torch.testing.assert_close(loss, oracle(q, k, que, 0.3).mean(), rtol=1e-12, atol=1e-12)
         assert torch.autograd.gradcheck(lambda a, b, que=que: info_nce(a, b, que, temperature=0.3), (q, k))
+    from fastssl.losses import InfoNCELoss
+
+    torch.testing.assert_close(InfoNCELoss(temperature=0.3)(q, k), oracle(q, k, None, 0.3).mean())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only without a GPU here")
