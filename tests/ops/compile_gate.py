@@ -575,6 +575,27 @@ def format_table(rows: list[dict]) -> str:
     )
 
 
+def summarize(rows: list[dict]) -> str:
+    """Markdown, one line per kernel and target: the margins of the configurations kept."""
+    lines = [
+        "| kernel | target | compiles | kept (fit) | max regs | max spill B | max smem B | card limit B "
+        "| tensor cores |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["target"]), []).append(r)
+    for (kernel, target), rs in groups.items():
+        kept = [r for r in rs if r["fits"]]
+        tc = "-" if not rs[0]["dot"] else ("all" if all(r["tensor_cores"] for r in rs) else "NOT ALL")
+        worst = {k: max([r[k] or 0 for r in kept] + [0]) for k in ("regs", "spills", "smem")}
+        lines.append(
+            f"| {kernel} | {target} | {len(rs)} | {len(kept)} | {worst['regs']} | {worst['spills']} | "
+            f"{worst['smem']} | {CARDS[int(target[3:])].smem_optin} | {tc} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -596,6 +617,8 @@ def main(argv=None) -> int:
     rows, failures, skipped, stats = run_gate(caps, a.only)
     if rows:
         print(format_table(rows))
+        print()
+        print(summarize(rows))
     spills = [r for r in rows if r["fits"] and r["spills"]]
     print(
         f"\ntriton {stats['triton']}: {stats['launches']} launches -> {stats['compiles']} distinct compiles "
