@@ -270,15 +270,15 @@ def _info_nce_bwd_combine_kernel(
 # 128x128 tiles and 32-row tiles were dropped by that table: the first spill at D=128 (8 warps),
 # the second cannot use wgmma.
 _CONFIGS = {
-    # 16-bit: 128x64 (8 warps) for the H100 and A100; 64x64 (4 warps) for the L40S / RTX 4090,
-    # whose 101 KB of shared memory and fewer registers per SM favour smaller tiles.
-    "16bit": [(128, 64, 8, 3), (64, 64, 4, 3)],
+    # 16-bit: 128x64 for the H100 and A100; 64x64 for the L40S / RTX 4090, whose 101 KB of
+    # shared memory favours smaller tiles. 8 warps: with 4, 64x64 at D > 128 spills on sm_100.
+    "16bit": [(128, 64, 8, 3), (64, 64, 8, 3)],
     # fp32 (tf32x3: each dot splits its operands into two tf32 halves, doubling their
     # registers): 64x32 tiles over 8 warps on every card, D reduced in chunks of 32 (64x64
     # spills on sm_80); 3 stages where the shared memory allows.
     "fp32": [(64, 32, 8, 2), (64, 32, 8, 3)],
 }
-_FIXED_TILES = {"16bit": (64, 64, 4, 3), "fp32": (64, 32, 8, 2)}  # one of each list: no extra compile
+_FIXED_TILES = {"16bit": (64, 64, 8, 3), "fp32": (64, 32, 8, 2)}  # one of each list: no extra compile
 _AUTOTUNE_MIN_LOGITS = 1 << 22  # N·K below this: the fixed configuration
 _INTERPRETER_TILES = {"BLOCK_N": 32, "BLOCK_M": 64}
 _MAX_ONE_CHUNK = {"16bit": 128, "fp32": 32}  # padded D held whole in registers (D=256 spills)
@@ -349,6 +349,10 @@ def _combine_block(D: int) -> int:
     return max(1, min(64, 2048 // _block_d(D)))
 
 
+def _combine_warps(D: int) -> int:
+    return 8 if _block_d(D) > 2048 else 4  # a 4096-wide row over 4 warps spills (sm_90, fp32)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
 
@@ -406,7 +410,7 @@ def info_nce_fwd(
         query, key, q_norm, k_norm, m_part, l_part, acc_part, loss, lse2, dq_dir, dk_dir,
         N, D, *query.stride(), *key.stride(), num_splits, label_offset, scale2, 1.0 / temperature,
         HAS_QUEUE=has_queue, NORMALIZE=normalize, COMPUTE_DQ=compute_dq, COMPUTE_DK=compute_dk,
-        EPS=_EPS, BLOCK_N=block_n, BLOCK_D=_block_d(D), num_warps=4,
+        EPS=_EPS, BLOCK_N=block_n, BLOCK_D=_block_d(D), num_warps=_combine_warps(D),
     )
     return loss, lse2, dq_dir, dk_dir
 
@@ -443,6 +447,6 @@ def info_nce_bwd(
     _info_nce_bwd_combine_kernel[(triton.cdiv(M, block_m),)](
         query, key, q_norm, k_norm, grad, weight_scale, part, dk, N, M, D, *query.stride(), *key.stride(),
         num_splits, label_offset, 1.0 / temperature,
-        NORMALIZE=normalize, EPS=_EPS, BLOCK_M=block_m, BLOCK_D=_block_d(D), num_warps=4,
+        NORMALIZE=normalize, EPS=_EPS, BLOCK_M=block_m, BLOCK_D=_block_d(D), num_warps=_combine_warps(D),
     )
     return dk
