@@ -271,14 +271,15 @@ def _info_nce_bwd_combine_kernel(
 # the second cannot use wgmma.
 _CONFIGS = {
     # 16-bit: 128x64 for the H100 and A100; 64x64 for the L40S / RTX 4090, whose 101 KB of
-    # shared memory favours smaller tiles. 8 warps: with 4, 64x64 at D > 128 spills on sm_100.
-    "16bit": [(128, 64, 8, 3), (64, 64, 8, 3)],
+    # shared memory favours smaller tiles. 8 warps and 2 stages: with 4 warps or 3 stages,
+    # 64x64 at D > 128 spills on sm_100.
+    "16bit": [(128, 64, 8, 3), (64, 64, 8, 2)],
     # fp32 (tf32x3: each dot splits its operands into two tf32 halves, doubling their
     # registers): 64x32 tiles over 8 warps on every card, D reduced in chunks of 32 (64x64
     # spills on sm_80); 3 stages where the shared memory allows.
     "fp32": [(64, 32, 8, 2), (64, 32, 8, 3)],
 }
-_FIXED_TILES = {"16bit": (64, 64, 8, 3), "fp32": (64, 32, 8, 2)}  # one of each list: no extra compile
+_FIXED_TILES = {"16bit": (64, 64, 8, 2), "fp32": (64, 32, 8, 2)}  # one of each list: no extra compile
 _AUTOTUNE_MIN_LOGITS = 1 << 22  # N·K below this: the fixed configuration
 _INTERPRETER_TILES = {"BLOCK_N": 32, "BLOCK_M": 64}
 _MAX_ONE_CHUNK = {"16bit": 128, "fp32": 32}  # padded D held whole in registers (D=256 spills)
@@ -350,7 +351,7 @@ def _combine_block(D: int) -> int:
 
 
 def _combine_warps(D: int) -> int:
-    return 8 if _block_d(D) > 2048 else 4  # a 4096-wide row over 4 warps spills (sm_90, fp32)
+    return 16 if _block_d(D) > 2048 else 4  # a 4096-wide row over 4 (sm_90) or 8 (sm_100) warps spills
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
