@@ -2,10 +2,11 @@
 sm_90 and sm_100 at the configurations its launcher picks, with no spill, within the card's
 shared memory and with tensor-core instructions in its matmuls.
 
-One gate process per target, run side by side from this one test: the test session runs Triton
-under the interpreter while the gate needs the real compiler, and one test that uses the
-machine's cores keeps pytest-xdist from queueing the four gates behind each other on one
-worker. Compiles are cached beside Triton's cache, so only the first run on a machine pays."""
+Two gate processes (two targets each; ~1.3 GB of memory apiece at most), run side by side from
+this one test: the test session runs Triton under the interpreter while the gate needs the real
+compiler, and one test that uses two cores keeps pytest-xdist from queueing the gates behind each
+other on one worker. Compiles are cached beside Triton's cache, so only the first run on a
+machine pays (about 4 CPU-minutes; then ~10 s)."""
 
 import json
 import os
@@ -18,7 +19,8 @@ import torch
 
 GATE = Path(__file__).with_name("compile_gate.py")
 ROOT = GATE.parents[2]
-TARGETS = (80, 89, 90, 100)
+GROUPS = ((80, 89), (90, 100))
+TARGETS = tuple(cap for group in GROUPS for cap in group)
 
 try:
     import triton  # noqa: F401
@@ -35,24 +37,26 @@ def test_compile_gate(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     procs = {}
-    for cap in TARGETS:  # output to files: pipes would stall a gate until its turn to be read
-        with open(tmp_path / f"sm_{cap}.log", "w") as log:
-            out = tmp_path / f"sm_{cap}.json"
-            cmd = [sys.executable, str(GATE), "--targets", str(cap), "--json", str(out)]
-            procs[cap] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    reports, results = [], {}
-    for cap, proc in procs.items():
+    for group in GROUPS:  # output to files: pipes would stall a gate until its turn to be read
+        name = "sm_" + "_".join(map(str, group))
+        with open(tmp_path / f"{name}.log", "w") as log:
+            targets = ",".join(map(str, group))
+            cmd = [sys.executable, str(GATE), "--targets", targets, "--json", str(tmp_path / f"{name}.json")]
+            procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    reports, rows, failures, skipped = [], [], [], []
+    for name, proc in procs.items():
         code = proc.wait(timeout=1800)
-        log = (tmp_path / f"sm_{cap}.log").read_text()
+        log = (tmp_path / f"{name}.log").read_text()
         table = "\n".join(ln for ln in log.splitlines() if ln[:1] != "[")  # without the progress lines
-        reports.append(f"--- sm_{cap}: exit {code}\n{table}")
-        if code in (0, 1):
-            results[cap] = json.loads((tmp_path / f"sm_{cap}.json").read_text())
-    text = "\n".join(reports)
-    print(text)  # the tables: shown with pytest -s, or on failure
-    assert sorted(results) == list(TARGETS), text
-    ran = {cap: r for cap, r in results.items() if not r["skipped"]}
-    assert {80, 89, 90} <= set(ran), text  # sm_100 only where the installed Triton targets it
-    for cap, r in ran.items():
-        assert r["rows"] and not r["failures"], f"sm_{cap}: " + "\n".join(r["failures"])
-        assert not any(row["spills"] for row in r["rows"] if row["fits"]), text
+        reports.append(f"--- {name}: exit {code}\n{table}")
+        assert code in (0, 1), reports[-1][-5000:]  # 2: the gate could not run
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        rows += result["rows"]
+        failures += result["failures"]
+        skipped += result["skipped"]
+    print("\n".join(reports))  # the tables: shown with pytest -s, or on failure
+    compiled = {int(r["target"][3:]) for r in rows}
+    assert {80, 89, 90} <= compiled, skipped  # sm_100 only where the installed Triton targets it
+    assert compiled | {cap for cap in TARGETS if any(f"sm_{cap}:" in why for why in skipped)} == set(TARGETS)
+    assert not failures, "\n".join(failures)
+    assert not any(r["spills"] for r in rows if r["fits"])
