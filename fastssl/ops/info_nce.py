@@ -47,7 +47,7 @@ Registers: a 16-bit query tile of up to 128 columns stays in registers; wider ro
 fp32 row, whose tf32x3 operand splits double their registers) are reduced over D in chunks,
 and the accumulator's columns are split over programs (128 each, each recomputing the
 logits), so registers and shared memory stay bounded for any D (checked without spills for
-sm_80/89/90 by tests/ops/compile_gate.py).
+sm_80/89/90/100 by tests/ops/compile_gate.py).
 
 At D=128 the exponentials are a co-limit with the matmuls on an H100; overlapping them
 is left to Triton's software pipelining (num_stages) across the streamed tiles.
