@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # The extension's CUDA architectures: TORCH_CUDA_ARCH_LIST if set, else the visible GPU's,
 # else sm_80/86/89/90/100 + PTX (fastssl/_build.py).
 
-.PHONY: venv data test demo bench lint cuda-check clean
+.PHONY: venv data test demo bench lint cuda-check clean compile-gate-triton36
 
 # A machine whose python already has torch >= 2.6 (a GPU box) keeps it: the venv
 # sees the system packages and no second torch is installed.
@@ -48,6 +48,17 @@ lint: venv
 
 test: venv data cuda-check lint
 	$(VPY) -m pytest -q -n 2 --durations=15
+
+# The compile gate under triton 3.6 (the GPU machine's version) beside the venv's newer one:
+# triton alone in its own directory, first on the path (compiling needs no matching torch).
+TRITON36 := .triton-3.6
+$(TRITON36)/.installed:
+	$(VPY) -m pip install -q --no-deps --target $(TRITON36) triton==3.6.0
+	@touch $@
+
+compile-gate-triton36: venv $(TRITON36)/.installed
+	PYTHONPATH=$(CURDIR)/$(TRITON36):$(CURDIR) TRITON_CACHE_DIR=$(CURDIR)/$(TRITON36)/cache \
+	  $(VPY) tests/ops/compile_gate.py --targets 80,89,90,100 --json $(TRITON36)/gate.json
 
 demo: venv data
 	$(VENV)/bin/fastssl train

@@ -8,6 +8,7 @@ and the reference elsewhere. Nothing is swapped silently.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 
@@ -28,6 +29,39 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 def triton_interpreting() -> bool:
     """True when Triton runs kernels on the CPU (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def _interpreter_dot_is_exact(dtype: torch.dtype) -> bool:
+    """Whether the interpreter's tl.dot multiplies `dtype` tiles as numbers: some Triton
+    versions (3.8 among them) multiply bf16 tiles as their raw 16-bit storage. Probed once
+    with a 16x16 all-ones product, whose every entry is 16."""
+    import triton.language as tl
+
+    @triton.jit
+    def dot_probe(a_ptr, out_ptr):
+        idx = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
+        a = tl.load(a_ptr + idx)
+        tl.store(out_ptr + idx, tl.dot(a, a))
+
+    a = torch.ones(16, 16, dtype=dtype)
+    out = torch.empty(16, 16, dtype=torch.float32)
+    dot_probe[(1,)](a, out)
+    return bool((out == 16).all())
+
+
+def check_interpreter_dot(op: str, *tensors: torch.Tensor) -> None:
+    """Raise before a kernel with tl.dot runs on CPU tensors under TRITON_INTERPRET=1 in a dtype
+    the interpreter's dot gets wrong (it would return a number, not the answer)."""
+    if not triton_interpreting():
+        return
+    for dtype in {t.dtype for t in tensors if not t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)}:
+        if not _interpreter_dot_is_exact(dtype):
+            raise NotImplementedError(
+                f"{op}: backend='triton' on {dtype} CPU tensors under TRITON_INTERPRET=1 is not supported: this "
+                f"Triton's interpreter computes tl.dot on {dtype} tiles wrongly. Use float32/float16 inputs, "
+                f"backend='torch', or a GPU."
+            )
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:

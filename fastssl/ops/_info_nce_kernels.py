@@ -19,20 +19,27 @@ _SPLIT_CHUNK = 128  # columns per split are a multiple of this, the largest BLOC
 @triton.jit
 def _info_nce_fwd_kernel(
     q_ptr, x_ptr, q_norm_ptr, x_norm_ptr, m_ptr, l_ptr, acc_ptr,
-    N, X_ROWS, D, split_cols, scale2,
+    N, X_ROWS, D, stride_q, stride_qd, stride_x, stride_xd, split_cols, scale2,
     SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, COMPUTE_DQ: tl.constexpr,
-    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Partial online LSE (and Σ p·x̂) of BLOCK_N queries over one split of the streamed rows x."""
+    """Partial online LSE (and Σ p·x̂ over columns [pid_d·BLOCK_DV, +BLOCK_DV)) of BLOCK_N queries
+    over one split of the streamed rows x. ONE_CHUNK (BLOCK_K = BLOCK_DV >= D): the query tile
+    stays in registers and each x tile serves both dots; otherwise the logits are summed over
+    D in BLOCK_K chunks reloaded from cache, which keeps registers bounded for any D."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    dtype = q_ptr.dtype.element_ty  # x (e.g. an fp32 queue) is converted to it on load
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N
-    dim_ok = dims < D
-    q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :],
-                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_q
+    dims_k = tl.arange(0, BLOCK_K)
+    dims_v = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dv_ok = dims_v < D
+    if ONE_CHUNK:
+        q = tl.load(q_rows + dims_k[None, :] * stride_qd, mask=row_ok[:, None] & (dims_k < D)[None, :], other=0.0)
     # Logits in base 2: s2 = q·x · (log2(e)/T) / (‖q‖‖x‖), scaled after the dot so the
     # tensor cores see the raw (e.g. bf16) rows.
     row_scale = tl.zeros([BLOCK_N], tl.float32) + scale2
@@ -40,15 +47,25 @@ def _info_nce_fwd_kernel(
         row_scale = scale2 / tl.maximum(tl.load(q_norm_ptr + rows, mask=row_ok, other=1.0), EPS)
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     start = split * split_cols
     end = tl.minimum(start + split_cols, X_ROWS)
     for col0 in range(start, end, BLOCK_M):
         cols = col0 + tl.arange(0, BLOCK_M)
         col_ok = cols < end
-        x = tl.load(x_ptr + cols.to(tl.int64)[:, None] * D + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(x), input_precision=DOT_PRECISION) * row_scale[:, None]
+        x_rows = x_ptr + cols.to(tl.int64)[:, None] * stride_x
+        if ONE_CHUNK:
+            x = tl.load(x_rows + dims_v[None, :] * stride_xd, mask=col_ok[:, None] & dv_ok[None, :],
+                        other=0.0).to(dtype)
+            s = tl.dot(q, tl.trans(x), input_precision=DOT_PRECISION)
+        else:
+            s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+            for d0 in range(0, D, BLOCK_K):
+                dk = d0 + dims_k
+                qc = tl.load(q_rows + dk[None, :] * stride_qd, mask=row_ok[:, None] & (dk < D)[None, :], other=0.0)
+                xc = tl.load(x_rows + dk[None, :] * stride_xd, mask=col_ok[:, None] & (dk < D)[None, :], other=0.0)
+                s = tl.dot(qc, tl.trans(xc.to(dtype)), s, input_precision=DOT_PRECISION)
+        s = s * row_scale[:, None]
         if SCALE_COLS:
             col_inv = 1.0 / tl.maximum(tl.load(x_norm_ptr + cols, mask=col_ok, other=1.0), EPS)
             s = s * col_inv[None, :]
@@ -58,22 +75,25 @@ def _info_nce_fwd_kernel(
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if COMPUTE_DQ:
+            if not ONE_CHUNK:
+                x = tl.load(x_rows + dims_v[None, :] * stride_xd, mask=col_ok[:, None] & dv_ok[None, :],
+                            other=0.0).to(dtype)
             if SCALE_COLS:
                 p = p * col_inv[None, :]  # Σ p_ij x̂_j with x̂_j = x_j/‖x_j‖
-            acc = acc * alpha[:, None] + tl.dot(p.to(x.dtype), x, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), x, input_precision=DOT_PRECISION)
         m_i = m_new
     part = split.to(tl.int64) * N + rows
-    tl.store(m_ptr + part, m_i, mask=row_ok)
-    tl.store(l_ptr + part, l_i, mask=row_ok)
+    tl.store(m_ptr + part, m_i, mask=row_ok & (pid_d == 0))
+    tl.store(l_ptr + part, l_i, mask=row_ok & (pid_d == 0))
     if COMPUTE_DQ:
-        tl.store(acc_ptr + part[:, None] * D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok[None, :])
+        tl.store(acc_ptr + part[:, None] * D + dims_v[None, :], acc, mask=row_ok[:, None] & dv_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "label_offset"])
 def _info_nce_combine_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, m_ptr, l_ptr, acc_ptr,
     loss_ptr, lse2_ptr, dq_ptr, dk_ptr,
-    N, D, num_splits, label_offset, scale2, inv_temperature,
+    N, D, stride_q, stride_qd, stride_k, stride_kd, num_splits, label_offset, scale2, inv_temperature,
     HAS_QUEUE: tl.constexpr, NORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_DK: tl.constexpr,
     EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -85,8 +105,10 @@ def _info_nce_combine_kernel(
     dim_ok = dims < D
     tile_ok = row_ok[:, None] & dim_ok[None, :]
     pos_rows = rows.to(tl.int64) + label_offset
-    q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + pos_rows[:, None] * D + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_q + dims[None, :] * stride_qd, mask=tile_ok,
+                other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + pos_rows[:, None] * stride_k + dims[None, :] * stride_kd, mask=tile_ok,
+                other=0.0).to(tl.float32)
     q_inv = tl.zeros([BLOCK_N], tl.float32) + 1.0
     k_inv = tl.zeros([BLOCK_N], tl.float32) + 1.0
     if NORMALIZE:
@@ -148,49 +170,64 @@ def _info_nce_combine_kernel(
 @triton.jit
 def _info_nce_bwd_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse2_ptr, weight_ptr, part_ptr,
-    N, M, D, split_rows, scale2,
-    NORMALIZE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    N, M, D, stride_q, stride_qd, stride_k, stride_kd, split_rows, scale2,
+    NORMALIZE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """In-batch key gradient, one split of the queries: Σ_i w_i p_ij q_i for BLOCK_M keys, with
-    w_i = g_i/‖q_i‖ / max_i' |g_i'/‖q_i'‖| (the combine multiplies back the scale and 1/T) and
-    p_ij = 2^(l_ij·log2(e) − lse2_i) recomputed from the saved base-2 lse."""
+    """In-batch key gradient, one split of the queries, columns [pid_d·BLOCK_DV, +BLOCK_DV):
+    Σ_i w_i p_ij q_i for BLOCK_M keys, with w_i = g_i/‖q_i‖ / max_i' |g_i'/‖q_i'‖| (the combine
+    multiplies back the scale and 1/T) and p_ij = 2^(l_ij·log2(e) − lse2_i) recomputed from the
+    saved base-2 lse. ONE_CHUNK and BLOCK_K as in the forward."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    dtype = k_ptr.dtype.element_ty
     keys = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
     key_ok = keys < M
-    dim_ok = dims < D
-    k = tl.load(k_ptr + keys.to(tl.int64)[:, None] * D + dims[None, :],
-                mask=key_ok[:, None] & dim_ok[None, :], other=0.0)
+    k_rows = k_ptr + keys.to(tl.int64)[:, None] * stride_k
+    dims_k = tl.arange(0, BLOCK_K)
+    dims_v = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dv_ok = dims_v < D
+    if ONE_CHUNK:
+        k = tl.load(k_rows + dims_k[None, :] * stride_kd, mask=key_ok[:, None] & (dims_k < D)[None, :], other=0.0)
     k_inv = tl.zeros([BLOCK_M], tl.float32) + 1.0
     if NORMALIZE:
         k_inv = 1.0 / tl.maximum(tl.load(k_norm_ptr + keys, mask=key_ok, other=1.0), EPS)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     start = split * split_rows
     end = tl.minimum(start + split_rows, N)
     for row0 in range(start, end, BLOCK_N):
         rows = row0 + tl.arange(0, BLOCK_N)
         row_ok = rows < end
-        q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :],
-                    mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+        q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_q
+        if ONE_CHUNK:
+            q = tl.load(q_rows + dims_v[None, :] * stride_qd, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
+            s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        else:
+            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for d0 in range(0, D, BLOCK_K):
+                dk = d0 + dims_k
+                kc = tl.load(k_rows + dk[None, :] * stride_kd, mask=key_ok[:, None] & (dk < D)[None, :], other=0.0)
+                qc = tl.load(q_rows + dk[None, :] * stride_qd, mask=row_ok[:, None] & (dk < D)[None, :], other=0.0)
+                s = tl.dot(kc, tl.trans(qc), s, input_precision=DOT_PRECISION)
+            q = tl.load(q_rows + dims_v[None, :] * stride_qd, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
         row_scale = tl.zeros([BLOCK_N], tl.float32) + scale2
         if NORMALIZE:
             row_scale = scale2 / tl.maximum(tl.load(q_norm_ptr + rows, mask=row_ok, other=1.0), EPS)
         weight = tl.load(weight_ptr + rows, mask=row_ok, other=0.0)
         # +inf lse2 on padded rows makes their p exactly 0.
         lse2 = tl.load(lse2_ptr + rows, mask=row_ok, other=float("inf"))
-        s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * row_scale[None, :] * k_inv[:, None]
+        s = s * row_scale[None, :] * k_inv[:, None]
         p = tl.exp2(s - lse2[None, :]) * weight[None, :]
-        acc += tl.dot(p.to(q.dtype), q, input_precision=DOT_PRECISION)
+        acc += tl.dot(p.to(dtype), q, input_precision=DOT_PRECISION)
     part = split.to(tl.int64) * M + keys
-    tl.store(part_ptr + part[:, None] * D + dims[None, :], acc, mask=key_ok[:, None] & dim_ok[None, :])
+    tl.store(part_ptr + part[:, None] * D + dims_v[None, :], acc, mask=key_ok[:, None] & dv_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "label_offset"])
 def _info_nce_bwd_combine_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, grad_ptr, weight_scale_ptr, part_ptr, dk_ptr,
-    N, M, D, num_splits, label_offset, inv_temperature,
+    N, M, D, stride_q, stride_qd, stride_k, stride_kd, num_splits, label_offset, inv_temperature,
     NORMALIZE: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Sum the key-gradient splits, subtract the target term, apply the normalization backward."""
@@ -207,14 +244,15 @@ def _info_nce_bwd_combine_kernel(
     # Key j is the target of query i = j − label_offset (if that query exists).
     rows = keys.to(tl.int64) - label_offset
     has_row = key_ok & (rows >= 0) & (rows < N)
-    q = tl.load(q_ptr + rows[:, None] * D + dims[None, :], mask=has_row[:, None] & dim_ok[None, :],
+    q = tl.load(q_ptr + rows[:, None] * stride_q + dims[None, :] * stride_qd, mask=has_row[:, None] & dim_ok[None, :],
                 other=0.0).to(tl.float32)
     coef = tl.load(grad_ptr + rows, mask=has_row, other=0.0) * inv_temperature
     if NORMALIZE:
         coef = coef / tl.maximum(tl.load(q_norm_ptr + rows, mask=has_row, other=1.0), EPS)
     dkn = acc - q * coef[:, None]
     if NORMALIZE:
-        k = tl.load(k_ptr + keys.to(tl.int64)[:, None] * D + dims[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + keys.to(tl.int64)[:, None] * stride_k + dims[None, :] * stride_kd, mask=tile_ok,
+                    other=0.0).to(tl.float32)
         k_norm = tl.load(k_norm_ptr + keys, mask=key_ok, other=1.0)
         k_inv = 1.0 / tl.maximum(k_norm, EPS)
         kn = k * k_inv[:, None]
@@ -223,60 +261,76 @@ def _info_nce_bwd_combine_kernel(
     tl.store(dk_ptr + keys.to(tl.int64)[:, None] * D + dims[None, :], dkn, mask=tile_ok)
 
 
-# Autotuning on a GPU for problems big enough to repay it (each config is a compile); small
-# ones and the interpreter run one fixed configuration.
-# (BLOCK_N, BLOCK_M, warps, stages, shared-memory bytes per unit of BLOCK_D for 16-bit / fp32
-# inputs): the larger of the forward's and the key-gradient kernel's, as compiled for sm_90
-# (triton 3.8; linear in BLOCK_D). Configs that cannot fit the card's shared memory are pruned
-# before compiling (a tf32x3 compile at D=256 takes tens of seconds): fp32 at D=256 keeps only
-# the last one (~224 KiB of the H100's 227).
-_TILE_TABLE = [
-    (128, 64, 8, 3, 512, 2584),
-    (128, 128, 8, 2, 518, 2572),
-    (64, 64, 4, 3, 262, 1548),
-    (64, 32, 4, 2, 256, 897),
-]
-_TILE_CONFIGS = [triton.Config({"BLOCK_N": n, "BLOCK_M": m}, num_warps=w, num_stages=st)
-                 for n, m, w, st, _, _ in _TILE_TABLE]
+# Tiles (outer, inner, num_warps, num_stages) per input precision, autotuned on a GPU for
+# problems big enough to repay it (each config is a compile); small ones run _FIXED_TILES, the
+# interpreter _INTERPRETER_TILES. Triton's autotuner drops a config whose compiled kernel needs
+# more shared memory than the tensor's device has (its launch raises OutOfResources). Every
+# config compiles without register spills for sm_80, sm_89 and sm_90, with wgmma on sm_90 (the
+# outer tile has >= 64 rows) and mma on the others: tests/ops/compile_gate.py checks it.
+# 128x128 tiles and 32-row tiles were dropped by that table: the first spill at D=128 (8 warps),
+# the second cannot use wgmma.
+_CONFIGS = {
+    # 16-bit: 128x64 for the H100 and A100; 64x64 for the L40S / RTX 4090, whose 101 KB of
+    # shared memory favours smaller tiles. 8 warps and 2 stages: with 4 warps or 3 stages,
+    # 64x64 at D > 128 spills on sm_100.
+    "16bit": [(128, 64, 8, 3), (64, 64, 8, 2)],
+    # fp32 (tf32x3: each dot splits its operands into two tf32 halves, doubling their
+    # registers): 64x32 tiles over 8 warps on every card, D reduced in chunks of 32 (64x64
+    # spills on sm_80); 3 stages where the shared memory allows.
+    "fp32": [(64, 32, 8, 2), (64, 32, 8, 3)],
+}
+_FIXED_TILES = {"16bit": (64, 64, 8, 2), "fp32": (64, 32, 8, 2)}  # one of each list: no extra compile
 _AUTOTUNE_MIN_LOGITS = 1 << 22  # N·K below this: the fixed configuration
 _INTERPRETER_TILES = {"BLOCK_N": 32, "BLOCK_M": 64}
+_MAX_ONE_CHUNK = {"16bit": 128, "fp32": 32}  # padded D held whole in registers (D=256 spills)
+_CHUNKS = {"16bit": (64, 128), "fp32": (32, 128)}  # (BLOCK_K, BLOCK_DV) above that
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    bytes_col = 5 if kwargs["DOT_PRECISION"] == "tf32x3" else 4
-    limit = torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
-    kept = [cfg for cfg, row in zip(_TILE_CONFIGS, _TILE_TABLE) if row[bytes_col] * kwargs["BLOCK_D"] <= limit]
-    return kept or _TILE_CONFIGS[-1:]  # nothing fits: the smallest, whose launch then says why
+def _tiles(outer_block: str, outer: int, inner: int) -> dict:
+    """The outer tile (queries in the forward, keys in the key-gradient kernel: the rows of
+    its accumulator, the M of its dots) and the streamed inner one."""
+    return {outer_block: outer, ("BLOCK_M" if outer_block == "BLOCK_N" else "BLOCK_N"): inner}
 
 
-_fwd_kernel_tuned = triton.autotune(
-    _TILE_CONFIGS, key=["BLOCK_D", "SCALE_ROWS", "SCALE_COLS", "COMPUTE_DQ", "DOT_PRECISION"],
-    prune_configs_by={"early_config_prune": _prune_configs},
-)(_info_nce_fwd_kernel)
-_bwd_kernel_tuned = triton.autotune(
-    _TILE_CONFIGS, key=["BLOCK_D", "NORMALIZE", "DOT_PRECISION"], prune_configs_by={"early_config_prune": _prune_configs},
-)(_info_nce_bwd_kernel)
+def _configs(precision: str, outer_block: str) -> list:
+    return [triton.Config(_tiles(outer_block, n, m), num_warps=w, num_stages=st) for n, m, w, st in _CONFIGS[precision]]
 
 
-def _fixed_tiles(block_d: int, dtype: torch.dtype) -> dict:
-    """GPU tiles for problems below the autotuning threshold; fit sm_90's shared memory for
-    rows up to D=512 (fp32: 32x32 tiles from D=256 on, ~96-192 KiB)."""
-    row_bytes = block_d * dtype.itemsize
-    return {"BLOCK_N": 64, "BLOCK_M": 64} if row_bytes <= 512 else {"BLOCK_N": 32, "BLOCK_M": 32}
+_FWD_KEY = ["BLOCK_K", "BLOCK_DV", "ONE_CHUNK", "SCALE_ROWS", "SCALE_COLS", "COMPUTE_DQ", "DOT_PRECISION"]
+_fwd_tuned = {p: triton.autotune(_configs(p, "BLOCK_N"), key=_FWD_KEY)(_info_nce_fwd_kernel) for p in _CONFIGS}
+_bwd_tuned = {p: triton.autotune(_configs(p, "BLOCK_M"), key=["BLOCK_K", "BLOCK_DV", "ONE_CHUNK", "NORMALIZE", "DOT_PRECISION"])(
+    _info_nce_bwd_kernel) for p in _CONFIGS}
 
 
-def _launch(kernel, tuned, splits: int, outer_block: str, outer_rows: int, logits: int, args: tuple,
-            flags: dict) -> None:
-    """Run `kernel` over (ceil(outer_rows / BLOCK), splits) programs with the tiles for this machine."""
+def _precision(dtype: torch.dtype) -> str:
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+def _d_tiles(D: int, dtype: torch.dtype) -> dict:
+    """BLOCK_K (D chunk of the logits dot), BLOCK_DV (D chunk of the accumulator: one program
+    per chunk, each recomputing the logits) and ONE_CHUNK."""
+    precision = _precision(dtype)
+    block_d = _block_d(D)
+    if block_d <= _MAX_ONE_CHUNK[precision]:
+        return {"BLOCK_K": block_d, "BLOCK_DV": block_d, "ONE_CHUNK": True}
+    block_k, block_dv = _CHUNKS[precision]
+    return {"BLOCK_K": block_k, "BLOCK_DV": min(block_dv, block_d), "ONE_CHUNK": False}
+
+
+def _launch(kernel, tuned: dict, splits: int, d_programs: int, outer_block: str, outer_rows: int, logits: int,
+            args: tuple, flags: dict, dtype: torch.dtype) -> None:
+    """Run `kernel` over (ceil(outer_rows / BLOCK), splits, d_programs) programs with the tiles for this machine."""
+    precision = _precision(dtype)
     if triton_interpreting():
-        grid = (triton.cdiv(outer_rows, _INTERPRETER_TILES[outer_block]), splits)
+        grid = (triton.cdiv(outer_rows, _INTERPRETER_TILES[outer_block]), splits, d_programs)
         kernel[grid](*args, **flags, **_INTERPRETER_TILES)
     elif logits >= _AUTOTUNE_MIN_LOGITS:
-        tuned[lambda meta: (triton.cdiv(outer_rows, meta[outer_block]), splits)](*args, **flags)
+        tuned[precision][lambda meta: (triton.cdiv(outer_rows, meta[outer_block]), splits, d_programs)](*args, **flags)
     else:
-        tiles = _fixed_tiles(flags["BLOCK_D"], args[0].dtype)
-        grid = (triton.cdiv(outer_rows, tiles[outer_block]), splits)
-        kernel[grid](*args, **flags, **tiles, num_warps=4, num_stages=2)
+        n, m, warps, stages = _FIXED_TILES[precision]
+        tiles = _tiles(outer_block, n, m)
+        grid = (triton.cdiv(outer_rows, tiles[outer_block]), splits, d_programs)
+        kernel[grid](*args, **flags, **tiles, num_warps=warps, num_stages=stages)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -291,18 +345,27 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))  # tl.dot needs every tile dim >= 16
 
 
+def _combine_block(D: int) -> int:
+    """Rows per program of the combine kernels: ~2K elements of each [rows, D] tile."""
+    return max(1, min(64, 2048 // _block_d(D)))
+
+
+def _combine_warps(D: int) -> int:
+    return 16 if _block_d(D) > 2048 else 4  # a 4096-wide row over 4 (sm_90) or 8 (sm_100) warps spills
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
 
 
-def _num_splits(outer_rows: int, stream_rows: int, D: int, device: torch.device) -> tuple[int, int]:
+def _num_splits(outer_rows: int, stream_rows: int, D: int, d_programs: int, device: torch.device) -> tuple[int, int]:
     """(splits, rows per split) of the streamed dimension: enough programs to fill the GPU
     (about 2 per SM) while every split keeps >= 4 chunks of work and the fp32 partials stay
     under ~16 MiB. On the CPU interpreter, 2 splits so tests exercise the merge."""
     chunks = triton.cdiv(stream_rows, _SPLIT_CHUNK)
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        want = triton.cdiv(2 * sms, triton.cdiv(outer_rows, 128))
+        want = triton.cdiv(2 * sms, triton.cdiv(outer_rows, 128) * d_programs)
         want = min(want, max(1, chunks // 4), max(1, (16 << 20) // (outer_rows * D * 4)))
     else:
         want = 2
@@ -316,37 +379,39 @@ def info_nce_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward. Returns (loss [N] fp32, lse2 [N] fp32 = log2 Σ_j 2^(l_ij·log2 e),
     dq_dir, dk_dir) where dq_dir [N, D] fp32 = ∂loss_i/∂query_i (empty unless compute_dq) and dk_dir [N, D]
-    fp32 = ∂loss_i/∂key_i for the queue form (empty unless compute_dk and a queue)."""
-    query, key = query.contiguous(), key.contiguous()
+    fp32 = ∂loss_i/∂key_i for the queue form (empty unless compute_dk and a queue). The queue may
+    have another float dtype than query: its rows are converted to query's dtype on load."""
     has_queue = queue is not None
-    x = queue.contiguous() if has_queue else key
+    x = queue if has_queue else key
     N, D = query.shape
     dev = query.device
     q_norm = _row_norms(query) if normalize else query.new_empty(0, dtype=torch.float32)
     k_norm = _row_norms(key) if normalize else q_norm
     scale2 = _LOG2E / temperature
-    num_splits, split_cols = _num_splits(N, x.shape[0], D, dev)
+    d_tiles = _d_tiles(D, query.dtype)
+    d_programs = triton.cdiv(D, d_tiles["BLOCK_DV"])
+    num_splits, split_cols = _num_splits(N, x.shape[0], D, d_programs, dev)
     f32 = {"dtype": torch.float32, "device": dev}
     m_part = torch.empty(num_splits, N, **f32)
     l_part = torch.empty(num_splits, N, **f32)
     acc_part = torch.empty((num_splits, N, D) if compute_dq else (0,), **f32)
     flags = dict(SCALE_ROWS=normalize, SCALE_COLS=normalize and not has_queue, COMPUTE_DQ=compute_dq,
-                 EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), BLOCK_D=_block_d(D))
-    args = (query, x, q_norm, k_norm, m_part, l_part, acc_part, N, x.shape[0], D, split_cols, scale2)
-    _launch(_info_nce_fwd_kernel, _fwd_kernel_tuned, num_splits, "BLOCK_N", N, N * x.shape[0], args, flags)
+                 EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), **d_tiles)
+    args = (query, x, q_norm, k_norm, m_part, l_part, acc_part, N, x.shape[0], D, *query.stride(), *x.stride(),
+            split_cols, scale2)
+    _launch(_info_nce_fwd_kernel, _fwd_tuned, num_splits, d_programs, "BLOCK_N", N, N * x.shape[0], args, flags, query.dtype)
 
     loss = torch.empty(N, **f32)
     lse2 = torch.empty(N, **f32)
     dq_dir = torch.empty((N, D) if compute_dq else (0,), **f32)
     compute_dk = compute_dk and has_queue
     dk_dir = torch.empty((N, D) if compute_dk else (0,), **f32)
-    block_d = _block_d(D)
-    block_n = max(1, min(64, 4096 // block_d))
+    block_n = _combine_block(D)
     _info_nce_combine_kernel[(triton.cdiv(N, block_n),)](
         query, key, q_norm, k_norm, m_part, l_part, acc_part, loss, lse2, dq_dir, dk_dir,
-        N, D, num_splits, label_offset, scale2, 1.0 / temperature,
+        N, D, *query.stride(), *key.stride(), num_splits, label_offset, scale2, 1.0 / temperature,
         HAS_QUEUE=has_queue, NORMALIZE=normalize, COMPUTE_DQ=compute_dq, COMPUTE_DK=compute_dk,
-        EPS=_EPS, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4,
+        EPS=_EPS, BLOCK_N=block_n, BLOCK_D=_block_d(D), num_warps=_combine_warps(D),
     )
     return loss, lse2, dq_dir, dk_dir
 
@@ -355,10 +420,9 @@ def info_nce_bwd(
     query: torch.Tensor, key: torch.Tensor, lse2: torch.Tensor, grad: torch.Tensor, temperature: float,
     normalize: bool, label_offset: int,
 ) -> torch.Tensor:
-    """In-batch key gradient [M, D] (key's dtype) of Σ_i grad_i · loss_i, recomputing the logits
-    tiles from lse2 [N] (from info_nce_fwd). grad [N] may be an expanded (stride-0) view."""
-    query, key = query.contiguous(), key.contiguous()
-    grad = grad.to(torch.float32).contiguous()
+    """In-batch key gradient [M, D] (key's dtype, contiguous) of Σ_i grad_i · loss_i, recomputing
+    the logits tiles from lse2 [N] (from info_nce_fwd). grad [N] may be an expanded (stride-0) view."""
+    grad = grad.to(torch.float32).contiguous()  # [N]: the copy of a stride-0 view is N floats
     lse2 = lse2.contiguous()
     N, D = query.shape
     M = key.shape[0]
@@ -371,17 +435,19 @@ def info_nce_bwd(
     weight = grad / q_norm.clamp_min(_EPS) if normalize else grad
     weight_scale = weight.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
     weight = weight / weight_scale
-    num_splits, split_rows = _num_splits(M, N, D, dev)
+    d_tiles = _d_tiles(D, query.dtype)
+    d_programs = triton.cdiv(D, d_tiles["BLOCK_DV"])
+    num_splits, split_rows = _num_splits(M, N, D, d_programs, dev)
     part = torch.empty(num_splits, M, D, dtype=torch.float32, device=dev)
-    flags = dict(NORMALIZE=normalize, EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), BLOCK_D=_block_d(D))
-    args = (query, key, q_norm, k_norm, lse2, weight, part, N, M, D, split_rows, _LOG2E / temperature)
-    _launch(_info_nce_bwd_kernel, _bwd_kernel_tuned, num_splits, "BLOCK_M", M, N * M, args, flags)
-    dk = torch.empty_like(key)
-    block_d = _block_d(D)
-    block_m = max(1, min(64, 4096 // block_d))
+    flags = dict(NORMALIZE=normalize, EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), **d_tiles)
+    args = (query, key, q_norm, k_norm, lse2, weight, part, N, M, D, *query.stride(), *key.stride(), split_rows,
+            _LOG2E / temperature)
+    _launch(_info_nce_bwd_kernel, _bwd_tuned, num_splits, d_programs, "BLOCK_M", M, N * M, args, flags, query.dtype)
+    dk = torch.empty(key.shape, dtype=key.dtype, device=dev)
+    block_m = _combine_block(D)
     _info_nce_bwd_combine_kernel[(triton.cdiv(M, block_m),)](
-        query, key, q_norm, k_norm, grad, weight_scale, part, dk, N, M, D, num_splits, label_offset,
-        1.0 / temperature,
-        NORMALIZE=normalize, EPS=_EPS, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+        query, key, q_norm, k_norm, grad, weight_scale, part, dk, N, M, D, *query.stride(), *key.stride(),
+        num_splits, label_offset, 1.0 / temperature,
+        NORMALIZE=normalize, EPS=_EPS, BLOCK_M=block_m, BLOCK_D=_block_d(D), num_warps=_combine_warps(D),
     )
     return dk

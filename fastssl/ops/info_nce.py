@@ -43,6 +43,12 @@ tf32 products, close to fp32 accuracy on tensor cores) so the kernel stays withi
 tolerance of a plain fp32 reference; plain tf32 would err by ~1e-3 relative in the
 logits, i.e. ~0.1 absolute at T=0.01.
 
+Registers: a 16-bit query tile of up to 128 columns stays in registers; wider rows (and every
+fp32 row, whose tf32x3 operand splits double their registers) are reduced over D in chunks,
+and the accumulator's columns are split over programs (128 each, each recomputing the
+logits), so registers and shared memory stay bounded for any D (checked without spills for
+sm_80/89/90/100 by tests/ops/compile_gate.py).
+
 At D=128 the exponentials are a co-limit with the matmuls on an H100; overlapping them
 is left to Triton's software pipelining (num_stages) across the streamed tiles.
 """
@@ -54,6 +60,7 @@ import torch.nn.functional as F
 
 from fastssl.ops._dispatch import (
     HAS_TRITON,
+    check_interpreter_dot,
     check_positive,
     check_same_dtype,
     check_tensor,
@@ -63,7 +70,8 @@ from fastssl.ops._dispatch import (
 if HAS_TRITON:  # without triton only the reference runs (resolve_backend refuses "triton")
     from fastssl.ops._info_nce_kernels import info_nce_bwd, info_nce_fwd
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -99,7 +107,7 @@ def _info_nce_bwd_op(
 
 @_info_nce_bwd_op.register_fake
 def _(query, key, lse2, grad, temperature, normalize, label_offset):
-    return torch.empty_like(key)
+    return key.new_empty(key.shape)  # contiguous, like the launcher's
 
 
 def _setup_context(ctx, inputs, output):
@@ -150,7 +158,10 @@ def info_nce_ref(
         labels = torch.arange(query.shape[0], device=query.device) + label_offset
     else:
         l_pos = (query * key).sum(1, keepdim=True)
-        l_neg = query @ queue.detach().T
+        # A queue of another dtype (e.g. fp32 beside bf16 queries) meets the queries in the
+        # promoted dtype (under autocast, matmul's own cast applies).
+        dtype = torch.promote_types(query.dtype, queue.dtype)
+        l_neg = query.to(dtype) @ queue.detach().to(dtype).T
         logits = torch.cat([l_pos, l_neg], dim=1) / temperature
         labels = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
     return F.cross_entropy(logits, labels, reduction=reduction)
@@ -162,7 +173,11 @@ def info_nce(
 ) -> torch.Tensor:
     """InfoNCE / NT-Xent loss without materializing the logits (on the Triton backend).
 
-    query [N, D]; key [M, D]; queue [K, D] or None; fp32, bf16 or fp16, one dtype and device.
+    query [N, D]; key [M, D] (query's dtype); queue [K, D] or None, any float dtype (the kernel
+    converts its rows to query's dtype on load; the reference promotes); all on one device.
+    Rows may be strided views (slices, transposes): the kernels take both strides, no copy.
+    float64 runs the reference on backend="auto" (Triton has no fp64 tensor-core path) and is
+    refused by backend="triton".
 
     * queue given (MoCo v2): M == N; row i's logits are [q_i·k_i, q_i·queue_1, …, q_i·queue_K] / T,
       target 0. The queue is used as given (not normalized) and gets no gradient.
@@ -183,11 +198,9 @@ def info_nce(
         check_tensor("queue", queue, ndim=2, dtypes=_DTYPES, device=query.device, like="query")
         if queue.shape[1] != D:
             raise ValueError(f"queue must have D={D} columns like query, got shape {tuple(queue.shape)}")
-        check_same_dtype(("query", "key", "queue"), (query, key, queue))
         if M != N:
             raise ValueError(f"with a queue, key must have one row per query (M == N == {N}), got M={M}")
-    else:
-        check_same_dtype(("query", "key"), (query, key))
+    check_same_dtype(("query", "key"), (query, key))
     temperature = check_positive("temperature", temperature)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
@@ -202,7 +215,16 @@ def info_nce(
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     tensors = (query, key) if queue is None else (query, key, queue)
-    if resolve_backend(backend, *tensors) == "torch":
+    resolved = resolve_backend(backend, *tensors)
+    if resolved == "triton" and any(t.dtype not in _KERNEL_DTYPES for t in tensors):
+        if backend != "auto":
+            got = ", ".join(f"{n}={t.dtype}" for n, t in zip(("query", "key", "queue"), tensors))
+            raise TypeError(f"info_nce: backend='triton' takes float32, float16 or bfloat16 tensors, got {got}; "
+                            f"backend='auto' or 'torch' runs the reference in float64")
+        resolved = "torch"  # float64 (e.g. gradcheck): the reference, which computes in it
+    if resolved == "triton":
+        check_interpreter_dot("info_nce", *tensors)
+    if resolved == "torch":
         return info_nce_ref(query, key, queue, temperature=temperature, normalize=normalize,
                             label_offset=label_offset, reduction=reduction)
     grad = torch.is_grad_enabled()

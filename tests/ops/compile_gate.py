@@ -1,0 +1,640 @@
+"""Ahead-of-time compile gate: every Triton kernel of fastssl, compiled for real NVIDIA cards with
+no GPU and no driver, at the configurations its launcher picks for a grid of real shapes.
+
+    python tests/ops/compile_gate.py --targets 80,89,90,100 [--json FILE]
+
+How the configurations are found: the public ops (info_nce, dino_loss, soft_cross_entropy,
+random_masking, unshuffle_tokens, mae_loss) run on shape-only CUDA tensors (FakeTensorMode) with
+each custom op's fake implementation swapped for its real one followed by its registered backward,
+so the real launchers run, forward and backward; torch.cuda.get_device_properties answers for the target
+card, and kernel launches (JITFunction.run, Autotuner.run) are recorded instead of run. Each
+recorded launch is bound by the JIT's own binder (signature, constexprs, specialization) and compiled by
+triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32)): ttir -> ... -> cubin, the last
+stage by the ptxas bundled with Triton, whose -v log gives registers and spills; shared memory is
+Triton's metadata. Only loading a cubin needs a driver.
+
+A compile is identified by Triton's own cache key (kernel source and dependencies, constexprs,
+specialization, target, options, Triton version), so shapes that specialize alike compile once;
+its figures are stored beside Triton's cache (one small JSON per key) and re-read on later runs.
+
+Fails (exit 1) on: a compile error; a register spill in a configuration the launcher keeps on
+the card; shared memory above the card's opt-in limit in a fixed launch, or in every
+configuration of an autotuned one (Triton's autotuner drops a configuration whose launch runs
+out of resources, so only those that fit are kept); a kernel with tl.dot whose PTX has no
+tensor-core instruction (wgmma on sm_90, mma on the others); a @triton.jit kernel of fastssl.ops
+that no scenario launches. Needs a CUDA build of torch (no GPU) and triton; run it in a process
+without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import importlib
+import json
+import os
+import pkgutil
+import re
+import sys
+import tempfile
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import triton
+import triton.language as tl
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    sms: int  # the launchers size their grids by it
+    smem_optin: int  # cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes
+
+
+# Public figures of the card each target stands for.
+CARDS = {
+    80: Card("A100", 108, 166_912),
+    89: Card("L40S", 142, 101_376),
+    90: Card("H100 SXM", 132, 232_448),
+    100: Card("B200", 148, 232_448),
+}
+DTYPE_NAMES = ("fp32", "bf16", "fp16")
+
+
+# ----------------------------------------------------------------------------- scenarios
+
+
+def scenarios():
+    """(name, callable) for the shape grid; each runs public ops on fake CUDA tensors (made
+    inside the callable, under FakeTensorMode); fake_cuda runs each op's backward too."""
+    import torch
+
+    from fastssl.ops.dino_loss import dino_loss, soft_cross_entropy
+    from fastssl.ops.info_nce import info_nce
+    from fastssl.ops.mae import mae_loss, random_masking, unshuffle_tokens
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+    def t(*shape, dtype, grad=False):
+        return torch.empty(*shape, device="cuda", dtype=dtype, requires_grad=grad)
+
+    def moco_v2(dt, N, D, K=65536):  # momentum key: no gradient
+        info_nce(t(N, D, dtype=dt, grad=True), t(N, D, dtype=dt), t(K, D, dtype=dt), backend="triton")
+
+    def in_batch(dt, N, D):
+        info_nce(t(N, D, dtype=dt, grad=True), t(N, D, dtype=dt, grad=True), backend="triton")
+
+    def dino(dt, B, crops, K):
+        s = t(crops * B, K, dtype=dt, grad=True)
+        dino_loss(s, t(2 * B, K, dtype=dt), t(K, dtype=torch.float32), n_crops=crops, backend="triton")
+
+    def multilabel(dt, C, N=256):
+        soft_cross_entropy(t(N, C, dtype=dt, grad=True), t(N, C, dtype=dt), backend="triton")
+
+    def mae(dt, D, N=256, L=196, Dd=512, P=768):
+        x = t(N, L, D, dtype=dt, grad=True)
+        kept, mask, ids = random_masking(x, 0.75, pos_embed=t(L, D, dtype=dt), backend="triton")
+        random_masking(x, 0.75, backend="triton")
+        unshuffle_tokens(
+            t(N, kept.shape[1], Dd, dtype=dt, grad=True), t(Dd, dtype=dt, grad=True), ids, backend="triton"
+        )
+        for norm_pix in (True, False):
+            mae_loss(
+                t(N, L, P, dtype=dt, grad=True),
+                t(N, L, P, dtype=dt),
+                mask.detach(),
+                norm_pix_loss=norm_pix,
+                backend="triton",
+            )
+
+    out = []
+    for name, dt in dtypes.items():
+        out += [
+            (f"info_nce queue N={N} K=65536 D={D} {name}", lambda dt=dt, N=N, D=D: moco_v2(dt, N, D))
+            for N in (256, 4096)
+            for D in (128, 256)
+        ]
+        out += [
+            (f"info_nce in-batch N=M={N} D={D} {name}", lambda dt=dt, N=N, D=D: in_batch(dt, N, D))
+            for N in (256, 4096)
+            for D in (128, 256, 1024)
+        ]
+        # the widest rows a launcher accepts (D chunks over programs)
+        out += [(f"info_nce in-batch N=M=256 D=4096 {name}", lambda dt=dt: in_batch(dt, 256, 4096))]
+        out += [
+            (f"dino B={B} crops={V} K={K} {name}", lambda dt=dt, B=B, V=V, K=K: dino(dt, B, V, K))
+            for B in (32, 128)
+            for V in (2, 10, 12)
+            for K in (4096, 65536)
+        ]
+        out += [
+            (f"multilabel N=256 C={C} {name}", lambda dt=dt, C=C: multilabel(dt, C)) for C in (10000, 27000)
+        ]
+        out += [
+            (f"mae N=256 L=196 D={D} dec=512 P=768 {name}", lambda dt=dt, D=D: mae(dt, D))
+            for D in (768, 1024)
+        ]
+    return out
+
+
+# ----------------------------------------------------------------------------- capture
+
+
+class Ptr:
+    """A tensor argument as the compiler sees it: dtype and a 16-byte aligned address."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def data_ptr(self):
+        return 1 << 20
+
+
+@dataclass
+class Launch:
+    fn: object  # the JITFunction
+    args: tuple
+    kwargs: dict
+    how: str  # "fixed" or "autotune i/n"
+    scenarios: list = field(default_factory=list)
+
+
+def _compile_arg(x):
+    import torch
+
+    return Ptr(x.dtype) if isinstance(x, torch.Tensor) else x
+
+
+@contextlib.contextmanager
+def fake_cuda(card: Card):
+    """FakeTensorMode with torch.cuda answering for `card`, custom ops running their real
+    launchers and kernel launches recorded (not run)."""
+    import torch
+    from torch._library.custom_ops import CustomOpDef
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.runtime import autotuner, jit
+
+    import fastssl.ops
+
+    props = types.SimpleNamespace(
+        multi_processor_count=card.sms, shared_memory_per_block_optin=card.smem_optin, name=card.name
+    )
+    recorded = []
+
+    def jit_run(self, *args, grid, warmup, **kwargs):
+        recorded.append(
+            (self, tuple(map(_compile_arg, args)), {k: _compile_arg(v) for k, v in kwargs.items()})
+        )
+
+    def tuner_run(self, *args, **kwargs):
+        kwargs = {k: _compile_arg(v) for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        recorded.append((self, tuple(map(_compile_arg, args)), kwargs))
+
+    ops = {
+        op
+        for info in pkgutil.iter_modules(fastssl.ops.__path__)
+        for op in vars(importlib.import_module(f"fastssl.ops.{info.name}")).values()
+        if isinstance(op, CustomOpDef)
+    }
+    saved_fakes = {op: op._abstract_fn for op in ops}
+    saved = (
+        torch.cuda.get_device_properties,
+        torch.cuda.current_device,
+        jit.JITFunction.run,
+        autotuner.Autotuner.run,
+    )
+    torch.cuda.get_device_properties = lambda device=None: props
+    torch.cuda.current_device = lambda: 0
+    jit.JITFunction.run, autotuner.Autotuner.run = jit_run, tuner_run
+    for op in ops:
+        op._abstract_fn = _real_with_backward(op)
+    try:
+        with FakeTensorMode():
+            yield recorded
+    finally:
+        (
+            torch.cuda.get_device_properties,
+            torch.cuda.current_device,
+            jit.JITFunction.run,
+            autotuner.Autotuner.run,
+        ) = saved
+        for op, fake in saved_fakes.items():
+            op._abstract_fn = fake
+
+
+class _Ctx:
+    """What a custom op's setup_context and backward see of autograd's ctx."""
+
+    def __init__(self, inputs):
+        import torch
+
+        self.needs_input_grad = tuple(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def mark_non_differentiable(self, *tensors):
+        pass
+
+    def set_materialize_grads(self, value):
+        pass
+
+
+def _real_with_backward(op):
+    """The op's real implementation (the launchers), followed by its registered backward with
+    gradients of the outputs' shapes: the autograd engine cannot run on fake CUDA tensors
+    without a device, so the gate runs each op's backward itself."""
+    import inspect
+
+    import torch
+
+    signature = inspect.signature(op._init_fn)
+
+    def run(*args, **kwargs):
+        out = op._init_fn(*args, **kwargs)
+        inputs = tuple(signature.bind(*args, **kwargs).arguments.values())
+        if op._backward_fn is not None and any(_Ctx(inputs).needs_input_grad):
+            ctx = _Ctx(inputs)
+            op._setup_context_fn(ctx, inputs, out)
+            outs = out if isinstance(out, tuple) else (out,)
+            op._backward_fn(ctx, *(torch.empty_like(o) for o in outs))
+        return out
+
+    return run
+
+
+def expand(recorded, card: Card) -> list[Launch]:
+    """Recorded launches -> one Launch per configuration the launcher may run on `card`
+    (an autotuned launch: each config its early_config_prune keeps)."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    launches = []
+    for obj, args, kwargs in recorded:
+        if isinstance(obj, JITFunction):
+            launches.append(Launch(obj, args, kwargs, "fixed"))
+            continue
+        fn = obj.fn
+        while not isinstance(fn, JITFunction):
+            fn = fn.fn
+        kept = obj.configs
+        if obj.early_config_prune:
+            props = types.SimpleNamespace(
+                multi_processor_count=card.sms, shared_memory_per_block_optin=card.smem_optin
+            )
+            saved = torch.cuda.get_device_properties, torch.cuda.current_device
+            torch.cuda.get_device_properties = lambda device=None, props=props: props
+            torch.cuda.current_device = lambda: 0
+            try:
+                kept = obj.early_config_prune(obj.configs, dict(zip(obj.arg_names, args)), **kwargs)
+            finally:
+                torch.cuda.get_device_properties, torch.cuda.current_device = saved
+        for i, cfg in enumerate(kept):
+            launches.append(Launch(fn, args, {**kwargs, **cfg.all_kwargs()}, f"autotune {i + 1}/{len(kept)}"))
+    return launches
+
+
+# ----------------------------------------------------------------------------- compile
+
+
+def bind(launch: Launch, target):
+    """(ASTSource, options) exactly as JITFunction.run builds them for this launch."""
+    from triton import knobs
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = launch.fn
+    backend = make_backend(target)
+    kwargs = dict(launch.kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    if hasattr(knobs.compilation, "instrumentation_mode"):  # newer JITs pass it to the binder
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(
+        backend, kwargs, bound_args, specialization, options
+    )
+    return ASTSource(fn, signature, constexprs, attrs), options, backend
+
+
+def compile_key(launch: Launch, target) -> str:
+    """Triton's own cache key of this compile (source, specialization, target, options, version)."""
+    from triton.runtime.cache import get_cache_key
+
+    src, options, backend = bind(launch, target)
+    options = backend.parse_options(dict(options.__dict__, **src.parse_options()))
+    return hashlib.sha256(get_cache_key(src, backend, options, {}).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def captured_fds():
+    """Everything written to fds 1 and 2 (ptxas -v prints there)."""
+    out = {}
+    with tempfile.TemporaryFile() as tmp:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(tmp.fileno(), 1)
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield out
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            tmp.seek(0)
+            out["text"] = tmp.read().decode(errors="replace")
+
+
+PTXAS_REGS = re.compile(r"Used (\d+) registers")
+PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+TENSOR_CORE_PTX = {
+    90: re.compile(r"\bwgmma\."),
+    80: re.compile(r"\bmma\.sync"),
+    89: re.compile(r"\bmma\.sync"),
+    100: re.compile(r"\btcgen05\.mma|\bmma\.sync"),
+}
+
+
+def compile_one(launch: Launch, cap: int) -> dict:
+    """Compile for sm_<cap>: {ok, error, regs, spills, smem, tensor_cores, seconds}."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", cap, 32)
+    res = dict(ok=False, error="", regs=None, spills=None, smem=None, tensor_cores=None)
+    t0 = time.time()
+    try:
+        with captured_fds() as log:
+            src, options, _ = bind(launch, target)
+            knobs.compilation.always_compile = True  # a Triton cache hit would skip ptxas and its log
+            kernel = triton.compile(src, target=target, options=options.__dict__)
+    except Exception as exc:  # noqa: BLE001 - a failed compile is a result of the gate
+        lines = f"{type(exc).__name__}: {exc}".splitlines() + log.get("text", "").splitlines()
+        res["error"] = "\n".join(ln for ln in lines if ln.strip())[:3000]
+    else:
+        text = log["text"]
+        regs, spills = PTXAS_REGS.search(text), PTXAS_SPILLS.search(text)
+        res.update(
+            ok=True,
+            smem=kernel.metadata.shared,
+            regs=int(regs.group(1)) if regs else None,
+            spills=max(map(int, spills.groups())) if spills else None,
+            tensor_cores=bool(TENSOR_CORE_PTX[cap].search(kernel.asm["ptx"])),
+        )
+        if res["regs"] is None:
+            res.update(ok=False, error="no ptxas -v report in the compile's output:\n" + text[-2000:])
+    res["seconds"] = round(time.time() - t0, 2)
+    return res
+
+
+def cached_compile(launch: Launch, cap: int, cache_dir: Path) -> tuple[dict, bool]:
+    """compile_one, memoized in cache_dir by Triton's cache key; (result, was_cached)."""
+    from triton.backends.compiler import GPUTarget
+
+    path = cache_dir / f"{compile_key(launch, GPUTarget('cuda', cap, 32))}.json"
+    if path.is_file():
+        return json.loads(path.read_text()), True
+    res = compile_one(launch, cap)
+    if res["ok"]:  # failures are recompiled (and reported) every run
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(res))
+        tmp.replace(path)
+    return res, False
+
+
+def target_supported(cap: int) -> str:
+    """'' when the installed Triton (and its ptxas) compiles for sm_<cap>, else why not."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    try:
+        with captured_fds():
+            triton.compile(ASTSource(_probe, {"x_ptr": "*fp32"}, {}, {}), target=GPUTarget("cuda", cap, 32))
+    except Exception as exc:  # noqa: BLE001 - the reason is the report
+        return f"triton {triton.__version__} cannot compile for sm_{cap}: {str(exc).splitlines()[0][:300]}"
+    return ""
+
+
+@triton.jit
+def _probe(x_ptr):
+    tl.store(x_ptr, tl.load(x_ptr) + 1.0)
+
+
+# ----------------------------------------------------------------------------- gate
+
+
+def describe(launch: Launch) -> str:
+    """The constexprs (EPS left out), pointer dtypes and warps/stages of a launch."""
+    vals = dict(zip(launch.fn.arg_names, launch.args)) | launch.kwargs
+    parts = [
+        f"{p.name}={int(vals[p.name]) if isinstance(vals[p.name], bool) else vals[p.name]}"
+        for p in launch.fn.params
+        if p.is_constexpr and p.name in vals and p.name != "EPS"
+    ]
+    dts = sorted({str(v.dtype).replace("torch.", "") for v in vals.values() if isinstance(v, Ptr)})
+    parts.append("ptr:" + "/".join(dts).replace("bfloat16", "bf16").replace("float", "fp"))
+    for k in ("num_warps", "num_stages"):
+        if k in launch.kwargs:
+            parts.append(f"{k[4:]}={launch.kwargs[k]}")
+    return " ".join(parts)
+
+
+def triton_kernels() -> dict:
+    """Every @triton.jit function defined in fastssl.ops, by qualified name."""
+    from triton.runtime.jit import JITFunction
+
+    import fastssl.ops
+
+    found = {}
+    for info in pkgutil.iter_modules(fastssl.ops.__path__):
+        mod = importlib.import_module(f"fastssl.ops.{info.name}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, JITFunction) and obj.__module__ == mod.__name__:
+                found[f"{mod.__name__}.{name}"] = obj
+    return found
+
+
+def run_gate(caps: list[int], only: str = "") -> tuple[list[dict], list[str], list[str], dict]:
+    """Capture, dedupe and compile for each target. Returns (rows, failures, skipped targets, stats)."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    knobs.nvidia.dump_ptxas_log = True
+    cache_dir = Path(knobs.cache.dir) / "fastssl_compile_gate"
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    rows, failures, skipped = [], [], []
+    stats = dict(triton=triton.__version__, launches=0, compiles=0, cached=0, seconds=0.0)
+    launched = set()
+    t0 = time.time()
+    for cap in caps:
+        card = CARDS[cap]
+        why = target_supported(cap)
+        if why:
+            skipped.append(why)
+            continue
+        unique: dict[str, Launch] = {}
+        for name, run in scenarios():
+            if only not in name:
+                continue
+            with fake_cuda(card) as recorded:
+                run()
+            for launch in expand(recorded, card):
+                stats["launches"] += 1
+                key = compile_key(launch, GPUTarget("cuda", cap, 32))
+                unique.setdefault(key, launch).scenarios.append(name)
+        by_launch = {}  # autotuned launch -> does any kept config fit the card?
+        for launch in unique.values():
+            launched.add(f"{launch.fn.__module__}.{launch.fn.__name__}")
+            res, was_cached = cached_compile(launch, cap, cache_dir)
+            stats["compiles"] += 1
+            stats["cached"] += was_cached
+            print(
+                f"[{len(rows) + 1}] sm_{cap} {res['seconds']:5.1f}s{' (cached)' * was_cached} "
+                f"{launch.fn.__name__} {describe(launch)}",
+                file=sys.stderr,
+                flush=True,
+            )
+            fits = res["ok"] and res["smem"] <= card.smem_optin
+            row = dict(
+                kernel=launch.fn.__name__,
+                config=describe(launch),
+                launch=launch.how,
+                target=f"sm_{cap}",
+                dot="tl.dot(" in launch.fn.src,
+                scenarios=launch.scenarios,
+                fits=fits,
+                **res,
+            )
+            rows.append(row)
+            where = (
+                f"{row['kernel']} {row['config']} on sm_{cap} ({row['launch']}; e.g. {launch.scenarios[0]})"
+            )
+            if not res["ok"]:
+                failures.append(f"compile error: {where}:\n{res['error']}")
+                continue
+            if launch.how == "fixed" and not fits:
+                failures.append(f"shared memory {res['smem']} B > {card.smem_optin} B: {where}")
+            if fits and res["spills"]:
+                failures.append(f"spill of {res['spills']} B ({res['regs']} registers): {where}")
+            if row["dot"] and not res["tensor_cores"]:
+                failures.append(f"no tensor-core instruction in the PTX of {where}")
+            if launch.how != "fixed":
+                for sc in launch.scenarios:
+                    by_launch[(row["kernel"], sc)] = by_launch.get((row["kernel"], sc), False) or fits
+        failures += [
+            f"no configuration of {k} fits sm_{cap}'s {card.smem_optin} B of shared memory ({sc})"
+            for (k, sc), ok in by_launch.items()
+            if not ok
+        ]
+    if not only and len(skipped) < len(caps):
+        failures += [
+            f"{name} is launched by no scenario of the compile gate"
+            for name, fn in triton_kernels().items()
+            if name not in launched and not _inlined(fn, launched)
+        ]
+    stats["seconds"] = round(time.time() - t0, 1)
+    return rows, failures, skipped, stats
+
+
+def _inlined(fn, launched: set) -> bool:
+    """A device helper: called from a launched kernel's source."""
+    kernels = triton_kernels()
+    return any(re.search(rf"\b{fn.__name__}\(", kernels[name].src) for name in launched if name in kernels)
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["kernel", "config", "launch", "target", "regs", "spills", "smem", "tc", "s"]
+    table = [
+        [
+            r["kernel"],
+            r["config"],
+            r["launch"],
+            r["target"],
+            str(r["regs"]),
+            str(r["spills"]),
+            f"{r['smem']}{'' if r['fits'] else ' >LIMIT'}",
+            ("y" if r["tensor_cores"] else "n") if r["dot"] else "-",
+            f"{r['seconds']:.1f}",
+        ]
+        for r in rows
+    ]
+    widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(cols)]
+    fmt = " | ".join(f"{{:{w}}}" for w in widths)
+    return "\n".join(
+        [fmt.format(*cols), "-+-".join("-" * w for w in widths)] + [fmt.format(*t) for t in table]
+    )
+
+
+def summarize(rows: list[dict]) -> str:
+    """Markdown, one line per kernel and target: the margins of the configurations kept."""
+    lines = [
+        "| kernel | target | compiles | kept (fit) | max regs | max spill B | max smem B | card limit B "
+        "| tensor cores |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["kernel"], r["target"]), []).append(r)
+    for (kernel, target), rs in groups.items():
+        kept = [r for r in rs if r["fits"]]
+        tc = "-" if not rs[0]["dot"] else ("all" if all(r["tensor_cores"] for r in rs) else "NOT ALL")
+        worst = {k: max([r[k] or 0 for r in kept] + [0]) for k in ("regs", "spills", "smem")}
+        lines.append(
+            f"| {kernel} | {target} | {len(rs)} | {len(kept)} | {worst['regs']} | {worst['spills']} | "
+            f"{worst['smem']} | {CARDS[int(target[3:])].smem_optin} | {tc} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--targets",
+        default="80,89,90,100",
+        help="compute capabilities; those the installed Triton cannot target are skipped with a note",
+    )
+    ap.add_argument("--only", default="", help="only scenarios whose name contains this")
+    ap.add_argument("--json", help="write rows, failures and stats here")
+    a = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("the compile gate needs compiled kernels: unset TRITON_INTERPRET", file=sys.stderr)
+        return 2
+    caps = [int(c) for c in a.targets.split(",")]
+    unknown = [c for c in caps if c not in CARDS]
+    if unknown:
+        print(f"no card for sm_{unknown}; known: {sorted(CARDS)}", file=sys.stderr)
+        return 2
+    rows, failures, skipped, stats = run_gate(caps, a.only)
+    if rows:
+        print(format_table(rows))
+        print()
+        print(summarize(rows))
+    spills = [r for r in rows if r["fits"] and r["spills"]]
+    print(
+        f"\ntriton {stats['triton']}: {stats['launches']} launches -> {stats['compiles']} distinct compiles "
+        f"({stats['cached']} from the cache) for sm_{', sm_'.join(map(str, caps))} in {stats['seconds']} s; "
+        f"max registers {max([r['regs'] or 0 for r in rows] + [0])}, {len(spills)} kept configs spill"
+    )
+    for why in skipped:
+        print("skipped:", why)
+    for f in failures:
+        print("FAIL:", f)
+    if a.json:
+        Path(a.json).write_text(
+            json.dumps(dict(stats=stats, failures=failures, skipped=skipped, rows=rows), indent=1)
+        )
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
