@@ -393,7 +393,7 @@ def _three_class_folder(root, n_per_class=5):
 def _sharded_knn(rank, world, data):
     from torch import nn
 
-    from fastssl.cli import build_evaluator
+    from fastssl.cli import _evaluator
     from fastssl.engine import resolve_config
     from fastssl.methods import METHODS
 
@@ -401,7 +401,7 @@ def _sharded_knn(rank, world, data):
         image_size=16, num_threads=1, data_backend="torchvision", data=data))
     torch.manual_seed(0)
     encoder = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
-    return build_evaluator(cfg, data, torch.device("cpu"), linear=True)(encoder)
+    return _evaluator(cfg, data, torch.device("cpu"), linear=True)(encoder)
 
 
 @pytest.mark.slow
