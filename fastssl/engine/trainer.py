@@ -23,6 +23,7 @@ from fastssl.distributed import get_rank, get_world_size, is_distributed
 from fastssl.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from fastssl.engine.config import config_to_dict, save_config
 from fastssl.engine.optim import build_optimizer
+from fastssl.engine.parallel import gradient_sync, split_micro_batches, wrap_for_training
 from fastssl.engine.schedules import build_schedules
 from fastssl.methods.base import Method, StepContext
 
@@ -82,6 +83,9 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size: expected a multiple of the world size {self.world}, "
                              f"got {cfg.batch_size}")
+        if cfg.batch_size % (self.world * cfg.accum_steps):
+            raise ValueError(f"batch_size: expected a multiple of world size x accum_steps = "
+                             f"{self.world} x {cfg.accum_steps}, got {cfg.batch_size}")
         self.out = Path(cfg.out)
         self.ckpt_path = self.out / "last.pt"
         self.steps_per_epoch = len(loader)
@@ -104,12 +108,7 @@ class Trainer:
         if cfg.compile:
             for module in method.compile_modules():
                 module.compile()
-        self.model: nn.Module = method
-        if self.world > 1:
-            # Buffers (queue, BN statistics of the teacher) are per-rank state, not broadcast from rank 0.
-            self.model = nn.parallel.DistributedDataParallel(
-                method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+        self.model: nn.Module = wrap_for_training(method, cfg, self.device, self.world, log=self.log)
         self.optimizer = build_optimizer(cfg, method.parameter_groups())
         # bf16 needs no loss scaling; the scaler is kept (disabled) so checkpoints have one format.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
@@ -326,11 +325,20 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
             if group.get("apply_wd", True):
                 group["weight_decay"] = wd
-        with torch.autocast(**self.autocast):
-            out = self.model(batch, ctx)
-        loss = out["loss"]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # Gradient accumulation: the rank's batch runs as accum_steps micro-batches whose mean
+        # losses are averaged; gradients are synchronised across ranks on the last one only.
+        n = self.cfg.accum_steps
+        out: dict[str, Any] = {}
+        for i, micro in enumerate(split_micro_batches(batch, n)):
+            ctx.micro_step, ctx.accum_steps = i, n
+            with gradient_sync(self.model, enabled=i == n - 1):
+                with torch.autocast(**self.autocast):
+                    micro_out = self.model(micro, ctx)
+                (micro_out["loss"] / n).backward()
+            for k, v in micro_out.items():
+                if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float)):
+                    out[k] = out.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / n
         self.method.before_optimizer_step(ctx)
         if self.cfg.clip_grad:
             nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.clip_grad)
