@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastssl.distributed import get_rank, get_world_size, is_distributed
+from fastssl.engine import sharded_checkpoint
 from fastssl.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from fastssl.engine.config import config_to_dict, save_config
 from fastssl.engine.optim import build_optimizer
@@ -87,7 +88,8 @@ class Trainer:
             raise ValueError(f"batch_size: expected a multiple of world size x accum_steps = "
                              f"{self.world} x {cfg.accum_steps}, got {cfg.batch_size}")
         self.out = Path(cfg.out)
-        self.ckpt_path = self.out / "last.pt"
+        # parallel=fsdp: every rank writes its shards (fastssl.engine.sharded_checkpoint)
+        self.ckpt_path = self.out / (sharded_checkpoint.LATEST if cfg.parallel == "fsdp" else "last.pt")
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch < 1:
             raise ValueError("loader: expected at least one batch per epoch, got 0 "
@@ -150,19 +152,23 @@ class Trainer:
     # ----------------------------------------------------------------- checkpoints
     def _resume(self, resume: str) -> None:
         if resume == "auto":
-            if not self.ckpt_path.is_file():
+            if not self.ckpt_path.exists():
                 self.log(f"resume auto: no {self.ckpt_path}, starting fresh")
                 return
             path = self.ckpt_path
         else:
             path = Path(resume)
-        state = load_checkpoint(path)
+        sharded = sharded_checkpoint.is_sharded_checkpoint(path)
+        state = sharded_checkpoint.read_meta(path) if sharded else load_checkpoint(path)
         if state["batch_size"] != self.cfg.batch_size or state["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(f"resume: checkpoint {str(path)!r} was written with "
                              f"batch_size={state['batch_size']}, steps_per_epoch={state['steps_per_epoch']}; "
                              f"this run has {self.cfg.batch_size}, {self.steps_per_epoch}")
-        self.method.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if sharded:  # written by any number of ranks, resharded to this run's
+            sharded_checkpoint.load_sharded(path, self.model, self.optimizer)
+        else:
+            self.method.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.extra = state["step"], state["extra"]
         if "total_steps" in self.extra:  # a time-budgeted run keeps the length it chose
@@ -176,15 +182,20 @@ class Trainer:
         if self.world > 1:
             rng = [None] * self.world
             dist.all_gather_object(rng, rng_state())
-        if not self.is_main:
-            return
-        save_atomic({
-            "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+        meta = {
             "scaler": self.scaler.state_dict(), "step": self.step,
             "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
             "batch_size": self.cfg.batch_size, "rng": rng, "extra": self.extra,
             "config": config_to_dict(self.cfg), "method": self.method.name,
-        }, self.ckpt_path)
+        }
+        if self.cfg.parallel == "fsdp":
+            sharded_checkpoint.save_sharded(self.out, self.step, self.model, self.optimizer,
+                                            meta | {"world_size": self.world})
+            return
+        if not self.is_main:
+            return
+        save_atomic({"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict()} | meta,
+                    self.ckpt_path)
 
     # ----------------------------------------------------------------- evaluation
     def _evaluate(self) -> dict[str, float]:
@@ -361,7 +372,7 @@ class Trainer:
             record |= {k: next(numbers) for k in values}
             if not math.isfinite(record["loss"]):
                 kept = (f"the last good checkpoint {self.ckpt_path} is left intact"
-                        if self.ckpt_path.is_file() else "no checkpoint had been written yet")
+                        if self.ckpt_path.exists() else "no checkpoint had been written yet")
                 raise NonFiniteLossError(
                     f"loss is {record['loss']} at step {record['step']} (epoch {record['epoch']}); stopped; "
                     f"{kept}. Try a lower base_lr or a longer warmup_epochs.")
