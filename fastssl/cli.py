@@ -206,6 +206,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fastssl.engine.export import export_backbone
+
+    info = export_backbone(args.run, args.out)
+    print(f"{info['method']} {info['backbone']} step {info['step']}: {info['tensors']} tensors, "
+          f"{info['parameters']:,} parameters -> {args.out}\n"
+          f"load with: {info['load']}.load_state_dict(torch.load({args.out!r}, weights_only=True))",
+          flush=True)
+    return 0
+
+
 def benchmarks_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -265,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="kNN and linear probe of a checkpoint's frozen backbone")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--data", help="default: the data the checkpoint was trained on")
+    export = sub.add_parser("export", help="a run's backbone alone, as a timm / torchvision state dict")
+    export.add_argument("run", help="run directory (its last.dcp or last.pt) or a checkpoint")
+    export.add_argument("--out", required=True, help="output .pt file")
     bench = sub.add_parser("bench", help="run benchmarks/bench_*.py")
     bench.add_argument("--quick", action="store_true")
     bench.add_argument("names", nargs="*", help="e.g. info_nce train (default: all)")
@@ -273,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench}[args.command]
+    command = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "export": cmd_export}[args.command]
     try:
         return command(args)
     except (ValueError, TypeError, FileNotFoundError) as e:
