@@ -222,6 +222,9 @@ def benchmarks_dir() -> Path:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.memory:  # its own process: the plan joins a fake process group of 8 / 64 ranks
+        cmd = [sys.executable, "-m", "fastssl.engine.memory_plan"] + (["--quick"] if args.quick else [])
+        return subprocess.run(cmd).returncode
     root = benchmarks_dir()
     scripts = sorted(root.glob("bench_*.py"))
     if not scripts:
@@ -281,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output .pt file")
     bench = sub.add_parser("bench", help="run benchmarks/bench_*.py")
     bench.add_argument("--quick", action="store_true")
+    bench.add_argument("--memory", action="store_true",
+                       help="the memory plan: per-GPU bytes of DINO / MAE ViTs, DDP vs FSDP (fake tensors)")
     bench.add_argument("names", nargs="*", help="e.g. info_nce train (default: all)")
     return parser
 
