@@ -1,14 +1,17 @@
 """parallel=fsdp (FSDP2 over a 2-process gloo group) through the Trainer.
 
 - equals one process on the full batch, for DINO (sharded student, EMA teacher and heads,
-  center all-reduced; with 2 accumulated micro-batches) and MAE (sharded encoder and
-  decoder), with activation checkpointing: the same losses and parameters after two steps;
+  center all-reduced; with 2 accumulated micro-batches), MAE (sharded encoder and decoder)
+  and the weak method, with activation checkpointing: the same losses and parameters after
+  two steps; MoCo v3 (whose projector's BatchNorm sees per-rank batches, so it cannot equal
+  one process) trains sharded with its momentum encoder updated shard by shard;
 - its sharded (DCP) checkpoint, written by 2 ranks, resumes on 1 process with the model and
   AdamW state exactly as the 2 ranks held them, and the run continues;
 - a save killed before it is published leaves the previous checkpoint as the one resumed.
 One spawn of two processes serves all tests (a module fixture): it is the slow part."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -27,7 +30,7 @@ from fastssl.engine.parallel import check_parallel_config
 # linear in the gradients. AdamW on shards is what the checkpoint run uses.
 EQUAL = {"optimizer": "sgd", "momentum": 0.9}
 FSDP = {"parallel": "fsdp", "activation_checkpointing": True}
-RUNS = {"dino": EQUAL | {"accum_steps": 2}, "mae": EQUAL, "dino_adamw": {}}
+RUNS = {"dino": EQUAL | {"accum_steps": 2}, "mae": EQUAL, "weak": EQUAL, "mocov3": {}, "dino_adamw": {}}
 
 
 def _run(rank, world, name, out, overrides, max_steps=2, resume=None):
@@ -59,7 +62,7 @@ def fsdp_runs(tmp_path_factory):
 
 
 @pytest.mark.slow  # ~70 s on a busy 2-core CPU (the fixture spawns two processes importing torch and timm)
-@pytest.mark.parametrize("name", ["dino", "mae"])
+@pytest.mark.parametrize("name", ["dino", "mae", "weak"])
 def test_fsdp_two_processes_equal_one_process(tmp_path, fsdp_runs, name):
     _, ranks = fsdp_runs
     one = _run(0, 1, name, str(tmp_path / "one"), EQUAL)
@@ -76,6 +79,20 @@ def test_fsdp_two_processes_equal_one_process(tmp_path, fsdp_runs, name):
     # the run moved the parameters (the comparison is not between two initial states)
     start = full_state(tiny_method(name, str(tmp_path / "x")))
     assert any(not torch.allclose(start[k], v) for k, v in one["state"].items() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_mocov3_vit_trains_sharded_with_a_shard_local_momentum_encoder(fsdp_runs):
+    _, ranks = fsdp_runs
+    run = ranks[0]["mocov3"]
+    assert run["sharded"] == run["params"] > 0
+    assert all(math.isfinite(v) for v in run["losses"]) and len(run["losses"]) == 2
+    state = run["state"]
+    # the momentum encoder (EMA of the base encoder) moved, and is not a copy of the base encoder
+    start = full_state(tiny_method("mocov3", "unused"))
+    key = "0.blocks.0.mlp.fc1.weight"
+    assert not torch.equal(state[f"momentum_encoder.{key}"], start[f"momentum_encoder.{key}"])
+    assert not torch.equal(state[f"momentum_encoder.{key}"], state[f"base_encoder.{key}"])
 
 
 @pytest.mark.slow
