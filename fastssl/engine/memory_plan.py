@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.tensor import DTensor
 
@@ -66,19 +67,29 @@ def _bytes(tensors) -> int:
     return total
 
 
-def _replica_tracker():
+def _step_tracker(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool):
+    """torch's FSDPMemTracker (FSDP) or MemTracker (a replica, DDP) keeping the step's peak only.
+
+    Two adjustments, both in what is recorded, not in what is counted: the per-module peaks,
+    which torch updates by walking every module on every op (hours for a ViT-H step here), are
+    not kept; and a replica's frozen parameters (an EMA teacher) get no gradient hooks, which
+    torch would try to register and refuse ("cannot register a hook on a tensor that doesn't
+    require gradient"); gradients are still tracked through the trainable submodules."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    class ReplicaMemTracker(MemTracker):
-        """torch's MemTracker, without the gradient hooks it would put on frozen parameters (an
-        EMA teacher), which torch refuses ("cannot register a hook on a tensor that doesn't
-        require gradient"); gradients are still tracked through the trainable submodules."""
+    class StepPeakTracker(FSDPMemTracker if fsdp else MemTracker):
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
 
         def _track_module_params_and_buffers(self, module, install_grad_hooks=True):
             trainable = all(p.requires_grad for p in module.parameters())
             return super()._track_module_params_and_buffers(module, install_grad_hooks and trainable)
 
-    return ReplicaMemTracker()
+    return StepPeakTracker(model, optimizer) if fsdp else StepPeakTracker()
 
 
 def measure(method: str, backbone: str, parallel: str, checkpointing: bool, world: int,
@@ -86,8 +97,6 @@ def measure(method: str, backbone: str, parallel: str, checkpointing: bool, worl
     """Per-GPU bytes of one step (see the module docstring). Needs the fake process group of
     `world` ranks (`join_fake_group`). Returns params, grads, optimizer, teacher, activations,
     peak (bytes) with the setting."""
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-
     from fastssl.engine.optim import build_optimizer
     from fastssl.engine.parallel import apply_activation_checkpointing, shard_method
     from fastssl.methods.base import StepContext
@@ -126,7 +135,7 @@ def measure(method: str, backbone: str, parallel: str, checkpointing: bool, worl
             if p.requires_grad:
                 p.grad = torch.zeros_like(p)
         optimizer.step()
-        tracker = FSDPMemTracker(model, optimizer) if parallel == "fsdp" else _replica_tracker()
+        tracker = _step_tracker(model, optimizer, parallel == "fsdp")
         if parallel == "fsdp":
             tracker.track_inputs((batch["views"],))
         else:
