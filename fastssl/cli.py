@@ -183,18 +183,12 @@ def _print_summary(summary: dict, data: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fastssl.engine import load_checkpoint, resolve_config
+    from fastssl.engine.export import load_trained_method
 
-    state = load_checkpoint(args.checkpoint)
-    name = state["method"]
-    if name not in _methods():
-        raise ValueError(f"--checkpoint: written by method {name!r}, which is not one of "
-                         f"{sorted(_methods())}")
-    cfg = resolve_config(_methods()[name].config_class, None, state["config"])
+    method, state = load_trained_method(args.checkpoint)  # last.pt, a sharded last.dcp or the run directory
+    name, cfg = state["method"], method.cfg
     data = _resolve_data(args.data or cfg.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    method = _build_method(name, cfg)
-    method.load_state_dict(state["model"])
     method.to(device).eval()
     evaluator = build_evaluator(cfg, data, device, linear=True)
     if evaluator is None:
@@ -277,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also fit a linear probe on frozen features at the end")
     train.add_argument("overrides", nargs="*", metavar="key=value")
     ev = sub.add_parser("eval", help="kNN and linear probe of a checkpoint's frozen backbone")
-    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--checkpoint", required=True, help="last.pt, a sharded last.dcp or the run directory")
     ev.add_argument("--data", help="default: the data the checkpoint was trained on")
     export = sub.add_parser("export", help="a run's backbone alone, as a timm / torchvision state dict")
     export.add_argument("run", help="run directory (its last.dcp or last.pt) or a checkpoint")

@@ -32,13 +32,15 @@ TIMM_NAMES = {size: f"vit_{size}_patch16_224" for size in ("tiny", "small", "bas
 
 
 def _checkpoint_of(run: Path) -> Path:
+    if not run.exists():
+        raise ValueError(f"checkpoint: expected an existing file or run directory, got {str(run)!r}")
     if is_sharded_checkpoint(run) or run.is_file():
         return run
     for name in (LATEST, "last.pt"):
         if (run / name).exists():
             return run / name
-    raise ValueError(f"RUN: expected a run directory holding {LATEST} or last.pt, a last.pt file or a "
-                     f"sharded checkpoint directory, got {str(run)!r}")
+    raise ValueError(f"checkpoint: expected a run directory holding {LATEST} or last.pt, a last.pt file or "
+                     f"a sharded checkpoint directory, got {str(run)!r}")
 
 
 def load_trained_method(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -51,7 +53,7 @@ def load_trained_method(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     meta = read_meta(path) if sharded else load_checkpoint(path)
     name = meta["method"]
     if name not in METHODS:
-        raise ValueError(f"RUN: written by method {name!r}, which is not one of {sorted(METHODS)}")
+        raise ValueError(f"checkpoint: written by method {name!r}, which is not one of {sorted(METHODS)}")
     cls = METHODS[name]
     method = cls(resolve_config(cls.config_class, None, meta["config"]))
     if sharded:

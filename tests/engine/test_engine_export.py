@@ -78,6 +78,6 @@ def test_resnet_backbone_loads_into_torchvision(tmp_path):
 
 def test_export_of_a_directory_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--out", str(tmp_path / "b.pt")]) == 2
-    assert "RUN: expected a run directory holding last.dcp or last.pt" in capsys.readouterr().err
+    assert "checkpoint: expected a run directory holding last.dcp or last.pt" in capsys.readouterr().err
 
 
