@@ -198,12 +198,17 @@ def format_row(r: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="ViT-S DINO and ViT-B MAE only")
+    parser.add_argument("--worlds", default=",".join(map(str, WORLDS)), help="GPU counts, e.g. 8,64")
+    parser.add_argument("--backbones", help="only these ViTs, in this order, e.g. vit_huge_patch14")
     args = parser.parse_args(argv)
     models = {"dino": MODELS["dino"][:1], "mae": MODELS["mae"][:1]} if args.quick else MODELS
+    if args.backbones:
+        wanted = args.backbones.split(",")
+        models = {m: [b for b in wanted if b in backbones] for m, backbones in models.items()}
     print(f"# memory plan, GiB per GPU, measured on fake tensors ({datetime.date.today()}, torch "
           f"{torch.__version__}, {platform.machine()} CPU, no GPU)")
     print(HEADER, flush=True)
-    plan(models)
+    plan(models, worlds=[int(w) for w in args.worlds.split(",")])
     return 0
 
 

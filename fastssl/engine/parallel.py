@@ -97,6 +97,22 @@ def wrap_for_training(method: nn.Module, cfg, device: torch.device, world: int,
         method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
 
 
+def unsharded_copy(method: nn.Module, device: torch.device) -> nn.Module:
+    """`method` itself, or when it is FSDP-sharded a full copy on `device` holding the gathered
+    state (a collective: every rank calls it and gets the copy). Evaluation runs on the copy:
+    a sharded module's forward all-gathers, which one rank cannot do on its own."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(method, FSDPModule):
+        return method
+    state = get_model_state_dict(method, options=StateDictOptions(full_state_dict=True))
+    with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
+        copy = type(method)(method.cfg)
+    copy.load_state_dict(state)
+    return copy.to(device)
+
+
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     """Within the block, the backward all-reduces (DDP) / reduce-scatters (FSDP) gradients only

@@ -24,7 +24,7 @@ from fastssl.engine import sharded_checkpoint
 from fastssl.engine.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
 from fastssl.engine.config import config_to_dict, save_config
 from fastssl.engine.optim import build_optimizer
-from fastssl.engine.parallel import gradient_sync, split_micro_batches, wrap_for_training
+from fastssl.engine.parallel import gradient_sync, split_micro_batches, unsharded_copy, wrap_for_training
 from fastssl.engine.schedules import build_schedules
 from fastssl.methods.base import Method, StepContext
 
@@ -202,12 +202,13 @@ class Trainer:
         if self.evaluator is None:
             return {}
         result: dict[str, float] = {}
+        method = unsharded_copy(self.method, self.device)  # a collective under parallel=fsdp
         if self.is_main:
-            was_training = self.method.training
-            self.method.eval()
+            was_training = method.training
+            method.eval()
             with torch.no_grad(), torch.autocast(**self.autocast):
-                result = self.evaluator(self.method.encoder())
-            self.method.train(was_training)
+                result = self.evaluator(method.encoder())
+            method.train(was_training)
         if self.world > 1:
             box = [result]
             dist.broadcast_object_list(box, src=0)

@@ -33,15 +33,23 @@ FSDP = {"parallel": "fsdp", "activation_checkpointing": True}
 RUNS = {"dino": EQUAL | {"accum_steps": 2}, "mae": EQUAL, "weak": EQUAL, "mocov3": {}, "dino_adamw": {}}
 
 
+def _features(encoder):
+    """An evaluator: the encoder's mean feature on fixed images (kNN would do the same reads)."""
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(7))
+    return {"feature_mean": encoder(x).mean().item()}
+
+
 def _run(rank, world, name, out, overrides, max_steps=2, resume=None):
     method = tiny_method(name.split("_")[0], out, max_steps=max_steps, **overrides)
     losses = record_losses(method)
     loader = MultiViewLoader(SIZES[name.split("_")[0]], shard_id=rank, num_shards=world)
-    trainer = Trainer(method, loader, resume=resume, progress=False, log=lambda m: None)
+    trainer = Trainer(method, loader, resume=resume, progress=False, log=lambda m: None,
+                      evaluator=_features if name == "dino" else None)
     loaded = {"state": full_state(method), "optimizer": _full_optimizer_state(trainer)}
-    trainer.fit()
+    summary = trainer.fit()
     sharded = sum(isinstance(p, DTensor) for p in method.parameters())
     return {"losses": losses, "state": full_state(method), "optimizer": _full_optimizer_state(trainer),
+            "evaluation": {k: v for k, v in summary.items() if k.startswith("feature_mean")},
             "loaded": loaded, "sharded": sharded, "params": sum(1 for _ in method.parameters())}
 
 
@@ -72,6 +80,11 @@ def test_fsdp_two_processes_equal_one_process(tmp_path, fsdp_runs, name):
     for step in range(2):
         mean = sum(f["losses"][step * per_step + i] for f in fsdp for i in range(per_step)) / (2 * per_step)
         assert abs(mean - one["losses"][step]) < 1e-5 * max(1.0, abs(one["losses"][step])), step
+    # DINO's run evaluates its sharded teacher (random init and end): as one process does
+    for key, value in one["evaluation"].items():
+        assert abs(fsdp[0]["evaluation"][key] - value) < 1e-5, key
+        assert fsdp[1]["evaluation"][key] == fsdp[0]["evaluation"][key], key
+    assert len(one["evaluation"]) == (2 if name == "dino" else 0)
     assert one["state"].keys() == fsdp[0]["state"].keys()
     for key, value in one["state"].items():
         for r in range(2):
