@@ -12,8 +12,8 @@ storage the step allocates and frees. Parameters, gradients, optimizer state and
 the bytes of this rank's tensors (shards under FSDP, padding included); activations are what
 the tracker attributes to them at the step's peak; peak is the tracker's total at that moment
 (it also holds all-gathered parameters, temporaries and the inputs). Not included: the CUDA
-context and allocator fragmentation (a few GB on a real card) and DDP's gradient buckets (one
-more copy of the gradients unless gradient_as_bucket_view). Autocast runs on the CPU's op
+context and allocator fragmentation (a few GB on a real card); DDP's gradient buckets are the
+gradients themselves (the trainer sets gradient_as_bucket_view). Autocast runs on the CPU's op
 list, and attention and the DINO loss take their CPU paths (the reference DINO loss keeps a
 few [rows, 65536] temporaries the fused kernel does not).
 
@@ -53,7 +53,9 @@ def _config(method: str, backbone: str, **overrides) -> Any:
     cls = METHODS[method]
     base = dict(backbone=backbone, image_size=224, batch_size=GLOBAL_BATCH[method], eval_knn=False)
     if method == "dino":  # the paper's multi-crop: 2 x 224 + 10 x 96, 65,536 prototypes
-        base |= dict(local_crops=10, local_size=96, out_dim=65536, drop_path_rate=0.1)
+        # (ViT-H/14: 10 x 98 as DINOv2's /14 models, since 96 px is not a whole number of 14 px patches)
+        local = 98 if backbone.endswith("patch14") else 96
+        base |= dict(local_crops=10, local_size=local, out_dim=65536, drop_path_rate=0.1)
     return cls, cls.config_class(**(base | overrides))
 
 

@@ -93,8 +93,10 @@ def wrap_for_training(method: nn.Module, cfg, device: torch.device, world: int,
             f"{', bf16 parameters / fp32 reduction' if device.type == 'cuda' else ''}")
         return method
     # Buffers (queue, BN statistics of the teacher) are per-rank state, not broadcast from rank 0.
+    # Gradients as views of the all-reduce buckets: no second copy of every gradient.
     return nn.parallel.DistributedDataParallel(
-        method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+        method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        gradient_as_bucket_view=True)
 
 
 def unsharded_copy(method: nn.Module, device: torch.device) -> nn.Module:
