@@ -167,7 +167,9 @@ def join_fake_group(world: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
 
 
-def plan(models: dict[str, list[str]] = MODELS, worlds=WORLDS, setups=SETUPS, **overrides) -> list[dict]:
+def plan(models: dict[str, list[str]] = MODELS, worlds=WORLDS, setups=SETUPS) -> list[dict]:
+    """measure() every (GPU count, method, ViT, setup) at the method's global batch; prints each
+    row as it comes (markdown) and returns them all."""
     rows = []
     for world in worlds:
         join_fake_group(world)
@@ -175,9 +177,8 @@ def plan(models: dict[str, list[str]] = MODELS, worlds=WORLDS, setups=SETUPS, **
             for backbone in backbones:
                 for parallel, checkpointing in setups:
                     t0 = time.perf_counter()
-                    row = measure(method, backbone, parallel, checkpointing, world,
-                                  GLOBAL_BATCH[method] // world if "batch_size" not in overrides
-                                  else overrides["batch_size"] // world, **overrides)
+                    per_gpu = GLOBAL_BATCH[method] // world
+                    row = measure(method, backbone, parallel, checkpointing, world, per_gpu)
                     row["seconds"] = time.perf_counter() - t0
                     rows.append(row)
                     print(format_row(row), flush=True)
