@@ -70,7 +70,7 @@ def shard_method(method: nn.Module, device: torch.device) -> nn.Module:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()
-    units = transformer_blocks(method) + list(getattr(method, "shard_units", list)())
+    units = transformer_blocks(method) + method.shard_units()
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(method, mesh=mesh, mp_policy=policy)
@@ -88,7 +88,7 @@ def wrap_for_training(method: nn.Module, cfg, device: torch.device, world: int,
         return method
     if cfg.parallel == "fsdp":
         shard_method(method, device)
-        log(f"fsdp: {len(transformer_blocks(method))} blocks + {len(getattr(method, 'shard_units', list)())} "
+        log(f"fsdp: {len(transformer_blocks(method))} blocks + {len(method.shard_units())} "
             f"units + root sharded over {world} ranks"
             f"{', bf16 parameters / fp32 reduction' if device.type == 'cuda' else ''}")
         return method
