@@ -231,23 +231,12 @@ def _print_summary(summary: dict, data: str) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fastssl.data import check_data_spec
-    from fastssl.engine import load_checkpoint, resolve_config
+    from fastssl.engine.export import load_trained_method
 
-    state = load_checkpoint(args.checkpoint)
-    name = state["method"]
-    if name not in _methods():
-        raise ValueError(f"--checkpoint: written by method {name!r}, which is not one of "
-                         f"{sorted(_methods())}")
-    cfg = resolve_config(_methods()[name].config_class, None, state["config"])
+    method, state = load_trained_method(args.checkpoint)  # last.pt, a sharded last.dcp or the run directory
+    name, cfg = state["method"], method.cfg
     data = check_data_spec(args.data or cfg.data)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    method = _build_method(name, cfg)
-    try:
-        method.load_state_dict(state["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise ValueError(f"--checkpoint {args.checkpoint!r}: its weights do not fit the {name} "
-                         f"{cfg.backbone} model its config describes ({first})") from e
     method.to(device).eval()
     evaluator = _evaluator(cfg, data, device, linear=True)
     if evaluator is None:
@@ -285,36 +274,37 @@ def cmd_vocab(args: argparse.Namespace) -> int:
 
 def cmd_viz(args: argparse.Namespace) -> int:
     from fastssl.data import check_data_spec, data_splits
-    from fastssl.engine import load_checkpoint, resolve_config
+    from fastssl.engine.export import load_trained_method
 
-    run = Path(args.run)
-    checkpoint = run / "last.pt" if run.is_dir() else run
-    if not checkpoint.is_file():
-        raise ValueError(f"RUN: expected a run directory holding last.pt, or a checkpoint file, "
-                         f"got {args.run!r}")
     try:
         from fastssl.viz.figures import class_names, render_run
     except ImportError as e:
         raise ValueError(f"viz: needs {e.name}, which is not installed: pip install 'fastssl[viz]'") from e
-    state = load_checkpoint(checkpoint)
-    name = state["method"]
-    if name not in _methods():
-        raise ValueError(f"RUN: checkpoint written by method {name!r}, which is not one of "
-                         f"{sorted(_methods())}")
-    cfg = resolve_config(_methods()[name].config_class, None, state["config"])
+    method, state = load_trained_method(args.run)  # a run directory, last.pt or a sharded last.dcp
+    cfg = method.cfg
     data = check_data_spec(args.data or cfg.data)
     splits = data_splits(data)
     train_src, test_src = splits.train, splits.test
     if train_src is None or test_src is None:
         raise ValueError(f"--data: {data!r} has no labelled train/ and val/ splits to draw features from")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    method = _build_method(name, cfg)
-    method.load_state_dict(state["model"])
     method.to(device).eval()
-    out = Path(args.out) if args.out else checkpoint.parent / "viz"
+    run = Path(args.run)
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "viz"
     with torch.no_grad():
         render_run(method, cfg, train_src, test_src, device, out, class_names(test_src, data),
                    resize=cfg.image_size if data == FASHION_MNIST else None, log=_log)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fastssl.engine.export import export_backbone
+
+    info = export_backbone(args.run, args.out)
+    print(f"{info['method']} {info['backbone']} step {info['step']}: {info['tensors']} tensors, "
+          f"{info['parameters']:,} parameters -> {args.out}\n"
+          f"load with: {info['load']}.load_state_dict(torch.load({args.out!r}, weights_only=True))",
+          flush=True)
     return 0
 
 
@@ -323,6 +313,9 @@ def benchmarks_dir() -> Path:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.memory:  # its own process: the plan joins a fake process group of 8 / 64 ranks
+        cmd = [sys.executable, "-m", "fastssl.engine.memory_plan"] + (["--quick"] if args.quick else [])
+        return subprocess.run(cmd).returncode
     if args.json and not args.model:
         raise ValueError("bench: --json FILE writes the traffic model's records; it needs --model")
     if args.model:
@@ -431,8 +424,11 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config keys (listed below), anywhere after 'train'")
     ev = _add_command(sub, "eval", "kNN and linear probe of a checkpoint's frozen backbone", common)
-    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--checkpoint", required=True, help="last.pt, a sharded last.dcp or the run directory")
     ev.add_argument("--data", help="default: the data the checkpoint was trained on")
+    export = _add_command(sub, "export", "a run's backbone alone, as a timm / torchvision state dict", common)
+    export.add_argument("run", help="run directory (its last.dcp or last.pt) or a checkpoint")
+    export.add_argument("--out", required=True, help="output .pt file")
     shards = _add_command(sub, "shards", "write a dataset as WebDataset tar shards (+ DALI index files)",
                           common)
     shards.add_argument("src", help=f"{FASHION_MNIST!r}, an image folder or a labels file (.csv/.jsonl)")
@@ -456,6 +452,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     bench.add_argument("--model", action="store_true",
                        help="traffic model of every fused op (bytes, kernels, FLOPs, memory; runs on a CPU)")
     bench.add_argument("--json", metavar="FILE", help="with --model: write its records to FILE")
+    bench.add_argument("--memory", action="store_true",
+                       help="the memory plan: per-GPU bytes of DINO / MAE ViTs, DDP vs FSDP (fake tensors)")
     bench.add_argument("names", nargs="*", help="e.g. info_nce train (default: all)")
     return parser
 
@@ -509,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     debug = getattr(args, "debug", False)
     command = {"train": cmd_train, "eval": cmd_eval, "viz": cmd_viz, "bench": cmd_bench, "shards": cmd_shards,
-               "vocab": cmd_vocab}[args.command]
+               "vocab": cmd_vocab, "export": cmd_export}[args.command]
     prog = f"fastssl {args.command}"
     from fastssl.engine import NonFiniteLossError
 

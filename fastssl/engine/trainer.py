@@ -25,6 +25,7 @@ from torch import nn
 
 from fastssl.data.loader import Loader
 from fastssl.distributed import get_rank, get_world_size, is_distributed
+from fastssl.engine import sharded_checkpoint
 from fastssl.engine.checkpoint import (
     load_checkpoint,
     remove_stale_temp,
@@ -34,6 +35,7 @@ from fastssl.engine.checkpoint import (
 )
 from fastssl.engine.config import config_to_dict, save_config
 from fastssl.engine.optim import build_optimizer
+from fastssl.engine.parallel import gradient_sync, split_micro_batches, unsharded_copy, wrap_for_training
 from fastssl.engine.schedules import build_schedules
 from fastssl.methods.base import Method, StepContext
 
@@ -45,7 +47,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 # The files that make a folder a run: a new run never writes over them unless asked (overwrite).
-RUN_FILES = ("last.pt", "metrics.jsonl", "summary.json", "config.yaml")
+RUN_FILES = ("last.pt", "last.dcp", "metrics.jsonl", "summary.json", "config.yaml")
 # Signals that stop a run cleanly: Ctrl-C, a scheduler's termination, SLURM's preemption warning.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
@@ -133,13 +135,16 @@ class Trainer:
         if cfg.batch_size % self.world:
             raise ValueError(f"batch_size: expected a multiple of the world size {self.world}, "
                              f"got {cfg.batch_size}")
+        if cfg.batch_size % (self.world * cfg.accum_steps):
+            raise ValueError(f"batch_size: expected a multiple of world size x accum_steps = "
+                             f"{self.world} x {cfg.accum_steps}, got {cfg.batch_size}")
         if not cfg.out:
             cfg.out = str(_rank0_value(default_run_dir(method.name) if self.is_main else None, self.world))
             self.log(f"out: {cfg.out} (a new run folder; --out DIR names one)")
         self.out = Path(cfg.out)
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         if restarts and resume is None:
-            self.log(f"torchrun restart {restarts}: resuming from {self.out / 'last.pt'} when present")
+            self.log(f"torchrun restart {restarts}: resuming from {self.out}'s checkpoint when present")
             resume, overwrite = "auto", False
         self.extend = extend
         # Ranks agree on a stop (signal) and on a non-finite loss through this CPU group; see _stop_agreed.
@@ -148,7 +153,8 @@ class Trainer:
         self._stop_work: tuple[Any, torch.Tensor] | None = None
         self._signal: int | None = None
         self._saved_step: int | None = None  # the step of the checkpoint on disk, when this run knows one
-        self.ckpt_path = self.out / "last.pt"
+        # parallel=fsdp: every rank writes its shards (fastssl.engine.sharded_checkpoint)
+        self.ckpt_path = self.out / (sharded_checkpoint.LATEST if cfg.parallel == "fsdp" else "last.pt")
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch < 1:
             raise ValueError("loader: expected at least one batch per epoch, got 0 "
@@ -177,12 +183,7 @@ class Trainer:
         if cfg.compile:
             for module in method.compile_modules():
                 module.compile()
-        self.model: nn.Module = method
-        if self.world > 1:
-            # Buffers (queue, BN statistics of the teacher) are per-rank state, not broadcast from rank 0.
-            self.model = nn.parallel.DistributedDataParallel(
-                method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                broadcast_buffers=False)
+        self.model: nn.Module = wrap_for_training(method, cfg, self.device, self.world, log=self.log)
         self.optimizer = build_optimizer(cfg, method.parameter_groups())
         # bf16 needs no loss scaling; the scaler is kept (disabled) so checkpoints have one format.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
@@ -240,13 +241,15 @@ class Trainer:
 
     def _resume(self, resume: str) -> None:
         if resume == "auto":
-            if not self.ckpt_path.is_file():
+            if not self.ckpt_path.exists():
                 self.log(f"resume auto: no {self.ckpt_path}, starting fresh")
                 return
             path = self.ckpt_path
         else:
             path = Path(resume)
-        state = load_checkpoint(path, method=self.method.name)
+        sharded = sharded_checkpoint.is_sharded_checkpoint(path)
+        state = (sharded_checkpoint.read_meta(path) if sharded
+                 else load_checkpoint(path, method=self.method.name))
         if state["batch_size"] != self.cfg.batch_size or state["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(f"resume: checkpoint {str(path)!r} was written with "
                              f"batch_size={state['batch_size']}, steps_per_epoch={state['steps_per_epoch']}; "
@@ -259,8 +262,11 @@ class Trainer:
                 f"the LR and other schedules over {self.cfg.epochs} epochs from step {state['step']} (the "
                 f"LR jumps to where the longer cosine is at that step)")
         try:
-            self.method.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if sharded:  # written by any number of ranks, resharded to this run's
+                sharded_checkpoint.load_sharded(path, self.model, self.optimizer)
+            else:
+                self.method.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0]
             raise ValueError(f"resume: checkpoint {str(path)!r} ({state['method']}, backbone "
@@ -285,16 +291,18 @@ class Trainer:
         if self.world > 1:
             rng = [None] * self.world
             dist.all_gather_object(rng, rng_state())
-        if not self.is_main:
-            self._saved_step = self.step
-            return
-        save_atomic({
-            "model": self.method.state_dict(), "optimizer": self.optimizer.state_dict(),
+        meta = {
             "scaler": self.scaler.state_dict(), "step": self.step,
             "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
             "batch_size": self.cfg.batch_size, "rng": rng, "extra": self.extra,
             "config": config_to_dict(self.cfg), "method": self.method.name,
-        }, self.ckpt_path)
+        }
+        if self.cfg.parallel == "fsdp":
+            sharded_checkpoint.save_sharded(self.out, self.step, self.model, self.optimizer,
+                                            meta | {"world_size": self.world})
+        elif self.is_main:
+            save_atomic({"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict()} | meta,
+                        self.ckpt_path)
         self._saved_step = self.step
 
     # ----------------------------------------------------------------- evaluation
@@ -303,12 +311,15 @@ class Trainer:
         if evaluator is None:
             return {}
         # Every rank calls the evaluator: a distributed one (the CLI's) extracts each rank's shard,
-        # so no rank waits in a collective, past its timeout, while rank 0 does all the work.
-        was_training = self.method.training
-        self.method.eval()
+        # so no rank waits in a collective, past its timeout, while rank 0 does all the work. Under
+        # parallel=fsdp each rank evaluates a full copy gathered from the shards: a sharded forward
+        # would make every batch a collective, and the ranks' shares may differ by a batch.
+        method = unsharded_copy(self.method, self.device)
+        was_training = method.training
+        method.eval()
         with torch.no_grad(), torch.autocast(**self.autocast):
-            result = evaluator(self.method.encoder())
-        self.method.train(was_training)
+            result = evaluator(method.encoder())
+        method.train(was_training)
         return result
 
     # ----------------------------------------------------------------- loop
@@ -583,11 +594,20 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
             if group.get("apply_wd", True):
                 group["weight_decay"] = wd
-        with torch.autocast(**self.autocast):
-            out = self.model(batch, ctx)
-        loss = out["loss"]
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        # Gradient accumulation: the rank's batch runs as accum_steps micro-batches whose mean
+        # losses are averaged; gradients are synchronised across ranks on the last one only.
+        n = self.cfg.accum_steps
+        out: dict[str, Any] = {}
+        for i, micro in enumerate(split_micro_batches(batch, n)):
+            ctx.micro_step, ctx.accum_steps = i, n
+            with gradient_sync(self.model, enabled=i == n - 1):
+                with torch.autocast(**self.autocast):
+                    micro_out = self.model(micro, ctx)
+                (micro_out["loss"] / n).backward()
+            for k, v in micro_out.items():
+                if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float)):
+                    out[k] = out.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / n
         self.method.before_optimizer_step(ctx)
         if self.cfg.clip_grad:
             nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.clip_grad)

@@ -127,6 +127,7 @@ class DINOLoss(nn.Module):
         # a function of the epoch, not a traced numpy element no check can branch on.
         self._warmup = (int(warmup_teacher_temp_epochs), float(warmup_teacher_temp), float(teacher_temp))
         self._pending: tuple[Tensor, object, int] | None = None  # (batch sum, all-reduce handle, rows)
+        self._held: tuple[Tensor, int] | None = None  # (teacher column sum, rows) of held micro-batches
 
     def teacher_temp_at(self, epoch: int) -> float:
         """The teacher temperature used in `epoch` (0-based)."""
@@ -143,8 +144,13 @@ class DINOLoss(nn.Module):
             return stop
         return start + epoch * ((stop - start) / (n_warmup - 1))
 
-    def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int) -> Tensor:
-        """Scalar loss (float32; float64 for float64 input); updates the center (center mode)."""
+    def forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int, *,
+                update_center: bool = True) -> Tensor:
+        """Scalar loss (float32; float64 for float64 input); updates the center (center mode).
+
+        update_center=False (gradient accumulation's micro-batches): the center stays as it is
+        and the teacher rows are added to a held sum that commit_center_update() applies once,
+        so accum_steps micro-batches move the center as one batch of all their rows would."""
         temp = self.teacher_temp_at(epoch)
         if self.teacher_centering == "sinkhorn_knopp":
             check_tensor("student_output", student_output, ndim=2)
@@ -164,8 +170,20 @@ class DINOLoss(nn.Module):
         if center is not self.center:
             self.center.copy_(center)
             self._pending = None
-        self._update_center(teacher_sum, teacher_output.shape[0])
+        if update_center:
+            self._update_center(teacher_sum, teacher_output.shape[0])
+        else:
+            held_sum, held_rows = self._held or (0.0, 0)
+            self._held = (held_sum + teacher_sum.detach(), held_rows + teacher_output.shape[0])
         return loss
+
+    @torch.no_grad()
+    def commit_center_update(self) -> None:
+        """Move the center once with every row held by update_center=False calls (no-op when none)."""
+        if self._held is not None:
+            teacher_sum, n_rows = self._held
+            self._held = None
+            self._update_center(teacher_sum, n_rows)
 
     @torch.no_grad()
     def _update_center(self, teacher_sum: Tensor, n_rows: int) -> None:

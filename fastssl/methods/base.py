@@ -9,8 +9,9 @@ Per step the engine does:
 
     ctx = StepContext(step, epoch, steps_per_epoch, total_steps, lr, weight_decay,
                       {name: schedule[step] for name, schedule in method_schedules.items()})
-    out = model(batch, ctx)            # model = method, or DDP(method); out["loss"] is a scalar
-    out["loss"].backward()
+    for each of cfg.accum_steps micro-batches (ctx.micro_step = 0, 1, ...):
+        out = model(micro_batch, ctx)  # model = method, DDP(method) or the FSDP-sharded method
+        (out["loss"] / accum_steps).backward()  # gradients synchronised on the last one only
     method.before_optimizer_step(ctx)  # e.g. DINO cancels the last layer's gradient in epoch 0
     clip, optimizer.step()
     method.after_optimizer_step(ctx)   # e.g. EMA teacher update, queue push
@@ -67,6 +68,9 @@ class TrainConfig:
     max_steps: int | None = None   # stop early (tests, time-boxed runs)
     max_skipped_fraction: float = 0.001  # bad samples are skipped and counted; beyond this fraction: an error
     dist_timeout_s: float = 1800.0  # how long a collective waits for the slowest rank before failing
+    parallel: str = "ddp"          # ddp | fsdp (FSDP2 sharding, ViT methods; see fastssl.engine.parallel)
+    activation_checkpointing: bool = False  # recompute each transformer block in the backward
+    accum_steps: int = 1           # micro-batches per step, of batch_size / (world * accum_steps) each
 
 
 @dataclass
@@ -78,6 +82,8 @@ class StepContext:
     lr: float
     weight_decay: float
     schedules: dict[str, float] = field(default_factory=dict)
+    micro_step: int = 0            # index of the micro-batch within the optimizer step (accumulation)
+    accum_steps: int = 1
 
 
 class Method(nn.Module):
@@ -110,6 +116,11 @@ class Method(nn.Module):
         """The modules the trainer compiles (in place, nn.Module.compile) when cfg.compile is set:
         the networks the training step runs, teachers and momentum encoders included."""
         return [self.encoder()]
+
+    def shard_units(self) -> list[nn.Module]:
+        """Submodules that parallel=fsdp shards as units of their own after the transformer
+        blocks and before the method itself (children before their parents), e.g. heads."""
+        return []
 
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         """Loss (key "loss", a scalar) and any scalar metrics for logging."""

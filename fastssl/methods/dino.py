@@ -107,6 +107,10 @@ class DINO(Method):
     def compile_modules(self) -> list[nn.Module]:
         return [self.student.backbone, self.teacher.backbone]
 
+    def shard_units(self) -> list[nn.Module]:
+        # the 65,536-prototype heads are the largest single tensors: each its own FSDP unit
+        return [self.student.head, self.teacher.head, self.student, self.teacher]
+
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         return {"teacher_momentum": cosine_momentum(self.cfg.teacher_momentum, total_steps)}
 
@@ -121,7 +125,8 @@ class DINO(Method):
         with torch.no_grad():
             teacher_out = self.teacher(crops[:N_GLOBAL])
         student_out = self.student(crops)
-        loss = self.criterion(student_out, teacher_out, ctx.epoch)
+        # with gradient accumulation the center moves once per optimizer step, on all micro-batches' rows
+        loss = self.criterion(student_out, teacher_out, ctx.epoch, update_center=ctx.accum_steps == 1)
         return {"loss": loss}
 
     @torch.no_grad()
@@ -142,3 +147,4 @@ class DINO(Method):
     def after_optimizer_step(self, ctx: StepContext) -> None:
         m = ctx.schedules.get("teacher_momentum", self.cfg.teacher_momentum)
         ema_update_(self.teacher, self.student, float(m))
+        self.criterion.commit_center_update()

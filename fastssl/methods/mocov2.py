@@ -109,12 +109,18 @@ class MoCoV2(Method):
         q1 = self.encoder_q(x1)
         k2 = self._keys_of(x2)
         if not self.cfg.symmetric:
-            self._keys = k2.detach()
+            self._hold_keys(k2.detach(), ctx)
             return {"loss": self._loss(q1, k2)}
         q2 = self.encoder_q(x2)
         k1 = self._keys_of(x1)
-        self._keys = torch.cat([k2, k1]).detach()
+        self._hold_keys(torch.cat([k2, k1]).detach(), ctx)
         return {"loss": 0.5 * (self._loss(q1, k2) + self._loss(q2, k1))}
+
+    def _hold_keys(self, keys: torch.Tensor, ctx: StepContext) -> None:
+        # with gradient accumulation every micro-batch contrasts against the same queue and the
+        # keys of all micro-batches are pushed together after the optimizer step
+        held = self._keys
+        self._keys = keys if ctx.micro_step == 0 or held is None else torch.cat([held, keys])
 
     def parameter_groups(self) -> list[dict]:
         # the official MoCo applies weight decay to every parameter, BN and biases included

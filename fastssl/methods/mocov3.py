@@ -83,6 +83,9 @@ class MoCoV3(Method):
     def compile_modules(self) -> list[nn.Module]:
         return [self.base_encoder[0], self.momentum_encoder[0]]
 
+    def shard_units(self) -> list[nn.Module]:
+        return [self.predictor, self.base_encoder, self.momentum_encoder]
+
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         return {"teacher_momentum": cosine_momentum(self.cfg.moco_momentum, total_steps)}
 

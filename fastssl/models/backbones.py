@@ -21,7 +21,8 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # which is what a CPU run on 32x32 images can afford.
 CIFAR_RESNETS = {"resnet8": 1, "resnet14": 2, "resnet20": 3, "resnet32": 5, "resnet56": 9}
 # ViT sizes of the ViT / DeiT papers: (embed_dim, depth, num_heads).
-VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12)}
+VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
+             "large": (1024, 24, 16), "huge": (1280, 32, 16)}
 SMALL_IMAGE_MAX = 64  # at or below this size a ResNet gets the CIFAR stem by default
 
 
@@ -84,7 +85,7 @@ def vit(
     depth: int | None = None,
     drop_path_rate: float = 0.0,
 ) -> tuple[nn.Module, int]:
-    """A timm VisionTransformer (Tiny/Small/Base) returning the class token [B, D].
+    """A timm VisionTransformer (Tiny/Small/Base/Large/Huge) returning the class token [B, D].
 
     `dynamic_img_size=True` interpolates the position embedding, so one model takes the
     global and the local crops of multi-crop training (DINO).
@@ -102,7 +103,7 @@ def vit(
     return model, dim
 
 
-_VIT_NAME = re.compile(r"^vit_(tiny|small|base)(?:_patch(\d+))?$")
+_VIT_NAME = re.compile(r"^vit_(tiny|small|base|large|huge)(?:_patch(\d+))?$")
 
 
 def is_vit_name(name: str) -> bool:
@@ -114,7 +115,7 @@ def parse_vit_name(name: str) -> tuple[str, int | None]:
     match = _VIT_NAME.match(name) if isinstance(name, str) else None
     if match is None:
         raise ValueError(
-            f"a ViT backbone name must look like vit_{{tiny,small,base}}[_patch<P>], got {name!r}"
+            f"a ViT backbone name must look like vit_{{tiny,small,base,large,huge}}[_patch<P>], got {name!r}"
         )
     size, patch = match.groups()
     return size, None if patch is None else int(patch)
@@ -122,7 +123,7 @@ def parse_vit_name(name: str) -> tuple[str, int | None]:
 
 def build_backbone(name: str, image_size: int, **options) -> tuple[nn.Module, int]:
     """Backbone by name: "resnet18".."resnet152" (torchvision), "resnet8/14/20/32/56" (CIFAR
-    ResNets, option `width`), or "vit_{tiny,small,base}[_patch{P}]".
+    ResNets, option `width`), or "vit_{tiny,small,base,large,huge}[_patch{P}]".
 
     torchvision ResNets take `small_stem` (default: image_size <= 64) and `zero_init_residual`; ViTs
     take `patch_size` (default 16, or the name's), `depth` and `drop_path_rate`.
@@ -145,7 +146,7 @@ def build_backbone(name: str, image_size: int, **options) -> tuple[nn.Module, in
         return vit(size, image_size=image_size, **options)
     raise ValueError(
         f"backbone must be one of {RESNETS + tuple(CIFAR_RESNETS)} or "
-        f"vit_{{tiny,small,base}}[_patch<P>], got {name!r}"
+        f"vit_{{tiny,small,base,large,huge}}[_patch<P>], got {name!r}"
     )
 
 

@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
@@ -33,9 +34,16 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
         raise ValueError(
             f"teacher and student must have the same parameters, got {len(t_params)} and {len(s_params)}"
         )
-    s_params = [s.detach() for s in s_params]
+    # FSDP-sharded networks (DTensor parameters, each split on dim 0 the same way for teacher
+    # and student): the update is elementwise, so each rank updates its own shard in place.
+    t_params = [_local(t) for t in t_params]
+    s_params = [_local(s.detach()) for s in s_params]
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
 
 
 def cosine_momentum(base: float, total_steps: int) -> np.ndarray:

@@ -73,7 +73,8 @@ class MaskedAutoencoderViT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)
         )
-        self.norm = nn.LayerNorm(embed_dim)
+        # eps 1e-6 as the official MAE (and timm's blocks), so the encoder is exactly a timm ViT
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
 
         self.decoder_embed = nn.Linear(embed_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
@@ -82,7 +83,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.decoder_blocks = nn.ModuleList(
             Block(decoder_dim, decoder_heads, mlp_ratio, qkv_bias=True) for _ in range(decoder_depth)
         )
-        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, patch_size * patch_size * 3)
         self._init_weights()
 

@@ -51,8 +51,9 @@ def test_vit_default_depth_is_12_and_takes_smaller_crops():
 def test_parse_vit_name():
     assert parse_vit_name("vit_small_patch16") == ("small", 16)
     assert parse_vit_name("vit_tiny") == ("tiny", None)
-    with pytest.raises(ValueError, match="vit_huge"):
-        parse_vit_name("vit_huge")
+    assert parse_vit_name("vit_huge_patch14") == ("huge", 14)  # the memory plan's ViT-L / ViT-H
+    with pytest.raises(ValueError, match="vit_giant"):
+        parse_vit_name("vit_giant")
 
 
 def test_bad_backbone_arguments():

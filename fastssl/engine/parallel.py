@@ -1,0 +1,155 @@
+"""Data parallelism for the Trainer: DDP replicas or FSDP2 sharding, activation checkpointing,
+and the gradient synchronisation switch that gradient accumulation needs.
+
+`parallel="ddp"` (default) replicates the method on every rank (torch DDP). `parallel="fsdp"`
+shards it with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`): each transformer block
+is its own unit, then the method's `shard_units()` (DINO: the student's and the teacher's heads
+and networks), then the root (the method). Every parameter is split on its first dimension over
+the ranks, so an EMA teacher built like its student holds the same slice of each tensor as the
+student does and is updated shard by shard, without communication (fastssl.models.ema_update_).
+On GPUs the units all-gather bf16 parameters and reduce-scatter fp32 gradients
+(`MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`); on the CPU (gloo tests)
+everything stays float32. FSDP needs transformer blocks: ResNets train with DDP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+PARALLEL = ("ddp", "fsdp")
+
+
+def transformer_blocks(module: nn.Module) -> list[nn.Module]:
+    """Every transformer block (timm's `Block`: ViT backbones, the MAE encoder and decoder) in `module`."""
+    return [m for m in module.modules() if isinstance(m, Block)]
+
+
+def check_parallel_config(cfg, method: nn.Module) -> None:
+    """ValueError unless cfg.parallel, cfg.activation_checkpointing and cfg.accum_steps suit the method."""
+    if cfg.parallel not in PARALLEL:
+        raise ValueError(f"parallel: expected one of {PARALLEL}, got {cfg.parallel!r}")
+    if not isinstance(cfg.accum_steps, int) or isinstance(cfg.accum_steps, bool) or cfg.accum_steps < 1:
+        raise ValueError(f"accum_steps: expected an int >= 1, got {cfg.accum_steps!r}")
+    needs_blocks = [k for k, on in (("parallel=fsdp", cfg.parallel == "fsdp"),
+                                    ("activation_checkpointing=true", cfg.activation_checkpointing)) if on]
+    if needs_blocks and not transformer_blocks(method):
+        raise ValueError(f"{' and '.join(needs_blocks)}: backbone {cfg.backbone!r} has no transformer "
+                         "blocks to shard or recompute; they are for the ViT methods (dino, mae, mocov3, "
+                         "weak with a vit_* backbone). ResNets train with parallel=ddp and "
+                         "activation_checkpointing=false.")
+
+
+def apply_activation_checkpointing(module: nn.Module) -> int:
+    """Recompute each transformer block's forward in the backward instead of keeping its
+    activations (non-reentrant torch.utils.checkpoint through the composable API, which adds
+    no wrapper module: parameter names, and so checkpoints, stay the same). Returns the count."""
+    from torch.distributed._composable import checkpoint
+
+    blocks = transformer_blocks(module)
+    for block in blocks:
+        checkpoint(block)
+    return len(blocks)
+
+
+def shard_method(method: nn.Module, device: torch.device) -> nn.Module:
+    """FSDP2 over all ranks of the default process group: blocks, then `method.shard_units()`
+    (children before parents), then the method itself as the root. Shards in place and
+    returns `method` (now also an FSDPModule)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from fastssl.distributed import get_world_size
+
+    mesh = init_device_mesh(device.type, (get_world_size(),))
+    if device.type == "cuda":
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    else:
+        policy = MixedPrecisionPolicy()
+    units = transformer_blocks(method) + method.shard_units()
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(method, mesh=mesh, mp_policy=policy)
+    return method
+
+
+def wrap_for_training(method: nn.Module, cfg, device: torch.device, world: int,
+                      log: Callable[[str], None] = print) -> nn.Module:
+    """The module the training step calls: `method` with activation checkpointing when asked,
+    then DDP (world > 1, parallel=ddp), FSDP2 in place (world > 1, parallel=fsdp) or as is."""
+    check_parallel_config(cfg, method)
+    if cfg.activation_checkpointing:
+        log(f"activation checkpointing: {apply_activation_checkpointing(method)} transformer blocks")
+    if world == 1:
+        return method
+    if cfg.parallel == "fsdp":
+        shard_method(method, device)
+        log(f"fsdp: {len(transformer_blocks(method))} blocks + {len(method.shard_units())} "
+            f"units + root sharded over {world} ranks"
+            f"{', bf16 parameters / fp32 reduction' if device.type == 'cuda' else ''}")
+        return method
+    # Buffers (queue, BN statistics of the teacher) are per-rank state, not broadcast from rank 0.
+    # Gradients as views of the all-reduce buckets: no second copy of every gradient.
+    return nn.parallel.DistributedDataParallel(
+        method, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+        gradient_as_bucket_view=True)
+
+
+def unsharded_copy(method: nn.Module, device: torch.device) -> nn.Module:
+    """`method` itself, or when it is FSDP-sharded a full copy on `device` holding the gathered
+    state (a collective: every rank calls it and gets the copy). Evaluation runs on the copy:
+    a sharded module's forward all-gathers, which one rank cannot do on its own."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(method, FSDPModule):
+        return method
+    state = get_model_state_dict(method, options=StateDictOptions(full_state_dict=True))
+    with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
+        copy = type(method)(method.cfg)
+    copy.load_state_dict(state)
+    return copy.to(device)
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block, the backward all-reduces (DDP) / reduce-scatters (FSDP) gradients only
+    when `enabled`; otherwise they accumulate locally (every micro-batch but the last)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if enabled:
+        yield
+    elif isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def split_micro_batches(batch: dict, n: int) -> list[dict]:
+    """A loader batch (views list, optional label / index) cut into `n` equal micro-batches, in order."""
+    rows = batch["views"][0].shape[0]
+    if rows % n:
+        raise ValueError(f"accum_steps: this rank's batch of {rows} is not a multiple of accum_steps={n}")
+    if n == 1:
+        return [batch]
+    parts = [dict(batch) for _ in range(n)]
+    for key, value in batch.items():
+        if key == "views":
+            chunks = list(zip(*(v.chunk(n) for v in value)))
+            for part, views in zip(parts, chunks):
+                part["views"] = list(views)
+        elif torch.is_tensor(value) and value.ndim and value.shape[0] == rows:
+            for part, chunk in zip(parts, value.chunk(n)):
+                part[key] = chunk
+    return parts

@@ -1,0 +1,137 @@
+"""Sharded checkpoints (parallel=fsdp) with torch.distributed.checkpoint (DCP).
+
+Layout of a run directory OUT:
+
+    OUT/step-00001200/          one complete checkpoint: every rank's shards of the model and
+        __0_0.distcp ...        optimizer state (written by all ranks in parallel), DCP's
+        .metadata               .metadata, and meta.pt (step, RNG of every rank, config...)
+        meta.pt
+    OUT/last.dcp -> step-00001200   symlink to the newest complete checkpoint
+
+Atomicity: the ranks write into OUT/.step-<N>.tmp (DCP fsyncs each file), rank 0 adds meta.pt,
+fsyncs the directory, renames it to step-<N>, then replaces the last.dcp symlink in one
+rename and fsyncs OUT; older step directories are deleted only after that. A process killed
+at any point leaves last.dcp naming a complete checkpoint (at worst a stale .tmp directory,
+removed by the next save).
+
+Resharding: DCP stores each tensor's global shape and the offsets of the pieces, so a
+checkpoint written by W ranks loads on any number of ranks, one included (a plain,
+unsharded model), through `get_state_dict` / `set_state_dict`, which key model and optimizer
+state by parameter name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from fastssl.distributed import get_rank, is_distributed
+
+LATEST = "last.dcp"
+META = "meta.pt"
+
+
+def _barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    with open(directory / META, "wb") as f:
+        torch.save(meta, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(directory)
+
+
+def _publish(tmp: Path, final: Path, out: Path) -> None:
+    """tmp -> final, then last.dcp -> final: each step one atomic rename, each made durable."""
+    if final.exists():  # the same step saved again (e.g. a resumed run's last step)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(out)
+    link = out / f".{LATEST}.tmp"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(final.name)
+    os.replace(link, out / LATEST)
+    _fsync_dir(out)
+
+
+def save_sharded(out: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 meta: dict[str, Any]) -> Path:
+    """Collective (every rank calls it): write OUT/step-<step> and point OUT/last.dcp at it.
+
+    model: the (FSDP-sharded or plain) method; optimizer: its optimizer; meta: small picklable
+    state that rank 0 stores beside the shards (read back by `read_meta`). Returns the path."""
+    out = Path(out)
+    final = out / f"step-{step:08d}"
+    tmp = out / f".{final.name}.tmp"
+    if get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".step-*.tmp"):  # left by a save that was killed
+            shutil.rmtree(stale)
+        tmp.mkdir()
+    _barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp,
+             no_dist=not is_distributed())
+    if get_rank() == 0:
+        _write_meta(tmp, meta)
+        _publish(tmp, final, out)
+        for old in out.glob("step-*"):
+            if old.is_dir() and old.name != final.name:
+                shutil.rmtree(old)
+    _barrier()
+    return final
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """True for a DCP checkpoint directory (or the last.dcp link to one)."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file() and (path / META).is_file()
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The meta dict stored with a sharded checkpoint (no tensors are loaded)."""
+    from fastssl.engine.checkpoint import load_checkpoint
+
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise ValueError(f"checkpoint: expected a sharded checkpoint directory (with .metadata and {META}), "
+                         f"got {str(path)!r}")
+    return load_checkpoint(path / META)
+
+
+def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Collective: load the model (and optimizer) state of a sharded checkpoint in place, on
+    any number of ranks; every rank reads the pieces of its own shards."""
+    path = Path(path)
+    if not is_sharded_checkpoint(path):
+        raise ValueError(f"checkpoint: expected a sharded checkpoint directory (with .metadata and {META}), "
+                         f"got {str(path)!r}")
+    if optimizer is None:
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=path, no_dist=not is_distributed())
+        model.load_state_dict(state["model"])
+        return
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path, no_dist=not is_distributed())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

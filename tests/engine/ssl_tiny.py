@@ -1,0 +1,85 @@
+"""Tiny ViT configurations of DINO, MAE, MoCo v3 and the weak method, a multi-crop loader and
+state helpers for the FSDP, accumulation, sharded-checkpoint and export tests: a step runs in
+a fraction of a second."""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from fastssl.engine import resolve_config
+from fastssl.methods import METHODS
+from fastssl.methods.mae import MAE
+
+# views of each sample: DINO 2 global + 2 local crops; MoCo v3 two views; one image otherwise
+SIZES = {"dino": [16, 16, 8, 8], "mae": [16], "mocov3": [16, 16], "weak": [16]}
+
+
+def tiny_method(name: str, out: str, **overrides):
+    """DINO, MAE, MoCo v3 or weak on a 2-block ViT-Tiny with 4 px patches at 16 px (8 px local crops)."""
+    common = dict(backbone="vit_tiny_patch4", image_size=16, vit_depth=2, batch_size=8, epochs=2,
+                  lr_batch_divisor=8, warmup_epochs=0.0, out=out, eval_knn=False, log_every=1)
+    if name == "dino":
+        common |= dict(local_size=8, local_crops=2, out_dim=64, head_hidden_dim=32, bottleneck_dim=16,
+                       drop_path_rate=0.0, freeze_last_layer_epochs=0, base_lr=0.01, teacher_momentum=0.9)
+    elif name == "mae":
+        common |= dict(decoder_dim=32, decoder_depth=1, decoder_heads=2, base_lr=0.01)
+    elif name == "mocov3":
+        common |= dict(mlp_hidden_dim=32, moco_dim=16, optimizer="adamw", base_lr=0.01, sync_bn=False)
+    else:
+        common |= dict(num_classes=4, base_lr=0.01)
+    cls = MAEWithNoise if name == "mae" else METHODS[name]
+    cfg = resolve_config(cls.config_class, None, common | overrides)
+    torch.manual_seed(0)
+    return cls(cfg)
+
+
+class MAEWithNoise(MAE):
+    """MAE whose masking noise comes with the batch (the official `noise` argument), so that
+    ranks holding halves of a batch mask exactly as one process holding all of it does."""
+
+    def forward(self, batch, ctx):
+        loss, _, _ = self.model(batch["views"][0], self.cfg.mask_ratio, backend=self.backend,
+                                noise=batch["noise"])
+        return {"loss": loss}
+
+
+class MultiViewLoader:
+    """`n` fixed samples, `batch_size` per global batch in a per-epoch shuffled order; each view
+    of a sample is a fixed random image of its size; rank r of W gets rows [r*b/W, (r+1)*b/W) of
+    each global batch. `noise` [B, 16] rides along for MAE's masking, `label` (4 classes) for weak."""
+
+    def __init__(self, sizes: list[int], n: int = 32, batch_size: int = 8, shard_id: int = 0,
+                 num_shards: int = 1):
+        g = torch.Generator().manual_seed(1234)
+        self.views = [torch.randn(n, 3, s, s, generator=g) for s in sizes]
+        self.noise = torch.rand(n, 16, generator=g)
+        self.label = torch.randint(0, 4, (n,), generator=g)
+        self.batch_size, self.shard_id, self.num_shards, self.epoch = batch_size, shard_id, num_shards, 0
+
+    def __len__(self) -> int:
+        return len(self.noise) // self.batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        perm = torch.randperm(len(self.noise), generator=torch.Generator().manual_seed(self.epoch))
+        per_rank = self.batch_size // self.num_shards
+        for i in range(len(self)):
+            idx = perm[i * self.batch_size:(i + 1) * self.batch_size]
+            idx = idx[self.shard_id * per_rank:(self.shard_id + 1) * per_rank]
+            yield {"views": [v[idx] for v in self.views], "noise": self.noise[idx], "label": self.label[idx],
+                   "index": idx}
+
+
+def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict with sharded (DTensor) entries gathered: a collective on every rank."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in module.state_dict().items()}
+
+
+def record_losses(method) -> list[float]:
+    losses: list[float] = []
+    method.register_forward_hook(lambda m, args, output: losses.append(output["loss"].item()))
+    return losses
