@@ -34,6 +34,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from fastssl.distributed import get_rank, is_distributed
+from fastssl.engine.checkpoint import fsync_dir, load_checkpoint
 
 LATEST = "last.dcp"
 META = "meta.pt"
@@ -44,20 +45,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
     with open(directory / META, "wb") as f:
         torch.save(meta, f)
         f.flush()
         os.fsync(f.fileno())
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _publish(tmp: Path, final: Path, out: Path) -> None:
@@ -65,13 +58,13 @@ def _publish(tmp: Path, final: Path, out: Path) -> None:
     if final.exists():  # the same step saved again (e.g. a resumed run's last step)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(out)
+    fsync_dir(out)
     link = out / f".{LATEST}.tmp"
     if link.is_symlink() or link.exists():
         link.unlink()
     link.symlink_to(final.name)
     os.replace(link, out / LATEST)
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
 def save_sharded(out: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -110,8 +103,6 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The meta dict stored with a sharded checkpoint (no tensors are loaded)."""
-    from fastssl.engine.checkpoint import load_checkpoint
-
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise ValueError(f"checkpoint: expected a sharded checkpoint directory (with .metadata and {META}), "
