@@ -280,7 +280,10 @@ def cmd_viz(args: argparse.Namespace) -> int:
         from fastssl.viz.figures import class_names, render_run
     except ImportError as e:
         raise ValueError(f"viz: needs {e.name}, which is not installed: pip install 'fastssl[viz]'") from e
-    method, state = load_trained_method(args.run)  # a run directory, last.pt or a sharded last.dcp
+    if not Path(args.run).exists():
+        raise ValueError(f"RUN: expected a run directory holding last.pt (or a sharded last.dcp), or a "
+                         f"checkpoint file, got {args.run!r}")
+    method, state = load_trained_method(args.run)
     cfg = method.cfg
     data = check_data_spec(args.data or cfg.data)
     splits = data_splits(data)

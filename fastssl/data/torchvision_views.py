@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import math
 import signal
+import weakref
 from collections.abc import Iterator
 
 import numpy as np
@@ -119,9 +120,16 @@ def _collate(batch):
 def _ignore_stop_signals(worker_id: int) -> None:
     """Workers leave Ctrl-C, SIGTERM and SIGUSR1 (sent to the whole process group, or to every
     process of a job) to the main process, which finishes its step and checkpoints (the
-    Trainer); a worker killed by one would fail that step. They exit when the main one does."""
+    Trainer); a worker killed by one would fail that step. They are shut down through their
+    queues instead (_release_workers), since multiprocessing's exit handler stops them with the
+    SIGTERM they ignore."""
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def _release_workers(loader: DataLoader) -> None:
+    # Dropping the persistent iterator sends each worker its stop sentinel and joins it.
+    loader._iterator = None
 
 
 class TorchvisionViews:
@@ -139,6 +147,8 @@ class TorchvisionViews:
             worker_init_fn=_ignore_stop_signals,
             pin_memory=device.type == "cuda", prefetch_factor=2,
         )
+        # when this object goes, or at interpreter exit before multiprocessing's own exit handler
+        weakref.finalize(self, _release_workers, self.loader)
         self.mean = torch.tensor(recipe.mean, device=device).view(1, 3, 1, 1) * 255.0
         self.inv_std = 1.0 / (torch.tensor(recipe.std, device=device).view(1, 3, 1, 1) * 255.0)
 

@@ -65,8 +65,11 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     remove_stale_temp(path)
 
 
-def load_checkpoint(path: str | Path, method: str | None = None) -> dict[str, Any]:
+def load_checkpoint(path: str | Path, method: str | None = None, *,
+                    required: tuple[str, ...] = REQUIRED_KEYS) -> dict[str, Any]:
     """Read a checkpoint written by fastssl's Trainer with `torch.load(weights_only=True)`.
+    `required`: the keys it must hold (a sharded checkpoint's meta.pt holds all but the model
+    and optimizer, which are in its shards).
 
     Raises ValueError naming the path and what the file is when it is missing, unreadable
     (truncated, not a torch file), holds objects other than tensors and plain values (never
@@ -99,7 +102,7 @@ def load_checkpoint(path: str | Path, method: str | None = None) -> dict[str, An
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {str(path)!r}: not a fastssl checkpoint (a {type(state).__name__}, "
                          f"not a dict of training state)")
-    missing = [k for k in REQUIRED_KEYS if k not in state]
+    missing = [k for k in required if k not in state]
     if missing:
         raise ValueError(f"checkpoint {str(path)!r}: not a fastssl checkpoint (no {', '.join(missing)}; "
                          f"fastssl eval/--resume read the last.pt of a fastssl train run)")

@@ -34,7 +34,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from fastssl.distributed import get_rank, is_distributed
-from fastssl.engine.checkpoint import fsync_dir, load_checkpoint
+from fastssl.engine.checkpoint import REQUIRED_KEYS, fsync_dir, load_checkpoint
 
 LATEST = "last.dcp"
 META = "meta.pt"
@@ -107,7 +107,9 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not is_sharded_checkpoint(path):
         raise ValueError(f"checkpoint: expected a sharded checkpoint directory (with .metadata and {META}), "
                          f"got {str(path)!r}")
-    return load_checkpoint(path / META)
+    # the model and optimizer live in the shards, not in meta.pt
+    meta_keys = tuple(k for k in REQUIRED_KEYS if k not in ("model", "optimizer"))
+    return load_checkpoint(path / META, required=meta_keys)
 
 
 def load_sharded(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:

@@ -560,6 +560,8 @@ class Trainer:
             summary[f"{k}_random_init"] = v
         if "knn_subset_random_init" in self.extra:
             summary["knn_top1_subset_random_init"] = self.extra["knn_subset_random_init"]
+        if self.monitor_s:
+            summary["monitor_seconds"] = sum(self.monitor_s)  # the eval_every checks, within train_seconds
         if stopped:
             summary["interrupted"] = signal.Signals(stopped).name
             self.log(f"stopped by {summary['interrupted']} after {self.step} steps: "

@@ -55,7 +55,7 @@ def check_interpreter_dot(op: str, *tensors: torch.Tensor) -> None:
     the interpreter's dot gets wrong (it would return a number, not the answer)."""
     if not triton_interpreting():
         return
-    for dtype in {t.dtype for t in tensors if not t.is_cuda and t.dtype in (torch.float16, torch.bfloat16)}:
+    for dtype in {t.dtype for t in tensors if t.device.type == "cpu" and t.dtype in (torch.float16, torch.bfloat16)}:
         if not _interpreter_dot_is_exact(dtype):
             raise NotImplementedError(
                 f"{op}: backend='triton' on {dtype} CPU tensors under TRITON_INTERPRET=1 is not supported: this "

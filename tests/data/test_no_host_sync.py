@@ -28,7 +28,7 @@ TINY = {
     "mocov2": dict(backbone="resnet8", queue_size=16, mlp_hidden_dim=16, moco_dim=8),
     "mocov3": dict(backbone="resnet8", mlp_hidden_dim=16, moco_dim=8),
     "dino": dict(backbone="resnet8", local_crops=2, local_size=8, out_dim=32, head_hidden_dim=16,
-                 bottleneck_dim=8),
+                 bottleneck_dim=8, warmup_teacher_temp_epochs=0),
     "mae": dict(backbone="vit_tiny_patch4", vit_depth=1, decoder_dim=16, decoder_depth=1, decoder_heads=2),
     "rotnet": dict(backbone="resnet8"),
     "weak": dict(backbone="resnet8", num_classes=4),
@@ -78,8 +78,8 @@ class _SyncCounter(TorchFunctionMode):
 def _run_counting_syncs(method_name: str, backend: str, tmp_path) -> list[str]:
     cls = METHODS[method_name]
     cfg = resolve_config(cls.config_class, None, dict(
-        TINY[method_name], image_size=16, batch_size=4, epochs=1, max_steps=3, log_every=1000,
-        eval_knn=False, fused=False, out=str(tmp_path / method_name), seed=0))
+        TINY[method_name], image_size=16, batch_size=4, epochs=1, warmup_epochs=0, max_steps=3,
+        log_every=1000, eval_knn=False, fused=False, out=str(tmp_path / method_name), seed=0))
     method = cls(cfg)
     rng = np.random.default_rng(0)
     source = ArraySource(rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8), rng.integers(0, 4, 24))
