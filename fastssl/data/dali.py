@@ -50,6 +50,15 @@ except ImportError:  # recorded, never silent: build_loader(backend="dali") rais
 PREFETCH = 2
 
 
+def start_method() -> str:
+    """How DALI starts its reader workers: "fork" (cheap, and the callable is inherited) while
+    this process holds no CUDA context, else "spawn", as forking a process holding one is
+    unsupported. Spawned workers import the callable's modules and the main module afresh
+    (seconds per pipeline, so once per epoch); the main script needs the usual
+    `if __name__ == "__main__":` guard."""
+    return "spawn" if torch.cuda.is_initialized() else "fork"
+
+
 def _coin(p: float, dtype):
     """1 with probability p, else 0, per sample (the constant 1 when p >= 1)."""
     if p >= 1.0:
@@ -227,7 +236,7 @@ class DaliViews:
             self.dtype == torch.float16, self._file_order(batches) if self.read_files else None,
             batch_size=self.max_batch, num_threads=self.num_threads,
             device_id=self.device.index if gpu else None, seed=seed, prefetch_queue_depth=PREFETCH,
-            py_num_workers=workers, py_start_method="spawn" if torch.cuda.is_initialized() else "fork",
+            py_num_workers=workers, py_start_method=start_method(),
         )
         pipe.build()
         return pipe

@@ -207,6 +207,23 @@ def test_dali_reads_shards_in_worker_processes_in_the_planned_order(tmp_path):
     assert [(idx, lab) for idx, lab, _ in _epoch(reference)] == batches
 
 
+@pytest.mark.skipif(not dali_backend.HAS_DALI, reason="DALI not installed")
+def test_dali_spawned_reader_workers_read_the_shards(tmp_path, monkeypatch):
+    """The start method used once CUDA is initialized: the reader callable and the source
+    cross to fresh interpreters by pickling (file descriptors are not carried)."""
+    src, out = _write(tmp_path, n=8)
+    source = _LoggedShards(out, tmp_path / "reads.log")
+    source.read_bytes(0)  # an open shard descriptor that must not be pickled
+    monkeypatch.setattr(dali_backend, "start_method", lambda: "spawn")
+    loader = build_loader(source, recipes.mae(8), batch_size=4, backend="dali", device="cpu", num_threads=1,
+                          seed=1)
+    batches = [(idx, labels) for idx, labels, _ in _epoch(loader)]
+    assert [idx for idx, _ in batches] == [b.tolist() for b in loader.plan(0)]
+    assert all(lab == [int(src.labels[i]) for i in idx] for idx, lab in batches)
+    reads = source.reads()  # the first: the read made above, on this process
+    assert len(reads) == 9 and reads[0][0] == os.getpid() and all(pid != os.getpid() for pid, _ in reads[1:])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mid_epoch_resume_reads_nothing_before_it_and_repeats_the_batches(backend, tmp_path):
     _, out = _write(tmp_path)
