@@ -296,6 +296,25 @@ def test_bad_samples_are_skipped_counted_named_then_refused(backend, tmp_path, c
         _epoch(strict)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shard_cut_after_indexing_fails_reads_that_are_skipped_and_named(backend, tmp_path, caplog):
+    """Reads that fail in the reader (DALI: a worker process) are filled, counted and named
+    by the main process."""
+    _, out = _write(tmp_path)
+    source = ShardSource(out)
+    with tarfile.open(out / "shard-000004.tar") as tar:
+        cut = tar.getmember("000000022.png").offset_data + 10
+    with open(out / "shard-000004.tar", "r+b") as f:
+        f.truncate(cut)
+    loader = build_loader(source, recipes.mae(8), batch_size=8, backend=backend, device="cpu", num_threads=1,
+                          shuffle=False, max_skipped_fraction=0.1)
+    with caplog.at_level(logging.WARNING, logger="fastssl.data"):
+        batches = _epoch(loader)
+    assert [len(idx) for idx, _, _ in batches] == [8, 8, 8] and loader.skipped_samples == 2
+    assert not {22, 23} & {i for idx, _, _ in batches for i in idx}
+    assert "shard-000004.tar:000000022 (OSError" in caplog.text and "short read" in caplog.text
+
+
 def test_unreadable_shard_is_skipped_whole(tmp_path):
     _, out = _write(tmp_path)
     (out / "shard-000003.tar").write_bytes(b"not a tar at all" * 10)
