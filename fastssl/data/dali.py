@@ -20,6 +20,17 @@ sampler: decided in Python, the same for both backends). One pipeline is built p
 with a seed derived from (seed, epoch, shard), which makes the augmentations of an epoch
 a function of those three alone: resuming at epoch e reproduces epoch e.
 
+Shards are not read by `fn.readers.webdataset`, though the index files it needs are
+written: it cannot keep the planner's invariants. Its shard_id/num_shards split the samples
+into contiguous ranges of unequal size (23 samples over 2 ranks: 11 and 12), so ranks
+would run unequal steps; its shuffle (random_shuffle, initial_fill) is its own, so the
+order differs from the torchvision backend's and repeat factors cannot be applied; a
+mid-epoch resume needs its checkpoints rather than a batch number; and a bad sample is not
+named: missing_component_behavior="skip" drops only samples the index lists without an
+image, an index that no longer matches its tar stops the pipeline, and a decode failure
+cannot be routed around without rewriting the index files. Positioned reads in worker
+processes keep all of these and cost one `pread` per sample.
+
 Same ranges and probabilities as the torchvision backend; where the operators differ:
 color jitter is one `fn.color_twist` (fixed order brightness, contrast, hue, saturation,
 contrast around mid-gray) where torchvision applies the four in random order with contrast
