@@ -241,6 +241,7 @@ class DaliViews:
         gpu = self.device.type == "cuda"
         # DALI seeds are 32-bit; mix (seed, epoch, shard) so neighbouring runs differ.
         seed = hash((self.seed, epoch, self.shard_id)) % (2**31 - 1)
+        # A batch callable fills one batch per worker: more workers than batches in flight idle.
         workers = 0 if self.read_files else min(self.num_threads, PREFETCH)
         pipe = views_pipeline(
             _Feeder(self.source, batches, self.bad), self.recipe, self.source.kind == "encoded", gpu,
