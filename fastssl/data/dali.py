@@ -50,6 +50,7 @@ from fastssl.data.recipes import Recipe, ViewSpec
 from fastssl.data.sources import decode_error, fill_skipped
 
 try:
+    from nvidia.dali import backend as dali_native
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import feed_ndarray
     from nvidia.dali.tensors import TensorListGPU
@@ -63,11 +64,11 @@ PREFETCH = 2
 
 def start_method() -> str:
     """How DALI starts its reader workers: "fork" (cheap, and the callable is inherited) while
-    this process holds no CUDA context, else "spawn", as forking a process holding one is
-    unsupported. Spawned workers import the callable's modules and the main module afresh
-    (seconds per pipeline, so once per epoch); the main script needs the usual
-    `if __name__ == "__main__":` guard."""
-    return "spawn" if torch.cuda.is_initialized() else "fork"
+    the CUDA driver is not initialized in this process (by torch or by a GPU pipeline), else
+    "spawn", as DALI refuses to fork then (the check is DALI's own). Spawned workers import
+    the callable's modules and the main module afresh (seconds per pipeline, so once per
+    epoch); the main script needs the usual `if __name__ == "__main__":` guard."""
+    return "spawn" if dali_native.IsDriverInitialized() else "fork"
 
 
 def _coin(p: float, dtype):
