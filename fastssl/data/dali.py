@@ -10,12 +10,26 @@ Image files (folders, file lists) are read by `fn.readers.file` in DALI's own th
 given the epoch's planned order as its file list (no shuffle, one shard) and the dataset
 indices as its labels; class labels are then looked up on the output device, so the
 host neither reads files in `pipe.run()` nor waits for a copy. Arrays and WebDataset
-shards come in through `fn.external_source` with a batch callable serving the planned
-batches (a memory copy, or one positioned read per sample). Either way the batches are
+shards come in through a parallel `fn.external_source`: a batch callable serving the
+planned batches (a memory copy, or one positioned read per sample) run by DALI's Python
+worker processes, `PREFETCH` batches ahead, so the main process reads nothing while
+training (it forks when no CUDA context exists yet, else spawns, as forking a process
+holding one is unsupported). Either way the batches are
 exactly those the loader planned for the epoch (shuffle, shard or weak-supervision
 sampler: decided in Python, the same for both backends). One pipeline is built per epoch
 with a seed derived from (seed, epoch, shard), which makes the augmentations of an epoch
 a function of those three alone: resuming at epoch e reproduces epoch e.
+
+Shards are not read by `fn.readers.webdataset`, though the index files it needs are
+written: it cannot keep the planner's invariants. Its shard_id/num_shards split the samples
+into contiguous ranges of unequal size (23 samples over 2 ranks: 11 and 12), so ranks
+would run unequal steps; its shuffle (random_shuffle, initial_fill) is its own, so the
+order differs from the torchvision backend's and repeat factors cannot be applied; a
+mid-epoch resume needs its checkpoints rather than a batch number; and a bad sample is not
+named: missing_component_behavior="skip" drops only samples the index lists without an
+image, an index that no longer matches its tar stops the pipeline, and a decode failure
+cannot be routed around without rewriting the index files. Positioned reads in worker
+processes keep all of these and cost one `pread` per sample.
 
 Same ranges and probabilities as the torchvision backend; where the operators differ:
 color jitter is one `fn.color_twist` (fixed order brightness, contrast, hue, saturation,
@@ -36,6 +50,7 @@ from fastssl.data.recipes import Recipe, ViewSpec
 from fastssl.data.sources import decode_error, fill_skipped
 
 try:
+    from nvidia.dali import backend as dali_native
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import feed_ndarray
     from nvidia.dali.tensors import TensorListGPU
@@ -45,6 +60,15 @@ except ImportError:  # recorded, never silent: build_loader(backend="dali") rais
     HAS_DALI = False
 
 PREFETCH = 2
+
+
+def start_method() -> str:
+    """How DALI starts its reader workers: "fork" (cheap, and the callable is inherited) while
+    the CUDA driver is not initialized in this process (by torch or by a GPU pipeline), else
+    "spawn", as DALI refuses to fork then (the check is DALI's own). Spawned workers import
+    the callable's modules and the main module afresh (seconds per pipeline, so once per
+    epoch); the main script needs the usual `if __name__ == "__main__":` guard."""
+    return "spawn" if dali_native.IsDriverInitialized() else "fork"
 
 
 def _coin(p: float, dtype):
@@ -138,7 +162,7 @@ if HAS_DALI:
             label = index
         else:
             data, label, index = fn.external_source(
-                source=feeder, num_outputs=3, batch=True,
+                source=feeder, num_outputs=3, batch=True, parallel=True, prefetch_queue_depth=PREFETCH,
                 dtype=[types.UINT8, types.INT64, types.INT64], layout=["" if encoded else "HWC", "", ""],
             )
         if encoded:
@@ -159,9 +183,11 @@ if HAS_DALI:
 
 
 class _Feeder:
-    """Batch callable for fn.external_source: batch i of the planned epoch's remaining
-    batches. A sample in `bad` (known undecodable) or whose bytes cannot be read is
-    replaced by another sample of its batch (fill_skipped) and recorded in `bad`."""
+    """Batch callable for the parallel fn.external_source, run in DALI's worker processes
+    (picklable; stateless but for its copy of `bad`): batch i of the planned epoch's
+    remaining batches. A sample in `bad` (known undecodable) or whose bytes cannot be read
+    is replaced by another sample of its batch (fill_skipped); the main process sees the
+    replacement in the index output (DaliViews._note_unread)."""
 
     def __init__(self, source, batches: list[np.ndarray], bad: dict[int, str]):
         self.source, self.batches, self.bad = source, batches, bad
@@ -182,8 +208,9 @@ class _Feeder:
         idx = [int(i) for i in self.batches[iteration]]
         data = [self._read(i) for i in idx]
         items = fill_skipped(list(zip(data, idx)), [d is not None for d in data])
-        return ([d for d, _ in items], [self.source.labels[i] for _, i in items],
-                [np.int64(i) for _, i in items])
+        # Parallel workers pass arrays only (0-d for the scalars), not NumPy scalars.
+        return ([d for d, _ in items], [np.array(self.source.labels[i], np.int64) for _, i in items],
+                [np.array(i, np.int64) for _, i in items])
 
 
 class DaliViews:
@@ -200,6 +227,7 @@ class DaliViews:
         # Files are read by fn.readers.file (paths known up front); shards and arrays by the feeder.
         self.read_files = source.kind == "encoded" and hasattr(source, "paths")
         self.labels = torch.as_tensor(np.asarray(source.labels), dtype=torch.int64).to(device)
+        self.read = source.read_bytes if source.kind == "encoded" else source.image
 
     def _file_order(self, batches: list[np.ndarray]) -> tuple[list[str], list[int]]:
         """The planned batches as fn.readers.file's files and labels (= dataset indices), each
@@ -214,11 +242,14 @@ class DaliViews:
         gpu = self.device.type == "cuda"
         # DALI seeds are 32-bit; mix (seed, epoch, shard) so neighbouring runs differ.
         seed = hash((self.seed, epoch, self.shard_id)) % (2**31 - 1)
+        # A batch callable fills one batch per worker: more workers than batches in flight idle.
+        workers = 0 if self.read_files else min(self.num_threads, PREFETCH)
         pipe = views_pipeline(
             _Feeder(self.source, batches, self.bad), self.recipe, self.source.kind == "encoded", gpu,
             self.dtype == torch.float16, self._file_order(batches) if self.read_files else None,
             batch_size=self.max_batch, num_threads=self.num_threads,
             device_id=self.device.index if gpu else None, seed=seed, prefetch_queue_depth=PREFETCH,
+            py_num_workers=workers, py_start_method=start_method(),
         )
         pipe.build()
         return pipe
@@ -252,6 +283,19 @@ class DaliViews:
                     self.bad[j], found = err, True
         return found
 
+    def _note_unread(self, planned: np.ndarray, index: np.ndarray) -> None:
+        """Record in self.bad the planned samples a reader worker could not read (it filled
+        their slots, so they are missing from the batch's index output). The worker's error
+        does not cross the process boundary: reading the sample again here names it."""
+        for j in set(map(int, planned)) - set(map(int, index)):
+            if j in self.bad:
+                continue
+            try:
+                self.read(j)
+                self.bad[j] = "could not be read by the reader worker"
+            except OSError as exc:
+                self.bad[j] = f"{type(exc).__name__}: {exc}"
+
     def iterate(self, epoch: int, batches: list[np.ndarray], start: int = 0) -> Iterator[dict]:
         """Views of batches[start:]. A decoding failure stops DALI's pipeline without naming
         the sample: the batches in flight are then checked with PIL, the bad samples recorded,
@@ -274,6 +318,8 @@ class DaliViews:
                     views = [self._to_torch(o)[:size] for o in outs[:n_views]]
                     if self.dtype != views[0].dtype:
                         views = [v.to(self.dtype) for v in views]
+                    if not self.read_files:
+                        self._note_unread(batches[i], outs[n_views + 1].as_array()[:size])
                     index = self._to_torch(outs[n_views + 1], pin)[:size].to(self.device, non_blocking=True)
                     label = (self.labels[index] if self.read_files else
                              self._to_torch(outs[n_views], pin).to(self.device, non_blocking=True))

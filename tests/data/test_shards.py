@@ -165,6 +165,65 @@ def test_stream_order_is_seeded_per_epoch_and_local():
     assert np.bincount(r, minlength=60).tolist() == rep.tolist()
 
 
+class _LoggedShards(ShardSource):
+    """A ShardSource that appends "pid index" to a file on every read, so reads made in
+    other processes (DALI's reader workers) are seen."""
+
+    def __init__(self, spec, log):
+        super().__init__(spec)
+        self.log = str(log)
+
+    def read_bytes(self, i):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {i}\n")
+        return super().read_bytes(i)
+
+    def reads(self) -> list[tuple[int, int]]:
+        if not os.path.exists(self.log):
+            return []
+        with open(self.log) as f:
+            return [tuple(map(int, line.split())) for line in f]
+
+
+@pytest.mark.skipif(not dali_backend.HAS_DALI, reason="DALI not installed")
+def test_dali_reads_shards_in_worker_processes_in_the_planned_order(tmp_path):
+    """No read on the main process; the batches (indices, labels) are the planner's, the same
+    as the torchvision backend's for the seed, and each planned sample is read once."""
+    src, out = _write(tmp_path)
+    source = _LoggedShards(out, tmp_path / "reads.log")
+    kw = dict(batch_size=3, device="cpu", num_threads=2, shard_id=1, num_shards=2, seed=7, shuffle_buffer=4,
+              drop_last=False)
+    loader = build_loader(source, recipes.mae(8), backend="dali", **kw)
+    loader.set_epoch(1)
+    batches = [(idx, labels) for idx, labels, _ in _epoch(loader)]
+    reads = source.reads()
+    assert reads and all(pid != os.getpid() for pid, _ in reads)
+    planned = [b.tolist() for b in loader.plan(1)]
+    assert [idx for idx, _ in batches] == planned and sum(map(len, planned)) == 12
+    assert sorted(i for _, i in reads) == sorted(i for b in planned for i in b)
+    assert all(lab == [int(src.labels[i]) for i in idx] for idx, lab in batches)
+    reference = build_loader(ShardSource(out), recipes.mae(8), backend="torchvision", **kw)
+    reference.set_epoch(1)
+    assert [(idx, lab) for idx, lab, _ in _epoch(reference)] == batches
+
+
+@pytest.mark.skipif(not dali_backend.HAS_DALI, reason="DALI not installed")
+def test_dali_spawned_reader_workers_read_the_shards(tmp_path, monkeypatch):
+    """The start method used once CUDA is initialized: the reader callable and the source
+    cross to fresh interpreters by pickling (file descriptors are not carried)."""
+    src, out = _write(tmp_path, n=8)
+    source = _LoggedShards(out, tmp_path / "reads.log")
+    source.read_bytes(0)  # an open shard descriptor that must not be pickled
+    monkeypatch.setattr(dali_backend, "start_method", lambda: "spawn")
+    loader = build_loader(source, recipes.mae(8), batch_size=4, backend="dali", device="cpu", num_threads=1,
+                          seed=1)
+    batches = [(idx, labels) for idx, labels, _ in _epoch(loader)]
+    assert [idx for idx, _ in batches] == [b.tolist() for b in loader.plan(0)]
+    assert all(lab == [int(src.labels[i]) for i in idx] for idx, lab in batches)
+    reads = source.reads()  # the first: the read made above, on this process
+    assert len(reads) == 9 and reads[0][0] == os.getpid() and all(pid != os.getpid() for pid, _ in reads[1:])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_mid_epoch_resume_reads_nothing_before_it_and_repeats_the_batches(backend, tmp_path):
     _, out = _write(tmp_path)
@@ -173,10 +232,7 @@ def test_mid_epoch_resume_reads_nothing_before_it_and_repeats_the_batches(backen
     loader = build_loader(source, recipes.mocov2(8), **kw)
     loader.set_epoch(1)
     full = [{"index": b["index"].clone(), "views": [v.clone() for v in b["views"]]} for b in loader]
-    reads = []
-    counted = ShardSource(out)
-    original = counted.read_bytes
-    counted.read_bytes = lambda i: reads.append(i) or original(i)
+    counted = _LoggedShards(out, tmp_path / "reads.log")
     resumed = build_loader(counted, recipes.mocov2(8), **kw)
     resumed.set_epoch(1, start=4)
     rest = [{"index": b["index"].clone(), "views": [v.clone() for v in b["views"]]} for b in resumed]
@@ -184,8 +240,9 @@ def test_mid_epoch_resume_reads_nothing_before_it_and_repeats_the_batches(backen
     if backend == "torchvision":  # augmentations seeded by position in the epoch: identical views
         for a, b in zip(rest, full[4:]):
             assert all((x == y).all() for x, y in zip(a["views"], b["views"]))
-    else:  # DALI reads in this process: only the remaining batches' samples were read
-        assert sorted(reads) == sorted(i for b in full[4:] for i in b["index"].tolist())
+    else:  # DALI's reader workers read only the remaining batches' samples
+        remaining = sorted(i for b in full[4:] for i in b["index"].tolist())
+        assert sorted(i for _, i in counted.reads()) == remaining
 
 
 def _garble(out):
@@ -237,6 +294,25 @@ def test_bad_samples_are_skipped_counted_named_then_refused(backend, tmp_path, c
     strict = build_loader(ShardSource(garbled), recipes.mae(8), **kw)
     with pytest.raises(ValueError, match=r"max_skipped_fraction.*shard-000001.tar:000000006"):
         _epoch(strict)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shard_cut_after_indexing_fails_reads_that_are_skipped_and_named(backend, tmp_path, caplog):
+    """Reads that fail in the reader (DALI: a worker process) are filled, counted and named
+    by the main process."""
+    _, out = _write(tmp_path)
+    source = ShardSource(out)
+    with tarfile.open(out / "shard-000004.tar") as tar:
+        cut = tar.getmember("000000022.png").offset_data + 10
+    with open(out / "shard-000004.tar", "r+b") as f:
+        f.truncate(cut)
+    loader = build_loader(source, recipes.mae(8), batch_size=8, backend=backend, device="cpu", num_threads=1,
+                          shuffle=False, max_skipped_fraction=0.1)
+    with caplog.at_level(logging.WARNING, logger="fastssl.data"):
+        batches = _epoch(loader)
+    assert [len(idx) for idx, _, _ in batches] == [8, 8, 8] and loader.skipped_samples == 2
+    assert not {22, 23} & {i for idx, _, _ in batches for i in idx}
+    assert "shard-000004.tar:000000022 (OSError" in caplog.text and "short read" in caplog.text
 
 
 def test_unreadable_shard_is_skipped_whole(tmp_path):
