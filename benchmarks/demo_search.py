@@ -4,6 +4,7 @@ split, random-init kNN, optional linear probe, steps, speed, wall time, machine 
 
     python benchmarks/demo_search.py                       # every candidate, its own epochs
     python benchmarks/demo_search.py --only base pool2 --epochs 2 --threads 1
+    python benchmarks/demo_search.py --readouts RUN/last.pt   # kNN of poolings of a CIFAR ResNet
 
 Each candidate is the demo (fastssl.cli's DEMO_METHOD / DEMO_PRESET / DEMO_VIEW_OVERRIDES) with
 some of those replaced, run in a fresh process so nothing carries over. Fixed epochs and a fixed
@@ -37,6 +38,11 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
         "preset": {"backbone": "resnet8_pool2", "optimizer": "lars", "base_lr": 1.0, "weight_decay": 1e-5,
                    "warmup_epochs": 0.5, "mlp_hidden_dim": 512, "moco_dim": 128, "batch_size": 128},
         "views": {"scale": (0.25, 1.0), "blur_p": 0.0, "grayscale_p": 0.0}}),
+    "pool3": ("base, features = last stage pooled to 3x3 (resnet8_pool3, 576-d)", {
+        "method": "mocov3",
+        "preset": {"backbone": "resnet8_pool3", "optimizer": "lars", "base_lr": 1.0, "weight_decay": 1e-5,
+                   "warmup_epochs": 0.5, "mlp_hidden_dim": 512, "moco_dim": 128, "batch_size": 128},
+        "views": {"scale": (0.25, 1.0), "blur_p": 0.0, "grayscale_p": 0.0}}),
 }
 
 
@@ -55,6 +61,62 @@ def _child(name: str, out: str, epochs: int, linear: bool) -> int:
     return cli.main(argv)
 
 
+def _readouts(checkpoint: str) -> None:
+    """kNN top-1 of several read-outs of a CIFAR-ResNet run's last stage (global average, max,
+    average to 2x2 / 3x3 grids, with stage 2 appended), trained weights and the same seed's
+    random init: what the pooling of `encoder()`'s output is worth, without retraining."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT))
+    from fastssl.data import fashion_mnist
+    from fastssl.data.recipes import IMAGENET_MEAN, IMAGENET_STD
+    from fastssl.engine import load_checkpoint, resolve_config
+    from fastssl.eval import knn_top1
+    from fastssl.methods import METHODS
+
+    state = load_checkpoint(checkpoint)
+    cfg = resolve_config(METHODS[state["method"]].config_class, None, state["config"])
+    torch.manual_seed(cfg.seed)  # as `fastssl train` does before building the method: its random init
+    method = METHODS[state["method"]](cfg)
+    random_init = {k: v.clone() for k, v in method.encoder().state_dict().items()}
+    method.load_state_dict(state["model"])
+    trained = method.encoder().eval()
+    mean, std = (torch.tensor(c).view(1, 3, 1, 1) for c in (IMAGENET_MEAN, IMAGENET_STD))
+
+    @torch.no_grad()
+    def features(split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        src = fashion_mnist(split)
+        out: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(src), 1000):
+            x = torch.from_numpy(src.images[i:i + 1000].copy()).float().div(255)
+            x = x[:, None].expand(-1, 3, -1, -1)
+            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+            s2 = trained.stages[1](trained.stages[0](trained.stem(x)))
+            s3 = trained.stages[2](s2)
+            grid2 = F.adaptive_avg_pool2d(s3, 2).flatten(1)
+            for name, f in (("avg", s3.mean((2, 3))), ("max", s3.amax((2, 3))), ("avg 2x2", grid2),
+                            ("avg 3x3", F.adaptive_avg_pool2d(s3, 3).flatten(1)),
+                            ("avg + stage-2 avg", torch.cat([s3.mean((2, 3)), s2.mean((2, 3))], 1)),
+                            ("avg 2x2 + stage-2 avg 2x2",
+                             torch.cat([grid2, F.adaptive_avg_pool2d(s2, 2).flatten(1)], 1))):
+                out.setdefault(name, []).append(f)
+        return {k: torch.cat(v) for k, v in out.items()}, torch.from_numpy(src.labels)
+
+    print(f"{_versions()} · {checkpoint} ({cfg.backbone}, step {state['step']})\n")
+    rows = {}
+    for weights in ("trained", "random init"):
+        if weights == "random init":
+            trained.load_state_dict(random_init)
+        (train, y_train), (test, y_test) = features("train"), features("test")
+        rows[weights] = {k: knn_top1(train[k], y_train, test[k], y_test) for k in train}
+    print("| read-out of the last stage | dim | kNN trained | kNN random init | margin |")
+    print("|---|---:|---:|---:|---:|")
+    for k in rows["trained"]:
+        a, b = rows["trained"][k], rows["random init"][k]
+        print(f"| {k} | {train[k].shape[1]} | {a:.2%} | {b:.2%} | {100 * (a - b):+.2f} |")
+
+
 def _versions() -> str:
     import torch
 
@@ -70,8 +132,12 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS)")
     parser.add_argument("--linear-probe", action="store_true")
     parser.add_argument("--out", default="runs/demo_search")
+    parser.add_argument("--readouts", metavar="CHECKPOINT", help="only print read-out kNNs of a run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.readouts:
+        _readouts(args.readouts)
+        return 0
     if args.child:
         return _child(args.child, args.out, args.epochs, args.linear_probe)
     names = args.only or list(CANDIDATES)
