@@ -28,10 +28,10 @@ _T0 = time.perf_counter()
 # The demo (`make demo`): beats raw-pixel kNN (84.6%) and its random init on Fashion-MNIST
 # in <= 15 minutes on a 2-core CPU. Chosen by timed runs; see README.
 DEMO_METHOD = "mocov3"
-# resnet8_pool2: the features (what kNN sees) are the last 7x7 stage pooled to 2x2, not to 1x1;
-# 6 epochs = 2808 steps, about 9.4 idle minutes for the whole command (benchmarks/RESULTS.md).
+# resnet8_pool3: the features (what kNN sees) are the last 7x7 stage pooled to 3x3, not to 1x1;
+# 6 epochs = 2808 steps, about 9.5-9.8 idle minutes for the whole command (benchmarks/RESULTS.md).
 DEMO_PRESET: dict[str, Any] = {
-    "backbone": "resnet8_pool2", "image_size": 28, "epochs": 6, "batch_size": 128, "optimizer": "lars",
+    "backbone": "resnet8_pool3", "image_size": 28, "epochs": 6, "batch_size": 128, "optimizer": "lars",
     "base_lr": 1.0, "weight_decay": 1e-5, "warmup_epochs": 0.5, "mlp_hidden_dim": 512, "moco_dim": 128,
     "sync_bn": False, "channels_last": True, "out": "runs/demo",
 }

@@ -6,7 +6,7 @@ from fastssl.methods import METHODS
 from fastssl.methods.base import StepContext
 
 
-def test_demo_recipe_builds_and_its_encoder_outputs_the_2x2_pooled_last_stage():
+def test_demo_recipe_builds_and_its_encoder_outputs_the_3x3_pooled_last_stage():
     method_class = METHODS[cli.DEMO_METHOD]
     cfg = resolve_config(method_class.config_class, None, {"out": "unused"}, preset=cli.DEMO_PRESET)
     torch.manual_seed(0)
@@ -17,9 +17,12 @@ def test_demo_recipe_builds_and_its_encoder_outputs_the_2x2_pooled_last_stage():
         feats = encoder(x)
         last = encoder.stages(encoder.stem(x))  # [4, 64, 7, 7] at 28 px
     assert last.shape == (4, 64, 7, 7)
-    # what kNN sees: each channel averaged over the 2x2 grid of (overlapping) 4x4 cells
-    assert feats.shape == (4, 64 * 4)
-    torch.testing.assert_close(feats.view(4, 64, 2, 2)[:, :, 0, 0], last[:, :, :4, :4].mean(dim=(2, 3)))
+    # what kNN sees: each channel averaged over a 3x3 grid of overlapping 3x3 cells (rows/cols
+    # [0, 3), [2, 5), [4, 7): floor(i * 7 / 3) .. ceil((i + 1) * 7 / 3))
+    assert feats.shape == (4, 64 * 9)
+    grid = feats.view(4, 64, 3, 3)
+    torch.testing.assert_close(grid[:, :, 0, 0], last[:, :, :3, :3].mean(dim=(2, 3)))
+    torch.testing.assert_close(grid[:, :, 1, 2], last[:, :, 2:5, 4:7].mean(dim=(2, 3)))
     method.train()
     ctx = StepContext(step=0, epoch=0, steps_per_epoch=1, total_steps=1, lr=0.0, weight_decay=0.0)
     loss = method({"views": [torch.randn(4, 3, 28, 28), torch.randn(4, 3, 28, 28)]}, ctx)["loss"]
