@@ -2,7 +2,8 @@
 
 `build_backbone(name, image_size)` returns `(module, feature_dim)`; the module maps
 images [B, 3, H, W] to features [B, feature_dim] (ResNet: global-average-pooled last
-stage; ViT: the class token after the final norm).
+stage, or for a CIFAR ResNet named with `_pool<P>` its last stage average-pooled to a P x P
+grid; ViT: the class token after the final norm).
 """
 
 from __future__ import annotations
@@ -46,10 +47,17 @@ def resnet(name: str, *, small_stem: bool = False, zero_init_residual: bool = Fa
 
 class CifarResNet(nn.Module):
     """3x3 conv stem (16 ch), three stages of `blocks` BasicBlocks (16, 32, 64 ch; stride 1, 2, 2),
-    global average pooling: [B, 3, H, W] -> [B, 64 * width]."""
+    then the last stage's map average-pooled to a `pool` x `pool` grid and flattened (channel-major):
+    [B, 3, H, W] -> [B, 64 * width * pool**2]; pool=1 is global average pooling.
 
-    def __init__(self, blocks: int, width: int = 1):
+    Why pool > 1: on 28-32 px images the last map is 7x7-8x8, and global pooling throws away
+    where a part is (a sleeve, a heel), which kNN on small centred objects relies on."""
+
+    def __init__(self, blocks: int, width: int = 1, pool: int = 1):
         super().__init__()
+        for name, value in (("width", width), ("pool", pool)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
         c = 16 * width
         self.stem = nn.Sequential(
             nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)
@@ -68,13 +76,20 @@ class CifarResNet(nn.Module):
                 in_ch = out_ch
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
-        self.feature_dim = in_ch
+        self.pool = pool
+        self.feature_dim = in_ch * pool * pool
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.stages(self.stem(x)).mean(dim=(2, 3))
+        h = self.stages(self.stem(x))
+        if self.pool == 1:
+            return h.mean(dim=(2, 3))
+        if min(h.shape[-2:]) < self.pool:
+            raise ValueError(f"pool={self.pool} needs a last-stage map of at least {self.pool}x{self.pool}, "
+                             f"got {tuple(h.shape[-2:])} (input {tuple(x.shape[-2:])})")
+        return nn.functional.adaptive_avg_pool2d(h, self.pool).flatten(1)
 
 
 def vit(
@@ -103,6 +118,7 @@ def vit(
     return model, dim
 
 
+_CIFAR_NAME = re.compile(r"^(resnet(?:" + "|".join(n[6:] for n in CIFAR_RESNETS) + r"))(?:_pool(\d+))?$")
 _VIT_NAME = re.compile(r"^vit_(tiny|small|base|large|huge)(?:_patch(\d+))?$")
 
 
@@ -122,8 +138,9 @@ def parse_vit_name(name: str) -> tuple[str, int | None]:
 
 
 def build_backbone(name: str, image_size: int, **options) -> tuple[nn.Module, int]:
-    """Backbone by name: "resnet18".."resnet152" (torchvision), "resnet8/14/20/32/56" (CIFAR
-    ResNets, option `width`), or "vit_{tiny,small,base,large,huge}[_patch{P}]".
+    """Backbone by name: "resnet18".."resnet152" (torchvision), "resnet{8,14,20,32,56}[_pool{P}]"
+    (CIFAR ResNets, option `width`; _poolP: features = the last stage pooled to P x P), or
+    "vit_{tiny,small,base,large,huge}[_patch{P}]".
 
     torchvision ResNets take `small_stem` (default: image_size <= 64) and `zero_init_residual`; ViTs
     take `patch_size` (default 16, or the name's), `depth` and `drop_path_rate`.
@@ -136,8 +153,12 @@ def build_backbone(name: str, image_size: int, **options) -> tuple[nn.Module, in
     if name in RESNETS:
         options.setdefault("small_stem", image_size <= SMALL_IMAGE_MAX)
         return resnet(name, **options)
-    if name in CIFAR_RESNETS:
-        model = CifarResNet(CIFAR_RESNETS[name], **options)
+    cifar = _CIFAR_NAME.match(name)
+    if cifar is not None:
+        base, pool = cifar.groups()
+        if pool is not None:
+            options.setdefault("pool", int(pool))
+        model = CifarResNet(CIFAR_RESNETS[base], **options)
         return model, model.feature_dim
     if _VIT_NAME.match(name):
         size, patch = parse_vit_name(name)
@@ -145,7 +166,7 @@ def build_backbone(name: str, image_size: int, **options) -> tuple[nn.Module, in
             options.setdefault("patch_size", patch)
         return vit(size, image_size=image_size, **options)
     raise ValueError(
-        f"backbone must be one of {RESNETS + tuple(CIFAR_RESNETS)} or "
+        f"backbone must be one of {RESNETS} or resnet{{8,14,20,32,56}}[_pool<P>] or "
         f"vit_{{tiny,small,base,large,huge}}[_patch<P>], got {name!r}"
     )
 

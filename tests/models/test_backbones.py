@@ -75,3 +75,34 @@ def test_cifar_resnets():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 64)
     wide, dim = build_backbone("resnet8", 28, width=2)
     assert dim == 128 and wide(torch.randn(2, 3, 28, 28)).shape == (2, 128)
+
+
+def test_cifar_resnet_pool_grid_is_the_last_stage_averaged_over_overlapping_bins():
+    torch.manual_seed(0)
+    model, dim = build_backbone("resnet8_pool2", 28)
+    assert dim == 4 * 64
+    x = torch.randn(3, 3, 28, 28)
+    model.eval()
+    out = model(x)
+    h = model.stages(model.stem(x))  # [3, 64, 7, 7]
+    # adaptive pooling of 7 into 2 bins: rows/cols [0, 4) and [3, 7) (floor(i*7/2) .. ceil((i+1)*7/2))
+    bins = [(0, 4), (3, 7)]
+    ref = torch.stack([h[:, :, r0:r1, c0:c1].mean(dim=(2, 3)) for r0, r1 in bins for c0, c1 in bins], dim=2)
+    torch.testing.assert_close(out, ref.flatten(1))  # channel-major: channel c's 4 cells are adjacent
+    gap, gap_dim = build_backbone("resnet8", 28)
+    gap.load_state_dict(model.state_dict())
+    gap.eval()
+    assert gap_dim == 64
+    torch.testing.assert_close(gap(x), h.mean(dim=(2, 3)))
+    wide, dim = build_backbone("resnet14_pool3", 32, width=2)
+    assert dim == 128 * 9 and wide(torch.randn(2, 3, 32, 32)).shape == (2, 128 * 9)
+
+
+def test_cifar_resnet_pool_errors():
+    with pytest.raises(ValueError, match="pool must be a positive int, got 0"):
+        build_backbone("resnet8_pool0", 28)
+    with pytest.raises(ValueError, match="resnet8_poolx"):
+        build_backbone("resnet8_poolx", 28)
+    model, _ = build_backbone("resnet8_pool4", 8)  # 8 px -> a 2x2 last map, too small for a 4x4 grid
+    with pytest.raises(ValueError, match=r"pool=4 needs a last-stage map of at least 4x4, got \(2, 2\)"):
+        model(torch.randn(1, 3, 8, 8))

@@ -1,0 +1,175 @@
+"""The demo's recipe search: train each candidate as `fastssl train` (the demo) would, for a fixed
+number of epochs, and print one table row per candidate (kNN top-1 k=20 T=0.07 on the test
+split, random-init kNN, optional linear probe, steps, speed, wall time, machine load).
+
+    python benchmarks/demo_search.py                       # every candidate, its own epochs
+    python benchmarks/demo_search.py --only base pool2 --epochs 2 --threads 1
+    python benchmarks/demo_search.py --readouts RUN/last.pt   # kNN of poolings of a CIFAR ResNet
+
+Each candidate is the demo (fastssl.cli's DEMO_METHOD / DEMO_PRESET / DEMO_VIEW_OVERRIDES) with
+some of those replaced, run in a fresh process so nothing carries over. Fixed epochs and a fixed
+seed make the losses and kNN independent of the machine's load; only the times depend on it, so
+on a shared machine read them as a record of the run, not as speeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# name -> (what changes against the row it is compared with, demo fields replaced). "preset" keys are
+# config keys (DEMO_PRESET), "views" are ViewSpec fields (DEMO_VIEW_OVERRIDES), "method" the method.
+CANDIDATES: dict[str, tuple[str, dict]] = {
+    "base": ("the demo recipe before the search: MoCo v3, resnet8 (global avg pool), LARS lr 1.0", {
+        "method": "mocov3",
+        "preset": {"backbone": "resnet8", "optimizer": "lars", "base_lr": 1.0, "weight_decay": 1e-5,
+                   "warmup_epochs": 0.5, "mlp_hidden_dim": 512, "moco_dim": 128, "batch_size": 128},
+        "views": {"scale": (0.25, 1.0), "blur_p": 0.0, "grayscale_p": 0.0}}),
+    "pool2": ("base, features = last stage pooled to 2x2 (resnet8_pool2, 256-d)", {
+        "method": "mocov3",
+        "preset": {"backbone": "resnet8_pool2", "optimizer": "lars", "base_lr": 1.0, "weight_decay": 1e-5,
+                   "warmup_epochs": 0.5, "mlp_hidden_dim": 512, "moco_dim": 128, "batch_size": 128},
+        "views": {"scale": (0.25, 1.0), "blur_p": 0.0, "grayscale_p": 0.0}}),
+    "pool3": ("base, features = last stage pooled to 3x3 (resnet8_pool3, 576-d)", {
+        "method": "mocov3",
+        "preset": {"backbone": "resnet8_pool3", "optimizer": "lars", "base_lr": 1.0, "weight_decay": 1e-5,
+                   "warmup_epochs": 0.5, "mlp_hidden_dim": 512, "moco_dim": 128, "batch_size": 128},
+        "views": {"scale": (0.25, 1.0), "blur_p": 0.0, "grayscale_p": 0.0}}),
+}
+
+
+def _child(name: str, out: str, epochs: int, linear: bool) -> int:
+    """Run one candidate in this process: patch the demo's recipe, then `fastssl train`."""
+    sys.path.insert(0, str(ROOT))
+    from fastssl import cli
+
+    spec = CANDIDATES[name][1]
+    cli.DEMO_METHOD = spec.get("method", cli.DEMO_METHOD)
+    cli.DEMO_PRESET = dict(cli.DEMO_PRESET) | spec.get("preset", {})
+    cli.DEMO_VIEW_OVERRIDES = dict(cli.DEMO_VIEW_OVERRIDES) | spec.get("views", {})
+    if hasattr(cli, "DEMO_TIME_BUDGET_S"):
+        cli.DEMO_TIME_BUDGET_S = None  # fixed work: the candidate's epochs, whatever the load
+    argv = ["train", "--out", out, f"epochs={epochs}"] + (["--linear-probe"] if linear else [])
+    return cli.main(argv)
+
+
+def _readouts(checkpoint: str) -> None:
+    """kNN top-1 of several read-outs of a CIFAR-ResNet run's last stage (global average, max,
+    average to 2x2 / 3x3 grids, with stage 2 appended), trained weights and the same seed's
+    random init: what the pooling of `encoder()`'s output is worth, without retraining."""
+    import torch
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(ROOT))
+    from fastssl.data import fashion_mnist
+    from fastssl.data.recipes import IMAGENET_MEAN, IMAGENET_STD
+    from fastssl.engine import load_checkpoint, resolve_config
+    from fastssl.eval import knn_top1
+    from fastssl.methods import METHODS
+
+    state = load_checkpoint(checkpoint)
+    cfg = resolve_config(METHODS[state["method"]].config_class, None, state["config"])
+    torch.manual_seed(cfg.seed)  # as `fastssl train` does before building the method: its random init
+    method = METHODS[state["method"]](cfg)
+    random_init = {k: v.clone() for k, v in method.encoder().state_dict().items()}
+    method.load_state_dict(state["model"])
+    trained = method.encoder().eval()
+    mean, std = (torch.tensor(c).view(1, 3, 1, 1) for c in (IMAGENET_MEAN, IMAGENET_STD))
+
+    @torch.no_grad()
+    def features(split: str) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        src = fashion_mnist(split)
+        out: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(src), 1000):
+            x = torch.from_numpy(src.images[i:i + 1000].copy()).float().div(255)
+            x = x[:, None].expand(-1, 3, -1, -1)
+            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+            s2 = trained.stages[1](trained.stages[0](trained.stem(x)))
+            s3 = trained.stages[2](s2)
+            grid2 = F.adaptive_avg_pool2d(s3, 2).flatten(1)
+            for name, f in (("avg", s3.mean((2, 3))), ("max", s3.amax((2, 3))), ("avg 2x2", grid2),
+                            ("avg 3x3", F.adaptive_avg_pool2d(s3, 3).flatten(1)),
+                            ("avg + stage-2 avg", torch.cat([s3.mean((2, 3)), s2.mean((2, 3))], 1)),
+                            ("avg 2x2 + stage-2 avg 2x2",
+                             torch.cat([grid2, F.adaptive_avg_pool2d(s2, 2).flatten(1)], 1))):
+                out.setdefault(name, []).append(f)
+        return {k: torch.cat(v) for k, v in out.items()}, torch.from_numpy(src.labels)
+
+    print(f"{_versions()} · {checkpoint} ({cfg.backbone}, step {state['step']})\n")
+    rows = {}
+    for weights in ("trained", "random init"):
+        if weights == "random init":
+            trained.load_state_dict(random_init)
+        (train, y_train), (test, y_test) = features("train"), features("test")
+        rows[weights] = {k: knn_top1(train[k], y_train, test[k], y_test) for k in train}
+    print("| read-out of the last stage | dim | kNN trained | kNN random init | margin |")
+    print("|---|---:|---:|---:|---:|")
+    for k in rows["trained"]:
+        a, b = rows["trained"][k], rows["random init"][k]
+        print(f"| {k} | {train[k].shape[1]} | {a:.2%} | {b:.2%} | {100 * (a - b):+.2f} |")
+
+
+def _versions() -> str:
+    import torch
+
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return (f"CPU ({platform.machine()}, {os.cpu_count()} cores) · torch {torch.__version__} · "
+            f"git {git.stdout.strip() or '?'} · {time.strftime('%Y-%m-%d', time.gmtime())}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", help=f"candidates (default: all): {', '.join(CANDIDATES)}")
+    parser.add_argument("--epochs", type=int, default=2, help="training epochs of every candidate")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (OMP_NUM_THREADS)")
+    parser.add_argument("--linear-probe", action="store_true")
+    parser.add_argument("--out", default="runs/demo_search")
+    parser.add_argument("--readouts", metavar="CHECKPOINT", help="only print read-out kNNs of a run")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.readouts:
+        _readouts(args.readouts)
+        return 0
+    if args.child:
+        return _child(args.child, args.out, args.epochs, args.linear_probe)
+    names = args.only or list(CANDIDATES)
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        parser.error(f"--only: expected names among {sorted(CANDIDATES)}, got {unknown}")
+    print(f"{_versions()} · {args.threads} torch thread(s) · {args.epochs} epochs each\n")
+    print("| candidate | change | steps | kNN top-1 | random init | linear probe | img/s | wall s "
+          "| load avg |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
+    failed = 0
+    for name in names:
+        out = Path(args.out, f"{name}_e{args.epochs}")
+        cmd = [sys.executable, __file__, "--child", name, "--out", str(out), "--epochs", str(args.epochs)]
+        t0 = time.perf_counter()
+        rc = subprocess.run(cmd + (["--linear-probe"] if args.linear_probe else []), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+        wall = time.perf_counter() - t0
+        load = os.getloadavg()[1]  # the 5-minute average at the end: how shared the machine was
+        if rc != 0 or not (out / "summary.json").is_file():
+            print(f"| {name} | {CANDIDATES[name][0]} | failed (exit {rc}) | | | | | {wall:.0f} "
+                  f"| {load:.1f} |")
+            failed += 1
+            continue
+        s = json.loads((out / "summary.json").read_text())
+        rand = s.get("knn_top1_random_init", float("nan"))
+        lin = f"{s['linear_top1']:.2%}" if "linear_top1" in s else "–"
+        print(f"| {name} | {CANDIDATES[name][0]} | {s['steps']} | {s['knn_top1']:.2%} | {rand:.2%} | {lin} | "
+              f"{s['images_per_second']:.0f} | {wall:.0f} | {load:.1f} |", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
