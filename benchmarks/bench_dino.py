@@ -1,7 +1,7 @@
-"""DINO loss (issue 4) and multi-label softmax loss (issue 9): fwd+bwd of the official formula
+"""DINO loss and multi-label softmax loss: fwd+bwd of the official formula
 (eager), torch.compile of it, and fastssl's fused soft-target cross-entropy kernel.
 
-Bytes per call, the kernel's minimum traffic as issue 4 counts it: student read twice (forward
+Bytes per call, the kernel's minimum traffic as the op's goal counts it: student read twice (forward
 and backward), its gradient written once, teacher read once (the multi-label rows: logits read
 twice, gradient written, targets read once). The kernel also re-reads the teacher in the backward,
 which the GB/s column does not credit.

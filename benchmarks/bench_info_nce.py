@@ -1,8 +1,8 @@
-"""InfoNCE (issue 3): fwd+bwd of the official MoCo v2 / v3 formulas (eager), torch.compile of
+"""InfoNCE: fwd+bwd of the official MoCo v2 / v3 formulas (eager), torch.compile of
 them, and fastssl.ops.info_nce (backend "auto": the fused Triton kernels on CUDA, the
 reference on the CPU, where this script only smoke-tests with --quick).
 
-FLOPs per call, as issue 3 counts them: 2 matmul-equivalents of 2·N·K·D each (K = queue
+FLOPs per call, as the op's goal counts them: 2 matmul-equivalents of 2·N·K·D each (K = queue
 rows + 1 for MoCo v2, K = M keys in-batch). The in-batch kernels actually run 4 (the key
 gradient recomputes the logits in the backward), which the TFLOP/s column does not credit.
 
