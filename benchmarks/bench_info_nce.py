@@ -3,8 +3,10 @@ them, and fastssl.ops.info_nce (backend "auto": the fused Triton kernels on CUDA
 reference on the CPU, where this script only smoke-tests with --quick).
 
 FLOPs per call, as the op's goal counts them: 2 matmul-equivalents of 2·N·K·D each (K = queue
-rows + 1 for MoCo v2, K = M keys in-batch). The in-batch kernels actually run 4 (the key
-gradient recomputes the logits in the backward), which the TFLOP/s column does not credit.
+rows + 1 for MoCo v2, K = M keys in-batch). The in-batch kernels actually run 4 at D <= 128 (the
+key gradient recomputes the logits in the backward) and more for wider 16-bit rows (each
+128-column chunk of the accumulator recomputes the logits: 6 at D = 256), which the TFLOP/s
+column does not credit.
 
 Cases: MoCo v2 N ∈ {256, 1024, 4096}, K = 65536, D = 128 (query gradient only: keys come
 from the momentum encoder); in-batch N = M ∈ {4096, 16384}, D = 256 (query and key
