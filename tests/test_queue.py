@@ -44,6 +44,17 @@ def queue_state(q: KeyQueue) -> tuple[torch.Tensor, torch.Tensor]:
     return q.keys.clone(), q.ptr.clone()
 
 
+def _push_without_host_sync(queue, batches) -> None:
+    """Push each batch with CUDA's sync debug mode raising on any host synchronisation."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for keys in batches:
+            queue.push(keys)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize(
     "sizes",
     [[1] * 9, [3, 3, 3], [7], [8], [20], [2, 9, 1, 13, 6], [5, 2, 7, 1, 14, 3], [6, 6, 6, 1]],
@@ -362,13 +373,7 @@ def test_cuda_push_has_no_sync_and_matches_reference():
     expected, ptr = q.keys.cpu(), 0
     sizes = [1, 5, 256, 999, 1000, 1001, 4096 + 3, 7, 300]
     batches = [torch.randn(n, dim, device="cuda") for n in sizes]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for keys in batches:
-            q.push(keys)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    _push_without_host_sync(q, batches)
     for keys in batches:
         ptr = push_ref(expected, ptr, keys.cpu())
     assert torch.equal(q.keys.cpu(), expected) and q.ptr.tolist() == [ptr]
@@ -637,13 +642,7 @@ def test_cuda_torch_path_has_no_sync(monkeypatch):
     kernel = KeyQueue(100, 32, device="cuda", normalize=True)
     kernel.load_state_dict(q.state_dict())
     batches = [torch.randn(n, 32, device="cuda") for n in (7, 100, 130)]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for keys in batches:
-            q.push(keys)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    _push_without_host_sync(q, batches)
     monkeypatch.setitem(fastssl.queue._KERNEL_RUNS_ON, device, True)
     for keys in batches:
         kernel.push(keys)
