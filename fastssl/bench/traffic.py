@@ -69,9 +69,12 @@ INFO_NCE_TRAFFIC = {
         a, ("q_ptr", "k_ptr", "grad_ptr", "weight_scale_ptr", "part_ptr") + _info_nce_norms(a), ("dk_ptr",)
     ),
 }
-# Each of the cdiv(D, BLOCK_DV) programs of a row tile recomputes the whole logits tile (its
-# D-chunk of the accumulator needs all of p), then adds its chunk's share of p @ rows.
-_d_programs = lambda a: -(-a["D"] // a["BLOCK_DV"])  # noqa: E731
+def _d_programs(a: dict) -> int:
+    """Programs per row tile, one per BLOCK_DV columns of the accumulator: each recomputes the
+    whole logits tile (its D-chunk needs all of p), then adds its chunk's share of p @ rows."""
+    return -(-a["D"] // a["BLOCK_DV"])
+
+
 INFO_NCE_FLOPS = {
     "_info_nce_fwd_kernel": lambda a: _info_nce_flops(a, _d_programs(a) + (1 if a["COMPUTE_DQ"] else 0)),
     "_info_nce_bwd_kernel": lambda a: _info_nce_flops(a, _d_programs(a) + 1),
