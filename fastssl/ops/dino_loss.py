@@ -262,14 +262,17 @@ KERNEL_TRAFFIC = {
 }
 
 
-def _launch_shape(K: int, B: int) -> tuple[int, int, int, int]:
-    """(BLOCK_K, n_tiles, samples_per_group, num_warps). Tiles of 2048 (8 KB of fp32 per row, 8 per
-    thread) keep each tile's two reductions cheap next to its loads; samples are split into groups
-    so that ~1k programs fill a GPU even for small B. Not tuned on a GPU yet."""
-    block_k = min(2048, triton.next_power_of_2(K))
+def _launch_shape(K: int, B: int, elem_bytes: int) -> tuple[int, int, int, int]:
+    """(BLOCK_K, n_tiles, samples_per_group, num_warps). Row tiles of 4 KB (2048 columns of 16-bit,
+    1024 of fp32) read by 8 warps: 16-byte loads, 8 or 4 values per thread, and each tile's two
+    reductions stay cheap next to its loads; fp32 gets the narrower tile because a thread holds
+    its loads as fp32 beside the center, the student sum and the column sum (ptxas, triton 3.6,
+    sm_100: 2048 fp32 columns on 8 warps spill). Samples are split into groups so that ~1k
+    programs fill a GPU even for small B. Not tuned on a GPU yet."""
+    block_k = min(4096 // elem_bytes, triton.next_power_of_2(K))
     n_tiles = triton.cdiv(K, block_k)
     n_groups = max(1, min(B, triton.cdiv(1024, n_tiles)))
-    return block_k, n_tiles, triton.cdiv(B, n_groups), 8 if block_k >= 2048 else 4
+    return block_k, n_tiles, triton.cdiv(B, n_groups), 8 if block_k * elem_bytes >= 4096 else 4
 
 
 def _n_pairs(n_crops: int, n_targets: int, exclude_same: bool) -> int:
@@ -296,7 +299,8 @@ def dino_loss_fwd(
     student, target = _unit_last_dim(student), _unit_last_dim(target)
     K = student.shape[1]
     B = student.shape[0] // n_crops
-    block_k, n_tiles, per_group, num_warps = _launch_shape(K, B)
+    block_k, n_tiles, per_group, num_warps = _launch_shape(
+        K, B, max(student.element_size(), target.element_size()))
     n_groups = triton.cdiv(B, per_group)
     f32 = dict(device=student.device, dtype=torch.float32)
     s_stats = torch.empty(2, n_crops * B, n_tiles, **f32)
@@ -338,7 +342,8 @@ def dino_loss_bwd(
     student, target = _unit_last_dim(student), _unit_last_dim(target)
     K = student.shape[1]
     B = student.shape[0] // n_crops
-    block_k, n_tiles, per_group, num_warps = _launch_shape(K, B)
+    block_k, n_tiles, per_group, num_warps = _launch_shape(
+        K, B, max(student.element_size(), target.element_size()))
     grad_student = student.new_empty(student.shape)
     scale = 1.0 / (student_temp * _n_pairs(n_crops, n_targets, exclude_same) * B)
     _dino_loss_bwd_kernel[(n_tiles, triton.cdiv(B, per_group))](

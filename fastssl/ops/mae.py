@@ -356,6 +356,9 @@ def unshuffle_bwd(grad_out: torch.Tensor, ids_restore: torch.Tensor, len_keep: i
     grad_x = grad_out.new_empty(N, n_prefix + len_keep, D)
     rest = torch.empty(N, D, device=grad_out.device, dtype=torch.float64 if is_fp64 else torch.float32)
     block_t, block_d = _row_blocks(D)
+    # half the tokens per step: the running fp32 sum of the removed rows holds a [BLOCK_D] slice
+    # per thread beside the tile (ptxas, triton 3.6, sm_80/89: 32 x 256 fp32 spills)
+    block_t = max(1, block_t // 2)
     _compact_kernel[(N, triton.cdiv(D, block_d))](
         tokens, tokens, ids_restore, grad_out, grad_x, rest, rest, L, len_keep, D,
         *tokens.stride(), 0, 0, grad_out.stride(0), grad_out.stride(2),
