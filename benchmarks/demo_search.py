@@ -6,8 +6,8 @@ split, random-init kNN, optional linear probe, steps, speed, wall time, machine 
     python benchmarks/demo_search.py --only base pool2 --epochs 2 --threads 1
     python benchmarks/demo_search.py --readouts RUN/last.pt   # kNN of poolings of a CIFAR ResNet
 
-Each candidate is the demo (fastssl.cli's DEMO_METHOD / DEMO_PRESET / DEMO_VIEW_OVERRIDES) with
-some of those replaced, run in a fresh process so nothing carries over. Fixed epochs and a fixed
+Each candidate is the demo (fastssl.cli's DEMO_METHOD and its Fashion-MNIST preset) with some of
+its keys replaced, run in a fresh process so nothing carries over. Fixed epochs and a fixed
 seed make the losses and kNN independent of the machine's load; only the times depend on it, so
 on a shared machine read them as a record of the run, not as speeds.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (what changes against the row it is compared with, demo fields replaced). "preset" keys are
-# config keys (DEMO_PRESET), "views" are ViewSpec fields (DEMO_VIEW_OVERRIDES), "method" the method.
+# config keys of the preset, "views" ViewSpec fields of its `views`, "method" the method.
 CANDIDATES: dict[str, tuple[str, dict]] = {
     "base": ("the demo recipe before the search: MoCo v3, resnet8 (global avg pool), LARS lr 1.0", {
         "method": "mocov3",
@@ -43,6 +43,9 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
         "preset": {"backbone": "resnet8_pool3", "optimizer": "lars", "base_lr": 1.0, "weight_decay": 1e-5,
                    "warmup_epochs": 0.5, "mlp_hidden_dim": 512, "moco_dim": 128, "batch_size": 128},
         "views": {"scale": (0.25, 1.0), "blur_p": 0.0, "grayscale_p": 0.0}}),
+    "pool3_s05": ("pool3, milder crops: scale (0.5, 1)", {"views": {"scale": (0.5, 1.0)}}),
+    "pool3_b64": ("pool3, batch 64 (twice the steps for the same images; LR scales with the batch)",
+                  {"preset": {"batch_size": 64}}),
 }
 
 
@@ -50,13 +53,14 @@ def _child(name: str, out: str, epochs: int, linear: bool) -> int:
     """Run one candidate in this process: patch the demo's recipe, then `fastssl train`."""
     sys.path.insert(0, str(ROOT))
     from fastssl import cli
+    from fastssl.methods import METHODS
 
     spec = CANDIDATES[name][1]
     cli.DEMO_METHOD = spec.get("method", cli.DEMO_METHOD)
-    cli.DEMO_PRESET = dict(cli.DEMO_PRESET) | spec.get("preset", {})
-    cli.DEMO_VIEW_OVERRIDES = dict(cli.DEMO_VIEW_OVERRIDES) | spec.get("views", {})
-    if hasattr(cli, "DEMO_TIME_BUDGET_S"):
-        cli.DEMO_TIME_BUDGET_S = None  # fixed work: the candidate's epochs, whatever the load
+    cls = METHODS[cli.DEMO_METHOD]
+    preset = dict(cls.presets.get(cli.FASHION_MNIST, {})) | spec.get("preset", {})
+    preset["views"] = dict(preset.get("views", {})) | spec.get("views", {})
+    cls.presets = {**cls.presets, cli.FASHION_MNIST: preset}
     argv = ["train", "--out", out, f"epochs={epochs}"] + (["--linear-probe"] if linear else [])
     return cli.main(argv)
 

@@ -37,13 +37,13 @@ def _load(seconds: float) -> None:
 
 
 def _step_ms(steps: int) -> float:
-    from fastssl.cli import DEMO_METHOD, DEMO_PRESET
+    from fastssl.cli import DEMO_METHOD, demo_preset
     from fastssl.engine import resolve_config
     from fastssl.methods import METHODS
     from fastssl.methods.base import StepContext
 
     cls = METHODS[DEMO_METHOD]
-    cfg = resolve_config(cls.config_class, None, {"out": "unused"}, preset=DEMO_PRESET)
+    cfg = resolve_config(cls.config_class, None, {"out": "unused"}, preset=demo_preset())
     torch.manual_seed(0)
     method = cls(cfg).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.01)

@@ -14,7 +14,9 @@ import torch
 import yaml
 from PIL import Image
 
+import fastssl.data
 from fastssl.cli import main
+from fastssl.data import recipes
 
 
 def _error(capsys, argv) -> str:
@@ -426,3 +428,29 @@ def test_the_printed_resume_command_keeps_the_arguments_and_continues_the_folder
             "--resume", "some/last.pt", "--data", "my data"]
     assert _resume_command(argv, "runs/dino-1") == ("fastssl train --method dino teacher_temp=0.07 --data "
                                                     "'my data' --out runs/dino-1 --resume auto")
+
+
+def test_the_demo_is_mocov3s_fashion_mnist_preset_with_deterministic_kernels(capsys):
+    assert main(["train", "--print-config"]) == 0
+    demo = yaml.safe_load(capsys.readouterr().out)
+    assert main(["train", "--method", "mocov3", "--data", "fashion-mnist", "--print-config"]) == 0
+    preset = yaml.safe_load(capsys.readouterr().out)
+    assert preset["deterministic"] is False and demo == preset | {"deterministic": True}
+    assert preset["views"] and set(preset["views"]) <= set(recipes.OVERRIDABLE)
+
+
+def test_config_views_reach_the_loaders_recipe(monkeypatch, tmp_path):
+    seen = []
+
+    class Stop(BaseException):  # main turns an Exception into exit code 1; this passes through
+        pass
+
+    def stop(source, recipe, **kwargs):
+        seen.append(recipe)
+        raise Stop  # nothing past the loader is needed
+
+    monkeypatch.setattr(fastssl.data, "build_loader", stop)
+    with pytest.raises(Stop):
+        main(["train", "--method", "mocov2", "--data", "fashion-mnist", "--out", str(tmp_path / "r"),
+              "views={scale: [0.6, 0.9], solarize_p: 0.3}", "eval_knn=false"])
+    assert [(v.scale, v.solarize_p) for v in seen[0].views] == [((0.6, 0.9), 0.3)] * 2

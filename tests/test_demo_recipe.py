@@ -8,7 +8,7 @@ from fastssl.methods.base import StepContext
 
 def test_demo_recipe_builds_and_its_encoder_outputs_the_3x3_pooled_last_stage():
     method_class = METHODS[cli.DEMO_METHOD]
-    cfg = resolve_config(method_class.config_class, None, {"out": "unused"}, preset=cli.DEMO_PRESET)
+    cfg = resolve_config(method_class.config_class, None, {"out": "unused"}, preset=cli.demo_preset())
     torch.manual_seed(0)
     method = method_class(cfg)
     encoder = method.encoder().eval()

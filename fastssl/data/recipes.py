@@ -188,7 +188,37 @@ def eval(size: int = 224, resize: int | None = None, **overrides) -> Recipe:  # 
     return Recipe("eval", [view])
 
 
+# The augmentation fields a config's `views` may replace; size, crop and resize stay the method's
+# (a DINO recipe has views of two sizes).
+OVERRIDABLE = ("scale", "ratio", "flip_p", "jitter", "jitter_p", "grayscale_p", "blur_p", "blur_sigma",
+               "solarize_p")
+
+
+def check_view_overrides(overrides: dict) -> None:
+    """Raise ValueError naming `views` and the key when `overrides` is not a valid set of ViewSpec
+    augmentation fields (OVERRIDABLE) with valid values."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"views: expected a mapping of view fields, got {overrides!r}")
+    unknown = sorted(k for k in overrides if k not in OVERRIDABLE)
+    if unknown:
+        raise ValueError(f"views: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"valid keys: {', '.join(OVERRIDABLE)}")
+    try:
+        replace(ViewSpec(), **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"views: {e}") from None
+
+
+def with_view_overrides(recipe: Recipe, overrides: dict) -> Recipe:
+    """`recipe` with the ViewSpec fields in `overrides` (see check_view_overrides) replaced in every view."""
+    if not overrides:
+        return recipe
+    check_view_overrides(overrides)
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return replace(recipe, views=[replace(v, **fields) for v in recipe.views])
+
+
 BUILDERS = {"mocov2": mocov2, "mocov3": mocov3, "dino": dino, "mae": mae, "rotnet": rotnet, "eval": eval}
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Recipe", "ViewSpec", "dino", "eval", "mae", "mocov2", "mocov3",
-           "rotnet", "BUILDERS"]
+           "rotnet", "BUILDERS", "OVERRIDABLE", "check_view_overrides", "with_view_overrides"]

@@ -34,6 +34,17 @@ def _convert(cls: type, key: str, value: Any, annotation: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _convert(cls, key, value, args[0])
+    if origin is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value) if value.strip() else {}
+            except yaml.YAMLError:
+                value = None
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ValueError(f"config key {key!r}: expected a mapping such as {{name: value, ...}}, "
+                             f"got {value!r}")
+        # lists as tuples: a preset's, a YAML file's and a saved config's mapping compare equal
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
     if origin is tuple:
         items = value.strip("()[] ").split(",") if isinstance(value, str) else list(value)
         elem = typing.get_args(annotation)
@@ -208,6 +219,10 @@ def validate_config(cfg: TrainConfig) -> None:
         expected, ok = RULES[f.name]
         if not ok(value):
             raise ValueError(f"{f.name}: expected {expected}, got {value!r}")
+    if cfg.views:
+        from fastssl.data.recipes import check_view_overrides
+
+        check_view_overrides(cfg.views)
     for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
         value = getattr(cfg, name, None)
         if value is not None and value > cfg.epochs:
@@ -259,7 +274,12 @@ def describe_fields(cls: type) -> list[tuple[str, Any, str]]:
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
     """Plain dict (tuples as lists) that YAML and JSON can hold."""
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return list(v) if isinstance(v, tuple) else v
+
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

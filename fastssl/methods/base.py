@@ -23,7 +23,7 @@ Per step the engine does:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -71,6 +71,9 @@ class TrainConfig:
     parallel: str = "ddp"          # ddp | fsdp (FSDP2 sharding, ViT methods; see fastssl.engine.parallel)
     activation_checkpointing: bool = False  # recompute each transformer block in the backward
     accum_steps: int = 1           # micro-batches per step, of batch_size / (world * accum_steps) each
+    # ViewSpec fields replaced in every view of the method's recipe (e.g. milder crops for small
+    # images): views={scale: [0.25, 1], blur_p: 0} in YAML, views="{blur_p: 0}" on the command line
+    views: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -95,3 +95,15 @@ def test_bad_recipes():
         Recipe("x", [ViewSpec()], std=(0.2, 0.0, 0.2))
     with pytest.raises(ValueError, match="n_local"):
         recipes.dino(n_local=-1)
+
+
+def test_view_overrides_replace_augmentation_fields_in_every_view_and_keep_sizes():
+    base = recipes.dino(global_size=28, local_size=14, n_local=2)
+    out = recipes.with_view_overrides(base, {"scale": [0.3, 1.0], "blur_p": 0.0, "solarize_p": 0.0})
+    assert [v.size for v in out.views] == [28, 28, 14, 14]
+    assert all(v.scale == (0.3, 1.0) and v.blur_p == 0.0 and v.solarize_p == 0.0 for v in out.views)
+    assert [v.jitter_p for v in out.views] == [v.jitter_p for v in base.views]   # untouched fields kept
+    assert base.views[0].blur_p == 1.0                                          # the input recipe unchanged
+    assert recipes.with_view_overrides(base, {}) is base
+    with pytest.raises(ValueError, match="views: unknown key.*'size'"):
+        recipes.with_view_overrides(base, {"size": 32})

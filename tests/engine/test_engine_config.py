@@ -52,3 +52,28 @@ def test_saved_config_round_trips(tmp_path):
     cfg = resolve_config(DemoConfig, None, {"temperature": "0.3", "betas": "0.5,0.6"})
     save_config(cfg, tmp_path / "config.yaml")
     assert resolve_config(DemoConfig, tmp_path / "config.yaml") == cfg
+
+
+def test_views_are_a_mapping_from_the_command_line_or_yaml_and_round_trip(tmp_path):
+    cfg = resolve_config(DemoConfig, None, parse_overrides(["views={scale: [0.5, 1], blur_p: 0}"]))
+    assert cfg.views == {"scale": (0.5, 1), "blur_p": 0}
+    save_config(cfg, tmp_path / "config.yaml")
+    assert "scale:\n  - 0.5\n  - 1\n" in (tmp_path / "config.yaml").read_text()
+    assert resolve_config(DemoConfig, tmp_path / "config.yaml") == cfg
+    preset = resolve_config(DemoConfig, None, None, preset={"views": {"scale": (0.5, 1)}})
+    assert preset.views == {"scale": (0.5, 1)}
+    assert resolve_config(DemoConfig).views == {}
+
+
+@pytest.mark.parametrize("item, names", [
+    ("views={size: 32}", ["views", "'size'", "valid keys", "scale"]),
+    ("views={scale: [0.5, 2]}", ["views", "scale", "(0, 1]", "2.0"]),
+    ("views={blur_p: 1.5}", ["views", "blur_p", "1.5"]),
+    ("views=[0.5, 1]", ["views", "mapping", "[0.5, 1]"]),
+    ("views={scale: [0.5", ["views", "mapping"]),
+])
+def test_bad_views_name_the_key_and_what_was_expected(item, names):
+    with pytest.raises(ValueError) as info:
+        resolve_config(DemoConfig, None, parse_overrides([item]))
+    for name in names:
+        assert name in str(info.value), (name, str(info.value))
