@@ -111,7 +111,7 @@ def test_loss_flag_is_rejected_by_methods_without_it(capsys):
 
 
 @pytest.mark.parametrize("method, backbone, size",
-                         [("mocov2", "resnet20", 32), ("dino", "vit_tiny_patch7", 28)])
+                         [("mocov2", "resnet8", 28), ("mae", "vit_tiny_patch4", 28)])
 def test_fashion_mnist_runs_start_from_the_methods_preset(tmp_path, method, backbone, size):
     """--data fashion-mnist takes the method's small-image preset (not its ImageNet defaults);
     flags and key=value overrides still win over it."""
@@ -282,7 +282,7 @@ def test_flags_and_key_values(capsys, tmp_path):
                  "--print-config"]) == 0
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert (cfg["epochs"], cfg["batch_size"], cfg["seed"], cfg["log_every"]) == (7, 64, 5, 2)
-    assert (cfg["backbone"], cfg["num_threads"]) == ("resnet20", 1)      # preset, then key=value
+    assert (cfg["backbone"], cfg["num_threads"]) == ("resnet8", 1)       # preset, then key=value
     assert not (tmp_path / "runs").exists()
 
 

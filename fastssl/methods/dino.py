@@ -62,12 +62,12 @@ class DINOConfig(TrainConfig):
 class DINO(Method):
     name = "dino"
     config_class = DINOConfig
-    # Fashion-MNIST at its own 28 px: ViT-Tiny (4 blocks) with 7 px patches (16 tokens; local
-    # crops of 14 px, 4 tokens), 4 local crops, 1024 prototypes, batch 128, a short warm-up and
-    # teacher momentum 0.99 so that a 2-core CPU learns within minutes (README: kNN after 12 min)
+    # Fashion-MNIST at its own 28 px, under 10 minutes on a 2-core CPU: the CIFAR ResNet-8 (a
+    # 4-block ViT-Tiny learns less in that time: README), 2 global crops of 28 px and 4 local
+    # crops of 14 px, 1024 prototypes, batch 128, a short warm-up and teacher momentum 0.99.
     presets = {"fashion-mnist": dict(
-        backbone="vit_tiny_patch7", image_size=28, local_size=14, local_crops=4, vit_depth=4,
-        batch_size=128, epochs=10, warmup_epochs=0.2, base_lr=0.001, out_dim=1024, head_hidden_dim=512,
+        backbone="resnet8", channels_last=True, image_size=28, local_size=14, local_crops=4,
+        batch_size=128, epochs=4, warmup_epochs=0.2, base_lr=0.001, out_dim=1024, head_hidden_dim=512,
         drop_path_rate=0.0, teacher_momentum=0.99, warmup_teacher_temp=0.04, teacher_temp=0.04,
     )}
 

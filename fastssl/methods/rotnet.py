@@ -38,7 +38,10 @@ class RotNetConfig(TrainConfig):
 class RotNet(Method):
     name = "rotnet"
     config_class = RotNetConfig
-    presets = {"fashion-mnist": dict(backbone="resnet20", image_size=32, batch_size=128, epochs=20)}
+    # Fashion-MNIST at its own 28 px, under 10 minutes on a 2-core CPU: the CIFAR ResNet-8, crops
+    # of at least half the image (a small crop of a garment hides which way is up), 3 epochs.
+    presets = {"fashion-mnist": dict(backbone="resnet8", image_size=28, batch_size=128, epochs=3,
+                                     channels_last=True, views={"scale": (0.5, 1.0)})}
 
     def __init__(self, cfg: RotNetConfig):
         super().__init__(cfg)

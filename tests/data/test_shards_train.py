@@ -182,7 +182,7 @@ def test_small_folder_warns_with_the_small_image_preset(tmp_path, capsys):
             "data_backend=torchvision"]
     assert main(argv) == 0
     err = capsys.readouterr().err
-    assert "is small (8 images of about 16 px" in err and "'fashion-mnist' preset: backbone=resnet20" in err
+    assert "is small (8 images of about 16 px" in err and "'fashion-mnist' preset: backbone=resnet8" in err
 
 
 @pytest.mark.slow  # ~35 s on a loaded 2-core CPU: three short runs through the CLI

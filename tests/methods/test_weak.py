@@ -53,7 +53,7 @@ def test_registered_and_configurable():
     assert (c.loss, c.sampling, c.rare_factor, c.method) == ("sigmoid", "natural", 10.0, "weak")
     assert WeakConfig().loss == "softmax" and WeakConfig().sampling == "sqrt"
     preset = resolve_config(WeakConfig, preset=WeakSupervised.presets["fashion-mnist"])
-    assert (preset.image_size, preset.num_classes, preset.crop_scale) == (32, 10, (0.25, 1.0))
+    assert (preset.image_size, preset.num_classes, preset.crop_scale) == (28, 10, (0.25, 1.0))
 
 
 @pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
