@@ -83,7 +83,7 @@ def _evaluator(cfg, data: str, device: torch.device, splits=None, **options):
         _log(f"eval: {'; '.join(splits.notes) or 'no labelled splits'}")
         return None
     # Fashion-MNIST is 28x28: resize to the model's size and keep the whole image (no crop margin).
-    resize = cfg.image_size if data == FASHION_MNIST else None
+    resize = cfg.eval_side if data == FASHION_MNIST else None
     return build_evaluator(cfg, train_src, test_src, device, resize=resize, **options)
 
 
@@ -291,7 +291,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "viz"
     with torch.no_grad():
         render_run(method, cfg, train_src, test_src, device, out, class_names(test_src, data),
-                   resize=cfg.image_size if data == FASHION_MNIST else None, log=_log)
+                   resize=cfg.eval_side if data == FASHION_MNIST else None, log=_log)
     return 0
 
 

@@ -172,7 +172,8 @@ def _open_fraction(x: Any) -> bool:     # (0, 1)
 # expected, test). None passes wherever the field's type allows it. Cross-field limits
 # (warmups within the run) are in validate_config.
 RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "image_size": (">= 1", _at_least_one), "epochs": (">= 1", _at_least_one),
+    "image_size": (">= 1", _at_least_one), "eval_size": (">= 1 (or none)", _at_least_one),
+    "epochs": (">= 1", _at_least_one),
     "batch_size": (">= 1", _at_least_one), "base_lr": ("> 0", _positive),
     "lr_batch_divisor": (">= 1", _at_least_one), "min_lr": (">= 0", _non_negative),
     "warmup_epochs": (">= 0", _non_negative), "weight_decay": (">= 0", _non_negative),
@@ -219,6 +220,12 @@ def validate_config(cfg: TrainConfig) -> None:
         expected, ok = RULES[f.name]
         if not ok(value):
             raise ValueError(f"{f.name}: expected {expected}, got {value!r}")
+    if cfg.eval_size not in (None, cfg.image_size):
+        from fastssl.models.backbones import is_vit_name
+
+        if is_vit_name(cfg.backbone):
+            raise ValueError(f"eval_size: a ViT's position embedding is built for image_size "
+                             f"({cfg.image_size}); expected none or {cfg.image_size}, got {cfg.eval_size}")
     if cfg.views:
         from fastssl.data.recipes import check_view_overrides
 

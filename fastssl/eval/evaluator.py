@@ -59,7 +59,7 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
     """Callable(encoder) -> {"knn_top1": ..., ["linear_top1", "linear_train_top1"]}.
 
     Features of `train_source` (the kNN memory bank) and `test_source` through the eval recipe
-    (cfg.image_size; `resize` first resizes the whole image to it, no crop margin), with the run's
+    (cfg.eval_side; `resize` first resizes the whole image to it, no crop margin), with the run's
     data backend and threads. max_train / max_test: a fixed subsample of each split, drawn with
     cfg.seed (the same images at every call, so successive calls are comparable). kNN top-1 with
     k = 20 (fewer for a smaller memory bank), T = 0.07. progress: bars on stderr for each pass.
@@ -74,7 +74,7 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
 
     check_knn_labels(train_source, "train")
     check_knn_labels(test_source, "test")
-    recipe = recipes.eval(size=cfg.image_size, resize=resize)
+    recipe = recipes.eval(size=cfg.eval_side, resize=resize)
     rank, world = get_rank(), get_world_size()
     progress = progress and rank == 0
     splits = []

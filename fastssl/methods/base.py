@@ -39,6 +39,9 @@ class TrainConfig:
     data: str = "fashion-mnist"    # fashion-mnist or an image folder (set by --data)
     backbone: str = "resnet18"     # resnet8/18/20/50, vit_tiny/small/base_patchN (timm names)
     image_size: int = 224          # training crop size in pixels
+    # side of the kNN / linear-probe inputs (None: image_size). CNNs only; larger than the training
+    # crops suits random-resized-crop training, whose objects look larger than in whole images
+    eval_size: int | None = None
     epochs: int = 100              # length of the run; the LR and other schedules span it
     batch_size: int = 256          # global batch over all processes
     base_lr: float = 0.03          # scaled by batch_size / 256 (see lr_batch_divisor)
@@ -74,6 +77,11 @@ class TrainConfig:
     # ViewSpec fields replaced in every view of the method's recipe (e.g. milder crops for small
     # images): views={scale: [0.25, 1], blur_p: 0} in YAML, views="{blur_p: 0}" on the command line
     views: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def eval_side(self) -> int:
+        """Side of the evaluation inputs: eval_size, else image_size."""
+        return self.eval_size or self.image_size
 
 
 @dataclass

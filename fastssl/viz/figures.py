@@ -41,7 +41,7 @@ class RunImages:
 
     def __init__(self, cfg, resize: int | None, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.recipe = recipes.eval(size=cfg.image_size, resize=resize)
+        self.recipe = recipes.eval(size=cfg.eval_side, resize=resize)
         self.mean = torch.tensor(self.recipe.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(self.recipe.std).view(1, 3, 1, 1)
 

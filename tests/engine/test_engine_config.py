@@ -77,3 +77,12 @@ def test_bad_views_name_the_key_and_what_was_expected(item, names):
         resolve_config(DemoConfig, None, parse_overrides([item]))
     for name in names:
         assert name in str(info.value), (name, str(info.value))
+
+
+def test_eval_size_defaults_to_the_training_size_and_is_refused_for_a_vit():
+    assert resolve_config(DemoConfig, None, {"image_size": "24"}).eval_side == 24
+    assert resolve_config(DemoConfig, None, {"image_size": "24", "eval_size": "28"}).eval_side == 28
+    with pytest.raises(ValueError, match=r"eval_size: a ViT's position embedding .* \(24\).* got 28"):
+        resolve_config(DemoConfig, None, {"backbone": "vit_tiny_patch4", "image_size": 24, "eval_size": 28})
+    with pytest.raises(ValueError, match="eval_size: expected >= 1"):
+        resolve_config(DemoConfig, None, {"eval_size": "0"})

@@ -87,3 +87,22 @@ def test_cli_refuses_knn_on_a_one_class_folder_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "kNN evaluation: the train split has 1 class(es)" in err and "eval_knn=false" in err
     assert "Traceback" not in err and not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_eval_size_sets_the_side_of_the_evaluated_images():
+    """Training crops of 12 px, whole images evaluated at 16 (eval_size): the encoder sees 16x16."""
+    import dataclasses
+
+    shapes = []
+
+    class Shapes(_Recorder):
+        def forward(self, x):
+            shapes.append(tuple(x.shape[1:]))
+            return super().forward(x)
+
+    train, test = _dark_and_bright(4, seed=0), _dark_and_bright(2, seed=1)
+    for cfg, side in ((dataclasses.replace(CFG, image_size=12, eval_size=16), 16),
+                      (dataclasses.replace(CFG, image_size=12), 12)):
+        shapes.clear()
+        build_evaluator(cfg, train, test, torch.device("cpu"), progress=False)(Shapes())
+        assert set(shapes) == {(3, side, side)}
