@@ -51,6 +51,12 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
                        {"preset": {"image_size": 24, "eval_size": 28}, "views": {"scale": (0.5, 1.0)}}),
     "pool3_s05_nosol": ("pool3_s05, no solarization (it inverts the bright garment, p 0.2 on view 2)",
                         {"views": {"scale": (0.5, 1.0), "solarize_p": 0.0}}),
+    "24px_sol2": ("pool3_s05_24px, solarization p 0.2 on both views (view 1 had none)",
+                  {"preset": {"image_size": 24, "eval_size": 28},
+                   "views": {"scale": (0.5, 1.0), "solarize_p": 0.2}}),
+    "24px_jit8": ("pool3_s05_24px, brightness and contrast jitter 0.8 (was 0.4)",
+                  {"preset": {"image_size": 24, "eval_size": 28},
+                   "views": {"scale": (0.5, 1.0), "jitter": (0.8, 0.8, 0.2, 0.1)}}),
 }
 
 

@@ -1,0 +1,67 @@
+"""Every method's Fashion-MNIST preset, run as a user runs it, one after another:
+
+    fastssl train --method M --data fashion-mnist --out OUT/M
+
+and one table row per method: steps, kNN top-1 (k=20, T=0.07, test split) of the trained and of
+the randomly initialised encoder, the margin, the wall time of the whole command (start-up, both
+kNN evaluations and the training), and the machine's load. Fixed work: the numbers do not depend
+on the load, the times do; run it on an otherwise idle machine to read them as times.
+
+    python benchmarks/fashion_presets.py [--only mocov2 dino ...] [--out runs/presets]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("mocov3", "mocov2", "dino", "mae", "rotnet", "weak")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", nargs="*", choices=METHODS, help="methods (default: all)")
+    parser.add_argument("--out", default="runs/presets")
+    args = parser.parse_args()
+    import torch
+
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    print(f"CPU ({platform.machine()}, {os.cpu_count()} cores) · torch {torch.__version__} · "
+          f"git {git.stdout.strip() or '?'} · {time.strftime('%Y-%m-%d', time.gmtime())}\n")
+    print("| method | backbone | steps | kNN top-1 | random init | margin | img/s | command wall s "
+          "| load avg |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    failed = 0
+    for method in args.only or METHODS:
+        out = Path(args.out, method)
+        cmd = [sys.executable, "-m", "fastssl.cli", "train", "--method", method, "--data", "fashion-mnist",
+               "--out", str(out), "--overwrite"]
+        t0 = time.perf_counter()
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        with open(Path(args.out, f"{method}.log"), "w") as log:  # the command's own output
+            rc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        wall = time.perf_counter() - t0
+        load = os.getloadavg()[1]
+        summary = out / "summary.json"
+        if rc != 0 or not summary.is_file():
+            print(f"| {method} | failed (exit {rc}) | | | | | | {wall:.0f} | {load:.1f} |", flush=True)
+            failed += 1
+            continue
+        s = json.loads(summary.read_text())
+        trained, rand = s["knn_top1"], s["knn_top1_random_init"]
+        print(f"| {method} | {s['backbone']} | {s['steps']} | {trained:.2%} | {rand:.2%} | "
+              f"{100 * (trained - rand):+.2f} | {s['images_per_second']:.0f} | {wall:.0f} | {load:.1f} |",
+              flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
