@@ -12,7 +12,7 @@ def test_demo_recipe_builds_and_its_encoder_outputs_the_3x3_pooled_last_stage():
     torch.manual_seed(0)
     method = method_class(cfg)
     encoder = method.encoder().eval()
-    x = torch.randn(4, 3, cfg.image_size, cfg.image_size)
+    x = torch.randn(4, 3, cfg.eval_side, cfg.eval_side)  # what kNN sees: whole 28-px images
     with torch.no_grad():
         feats = encoder(x)
         last = encoder.stages(encoder.stem(x))  # [4, 64, 7, 7] at 28 px
@@ -25,5 +25,6 @@ def test_demo_recipe_builds_and_its_encoder_outputs_the_3x3_pooled_last_stage():
     torch.testing.assert_close(grid[:, :, 1, 2], last[:, :, 2:5, 4:7].mean(dim=(2, 3)))
     method.train()
     ctx = StepContext(step=0, epoch=0, steps_per_epoch=1, total_steps=1, lr=0.0, weight_decay=0.0)
-    loss = method({"views": [torch.randn(4, 3, 28, 28), torch.randn(4, 3, 28, 28)]}, ctx)["loss"]
+    views = [torch.randn(4, 3, cfg.image_size, cfg.image_size) for _ in range(2)]  # 24-px training crops
+    loss = method({"views": views}, ctx)["loss"]
     assert loss.ndim == 0 and torch.isfinite(loss)
