@@ -60,9 +60,9 @@ class MoCoV2(Method):
     config_class = MoCoV2Config
     # Fashion-MNIST at its own 28 px, under 10 minutes on a 2-core CPU: the CIFAR ResNet-8, the
     # official MoCo CIFAR-10 demo's changes (K = 4096, m = 0.99, T = 0.1, symmetric loss, wd 5e-4,
-    # BN in 8 splits), batch 128, the demo's milder views, 4 epochs (README: what it printed).
+    # BN in 8 splits), batch 128, the demo's milder views, 3 epochs (README: what it printed).
     presets = {"fashion-mnist": dict(
-        backbone="resnet8", image_size=28, batch_size=128, epochs=4, base_lr=0.06, weight_decay=5e-4,
+        backbone="resnet8", image_size=28, batch_size=128, epochs=3, base_lr=0.06, weight_decay=5e-4,
         queue_size=4096, moco_momentum=0.99, temperature=0.1, symmetric=True, mlp_hidden_dim=512, bn_splits=8,
         channels_last=True, views={"scale": (0.25, 1.0), "blur_p": 0.0, "grayscale_p": 0.0},
     )}
