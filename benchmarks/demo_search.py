@@ -46,7 +46,7 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
     "pool3_s05": ("pool3, milder crops: scale (0.5, 1)", {"views": {"scale": (0.5, 1.0)}}),
     "pool3_b64": ("pool3, batch 64 (twice the steps for the same images; LR scales with the batch)",
                   {"preset": {"batch_size": 64}}),
-    "pool3_s05_24px": ("pool3_s05, training crops of 24 px (27% less arithmetic per step), kNN on "
+    "pool3_s05_24px": ("pool3_s05, training crops of 24 px (26.5% fewer pixels than 28), kNN on "
                        "whole 28-px images (eval_size 28)",
                        {"preset": {"image_size": 24, "eval_size": 28}, "views": {"scale": (0.5, 1.0)}}),
     "pool3_s05_nosol": ("pool3_s05, no solarization (it inverts the bright garment, p 0.2 on view 2)",

@@ -204,9 +204,14 @@ def check_view_overrides(overrides: dict) -> None:
         raise ValueError(f"views: unknown key(s) {', '.join(map(repr, unknown))}; "
                          f"valid keys: {', '.join(OVERRIDABLE)}")
     try:
-        replace(ViewSpec(), **{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+        replace(ViewSpec(), **_as_fields(overrides))
     except (TypeError, ValueError) as e:
         raise ValueError(f"views: {e}") from None
+
+
+def _as_fields(overrides: dict) -> dict:
+    """YAML lists (pairs, jitter strengths) as the tuples ViewSpec holds."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
 
 
 def with_view_overrides(recipe: Recipe, overrides: dict) -> Recipe:
@@ -214,8 +219,7 @@ def with_view_overrides(recipe: Recipe, overrides: dict) -> Recipe:
     if not overrides:
         return recipe
     check_view_overrides(overrides)
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    return replace(recipe, views=[replace(v, **fields) for v in recipe.views])
+    return replace(recipe, views=[replace(v, **_as_fields(overrides)) for v in recipe.views])
 
 
 BUILDERS = {"mocov2": mocov2, "mocov3": mocov3, "dino": dino, "mae": mae, "rotnet": rotnet, "eval": eval}
