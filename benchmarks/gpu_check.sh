@@ -6,7 +6,7 @@
 # Steps run in order of value (correctness, then the headline benchmarks), each within its own
 # timeout and the overall BUDGET; summary.md is rewritten after every step, so a run cut off
 # part-way still leaves what it finished. Files: summary.md, log.txt, status.txt, results.jsonl,
-# model.json, tables/*.md.
+# model.jsonl, tables/*.md, tables/*.jsonl (rows as data, for benchmarks/results/).
 set -u
 OUTDIR=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUTDIR/tables"
@@ -49,19 +49,19 @@ has() { command -v "$1" >/dev/null 2>&1; }
 step env 60 "$PY" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
 step build 180 "$PY" setup.py build_ext --inplace
 step gpu-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
-step model 60 "$PY" -m fastssl.cli bench --model --json "$OUTDIR/model.json"
+step model 60 "$PY" -m fastssl.cli bench --model --json "$OUTDIR/model.jsonl"
 # Benchmarks in order of what the issues ask most; the remaining budget decides how far it gets.
 for name in info_nce dino mae queue train data; do
-  [ -f "benchmarks/bench_$name.py" ] && step "bench_$name" 90 "$PY" "benchmarks/bench_$name.py" --out "$TABLES" $QUICK
+  step "bench_$name" 90 "$PY" -m "fastssl.bench.$name" --out "$TABLES" $QUICK
 done
 step kernel-tests 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/ops
 if has compute-sanitizer; then
-  step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" benchmarks/kernel_cases.py --size small
+  step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m fastssl.bench.kernel_cases --size small
 fi
 if has ncu && [ -z "$QUICK" ]; then
   # One summary per fused kernel at the benchmark shapes: throughput as % of the card's peaks.
   step ncu 120 ncu --section SpeedOfLight --kernel-name-base function --kernel-name "regex:_.*_kernel" \
-    --launch-count 20 "$PY" benchmarks/kernel_cases.py --size bench
+    --launch-count 20 "$PY" -m fastssl.bench.kernel_cases --size bench
 fi
 summarize
 cat "$OUTDIR/summary.md"

@@ -311,12 +311,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def benchmarks_dir() -> Path:
-    return Path(__file__).resolve().parents[1] / "benchmarks"
+    """Where `fastssl bench --out` defaults to write rows: benchmarks/results of the current directory."""
+    return Path("benchmarks") / "results"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from fastssl.bench import BENCHMARKS
+
+    out = ["--out", str(args.out)] if args.out else []
     if args.memory:  # its own process: the plan joins a fake process group of 8 / 64 ranks
-        cmd = [sys.executable, "-m", "fastssl.engine.memory_plan"] + (["--quick"] if args.quick else [])
+        cmd = [sys.executable, "-m", "fastssl.bench.memory"] + (["--quick"] if args.quick else []) + out
         return subprocess.run(cmd).returncode
     if args.json and not args.model:
         raise ValueError("bench: --json FILE writes the traffic model's records; it needs --model")
@@ -325,23 +329,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError("bench: --model runs the traffic model alone; drop benchmark names and --quick")
         from fastssl.bench.traffic import main as traffic_model
 
-        return traffic_model(args.json)
-    root = benchmarks_dir()
-    scripts = sorted(root.glob("bench_*.py"))
-    if not scripts:
-        raise ValueError(f"bench: no benchmarks/bench_*.py next to the package (looked in {root})")
-    if args.names:
-        known = {s.stem.removeprefix("bench_"): s for s in scripts}
-        unknown = [n for n in args.names if n not in known]
-        if unknown:
-            raise ValueError(f"bench: expected names among {sorted(known)}, got {unknown}")
-        scripts = [known[n] for n in args.names]
+        json_path = args.json or (str(args.out / "traffic_model.jsonl") if args.out else None)
+        return traffic_model(json_path)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"bench: expected names among {sorted(BENCHMARKS)}, got {unknown}")
     failed = []
-    for script in scripts:
-        _log(f"== {script.name}")
-        cmd = [sys.executable, str(script)] + (["--quick"] if args.quick else [])
-        if subprocess.run(cmd, cwd=root.parent).returncode != 0:
-            failed.append(script.name)
+    for name in args.names or BENCHMARKS:
+        _log(f"== fastssl bench {name}")
+        cmd = [sys.executable, "-m", BENCHMARKS[name]] + (["--quick"] if args.quick else []) + out
+        if subprocess.run(cmd).returncode != 0:
+            failed.append(name)
     if failed:
         _log(f"bench: failed: {', '.join(failed)}")
         return 1
@@ -449,8 +447,10 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     viz.add_argument("run", metavar="RUN", help="run directory (its last.pt) or a checkpoint file")
     viz.add_argument("--out", help="where the PNGs go (default: RUN/viz)")
     viz.add_argument("--data", help="default: the data the run was trained on")
-    bench = _add_command(sub, "bench", "run benchmarks/bench_*.py", common)
-    bench.add_argument("--quick", action="store_true")
+    bench = _add_command(sub, "bench", "benchmarks of the fused ops, training and data (fastssl.bench)", common)
+    bench.add_argument("--quick", action="store_true", help="small shapes, few iterations: a smoke run")
+    bench.add_argument("--out", type=Path, metavar="DIR",
+                       help=f"write each benchmark's rows (JSON lines) under DIR, e.g. {benchmarks_dir()}")
     bench.add_argument("--model", action="store_true",
                        help="traffic model of every fused op (bytes, kernels, FLOPs, memory; runs on a CPU)")
     bench.add_argument("--json", metavar="FILE", help="with --model: write its records to FILE")

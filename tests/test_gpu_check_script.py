@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
 def test_kernel_cases_run_under_the_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernel_cases.py"), "--device", "cpu"],
+    out = subprocess.run([sys.executable, "-m", "fastssl.bench.kernel_cases", "--device", "cpu"],
                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     done = [line.split(":")[0] for line in out.stdout.splitlines() if line.endswith(": ok")]

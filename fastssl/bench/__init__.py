@@ -1,1 +1,20 @@
-"""Tools that describe the fused ops without a GPU: the dispatch counter and the traffic model."""
+"""What `fastssl bench` runs, and the tools that describe the fused ops without a GPU.
+
+Timed benchmarks (`fastssl bench NAME`, each also `python -m fastssl.bench.NAME`), every one
+comparing the official formula (the ops' `*_ref`, through backend="torch"), torch.compile of it
+and fastssl: `info_nce`, `dino` (DINO and multi-label losses), `mae`, `queue` (KeyQueue push),
+`train` (a training step of every method), `data` (DALI vs torchvision views).
+
+Models and plans, runnable on a CPU: `traffic` (bytes, kernels, FLOPs, peak memory and the
+predicted time of each fused op; `fastssl bench --model`), `memory` (per-GPU bytes of DINO / MAE
+ViT training steps, DDP vs FSDP; `fastssl bench --memory`), `counter` (the dispatch counter both
+use). `harness` times and records; `report` writes RESULTS.md's tables from the rows in
+`benchmarks/results/`; `kernel_cases` runs each kernel once (compute-sanitizer, ncu).
+
+CPU studies: `presets` (every method's Fashion-MNIST preset), `demo_search` (the demo's recipe
+search), `under_load` (the demo's step on a busy CPU), `weak_study` (loss x sampling under
+long-tailed noisy labels).
+"""
+
+# `fastssl bench NAME` -> the module it runs, in the order `fastssl bench` runs them all
+BENCHMARKS = {name: f"fastssl.bench.{name}" for name in ("info_nce", "dino", "mae", "queue", "train", "data")}

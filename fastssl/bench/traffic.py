@@ -12,16 +12,15 @@ For each op and benchmark shape, one training step of the loss (forward and back
   formula written next to it (`KERNEL_TRAFFIC` in its ops file; InfoNCE's below), tested against
   the addresses the kernel touches under the Triton interpreter.
 
-Predicted time = max(bytes / bandwidth, FLOPs / peak) summed over kernels, at an H100 SXM's
-limits as specified (3.35 TB/s, 989 TFLOP/s dense bf16) and as measured on such a card
-(3.0 TB/s, 798 TFLOP/s); launch overheads are left out. It is a model, not a measurement.
+Predicted time = max(bytes / bandwidth, FLOPs / peak) summed over kernels, at the datasheet peaks
+of an H100 SXM (`LIMITS`); launch overheads are left out. It is a model, not a measurement:
+a real card reaches less than its datasheet peaks, so measured times will be longer.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from unittest import mock
@@ -30,7 +29,11 @@ import torch
 
 from fastssl.bench.counter import DispatchCounter, Launch, kernel_launches
 
-LIMITS = {"spec": (3.35e12, 989e12), "measured": (3.0e12, 798e12)}  # (bytes/s, bf16 FLOP/s)
+# (bytes/s, dense bf16 FLOP/s): NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: GPU memory
+# bandwidth 3.35 TB/s; BF16 Tensor Core 1,979 TFLOPS "with sparsity", half of it dense.
+LIMITS = {"datasheet": (3.35e12, 989e12)}
+LIMITS_SOURCE = ("H100 SXM datasheet peaks (NVIDIA H100 Tensor Core GPU datasheet): 3.35 TB/s HBM3, "
+                 "989 TFLOP/s dense BF16 (1,979 with 2:4 sparsity)")
 H100_SMS = 132
 
 
@@ -204,7 +207,7 @@ def _dino_case(B, crops, K):
 
 def _mae_case(N, L, D):
     """Masking (+ pos, + class token), unshuffle (+ class token, + pos), loss on the tokens
-    (P = D, as benchmarks/bench_mae.py; the networks in between left out), norm-pix."""
+    (P = D, as fastssl/bench/mae.py; the networks in between left out), norm-pix."""
     from fastssl.ops.mae import (
         mae_loss,
         mae_loss_ref,
@@ -309,7 +312,7 @@ def model() -> list[Record]:
                 fused.flops,
                 eager.peak_bytes,
                 fused.peak_bytes,
-                eager.times["measured"] / fused.times["measured"],
+                eager.times["datasheet"] / fused.times["datasheet"],
                 eager.times,
                 fused.times,
             )
@@ -318,21 +321,20 @@ def model() -> list[Record]:
 
 
 def table(records: list[Record]) -> str:
-    """The markdown table `fastssl bench --model` prints."""
+    """The markdown table `fastssl bench --model` prints (times predicted at the datasheet peaks)."""
     mb = lambda b: f"{b / 1e6:,.1f}"  # noqa: E731
     us = lambda t: f"{t * 1e6:,.0f}"  # noqa: E731
     lines = [
         "| op | shape | kernels eager / fused | MB eager / fused (ratio) | GFLOP eager / fused | "
-        "peak MB eager / fused | µs eager / fused, spec | µs eager / fused, measured | speed-up |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "peak MB eager / fused | predicted µs eager / fused | predicted speed-up |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         lines.append(
             f"| {r.op} | {r.shape} | {r.eager_kernels} / {r.fused_kernels} | {mb(r.eager_bytes)} / "
             f"{mb(r.fused_bytes)} ({r.fused_bytes / r.eager_bytes:.3f}) | {r.eager_flops / 1e9:,.1f} / "
             f"{r.fused_flops / 1e9:,.1f} | {mb(r.eager_peak_bytes)} / {mb(r.fused_peak_bytes)} | "
-            f"{us(r.eager_time_s['spec'])} / {us(r.fused_time_s['spec'])} | "
-            f"{us(r.eager_time_s['measured'])} / {us(r.fused_time_s['measured'])} | "
+            f"{us(r.eager_time_s['datasheet'])} / {us(r.fused_time_s['datasheet'])} | "
             f"{r.predicted_speedup:.1f}x |"
         )
     return "\n".join(lines)
@@ -361,35 +363,21 @@ def goals(records: list[Record]) -> list[str]:
     ]
 
 
-def _versions() -> str:
-    import datetime
-    import subprocess
+def main(json_path: str | None = None) -> int:
+    """Print the model's table and goals; write the records as JSON lines (with machine, date,
+    versions, git SHA) to json_path when given."""
     from pathlib import Path
 
-    try:
-        import triton
+    from fastssl.bench.harness import environment, write_rows
 
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "absent"
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-                         cwd=Path(__file__).resolve().parent).stdout.strip()
-    return (f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d} · torch {torch.__version__} · "
-            f"triton {triton_version} · git {sha or 'unknown'}")
-
-
-def main(json_path: str | None = None) -> int:
-    """Print the model's table and goals; write the records as JSON to json_path when given."""
     records = model()
-    print(f"Traffic model (a model, not a measurement) · {_versions()}")
-    (bw, peak), (bw_measured, peak_measured) = LIMITS["spec"], LIMITS["measured"]
-    print(f"limits: H100 SXM {bw / 1e12:.2f} TB/s, {peak / 1e12:.0f} TFLOP/s bf16 "
-          f"(spec); {bw_measured / 1e12:.2f} TB/s, {peak_measured / 1e12:.0f} TFLOP/s "
-          f"(measured on such a card); speed-up at the measured limits; forward + backward")
+    env = environment()
+    print(f"Traffic model (a model, not a measurement) · {env['date']} · torch {env['torch']} · "
+          f"triton {env['triton']} · git {env['git_sha']}")
+    print(f"limits: {LIMITS_SOURCE}; forward + backward; launch latency left out")
     print(table(records))
     for line in goals(records):
         print(line)
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump([asdict(r) for r in records], f, indent=1)
+        write_rows(Path(json_path), [asdict(r) for r in records], env)
     return 0

@@ -1,4 +1,4 @@
-"""One benchmark harness for every fastssl op.
+"""The timing harness every `fastssl bench` benchmark uses.
 
 Times each provider (``eager``: the official-repo formula, ``compile``: torch.compile
 of it, ``fastssl``: the fused op) on the same inputs in the same process:
@@ -10,8 +10,12 @@ of it, ``fastssl``: the fused op) on the same inputs in the same process:
 * CPU: perf_counter medians. CPU times are only meaningful as ratios between
   providers; the tables say so.
 
-Output: a markdown table per op (printed, and written to OUT_DIR/<op>.md) and a
-JSON line per row (OUT_DIR/<op>.jsonl) with the GPU name, versions and git SHA.
+The eager provider is the op's reference (the public op with backend="torch", which runs its
+`*_ref`: the official formula, written once in fastssl/ops/).
+
+Output: a markdown table per op (printed, and written to OUT/<op>.md) and a JSON line per row
+(OUT/<op>.jsonl) with the machine, date, versions and git SHA (`environment()`); OUT is
+`--out`, and `benchmarks/results` of a checkout is where published rows live.
 """
 
 from __future__ import annotations
@@ -50,14 +54,18 @@ class Case:
     notes: dict = field(default_factory=dict)
 
 
-def environment() -> dict:
+def git_sha() -> str | None:
+    """The short SHA of the checkout this package was imported from (None outside a git checkout)."""
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=False, cwd=Path(__file__).resolve().parent)
     except OSError:
-        sha = ""
+        return None
+    return out.stdout.strip() or None
+
+
+def environment() -> dict:
+    """Where and with what a row was measured: device (GPU name or CPU), versions, git SHA, UTC date."""
     try:
         import triton
 
@@ -71,9 +79,19 @@ def environment() -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda if cuda else None,
-        "git_sha": sha or None,
-        "date": time.strftime("%Y-%m-%d"),
+        "git_sha": git_sha(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
+
+
+def write_rows(path: Path, rows: Sequence[dict], env: dict | None = None) -> Path:
+    """Write one JSON line per row, each carrying `env` (default: `environment()`)."""
+    env = environment() if env is None else env
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps({**env, **row}) + "\n")
+    return path
 
 
 def _sync() -> None:
@@ -225,12 +243,12 @@ def markdown(op: str, rows: Sequence[dict], env: dict, roof: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_args(description: str) -> argparse.Namespace:
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, default=None, help="folder for <op>.md and <op>.jsonl")
     parser.add_argument("--quick", action="store_true", help="small shapes and few iterations (smoke run)")
     parser.add_argument("--iters", type=int, default=None)
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 def run(op: str, cases: Sequence[Case], args: argparse.Namespace) -> list[dict]:
@@ -250,9 +268,7 @@ def run(op: str, cases: Sequence[Case], args: argparse.Namespace) -> list[dict]:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{op}.md").write_text(table)
-        with open(args.out / f"{op}.jsonl", "w") as f:
-            for r in rows:
-                f.write(json.dumps({**env, **roof, "op": op, **r}) + "\n")
+        write_rows(args.out / f"{op}.jsonl", [{**roof, "op": op, **r} for r in rows], env)
     return rows
 
 

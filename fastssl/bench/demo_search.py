@@ -2,9 +2,9 @@
 number of epochs, and print one table row per candidate (kNN top-1 k=20 T=0.07 on the test
 split, random-init kNN, optional linear probe, steps, speed, wall time, machine load).
 
-    python benchmarks/demo_search.py                       # every candidate, its own epochs
-    python benchmarks/demo_search.py --only base pool2 --epochs 2 --threads 1
-    python benchmarks/demo_search.py --readouts RUN/last.pt   # kNN of poolings of a CIFAR ResNet
+    python -m fastssl.bench.demo_search                    # every candidate, its own epochs
+    python -m fastssl.bench.demo_search --only base pool2 --epochs 2 --threads 1 --results DIR
+    python -m fastssl.bench.demo_search --readouts RUN/last.pt   # kNN of poolings of a CIFAR ResNet
 
 Each candidate is the demo (fastssl.cli's DEMO_METHOD and its Fashion-MNIST preset) with some of
 its keys replaced, run in a fresh process so nothing carries over. Fixed epochs and a fixed
@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from fastssl.bench.harness import environment, write_rows
 
 # name -> (what changes against the row it is compared with, demo fields replaced). "preset" keys are
 # config keys of the preset, "views" ViewSpec fields of its `views`, "method" the method.
@@ -62,7 +61,6 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
 
 def _child(name: str, out: str, epochs: int, linear: bool) -> int:
     """Run one candidate in this process: patch the demo's recipe, then `fastssl train`."""
-    sys.path.insert(0, str(ROOT))
     from fastssl import cli
     from fastssl.methods import METHODS
 
@@ -83,7 +81,6 @@ def _readouts(checkpoint: str) -> None:
     import torch
     import torch.nn.functional as F
 
-    sys.path.insert(0, str(ROOT))
     from fastssl.data import fashion_mnist
     from fastssl.data.recipes import IMAGENET_MEAN, IMAGENET_STD
     from fastssl.engine import load_checkpoint, resolve_config
@@ -133,14 +130,11 @@ def _readouts(checkpoint: str) -> None:
 
 
 def _versions() -> str:
-    import torch
-
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return (f"CPU ({platform.machine()}, {os.cpu_count()} cores) · torch {torch.__version__} · "
-            f"git {git.stdout.strip() or '?'} · {time.strftime('%Y-%m-%d', time.gmtime())}")
+    env = environment()
+    return f"{env['device']} · torch {env['torch']} · git {env['git_sha']} · {env['date']}"
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", help=f"candidates (default: all): {', '.join(CANDIDATES)}")
     parser.add_argument("--epochs", type=int, default=2, help="training epochs of every candidate")
@@ -148,8 +142,9 @@ def main() -> int:
     parser.add_argument("--linear-probe", action="store_true")
     parser.add_argument("--out", default="runs/demo_search")
     parser.add_argument("--readouts", metavar="CHECKPOINT", help="only print read-out kNNs of a run")
+    parser.add_argument("--results", type=Path, help="folder for demo_search.jsonl (the rows as data)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.readouts:
         _readouts(args.readouts)
         return 0
@@ -163,11 +158,12 @@ def main() -> int:
     print("| candidate | change | steps | kNN top-1 | random init | linear probe | img/s | wall s "
           "| load avg |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
-    failed = 0
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    failed, rows = 0, []
     for name in names:
         out = Path(args.out, f"{name}_e{args.epochs}")
-        cmd = [sys.executable, __file__, "--child", name, "--out", str(out), "--epochs", str(args.epochs)]
+        cmd = [sys.executable, "-m", "fastssl.bench.demo_search", "--child", name, "--out", str(out),
+               "--epochs", str(args.epochs)]
         t0 = time.perf_counter()
         rc = subprocess.run(cmd + (["--linear-probe"] if args.linear_probe else []), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
@@ -183,6 +179,12 @@ def main() -> int:
         lin = f"{s['linear_top1']:.2%}" if "linear_top1" in s else "–"
         print(f"| {name} | {CANDIDATES[name][0]} | {s['steps']} | {s['knn_top1']:.2%} | {rand:.2%} | {lin} | "
               f"{s['images_per_second']:.0f} | {wall:.0f} | {load:.1f} |", flush=True)
+        rows.append({"candidate": name, "change": CANDIDATES[name][0], "epochs": args.epochs,
+                     "steps": s["steps"], "knn_top1": s["knn_top1"], "knn_top1_random_init": rand,
+                     "linear_top1": s.get("linear_top1"), "images_per_second": s["images_per_second"],
+                     "threads": args.threads, "command_wall_s": wall, "load_avg": load})
+    if args.results:
+        write_rows(args.results / "demo_search.jsonl", rows)
     return 1 if failed else 0
 
 

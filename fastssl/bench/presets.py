@@ -7,7 +7,9 @@ the randomly initialised encoder, the margin, the wall time of the whole command
 kNN evaluations and the training), and the machine's load. Fixed work: the numbers do not depend
 on the load, the times do; run it on an otherwise idle machine to read them as times.
 
-    python benchmarks/fashion_presets.py [--only mocov2 dino ...] [--out runs/presets]
+    python -m fastssl.bench.presets [--only mocov2 dino ...] [--out runs/presets] [--results DIR]
+
+--results DIR writes the rows (with machine, date, versions, git SHA) to DIR/presets.jsonl.
 """
 
 from __future__ import annotations
@@ -15,31 +17,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from fastssl.bench.harness import environment, write_rows
+
 METHODS = ("mocov3", "mocov2", "dino", "mae", "rotnet", "weak")
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="*", choices=METHODS, help="methods (default: all)")
     parser.add_argument("--out", default="runs/presets")
-    args = parser.parse_args()
-    import torch
-
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    print(f"CPU ({platform.machine()}, {os.cpu_count()} cores) · torch {torch.__version__} · "
-          f"git {git.stdout.strip() or '?'} · {time.strftime('%Y-%m-%d', time.gmtime())}\n")
+    parser.add_argument("--results", type=Path, help="folder for presets.jsonl (the rows as data)")
+    args = parser.parse_args(argv)
+    env = environment()
+    print(f"{env['device']} · torch {env['torch']} · git {env['git_sha']} · {env['date']}\n")
     print("| method | backbone | steps | kNN top-1 | random init | margin | img/s | command wall s "
           "| load avg |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|", flush=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    failed = 0
+    failed, rows = 0, []
     for method in args.only or METHODS:
         out = Path(args.out, method)
         cmd = [sys.executable, "-m", "fastssl.cli", "train", "--method", method, "--data", "fashion-mnist",
@@ -47,7 +46,7 @@ def main() -> int:
         t0 = time.perf_counter()
         Path(args.out).mkdir(parents=True, exist_ok=True)
         with open(Path(args.out, f"{method}.log"), "w") as log:  # the command's own output
-            rc = subprocess.run(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
         wall = time.perf_counter() - t0
         load = os.getloadavg()[1]
         summary = out / "summary.json"
@@ -60,6 +59,11 @@ def main() -> int:
         print(f"| {method} | {s['backbone']} | {s['steps']} | {trained:.2%} | {rand:.2%} | "
               f"{100 * (trained - rand):+.2f} | {s['images_per_second']:.0f} | {wall:.0f} | {load:.1f} |",
               flush=True)
+        rows.append({"method": method, "backbone": s["backbone"], "steps": s["steps"], "knn_top1": trained,
+                     "knn_top1_random_init": rand, "images_per_second": s["images_per_second"],
+                     "command_wall_s": wall, "load_avg": load})
+    if args.results:
+        write_rows(args.results / "presets.jsonl", rows, env)
     return 1 if failed else 0
 
 

@@ -19,7 +19,7 @@ TINY = dict(image_size=32, vit_depth=2, local_size=16, local_crops=2, out_dim=25
             head_hidden_dim=64, bottleneck_dim=32)
 SCRIPT = f"""
 import json
-from fastssl.engine.memory_plan import join_fake_group, measure
+from fastssl.bench.memory import join_fake_group, measure
 join_fake_group(4)
 rows = [measure("dino", "vit_tiny_patch4", p, ac, 4, b, **{TINY!r})
         for p, ac, b in [("ddp", False, 8), ("ddp", True, 8), ("fsdp", False, 8), ("fsdp", True, 8),

@@ -33,15 +33,13 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import environment  # noqa: E402
-
-from fastssl.data import fashion_mnist  # noqa: E402
-from fastssl.data.labels import LabelTable, inject_label_noise  # noqa: E402
-from fastssl.engine import Trainer  # noqa: E402
-from fastssl.eval import extract_features, knn_top1  # noqa: E402
-from fastssl.methods.weak import WeakConfig, WeakSupervised  # noqa: E402
-from fastssl.models import build_backbone  # noqa: E402
+from fastssl.bench.harness import environment
+from fastssl.data import fashion_mnist
+from fastssl.data.labels import LabelTable, inject_label_noise
+from fastssl.engine import Trainer
+from fastssl.eval import extract_features, knn_top1
+from fastssl.methods.weak import WeakConfig, WeakSupervised
+from fastssl.models import build_backbone
 
 NUM_CLASSES = 10
 RUNS = [("softmax", "natural"), ("softmax", "sqrt"), ("sigmoid", "natural"), ("sigmoid", "sqrt")]

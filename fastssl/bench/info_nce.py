@@ -1,6 +1,6 @@
-"""InfoNCE: fwd+bwd of the official MoCo v2 / v3 formulas (eager), torch.compile of
-them, and fastssl.ops.info_nce (backend "auto": the fused Triton kernels on CUDA, the
-reference on the CPU, where this script only smoke-tests with --quick).
+"""InfoNCE: fwd+bwd of the official MoCo v2 / v3 formulas (eager: `info_nce_ref`), torch.compile
+of them, and fastssl.ops.info_nce (backend "auto": the fused Triton kernels on CUDA, the
+reference on the CPU, where this benchmark only smoke-tests with --quick).
 
 FLOPs per call, as the op's goal counts them: 2 matmul-equivalents of 2·N·K·D each (K = queue
 rows + 1 for MoCo v2, K = M keys in-batch). The in-batch kernels actually run 4 at D <= 128 (the
@@ -12,34 +12,28 @@ Cases: MoCo v2 N ∈ {256, 1024, 4096}, K = 65536, D = 128 (query gradient only:
 from the momentum encoder); in-batch N = M ∈ {4096, 16384}, D = 256 (query and key
 gradients); bf16 and fp32. Each form is its own table so a time-out keeps the first.
 
-    python benchmarks/bench_info_nce.py [--quick] [--out DIR]
+    fastssl bench info_nce [--quick] [--out DIR]   (or python -m fastssl.bench.info_nce)
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from harness import Case, compiled, parse_args, run
 
+from fastssl.bench.harness import Case, compiled, parse_args, run
 from fastssl.ops import info_nce
 
 T = 0.2
 
 
 def official_moco_v2(q, k, queue):
-    """facebookresearch/moco builder.py: normalized q, k; logits = [l_pos, l_neg] / T, labels 0."""
-    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)
-    l_neg = torch.einsum("nc,kc->nk", q, queue.detach())
-    logits = torch.cat([l_pos, l_neg], dim=1) / T
-    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long, device=q.device))
+    """facebookresearch/moco's loss: logits [l_pos, l_neg] / T of normalized q, k, label 0."""
+    return info_nce(q, k, queue, temperature=T, backend="torch")
 
 
 def official_moco_v3(q, k):
-    """facebookresearch/moco-v3 builder.py contrastive_loss (one rank): logits = q k^T / T, labels arange."""
-    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
-    logits = torch.einsum("nc,mc->nm", q, k) / T
-    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=q.device))
+    """facebookresearch/moco-v3's contrastive_loss on one rank: q k^T / T, labels arange."""
+    return info_nce(q, k, temperature=T, backend="torch")
 
 
 def fastssl_moco_v2(q, k, queue):
@@ -101,8 +95,8 @@ def in_batch_cases(quick: bool, device: str) -> list[Case]:
     return cases
 
 
-def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__.splitlines()[0], argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run("info_nce_moco_v2", moco_v2_cases(args.quick, device), args)
     run("info_nce_in_batch", in_batch_cases(args.quick, device), args)

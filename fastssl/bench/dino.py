@@ -1,40 +1,32 @@
-"""DINO loss and multi-label softmax loss: fwd+bwd of the official formula
-(eager), torch.compile of it, and fastssl's fused soft-target cross-entropy kernel.
+"""DINO loss and multi-label softmax loss: fwd+bwd of the official formula (eager: the ops'
+references, `dino_loss_ref` and `multilabel_softmax_loss_ref`), torch.compile of it, and
+fastssl's fused soft-target cross-entropy kernel.
 
 Bytes per call, the kernel's minimum traffic as the op's goal counts it: student read twice (forward
 and backward), its gradient written once, teacher read once (the multi-label rows: logits read
 twice, gradient written, targets read once). The kernel also re-reads the teacher in the backward,
 which the GB/s column does not credit.
 
-    python benchmarks/bench_dino.py [--quick] [--out DIR]
+    fastssl bench dino [--quick] [--out DIR]   (or python -m fastssl.bench.dino)
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from harness import Case, compiled, parse_args, run
 
+from fastssl.bench.harness import Case, compiled, parse_args, run
 from fastssl.losses import multilabel_softmax_loss
 from fastssl.ops import dino_loss
 
 
-def official_dino_loss(student, teacher, center, n_crops, n_global=2, student_temp=0.1, teacher_temp=0.04):
-    """facebookresearch/dino's DINOLoss.forward (without the center update), restated."""
-    student_out = (student / student_temp).chunk(n_crops)
-    teacher_out = F.softmax((teacher - center) / teacher_temp, dim=-1).detach().chunk(n_global)
-    total, n_terms = 0, 0
-    for iq, q in enumerate(teacher_out):
-        for v in range(n_crops):
-            if v != iq:
-                total = total + torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1).mean()
-                n_terms += 1
-    return total / n_terms
+def official_dino_loss(student, teacher, center, n_crops):
+    """facebookresearch/dino's DINOLoss.forward without the center update."""
+    return dino_loss(student, teacher, center, n_crops=n_crops, backend="torch")
 
 
 def official_multilabel_loss(logits, targets):
-    """Softmax cross-entropy with 1/k on each of k labels, as the formula is usually written."""
-    return -(targets / targets.sum(dim=1, keepdim=True) * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    """Softmax cross-entropy with 1/k on each of k labels."""
+    return multilabel_softmax_loss(logits, targets, "torch", validate=False)
 
 
 def fwd_bwd(loss_fn):
@@ -86,14 +78,14 @@ def multilabel_cases(quick: bool, device: str) -> list[Case]:
                 name="multilabel_softmax", params={"N": N, "C": C, "dtype": str(dtype)[6:]}, make_inputs=make,
                 providers={"eager": fwd_bwd(official_multilabel_loss),
                            "compile": fwd_bwd(compiled(official_multilabel_loss)),
-                           "fastssl": fwd_bwd(multilabel_softmax_loss)},
+                           "fastssl": fwd_bwd(lambda x, y: multilabel_softmax_loss(x, y, validate=False))},
                 bytes_moved=4 * N * C * elt,
             ))
     return cases
 
 
-def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__.splitlines()[0], argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run("dino_loss", dino_cases(args.quick, device), args)
     run("multilabel_softmax_loss", multilabel_cases(args.quick, device), args)

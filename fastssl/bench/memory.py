@@ -17,17 +17,17 @@ gradients themselves (the trainer sets gradient_as_bucket_view). Autocast runs o
 list, and attention and the DINO loss take their CPU paths (the reference DINO loss keeps a
 few [rows, 65536] temporaries the fused kernel does not).
 
-Run as `fastssl bench --memory` (or `python -m fastssl.engine.memory_plan`): the process
-joins a fake process group, so it must not be a training process.
+Run as `fastssl bench --memory [--out DIR]` (or `python -m fastssl.bench.memory`): the process
+joins a fake process group, so it must not be a training process. `--out DIR` writes the rows
+(bytes, with machine, date, versions and git SHA) to DIR/memory_plan.jsonl.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import platform
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,6 +35,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed.tensor import DTensor
+
+from fastssl.bench.harness import environment, write_rows
 
 GIB = 1024**3
 CARD_BYTES = 80 * 10**9  # an "80 GB" A100 / H100
@@ -203,15 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="ViT-S DINO and ViT-B MAE only")
     parser.add_argument("--worlds", default=",".join(map(str, WORLDS)), help="GPU counts, e.g. 8,64")
     parser.add_argument("--backbones", help="only these ViTs, in this order, e.g. vit_huge_patch14")
+    parser.add_argument("--out", type=Path, help="folder for memory_plan.jsonl (the rows as data)")
     args = parser.parse_args(argv)
     models = {"dino": MODELS["dino"][:1], "mae": MODELS["mae"][:1]} if args.quick else MODELS
     if args.backbones:
         wanted = args.backbones.split(",")
         models = {m: [b for b in wanted if b in backbones] for m, backbones in models.items()}
-    print(f"# memory plan, GiB per GPU, measured on fake tensors ({datetime.date.today()}, torch "
-          f"{torch.__version__}, {platform.machine()} CPU, no GPU)")
+    env = environment()
+    print(f"# memory plan, GiB per GPU, measured on fake tensors ({env['date']}, torch {env['torch']}, "
+          f"{env['device']}, git {env['git_sha']})")
     print(HEADER, flush=True)
-    plan(models, worlds=[int(w) for w in args.worlds.split(",")])
+    rows = plan(models, worlds=[int(w) for w in args.worlds.split(",")])
+    if args.out:
+        write_rows(args.out / "memory_plan.jsonl", rows, env)
     return 0
 
 

@@ -1,7 +1,7 @@
 """One forward + backward of every fused kernel and one KeyQueue push, on CUDA, at a small shape
 (for compute-sanitizer) or at the benchmarks' shapes (for one ncu summary per kernel).
 
-    python benchmarks/kernel_cases.py [--size small|bench] [--device cuda|cpu]
+    python -m fastssl.bench.kernel_cases [--size small|bench] [--device cuda|cpu]
 
 Each case goes through the public op with backend="triton", so the launchers pick their
 configurations exactly as in training: bf16 on CUDA; float32 on the CPU, which needs
@@ -68,11 +68,11 @@ def cases(size: str, device: str) -> dict:
             "multilabel": multilabel, "mae": mae, "queue_push": queue_push}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("small", "bench"), default="small")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU visible")
     for name, run in cases(args.size, args.device).items():

@@ -14,10 +14,13 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
-from harness import environment
 
+from fastssl.bench.harness import environment, write_rows
+
+CHILD = [sys.executable, "-m", "fastssl.bench.under_load", "--child"]
 SETTINGS = [  # name, competing load, extra environment
     ("idle, default", False, {}),
     ("idle, OMP_WAIT_POLICY=PASSIVE", False, {"OMP_WAIT_POLICY": "PASSIVE"}),
@@ -65,11 +68,12 @@ def _step_ms(steps: int) -> float:
     return (time.perf_counter() - t0) / steps * 1e3
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--child", choices=["step", "load"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--results", type=Path, help="folder for under_load.jsonl (the rows as data)")
+    args = parser.parse_args(argv)
     if args.child == "load":
         return _load(3600)
     if args.child == "step":
@@ -78,11 +82,11 @@ def main() -> None:
     env = environment()
     rows = []
     for name, loaded, extra in SETTINGS:
-        load = subprocess.Popen([sys.executable, __file__, "--child", "load"]) if loaded else None
+        load = subprocess.Popen(CHILD + ["load"]) if loaded else None
         try:
             if load is not None:
                 time.sleep(2)  # the competitor is running before the step is timed
-            done = subprocess.run([sys.executable, __file__, "--child", "step", "--steps", str(args.steps)],
+            done = subprocess.run(CHILD + ["step", "--steps", str(args.steps)],
                                   env={**os.environ, **extra}, capture_output=True, text=True, check=True)
         finally:
             if load is not None:
@@ -95,6 +99,9 @@ def main() -> None:
     print("| setting | ms/step (CPU, ratios only) | × idle default |\n|---|---|---|")
     for name, ms in rows:
         print(f"| {name} | {ms:.0f} | {ms / base:.2f} |")
+    if args.results:
+        write_rows(args.results / "under_load.jsonl",
+                   [{"setting": name, "steps": args.steps, "ms_per_step": ms} for name, ms in rows], env)
 
 
 if __name__ == "__main__":

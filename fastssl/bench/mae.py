@@ -7,7 +7,8 @@ rebuild [N, L, D] with the mask token ->
 loss against a target [N, L, D] (the decoder output is taken as the prediction, P = D) ->
 gradients to x and to the mask token.
 
-Providers: eager (the official code path: `*_ref` in fastssl/ops/mae.py - x + pos_embed,
+Providers: eager (the official code path: the ops with backend="torch", i.e. their `*_ref` in
+fastssl/ops/mae.py - x + pos_embed,
 noise from torch.rand, two argsorts, gathers through a `repeat`-built N x L x D int64 index, cat of mask
 tokens, the loss as separate passes in fp32), compile (torch.compile of it), fastssl
 (random_masking / unshuffle_tokens / mae_loss: one sort, row-indexed gather/scatter kernels
@@ -23,35 +24,24 @@ masking bwd K + L rows of D: (5K + 8L) * N * D * b.
 from __future__ import annotations
 
 import torch
-from harness import Case, compiled, parse_args, run
 
-from fastssl.ops.mae import (
-    mae_loss,
-    mae_loss_ref,
-    random_masking,
-    random_masking_ref,
-    unshuffle_tokens,
-    unshuffle_tokens_ref,
-)
+from fastssl.bench.harness import Case, compiled, parse_args, run
+from fastssl.ops import mae_loss, random_masking, unshuffle_tokens
 
 MASK_RATIO = 0.75
 
 
-def official_step(x: torch.Tensor, pos_embed: torch.Tensor, mask_token: torch.Tensor, target: torch.Tensor):
-    N, L, _ = x.shape
-    len_keep = int(L * (1 - MASK_RATIO))
-    noise = torch.rand(N, L, device=x.device)
-    x_kept, mask, ids_restore = random_masking_ref(x, len_keep, noise, pos_embed=pos_embed)
-    pred = unshuffle_tokens_ref(x_kept, mask_token, ids_restore)
-    loss = mae_loss_ref(pred, target, mask, norm_pix_loss=True)
-    return torch.autograd.grad(loss, (x, mask_token))
+def _step(backend: str):
+    def step(x: torch.Tensor, pos_embed: torch.Tensor, mask_token: torch.Tensor, target: torch.Tensor):
+        x_kept, mask, ids_restore = random_masking(x, MASK_RATIO, pos_embed=pos_embed, backend=backend)
+        pred = unshuffle_tokens(x_kept, mask_token, ids_restore, backend=backend)
+        loss = mae_loss(pred, target, mask, norm_pix_loss=True, backend=backend)
+        return torch.autograd.grad(loss, (x, mask_token))
+
+    return step
 
 
-def fastssl_step(x: torch.Tensor, pos_embed: torch.Tensor, mask_token: torch.Tensor, target: torch.Tensor):
-    x_kept, mask, ids_restore = random_masking(x, MASK_RATIO, pos_embed=pos_embed)
-    pred = unshuffle_tokens(x_kept, mask_token, ids_restore)
-    loss = mae_loss(pred, target, mask, norm_pix_loss=True)
-    return torch.autograd.grad(loss, (x, mask_token))
+official_step, fastssl_step = _step("torch"), _step("auto")
 
 
 def make_case(N: int, L: int, D: int, dtype: torch.dtype, device: str) -> Case:
@@ -73,8 +63,8 @@ def make_case(N: int, L: int, D: int, dtype: torch.dtype, device: str) -> Case:
     )
 
 
-def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__.splitlines()[0], argv)
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     if args.quick or not cuda:

@@ -32,18 +32,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from harness import Case, environment, run
 from PIL import Image, ImageFilter
 from torch.utils.data import DataLoader, Dataset
 from torchvision import datasets, transforms
 
+from fastssl.bench.harness import Case, environment, run
 from fastssl.data import ArraySource, ImageFolderSource, Recipe, ShardSource, ViewSpec, build_loader, recipes
 from fastssl.data.dali import HAS_DALI
 from fastssl.data.shards import write_shards
 from fastssl.data.sources import fashion_mnist
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=None, help="folder for data.md and data.jsonl")
     parser.add_argument("--quick", action="store_true", help="tiny images and few iterations (smoke run)")
@@ -51,7 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1),
                         help="DALI threads = DataLoader workers")
     parser.add_argument("--shards", action="store_true", help="shards vs folders at 1, 2, 4 threads")
-    return parser.parse_args()
+    return parser.parse_args(argv)
 
 
 class _PilBlur:
@@ -214,8 +214,8 @@ def shards_vs_folders(args: argparse.Namespace) -> None:
             print(f"| {backend} | {threads} | {absolute}{s / f:.2f} | {f / f1:.2f} | {s / s1:.2f} |")
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.shards:
         if args.iters is None:
             args.iters = 4 if args.quick else 20

@@ -1,4 +1,4 @@
-"""End-to-end training throughput (issues 7 and 8): images/s and peak memory of the real
+"""End-to-end training throughput: images/s and peak memory of the real
 Trainer loop (autocast, optimizer, EMA/queue updates, per-step loss check) on synthetic
 on-device views, fused ops (`fused=True`) against every op's reference (`--fused false`).
 
@@ -7,7 +7,7 @@ out_dim 65,536; MAE ViT-B/16 at 224. `--quick` (and any CPU run) uses tiny model
 batches: a smoke test of the loop, not a measurement. images/s = global batch / median
 step time over the timed steps (after warm-up steps, which include any compilation).
 
-    python benchmarks/bench_train.py [--quick] [--out DIR] [--iters N]
+    fastssl bench train [--quick] [--out DIR]   (or python -m fastssl.bench.train [--iters N])
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from harness import environment, parse_args
 
+from fastssl.bench.harness import environment, parse_args, write_rows
 from fastssl.engine import Trainer, resolve_config
 from fastssl.methods import METHODS
 
@@ -84,8 +84,8 @@ def measure(method_name: str, params: dict, fused: bool, warmup: int, iters: int
             "step_ms": 1e3 * step_s, "peak_memory_gib": peak, "final_loss": records[-1]["loss"]} | params
 
 
-def main() -> None:
-    args = parse_args(__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__.split("\n\n")[0], argv)
     quick = args.quick or not torch.cuda.is_available()
     cases = CPU_CASES if quick else GPU_CASES
     warmup, iters = (1, args.iters or 2) if quick else (5, args.iters or 20)
@@ -105,7 +105,7 @@ def main() -> None:
         for fused in (True, False):
             with tempfile.TemporaryDirectory() as tmp:
                 pair[fused] = measure(name, params, fused, warmup, iters, Path(tmp))
-            rows.append(pair[fused] | env)
+            rows.append(pair[fused])
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         f, r = pair[True], pair[False]
@@ -119,9 +119,7 @@ def main() -> None:
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "train.md").write_text(table)
-        with open(args.out / "train.jsonl", "w") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
+        write_rows(args.out / "train.jsonl", rows, env)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from harness import Case, compiled, parse_args, run
 
 from fastssl import KeyQueue
+from fastssl.bench.harness import Case, compiled, parse_args, run
 
 
 def make_providers(
@@ -65,8 +65,8 @@ def make_providers(
     }
 
 
-def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__.splitlines()[0], argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.quick:
         # K, dim, batch, matmuls, steps, queue dtype
