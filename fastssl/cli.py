@@ -447,7 +447,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     viz.add_argument("run", metavar="RUN", help="run directory (its last.pt) or a checkpoint file")
     viz.add_argument("--out", help="where the PNGs go (default: RUN/viz)")
     viz.add_argument("--data", help="default: the data the run was trained on")
-    bench = _add_command(sub, "bench", "benchmarks of the fused ops, training and data (fastssl.bench)", common)
+    bench = _add_command(sub, "bench", "benchmarks of the fused ops, training, data (fastssl.bench)", common)
     bench.add_argument("--quick", action="store_true", help="small shapes, few iterations: a smoke run")
     bench.add_argument("--out", type=Path, metavar="DIR",
                        help=f"write each benchmark's rows (JSON lines) under DIR, e.g. {benchmarks_dir()}")

@@ -4,6 +4,8 @@ and stores (Triton interpreter, small shapes), the dispatch counter against hand
 
 import importlib
 import json
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from fastssl.bench.counter import DispatchCounter, interpreted_traffic
 from fastssl.cli import main
 
 dino = importlib.import_module("fastssl.ops.dino_loss")
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
 def check_formulas(run) -> set[str]:
@@ -98,13 +101,14 @@ def test_counter_bytes_flops_and_peak():
 
 
 def test_bench_model_prints_the_table_and_writes_records(tmp_path, capsys):
-    out = tmp_path / "model.json"
+    out = tmp_path / "model.jsonl"
     assert main(["bench", "--model", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    records = json.loads(out.read_text())
+    records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["op"] for r in records] == [c[0] for c in traffic.CASES]
     keys = {"op", "shape", "eager_bytes", "fused_bytes", "eager_kernels", "fused_kernels", "eager_flops",
-            "fused_flops", "eager_peak_bytes", "fused_peak_bytes", "predicted_speedup"}
+            "fused_flops", "eager_peak_bytes", "fused_peak_bytes", "predicted_speedup", "device", "date",
+            "torch", "git_sha"}
     assert all(keys <= set(r) for r in records)
     for r in records:
         assert 0 < r["fused_bytes"] < r["eager_bytes"] and r["fused_kernels"] < r["eager_kernels"]
@@ -112,4 +116,9 @@ def test_bench_model_prints_the_table_and_writes_records(tmp_path, capsys):
     moco = records[0]  # two matmul-equivalents of 2 N K D on both sides
     assert moco["eager_flops"] == moco["fused_flops"] == 2 * 2 * 4096 * 65536 * 128
     assert printed.count("holds:") + printed.count("FAILS:") == 3
+    assert "predicted µs eager / fused" in printed and "measured" not in printed
     assert main(["bench", "--json", str(out)]) == 2  # --json needs --model
+    # The published rows (benchmarks/results, RESULTS.md's table) are what the model gives now.
+    published = [json.loads(line) for line in (RESULTS / "traffic_model.jsonl").read_text().splitlines()]
+    names = [f.name for f in fields(traffic.Record)]
+    assert [{k: r[k] for k in names} for r in records] == [{k: r[k] for k in names} for r in published]

@@ -101,7 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {ms:.0f} | {ms / base:.2f} |")
     if args.results:
         write_rows(args.results / "under_load.jsonl",
-                   [{"setting": name, "steps": args.steps, "ms_per_step": ms} for name, ms in rows], env)
+                   [{"setting": name, "steps": args.steps, "ms_per_step": ms, "ratio_to_idle_default": ms / base}
+                    for name, ms in rows], env)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,228 @@
+"""The published tables, generated from the rows the benchmarks wrote (`benchmarks/results/*.jsonl`).
+
+    python -m fastssl.bench.report [--results DIR] [--check] [DOC ...]
+
+Each generated table in a document sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->`;
+this rewrites what lies between from NAME's data file, with a caption naming the machine, date
+and versions the rows carry, and leaves everything outside the markers (the prose) alone.
+`--check` rewrites nothing and exits 1 when a document differs from what its data gives.
+Defaults: `benchmarks/results` and the documents in `DOCS`, relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+DOCS = ("benchmarks/RESULTS.md", "docs/scale.md")
+MARKER = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /table:(?P=name) -->)", re.DOTALL)
+PROVENANCE = ("device", "date", "torch", "triton", "dali", "python")
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def caption(rows: list[dict]) -> str:
+    """Where and with what the rows were measured: each distinct (device, date, versions) once."""
+    seen: list[str] = []
+    for r in rows:
+        parts = [r["device"], r["date"]] + [f"{k} {r[k]}" for k in PROVENANCE[2:] if r.get(k)]
+        text = " · ".join(parts)
+        if text not in seen:
+            seen.append(text)
+    return "; ".join(seen)
+
+
+def _cell(value, fmt: str) -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+@dataclass
+class Table:
+    """A markdown table of a data file's rows: (header, cell of a row) per column."""
+
+    file: str
+    columns: list[tuple[str, Callable[[dict], str]]]
+    keep: Callable[[dict], bool] = lambda r: True
+
+    def render(self, rows: list[dict]) -> str:
+        rows = [r for r in rows if self.keep(r)]
+        head = "| " + " | ".join(h for h, _ in self.columns) + " |"
+        lines = [caption(rows), "", head, "|" + "---|" * len(self.columns)]
+        lines += ["| " + " | ".join(cell(r) for _, cell in self.columns) + " |" for r in rows]
+        return "\n".join(lines)
+
+
+def col(key: str, fmt: str = "{}") -> Callable[[dict], str]:
+    return lambda r: _cell(r.get(key), fmt)
+
+
+def pct(key: str) -> Callable[[dict], str]:
+    return col(key, "{:.2f}%")
+
+
+def margin(r: dict) -> str:
+    return f"{r['knn_top1'] - r['knn_top1_random_init']:+.2f}"
+
+
+def _traffic(rows: list[dict]) -> str:
+    from fastssl.bench import traffic
+
+    names = [f.name for f in fields(traffic.Record)]
+    records = [traffic.Record(**{k: r[k] for k in names}) for r in rows]
+    text = [caption(rows), "", f"Predicted at the {traffic.LIMITS_SOURCE}.", "", traffic.table(records), ""]
+    return "\n".join(text + [f"- {line}" for line in traffic.goals(records)])
+
+
+def _memory(rows: list[dict]) -> str:
+    from fastssl.bench import memory
+
+    return "\n".join([caption(rows), "", memory.HEADER] + [memory.format_row(r) for r in rows])
+
+
+def _memory_verdict(rows: list[dict]) -> str:
+    """On 8 GPUs: the configurations over an 80 GB card, those only FSDP makes fit, and each
+    method's largest configuration that fits with DDP."""
+    from fastssl.bench import memory
+
+    def name(r: dict) -> str:
+        return (f"{r['method']} {r['backbone'].removeprefix('vit_')} {r['parallel']}"
+                f"{' + activation checkpointing' if r['checkpointing'] else ''}")
+
+    def gib(r: dict | None) -> str:
+        return "–" if r is None else f"{r['peak'] / memory.GIB:.2f}"
+
+    def fsdp_of(r: dict) -> dict | None:
+        return next((o for o in eight if o["parallel"] == "fsdp" and (o["method"], o["backbone"], o[
+            "checkpointing"]) == (r["method"], r["backbone"], r["checkpointing"])), None)
+
+    eight = [r for r in rows if r["world"] == 8]
+    over = [r for r in eight if r["peak"] >= memory.CARD_BYTES]
+    card = memory.CARD_BYTES
+    only_fsdp = [r for r in over if r["parallel"] == "ddp" and (fsdp_of(r) or r)["peak"] < card]
+    lines = [caption(eight), "", f"On 8 GPUs at the papers' global batches, over an 80 GB card "
+             f"({card / memory.GIB:.1f} GiB; peak GiB per GPU):"]
+    lines += [f"- {name(r)}: {gib(r)}" for r in over] or ["- none"]
+    lines += ["", f"Fit with FSDP but not with DDP: {', '.join(name(r) for r in only_fsdp) or 'none'}.",
+              "", "Largest configuration per method that fits with DDP (peak GiB per GPU, DDP / FSDP):"]
+    for method in dict.fromkeys(r["method"] for r in eight):
+        fits = [r for r in eight if r["method"] == method and r["parallel"] == "ddp" and r["peak"] < card]
+        if fits:
+            r = max(fits, key=lambda r: r["peak"])
+            setting = name(r).replace(" ddp", "")
+            lines.append(f"- {setting}: {gib(r)} / {gib(fsdp_of(r))}")
+    return "\n".join(lines)
+
+
+def _compile_gate(rows: list[dict]) -> str:
+    out = []
+    for triton in dict.fromkeys(r["triton"] for r in rows):
+        part = [r for r in rows if r["triton"] == triton]
+        first = part[0]
+        targets = ", ".join(dict.fromkeys(r["target"] for r in part))
+        out.append(f"triton {triton} (ptxas {first['ptxas']}): {first['launches']:,} launches -> "
+                   f"{first['distinct_compiles']} distinct compiles for {targets}; max registers "
+                   f"{max(r['max_registers'] for r in part)}, max spill in a kept configuration "
+                   f"{max(r['max_spill_bytes'] for r in part)} B")
+        out.append("")
+        out.append(COMPILE_GATE.render(part))
+        out.append("")
+    return "\n".join(out).rstrip("\n")
+
+
+COMPILE_GATE = Table("compile_gate.jsonl", [
+    ("kernel", col("kernel")), ("target", col("target")), ("compiles", col("compiles")),
+    ("kept (fit)", col("kept")),
+    ("max regs", col("max_registers")), ("max spill B", col("max_spill_bytes")),
+    ("max smem B", col("max_smem_bytes")), ("card limit B", col("card_limit_bytes")),
+    ("tensor cores", col("tensor_cores"))])
+
+DEMO_SEARCH_COLUMNS = [
+    ("candidate", col("candidate")), ("change", col("change")),
+    ("epochs (steps)", lambda r: f"{r['epochs']} ({r['steps']})"), ("kNN top-1", pct("knn_top1")),
+    ("random init", pct("knn_top1_random_init")), ("margin", margin), ("linear probe", pct("linear_top1")),
+    ("img/s (shared machine)", col("images_per_second")), ("command wall s", col("command_wall_s")),
+    ("machine", col("machine_load"))]
+
+# NAME -> (data file, renderer of its rows)
+TABLES: dict[str, tuple[str, Callable[[list[dict]], str]]] = {
+    "traffic_model": ("traffic_model.jsonl", _traffic),
+    "memory_plan": ("memory_plan.jsonl", _memory),
+    "memory_verdict": ("memory_plan.jsonl", _memory_verdict),
+    "compile_gate": ("compile_gate.jsonl", _compile_gate),
+    "presets": ("presets.jsonl", Table("presets.jsonl", [
+        ("method", col("method")), ("backbone", col("backbone")), ("steps", col("steps")),
+        ("kNN top-1", pct("knn_top1")), ("random init", pct("knn_top1_random_init")), ("margin", margin),
+        ("linear probe", pct("linear_top1")), ("img/s", col("images_per_second")),
+        ("command wall s", col("command_wall_s")), ("load avg", col("load_avg"))]).render),
+    "under_load": ("under_load.jsonl", Table("under_load.jsonl", [
+        ("setting", col("setting")), ("ms/step (CPU, ratios only)", col("ms_per_step", "{:.0f}")),
+        ("× idle default", col("ratio_to_idle_default", "{:.2f}"))]).render),
+    "data": ("data.jsonl", Table("data.jsonl", [
+        ("case", col("case")), ("batch", col("batch")), ("views", col("views")), ("threads", col("threads")),
+        ("provider", col("provider")), ("ms (CPU, ratios only)", col("ms", "{:g}")),
+        ("× eager", col("speedup_vs_eager", "{:g}"))]).render),
+    "shards": ("shards.jsonl", Table("shards.jsonl", [
+        ("load avg", col("load_avg")), ("backend", col("backend")), ("threads", col("threads")),
+        ("shards / folder", col("shards_over_folder", "{:.2f}")),
+        ("folder / 1 thread", col("folder_over_1_thread", "{:.2f}")),
+        ("shards / 1 thread", col("shards_over_1_thread", "{:.2f}"))]).render),
+    "weak_study": ("weak_study.jsonl", Table("weak_study.jsonl", [
+        ("images × epochs", lambda r: f"{r['train_images']:,} × {r['epochs']}"), ("seeds", col("seeds")),
+        ("loss", col("loss")), ("sampling", col("sampling")),
+        ("kNN top-1 (%)", lambda r: f"{r['knn_top1']:.2f}" + (
+            f" ± {r['knn_top1_std']:.2f}" if r["knn_top1_std"] is not None else "")),
+        ("final train loss", col("final_train_loss", "{:.4f}")), ("steps", col("steps")),
+        ("train s", col("train_s"))]).render),
+    "demo_search_round1": ("demo_search.jsonl", Table("demo_search.jsonl", DEMO_SEARCH_COLUMNS,
+                                                      keep=lambda r: r["round"] == 1).render),
+    "demo_search_round2": ("demo_search.jsonl", Table("demo_search.jsonl", DEMO_SEARCH_COLUMNS,
+                                                      keep=lambda r: r["round"] == 2).render),
+    "readouts": ("readouts.jsonl", Table("readouts.jsonl", [
+        ("read-out of the last stage", col("readout")), ("dim", col("dim")), ("kNN trained", pct("knn_top1")),
+        ("kNN random init", pct("knn_top1_random_init")), ("margin", margin)]).render),
+}
+
+
+def render(text: str, results: Path) -> str:
+    """`text` with every generated table rewritten from its data file under `results`."""
+
+    def table(m: re.Match) -> str:
+        name = m.group("name")
+        if name not in TABLES:
+            raise ValueError(f"table:{name}: expected one of {sorted(TABLES)}")
+        file, renderer = TABLES[name]
+        return m.group(1) + renderer(read_rows(results / file)) + "\n" + m.group(4)
+
+    return MARKER.sub(table, text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("docs", nargs="*", type=Path, help=f"documents (default: {', '.join(DOCS)})")
+    parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--check", action="store_true",
+                        help="rewrite nothing; exit 1 if a document is not what its data gives")
+    args = parser.parse_args(argv)
+    stale = []
+    for doc in args.docs or [Path(d) for d in DOCS]:
+        text = doc.read_text()
+        new = render(text, args.results)
+        if new != text:
+            stale.append(str(doc))
+            if not args.check:
+                doc.write_text(new)
+    if stale:
+        print(("stale: " if args.check else "rewritten: ") + ", ".join(stale))
+    return 1 if stale and args.check else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
