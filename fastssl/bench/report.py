@@ -110,14 +110,17 @@ def _memory_verdict(rows: list[dict]) -> str:
     lines = [caption(eight), "", f"On 8 GPUs at the papers' global batches, over an 80 GB card "
              f"({card / memory.GIB:.1f} GiB; peak GiB per GPU):"]
     lines += [f"- {name(r)}: {gib(r)}" for r in over] or ["- none"]
-    lines += ["", f"Fit with FSDP but not with DDP: {', '.join(name(r) for r in only_fsdp) or 'none'}.",
-              "", "Largest configuration per method that fits with DDP (peak GiB per GPU, DDP / FSDP):"]
+    lines += ["", f"Fit with FSDP but not with DDP: {', '.join(name(r) for r in only_fsdp) or 'none'}."]
+    largest = []
     for method in dict.fromkeys(r["method"] for r in eight):
         fits = [r for r in eight if r["method"] == method and r["parallel"] == "ddp" and r["peak"] < card]
         if fits:
             r = max(fits, key=lambda r: r["peak"])
             setting = name(r).replace(" ddp", "")
-            lines.append(f"- {setting}: {gib(r)} / {gib(fsdp_of(r))}")
+            largest.append(f"- {setting}: {gib(r)} / {gib(fsdp_of(r))}")
+    if largest:
+        lines += ["", "Largest configuration per method that fits with DDP (peak GiB per GPU, DDP / FSDP):",
+                  *largest]
     return "\n".join(lines)
 
 

@@ -4,7 +4,7 @@ random views) alone and beside a competing 2-thread torch process, with torch's 
 OpenMP waiting, with OMP_WAIT_POLICY=PASSIVE, and with one thread. Each setting runs in a
 fresh process (the OpenMP policy is read at start-up). CPU figures: ratios only.
 
-    python benchmarks/demo_under_load.py [--steps N]
+    python -m fastssl.bench.under_load [--steps N] [--results DIR]
 """
 
 from __future__ import annotations
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name} | {ms:.0f} | {ms / base:.2f} |")
     if args.results:
         write_rows(args.results / "under_load.jsonl",
-                   [{"setting": name, "steps": args.steps, "ms_per_step": ms, "ratio_to_idle_default": ms / base}
-                    for name, ms in rows], env)
+                   [{"setting": name, "steps": args.steps, "ms_per_step": ms,
+                     "ratio_to_idle_default": ms / base} for name, ms in rows], env)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,11 @@ by weighted kNN (k=20, T=0.07, fastssl.eval) on the clean, balanced Fashion-MNIS
 split with clean train images as the memory bank. Prints a markdown table (and writes
 it with a JSON copy under --out). Deterministic given --seeds and the thread count.
 
-    python benchmarks/weak_study.py            # ~5 minutes on 2 idle CPU cores (one seed)
-    python benchmarks/weak_study.py --quick    # smoke run (< 1 minute)
+    python -m fastssl.bench.weak_study            # ~5 minutes on 2 idle CPU cores (one seed)
+    python -m fastssl.bench.weak_study --quick    # smoke run (< 1 minute)
+
+`--results DIR` writes the table's rows (with machine, date, versions, git SHA) to
+DIR/weak_study.jsonl.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastssl.bench.harness import environment
+from fastssl.bench.harness import environment, write_rows
 from fastssl.data import fashion_mnist
 from fastssl.data.labels import LabelTable, inject_label_noise
 from fastssl.engine import Trainer
@@ -151,12 +154,18 @@ def run_seed(args: argparse.Namespace, seed: int, train, test) -> dict:
     return out
 
 
+def _stats(values: list[float]) -> dict:
+    """kNN top-1 in percent, as the table prints it: mean, and the std over seeds when several."""
+    std = 100 * float(np.std(values, ddof=1)) if len(values) > 1 else None
+    return {"knn_top1": 100 * float(np.mean(values)), "knn_top1_std": std}
+
+
 def mean_std(values: list[float]) -> str:
     m = 100 * float(np.mean(values))
     return f"{m:.2f}" if len(values) == 1 else f"{m:.2f} ± {100 * float(np.std(values, ddof=1)):.2f}"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny smoke settings")
     p.add_argument("--seeds", default="0", help="comma-separated seeds (data, noise, init); mean ± std")
@@ -172,7 +181,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--root", default=None, help="Fashion-MNIST folder (default: Debian's dataset path)")
     p.add_argument("--out", type=Path, default=Path("runs/weak_study"))
-    args = p.parse_args()
+    p.add_argument("--results", type=Path, help="folder for weak_study.jsonl (the rows as data)")
+    args = p.parse_args(argv)
     if args.quick:
         args.train_images, args.epochs, args.bank, args.test = 1024, 1, 2000, 1000
     seeds = [int(x) for x in args.seeds.split(",")]
@@ -196,15 +206,27 @@ def main() -> None:
         "| loss | sampling | kNN top-1 (%) | final train loss | steps | train s |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    rows = []
     for k, (loss, sampling) in enumerate(RUNS):
         runs = [s["runs"][k] for s in per_seed]
+        rows.append({"loss": loss, "sampling": sampling, **_stats([r["knn_top1"] for r in runs]),
+                     "final_train_loss": float(np.mean([r["final_loss"] for r in runs])),
+                     "steps": runs[0]["steps"],
+                     "train_s": float(np.mean([r["train_seconds"] for r in runs]))})
         lines.append(f"| {loss} | {sampling} | {mean_std([r['knn_top1'] for r in runs])} | "
                      f"{np.mean([r['final_loss'] for r in runs]):.4f} | {runs[0]['steps']} | "
                      f"{np.mean([r['train_seconds'] for r in runs]):.0f} |")
     lines += [f"| (random init) | - | {mean_std([s['random_init'] for s in per_seed])} | - | 0 | 0 |",
               f"| (raw pixels) | - | {mean_std([s['raw_pixels'] for s in per_seed])} | - | - | - |",
               "", f"Total wall time {time.perf_counter() - t_start:.0f} s."]
+    for name, key, steps in (("(random init)", "random_init", 0), ("(raw pixels)", "raw_pixels", None)):
+        rows.append({"loss": name, "sampling": "-", **_stats([s[key] for s in per_seed]),
+                     "final_train_loss": None, "steps": steps, "train_s": None if steps is None else 0})
     table_md = "\n".join(lines) + "\n"
+    if args.results:
+        setting = {"train_images": args.train_images, "epochs": args.epochs, "seeds": args.seeds,
+                   "threads": args.threads, "total_wall_s": time.perf_counter() - t_start}
+        write_rows(args.results / "weak_study.jsonl", [setting | r for r in rows], env)
     print(table_md, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "weak_study.md").write_text(table_md)

@@ -63,9 +63,11 @@ def test_memory_verdict_names_what_does_not_fit():
             base | {"parallel": "fsdp", "peak": 90 * gib, "world": 64}]
     text = report._memory_verdict(rows)
     assert "- mae huge_patch14 ddp: 74.51" in text and "fsdp:" not in text
-    assert text.endswith("fit with FSDP but not with DDP: mae huge_patch14 ddp.")
+    assert text.endswith("Fit with FSDP but not with DDP: mae huge_patch14 ddp.")  # and nothing fits DDP
     rows[0]["peak"] = 60 * gib
-    assert "- none" in report._memory_verdict(rows)
+    text = report._memory_verdict(rows)
+    assert "- none" in text and "Fit with FSDP but not with DDP: none." in text
+    assert text.endswith("(peak GiB per GPU, DDP / FSDP):\n- mae huge_patch14: 60.00 / 70.00")
 
 
 # The rows that decide which MAE runs need FSDP, and ViT-B's: counted again now, byte for byte.
