@@ -16,7 +16,6 @@ from fastssl.bench.counter import DispatchCounter, interpreted_traffic
 from fastssl.cli import main
 
 dino = importlib.import_module("fastssl.ops.dino_loss")
-RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
 
 
 def check_formulas(run) -> set[str]:
@@ -119,6 +118,7 @@ def test_bench_model_prints_the_table_and_writes_records(tmp_path, capsys):
     assert "predicted µs eager / fused" in printed and "measured" not in printed
     assert main(["bench", "--json", str(out)]) == 2  # --json needs --model
     # The published rows (benchmarks/results, RESULTS.md's table) are what the model gives now.
-    published = [json.loads(line) for line in (RESULTS / "traffic_model.jsonl").read_text().splitlines()]
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    published = [json.loads(line) for line in (results / "traffic_model.jsonl").read_text().splitlines()]
     names = [f.name for f in fields(traffic.Record)]
     assert [{k: r[k] for k in names} for r in records] == [{k: r[k] for k in names} for r in published]
