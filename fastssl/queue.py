@@ -22,7 +22,7 @@ from torch import nn
 
 from fastssl import _ext
 from fastssl.distributed import all_gather_no_grad
-from fastssl.ops._dispatch import FLOAT_DTYPES, check_tensor
+from fastssl.validation import FLOAT_DTYPES, check_bool, check_int, check_tensor
 
 _ext.load()
 
@@ -112,14 +112,6 @@ def _training_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
 class KeyQueue(nn.Module):
     """A ring of `size` keys of `dim` features (MoCo's queue of negatives).
 
@@ -153,17 +145,15 @@ class KeyQueue(nn.Module):
         normalize: bool = False,
     ) -> None:
         super().__init__()
-        _check_positive_int("size", size)
-        _check_positive_int("dim", dim)
+        check_int("size", size, low=1)
+        check_int("dim", dim, low=1)
         self._auto_dtype = dtype is None
         if dtype is None:
             dtype = _training_dtype(device)
         if dtype not in FLOAT_DTYPES:
             names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
             raise TypeError(f"dtype must be one of ({names}), got {dtype}")
-        if not isinstance(normalize, bool):
-            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-        self.normalize = normalize
+        self.normalize = check_bool("normalize", normalize)
         # Random unit rows like the official init (normalize(randn)); drawn in fp32 at
         # least so the rows are unit to the precision of `dtype`.
         draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fastssl.ops._dispatch import HAS_TRITON
+from fastssl.ops.backend import HAS_TRITON
 
 ROOT = Path(__file__).resolve().parents[1]
 

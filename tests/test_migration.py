@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fastssl.ops import random_masking
-from fastssl.ops._dispatch import triton_interpreting
+from fastssl.ops.backend import triton_interpreting
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

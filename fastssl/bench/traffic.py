@@ -9,8 +9,9 @@ For each op and benchmark shape, one training step of the loss (forward and back
   tensor-core work; elementwise math is left out on both sides).
 * fused: the fused path runs on meta tensors with its Triton launches recorded instead of run:
   the torch ops around the kernels are measured as above, each kernel's bytes come from the
-  formula written next to it (`KERNEL_TRAFFIC` in its ops file; InfoNCE's below), tested against
-  the addresses the kernel touches under the Triton interpreter.
+  formula written next to it (`KERNEL_TRAFFIC` in its op's kernels module, gathered by
+  `fastssl.ops.kernel_traffic()`, FLOPs included), tested against the addresses the kernel touches
+  under the Triton interpreter.
 
 Predicted time = max(bytes / bandwidth, FLOPs / peak) summed over kernels, at the datasheet peaks
 of an H100 SXM (`LIMITS`); launch overheads are left out. It is a model, not a measurement:
@@ -20,7 +21,6 @@ a real card reaches less than its datasheet peaks, so measured times will be lon
 from __future__ import annotations
 
 import contextlib
-import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from unittest import mock
@@ -28,6 +28,8 @@ from unittest import mock
 import torch
 
 from fastssl.bench.counter import DispatchCounter, Launch, kernel_launches
+from fastssl.ops import kernel_traffic
+from fastssl.ops.backend import modeled_gpu
 
 # (bytes/s, dense bf16 FLOP/s): NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column: GPU memory
 # bandwidth 3.35 TB/s; BF16 Tensor Core 1,979 TFLOPS "with sparsity", half of it dense.
@@ -35,61 +37,6 @@ LIMITS = {"datasheet": (3.35e12, 989e12)}
 LIMITS_SOURCE = ("H100 SXM datasheet peaks (NVIDIA H100 Tensor Core GPU datasheet): 3.35 TB/s HBM3, "
                  "989 TFLOP/s dense BF16 (1,979 with 2:4 sparsity)")
 H100_SMS = 132
-
-
-# ---------------------------------------------------------------- InfoNCE kernels' traffic
-# (the kernels live in fastssl/ops/_info_nce_kernels.py; each reads the tensors named here whole,
-# each distinct address once, and writes the outputs named here whole)
-def _whole(a: dict, reads: tuple[str, ...], writes: tuple[str, ...]) -> tuple[int, int]:
-    size = lambda n: a[n].numel() * a[n].element_size() if hasattr(a.get(n), "numel") else 0  # noqa: E731
-    return sum(size(n) for n in reads), sum(size(n) for n in writes)
-
-
-def _info_nce_flops(a: dict, matmuls: int) -> int:
-    """matmuls x 2 N K D: the logits tile (and p @ streamed rows, or its backward)."""
-    return matmuls * 2 * a["q_ptr"].shape[0] * a["k_ptr" if "k_ptr" in a else "x_ptr"].shape[0] * a["D"]
-
-
-def _info_nce_fwd_traffic(a: dict) -> tuple[int, int]:
-    reads = ("q_ptr", "x_ptr") + ("q_norm_ptr",) * a["SCALE_ROWS"] + ("x_norm_ptr",) * a["SCALE_COLS"]
-    return _whole(a, reads, ("m_ptr", "l_ptr", "acc_ptr"))
-
-
-def _info_nce_norms(a: dict) -> tuple[str, ...]:
-    return ("q_norm_ptr", "k_norm_ptr") if a["NORMALIZE"] else ()
-
-
-INFO_NCE_TRAFFIC = {
-    "_info_nce_fwd_kernel": _info_nce_fwd_traffic,
-    "_info_nce_combine_kernel": lambda a: _whole(
-        a, ("q_ptr", "k_ptr", "m_ptr", "l_ptr", "acc_ptr") + _info_nce_norms(a),
-        ("loss_ptr", "lse2_ptr", "dq_ptr", "dk_ptr"),
-    ),
-    "_info_nce_bwd_kernel": lambda a: _whole(
-        a, ("q_ptr", "k_ptr", "lse2_ptr", "weight_ptr") + _info_nce_norms(a), ("part_ptr",)
-    ),
-    "_info_nce_bwd_combine_kernel": lambda a: _whole(
-        a, ("q_ptr", "k_ptr", "grad_ptr", "weight_scale_ptr", "part_ptr") + _info_nce_norms(a), ("dk_ptr",)
-    ),
-}
-def _d_programs(a: dict) -> int:
-    """Programs per row tile, one per BLOCK_DV columns of the accumulator: each recomputes the
-    whole logits tile (its D-chunk needs all of p), then adds its chunk's share of p @ rows."""
-    return -(-a["D"] // a["BLOCK_DV"])
-
-
-INFO_NCE_FLOPS = {
-    "_info_nce_fwd_kernel": lambda a: _info_nce_flops(a, _d_programs(a) + (1 if a["COMPUTE_DQ"] else 0)),
-    "_info_nce_bwd_kernel": lambda a: _info_nce_flops(a, _d_programs(a) + 1),
-}
-
-
-def kernel_traffic() -> dict[str, Callable[[dict], tuple[int, int]]]:
-    """Every fused kernel's (bytes read, bytes written) formula, by kernel name."""
-    table = dict(INFO_NCE_TRAFFIC)
-    for module in ("fastssl.ops.dino_loss", "fastssl.ops.mae"):
-        table.update(importlib.import_module(module).KERNEL_TRAFFIC)
-    return table
 
 
 # ---------------------------------------------------------------- measuring one path
@@ -117,17 +64,8 @@ def _h100_device():
 
 @contextlib.contextmanager
 def _fused_on_meta():
-    """Let backend='triton' accept meta tensors and InfoNCE size its splits for the H100."""
-    import fastssl.ops._dispatch as dispatch
-
-    kernels = importlib.import_module("fastssl.ops._info_nce_kernels")
-    splits = kernels._num_splits
-    with (
-        mock.patch.object(dispatch, "triton_interpreting", lambda: True),
-        mock.patch.object(kernels, "_num_splits", lambda *args: splits(*args[:-1], torch.device("cuda"))),
-        mock.patch.object(kernels, "triton_interpreting", lambda: False),
-        _h100_device(),
-    ):
+    """Let backend='triton' accept meta tensors and the launchers size their grids for the H100."""
+    with modeled_gpu(H100_SMS), _h100_device():
         yield
 
 
@@ -151,8 +89,7 @@ def count_fused(make: Callable[[], tuple], step: Callable[..., None]) -> tuple[P
     ops = [(r.bytes_read + r.bytes_written, r.flops) for r in counter.records]
     kernel_bytes, kernel_flops = 0, sum(f for _, f in ops)
     for launch in launches:
-        read, written = formulas[launch.name](launch.args)
-        f = INFO_NCE_FLOPS.get(launch.name, lambda a: 0)(launch.args)
+        read, written, f = formulas[launch.name](launch.args)
         ops.append((read + written, f))
         kernel_bytes += read + written
         kernel_flops += f
@@ -217,8 +154,6 @@ def _mae_case(N, L, D):
         unshuffle_tokens_ref,
     )
 
-    len_keep = int(L * (1 - MAE_RATIO))
-
     def make():
         conv_out = _meta(N, D, L, grad=True)  # the patch embedding's output, as timm returns it
         return (
@@ -231,15 +166,16 @@ def _mae_case(N, L, D):
 
     def eager(x, pos, cls, token, target):
         noise = torch.rand(N, L, device="meta")
-        kept, mask, ids = random_masking_ref(x, len_keep, noise, pos[:, 1:], cls + pos[:, :1])
-        pred = unshuffle_tokens_ref(kept, token, ids, pos, with_cls_token=True)
-        mae_loss_ref(pred, target, mask, True, with_cls_token=True).backward()
+        kept, mask, ids = random_masking_ref(x, MAE_RATIO, noise=noise, pos_embed=pos[:, 1:],
+                                             cls_token=cls + pos[:, :1])
+        pred = unshuffle_tokens_ref(kept, token, ids, pos_embed=pos, with_cls_token=True)
+        mae_loss_ref(pred, target, mask, norm_pix_loss=True, with_cls_token=True).backward()
 
     def fused(x, pos, cls, token, target):
         kept, mask, ids = random_masking(
             x, MAE_RATIO, pos_embed=pos[:, 1:], cls_token=cls + pos[:, :1], backend="triton"
         )
-        pred = unshuffle_tokens(kept, token, ids, "triton", pos_embed=pos, with_cls_token=True)
+        pred = unshuffle_tokens(kept, token, ids, pos_embed=pos, with_cls_token=True, backend="triton")
         mae_loss(pred, target, mask, with_cls_token=True, backend="triton").backward()
 
     return make, eager, fused
@@ -253,7 +189,7 @@ def _multilabel_case(N, C):
 
     def step(backend):
         return lambda logits, targets: multilabel_softmax_loss(
-            logits, targets, backend, validate=False
+            logits, targets, validate=False, backend=backend
         ).backward()
 
     return make, step("torch"), step("triton")

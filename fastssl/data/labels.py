@@ -156,13 +156,33 @@ class _PathIndex:
         return i
 
 
-def multi_hot(rows: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Multi-hot float32 targets [B, C] from padded label rows [B, K] (int64, -1 = no label)."""
-    valid = rows >= 0
-    # scatter_add, not scatter: padding slots point at class 0 and must add nothing.
-    return torch.zeros(rows.shape[0], num_classes, device=rows.device).scatter_add_(
-        1, rows.clamp(min=0), valid.float()
-    )
+def multi_hot(labels: torch.Tensor | Sequence[Sequence[int]], num_classes: int, *,
+              dtype: torch.dtype = torch.float32, name: str = "labels") -> torch.Tensor:
+    """[N, C] multi-hot targets (1 on each of a row's labels, a repeated label counting once) from
+    padded label rows [N, K] (int64, -1 = no label; on their device, ids not checked: no host sync)
+    or from N lists of label indices (checked: an error names `name`'s row of an index outside [0, C))."""
+    if isinstance(labels, torch.Tensor):
+        valid = labels >= 0
+        # scatter_add, not scatter: padding slots point at class 0 and must add nothing.
+        dense = torch.zeros(labels.shape[0], num_classes, device=labels.device, dtype=dtype)
+        return dense.scatter_add_(1, labels.clamp(min=0), valid.to(dtype)).clamp_(max=1)
+    if not isinstance(labels, Sequence) or isinstance(labels, (str, bytes)):
+        raise TypeError(f"{name} must be padded label rows (a tensor) or a list of label-index lists, "
+                        f"got {type(labels).__name__}")
+    rows, cols = [], []
+    for row, ids in enumerate(labels):
+        if not isinstance(ids, Sequence) or isinstance(ids, (str, bytes)):
+            raise TypeError(f"{name}[{row}] must be a list of label indices, got {type(ids).__name__}")
+        for label in ids:
+            if not isinstance(label, int) or isinstance(label, bool):
+                raise TypeError(f"{name}[{row}] must hold int label indices, got {label!r}")
+            if not 0 <= label < num_classes:
+                raise ValueError(f"{name}[{row}] holds label {label}, outside [0, {num_classes})")
+        rows += [row] * len(ids)
+        cols += list(ids)
+    dense = torch.zeros(len(labels), num_classes, dtype=dtype)
+    dense[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = 1
+    return dense
 
 
 @dataclass

@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from fastssl.ops._dispatch import check_positive, check_tensor
+from fastssl.validation import check_positive, check_tensor
 
 
 @torch.no_grad()

@@ -1,9 +1,10 @@
 """nn.Module losses (with their state) built on fastssl.ops."""
 
-from fastssl.losses.dino import DINOLoss, sinkhorn_knopp_teacher
+from fastssl.losses.dino import DINOLoss, dino_update_center_, sinkhorn_knopp_teacher, teacher_temp_schedule
 from fastssl.losses.info_nce import InfoNCELoss
 from fastssl.losses.mae import MAELoss
 from fastssl.losses.multilabel import multilabel_sigmoid_loss, multilabel_softmax_loss
+from fastssl.losses.rotation import rotation_loss
 
-__all__ = ["DINOLoss", "InfoNCELoss", "MAELoss", "multilabel_sigmoid_loss", "multilabel_softmax_loss",
-           "sinkhorn_knopp_teacher"]
+__all__ = ["DINOLoss", "InfoNCELoss", "MAELoss", "dino_update_center_", "multilabel_sigmoid_loss",
+           "multilabel_softmax_loss", "rotation_loss", "sinkhorn_knopp_teacher", "teacher_temp_schedule"]

@@ -16,18 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastssl.ops._dispatch import BACKENDS, HAS_TRITON, check_tensor
+from fastssl.data.labels import multi_hot
+from fastssl.ops.backend import BACKENDS, resolve_backend
 from fastssl.ops.dino_loss import soft_cross_entropy
+from fastssl.validation import check_bool, check_choice, check_int, check_tensor
 
 FUSED_MIN_CLASSES = 10_000
 TARGET_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
                  torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def multi_hot(targets: Tensor | Sequence[Sequence[int]], n_rows: int, n_classes: int,
-              device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-              validate: bool = True) -> Tensor:
-    """[N, C] multi-hot tensor from a multi-hot tensor or from N lists of label indices.
+def _dense_targets(targets: Tensor | Sequence[Sequence[int]], n_rows: int, n_classes: int, *,
+                   device: torch.device, dtype: torch.dtype, validate: bool) -> Tensor:
+    """[N, C] multi-hot targets from a multi-hot tensor or from N lists of label indices.
 
     Raises a ValueError naming the row for an index outside [0, C), or (tensor input, when
     `validate`) a value other than 0 or 1. Repeated indices in a list count once.
@@ -42,30 +43,13 @@ def multi_hot(targets: Tensor | Sequence[Sequence[int]], n_rows: int, n_classes:
             row, col = (int(x) for x in bad.nonzero()[0])
             raise ValueError(f"targets must be multi-hot (0 or 1); row {row}, column {col} holds "
                              f"{targets[row, col].item()}")
-        dense = targets.to(device=device, dtype=dtype)
-    elif isinstance(targets, Sequence) and not isinstance(targets, (str, bytes)):
-        if len(targets) != n_rows:
-            raise ValueError(f"targets must hold one label list per logits row ({n_rows}), "
-                             f"got {len(targets)}")
-        rows, cols = [], []
-        for row, labels in enumerate(targets):
-            if not isinstance(labels, Sequence) or isinstance(labels, (str, bytes)):
-                raise TypeError(f"targets[{row}] must be a list of label indices, "
-                                f"got {type(labels).__name__}")
-            for label in labels:
-                if not isinstance(label, int) or isinstance(label, bool):
-                    raise TypeError(f"targets[{row}] must hold int label indices, got {label!r}")
-                if not 0 <= label < n_classes:
-                    raise ValueError(f"targets[{row}] holds label {label}, outside [0, {n_classes})")
-            rows += [row] * len(labels)
-            cols += list(labels)
-        dense = torch.zeros(n_rows, n_classes, dtype=dtype)
-        dense[torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)] = 1
-        dense = dense.to(device)
-    else:
+        return targets.to(device=device, dtype=dtype)
+    if not isinstance(targets, Sequence) or isinstance(targets, (str, bytes)):
         raise TypeError(f"targets must be a [N, C] multi-hot tensor or a list of label-index lists, "
                         f"got {type(targets).__name__}")
-    return dense
+    if len(targets) != n_rows:
+        raise ValueError(f"targets must hold one label list per logits row ({n_rows}), got {len(targets)}")
+    return multi_hot(targets, n_classes, dtype=dtype, name="targets").to(device)
 
 
 def multilabel_softmax_loss_ref(logits: Tensor, multi_hot_targets: Tensor) -> Tensor:
@@ -75,32 +59,35 @@ def multilabel_softmax_loss_ref(logits: Tensor, multi_hot_targets: Tensor) -> Te
     return -(y / y.sum(dim=1, keepdim=True) * logits.to(dtype).log_softmax(dim=1)).sum(dim=1).mean()
 
 
-def multilabel_softmax_loss(logits: Tensor, targets: Tensor | Sequence[Sequence[int]],
-                            backend: str = "auto", *, validate: bool = True) -> Tensor:
+def multilabel_softmax_loss(logits: Tensor, targets: Tensor | Sequence[Sequence[int]], *,
+                            min_fused_classes: int = FUSED_MIN_CLASSES, validate: bool = True,
+                            backend: str = "auto") -> Tensor:
     """Softmax cross-entropy with a target of 1/k on each of a row's k labels (Mahajan et al. 2018).
 
     logits: [N, C] float. targets: multi-hot [N, C] (bool, int or float 0/1) or N lists of label
     indices. Returns the scalar mean over rows of -sum_c (y_c / k) * log_softmax(logits)_c
     (float32; float64 for float64 logits). Every row needs at least one label.
-    backend: "auto" runs the fused Triton kernel on CUDA when C >= FUSED_MIN_CLASSES (below that,
-    torch's log_softmax is as fast), "triton" forces it, "torch" is the reference.
+    backend (fastssl.ops.backend): "auto" runs the fused Triton kernel on CUDA, "triton" forces it,
+    "torch" is the reference; with "auto", label spaces below min_fused_classes run the reference
+    (there torch's log_softmax is as fast).
     validate=False skips the data-dependent checks of a target tensor (values 0/1, no empty row),
     each a device-to-host sync: for training loops whose targets are valid by construction.
     """
     check_tensor("logits", logits, ndim=2)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
+    min_fused_classes = check_int("min_fused_classes", min_fused_classes, low=0)
+    check_bool("validate", validate)
     n_rows, n_classes = logits.shape
-    y = multi_hot(targets, n_rows, n_classes, device=logits.device, dtype=logits.dtype, validate=validate)
+    y = _dense_targets(targets, n_rows, n_classes, device=logits.device, dtype=logits.dtype,
+                       validate=validate)
     if validate:  # a pass over the [N, C] targets: skipped with validate=False
         empty = y.sum(dim=1) == 0
         if empty.any():
             row = int(empty.nonzero()[0])
             raise ValueError(f"every targets row needs at least one label; row {row} has none")
-    if backend == "auto":
-        fused = logits.is_cuda and HAS_TRITON and n_classes >= FUSED_MIN_CLASSES
-        backend = "triton" if fused else "torch"
-    if backend == "torch":
+    if backend == "auto" and n_classes < min_fused_classes:
+        backend = "torch"
+    if resolve_backend(backend, logits) == "torch":
         return multilabel_softmax_loss_ref(logits, y)
     return soft_cross_entropy(logits, y, n_crops=1, n_targets=1, student_temp=1.0, exclude_same=False,
                               backend="triton")
@@ -118,5 +105,5 @@ def multilabel_sigmoid_loss(logits: Tensor, targets: Tensor | Sequence[Sequence[
     check_tensor("logits", logits, ndim=2)
     n_rows, n_classes = logits.shape
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    y = multi_hot(targets, n_rows, n_classes, device=logits.device, dtype=dtype, validate=validate)
+    y = _dense_targets(targets, n_rows, n_classes, device=logits.device, dtype=dtype, validate=validate)
     return F.binary_cross_entropy_with_logits(logits.to(dtype), y, reduction="sum") / n_rows

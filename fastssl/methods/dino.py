@@ -112,7 +112,11 @@ class DINO(Method):
         return [self.student.head, self.teacher.head, self.student, self.teacher]
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
-        return {"teacher_momentum": cosine_momentum(self.cfg.teacher_momentum, total_steps)}
+        # the official per-epoch teacher temperature, held for every step of its epoch
+        per_epoch = self.criterion.teacher_temp_schedule
+        epochs = np.minimum(np.arange(total_steps) // steps_per_epoch, len(per_epoch) - 1)
+        return {"teacher_momentum": cosine_momentum(self.cfg.teacher_momentum, total_steps),
+                "teacher_temp": per_epoch[epochs]}
 
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         n_crops = N_GLOBAL + self.cfg.local_crops
@@ -120,13 +124,16 @@ class DINO(Method):
         if len(crops) != n_crops:
             raise ValueError(f"dino: expected {n_crops} views (2 global + "
                              f"local_crops={self.cfg.local_crops}), got {len(crops)}")
-        # cfg.fused may be changed after construction (benchmarks toggle it): the loss follows
-        self.criterion.backend = self.backend
         with torch.no_grad():
             teacher_out = self.teacher(crops[:N_GLOBAL])
         student_out = self.student(crops)
         # with gradient accumulation the center moves once per optimizer step, on all micro-batches' rows
-        loss = self.criterion(student_out, teacher_out, ctx.epoch, update_center=ctx.accum_steps == 1)
+        # the engine passes the step's temperature (schedules()); a call without it takes its epoch's
+        temp = ctx.schedules.get("teacher_temp")
+        if temp is None:
+            temp = self.criterion.teacher_temp_at(ctx.epoch)
+        loss = self.criterion(student_out, teacher_out, teacher_temp=float(temp),
+                              update_center=ctx.accum_steps == 1)
         return {"loss": loss}
 
     @torch.no_grad()

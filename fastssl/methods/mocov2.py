@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import fastssl
-from fastssl import ops
 from fastssl.distributed import batch_shuffle, batch_unshuffle, get_world_size
+from fastssl.losses import InfoNCELoss
 from fastssl.methods import register
 from fastssl.methods._common import backbone_from_config, check_views
 from fastssl.methods.base import Method, StepContext, TrainConfig
@@ -77,6 +77,7 @@ class MoCoV2(Method):
         # the queue stores L2-normalized keys (info_nce uses queue rows as given), in the training
         # dtype of the device the method is moved to
         self.queue = fastssl.KeyQueue(cfg.queue_size, cfg.moco_dim, normalize=True)
+        self.criterion = InfoNCELoss(temperature=cfg.temperature, normalize=True, backend=self.backend)
         self._keys: torch.Tensor | None = None
 
     def recipe(self):
@@ -93,9 +94,7 @@ class MoCoV2(Method):
     def _loss(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         # The queue is stored in the training dtype (bf16 on CUDA, where autocast makes q bf16;
         # fp32 on the CPU), so this is the buffer itself, not a per-step copy of K x dim.
-        queue = self.queue.keys.to(q.dtype)
-        return ops.info_nce(q, k.to(q.dtype), queue, temperature=self.cfg.temperature, normalize=True,
-                            backend=self.backend)
+        return self.criterion(q, k.to(q.dtype), self.queue.keys.to(q.dtype))
 
     @torch.no_grad()
     def _keys_of(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fastssl import ops
-from fastssl.distributed import all_gather_no_grad, get_rank
+from fastssl.losses import InfoNCELoss
 from fastssl.methods import register
 from fastssl.methods._common import backbone_from_config, check_views
 from fastssl.methods.base import Method, StepContext, TrainConfig
@@ -78,6 +77,9 @@ class MoCoV3(Method):
         self.base_encoder = nn.Sequential(backbone, projector)
         self.predictor = moco_v3_mlp(2, cfg.moco_dim, cfg.mlp_hidden_dim, cfg.moco_dim, last_bn=False)
         self.momentum_encoder = frozen_copy(self.base_encoder)
+        # the official contrastive_loss: keys gathered from every rank, target rank * N + i, times 2T
+        self.criterion = InfoNCELoss(temperature=cfg.temperature, normalize=True, gather_distributed=True,
+                                     backend=self.backend, scale_by_2t=True)
 
     def recipe(self):
         from fastssl.data import recipes
@@ -96,14 +98,6 @@ class MoCoV3(Method):
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
         return {"teacher_momentum": cosine_momentum(self.cfg.moco_momentum, total_steps)}
 
-    def _contrastive(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        # keys come from the momentum encoder (no gradient), so a plain all-gather suffices
-        keys = all_gather_no_grad(k).to(q.dtype)
-        T = self.cfg.temperature
-        loss = ops.info_nce(q, keys, temperature=T, normalize=True, label_offset=get_rank() * q.shape[0],
-                            backend=self.backend)
-        return 2.0 * T * loss
-
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         x1, x2 = check_views(batch, 2, self.name)[:2]
         q1 = self.predictor(self.base_encoder(x1))
@@ -111,7 +105,7 @@ class MoCoV3(Method):
         with torch.no_grad():
             k1 = self.momentum_encoder(x1)
             k2 = self.momentum_encoder(x2)
-        return {"loss": self._contrastive(q1, k2) + self._contrastive(q2, k1)}
+        return {"loss": self.criterion(q1, k2.to(q1.dtype)) + self.criterion(q2, k1.to(q2.dtype))}
 
     @torch.no_grad()
     def after_optimizer_step(self, ctx: StepContext) -> None:

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fastssl.losses import rotation_loss
 from fastssl.methods import register
 from fastssl.methods._common import backbone_from_config, check_views
 from fastssl.methods.base import Method, StepContext, TrainConfig
@@ -64,9 +64,6 @@ class RotNet(Method):
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         # the rotnet recipe yields the 4 rotations in order: view r is rotated by r * 90 degrees
         views = check_views(batch, ROTATIONS, self.name)[:ROTATIONS]
-        x = torch.cat(views)
-        target = torch.arange(ROTATIONS, device=x.device).repeat_interleave(views[0].shape[0])
-        logits = self.head(self.backbone(x))
-        loss = F.cross_entropy(logits.float(), target)
-        accuracy = (logits.argmax(dim=1) == target).float().mean()
-        return {"loss": loss, "rotation_accuracy": accuracy.detach()}
+        logits = self.head(self.backbone(torch.cat(views)))
+        loss, accuracy = rotation_loss(logits, ROTATIONS)
+        return {"loss": loss, "rotation_accuracy": accuracy}

@@ -1,10 +1,44 @@
-"""Fused ops: Triton kernels with a pure-PyTorch reference (`*_ref`) each."""
+"""Fused ops, all laid out alike: `<op>.py` holds the math (docstring), the custom ops, the
+`<op>_ref` reference and the public function; `_<op>_kernels.py` (`_mae_kernels.py` for the MAE
+family) holds the Triton kernels, their launchers and their traffic formulas (`KERNEL_TRAFFIC`).
+`fastssl.ops.backend` picks the implementation."""
 
-from fastssl.ops.dino_loss import dino_loss, dino_loss_ref, dino_update_center_, soft_cross_entropy
+import importlib
+
+from fastssl.ops.backend import HAS_TRITON
+from fastssl.ops.dino_loss import dino_loss, dino_loss_ref, dino_loss_with_teacher_sum, soft_cross_entropy
 from fastssl.ops.info_nce import info_nce, info_nce_ref
 from fastssl.ops.mae import mae_loss, patchify, random_masking, unpatchify, unshuffle_tokens
 
 __all__ = [
-    "dino_loss", "dino_loss_ref", "dino_update_center_", "info_nce", "info_nce_ref", "mae_loss",
-    "patchify", "random_masking", "soft_cross_entropy", "unpatchify", "unshuffle_tokens",
+    "dino_loss", "dino_loss_ref", "dino_loss_with_teacher_sum", "info_nce", "info_nce_ref", "kernel_traffic",
+    "mae_loss", "patchify", "random_masking", "soft_cross_entropy", "triton_kernels", "unpatchify",
+    "unshuffle_tokens",
 ]
+
+_KERNEL_MODULES = ("_dino_loss_kernels", "_info_nce_kernels", "_mae_kernels")
+
+
+def kernel_traffic() -> dict:
+    """Every Triton kernel's traffic formula by kernel name: args (name -> value of one launch) ->
+    (bytes read, bytes written, FLOPs); see fastssl.ops._traffic. Empty without triton."""
+    if not HAS_TRITON:
+        return {}
+    table = {}
+    for name in _KERNEL_MODULES:
+        table.update(importlib.import_module(f"fastssl.ops.{name}").KERNEL_TRAFFIC)
+    return table
+
+
+def triton_kernels() -> dict:
+    """Every @triton.jit function of the fused ops (kernels and their helpers) by name, for the
+    compile checks. Empty without triton."""
+    if not HAS_TRITON:
+        return {}
+    from triton.runtime.jit import JITFunction
+
+    found = {}
+    for name in _KERNEL_MODULES:
+        module = importlib.import_module(f"fastssl.ops.{name}")
+        found.update({k: v for k, v in vars(module).items() if isinstance(v, JITFunction)})
+    return found

@@ -1,4 +1,5 @@
-"""Triton kernels and launchers behind fastssl.ops.info_nce (see that module for the math).
+"""Triton kernels, launchers and traffic formulas behind fastssl.ops.info_nce (see that module
+for the math).
 
 Imported only where triton is installed: fastssl.ops.info_nce runs its reference without it."""
 
@@ -6,7 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastssl.ops._dispatch import triton_interpreting
+from fastssl.ops._traffic import whole
+from fastssl.ops.backend import multiprocessor_count, triton_interpreting
 
 _EPS = 1e-12  # F.normalize's clamp on the norm
 _LOG2E = 1.4426950408889634
@@ -267,8 +269,7 @@ def _info_nce_bwd_combine_kernel(
 # more shared memory than the tensor's device has (its launch raises OutOfResources). Every
 # config compiles without register spills for sm_80, sm_89 and sm_90, with wgmma on sm_90 (the
 # outer tile has >= 64 rows) and mma on the others: tests/ops/compile_gate.py checks it.
-# 128x128 tiles and 32-row tiles were dropped by that table: the first spill at D=128 (8 warps),
-# the second cannot use wgmma.
+# No 128x128 tiles (they spill at D=128 on 8 warps) and no 32-row tiles (no wgmma).
 _CONFIGS = {
     # 16-bit: 128x64 for the H100 and A100; 64x64 for the L40S / RTX 4090, whose 101 KB of
     # shared memory favours smaller tiles. 8 warps and 2 stages: with 4 warps or 3 stages,
@@ -287,8 +288,8 @@ _CHUNKS = {"16bit": (64, 128), "fp32": (32, 128)}  # (BLOCK_K, BLOCK_DV) above t
 
 
 def _tiles(outer_block: str, outer: int, inner: int) -> dict:
-    """The outer tile (queries in the forward, keys in the key-gradient kernel: the rows of
-    its accumulator, the M of its dots) and the streamed inner one."""
+    """The outer tile (queries in the forward, keys in the key gradient: its accumulator's rows)
+    and the streamed inner one."""
     return {outer_block: outer, ("BLOCK_M" if outer_block == "BLOCK_N" else "BLOCK_N"): inner}
 
 
@@ -317,7 +318,7 @@ def _d_tiles(D: int, dtype: torch.dtype) -> dict:
     return {"BLOCK_K": block_k, "BLOCK_DV": min(block_dv, block_d), "ONE_CHUNK": False}
 
 
-def _launch(kernel, tuned: dict, splits: int, d_programs: int, outer_block: str, outer_rows: int, logits: int,
+def _launch(kernel, tuned: dict, *, splits: int, d_programs: int, outer_block: str, outer_rows: int, logits: int,
             args: tuple, flags: dict, dtype: torch.dtype) -> None:
     """Run `kernel` over (ceil(outer_rows / BLOCK), splits, d_programs) programs with the tiles for this machine."""
     precision = _precision(dtype)
@@ -363,8 +364,8 @@ def _num_splits(outer_rows: int, stream_rows: int, D: int, d_programs: int, devi
     (about 2 per SM) while every split keeps >= 4 chunks of work and the fp32 partials stay
     under ~16 MiB. On the CPU interpreter, 2 splits so tests exercise the merge."""
     chunks = triton.cdiv(stream_rows, _SPLIT_CHUNK)
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = multiprocessor_count(device)
+    if sms is not None:
         want = triton.cdiv(2 * sms, triton.cdiv(outer_rows, 128) * d_programs)
         want = min(want, max(1, chunks // 4), max(1, (16 << 20) // (outer_rows * D * 4)))
     else:
@@ -374,7 +375,7 @@ def _num_splits(outer_rows: int, stream_rows: int, D: int, d_programs: int, devi
 
 
 def info_nce_fwd(
-    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None, temperature: float,
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None, *, temperature: float,
     normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward. Returns (loss [N] fp32, lse2 [N] fp32 = log2 Σ_j 2^(l_ij·log2 e),
@@ -399,7 +400,8 @@ def info_nce_fwd(
                  EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), **d_tiles)
     args = (query, x, q_norm, k_norm, m_part, l_part, acc_part, N, x.shape[0], D, *query.stride(), *x.stride(),
             split_cols, scale2)
-    _launch(_info_nce_fwd_kernel, _fwd_tuned, num_splits, d_programs, "BLOCK_N", N, N * x.shape[0], args, flags, query.dtype)
+    _launch(_info_nce_fwd_kernel, _fwd_tuned, splits=num_splits, d_programs=d_programs, outer_block="BLOCK_N",
+            outer_rows=N, logits=N * x.shape[0], args=args, flags=flags, dtype=query.dtype)
 
     loss = torch.empty(N, **f32)
     lse2 = torch.empty(N, **f32)
@@ -417,7 +419,7 @@ def info_nce_fwd(
 
 
 def info_nce_bwd(
-    query: torch.Tensor, key: torch.Tensor, lse2: torch.Tensor, grad: torch.Tensor, temperature: float,
+    query: torch.Tensor, key: torch.Tensor, lse2: torch.Tensor, grad: torch.Tensor, *, temperature: float,
     normalize: bool, label_offset: int,
 ) -> torch.Tensor:
     """In-batch key gradient [M, D] (key's dtype, contiguous) of Σ_i grad_i · loss_i, recomputing
@@ -442,7 +444,8 @@ def info_nce_bwd(
     flags = dict(NORMALIZE=normalize, EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), **d_tiles)
     args = (query, key, q_norm, k_norm, lse2, weight, part, N, M, D, *query.stride(), *key.stride(), split_rows,
             _LOG2E / temperature)
-    _launch(_info_nce_bwd_kernel, _bwd_tuned, num_splits, d_programs, "BLOCK_M", M, N * M, args, flags, query.dtype)
+    _launch(_info_nce_bwd_kernel, _bwd_tuned, splits=num_splits, d_programs=d_programs, outer_block="BLOCK_M",
+            outer_rows=M, logits=N * M, args=args, flags=flags, dtype=query.dtype)
     dk = torch.empty(key.shape, dtype=key.dtype, device=dev)
     block_m = _combine_block(D)
     _info_nce_bwd_combine_kernel[(triton.cdiv(M, block_m),)](
@@ -451,3 +454,35 @@ def info_nce_bwd(
         NORMALIZE=normalize, EPS=_EPS, BLOCK_M=block_m, BLOCK_D=_block_d(D), num_warps=_combine_warps(D),
     )
     return dk
+
+
+# ----------------------------------------------------------------------------- traffic (fastssl.ops._traffic):
+# each kernel reads the tensors named here whole and writes the outputs named here whole
+
+
+def _norms(a: dict) -> tuple[str, ...]:
+    return ("q_norm_ptr", "k_norm_ptr") * a["NORMALIZE"]
+
+
+def _matmul_flops(a: dict, matmuls: int) -> int:
+    """matmuls x 2 N K D (the logits tile, p @ streamed rows or its backward); one logits tile per
+    BLOCK_DV-column program, each recomputing it."""
+    d_programs = -(-a["D"] // a["BLOCK_DV"])
+    rows = a["k_ptr" if "k_ptr" in a else "x_ptr"].shape[0]
+    return (d_programs + matmuls) * 2 * a["q_ptr"].shape[0] * rows * a["D"]
+
+
+def _fwd_traffic(a: dict) -> tuple[int, int, int]:
+    reads = ("q_ptr", "x_ptr") + ("q_norm_ptr",) * a["SCALE_ROWS"] + ("x_norm_ptr",) * a["SCALE_COLS"]
+    return *whole(a, reads, ("m_ptr", "l_ptr", "acc_ptr")), _matmul_flops(a, int(a["COMPUTE_DQ"]))
+
+
+KERNEL_TRAFFIC = {
+    "_info_nce_fwd_kernel": _fwd_traffic,
+    "_info_nce_combine_kernel": lambda a: (*whole(a, ("q_ptr", "k_ptr", "m_ptr", "l_ptr", "acc_ptr") + _norms(a),
+                                                  ("loss_ptr", "lse2_ptr", "dq_ptr", "dk_ptr")), 0),
+    "_info_nce_bwd_kernel": lambda a: (*whole(a, ("q_ptr", "k_ptr", "lse2_ptr", "weight_ptr") + _norms(a),
+                                              ("part_ptr",)), _matmul_flops(a, 1)),
+    "_info_nce_bwd_combine_kernel": lambda a: (*whole(
+        a, ("q_ptr", "k_ptr", "grad_ptr", "weight_scale_ptr", "part_ptr") + _norms(a), ("dk_ptr",)), 0),
+}

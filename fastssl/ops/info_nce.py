@@ -58,13 +58,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastssl.ops._dispatch import (
-    HAS_TRITON,
-    check_interpreter_dot,
+from fastssl.ops.backend import HAS_TRITON, check_interpreter_dot, resolve_backend
+from fastssl.validation import (
+    check_bool,
+    check_choice,
+    check_int,
     check_positive,
     check_same_dtype,
     check_tensor,
-    resolve_backend,
 )
 
 if HAS_TRITON:  # without triton only the reference runs (resolve_backend refuses "triton")
@@ -79,15 +80,16 @@ _REDUCTIONS = ("mean", "sum", "none")
 
 
 @torch.library.custom_op("fastssl::info_nce_fwd", mutates_args=())
-def _info_nce_fwd_op(
+def _fwd_op(
     # typing.Optional: the spelling every torch version's schema inference knows.
     query: torch.Tensor, key: torch.Tensor, queue: Optional[torch.Tensor], temperature: float,  # noqa: UP045
     normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return info_nce_fwd(query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk)
+    return info_nce_fwd(query, key, queue, temperature=temperature, normalize=normalize, label_offset=label_offset,
+                        compute_dq=compute_dq, compute_dk=compute_dk)
 
 
-@_info_nce_fwd_op.register_fake
+@_fwd_op.register_fake
 def _(query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk):
     N, D = query.shape
     f32 = {"dtype": torch.float32}
@@ -98,14 +100,15 @@ def _(query, key, queue, temperature, normalize, label_offset, compute_dq, compu
 
 
 @torch.library.custom_op("fastssl::info_nce_bwd", mutates_args=())
-def _info_nce_bwd_op(
+def _bwd_op(
     query: torch.Tensor, key: torch.Tensor, lse2: torch.Tensor, grad: torch.Tensor, temperature: float,
     normalize: bool, label_offset: int,
 ) -> torch.Tensor:
-    return info_nce_bwd(query, key, lse2, grad, temperature, normalize, label_offset)
+    return info_nce_bwd(query, key, lse2, grad, temperature=temperature, normalize=normalize,
+                        label_offset=label_offset)
 
 
-@_info_nce_bwd_op.register_fake
+@_bwd_op.register_fake
 def _(query, key, lse2, grad, temperature, normalize, label_offset):
     return key.new_empty(key.shape)  # contiguous, like the launcher's
 
@@ -135,11 +138,12 @@ def _backward(ctx, grad_loss, grad_lse2, grad_dq_dir, grad_dk_dir):
                 raise RuntimeError("fastssl::info_nce_fwd was called with compute_dk=False; key has no gradient")
             dk = (g[:, None] * dk_dir).to(key.dtype)
         else:
-            dk = _info_nce_bwd_op(query, key, lse2, g, ctx.temperature, ctx.normalize, ctx.label_offset)
+            dk = _bwd_op(query, key, lse2, g, temperature=ctx.temperature, normalize=ctx.normalize,
+                         label_offset=ctx.label_offset)
     return dq, dk, None, None, None, None, None, None
 
 
-_info_nce_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ----------------------------------------------------------------------------- reference and public API
@@ -202,18 +206,15 @@ def info_nce(
             raise ValueError(f"with a queue, key must have one row per query (M == N == {N}), got M={M}")
     check_same_dtype(("query", "key"), (query, key))
     temperature = check_positive("temperature", temperature)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    if not isinstance(label_offset, int) or isinstance(label_offset, bool):
-        raise TypeError(f"label_offset must be an int, got {type(label_offset).__name__}")
+    check_bool("normalize", normalize)
+    label_offset = check_int("label_offset", label_offset)
     if queue is not None and label_offset != 0:
         raise ValueError(f"label_offset applies to the in-batch form (queue=None); with a queue the target "
                          f"is always column 0, got label_offset={label_offset}")
     if label_offset < 0 or label_offset + N > M:
         raise ValueError(f"label_offset must satisfy 0 <= label_offset and label_offset + N <= M "
                          f"(N={N}, M={M}), got label_offset={label_offset}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    check_choice("reduction", reduction, _REDUCTIONS)
     tensors = (query, key) if queue is None else (query, key, queue)
     resolved = resolve_backend(backend, *tensors)
     if resolved == "triton" and any(t.dtype not in _KERNEL_DTYPES for t in tensors):
@@ -228,8 +229,9 @@ def info_nce(
         return info_nce_ref(query, key, queue, temperature=temperature, normalize=normalize,
                             label_offset=label_offset, reduction=reduction)
     grad = torch.is_grad_enabled()
-    loss, _, _, _ = _info_nce_fwd_op(query, key, queue, temperature, normalize, label_offset,
-                                     grad and query.requires_grad, grad and key.requires_grad)
+    loss, _, _, _ = _fwd_op(query, key, queue, temperature=temperature, normalize=normalize,
+                            label_offset=label_offset, compute_dq=grad and query.requires_grad,
+                            compute_dk=grad and key.requires_grad)
     if reduction == "mean":
         loss = loss.mean()
     elif reduction == "sum":

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from dist_utils import run_gloo
 
-from fastssl.losses import DINOLoss, sinkhorn_knopp_teacher
+from fastssl.losses import DINOLoss, dino_update_center_, sinkhorn_knopp_teacher
 
 
 class OfficialDINOLoss:
@@ -109,7 +109,8 @@ def test_loads_an_official_checkpoints_loss_state(tmp_path):
 def test_matches_official_over_warmup_epochs_and_center_steps(backend, K, B, ncrops, n_global, device):
     args = (K, ncrops, 0.04, 0.07, 3, 5)
     dev = device if backend == "triton" else "cpu"  # the kernel on CUDA when present, else interpreted
-    ours = DINOLoss(*args, student_temp=0.1, center_momentum=0.9, n_global=n_global, backend=backend).to(dev)
+    ours = DINOLoss(*args, student_temp=0.1, center_momentum=0.9, n_global_crops=n_global,
+                    backend=backend).to(dev)
     official = OfficialDINOLoss(*args, student_temp=0.1, center_momentum=0.9, n_global=n_global)
     dtype = torch.float32 if backend == "triton" else torch.float64
     if dtype == torch.float64:
@@ -172,8 +173,8 @@ def test_rejected_input_leaves_center_and_pending_update_unchanged():
 @pytest.mark.parametrize(
     "kw,error,match",
     [
-        (dict(ncrops=1, n_global=1), ValueError, "ncrops must be >= n_global=1 and >= 2"),
-        (dict(ncrops=2, n_global=3), ValueError, "ncrops must be >= n_global=3"),
+        (dict(ncrops=1, n_global_crops=1), ValueError, "ncrops must be >= n_global_crops=1 and >= 2"),
+        (dict(ncrops=2, n_global_crops=3), ValueError, "ncrops must be >= n_global_crops=3"),
         (dict(warmup_teacher_temp_epochs=9), ValueError, "warmup_teacher_temp_epochs must be in"),
         (dict(teacher_centering="mean"), ValueError, "teacher_centering must be one of"),
         (dict(teacher_temp=0.0), ValueError, "teacher_temp"),
@@ -284,3 +285,16 @@ def test_state_dict_round_trip():
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.center, b.center) and not torch.equal(b.center, torch.zeros(1, 12))
     assert np.allclose(a.teacher_temp_schedule, b.teacher_temp_schedule)
+
+
+def test_dino_update_center_formula():
+    g = torch.Generator().manual_seed(4)
+    center = torch.randn(1, 33, generator=g)
+    teacher = torch.randn(10, 33, generator=g)
+    want = 0.9 * center + 0.1 * teacher.mean(dim=0, keepdim=True)
+    out = dino_update_center_(center, teacher, momentum=0.9)
+    assert out is center
+    torch.testing.assert_close(center, want)
+    flat = torch.zeros(33)
+    dino_update_center_(flat, None, momentum=0.5, teacher_sum=teacher.sum(0), n_rows=10)
+    torch.testing.assert_close(flat, 0.5 * teacher.mean(0))

@@ -8,7 +8,7 @@ from dist_utils import run_gloo
 
 from fastssl.losses import InfoNCELoss
 from fastssl.ops import info_nce
-from fastssl.ops._dispatch import triton_interpreting
+from fastssl.ops.backend import triton_interpreting
 
 WORLD, N, D, T = 2, 5, 16, 0.1
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastssl.data.labels import multi_hot
 from fastssl.losses import multilabel_sigmoid_loss, multilabel_softmax_loss
-from fastssl.losses.multilabel import FUSED_MIN_CLASSES, multi_hot
+from fastssl.losses.multilabel import FUSED_MIN_CLASSES
 
 
 def label_lists(n, c, k_values, seed=0):
@@ -73,7 +74,7 @@ def test_fused_bf16_within_twice_torch_error(device):
     logits = 3 * torch.randn(4, C, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     truth = softmax_loss_fp64(logits, lists)
     x = logits.bfloat16()
-    y = multi_hot(lists, 4, C, dtype=torch.bfloat16)
+    y = multi_hot(lists, C, dtype=torch.bfloat16)
     low = -(y / y.sum(1, keepdim=True) * x.log_softmax(dim=1)).sum(1).mean()  # the formula run in bf16
     fused = multilabel_softmax_loss(x.to(device), lists, backend="triton").cpu()
     assert (fused.double() - truth).abs() <= 2 * (low.double() - truth).abs() + 1e-3
@@ -97,7 +98,7 @@ def test_sigmoid_loss_formula():
             want -= math.log(p) if c in labels else math.log(1 - p)
     want /= 4
     torch.testing.assert_close(multilabel_sigmoid_loss(logits, lists).item(), want, rtol=1e-12, atol=1e-12)
-    loss = multilabel_sigmoid_loss(logits.float().requires_grad_(True), multi_hot(lists, 4, 12))
+    loss = multilabel_sigmoid_loss(logits.float().requires_grad_(True), multi_hot(lists, 12))
     assert loss.dtype == torch.float32
 
 

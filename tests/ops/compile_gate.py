@@ -31,7 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib
+import importlib.util
 import json
 import os
 import pkgutil
@@ -177,7 +177,6 @@ def fake_cuda(card: Card):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from triton.runtime import autotuner, jit
 
-    import fastssl.ops
 
     props = types.SimpleNamespace(
         multi_processor_count=card.sms, shared_memory_per_block_optin=card.smem_optin, name=card.name
@@ -195,7 +194,7 @@ def fake_cuda(card: Card):
 
     ops = {
         op
-        for info in pkgutil.iter_modules(fastssl.ops.__path__)
+        for info in pkgutil.iter_modules(importlib.util.find_spec("fastssl.ops").submodule_search_locations)
         for op in vars(importlib.import_module(f"fastssl.ops.{info.name}")).values()
         if isinstance(op, CustomOpDef)
     }
@@ -452,10 +451,9 @@ def triton_kernels() -> dict:
     """Every @triton.jit function defined in fastssl.ops, by qualified name."""
     from triton.runtime.jit import JITFunction
 
-    import fastssl.ops
 
     found = {}
-    for info in pkgutil.iter_modules(fastssl.ops.__path__):
+    for info in pkgutil.iter_modules(importlib.util.find_spec("fastssl.ops").submodule_search_locations):
         mod = importlib.import_module(f"fastssl.ops.{info.name}")
         for name, obj in vars(mod).items():
             if isinstance(obj, JITFunction) and obj.__module__ == mod.__name__:

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from fastssl.ops.dino_loss import (
     dino_loss,
     dino_loss_ref,
-    dino_update_center_,
     soft_cross_entropy,
 )
 
@@ -80,7 +79,7 @@ GRID = [*itertools.product([2, 3, 6, 12], [1, 2], [1, 3, 64], [7, 1000]),
 @pytest.mark.parametrize("n_crops,n_global,B,K", GRID)
 def test_torch_backend_matches_official_formula(n_crops, n_global, B, K):
     student, teacher, center = make(n_crops, n_global, B, K)
-    kw = dict(n_crops=n_crops, n_global=n_global, student_temp=0.1, teacher_temp=0.04)
+    kw = dict(n_crops=n_crops, n_global_crops=n_global, student_temp=0.1, teacher_temp=0.04)
     loss, grad = value_and_grad(dino_loss, student, teacher, center, backend="torch", **kw)
     want, want_grad = value_and_grad(official_loss, student, teacher, center, n_crops, n_global, 0.1, 0.04)
     torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-12)
@@ -99,7 +98,7 @@ KERNEL_CASES = [
 def test_kernel_matches_official_formula(n_crops, n_global, B, K, device):
     student, teacher, center = make(n_crops, n_global, B, K, dtype=torch.float32)
     loss, grad = value_and_grad(on(device, dino_loss), student, teacher, center, n_crops=n_crops,
-                                n_global=n_global, backend="triton")
+                                n_global_crops=n_global, backend="triton")
     want, want_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(),
                                      n_crops, n_global, 0.1, 0.04)
     low, low_grad = value_and_grad(official_loss, student, teacher, center, n_crops, n_global, 0.1, 0.04)
@@ -116,7 +115,7 @@ def test_kernel_matches_official_formula(n_crops, n_global, B, K, device):
                          [(0.01, 0.01, 5.0), (1.0, 1.0, 0.01), (0.1, 0.04, 30.0)])
 def test_kernel_extreme_temperatures(student_temp, teacher_temp, scale, device):
     student, teacher, center = make(3, 2, 3, 300, dtype=torch.float32, scale=scale, seed=1)
-    kw = dict(n_crops=3, n_global=2, student_temp=student_temp, teacher_temp=teacher_temp)
+    kw = dict(n_crops=3, n_global_crops=2, student_temp=student_temp, teacher_temp=teacher_temp)
     loss, grad = value_and_grad(on(device, dino_loss), student, teacher, center, backend="triton", **kw)
     want, want_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(), 3, 2,
                                      student_temp, teacher_temp)
@@ -133,7 +132,7 @@ def test_kernel_low_precision_within_twice_torch_error(dtype, device):
     """DESIGN.md rule: error vs fp64 truth <= 2x the official formula's error in the same dtype + atol."""
     n_crops, n_global, B, K = 6, 2, 3, 1000
     student, teacher, center = make(n_crops, n_global, B, K, dtype=dtype, scale=1.0, seed=2)
-    kw = dict(n_crops=n_crops, n_global=n_global, student_temp=0.1, teacher_temp=0.04)
+    kw = dict(n_crops=n_crops, n_global_crops=n_global, student_temp=0.1, teacher_temp=0.04)
     loss, grad = value_and_grad(on(device, dino_loss), student, teacher, center, backend="triton", **kw)
     assert grad.dtype == dtype
     truth, truth_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(),
@@ -148,7 +147,7 @@ def test_kernel_low_precision_within_twice_torch_error(dtype, device):
 def test_kernel_grad_output_scaling_and_noncontiguous_input(device):
     student, teacher, center = make(3, 2, 3, 65, dtype=torch.float32)
     s_t = student.t().contiguous().to(device).requires_grad_(True)  # the kernel must copy the transposed view
-    loss = dino_loss(s_t.t(), teacher.to(device), center.view(-1).to(device), n_crops=3, n_global=2,
+    loss = dino_loss(s_t.t(), teacher.to(device), center.view(-1).to(device), n_crops=3, n_global_crops=2,
                      backend="triton")
     (grad,) = torch.autograd.grad(loss, s_t, grad_outputs=torch.tensor(-2.5, device=device))
     loss, grad = loss.detach().cpu(), grad.cpu()
@@ -176,7 +175,8 @@ def test_strided_views_match_the_contiguous_result(layout, device):
         wide_s = student.t().contiguous().to(device).requires_grad_()
         s_view, t_view = wide_s.t(), teacher.t().contiguous().to(device).t()
     assert not s_view.is_contiguous() and not t_view.is_contiguous()
-    loss = dino_loss(s_view, t_view, center.to(device), n_crops=n_crops, n_global=n_global, backend="triton")
+    loss = dino_loss(s_view, t_view, center.to(device), n_crops=n_crops, n_global_crops=n_global,
+                     backend="triton")
     (grad,) = torch.autograd.grad(loss, wide_s)
     # the kernel computes in fp32 whatever the input dtype
     torch.testing.assert_close(loss.cpu(), want, rtol=1e-6, atol=1e-6)
@@ -193,7 +193,7 @@ def test_teacher_and_center_get_no_gradient(device):
     student, teacher, center = (x.to(device) for x in make(2, 1, 3, 40, dtype=torch.float32))
     teacher.requires_grad_(True)
     student.requires_grad_(True)
-    loss = dino_loss(student, teacher, center, n_crops=2, n_global=1, backend="triton")
+    loss = dino_loss(student, teacher, center, n_crops=2, n_global_crops=1, backend="triton")
     loss.backward()
     assert teacher.grad is None and student.grad is not None
 
@@ -202,7 +202,7 @@ def test_teacher_and_center_get_no_gradient(device):
 def test_nan_in_gives_nan_out(where, device):
     student, teacher, center = (x.to(device) for x in make(3, 2, 3, 50, dtype=torch.float32))
     (student if where == "student" else teacher)[4, 7] = float("nan")
-    loss = dino_loss(student, teacher, center, n_crops=3, n_global=2, backend="triton")
+    loss = dino_loss(student, teacher, center, n_crops=3, n_global_crops=2, backend="triton")
     assert torch.isnan(loss)
 
 
@@ -226,22 +226,9 @@ def test_soft_cross_entropy_given_probabilities(device):
         torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-7)
 
 
-def test_dino_update_center_formula():
-    g = torch.Generator().manual_seed(4)
-    center = torch.randn(1, 33, generator=g)
-    teacher = torch.randn(10, 33, generator=g)
-    want = 0.9 * center + 0.1 * teacher.mean(dim=0, keepdim=True)
-    out = dino_update_center_(center, teacher, momentum=0.9)
-    assert out is center
-    torch.testing.assert_close(center, want)
-    flat = torch.zeros(33)
-    dino_update_center_(flat, None, momentum=0.5, teacher_sum=teacher.sum(0), n_rows=10)
-    torch.testing.assert_close(flat, 0.5 * teacher.mean(0))
-
-
 def test_ref_is_the_documented_formula():
     student, teacher, center = make(3, 2, 2, 9)
-    torch.testing.assert_close(dino_loss_ref(student, teacher, center, n_crops=3, n_global=2),
+    torch.testing.assert_close(dino_loss_ref(student, teacher, center, n_crops=3, n_global_crops=2),
                                official_loss(student, teacher, center, 3, 2, 0.1, 0.04))
 
 
@@ -249,13 +236,13 @@ def test_opcheck(device):
     student, teacher, center = (x.to(device) for x in make(3, 2, 2, 40, dtype=torch.float32))
     student.requires_grad_(True)
     args = (student, teacher, center.view(-1), 3, 2, 0.1, 0.04, True, True, True)
-    torch.library.opcheck(torch.ops.fastssl.dino_soft_ce_fwd.default, args)
+    torch.library.opcheck(torch.ops.fastssl.dino_loss_fwd.default, args)
 
 
 def test_torch_compile_fullgraph_traces_the_op(device):
     student, teacher, center = make(3, 2, 2, 40, dtype=torch.float32)
-    fn = on(device, torch.compile(lambda s, t, c: dino_loss(s, t, c, n_crops=3, n_global=2, backend="triton"),
-                                  fullgraph=True))
+    fn = on(device, torch.compile(
+        lambda s, t, c: dino_loss(s, t, c, n_crops=3, n_global_crops=2, backend="triton"), fullgraph=True))
     loss, grad = value_and_grad(fn, student, teacher, center)
     want, want_grad = value_and_grad(official_loss, student.double(), teacher.double(), center.double(), 3, 2,
                                      0.1, 0.04)
@@ -266,15 +253,15 @@ def test_torch_compile_fullgraph_traces_the_op(device):
 @pytest.mark.parametrize(
     "shapes,kw,match",
     [
-        (((7, 8), (2, 8), (1, 8)), dict(n_crops=3, n_global=1), "divisible by n_crops"),
-        (((6, 8), (4, 8), (1, 8)), dict(n_crops=3, n_global=1), r"teacher must have shape .* \(2, 8\)"),
-        (((6, 8), (4, 8), (1, 9)), dict(n_crops=3, n_global=2), "center must have shape"),
-        (((6, 8), (4, 9), (1, 8)), dict(n_crops=3, n_global=2), "teacher must have shape"),
-        (((6, 8), (8, 8), (1, 8)), dict(n_crops=2, n_global=4), "n_global must be <= n_crops"),
-        (((6, 8), (6, 8), (1, 8)), dict(n_crops=1, n_global=1), "n_crops must be >= 2"),
-        (((6, 8), (4, 8), (1, 8)), dict(n_crops=3, n_global=2, student_temp=0.0), "student_temp"),
-        (((6, 8), (4, 8), (1, 8)), dict(n_crops=3, n_global=2, teacher_temp=-1.0), "teacher_temp"),
-        (((6, 8), (4, 8), (1, 8)), dict(n_crops=3, n_global=2, backend="cuda"), "backend"),
+        (((7, 8), (2, 8), (1, 8)), dict(n_crops=3, n_global_crops=1), "divisible by n_crops"),
+        (((6, 8), (4, 8), (1, 8)), dict(n_crops=3, n_global_crops=1), r"teacher must have shape .* \(2, 8\)"),
+        (((6, 8), (4, 8), (1, 9)), dict(n_crops=3, n_global_crops=2), "center must have shape"),
+        (((6, 8), (4, 9), (1, 8)), dict(n_crops=3, n_global_crops=2), "teacher must have shape"),
+        (((6, 8), (8, 8), (1, 8)), dict(n_crops=2, n_global_crops=4), "n_global_crops must be <= n_crops"),
+        (((6, 8), (6, 8), (1, 8)), dict(n_crops=1, n_global_crops=1), "n_crops must be >= 2"),
+        (((6, 8), (4, 8), (1, 8)), dict(n_crops=3, n_global_crops=2, student_temp=0.0), "student_temp"),
+        (((6, 8), (4, 8), (1, 8)), dict(n_crops=3, n_global_crops=2, teacher_temp=-1.0), "teacher_temp"),
+        (((6, 8), (4, 8), (1, 8)), dict(n_crops=3, n_global_crops=2, backend="cuda"), "backend"),
     ],
 )
 def test_clear_errors(shapes, kw, match):
@@ -291,10 +278,11 @@ def test_type_errors():
 
 
 COMPILE_FOR_H100 = r"""
-import importlib, itertools, triton
+import itertools, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-m = importlib.import_module("fastssl.ops.dino_loss")
+from fastssl.ops import triton_kernels
+m = triton_kernels()
 FWD = dict(s_ptr="*bf16", t_ptr="*bf16", c_ptr="*fp32", s_stats_ptr="*fp32", t_stats_ptr="*fp32",
            t_sum_ptr="*fp32", B="i32", K="i32", V="i32", G="i32", n_tiles="i32", samples_per_group="i32",
            s_stride="i32", t_stride="i32", inv_ts="fp32", inv_tt="fp32")
@@ -313,11 +301,11 @@ for logits, exclude, ones in itertools.product([True, False], [True, False], [Fa
     # Triton turns int arguments equal to 1 into constants: multi-label (V = G = 1) and B = 1 take that path
     one = dict(B=1, V=1, G=1, samples_per_group=1) if ones else {}
     flags = dict(BLOCK_K=2048, TARGET_IS_LOGITS=logits, EXCLUDE_SAME=exclude)
-    build(m._dino_loss_fwd_kernel, {k: v for k, v in FWD.items() if k not in one},
+    build(m["_dino_loss_fwd_kernel"], {k: v for k, v in FWD.items() if k not in one},
           {**one, **flags, "WITH_TARGET_SUM": logits})
-    build(m._dino_loss_bwd_kernel, {k: v for k, v in BWD.items() if k not in one}, {**one, **flags})
+    build(m["_dino_loss_bwd_kernel"], {k: v for k, v in BWD.items() if k not in one}, {**one, **flags})
     merge_one = {k: v for k, v in one.items() if k != "samples_per_group"}
-    build(m._dino_loss_merge_kernel, {k: v for k, v in MERGE.items() if k not in merge_one},
+    build(m["_dino_loss_merge_kernel"], {k: v for k, v in MERGE.items() if k not in merge_one},
           {**merge_one, "BLOCK_ROWS": 128, "BLOCK_TILES": 32, "BLOCK_COLS": 1024, "EXCLUDE_SAME": exclude})
 print("compiled")
 """

@@ -463,9 +463,9 @@ def test_float64_runs_the_reference_and_gradchecks():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs only without a GPU here")
 def test_interpreter_refuses_bf16_dots_it_gets_wrong():
-    from fastssl.ops._dispatch import _interpreter_dot_is_exact
+    from fastssl.ops.backend import interpreter_dot_is_exact
 
-    if _interpreter_dot_is_exact(torch.bfloat16):
+    if interpreter_dot_is_exact(torch.bfloat16):
         pytest.skip("this Triton's interpreter multiplies bf16 tiles correctly")
     q = torch.randn(4, 16, dtype=torch.bfloat16)
     with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1"):

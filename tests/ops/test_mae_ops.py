@@ -175,13 +175,15 @@ def test_decoder_unshuffle_fuses_class_token_and_pos_embed_on_a_sliced_input(dev
         t = token.clone().to(device).requires_grad_()
         x = w[..., 3:3 + D]
         assert not x.is_contiguous()
-        out = unshuffle_tokens(x, t, ids.to(device), backend, pos_embed=pos.to(device), with_cls_token=True)
+        out = unshuffle_tokens(x, t, ids.to(device), pos_embed=pos.to(device), with_cls_token=True,
+                               backend=backend)
         torch.testing.assert_close(out.cpu(), want, rtol=0, atol=1e-15)
         gw, gt = torch.autograd.grad((out * weight.to(device)).sum(), (w, t))
         assert torch.equal(gw[..., 3:3 + D].cpu(), want_g[0]) and not gw[..., :3].any()
         torch.testing.assert_close(gt.cpu(), want_g[1], rtol=0, atol=1e-12)
-        gw, gt = torch.autograd.grad(unshuffle_tokens(x, t, ids.to(device), backend, pos_embed=pos.to(device),
-                                                      with_cls_token=True).sum(), (w, t))
+        out = unshuffle_tokens(x, t, ids.to(device), pos_embed=pos.to(device), with_cls_token=True,
+                               backend=backend)
+        gw, gt = torch.autograd.grad(out.sum(), (w, t))
         assert torch.equal(gw[..., 3:3 + D].cpu(), torch.ones(N, 1 + K, D, dtype=torch.float64))
         assert torch.equal(gt.cpu(), torch.full((D,), float(N * (L - K)), dtype=torch.float64))
 
@@ -404,14 +406,14 @@ def test_opcheck_all_custom_ops(device):
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # the patch embedding's layout
     ids9 = torch.stack([torch.randperm(9, generator=gen) for _ in range(2)]).to(device)
     cases = [
-        (ops.mae_gather_kept.default, (x.clone().requires_grad_(), ids, 4, None, None)),
-        (ops.mae_gather_kept.default, (x.clone().requires_grad_(), ids, 4, x[0].clone(), None)),
-        (ops.mae_gather_kept.default, (xt.clone().requires_grad_(), ids, 4, x[0].clone(), token)),
-        (ops.mae_masking_bwd.default, (x_kept.detach(), ids, True)),
-        (ops.mae_unshuffle.default, (x_kept.requires_grad_(), ids, token, None, False)),
-        (ops.mae_unshuffle.default, (x_kept, ids9, token, x[0, :10].clone(), True)),
-        (ops.mae_unshuffle_bwd.default, (x.detach(), ids, 4, False)),
-        (ops.mae_unshuffle_bwd.default, (x.detach(), ids9, 4, True)),
+        (ops.random_masking_fwd.default, (x.clone().requires_grad_(), ids, 4, None, None)),
+        (ops.random_masking_fwd.default, (x.clone().requires_grad_(), ids, 4, x[0].clone(), None)),
+        (ops.random_masking_fwd.default, (xt.clone().requires_grad_(), ids, 4, x[0].clone(), token)),
+        (ops.random_masking_bwd.default, (x_kept.detach(), ids, True)),
+        (ops.unshuffle_tokens_fwd.default, (x_kept.requires_grad_(), ids, token, None, False)),
+        (ops.unshuffle_tokens_fwd.default, (x_kept, ids9, token, x[0, :10].clone(), True)),
+        (ops.unshuffle_tokens_bwd.default, (x.detach(), ids, 4, False)),
+        (ops.unshuffle_tokens_bwd.default, (x.detach(), ids9, 4, True)),
         (ops.mae_loss_fwd.default, (pred.clone().requires_grad_(), target, mask, True, 0, False)),
         (ops.mae_loss_fwd.default, (pred_cls.clone().requires_grad_(), imgs, mask8, True, 2, True)),
         (ops.mae_loss_bwd.default, (pred.new_tensor(1.0), pred, target, mask, mask.sum(), False, 0, False)),

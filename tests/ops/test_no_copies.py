@@ -30,7 +30,7 @@ def test_the_counter_sees_a_copy_inside_a_launcher():
     t, c = torch.randn(2, 8), torch.zeros(8)
 
     def step(leaf, student):  # autograd.grad: no accumulation into the leaf's layout
-        torch.autograd.grad(ops.dino_loss(student, t, c, n_crops=3, n_global=1, backend="triton"), leaf)
+        torch.autograd.grad(ops.dino_loss(student, t, c, n_crops=3, n_global_crops=1, backend="triton"), leaf)
 
     copies = count(lambda: step(s, s)).copies(48)
     assert [r.name for r in copies] == ["contiguous", "contiguous"]  # forward and backward launchers
@@ -58,8 +58,8 @@ def test_mae_masking_unshuffle_loss_step_has_no_copies():
     def step():
         kept, mask, ids = ops.random_masking(x, 0.75, noise=noise, pos_embed=pos[:, 1:],
                                              cls_token=cls + pos[:, :1], backend="triton")
-        tokens = ops.unshuffle_tokens(decoder_embed(kept), mask_token, ids, "triton", pos_embed=dec_pos,
-                                      with_cls_token=True)
+        tokens = ops.unshuffle_tokens(decoder_embed(kept), mask_token, ids, pos_embed=dec_pos,
+                                      with_cls_token=True, backend="triton")
         pred = decoder_pred(tokens)
         ops.mae_loss(pred, imgs, mask, patch_size=p, with_cls_token=True, backend="triton").backward()
 

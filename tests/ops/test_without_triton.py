@@ -11,7 +11,7 @@ import sys
 sys.modules["triton"] = sys.modules["triton.language"] = None  # import triton -> ImportError
 import torch
 from fastssl import ops
-from fastssl.ops._dispatch import HAS_TRITON
+from fastssl.ops.backend import HAS_TRITON
 assert not HAS_TRITON and sys.modules["triton"] is None
 
 torch.manual_seed(0)
@@ -22,8 +22,8 @@ loss.backward()
 assert q.grad is not None and torch.isfinite(q.grad).all()
 
 s, t, c = torch.randn(6, 11), torch.randn(4, 11), torch.zeros(1, 11)
-torch.testing.assert_close(ops.dino_loss(s, t, c, n_crops=3, n_global=2),
-                           ops.dino_loss_ref(s, t, c, n_crops=3, n_global=2))
+torch.testing.assert_close(ops.dino_loss(s, t, c, n_crops=3, n_global_crops=2),
+                           ops.dino_loss_ref(s, t, c, n_crops=3, n_global_crops=2))
 x_kept, mask, ids = ops.random_masking(torch.randn(2, 8, 4), 0.5, generator=torch.Generator().manual_seed(0))
 assert x_kept.shape == (2, 4, 4) and mask.sum() == 8
 assert ops.unshuffle_tokens(x_kept, torch.zeros(4), ids).shape == (2, 8, 4)
