@@ -85,7 +85,7 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
         raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
     value = float(value)
     bounds = _range_text(low, high, low_open, high_open)
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:  # comparisons, not math.isfinite: torch.compile traces them
         raise ValueError(f"{name} must be a finite number{' ' + bounds if bounds else ''}, got {value}")
     too_low = low is not None and (value <= low if low_open else value < low)
     too_high = high is not None and (value >= high if high_open else value > high)

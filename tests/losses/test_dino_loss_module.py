@@ -165,7 +165,7 @@ def test_rejected_input_leaves_center_and_pending_update_unchanged():
     center, pending = loss.center.clone(), loss._pending[0].clone()
     with pytest.raises(ValueError, match="teacher must have shape"):
         loss(s, t[:5], 1)
-    with pytest.raises(ValueError, match="epoch must be in"):
+    with pytest.raises(ValueError, match=r"epoch must be an integer >= 0 and <= 3, got 4"):
         loss(s, t, 4)
     assert torch.equal(loss.center, center) and torch.equal(loss._pending[0], pending)
 
@@ -175,7 +175,7 @@ def test_rejected_input_leaves_center_and_pending_update_unchanged():
     [
         (dict(ncrops=1, n_global_crops=1), ValueError, "ncrops must be >= n_global_crops=1 and >= 2"),
         (dict(ncrops=2, n_global_crops=3), ValueError, "ncrops must be >= n_global_crops=3"),
-        (dict(warmup_teacher_temp_epochs=9), ValueError, "warmup_teacher_temp_epochs must be in"),
+        (dict(warmup_teacher_temp_epochs=9), ValueError, "warmup_teacher_temp_epochs must be an integer"),
         (dict(teacher_centering="mean"), ValueError, "teacher_centering must be one of"),
         (dict(teacher_temp=0.0), ValueError, "teacher_temp"),
         (dict(center_momentum=1.5), ValueError, "center_momentum"),
@@ -298,3 +298,19 @@ def test_dino_update_center_formula():
     flat = torch.zeros(33)
     dino_update_center_(flat, None, momentum=0.5, teacher_sum=teacher.sum(0), n_rows=10)
     torch.testing.assert_close(flat, 0.5 * teacher.mean(0))
+
+
+def test_teacher_temp_given_equals_the_epoch_schedule():
+    """A caller owning the schedule passes the temperature: the same loss and center as the official
+    epoch-indexed call; exactly one of epoch and teacher_temp."""
+    a, b = (DINOLoss(16, 4, 0.04, 0.07, 3, 5, backend="torch") for _ in range(2))
+    for epoch, (s, t) in enumerate(batches(4, 4, 2, 3, 16)):
+        want = a(s, t, epoch)
+        got = b(s, t, teacher_temp=float(b.teacher_temp_schedule[epoch]))
+        assert torch.equal(got, want) and torch.equal(a.center, b.center)
+    s, t = batches(1, 4, 2, 3, 16)[0]
+    for kw in (dict(), dict(epoch=0, teacher_temp=0.04)):
+        with pytest.raises(ValueError, match="exactly one"):
+            a(s, t, **kw)
+    with pytest.raises(ValueError, match="teacher_temp"):
+        a(s, t, teacher_temp=0.0)

@@ -119,9 +119,9 @@ def test_scale_by_2t_is_moco_v3s_scaling():
 
 
 def test_module_errors():
-    with pytest.raises(TypeError, match="gather_distributed must be a bool"):
+    with pytest.raises(TypeError, match="gather_distributed must be True or False"):
         InfoNCELoss(gather_distributed="yes")
-    with pytest.raises(TypeError, match="scale_by_2t must be a bool"):
+    with pytest.raises(TypeError, match="scale_by_2t must be True or False"):
         InfoNCELoss(scale_by_2t=1)
     with pytest.raises(ValueError, match="temperature"):
         InfoNCELoss(temperature=0.0)(torch.randn(2, 4), torch.randn(2, 4))

@@ -51,5 +51,5 @@ def test_defaults_and_errors():
         MAELoss(0)
     with pytest.raises(TypeError, match="norm_pix_loss"):
         MAELoss(16, norm_pix_loss=1)
-    with pytest.raises(ValueError, match="multiples of p=16"):
+    with pytest.raises(ValueError, match="patches of patch_size=16"):
         MAELoss(16)(torch.randn(1, 3, 24, 24), torch.randn(1, 1, 768), torch.ones(1, 1))

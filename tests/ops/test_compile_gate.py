@@ -83,6 +83,7 @@ def test_gate_scenarios_launch_every_kernel():
     nothing compiled): one scenario per op family and dtype-independent shape, in ~15 s."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(GATE.parent), str(ROOT), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, "-c", CAPTURE], env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", CAPTURE], env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "missing []" in out.stdout and "launched 0 " not in out.stdout, out.stdout
