@@ -2,6 +2,9 @@
 gradient and sees only the global crops, its last layer is frozen in epoch 0, the center
 moves; MAE's encoder sees exactly len_keep tokens and its loss counts only masked patches."""
 
+import copy
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,3 +171,22 @@ def test_dino_rejects_a_wrong_number_of_crops():
     with pytest.raises(ValueError, match=r"dino: expected 4 views \(2 global \+ local_crops=2\), got 5"):
         method({"views": batch["views"] + batch["views"][-1:]}, context())
     assert torch.equal(method.criterion.center, center)
+
+
+def test_dino_teacher_temperature_comes_through_the_step_schedules():
+    """The official per-epoch teacher temperature (linear warm-up, then constant), held for every step
+    of its epoch, in Method.schedules beside the teacher momentum; a step uses the value passed in."""
+    method = build("dino", warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=2,
+                   epochs=3)
+    schedules = method.schedules(total_steps=30, steps_per_epoch=10)
+    official = np.concatenate((np.linspace(0.04, 0.07, 2), np.ones(1) * 0.07))
+    assert np.array_equal(schedules["teacher_temp"], np.repeat(official, 10))
+    batch = make_batch(method, batch_size=4)
+    losses = []
+    for temp in (0.04, 0.07):
+        torch.manual_seed(0)
+        probe = copy.deepcopy(method)
+        losses.append(probe(batch, context(epoch=0, teacher_temp=temp))["loss"].item())
+    torch.manual_seed(0)
+    at_epoch_2 = copy.deepcopy(method)(batch, context(epoch=2))["loss"].item()  # no schedule: the epoch's
+    assert losses[0] != losses[1] and losses[1] == at_epoch_2
