@@ -138,7 +138,7 @@ def dino_loss_ref(
 # ----------------------------------------------------------------------------- public functions
 
 
-def _check_blocks(student: Tensor, target: Tensor, n_crops: int, n_targets: int, target_name: str,
+def _check_blocks(student: Tensor, target: Tensor, n_crops: int, n_targets: int, *, target_name: str,
                   targets_name: str) -> int:
     """Validate the row-block layout; return B."""
     check_tensor("student", student, ndim=2)
@@ -160,7 +160,7 @@ def _dino_loss(student: Tensor, teacher: Tensor, center: Tensor, *, n_crops: int
                with_teacher_sum: bool) -> tuple[Tensor, Tensor | None]:
     n_crops = check_int("n_crops", n_crops, low=2)
     n_global_crops = check_int("n_global_crops", n_global_crops, low=1)
-    _check_blocks(student, teacher, n_crops, n_global_crops, "teacher", "n_global_crops")
+    _check_blocks(student, teacher, n_crops, n_global_crops, target_name="teacher", targets_name="n_global_crops")
     check_tensor("center", center, ndim=(1, 2), device=student.device, like="student")
     K = student.shape[1]
     if center.numel() != K or (center.ndim == 2 and center.shape[0] != 1):
@@ -227,7 +227,7 @@ def soft_cross_entropy(
     exclude_same = check_bool("exclude_same", exclude_same)
     n_crops = check_int("n_crops", n_crops, low=2 if exclude_same else 1)
     n_targets = check_int("n_targets", n_targets, low=1)
-    _check_blocks(student, target, n_crops, n_targets, "target", "n_targets")
+    _check_blocks(student, target, n_crops, n_targets, target_name="target", targets_name="n_targets")
     student_temp = check_positive("student_temp", student_temp)
     if resolve_backend(backend, student, target) == "torch":
         return soft_cross_entropy_ref(student, target, n_crops=n_crops, n_targets=n_targets,

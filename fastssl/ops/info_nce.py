@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from fastssl.ops.backend import HAS_TRITON, check_interpreter_dot, resolve_backend
 from fastssl.validation import (
+    FLOAT_DTYPES,
     check_bool,
     check_choice,
     check_int,
@@ -71,7 +72,6 @@ from fastssl.validation import (
 if HAS_TRITON:  # without triton only the reference runs (resolve_backend refuses "triton")
     from fastssl.ops._info_nce_kernels import info_nce_bwd, info_nce_fwd
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -192,14 +192,14 @@ def info_nce(
     reduction: "mean" | "sum" (scalar) or "none" ([N]); the result has the input dtype.
     backend: "auto" (Triton on CUDA, else `info_nce_ref`), "triton", "torch".
     """
-    check_tensor("query", query, ndim=2, dtypes=_DTYPES)
-    check_tensor("key", key, ndim=2, dtypes=_DTYPES, device=query.device, like="query")
+    check_tensor("query", query, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("key", key, ndim=2, dtypes=FLOAT_DTYPES, device=query.device, like="query")
     N, D = query.shape
     M = key.shape[0]
     if key.shape[1] != D:
         raise ValueError(f"key must have D={D} columns like query, got shape {tuple(key.shape)}")
     if queue is not None:
-        check_tensor("queue", queue, ndim=2, dtypes=_DTYPES, device=query.device, like="query")
+        check_tensor("queue", queue, ndim=2, dtypes=FLOAT_DTYPES, device=query.device, like="query")
         if queue.shape[1] != D:
             raise ValueError(f"queue must have D={D} columns like query, got shape {tuple(queue.shape)}")
         if M != N:
