@@ -51,6 +51,9 @@ sm_80/89/90/100 by tests/ops/compile_gate.py).
 
 At D=128 the exponentials are a co-limit with the matmuls on an H100; overlapping them
 is left to Triton's software pipelining (num_stages) across the streamed tiles.
+
+The kernels, their launchers (`info_nce_fwd`, `info_nce_bwd`) and their traffic formulas are in
+_info_nce_kernels.py.
 """
 
 from typing import Optional
