@@ -26,7 +26,7 @@ def official_dino_loss(student, teacher, center, n_crops):
 
 def official_multilabel_loss(logits, targets):
     """Softmax cross-entropy with 1/k on each of k labels."""
-    return multilabel_softmax_loss(logits, targets, "torch", validate=False)
+    return multilabel_softmax_loss(logits, targets, validate=False, backend="torch")
 
 
 def fwd_bwd(loss_fn):
@@ -49,7 +49,7 @@ def dino_cases(quick: bool, device: str) -> list[Case]:
                 return student, teacher, center
 
             eager = lambda s, t, c, n=n_crops: official_dino_loss(s, t, c, n)
-            fused = lambda s, t, c, n=n_crops: dino_loss(s, t, c, n_crops=n, n_global=2)
+            fused = lambda s, t, c, n=n_crops: dino_loss(s, t, c, n_crops=n, n_global_crops=2)
             elt = torch.finfo(dtype).bits // 8
             cases.append(Case(
                 name="dino_loss", params={"B": B, "K": K, "n_crops": n_crops, "dtype": str(dtype)[6:]},
