@@ -17,7 +17,6 @@ with DEMO_SETTINGS. Multi-GPU / multi-node: launch the same command with torchru
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import shlex
@@ -61,12 +60,9 @@ def _methods() -> dict:
 
 
 def _data_options(cfg, device: torch.device) -> dict[str, Any]:
-    backend = cfg.data_backend
-    if backend == "auto":
-        backend = "dali" if importlib.util.find_spec("nvidia.dali") is not None else "torchvision"
-    data_device = cfg.data_device
-    if data_device == "auto":
-        data_device = "gpu" if device.type == "cuda" else "cpu"
+    from fastssl.data import resolve_loader
+
+    backend, data_device = resolve_loader(cfg.data_backend, cfg.data_device, train_device=device)
     return {"backend": backend, "device": data_device, "num_threads": cfg.num_threads,
             "max_skipped_fraction": cfg.max_skipped_fraction}
 
@@ -142,8 +138,9 @@ def _resume_command(argv: list[str], out: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from fastssl.data import build_loader, data_splits, recipes
-    from fastssl.engine import Trainer, init_distributed
+    from fastssl.engine import Trainer, init_run
     from fastssl.engine.config import config_to_dict
+    from fastssl.viz import draw_run_curves
 
     if args.overwrite and args.resume:
         raise ValueError(f"--overwrite and --resume {args.resume}: "
@@ -161,9 +158,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     elif data in _methods()[name].presets:
         _log(f"{name}: the {data} preset ({cfg.backbone} at {cfg.image_size}px), then the overrides")
     torch.manual_seed(cfg.seed)
-    rank, world, device = init_distributed(cfg.dist_timeout_s)
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size: expected a multiple of the world size {world}, got {cfg.batch_size}")
+    run = init_run(cfg)
+    rank, world, device = run.rank, run.world, run.device
     method = _build_method(name, cfg)
     recipe = recipes.with_view_overrides(method.recipe(), cfg.views)
     options = _data_options(cfg, device)
@@ -174,7 +170,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if small is not None and rank == 0:
         _log(_small_data_hint(name, method, cfg, data, small))
     source = splits.pretrain
-    loader = build_loader(source, recipe, batch_size=cfg.batch_size // world, shard_id=rank, num_shards=world,
+    loader = build_loader(source, recipe, batch_size=run.batch_per_rank, shard_id=rank, num_shards=world,
                           seed=cfg.seed, drop_last=True,
                           sampler=method.build_sampler(source, rank=rank, world_size=world), **options)
     _log(f"data: {data}, {options['backend']} on {options['device']}, {len(loader)} steps/epoch")
@@ -185,12 +181,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if evaluator is not None and cfg.eval_every:
         monitor = _evaluator(cfg, data, device, splits, max_train=MONITOR_TRAIN_IMAGES,
                              max_test=MONITOR_TEST_IMAGES, progress=False)
-    t0 = time.perf_counter()
     budget = args.time_budget
     if budget is not None:
         budget -= time.perf_counter() - _T0  # the budget counts from the command's start
     trainer = Trainer(method, loader, evaluator=evaluator, resume=args.resume, tensorboard=args.tensorboard,
-                      time_budget_s=budget, monitor=monitor, overwrite=args.overwrite, extend=args.extend)
+                      time_budget_s=budget, monitor=monitor, overwrite=args.overwrite, extend=args.extend,
+                      run=run, on_summary=draw_run_curves)
     summary = trainer.fit()
     if "interrupted" in summary:
         if rank == 0:
@@ -198,8 +194,6 @@ def cmd_train(args: argparse.Namespace) -> int:
                   f"{trainer.ckpt_path}; continue with: {_resume_command(args.argv, cfg.out)}", flush=True)
         return 0
     if rank == 0:
-        summary["total_seconds"] = time.perf_counter() - t0
-        Path(cfg.out, "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         _print_summary(summary, data)
     return 0
 

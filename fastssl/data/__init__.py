@@ -1,7 +1,7 @@
 """Data: view recipes, sources and the loader (DALI pipelines or torchvision fallback)."""
 
 from fastssl.data import recipes
-from fastssl.data.loader import Loader, build_loader, shard_indices
+from fastssl.data.loader import Loader, build_loader, resolve_loader, shard_indices
 from fastssl.data.recipes import Recipe, ViewSpec
 from fastssl.data.sampler import ResamplingSampler as ResamplingSampler  # labels API: fastssl.data.labels
 from fastssl.data.shards import ShardSource, write_shards
@@ -10,4 +10,4 @@ from fastssl.data.spec import DataSplits, check_data_spec, data_splits
 
 __all__ = ["ArraySource", "DataSplits", "FileListSource", "ImageFolderSource", "Loader", "Recipe",
            "ShardSource", "ViewSpec", "build_loader", "check_data_spec", "data_splits", "fashion_mnist",
-           "recipes", "shard_indices", "write_shards"]
+           "recipes", "resolve_loader", "shard_indices", "write_shards"]

@@ -159,23 +159,34 @@ class Loader:
                 f"shard={self.shard_id}/{self.num_shards}, samples={len(self.source)})")
 
 
-def _resolve_backend(backend: str) -> str:
-    if backend not in ("dali", "torchvision", "auto"):
-        raise ValueError(f"backend must be 'dali', 'torchvision' or 'auto', got {backend!r}")
-    if backend == "auto":
-        return "dali" if _dali.HAS_DALI else "torchvision"
-    if backend == "dali" and not _dali.HAS_DALI:
+LOADERS = ("dali", "torchvision", "auto")
+
+
+def resolve_loader(loader: str = "auto", device: str | torch.device = "auto", *,
+                   train_device: torch.device | None = None) -> tuple[str, str | torch.device]:
+    """The one rule for a run's loader choices: (loader, device) with "auto" resolved.
+
+    loader: "dali", "torchvision" or "auto" (DALI when it imports, torchvision otherwise);
+    "dali" without DALI installed raises ImportError saying how to install it. device: where
+    the views are made, "gpu", "cpu", "cuda[:n]" (returned as given) or "auto": "gpu" when the
+    run trains on CUDA (`train_device`; None: when CUDA is available), "cpu" otherwise."""
+    if loader not in LOADERS:
+        raise ValueError(f"loader backend must be 'dali', 'torchvision' or 'auto', got {loader!r}")
+    if loader == "auto":
+        loader = "dali" if _dali.HAS_DALI else "torchvision"
+    if loader == "dali" and not _dali.HAS_DALI:
         raise ImportError(
             "backend='dali' but NVIDIA DALI is not installed: `pip install fastssl[dali]` "
             "(nvidia-dali-cuda130, Linux x86_64), or pass backend='torchvision'"
         )
-    return backend
+    if str(device) == "auto":
+        cuda = torch.cuda.is_available() if train_device is None else train_device.type == "cuda"
+        device = "gpu" if cuda else "cpu"
+    return loader, device
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
     name = str(device)
-    if name == "auto":
-        name = "gpu" if torch.cuda.is_available() else "cpu"
     if name in ("gpu", "cuda") or name.startswith("cuda:"):
         if not torch.cuda.is_available():
             raise ValueError(f"device={device!r} needs CUDA, which is not available; pass device='cpu'")
@@ -227,7 +238,7 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
         raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     if sampler is not None and not (hasattr(sampler, "set_epoch") and hasattr(sampler, "__iter__")):
         raise TypeError(f"sampler must have set_epoch(epoch) and __iter__, got {type(sampler).__name__}")
-    name = _resolve_backend(backend)
+    name, device = resolve_loader(backend, device)
     dev = _resolve_device(device)
     impl_class = _dali.DaliViews if name == "dali" else TorchvisionViews
     impl = impl_class(source, recipe, device=dev, num_threads=num_threads, seed=seed, shard_id=shard_id,

@@ -1,19 +1,21 @@
-"""The training loop: schedules, autocast, DDP, checkpoints, logging, evaluation hooks.
+"""The training loop, composed of the run's components.
 
 One `Trainer.fit()` call is one run. The method (fastssl/methods) owns its networks and
 loss; the loader (fastssl/data.build_loader, this rank's shard) yields batches; the
 optional `evaluator` scores the method's encoder (kNN on a labelled split); it is called on
-every rank, and a distributed one shares the work (see fastssl.cli.build_evaluator)."""
+every rank, and a distributed one shares the work (see fastssl.eval.build_evaluator).
+
+The Trainer owns the loop, the schedules, autocast and the optimizer step; the rest is one
+component each: where the run executes (engine.run), its folder and summary.json
+(engine.run_folder), checkpoints in either format (engine.checkpointer), stop signals and
+the ranks' agreements (engine.signals), metrics.jsonl (engine.metrics_log) and the time
+budget (engine.budget)."""
 
 from __future__ import annotations
 
-import datetime
-import json
-import math
 import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,67 +26,26 @@ import torch.distributed as dist
 from torch import nn
 
 from fastssl.data.loader import Loader
-from fastssl.distributed import get_rank, get_world_size, is_distributed
-from fastssl.engine import sharded_checkpoint
-from fastssl.engine.checkpoint import (
-    load_checkpoint,
-    remove_stale_temp,
-    rng_state,
-    save_atomic,
-    set_rng_state,
-)
-from fastssl.engine.config import config_to_dict, save_config
+from fastssl.engine.budget import TimeBudget
+from fastssl.engine.checkpoint import rng_state, set_rng_state
+from fastssl.engine.checkpointer import make_checkpointer, read_checkpoint
+from fastssl.engine.config import config_to_dict
+from fastssl.engine.metrics_log import MetricsLog
 from fastssl.engine.optim import build_optimizer
 from fastssl.engine.parallel import gradient_sync, split_micro_batches, unsharded_copy, wrap_for_training
+from fastssl.engine.run import RunContext, init_run
+from fastssl.engine.run_folder import RunFolder, new_run_dir
 from fastssl.engine.schedules import build_schedules
+from fastssl.engine.signals import RankAgreement, StopSignals
 from fastssl.methods.base import Method, StepContext
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
+# Called on rank 0 with (run folder, summary) once summary.json is written (the CLI draws curves.png).
+SummaryHook = Callable[[Path, dict[str, Any]], None]
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stopped before that step's update."""
-
-
-# The files that make a folder a run: a new run never writes over them unless asked (overwrite).
-RUN_FILES = ("last.pt", "last.dcp", "metrics.jsonl", "summary.json", "config.yaml")
-# Signals that stop a run cleanly: Ctrl-C, a scheduler's termination, SLURM's preemption warning.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.device]:
-    """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK in the
-    environment): NCCL with one GPU per process, gloo on CPU. Returns (rank, world, device).
-    timeout_s: how long a collective may wait for the slowest rank before the group fails
-    (cfg.dist_timeout_s; None: torch's default). A group that is already initialised (tests)
-    is used as is."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    if not is_distributed() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
-    return get_rank(), get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-
-
-def default_run_dir(method: str, root: str | Path = "runs") -> Path:
-    """runs/<method>-<UTC date-time>, with a suffix if that folder exists: unique per run."""
-    base = Path(root) / f"{method}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
-    path, n = base, 1
-    while path.exists():
-        n += 1
-        path = base.with_name(f"{base.name}-{n}")
-    return path
-
-
-def _rank0_value(value: Any, world: int) -> Any:
-    """rank 0's `value` on every rank (a one-off broadcast, never per step)."""
-    if world == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
@@ -101,7 +62,8 @@ class Trainer:
     """Runs `method` on `loader` for cfg.epochs (or cfg.max_steps) and writes into cfg.out:
     config.yaml (resolved config), metrics.jsonl (one JSON object per step), last.pt
     (atomic checkpoint every cfg.checkpoint_every steps and at each epoch end) and
-    summary.json. cfg.batch_size is the global batch; the loader yields this rank's share.
+    summary.json. cfg.batch_size is the global batch; the loader yields this rank's share
+    (run.batch_per_rank of `run`, fastssl.engine.run.init_run; made here when not given).
 
     cfg.out "" picks a fresh runs/<method>-<UTC time> (written back into cfg.out and logged).
     resume: None (fresh run), "auto" (continue from OUT/last.pt when it exists) or a path. A
@@ -114,32 +76,29 @@ class Trainer:
     summary.json); a second SIGINT raises KeyboardInterrupt at once.
     monitor: a cheap evaluator (kNN on a fixed subsample) run every cfg.eval_every epochs and
     at the last step; its result goes into that step's metrics.jsonl record as `knn_top1_subset`
-    and into the progress line. At the end, rank 0 draws curves.png from metrics.jsonl.
+    and into the progress line. on_summary: called on rank 0 with (run folder, summary) after
+    summary.json is written (the CLI draws curves.png with it).
     time_budget_s: wall-clock budget of fit() (training and evaluations). After timing the
     first steps, and again every 50 steps on the latest speed, the run's length is set to the
     steps that fit (at most cfg.epochs): the schedules are re-spread over it, so the run still
     ends with a full cosine decay. A resumed run keeps the length recorded in its checkpoint."""
 
-    CALIBRATION_STEPS = 12  # timed steps (after 2 warm-up steps) before a time budget is applied
-
     def __init__(self, method: Method, loader: Iterable, *, evaluator: Evaluator | None = None,
                  resume: str | None = None, progress: bool = True, tensorboard: bool = False,
                  log: Callable[[str], None] | None = None, time_budget_s: float | None = None,
-                 monitor: Evaluator | None = None, overwrite: bool = False, extend: bool = False):
+                 monitor: Evaluator | None = None, overwrite: bool = False, extend: bool = False,
+                 run: RunContext | None = None, on_summary: SummaryHook | None = None):
+        self._t_created = time.perf_counter()  # summary.json's total_seconds count from here
         self.cfg = cfg = method.cfg
         self.method, self.loader, self.evaluator, self.monitor = method, loader, evaluator, monitor
-        self.rank, self.world, self.device = init_distributed(cfg.dist_timeout_s)
-        self.is_main = self.rank == 0
+        self.on_summary = on_summary
+        self.run = run if run is not None else init_run(cfg)
+        self.rank, self.world, self.device = self.run.rank, self.run.world, self.run.device
+        self.is_main = self.run.is_main
         self.progress = progress and self.is_main
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        if cfg.batch_size % self.world:
-            raise ValueError(f"batch_size: expected a multiple of the world size {self.world}, "
-                             f"got {cfg.batch_size}")
-        if cfg.batch_size % (self.world * cfg.accum_steps):
-            raise ValueError(f"batch_size: expected a multiple of world size x accum_steps = "
-                             f"{self.world} x {cfg.accum_steps}, got {cfg.batch_size}")
         if not cfg.out:
-            cfg.out = str(_rank0_value(default_run_dir(method.name) if self.is_main else None, self.world))
+            cfg.out = str(new_run_dir(method.name, is_main=self.is_main, world=self.world))
             self.log(f"out: {cfg.out} (a new run folder; --out DIR names one)")
         self.out = Path(cfg.out)
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
@@ -147,14 +106,13 @@ class Trainer:
             self.log(f"torchrun restart {restarts}: resuming from {self.out}'s checkpoint when present")
             resume, overwrite = "auto", False
         self.extend = extend
-        # Ranks agree on a stop (signal) and on a non-finite loss through this CPU group; see _stop_agreed.
-        timeout = datetime.timedelta(seconds=cfg.dist_timeout_s)
-        self._flag_group = dist.new_group(backend="gloo", timeout=timeout) if self.world > 1 else None
-        self._stop_work: tuple[Any, torch.Tensor] | None = None
-        self._signal: int | None = None
-        self._saved_step: int | None = None  # the step of the checkpoint on disk, when this run knows one
+        self.folder = RunFolder(self.out, is_main=self.is_main, world=self.world, log=self.log)
         # parallel=fsdp: every rank writes its shards (fastssl.engine.sharded_checkpoint)
-        self.ckpt_path = self.out / (sharded_checkpoint.LATEST if cfg.parallel == "fsdp" else "last.pt")
+        self.checkpointer = make_checkpointer(cfg.parallel, self.out, is_main=self.is_main, world=self.world)
+        # Ranks agree on a stop (signal) and on a non-finite loss through this CPU group.
+        self.agreement = RankAgreement(self.world, cfg.dist_timeout_s)
+        self.signals = StopSignals(self.log)
+        self._saved_step: int | None = None  # the step of the checkpoint on disk, when this run knows one
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch < 1:
             raise ValueError("loader: expected at least one batch per epoch, got 0 "
@@ -169,8 +127,11 @@ class Trainer:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.planned_steps = cfg.epochs * self.steps_per_epoch
         self.max_steps = self.planned_steps if cfg.max_steps is None else cfg.max_steps
+        self.total_steps = self.stop_step = 0
+        self.schedules: dict[str, Any] = {}
         self._set_total_steps(self.planned_steps)
         self.time_budget_s = time_budget_s
+        self.budget: TimeBudget | None = None  # set when fit() starts the clock, unless the length is known
 
         method.to(self.device)
         if cfg.sync_bn:
@@ -191,17 +152,20 @@ class Trainer:
                              enabled=self.device.type == "cuda")
         self.step = 0
         self.extra: dict[str, Any] = {}  # results carried across resumes (random-init kNN)
-        self.tb = None
-        if tensorboard and self.is_main:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as e:
-                raise ValueError("tensorboard: requested, but the package is not installed") from e
-            self.tb = SummaryWriter(str(self.out / "tb"))
-        self._check_run_folder(resume, overwrite)
+        self._rng_to_restore: dict[str, Any] | None = None  # a resumed rank's RNG, set before its first batch
+        # (seconds training, images, latest loss) of this fit: the summary reads them
+        self._loop_stats: tuple[float, int, float] = (0.0, 0, float("nan"))
+        self.folder.check(resume=resume, overwrite=overwrite)
+        self.metrics = MetricsLog(self.out, write=self.is_main, tensorboard=tensorboard,
+                                  agree=self.agreement.first_nonfinite if self.world > 1 else None)
         self._overwrite = overwrite and resume is None
         if resume is not None:
             self._resume(resume)
+
+    @property
+    def ckpt_path(self) -> Path:
+        """Where this run's checkpoint goes: OUT/last.pt, or OUT/last.dcp under parallel=fsdp."""
+        return self.checkpointer.path
 
     def _set_total_steps(self, total: int) -> None:
         self.total_steps = total
@@ -209,47 +173,17 @@ class Trainer:
         self.schedules = build_schedules(self.cfg, self.steps_per_epoch, total) | self.method.schedules(
             total, self.steps_per_epoch)
 
-    def _apply_time_budget(self, step_times: list[float], eval_s: float, deadline: float) -> None:
-        step_s = sorted(step_times)[len(step_times) // 2]
-        if self.monitor_s and self.eval_interval:
-            step_s += sum(self.monitor_s) / len(self.monitor_s) / self.eval_interval
-        remaining = deadline - time.perf_counter() - eval_s
-        # 5% reserve: epoch starts (pipeline set-up), checkpoints and the final save are not in step_s.
-        fit = min(max(self.step + int(0.95 * remaining / step_s), self.step + 1), self.planned_steps)
-        if self.world > 1:  # every rank must stop at the same step
-            box = [fit]
-            dist.broadcast_object_list(box, src=0)
-            fit = box[0]
-        if abs(fit - self.total_steps) > 0.01 * self.total_steps:
-            self.log(f"time budget: {step_s:.2f} s/step, evaluation {eval_s:.0f} s: training {fit} of "
-                     f"{self.planned_steps} steps ({fit / self.steps_per_epoch:.2f} epochs)")
-            self._set_total_steps(fit)
-        self.extra["total_steps"] = self.total_steps
-
     # ----------------------------------------------------------------- checkpoints
-    def _check_run_folder(self, resume: str | None, overwrite: bool) -> None:
-        """A fresh run must not write over another run's files (rank 0 looks; all ranks raise)."""
-        problem = None
-        if self.is_main and resume is None and not overwrite:
-            existing = [name for name in RUN_FILES if (self.out / name).exists()]
-            if existing:
-                problem = (f"out: {self.out} already holds a run ({', '.join(existing)}); continue it with "
-                           f"--resume auto, or replace it with --overwrite (deletes those files)")
-        problem = _rank0_value(problem, self.world)
-        if problem:
-            raise ValueError(problem)
-
     def _resume(self, resume: str) -> None:
         if resume == "auto":
-            if not self.ckpt_path.exists():
+            path = self.checkpointer.latest()
+            if path is None:
                 self.log(f"resume auto: no {self.ckpt_path}, starting fresh")
                 return
-            path = self.ckpt_path
         else:
             path = Path(resume)
-        sharded = sharded_checkpoint.is_sharded_checkpoint(path)
-        state = (sharded_checkpoint.read_meta(path) if sharded
-                 else load_checkpoint(path, method=self.method.name))
+        checkpoint = read_checkpoint(path, method=self.method.name)
+        state = checkpoint.state
         if state["batch_size"] != self.cfg.batch_size or state["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(f"resume: checkpoint {str(path)!r} was written with "
                              f"batch_size={state['batch_size']}, steps_per_epoch={state['steps_per_epoch']}; "
@@ -262,11 +196,7 @@ class Trainer:
                 f"the LR and other schedules over {self.cfg.epochs} epochs from step {state['step']} (the "
                 f"LR jumps to where the longer cosine is at that step)")
         try:
-            if sharded:  # written by any number of ranks, resharded to this run's
-                sharded_checkpoint.load_sharded(path, self.model, self.optimizer)
-            else:
-                self.method.load_state_dict(state["model"])
-                self.optimizer.load_state_dict(state["optimizer"])
+            checkpoint.load_into(self.method, self.model, self.optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0]
             raise ValueError(f"resume: checkpoint {str(path)!r} ({state['method']}, backbone "
@@ -286,7 +216,7 @@ class Trainer:
         self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
 
     def save(self) -> None:
-        """Atomic checkpoint of everything the next step depends on (rank 0 writes; RNG of all ranks)."""
+        """Checkpoint of everything the next step depends on (RNG of all ranks), published atomically."""
         rng = [rng_state()]
         if self.world > 1:
             rng = [None] * self.world
@@ -297,12 +227,8 @@ class Trainer:
             "batch_size": self.cfg.batch_size, "rng": rng, "extra": self.extra,
             "config": config_to_dict(self.cfg), "method": self.method.name,
         }
-        if self.cfg.parallel == "fsdp":
-            sharded_checkpoint.save_sharded(self.out, self.step, self.model, self.optimizer,
-                                            meta | {"world_size": self.world})
-        elif self.is_main:
-            save_atomic({"model": self.method.state_dict(), "optimizer": self.optimizer.state_dict()} | meta,
-                        self.ckpt_path)
+        self.checkpointer.save(step=self.step, method=self.method, model=self.model, optimizer=self.optimizer,
+                               meta=meta)
         self._saved_step = self.step
 
     # ----------------------------------------------------------------- evaluation
@@ -323,76 +249,13 @@ class Trainer:
         return result
 
     # ----------------------------------------------------------------- loop
-    def _log_step(self, record: dict[str, Any]) -> None:
-        if not self.is_main:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("step", "epoch"):
-                    self.tb.add_scalar(f"train/{k}", v, record["step"])
-
     def _prepare_run_folder(self) -> None:
-        """Rank 0: clear what an overwrite replaces and what a killed save left, drop metrics rows
-        at or past the step this run starts from (they are trained again), write config.yaml."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self._overwrite:
-            for name in RUN_FILES:
-                (self.out / name).unlink(missing_ok=True)
-        for tmp in remove_stale_temp(self.ckpt_path):
+        """Clear what an overwrite replaces and what a killed save left, drop metrics rows at or
+        past the step this run starts from (they are trained again), write config.yaml."""
+        self.folder.prepare(self.cfg, overwrite=self._overwrite)
+        for tmp in self.checkpointer.remove_stale():
             self.log(f"removed {tmp.name}, left by a save that was killed")
-        metrics = self.out / "metrics.jsonl"
-        if metrics.exists():
-            kept = []
-            for line in metrics.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # the last line of a run killed mid-write
-                    continue
-                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < self.step:
-                    kept.append(line + "\n")
-            tmp = metrics.with_name(".metrics.jsonl.tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, metrics)
-        save_config(self.cfg, self.out / "config.yaml")
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        if os.getpid() != self._pid:  # a forked loader worker: the main process decides
-            return
-        if self._signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt("second Ctrl-C: stopped without a checkpoint")
-        if self._signal is None:
-            self._signal = signum
-            self.log(f"{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                     f"(Ctrl-C again to quit at once)")
-
-    def _stop_agreed(self) -> int:
-        """The signal (a number, 0 for none) every rank stops on at this step boundary.
-
-        One process: the local flag. Several: each step all-reduces (MAX) its local flag
-        asynchronously on the CPU gloo group and reads the reduction issued one step earlier,
-        which completed long ago. No rank waits on the GPU or on another rank's step for it,
-        and since every rank reads the same reduction at the same step, all stop after the
-        same step (one step after the first signal)."""
-        local = self._signal or 0
-        if self._flag_group is None:
-            return local
-        agreed = 0
-        if self._stop_work is not None:
-            work, flag = self._stop_work
-            work.wait()
-            agreed = int(flag.item())
-        flag = torch.tensor([local], dtype=torch.int64)
-        self._stop_work = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._flag_group, async_op=True),
-                           flag)
-        return agreed
-
-    def _finish_stop_agreement(self) -> None:
-        if self._stop_work is not None:
-            self._stop_work[0].wait()
-            self._stop_work = None
-
+        self.metrics.keep_before(self.step)
     def fit(self) -> dict[str, Any]:
         """See _fit; with cfg.deterministic, deterministic kernels (and no cuDNN autotuning) for the
         run only: the process's settings are restored afterwards."""
@@ -414,8 +277,7 @@ class Trainer:
         every rank, after they agree). A stop signal ends the run early with a checkpoint
         and the summary's "interrupted" set to the signal's name."""
         cfg, spe = self.cfg, self.steps_per_epoch
-        if self.is_main:
-            self._prepare_run_folder()
+        self._prepare_run_folder()
         self.log(f"{self.method.name}: {cfg.backbone}, {self.world} process(es) on {self.device}, "
                  f"{'bf16 autocast' if self.autocast['enabled'] else 'fp32'}, fused={cfg.fused}, "
                  f"{spe} steps/epoch, steps {self.step}..{self.stop_step} of {self.total_steps}")
@@ -430,27 +292,22 @@ class Trainer:
             # The subsample's smaller memory bank reads lower than the full split: its own
             # random-init value is the baseline its curve is compared with.
             self.extra["knn_subset_random_init"] = self._evaluate(self.monitor)["knn_top1"]
-        budget_open = self.time_budget_s is not None and "total_steps" not in self.extra
-        step_times: list[float] = []
+        if self.time_budget_s is not None and "total_steps" not in self.extra:
+            self.budget = TimeBudget(self.time_budget_s, start=t_fit, planned_steps=self.planned_steps,
+                                     steps_per_epoch=spe, world=self.world, log=self.log)
 
         self.method.train()
-        pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]] = []
         t_start = time.perf_counter()
-        self._pid = os.getpid()
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            handlers = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         try:
-            stopped = self._loop(pending, budget_open, step_times, eval_s, t_fit)
+            with self.signals:
+                stopped = self._loop(eval_s)
         finally:
-            for s, previous in handlers.items():
-                signal.signal(s, previous)
-            self._finish_stop_agreement()
+            self.agreement.close()
         return self._finish(stopped, t_start)
 
-    def _loop(self, pending: list, budget_open: bool, step_times: list[float], eval_s: float,
-              t_fit: float) -> int:
-        """The training steps; returns the signal number that stopped them (0: ran to stop_step)."""
+    def _loop(self, eval_s: float) -> int:
+        """The training steps; returns the signal number that stopped them (0: ran to stop_step).
+        eval_s: seconds the final evaluation is expected to take (the time budget keeps them)."""
         cfg, spe = self.cfg, self.steps_per_epoch
         train_time, images, last_loss = 0.0, 0, float("nan")
         self._loop_stats = (train_time, images, last_loss)
@@ -468,7 +325,7 @@ class Trainer:
                 # Mid-epoch resume: the loader is deterministic per (seed, epoch), so skip what was consumed.
                 for _ in range(skip):
                     next(batches)
-            if getattr(self, "_rng_to_restore", None) is not None:
+            if self._rng_to_restore is not None:
                 set_rng_state(self._rng_to_restore)
                 self._rng_to_restore = None
             bar = None
@@ -491,7 +348,7 @@ class Trainer:
                 train_time, images = train_time + step_time, images + n_img
                 wait_acc, time_acc = wait_acc + wait, time_acc + step_time
                 record |= {"img_per_s": n_img / step_time, "data_wait": wait / step_time}
-                pending.append((record, values))
+                self.metrics.add(record, values)
                 self.step += 1
                 skip += 1
                 monitored = self.monitor is not None and self.eval_interval and (
@@ -501,19 +358,13 @@ class Trainer:
                     record["knn_top1_subset"] = self._evaluate(self.monitor)["knn_top1"]
                     self.monitor_s.append(time.perf_counter() - t_monitor)
                     knn_text = f"{record['knn_top1_subset']:.1%}"
-                if budget_open:
-                    # First after CALIBRATION_STEPS, then every 50 steps on the latest speed: a
-                    # shared machine's speed changes during the run.
-                    step_times.append(step_time)
-                    n = len(step_times) - 2 - self.CALIBRATION_STEPS
-                    if n >= 0 and n % 50 == 0:
-                        self._apply_time_budget(step_times[-50:] if n else step_times[2:], eval_s,
-                                                t_fit + self.time_budget_s)
-                stop = self._stop_agreed()
+                if self.budget is not None:
+                    self._apply_time_budget(step_time, eval_s)
+                stop = self.agreement.stop(self.signals.received or 0)
                 will_save = (skip == spe or self.step == self.stop_step or stop
                              or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0))
                 if will_save or monitored or self.step % max(cfg.log_every, 1) == 0:
-                    last_loss = self._flush(pending)
+                    last_loss = self._flush()
                     if bar is not None:
                         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.3g}",
                                         img_s=f"{images / train_time:.0f}", data=f"{wait_acc / time_acc:.0%}",
@@ -566,26 +417,18 @@ class Trainer:
             summary["interrupted"] = signal.Signals(stopped).name
             self.log(f"stopped by {summary['interrupted']} after {self.step} steps: "
                      f"checkpoint {self.ckpt_path}")
-        elif self.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-            self._write_curves(summary)
-        if self.tb is not None:
-            self.tb.close()
+        else:
+            # from the Trainer's creation: model set-up and every evaluation included
+            summary["total_seconds"] = time.perf_counter() - self._t_created
+            self.folder.write_summary(summary)
+            if self.on_summary is not None and self.is_main:
+                self.on_summary(self.out, summary)
+        self.metrics.close()
         return summary
 
-    def _write_curves(self, summary: dict[str, Any]) -> None:
-        """curves.png (loss, LR, kNN over the steps) from metrics.jsonl; a note when matplotlib,
-        an optional extra, is not installed."""
-        try:
-            from fastssl.viz.curves import plot_curves
-        except ImportError as e:
-            self.log(f"curves.png: not drawn ({e.name} is not installed: pip install 'fastssl[viz]')")
-            return
-        metrics = self.out / "metrics.jsonl"
-        if metrics.is_file():
-            plot_curves(metrics, self.out / "curves.png", summary)
-
-    def _train_step(self, batch: dict, epoch: int) -> dict[str, Any]:
+    def _train_step(self, batch: dict, epoch: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """One optimizer step on `batch`; returns (the step's plain record, its one-element
+        tensors left on the device for the next flush)."""
         s = self.step
         lr, wd = float(self.schedules["lr"][s]), float(self.schedules["weight_decay"][s])
         ctx = StepContext(step=s, epoch=epoch, steps_per_epoch=self.steps_per_epoch,
@@ -621,31 +464,14 @@ class Trainer:
         record |= {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
         return record, values
 
-    def _flush(self, pending: list[tuple[dict[str, Any], dict[str, torch.Tensor]]]) -> float:
-        """Read the pending steps' losses and metrics in one transfer, stop on a non-finite
-        loss, append the records to metrics.jsonl; returns the latest loss. Called every
+    def _flush(self) -> float:
+        """Read the pending steps' losses and metrics in one transfer, append their rows to
+        metrics.jsonl, stop on a non-finite loss; returns the latest loss. Called every
         cfg.log_every steps and before every checkpoint, so a checkpoint never holds the
         result of a step whose loss was NaN/inf. Under DDP the ranks agree on the first
         non-finite step (one all-reduce per flush, at steps every rank flushes at) so that
         every rank raises the same error instead of one raising while the others wait."""
-        flat = torch.stack([v.float().reshape(()) for _, values in pending for v in values.values()]).tolist()
-        numbers = iter(flat)
-        for record, values in pending:
-            record |= {k: next(numbers) for k in values}
-        bad = next(((r["step"], r["loss"]) for r, _ in pending if not math.isfinite(r["loss"])), None)
-        if self._flag_group is not None:
-            # key = 4 * step + kind (nan, inf, -inf): the MIN is the first bad step, the same on every rank
-            kinds = {"nan": 0, "inf": 1, "-inf": 2}
-            key = torch.tensor([4 * bad[0] + kinds[str(bad[1])] if bad else 2**62], dtype=torch.int64)
-            dist.all_reduce(key, op=dist.ReduceOp.MIN, group=self._flag_group)
-            k = int(key.item())
-            bad = None if k == 2**62 else (k // 4, float(list(kinds)[k % 4]))
-        for record, _ in pending:
-            if bad is not None and record["step"] >= bad[0]:
-                break
-            self._log_step(record)
-        last = pending[-1][0]["loss"]
-        pending.clear()
+        last, bad = self.metrics.flush()
         if bad is not None:
             kept = (f"the last good checkpoint {self.ckpt_path} (step {self._saved_step}) is left intact"
                     if self._saved_step is not None else "no checkpoint had been written yet")
@@ -654,6 +480,19 @@ class Trainer:
                 f"loss is {bad[1]} at step {bad[0]} (epoch {bad[0] // self.steps_per_epoch}){where}; "
                 f"stopped; {kept}. Try a lower base_lr or a longer warmup_epochs.")
         return last
+
+    def _apply_time_budget(self, step_time: float, eval_s: float) -> None:
+        """Feed a step's time to the budget; at a calibration point adopt the length that fits."""
+        extra = 0.0
+        if self.monitor_s and self.eval_interval:
+            extra = sum(self.monitor_s) / len(self.monitor_s) / self.eval_interval
+        total = self.budget.after_step(step_time, step=self.step, total_steps=self.total_steps, eval_s=eval_s,
+                                       extra_s_per_step=extra)
+        if total is None:
+            return
+        if total != self.total_steps:
+            self._set_total_steps(total)
+        self.extra["total_steps"] = self.total_steps
 
     def _device_name(self) -> str:
         if self.device.type == "cuda":

@@ -70,11 +70,12 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
     bank, each rank scores its test share and the counts are summed, so no rank idles in a
     collective while another runs the whole extraction. The linear probe (on all features) runs
     on rank 0 only; the other ranks' results hold the kNN alone."""
-    from fastssl.data import build_loader, recipes
+    from fastssl.data import build_loader, recipes, resolve_loader
 
     check_knn_labels(train_source, "train")
     check_knn_labels(test_source, "test")
     recipe = recipes.eval(size=cfg.eval_side, resize=resize)
+    backend, data_device = resolve_loader(cfg.data_backend, cfg.data_device, train_device=device)
     rank, world = get_rank(), get_world_size()
     progress = progress and rank == 0
     splits = []
@@ -88,8 +89,8 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
         feats = {}
         for name, source, sampler in splits:
             loader = build_loader(source, recipe, batch_size=512, seed=cfg.seed, drop_last=False,
-                                  shuffle=False, sampler=sampler, backend=cfg.data_backend,
-                                  device=cfg.data_device, num_threads=cfg.num_threads)
+                                  shuffle=False, sampler=sampler, backend=backend,
+                                  device=data_device, num_threads=cfg.num_threads)
             feats[name] = extract_features(encoder, loader, device, cfg.channels_last,
                                            progress=f"{name} features" if progress else None)
         bank = tuple(all_gather_rows(t) for t in feats["train"])

@@ -1,6 +1,6 @@
 """curves.png: loss, learning rate and kNN over a run's steps, from its metrics.jsonl.
 
-Imports nothing else from fastssl, so the engine can draw it at the end of a run."""
+Imports nothing else from fastssl; `fastssl.viz.draw_run_curves` draws it at the end of a run."""
 
 from __future__ import annotations
 

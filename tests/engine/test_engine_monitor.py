@@ -4,6 +4,7 @@ import pytest
 from engine_tiny import TinyLoader, TinyMethod, tiny_config
 
 from fastssl.engine import Trainer
+from fastssl.viz import draw_run_curves
 
 
 def _records(out) -> list[dict]:
@@ -43,11 +44,13 @@ def test_eval_every_zero_turns_the_monitor_off_and_negative_is_refused(tmp_path)
         Trainer(TinyMethod(tiny_config(tmp_path / "neg", eval_every=-1)), TinyLoader(), progress=False)
 
 
-def test_every_run_draws_curves_png(tmp_path):
+def test_the_cli_hook_draws_curves_png(tmp_path):
+    """fastssl train passes draw_run_curves as the Trainer's on_summary: every CLI run draws it."""
     pytest.importorskip("matplotlib", reason="curves.png needs the viz extra (make installs it)")
     cfg = tiny_config(tmp_path, epochs=2, eval_every=1.0)
     Trainer(TinyMethod(cfg), TinyLoader(), monitor=lambda enc: {"knn_top1": 0.5},
-            evaluator=lambda enc: {"knn_top1": 0.6}, progress=False, log=lambda m: None).fit()
+            evaluator=lambda enc: {"knn_top1": 0.6}, progress=False, log=lambda m: None,
+            on_summary=draw_run_curves).fit()
     png = (tmp_path / "curves.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

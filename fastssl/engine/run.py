@@ -1,0 +1,81 @@
+"""Where a run executes, decided once per process for the CLI and the Python API alike: the
+process group, this process's device, and the split of the global batch over the ranks.
+
+    run = init_run(cfg)          # joins torchrun's group (if any), checks the batch split
+    loader = build_loader(..., batch_size=run.batch_per_rank, shard_id=run.rank, num_shards=run.world)
+    Trainer(method, loader, run=run).fit()
+
+A Trainer given no `run` calls init_run itself, so the group is joined in one place either way."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fastssl.distributed import get_rank, get_world_size, is_distributed
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """This process's place in the run: rank and world size of the group, the device it trains
+    on, and the global batch (every rank's share together) with this rank's share of it."""
+
+    rank: int
+    world: int
+    device: torch.device
+    batch_size: int
+
+    @property
+    def batch_per_rank(self) -> int:
+        return self.batch_size // self.world
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.device]:
+    """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK in the
+    environment): NCCL with one GPU per process, gloo on CPU. Returns (rank, world, device).
+    timeout_s: how long a collective may wait for the slowest rank before the group fails
+    (None: torch's default). A group that is already initialised (tests) is used as is."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not is_distributed() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+    return get_rank(), get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def global_batch_size(cfg) -> int:
+    """The run's global batch, every rank's share together: the one reading of it from the config."""
+    return cfg.batch_size
+
+
+def init_run(cfg) -> RunContext:
+    """Join the process group (cfg.dist_timeout_s) and check that the global batch splits into
+    equal per-rank shares, and each share into cfg.accum_steps equal micro-batches."""
+    rank, world, device = init_distributed(cfg.dist_timeout_s)
+    batch = global_batch_size(cfg)
+    if batch % world:
+        raise ValueError(f"batch_size: expected a multiple of the world size {world}, got {batch}")
+    if batch % (world * cfg.accum_steps):
+        raise ValueError(f"batch_size: expected a multiple of world size x accum_steps = "
+                         f"{world} x {cfg.accum_steps}, got {batch}")
+    return RunContext(rank=rank, world=world, device=device, batch_size=batch)
+
+
+def rank0_value(value: Any, world: int) -> Any:
+    """rank 0's `value` on every rank (a one-off broadcast, never per step)."""
+    if world == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,75 @@
+"""A run's folder: choosing a fresh one, refusing to write over another run, preparing it
+(config.yaml) and the run's one summary.json.
+
+    OUT/config.yaml     the resolved config          OUT/metrics.jsonl  fastssl.engine.metrics_log
+    OUT/summary.json    written once, at the end     OUT/last.pt | last.dcp  fastssl.engine.checkpointer
+
+Rank 0 looks and writes; every rank gets the same answer (and the same error)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastssl.engine.config import save_config
+from fastssl.engine.run import rank0_value
+
+# The files that make a folder a run: a new run never writes over them unless asked (overwrite).
+RUN_FILES = ("last.pt", "last.dcp", "metrics.jsonl", "summary.json", "config.yaml")
+SUMMARY = "summary.json"
+
+
+def default_run_dir(method: str, root: str | Path = "runs") -> Path:
+    """runs/<method>-<UTC date-time>, with a suffix if that folder exists: unique per run."""
+    base = Path(root) / f"{method}-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d-%H%M%S}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def new_run_dir(method: str, *, is_main: bool, world: int) -> Path:
+    """default_run_dir chosen by rank 0, the same on every rank."""
+    return Path(rank0_value(str(default_run_dir(method)) if is_main else None, world))
+
+
+class RunFolder:
+    """The folder `path` of one run. `is_main`: this process is rank 0 (it looks and writes).
+
+    `check(resume, overwrite)` refuses a fresh run into a folder holding a run unless
+    overwrite; `prepare(...)` creates it, deletes RUN_FILES on overwrite and writes
+    config.yaml; `write_summary` writes summary.json (its only writer)."""
+
+    def __init__(self, path: str | Path, *, is_main: bool, world: int, log: Callable[[str], None]):
+        self.path, self.is_main, self.world, self.log = Path(path), is_main, world, log
+
+    def check(self, *, resume: str | None, overwrite: bool) -> None:
+        """ValueError on every rank when a fresh run (resume None) would write over a run."""
+        problem = None
+        if self.is_main and resume is None and not overwrite:
+            existing = [name for name in RUN_FILES if (self.path / name).exists()]
+            if existing:
+                problem = (f"out: {self.path} already holds a run ({', '.join(existing)}); continue it with "
+                           f"--resume auto, or replace it with --overwrite (deletes those files)")
+        problem = rank0_value(problem, self.world)
+        if problem:
+            raise ValueError(problem)
+
+    def prepare(self, cfg, *, overwrite: bool) -> None:
+        """Rank 0: create the folder, delete the run files an overwrite replaces, write config.yaml."""
+        if not self.is_main:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            for name in RUN_FILES:
+                (self.path / name).unlink(missing_ok=True)
+        save_config(cfg, self.path / "config.yaml")
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """Rank 0: summary.json, the finished run's record."""
+        if self.is_main:
+            (self.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
