@@ -58,3 +58,21 @@ def test_summary_is_written_by_rank_0_only(tmp_path):
     other.mkdir()
     RunFolder(other, is_main=False, world=2, log=print).write_summary({"steps": 3})
     assert not (other / "summary.json").exists()
+
+
+def test_the_trainer_is_summary_jsons_one_writer_and_hands_it_on(tmp_path):
+    from engine_tiny import TinyLoader, TinyMethod
+
+    from fastssl.engine import Trainer
+
+    seen = []
+
+    def on_summary(run_dir, summary):
+        seen.append((run_dir, json.loads((run_dir / "summary.json").read_text()), summary))
+
+    cfg = tiny_config(tmp_path, epochs=1)
+    summary = Trainer(TinyMethod(cfg), TinyLoader(), progress=False, log=lambda m: None,
+                      on_summary=on_summary).fit()
+    [(run_dir, written, handed)] = seen
+    assert run_dir == tmp_path and written == handed == summary
+    assert summary["total_seconds"] >= summary["train_seconds"] > 0
