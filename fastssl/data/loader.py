@@ -28,6 +28,7 @@ from fastssl.data.recipes import Recipe
 from fastssl.data.shards import ShardSource, stream_indices
 from fastssl.data.sources import ArraySource, FileListSource, ImageFolderSource
 from fastssl.data.torchvision_views import TorchvisionViews
+from fastssl.validation import check_choice
 
 logger = logging.getLogger("fastssl.data")
 
@@ -170,8 +171,7 @@ def resolve_loader(loader: str = "auto", device: str | torch.device = "auto", *,
     "dali" without DALI installed raises ImportError saying how to install it. device: where
     the views are made, "gpu", "cpu", "cuda[:n]" (returned as given) or "auto": "gpu" when the
     run trains on CUDA (`train_device`; None: when CUDA is available), "cpu" otherwise."""
-    if loader not in LOADERS:
-        raise ValueError(f"loader backend must be 'dali', 'torchvision' or 'auto', got {loader!r}")
+    check_choice("loader backend", loader, LOADERS)
     if loader == "auto":
         loader = "dali" if _dali.HAS_DALI else "torchvision"
     if loader == "dali" and not _dali.HAS_DALI:

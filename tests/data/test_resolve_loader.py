@@ -33,8 +33,7 @@ def test_auto_device_follows_the_training_device():
 
 
 def test_unknown_choice_and_missing_dali_are_named():
-    with pytest.raises(ValueError, match=r"loader backend must be 'dali', 'torchvision' or 'auto', "
-                                         r"got 'pil'"):
+    with pytest.raises(ValueError, match=r"loader backend must be one of dali, torchvision, auto; got 'pil'"):
         resolve_loader("pil")
     if not DALI_IMPORTS:
         with pytest.raises(ImportError, match=r"NVIDIA DALI is not installed.*backend='torchvision'"):
