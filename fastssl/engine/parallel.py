@@ -136,6 +136,17 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
         yield
 
 
+def batch_to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    """A loader batch's views (in channels-last or contiguous layout), labels and indices on `device`."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = dict(batch)
+    out["views"] = [v.to(device, non_blocking=True).contiguous(memory_format=fmt) for v in batch["views"]]
+    for key in ("label", "index"):
+        if key in batch:
+            out[key] = batch[key].to(device, non_blocking=True)
+    return out
+
+
 def split_micro_batches(batch: dict, n: int) -> list[dict]:
     """A loader batch (views list, optional label / index) cut into `n` equal micro-batches, in order."""
     rows = batch["views"][0].shape[0]

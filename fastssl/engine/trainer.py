@@ -32,8 +32,14 @@ from fastssl.engine.checkpointer import make_checkpointer, read_checkpoint
 from fastssl.engine.config import config_to_dict
 from fastssl.engine.metrics_log import MetricsLog
 from fastssl.engine.optim import build_optimizer
-from fastssl.engine.parallel import gradient_sync, split_micro_batches, unsharded_copy, wrap_for_training
-from fastssl.engine.run import RunContext, init_run
+from fastssl.engine.parallel import (
+    batch_to_device,
+    gradient_sync,
+    split_micro_batches,
+    unsharded_copy,
+    wrap_for_training,
+)
+from fastssl.engine.run import RunContext, deterministic_algorithms, init_run
 from fastssl.engine.run_folder import RunFolder, new_run_dir
 from fastssl.engine.schedules import build_schedules
 from fastssl.engine.signals import RankAgreement, StopSignals
@@ -46,16 +52,6 @@ SummaryHook = Callable[[Path, dict[str, Any]], None]
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the run stopped before that step's update."""
-
-
-def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = dict(batch)
-    out["views"] = [v.to(device, non_blocking=True).contiguous(memory_format=fmt) for v in batch["views"]]
-    for key in ("label", "index"):
-        if key in batch:
-            out[key] = batch[key].to(device, non_blocking=True)
-    return out
 
 
 class Trainer:
@@ -259,17 +255,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """See _fit; with cfg.deterministic, deterministic kernels (and no cuDNN autotuning) for the
         run only: the process's settings are restored afterwards."""
-        if not self.cfg.deterministic:
+        with deterministic_algorithms(self.cfg.deterministic):
             return self._fit()
-        before = (torch.are_deterministic_algorithms_enabled(),
-                  torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-        try:
-            return self._fit()
-        finally:
-            torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-            torch.backends.cudnn.benchmark = before[2]
 
     def _fit(self) -> dict[str, Any]:
         """Train until cfg.epochs * len(loader) steps (or cfg.max_steps), evaluate, write
@@ -339,7 +326,7 @@ class Trainer:
                 batch = next(batches, None)
                 if batch is None:
                     raise RuntimeError(f"loader: yielded fewer batches ({skip}) than len(loader)={spe}")
-                batch = _to_device(batch, self.device, cfg.channels_last)
+                batch = batch_to_device(batch, self.device, cfg.channels_last)
                 t_data = time.perf_counter()
                 record, values = self._train_step(batch, epoch)
                 t_now = time.perf_counter()

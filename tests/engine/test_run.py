@@ -5,7 +5,7 @@ import torch
 from dist_utils import run_gloo
 from engine_tiny import tiny_config
 
-from fastssl.engine.run import RunContext, global_batch_size, init_run, rank0_value
+from fastssl.engine.run import RunContext, deterministic_algorithms, global_batch_size, init_run, rank0_value
 
 
 def test_one_process_trains_on_the_cpu_with_the_whole_batch(tmp_path):
@@ -45,3 +45,14 @@ def test_two_ranks_split_the_global_batch_and_refuse_an_uneven_one(tmp_path):
         assert result["value"] == {"from": 0}  # rank 0's value on both ranks
         assert result["{'batch_size': 7}"] == "batch_size: expected a multiple of the world size 2, got 7"
         assert "world size x accum_steps = 2 x 2, got 6" in result["{'batch_size': 6, 'accum_steps': 2}"]
+
+
+def test_deterministic_algorithms_hold_inside_the_block_only_even_on_an_error():
+    assert not torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(RuntimeError, match="inside"):
+        with deterministic_algorithms(True):
+            assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+            raise RuntimeError("inside")
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_algorithms(False):
+        assert not torch.are_deterministic_algorithms_enabled()
