@@ -58,8 +58,8 @@ class Trainer:
     """Runs `method` on `loader` for cfg.epochs (or cfg.max_steps) and writes into cfg.out:
     config.yaml (resolved config), metrics.jsonl (one JSON object per step), last.pt
     (atomic checkpoint every cfg.checkpoint_every steps and at each epoch end) and
-    summary.json. cfg.batch_size is the global batch; the loader yields this rank's share
-    (run.batch_per_rank of `run`, fastssl.engine.run.init_run; made here when not given).
+    summary.json. `run` (fastssl.engine.run.init_run; made here when not given) holds the
+    global batch, run.batch_size; the loader yields this rank's share, run.batch_per_rank.
 
     cfg.out "" picks a fresh runs/<method>-<UTC time> (written back into cfg.out and logged).
     resume: None (fresh run), "auto" (continue from OUT/last.pt when it exists) or a path. A
@@ -180,10 +180,10 @@ class Trainer:
             path = Path(resume)
         checkpoint = read_checkpoint(path, method=self.method.name)
         state = checkpoint.state
-        if state["batch_size"] != self.cfg.batch_size or state["steps_per_epoch"] != self.steps_per_epoch:
+        if state["batch_size"] != self.run.batch_size or state["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(f"resume: checkpoint {str(path)!r} was written with "
                              f"batch_size={state['batch_size']}, steps_per_epoch={state['steps_per_epoch']}; "
-                             f"this run has {self.cfg.batch_size}, {self.steps_per_epoch}")
+                             f"this run has {self.run.batch_size}, {self.steps_per_epoch}")
         epochs = state["config"].get("epochs")
         if epochs != self.cfg.epochs and not self.extend:
             raise ValueError(
@@ -220,7 +220,7 @@ class Trainer:
         meta = {
             "scaler": self.scaler.state_dict(), "step": self.step,
             "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
-            "batch_size": self.cfg.batch_size, "rng": rng, "extra": self.extra,
+            "batch_size": self.run.batch_size, "rng": rng, "extra": self.extra,
             "config": config_to_dict(self.cfg), "method": self.method.name,
         }
         self.checkpointer.save(step=self.step, method=self.method, model=self.model, optimizer=self.optimizer,
@@ -380,7 +380,7 @@ class Trainer:
             "method": self.method.name, "backbone": cfg.backbone,
             "epochs": round(self.step / spe, 3), "epochs_planned": round(self.total_steps / spe, 3),
             "epochs_configured": cfg.epochs,
-            "steps": self.step, "total_steps": self.total_steps, "batch_size": cfg.batch_size,
+            "steps": self.step, "total_steps": self.total_steps, "batch_size": self.run.batch_size,
             "images_per_second": images / train_time if train_time else None,
             "final_loss": last_loss, "train_seconds": wall, "device": self._device_name(),
             "world_size": self.world, "fused": cfg.fused,
