@@ -62,9 +62,9 @@ def _methods() -> dict:
 def _data_options(cfg, device: torch.device) -> dict[str, Any]:
     from fastssl.data import resolve_loader
 
-    backend, data_device = resolve_loader(cfg.data_backend, cfg.data_device, train_device=device)
-    return {"backend": backend, "device": data_device, "num_threads": cfg.num_threads,
-            "max_skipped_fraction": cfg.max_skipped_fraction}
+    backend, data_device = resolve_loader(cfg.data.loader, cfg.data.data_device, train_device=device)
+    return {"backend": backend, "device": data_device, "num_threads": cfg.data.num_threads,
+            "max_skipped_fraction": cfg.data.max_skipped_fraction}
 
 
 def _evaluator(cfg, data: str, device: torch.device, splits=None, **options):
@@ -83,11 +83,6 @@ def _evaluator(cfg, data: str, device: torch.device, splits=None, **options):
     return build_evaluator(cfg, train_src, test_src, device, resize=resize, **options)
 
 
-def _build_method(name: str, cfg):
-    method = _methods()[name](cfg)
-    return method
-
-
 # Flags that set a config key (the key is the flag's dest); the rest steer the command.
 CONFIG_FLAGS = ("backbone", "epochs", "batch_size", "out", "fused", "loss", "sampling")
 
@@ -97,7 +92,7 @@ def _train_config(args: argparse.Namespace):
 
     Precedence: the dataclass defaults < the preset (demo, or the method's preset for the
     data) < the --config YAML < the flags and key=value items. A flag and a key=value for
-    the same key is an error (neither silently wins); among key=value items the last wins."""
+    the same key is an error (neither silently wins), as is a key=value item given twice."""
     from fastssl.data import check_data_spec
     from fastssl.engine import parse_overrides, resolve_config
 
@@ -115,9 +110,10 @@ def _train_config(args: argparse.Namespace):
                 raise ValueError(f"{flag} {getattr(args, key)} and {key}={overrides[key]} both set {key}: "
                                  f"give one of them")
             overrides[key] = getattr(args, key)
-    if "data" in overrides:
-        raise ValueError(f"data={overrides['data']}: set the data with --data")
-    overrides["data"] = data
+    for key in ("data", "source", "data.source"):
+        if key in overrides:
+            raise ValueError(f"{key}={overrides[key]}: set the data with --data")
+    overrides["source"] = data
     cfg = resolve_config(methods[name].config_class, args.config, overrides,
                          preset=demo_preset() if demo else methods[name].presets.get(data))
     return name, cfg, data, demo
@@ -151,17 +147,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         import yaml
 
-        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=True), end="", flush=True)
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), end="", flush=True)
         return 0
     if demo:
-        _log(f"demo: {name} {cfg.backbone} on Fashion-MNIST at {cfg.image_size}px, {cfg.epochs} epochs")
+        _log(f"demo: {name} {cfg.model.backbone} on Fashion-MNIST at {cfg.data.image_size}px, "
+             f"{cfg.optim.epochs} epochs")
     elif data in _methods()[name].presets:
-        _log(f"{name}: the {data} preset ({cfg.backbone} at {cfg.image_size}px), then the overrides")
-    torch.manual_seed(cfg.seed)
+        _log(f"{name}: the {data} preset ({cfg.model.backbone} at {cfg.data.image_size}px), "
+             f"then the overrides")
+    torch.manual_seed(cfg.run.seed)
     run = init_run(cfg)
     rank, world, device = run.rank, run.world, run.device
-    method = _build_method(name, cfg)
-    recipe = recipes.with_view_overrides(method.recipe(), cfg.views)
+    method = _methods()[name](cfg)
+    recipe = recipes.with_view_overrides(method.recipe(), cfg.data.views)
     options = _data_options(cfg, device)
     splits = data_splits(data)
     for note in splits.notes:
@@ -170,15 +168,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if small is not None and rank == 0:
         _log(_small_data_hint(name, method, cfg, data, small))
     source = splits.pretrain
-    loader = build_loader(source, recipe, batch_size=run.batch_per_rank, shard_id=rank, num_shards=world,
-                          seed=cfg.seed, drop_last=True,
+    method.bind_data(source)
+    loader = build_loader(source, recipe, batch_size=cfg.data.rank_batch_size, shard_id=rank,
+                          num_shards=world, seed=cfg.run.seed, drop_last=True,
                           sampler=method.build_sampler(source, rank=rank, world_size=world), **options)
-    _log(f"data: {data}, {options['backend']} on {options['device']}, {len(loader)} steps/epoch")
+    _log(f"data: {data}, {options['backend']} loader on {options['device']}, {len(loader)} steps/epoch")
     # the demo shows the linear probe as well: a few seconds on features already extracted
     linear = args.linear_probe or demo
-    evaluator = _evaluator(cfg, data, device, splits, linear=linear) if cfg.eval_knn else None
+    evaluator = _evaluator(cfg, data, device, splits, linear=linear) if cfg.eval.eval_knn else None
     monitor = None
-    if evaluator is not None and cfg.eval_every:
+    if evaluator is not None and cfg.eval.eval_every:
         monitor = _evaluator(cfg, data, device, splits, max_train=MONITOR_TRAIN_IMAGES,
                              max_test=MONITOR_TEST_IMAGES, progress=False)
     budget = args.time_budget
@@ -191,7 +190,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "interrupted" in summary:
         if rank == 0:
             print(f"stopped by {summary['interrupted']} after {summary['steps']} steps; checkpoint "
-                  f"{trainer.ckpt_path}; continue with: {_resume_command(args.argv, cfg.out)}", flush=True)
+                  f"{trainer.ckpt_path}; continue with: {_resume_command(args.argv, cfg.run.out)}",
+                  flush=True)
         return 0
     if rank == 0:
         _print_summary(summary, data)
@@ -203,7 +203,8 @@ def _small_data_hint(name: str, method, cfg, data: str, small: str) -> str:
     keys = " ".join(f"{k}={v}" for k, v in preset.items() if k in ("backbone", "image_size", "batch_size",
                                                                        "queue_size", "epochs"))
     return (f"warning: {data} is small ({small}; < 50,000 images or < 64 px): {name}'s defaults "
-            f"({cfg.backbone} at {cfg.image_size} px, batch {cfg.batch_size}) are sized for ImageNet. "
+            f"({cfg.model.backbone} at {cfg.data.image_size} px, batch {cfg.data.batch_size}) are sized for "
+            f"ImageNet. "
             f"Start from the small-image preset, {name}'s {FASHION_MNIST!r} preset: {keys}")
 
 
@@ -228,7 +229,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     method, state = load_trained_method(args.checkpoint)  # last.pt, a sharded last.dcp or the run directory
     name, cfg = state["method"], method.cfg
-    data = check_data_spec(args.data or cfg.data)
+    data = check_data_spec(args.data or cfg.data.source)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method.to(device).eval()
     evaluator = _evaluator(cfg, data, device, linear=True)
@@ -236,7 +237,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--data: {data!r} has no labelled train/ and val/ splits to evaluate on")
     with torch.no_grad():
         result = evaluator(method.encoder())
-    print(f"{name} {cfg.backbone} step {state['step']}: kNN top-1 {result['knn_top1']:.2%}, "
+    print(f"{name} {cfg.model.backbone} step {state['step']}: kNN top-1 {result['knn_top1']:.2%}, "
           f"linear probe top-1 {result['linear_top1']:.2%}", flush=True)
     return 0
 
@@ -278,7 +279,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
                          f"checkpoint file, got {args.run!r}")
     method, state = load_trained_method(args.run)
     cfg = method.cfg
-    data = check_data_spec(args.data or cfg.data)
+    data = check_data_spec(args.data or cfg.data.source)
     splits = data_splits(data)
     train_src, test_src = splits.train, splits.test
     if train_src is None or test_src is None:
@@ -357,21 +358,24 @@ class _Parser(argparse.ArgumentParser):
 
 def _keys_help(method: str | None) -> str:
     """The epilog of `fastssl train --help`: every config key of the method (the demo's
-    without --method) with its default and meaning, from the method's config dataclass."""
+    without --method) by component, with its default, allowed values and meaning, read from
+    the fields of the method's config dataclasses."""
     from fastssl.engine.config import describe_fields
 
     methods = _methods()
     name = method if method in methods else DEMO_METHOD
-    lines = [f"keys of {name} (key=value, or a --config YAML file; --method M --help lists M's), "
-             f"with their defaults:"]
-    for key, default, meaning in describe_fields(methods[name].config_class):
+    lines = [f"keys of {name} (key=value or component.key=value, or a --config YAML file; --method M "
+             f"--help lists M's), with their defaults and allowed values:"]
+    component = None
+    for comp, key, default, allowed, meaning in describe_fields(methods[name].config_class):
+        if comp != component:
+            component = comp
+            lines.append(f" {comp}:")
         text = f"  {key}={'none' if default is None else default}"
-        if meaning:
-            meaning = meaning if len(meaning) <= 90 else meaning[:87] + "..."
-            text = f"{text:<34} {meaning}" if len(text) < 34 else f"{text}\n{'':<34} {meaning}"
-        lines.append(text)
-    lines += ["", "precedence: defaults < preset (--data fashion-mnist, the demo) < --config YAML < flags "
-              "and key=value (a flag and a key=value for the same key is an error)"]
+        about = "; ".join(x for x in (meaning, allowed) if x)
+        lines.append(f"{text:<34} {about}" if len(text) < 34 else f"{text}\n{'':<34} {about}")
+    lines += ["", "precedence: defaults < the method's defaults < preset (--data fashion-mnist, the demo) "
+              "< --config YAML < flags and key=value (a key given twice is an error)"]
     return "\n".join(lines)
 
 

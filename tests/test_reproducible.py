@@ -33,7 +33,7 @@ def test_same_seed_same_losses(tmp_path, backend):
         argv = ["train", "--method", "mocov3", "--data", str(tmp_path / "data"), "--backbone", "resnet8",
                 "--batch-size", "8", "--out", str(out), "image_size=16", "num_threads=1", "max_steps=4",
                 "log_every=1", "eval_knn=false", "deterministic=true", "mlp_hidden_dim=32", "moco_dim=16",
-                f"data_backend={backend}", "data_device=cpu"]
+                f"loader={backend}", "data_device=cpu"]
         assert main(argv) == 0
         runs.append(_losses(out))
     assert len(runs[0]) == 4 and all(np.isfinite(runs[0]))

@@ -34,7 +34,7 @@ def _png_size(path) -> tuple[int, int]:
 
 RUNS = {  # flags, then key=value overrides; kNN while training in one run (each pass costs loaders)
     "dino": (["--method", "dino", "--backbone", "vit_tiny_patch4"],
-             ["eval_knn=false", "vit_depth=1", "local_size=8", "local_crops=2", "out_dim=64",
+             ["eval_knn=false", "vit_depth=1", "local_crop_size=8", "n_local_crops=2", "out_dim=64",
               "head_hidden_dim=32", "bottleneck_dim=16"]),
     "mae": (["--method", "mae", "--backbone", "vit_tiny_patch4"],
             ["eval_knn=false", "vit_depth=1", "decoder_dim=32", "decoder_depth=1", "decoder_heads=2"]),
@@ -54,7 +54,7 @@ def test_a_tiny_run_draws_curves_and_viz_draws_its_figures(tmp_path, kind):
     run = tmp_path / "run"
     flags, overrides = RUNS[kind]
     argv = ["train", *flags, "--data", str(tmp_path / "data"), "--batch-size", "8", "--out", str(run),
-            "image_size=16", "num_threads=1", "max_steps=2", "log_every=1", "data_backend=torchvision",
+            "image_size=16", "num_threads=1", "max_steps=2", "log_every=1", "loader=torchvision",
             *overrides]
     assert main(argv) == 0
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

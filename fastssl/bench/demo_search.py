@@ -83,13 +83,14 @@ def _readouts(checkpoint: str) -> None:
 
     from fastssl.data import fashion_mnist
     from fastssl.data.recipes import IMAGENET_MEAN, IMAGENET_STD
-    from fastssl.engine import load_checkpoint, resolve_config
+    from fastssl.engine import load_checkpoint
+    from fastssl.engine.config import load_config
     from fastssl.eval import knn_top1
     from fastssl.methods import METHODS
 
     state = load_checkpoint(checkpoint)
-    cfg = resolve_config(METHODS[state["method"]].config_class, None, state["config"])
-    torch.manual_seed(cfg.seed)  # as `fastssl train` does before building the method: its random init
+    cfg = load_config(METHODS[state["method"]].config_class, state["config"])
+    torch.manual_seed(cfg.run.seed)  # as `fastssl train` does before building the method: its random init
     method = METHODS[state["method"]](cfg)
     random_init = {k: v.clone() for k, v in method.encoder().state_dict().items()}
     method.load_state_dict(state["model"])
@@ -115,7 +116,7 @@ def _readouts(checkpoint: str) -> None:
                 out.setdefault(name, []).append(f)
         return {k: torch.cat(v) for k, v in out.items()}, torch.from_numpy(src.labels)
 
-    print(f"{_versions()} · {checkpoint} ({cfg.backbone}, step {state['step']})\n")
+    print(f"{_versions()} · {checkpoint} ({cfg.model.backbone}, step {state['step']})\n")
     rows = {}
     for weights in ("trained", "random init"):
         if weights == "random init":

@@ -50,6 +50,7 @@ SETUPS = [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)]
 
 
 def _config(method: str, backbone: str, **overrides) -> Any:
+    from fastssl.engine.config import resolve_config
     from fastssl.methods import METHODS
 
     cls = METHODS[method]
@@ -57,8 +58,8 @@ def _config(method: str, backbone: str, **overrides) -> Any:
     if method == "dino":  # the paper's multi-crop: 2 x 224 + 10 x 96, 65,536 prototypes
         # (ViT-H/14: 10 x 98 as DINOv2's /14 models, since 96 px is not a whole number of 14 px patches)
         local = 98 if backbone.endswith("patch14") else 96
-        base |= dict(local_crops=10, local_size=local, out_dim=65536, drop_path_rate=0.1)
-    return cls, cls.config_class(**(base | overrides))
+        base |= dict(n_local_crops=10, local_crop_size=local, out_dim=65536, drop_path_rate=0.1)
+    return cls, resolve_config(cls.config_class, overrides=base | overrides)
 
 
 def _bytes(tensors) -> int:
@@ -103,7 +104,7 @@ def measure(method: str, backbone: str, parallel: str, checkpointing: bool, worl
     peak (bytes) with the setting."""
     from fastssl.engine.optim import build_optimizer
     from fastssl.engine.parallel import apply_activation_checkpointing, shard_method
-    from fastssl.methods.base import StepContext
+    from fastssl.method import StepContext
 
     if dist.get_world_size() != world:
         raise ValueError(f"world: the fake process group has {dist.get_world_size()} ranks, got {world}")
@@ -115,8 +116,9 @@ def measure(method: str, backbone: str, parallel: str, checkpointing: bool, worl
         apply_activation_checkpointing(model)
     if parallel == "fsdp":
         shard_method(model, cpu)
-    sizes = [cfg.image_size] * (2 if method == "dino" else 1) + [getattr(cfg, "local_size", 0)] * getattr(
-        cfg, "local_crops", 0)
+    sizes = [cfg.data.image_size] * (2 if method == "dino" else 1)
+    if method == "dino":
+        sizes += [cfg.method.local_crop_size] * cfg.method.n_local_crops
     with FakeTensorMode(allow_non_fake_inputs=True):
         model.to_empty(device=cpu)
         optimizer = build_optimizer(cfg, model.parameter_groups())

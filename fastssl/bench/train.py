@@ -26,7 +26,7 @@ from fastssl.methods import METHODS
 GPU_CASES = [
     ("mocov2", {"backbone": "resnet50", "image_size": 224, "batch_size": 256}),
     ("mocov3", {"backbone": "resnet50", "image_size": 224, "batch_size": 256}),
-    ("dino", {"backbone": "vit_small_patch16", "image_size": 224, "local_size": 96, "local_crops": 10,
+    ("dino", {"backbone": "vit_small_patch16", "image_size": 224, "local_crop_size": 96, "n_local_crops": 10,
               "out_dim": 65536, "batch_size": 64}),
     ("mae", {"backbone": "vit_base_patch16", "image_size": 224, "batch_size": 128}),
 ]
@@ -35,7 +35,7 @@ CPU_CASES = [
                 "mlp_hidden_dim": 64}),
     ("mocov3", {"backbone": "resnet18", "image_size": 8, "batch_size": 8, "mlp_hidden_dim": 64}),
     ("rotnet", {"backbone": "resnet18", "image_size": 8, "batch_size": 8}),
-    ("dino", {"backbone": "vit_tiny_patch4", "image_size": 16, "local_size": 8, "local_crops": 2,
+    ("dino", {"backbone": "vit_tiny_patch4", "image_size": 16, "local_crop_size": 8, "n_local_crops": 2,
               "vit_depth": 1, "out_dim": 128, "head_hidden_dim": 64, "batch_size": 8}),
     ("mae", {"backbone": "vit_tiny_patch4", "image_size": 16, "vit_depth": 1, "decoder_depth": 1,
              "decoder_dim": 32, "decoder_heads": 2, "batch_size": 8}),
@@ -71,16 +71,16 @@ def measure(method_name: str, params: dict, fused: bool, warmup: int, iters: int
         "out": str(out), "log_every": 1_000_000, "checkpoint_every": 0})
     torch.manual_seed(0)
     method = cls(cfg)
-    loader = SyntheticLoader(method.recipe().view_sizes, cfg.batch_size, warmup + iters + 1, device)
+    loader = SyntheticLoader(method.recipe().view_sizes, cfg.data.batch_size, warmup + iters + 1, device)
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     Trainer(method, loader, progress=False, log=lambda m: None).fit()
     with open(out / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f][warmup:]
-    step_s = statistics.median(cfg.batch_size / r["img_per_s"] for r in records)
+    step_s = statistics.median(cfg.data.batch_size / r["img_per_s"] for r in records)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"method": method_name, "fused": fused, "images_per_second": cfg.batch_size / step_s,
+    return {"method": method_name, "fused": fused, "images_per_second": cfg.data.batch_size / step_s,
             "step_ms": 1e3 * step_s, "peak_memory_gib": peak, "final_loss": records[-1]["loss"]} | params
 
 

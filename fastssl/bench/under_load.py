@@ -42,15 +42,15 @@ def _load(seconds: float) -> None:
 def _step_ms(steps: int) -> float:
     from fastssl.cli import DEMO_METHOD, demo_preset
     from fastssl.engine import resolve_config
+    from fastssl.method import StepContext
     from fastssl.methods import METHODS
-    from fastssl.methods.base import StepContext
 
     cls = METHODS[DEMO_METHOD]
     cfg = resolve_config(cls.config_class, None, {"out": "unused"}, preset=demo_preset())
     torch.manual_seed(0)
     method = cls(cfg).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.01)
-    shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)
+    shape = (cfg.data.batch_size, 3, cfg.data.image_size, cfg.data.image_size)
     views = [torch.randn(shape).to(memory_format=torch.channels_last) for _ in range(2)]
     ctx = StepContext(step=0, epoch=0, steps_per_epoch=1, total_steps=1, lr=0.01, weight_decay=0.0)
 

@@ -39,7 +39,7 @@ from torch import nn
 from fastssl.bench.harness import environment, write_rows
 from fastssl.data import fashion_mnist
 from fastssl.data.labels import LabelTable, inject_label_noise
-from fastssl.engine import Trainer
+from fastssl.engine import Trainer, resolve_config
 from fastssl.eval import extract_features, knn_top1
 from fastssl.methods.weak import WeakConfig, WeakSupervised
 from fastssl.models import build_backbone
@@ -136,10 +136,10 @@ def run_seed(args: argparse.Namespace, seed: int, train, test) -> dict:
            "random_init": knn_score(make_backbone()[0], bank, test_set, mean, std), "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for loss, sampling in RUNS:
-            cfg = WeakConfig(loss=loss, sampling=sampling, num_classes=NUM_CLASSES, backbone=args.backbone,
-                             image_size=28, epochs=args.epochs, batch_size=args.batch_size,
-                             base_lr=args.base_lr, warmup_epochs=0.0, weight_decay=5e-4, seed=seed,
-                             out=f"{tmp}/{loss}_{sampling}", eval_knn=False, fused=True)
+            cfg = resolve_config(WeakConfig, overrides=dict(
+                loss=loss, sampling=sampling, num_classes=NUM_CLASSES, backbone=args.backbone, image_size=28,
+                epochs=args.epochs, batch_size=args.batch_size, base_lr=args.base_lr, warmup_epochs=0.0,
+                weight_decay=5e-4, seed=seed, out=f"{tmp}/{loss}_{sampling}", eval_knn=False, fused=True))
             method = WeakSupervised(cfg, labels=table, backbone=make_backbone())
             loader = TensorViews(pair_images, method.build_sampler(), args.batch_size, mean, std, seed)
             t0 = time.perf_counter()

@@ -1,39 +1,45 @@
-"""Config merge: dataclass defaults < preset < YAML file < `key=value` overrides.
+"""Config merge: component defaults < the method's defaults < preset < YAML file < `key=value`.
 
-Every key is checked against the method's dataclass, so a typo is an error rather
-than a silently ignored setting; values are converted to the field's type, then checked
-against their allowed ranges (`validate_config`)."""
+Keys are flat (`base_lr`) or dotted (`optim.base_lr`), and YAML files may nest them under
+their component (`optim: {base_lr: 0.1}`). Every key is checked against the composed
+dataclasses (fastssl.config), so a typo or a key given twice is an error rather than a
+silently ignored setting; values are converted to the field's type here and checked against
+their ranges by the dataclasses themselves."""
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
-import math
-import re
 import types
 import typing
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import yaml
 
-from fastssl.methods.base import TrainConfig
-
-C = TypeVar("C", bound=TrainConfig)
+from fastssl.config import (
+    MethodConfig,
+    TrainConfig,
+    components,
+    field_types,
+    key_index,
+    range_text,
+)
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
+# Flat keys of run folders written before the composed layout, and their names today.
+OLD_KEYS = {"data": "source", "data_backend": "loader", "local_crops": "n_local_crops",
+            "local_size": "local_crop_size"}
 
 
-def _convert(cls: type, key: str, value: Any, annotation: Any) -> Any:
+def _convert(key: str, value: Any, annotation: Any) -> Any:
     """Convert `value` (a YAML scalar or a CLI string) to the field's annotated type."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _convert(cls, key, value, args[0])
+        return _convert(key, value, args[0])
     if origin is dict:
         if isinstance(value, str):
             try:
@@ -54,7 +60,7 @@ def _convert(cls: type, key: str, value: Any, annotation: Any) -> Any:
             raise ValueError(f"config key {key!r}: expected {len(elem)} comma-separated values, "
                              f"got {value!r}")
         items = [v.strip() if isinstance(v, str) else v for v in items]
-        return tuple(_convert(cls, key, v, t) for v, t in zip(items, elem))
+        return tuple(_convert(key, v, t) for v, t in zip(items, elem))
     try:
         if annotation is bool:
             if isinstance(value, bool):
@@ -72,7 +78,7 @@ def _convert(cls: type, key: str, value: Any, annotation: Any) -> Any:
             return float(value)
         if annotation is str:
             return str(value)
-    except ValueError:
+    except (TypeError, ValueError, OverflowError):
         pass
     else:
         return value
@@ -80,32 +86,72 @@ def _convert(cls: type, key: str, value: Any, annotation: Any) -> Any:
     raise ValueError(f"config key {key!r}: expected a value of type {type_name}, got {value!r}")
 
 
-def _fields(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 def parse_overrides(items: list[str]) -> dict[str, str]:
-    """['lr=0.1', 'fused=false'] -> {'lr': '0.1', 'fused': 'false'}."""
-    out = {}
+    """['base_lr=0.1', 'fused=false'] -> {'base_lr': '0.1', 'fused': 'false'}; a key given twice
+    is an error."""
+    out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"override {item!r}: expected key=value")
+        if key.strip() in out:
+            raise ValueError(f"override {key.strip()!r}: given twice ({key.strip()}={out[key.strip()]} and "
+                             f"{item.strip()}); give it once")
         out[key.strip()] = value.strip()
     return out
 
 
-def resolve_config(cls: type[C], yaml_path: str | Path | None = None,
-                   overrides: dict[str, Any] | None = None, preset: dict[str, Any] | None = None) -> C:
-    """Build a `cls` instance: its defaults, then `preset` (a named configuration such as the
-    demo's), then the YAML file's keys, then `overrides`.
+def _flatten(where: str, layer: dict, index: dict, method: str) -> dict[str, Any]:
+    """A layer's keys as flat field names: `optim.base_lr` and YAML's `optim: {base_lr: ...}`
+    become `base_lr`; unknown keys and a field given twice are errors naming `where`."""
+    flat: dict[str, Any] = {}
 
-    Unknown keys (in the file or the overrides) raise ValueError naming the key and
-    listing the valid ones; values are converted to each field's annotated type."""
-    fields = _fields(cls)
-    values: dict[str, Any] = {}
-    layers: list[tuple[str, dict]] = [("preset", dict(preset or {}))]
+    def put(key: str, name: str, value: Any) -> None:
+        if name not in index:
+            if name in ("method", "name"):
+                raise ValueError(f"{where}: {key!r} is not a key: choose the method with --method")
+            raise ValueError(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(index))}")
+        if name in flat:
+            raise ValueError(f"{where}: key {name!r} given twice; give it once")
+        flat[name] = value
+
+    comps = set(components(MethodConfig))
+    for key, value in layer.items():
+        if key in comps and isinstance(value, dict):
+            for sub, v in value.items():
+                if key == "method" and sub == "name":
+                    if v != method:
+                        raise ValueError(f"{where}: method.name {v!r} is not this run's method {method!r}; "
+                                         f"choose the method with --method")
+                    continue
+                _check_component(where, f"{key}.{sub}", key, index.get(sub))
+                put(f"{key}.{sub}", sub, v)
+            continue
+        comp, dot, name = str(key).rpartition(".")
+        if dot:
+            _check_component(where, key, comp, index.get(name))
+        put(key, name if dot else key, value)
+    return flat
+
+
+def _check_component(where: str, key: str, comp: str, entry: tuple | None) -> None:
+    if entry is not None and entry[0] != comp:
+        raise ValueError(f"{where}: key {key!r}: {key.rsplit('.', 1)[1]} belongs to {entry[0]}, "
+                         f"not {comp}")
+
+
+def resolve_config(method_class: type[MethodConfig], yaml_path: str | Path | None = None,
+                   overrides: dict[str, Any] | None = None, preset: dict[str, Any] | None = None
+                   ) -> TrainConfig:
+    """The TrainConfig of a run of the method whose own fields are `method_class`: the
+    components' defaults, the method's `defaults`, `preset` (a named configuration such as
+    the demo's), the YAML file's keys, then `overrides`.
+
+    Unknown keys raise ValueError naming the key and listing the valid ones; values are
+    converted to each field's annotated type, then each component checks its ranges."""
+    index = key_index(method_class)
+    layers: list[tuple[str, dict]] = [(f"{method_class.__name__}.defaults", method_class.defaults),
+                                      ("preset", dict(preset or {}))]
     if yaml_path is not None:
         path = Path(yaml_path)
         if not path.is_file():
@@ -116,15 +162,91 @@ def resolve_config(cls: type[C], yaml_path: str | Path | None = None,
                              f"got {type(loaded).__name__}")
         layers.append((f"config file {str(path)!r}", loaded))
     layers.append(("override", dict(overrides or {})))
+    values: dict[str, Any] = {}
+    user: set[str] = set()
     for where, layer in layers:
-        for key, value in layer.items():
-            if key not in fields:
-                raise ValueError(f"{where}: unknown key {key!r} for {cls.__name__}; valid keys: "
-                                 f"{', '.join(sorted(fields))}")
-            values[key] = _convert(cls, key, value, fields[key])
-    cfg = cls(**values)
-    validate_config(cfg)
-    return cfg
+        flat = _flatten(where, layer, index, method_class.name)
+        if layer is not method_class.defaults:
+            user.update(flat)
+        for name, value in flat.items():
+            comp = index[name][0]
+            try:
+                values[name] = _convert(name, value, field_types(components(method_class)[comp])[name])
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+    _fit_default_warmup(values, user, method_class)
+    return build_config(method_class, values)
+
+
+def build_config(method_class: type[MethodConfig], values: dict[str, Any]) -> TrainConfig:
+    """TrainConfig from flat, converted field values (the rest keep their defaults)."""
+    index = key_index(method_class)
+    parts: dict[str, dict[str, Any]] = {comp: {} for comp in components(method_class)}
+    for name, value in values.items():
+        parts[index[name][0]][name] = value
+    return TrainConfig(**{comp: cls(**parts[comp]) for comp, cls in components(method_class).items()})
+
+
+def _fit_default_warmup(values: dict[str, Any], user: set[str], method_class: type[MethodConfig]) -> None:
+    """A warm-up the user never set keeps the paper's share of the paper's run when the run is
+    shorter than that warm-up (DINO's 10 of 100 epochs: 0.1 of a 1-epoch run); one the user set
+    longer than the run stays an error."""
+    if "warmup_epochs" in user or "epochs" not in values:
+        return
+    warmup = values.get("warmup_epochs", 0.0)
+    paper_epochs = method_class.defaults.get("epochs", 100)
+    if warmup > values["epochs"]:
+        values["warmup_epochs"] = warmup / paper_epochs * values["epochs"]
+
+
+def flat_config(saved: dict[str, Any]) -> dict[str, Any]:
+    """Flat {field: value} of a saved config: the nested layout (config.yaml, a checkpoint's
+    "config"), or the flat layout of older run folders with their key names mapped to today's
+    (OLD_KEYS); the method's name (`method`) is dropped."""
+    flat: dict[str, Any] = {}
+    for key, value in saved.items():
+        if key == "method":
+            if isinstance(value, dict):
+                flat.update({k: v for k, v in value.items() if k != "name"})
+            continue
+        if isinstance(value, dict) and key in components(MethodConfig):
+            flat.update(value)
+        else:
+            flat[OLD_KEYS.get(key, key)] = value
+    return flat
+
+
+def saved_method_name(saved: dict[str, Any]) -> str | None:
+    """The method name a saved config records (nested: method.name; flat: method)."""
+    value = saved.get("method")
+    return value.get("name") if isinstance(value, dict) else value
+
+
+def load_config(method_class: type[MethodConfig], saved: dict[str, Any], where: str = "saved config"
+                ) -> TrainConfig:
+    """A TrainConfig from a saved config (either layout), or a ValueError that says how to
+    convert it."""
+    flat = flat_config(saved)
+    unknown = sorted(set(flat) - set(key_index(method_class)))
+    if unknown:
+        raise ValueError(f"{where}: keys {unknown} are not {method_class.name} keys; edit them out of its "
+                         f"config.yaml (fastssl train --method {method_class.name} --print-config shows "
+                         f"today's layout)")
+    return resolve_config(method_class, None, flat)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping key given twice (SafeLoader keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice; give it once", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 def _read_yaml(path: Path) -> Any:
@@ -136,7 +258,7 @@ def _read_yaml(path: Path) -> Any:
         raise ValueError(f"config file {str(path)!r}: not UTF-8 text (byte 0x{e.object[e.start]:02x} "
                          f"on line {line})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -144,151 +266,31 @@ def _read_yaml(path: Path) -> Any:
         raise ValueError(f"config file {str(path)!r}{where}: not valid YAML ({problem})") from None
 
 
-def _positive(x: Any) -> bool:
-    return x > 0
+def describe_fields(method_class: type[MethodConfig]) -> list[tuple[str, str, Any, str, str]]:
+    """(component, key, default, allowed values, meaning) of every settable key, the
+    method's defaults applied, from the fields' `setting` records."""
+    cfg = resolve_config(method_class)
+    return [(comp, name, getattr(getattr(cfg, comp), name), range_text(f), f.metadata.get("help", ""))
+            for name, (comp, f) in key_index(method_class).items()]
 
 
-def _non_negative(x: Any) -> bool:
-    return x >= 0
-
-
-def _at_least_one(x: Any) -> bool:
-    return x >= 1
-
-
-def _fraction(x: Any) -> bool:          # [0, 1)
-    return 0 <= x < 1
-
-
-def _closed_fraction(x: Any) -> bool:   # [0, 1]
-    return 0 <= x <= 1
-
-
-def _open_fraction(x: Any) -> bool:     # (0, 1)
-    return 0 < x < 1
-
-
-# Allowed values per field name, for every method's config that has the field: (what is
-# expected, test). None passes wherever the field's type allows it. Cross-field limits
-# (warmups within the run) are in validate_config.
-RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
-    "image_size": (">= 1", _at_least_one), "eval_size": (">= 1 (or none)", _at_least_one),
-    "epochs": (">= 1", _at_least_one),
-    "batch_size": (">= 1", _at_least_one), "base_lr": ("> 0", _positive),
-    "lr_batch_divisor": (">= 1", _at_least_one), "min_lr": (">= 0", _non_negative),
-    "warmup_epochs": (">= 0", _non_negative), "weight_decay": (">= 0", _non_negative),
-    "weight_decay_end": (">= 0", _non_negative), "momentum": ("in [0, 1)", _fraction),
-    "betas": ("two values in [0, 1)", lambda b: all(_fraction(x) for x in b)),
-    "clip_grad": ("> 0 (or none)", _positive), "clip_grad_per_param": ("> 0 (or none)", _positive),
-    "optimizer": ("one of sgd, adamw, lars", lambda x: x in ("sgd", "adamw", "lars")),
-    "data_backend": ("one of auto, dali, torchvision", lambda x: x in ("auto", "dali", "torchvision")),
-    "data_device": ("one of auto, gpu, cpu", lambda x: x in ("auto", "gpu", "cpu")),
-    "num_threads": (">= 1", _at_least_one), "seed": (">= 0", _non_negative),
-    "checkpoint_every": (">= 0 (0: at epoch ends only)", _non_negative),
-    "log_every": (">= 1", _at_least_one), "max_steps": (">= 0 (or none)", _non_negative),
-    "dist_timeout_s": ("> 0", _positive),
-    "temperature": ("> 0", _positive), "student_temp": ("> 0", _positive),
-    "teacher_temp": ("> 0", _positive), "warmup_teacher_temp": ("> 0", _positive),
-    "moco_momentum": ("in [0, 1]", _closed_fraction), "teacher_momentum": ("in [0, 1]", _closed_fraction),
-    "center_momentum": ("in [0, 1]", _closed_fraction), "queue_size": (">= 1", _at_least_one),
-    "moco_dim": (">= 1", _at_least_one), "mlp_hidden_dim": (">= 1", _at_least_one),
-    "projector_layers": (">= 1 (or none)", _at_least_one), "out_dim": (">= 1", _at_least_one),
-    "head_hidden_dim": (">= 0", _non_negative), "bottleneck_dim": (">= 1", _at_least_one),
-    "local_crops": (">= 0", _non_negative), "local_size": (">= 1", _at_least_one),
-    "warmup_teacher_temp_epochs": (">= 0", _non_negative),
-    "freeze_last_layer_epochs": (">= 0", _non_negative),
-    "teacher_centering": ("one of center, sinkhorn_knopp", lambda x: x in ("center", "sinkhorn_knopp")),
-    "drop_path_rate": ("in [0, 1)", _fraction), "mask_ratio": ("in (0, 1)", _open_fraction),
-    "decoder_dim": (">= 1", _at_least_one), "decoder_depth": (">= 1", _at_least_one),
-    "decoder_heads": (">= 1", _at_least_one), "vit_depth": (">= 1 (or none)", _at_least_one),
-    "bn_splits": (">= 1", _at_least_one), "label_noise": ("in [0, 1]", _closed_fraction),
-    "num_classes": (">= 1", _at_least_one), "rare_threshold": (">= 0 (or none)", _non_negative),
-    "rare_factor": ("> 0", _positive),
-    "crop_scale": ("0 < min <= max <= 1", lambda s: 0 < s[0] <= s[1] <= 1),
-}
-
-
-def validate_config(cfg: TrainConfig) -> None:
-    """Raise ValueError naming the first field whose value is outside its allowed range
-    (RULES, NaN never allowed), or a warmup longer than the run."""
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if isinstance(value, float) and math.isnan(value):
-            raise ValueError(f"{f.name}: expected a number, got nan")
-        if value is None or f.name not in RULES:
-            continue
-        expected, ok = RULES[f.name]
-        if not ok(value):
-            raise ValueError(f"{f.name}: expected {expected}, got {value!r}")
-    if cfg.eval_size not in (None, cfg.image_size):
-        from fastssl.models.backbones import is_vit_name
-
-        if is_vit_name(cfg.backbone):
-            raise ValueError(f"eval_size: a ViT's position embedding is built for image_size "
-                             f"({cfg.image_size}); expected none or {cfg.image_size}, got {cfg.eval_size}")
-    if cfg.views:
-        from fastssl.data.recipes import check_view_overrides
-
-        check_view_overrides(cfg.views)
-    for name in ("warmup_epochs", "warmup_teacher_temp_epochs", "freeze_last_layer_epochs"):
-        value = getattr(cfg, name, None)
-        if value is not None and value > cfg.epochs:
-            raise ValueError(f"{name}: expected <= epochs ({cfg.epochs}), got {value!r}")
-
-
-# Meanings of method keys whose dataclass line carries no comment (a comment there wins).
-MEANINGS = {
-    "bottleneck_dim": "DINO head: width before the prototypes",
-    "center_momentum": "EMA of the teacher center",
-    "crop_scale": "random resized crop's area range", "decoder_depth": "MAE decoder blocks",
-    "decoder_dim": "MAE decoder width", "decoder_heads": "MAE decoder attention heads",
-    "freeze_last_layer_epochs": "epochs the DINO head's last layer stays frozen",
-    "head_hidden_dim": "hidden width of the head", "local_crops": "number of small (local) crops",
-    "local_size": "local crop size in pixels", "mask_ratio": "fraction of patches masked",
-    "mlp_hidden_dim": "hidden width of the projection MLP", "moco_dim": "embedding (key) dimension",
-    "moco_momentum": "momentum of the key encoder's EMA", "norm_last_layer": "weight-normalized last layer",
-    "norm_pix_loss": "per-patch normalized pixel targets", "out_dim": "number of DINO prototypes",
-    "queue_size": "negatives kept in the key queue",
-    "rare_factor": "inverse_sqrt: weight factor of rare labels",
-    "student_temp": "student softmax temperature", "teacher_temp": "teacher temperature after warm-up",
-    "temperature": "InfoNCE softmax temperature", "use_bn_in_head": "BatchNorm in the head MLP",
-    "vit_depth": "ViT blocks (none: the model's own)", "warmup_teacher_temp": "teacher temperature at start",
-    "warmup_teacher_temp_epochs": "epochs of the teacher temperature warm-up",
-}
-
-
-def describe_fields(cls: type) -> list[tuple[str, Any, str]]:
-    """(name, default, meaning) of every field of a config dataclass; the meaning is the
-    field's comment in the class source (on its line, or the comment lines just above it),
-    searched from the class up through its bases, else MEANINGS."""
-    comments: dict[str, str] = {}
-    for klass in reversed(cls.__mro__):
-        if not dataclasses.is_dataclass(klass):
-            continue
-        above: list[str] = []
-        for line in inspect.getsource(klass).splitlines():
-            stripped = line.strip()
-            if stripped.startswith("#"):
-                above.append(stripped.lstrip("# "))
-                continue
-            match = re.match(r"(\w+)\s*:[^=]+=.*?(?:#\s*(.*))?$", stripped)
-            if match and (match.group(2) or above):
-                comments[match.group(1)] = match.group(2) or " ".join(above)
-            above = []
-    return [(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory(),
-             comments.get(f.name) or MEANINGS.get(f.name, "")) for f in dataclasses.fields(cls)]
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    return list(v) if isinstance(v, tuple) else v
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
-    """Plain dict (tuples as lists) that YAML and JSON can hold."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return list(v) if isinstance(v, tuple) else v
-
-    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+    """Nested plain dict (tuples as lists) that YAML and JSON can hold: one mapping per
+    component, the method's with its `name`."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        part = getattr(cfg, f.name)
+        out[f.name] = {g.name: _plain(getattr(part, g.name)) for g in dataclasses.fields(part)}
+    out["method"] = {"name": cfg.method.name, **out["method"]}
+    return out
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (loadable again with resolve_config)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=True))
+    """Write the resolved config as nested YAML (loadable again with resolve_config)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

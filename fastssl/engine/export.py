@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fastssl.engine.checkpoint import load_checkpoint
-from fastssl.engine.config import resolve_config
+from fastssl.engine.config import load_config
 from fastssl.engine.sharded_checkpoint import LATEST, is_sharded_checkpoint, load_sharded, read_meta
 from fastssl.models import MAEEncoder
 from fastssl.models.backbones import RESNETS, SMALL_IMAGE_MAX, VIT_SIZES, is_vit_name, parse_vit_name
@@ -55,7 +55,7 @@ def load_trained_method(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     if name not in METHODS:
         raise ValueError(f"checkpoint: written by method {name!r}, which is not one of {sorted(METHODS)}")
     cls = METHODS[name]
-    method = cls(resolve_config(cls.config_class, None, meta["config"]))
+    method = cls(load_config(cls.config_class, meta["config"], f"checkpoint {str(path)!r}"))
     try:
         if sharded:
             load_sharded(path, method)
@@ -64,7 +64,7 @@ def load_trained_method(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise ValueError(f"checkpoint {str(path)!r}: its weights do not fit the {name} "
-                         f"{meta['config'].get('backbone')} model its config describes ({first})") from e
+                         f"{method.cfg.model.backbone} model its config describes ({first})") from e
     return method.eval(), meta
 
 
@@ -80,19 +80,19 @@ def backbone_state_dict(method: nn.Module) -> dict[str, torch.Tensor]:
 
 def loader_code(cfg) -> str:
     """Python that builds the module the exported state dict loads into (strict=True)."""
-    if is_vit_name(cfg.backbone):
-        size, patch = parse_vit_name(cfg.backbone)
+    if is_vit_name(cfg.model.backbone):
+        size, patch = parse_vit_name(cfg.model.backbone)
         patch = patch or 16
-        depth = getattr(cfg, "vit_depth", None) or VIT_SIZES[size][1]
+        depth = cfg.model.vit_depth or VIT_SIZES[size][1]
         return (f"timm.create_model('{TIMM_NAMES[size]}', pretrained=False, num_classes=0, "
-                f"img_size={cfg.image_size}, patch_size={patch}, depth={depth})")
-    if cfg.backbone in RESNETS:
-        code = f"m = torchvision.models.{cfg.backbone}(); m.fc = torch.nn.Identity()"
-        if cfg.image_size <= SMALL_IMAGE_MAX:
+                f"img_size={cfg.data.image_size}, patch_size={patch}, depth={depth})")
+    if cfg.model.backbone in RESNETS:
+        code = f"m = torchvision.models.{cfg.model.backbone}(); m.fc = torch.nn.Identity()"
+        if cfg.data.image_size <= SMALL_IMAGE_MAX:
             code += ("; m.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False); "
                      "m.maxpool = torch.nn.Identity()")
         return code
-    return f"fastssl.models.build_backbone({cfg.backbone!r}, {cfg.image_size})[0]"
+    return f"fastssl.models.build_backbone({cfg.model.backbone!r}, {cfg.data.image_size})[0]"
 
 
 def export_backbone(run: str | Path, out: str | Path) -> dict[str, Any]:
@@ -109,6 +109,6 @@ def export_backbone(run: str | Path, out: str | Path) -> dict[str, Any]:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out)
-    return {"method": meta["method"], "backbone": method.cfg.backbone, "step": meta["step"],
+    return {"method": meta["method"], "backbone": method.cfg.model.backbone, "step": meta["step"],
             "tensors": len(state), "parameters": sum(v.numel() for v in state.values()),
             "load": loader_code(method.cfg)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastssl.methods.base import TrainConfig
+from fastssl.config import TrainConfig
 
 
 class LARS(torch.optim.Optimizer):
@@ -50,16 +50,15 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(cfg: TrainConfig, param_groups: list[dict]) -> torch.optim.Optimizer:
-    """cfg.optimizer in {sgd, adamw, lars}. LR and weight decay are set every step from the
+    """cfg.optim.optimizer in {sgd, adamw, lars}. LR and weight decay are set every step from the
     schedules (groups with apply_wd=False keep weight_decay 0); extra group keys are kept."""
-    name = cfg.optimizer.lower()
+    o = cfg.optim
+    name = o.optimizer
     # The schedule sets lr / weight_decay before each step; 0 here avoids a misleading first value.
-    groups = [dict(g, lr=0.0) | ({} if "weight_decay" in g else {"weight_decay": cfg.weight_decay})
+    groups = [dict(g, lr=0.0) | ({} if "weight_decay" in g else {"weight_decay": o.weight_decay})
               for g in param_groups]
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(groups, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    if name == "lars":
-        return LARS(groups, lr=0.0, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer: expected one of 'sgd', 'adamw', 'lars', got {cfg.optimizer!r}")
+        return torch.optim.AdamW(groups, lr=0.0, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return LARS(groups, lr=0.0, momentum=o.momentum, weight_decay=o.weight_decay)  # the config's last choice

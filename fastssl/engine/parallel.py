@@ -21,8 +21,6 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-PARALLEL = ("ddp", "fsdp")
-
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
     """Every transformer block (timm's `Block`: ViT backbones, the MAE encoder and decoder) in `module`."""
@@ -30,15 +28,13 @@ def transformer_blocks(module: nn.Module) -> list[nn.Module]:
 
 
 def check_parallel_config(cfg, method: nn.Module) -> None:
-    """ValueError unless cfg.parallel, cfg.activation_checkpointing and cfg.accum_steps suit the method."""
-    if cfg.parallel not in PARALLEL:
-        raise ValueError(f"parallel: expected one of {PARALLEL}, got {cfg.parallel!r}")
-    if not isinstance(cfg.accum_steps, int) or isinstance(cfg.accum_steps, bool) or cfg.accum_steps < 1:
-        raise ValueError(f"accum_steps: expected an int >= 1, got {cfg.accum_steps!r}")
-    needs_blocks = [k for k, on in (("parallel=fsdp", cfg.parallel == "fsdp"),
-                                    ("activation_checkpointing=true", cfg.activation_checkpointing)) if on]
+    """ValueError unless parallel and activation_checkpointing suit the method (their values
+    are checked by the config)."""
+    d = cfg.dist
+    needs_blocks = [k for k, on in (("parallel=fsdp", d.parallel == "fsdp"),
+                                    ("activation_checkpointing=true", d.activation_checkpointing)) if on]
     if needs_blocks and not transformer_blocks(method):
-        raise ValueError(f"{' and '.join(needs_blocks)}: backbone {cfg.backbone!r} has no transformer "
+        raise ValueError(f"{' and '.join(needs_blocks)}: backbone {cfg.model.backbone!r} has no transformer "
                          "blocks to shard or recompute; they are for the ViT methods (dino, mae, mocov3, "
                          "weak with a vit_* backbone). ResNets train with parallel=ddp and "
                          "activation_checkpointing=false.")
@@ -82,11 +78,11 @@ def wrap_for_training(method: nn.Module, cfg, device: torch.device, world: int,
     """The module the training step calls: `method` with activation checkpointing when asked,
     then DDP (world > 1, parallel=ddp), FSDP2 in place (world > 1, parallel=fsdp) or as is."""
     check_parallel_config(cfg, method)
-    if cfg.activation_checkpointing:
+    if cfg.dist.activation_checkpointing:
         log(f"activation checkpointing: {apply_activation_checkpointing(method)} transformer blocks")
     if world == 1:
         return method
-    if cfg.parallel == "fsdp":
+    if cfg.dist.parallel == "fsdp":
         shard_method(method, device)
         log(f"fsdp: {len(transformer_blocks(method))} blocks + {len(method.shard_units())} "
             f"units + root sharded over {world} ranks"

@@ -58,20 +58,17 @@ def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.de
 
 def global_batch_size(cfg) -> int:
     """The run's global batch, every rank's share together: the one reading of it from the config."""
-    return cfg.batch_size
+    return cfg.data.batch_size
 
 
 def init_run(cfg) -> RunContext:
-    """Join the process group (cfg.dist_timeout_s) and check that the global batch splits into
-    equal per-rank shares, and each share into cfg.accum_steps equal micro-batches."""
-    rank, world, device = init_distributed(cfg.dist_timeout_s)
-    batch = global_batch_size(cfg)
-    if batch % world:
-        raise ValueError(f"batch_size: expected a multiple of the world size {world}, got {batch}")
-    if batch % (world * cfg.accum_steps):
-        raise ValueError(f"batch_size: expected a multiple of world size x accum_steps = "
-                         f"{world} x {cfg.accum_steps}, got {batch}")
-    return RunContext(rank=rank, world=world, device=device, batch_size=batch)
+    """Join the process group (cfg.dist.dist_timeout_s) and set both batch fields of cfg.data for
+    this world size (the global batch and each rank's share, the one not given derived from the
+    other: TrainConfig.for_world), checking that each share splits into cfg.dist.accum_steps
+    equal micro-batches."""
+    rank, world, device = init_distributed(cfg.dist.dist_timeout_s)
+    cfg.data = cfg.for_world(world).data
+    return RunContext(rank=rank, world=world, device=device, batch_size=global_batch_size(cfg))
 
 
 def rank0_value(value: Any, world: int) -> Any:

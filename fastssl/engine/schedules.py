@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fastssl.methods.base import TrainConfig
+from fastssl.config import TrainConfig
 
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
@@ -28,19 +28,19 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
 
 def scaled_lr(cfg: TrainConfig) -> float:
     """Peak LR as the papers scale it: base_lr * global_batch / lr_batch_divisor (Goyal et al. 2017)."""
-    return cfg.base_lr * cfg.batch_size / cfg.lr_batch_divisor
+    return cfg.optim.base_lr * cfg.data.batch_size / cfg.optim.lr_batch_divisor
 
 
 def build_schedules(cfg: TrainConfig, steps_per_epoch: int,
                     total_steps: int | None = None) -> dict[str, np.ndarray]:
     """LR (warm-up + cosine to min_lr) and weight decay (constant, or cosine to
     weight_decay_end) for `total_steps` (default epochs * steps_per_epoch) steps;
-    cfg.batch_size is the global batch."""
-    total = cfg.epochs * steps_per_epoch if total_steps is None else total_steps
-    warmup = min(int(round(cfg.warmup_epochs * steps_per_epoch)), total)
-    lr = cosine_schedule(scaled_lr(cfg), cfg.min_lr, total, warmup)
-    if cfg.weight_decay_end is None:
-        wd = np.full(total, cfg.weight_decay, dtype=np.float64)
+    cfg.data.batch_size is the global batch."""
+    total = cfg.optim.epochs * steps_per_epoch if total_steps is None else total_steps
+    warmup = min(int(round(cfg.optim.warmup_epochs * steps_per_epoch)), total)
+    lr = cosine_schedule(scaled_lr(cfg), cfg.optim.min_lr, total, warmup)
+    if cfg.optim.weight_decay_end is None:
+        wd = np.full(total, cfg.optim.weight_decay, dtype=np.float64)
     else:
-        wd = cosine_schedule(cfg.weight_decay, cfg.weight_decay_end, total)
+        wd = cosine_schedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
     return {"lr": lr, "weight_decay": wd}

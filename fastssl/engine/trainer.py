@@ -29,7 +29,7 @@ from fastssl.data.loader import Loader
 from fastssl.engine.budget import TimeBudget
 from fastssl.engine.checkpoint import rng_state, set_rng_state
 from fastssl.engine.checkpointer import make_checkpointer, read_checkpoint
-from fastssl.engine.config import config_to_dict
+from fastssl.engine.config import config_to_dict, flat_config
 from fastssl.engine.metrics_log import MetricsLog
 from fastssl.engine.optim import build_optimizer
 from fastssl.engine.parallel import (
@@ -43,7 +43,7 @@ from fastssl.engine.run import RunContext, deterministic_algorithms, init_run
 from fastssl.engine.run_folder import RunFolder, new_run_dir
 from fastssl.engine.schedules import build_schedules
 from fastssl.engine.signals import RankAgreement, StopSignals
-from fastssl.methods.base import Method, StepContext
+from fastssl.method import Method, StepContext
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
 # Called on rank 0 with (run folder, summary) once summary.json is written (the CLI draws curves.png).
@@ -55,13 +55,13 @@ class NonFiniteLossError(RuntimeError):
 
 
 class Trainer:
-    """Runs `method` on `loader` for cfg.epochs (or cfg.max_steps) and writes into cfg.out:
+    """Runs `method` on `loader` for cfg.optim.epochs (or cfg.run.max_steps) and writes into cfg.run.out:
     config.yaml (resolved config), metrics.jsonl (one JSON object per step), last.pt
-    (atomic checkpoint every cfg.checkpoint_every steps and at each epoch end) and
+    (atomic checkpoint every cfg.run.checkpoint_every steps and at each epoch end) and
     summary.json. `run` (fastssl.engine.run.init_run; made here when not given) holds the
     global batch, run.batch_size; the loader yields this rank's share, run.batch_per_rank.
 
-    cfg.out "" picks a fresh runs/<method>-<UTC time> (written back into cfg.out and logged).
+    cfg.run.out "" picks a fresh runs/<method>-<UTC time> (written back into cfg.run.out and logged).
     resume: None (fresh run), "auto" (continue from OUT/last.pt when it exists) or a path. A
     worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) resumes "auto" on its own.
     A fresh run into a folder that holds a run (RUN_FILES) is refused unless overwrite=True,
@@ -70,13 +70,13 @@ class Trainer:
     SIGINT, SIGTERM and SIGUSR1 during training stop every rank after the same step, write a
     checkpoint and return the summary with "interrupted" set (no final evaluation, no
     summary.json); a second SIGINT raises KeyboardInterrupt at once.
-    monitor: a cheap evaluator (kNN on a fixed subsample) run every cfg.eval_every epochs and
+    monitor: a cheap evaluator (kNN on a fixed subsample) run every cfg.eval.eval_every epochs and
     at the last step; its result goes into that step's metrics.jsonl record as `knn_top1_subset`
     and into the progress line. on_summary: called on rank 0 with (run folder, summary) after
     summary.json is written (the CLI draws curves.png with it).
     time_budget_s: wall-clock budget of fit() (training and evaluations). After timing the
     first steps, and again every 50 steps on the latest speed, the run's length is set to the
-    steps that fit (at most cfg.epochs): the schedules are re-spread over it, so the run still
+    steps that fit (at most cfg.optim.epochs): the schedules are re-spread over it, so the run still
     ends with a full cosine decay. A resumed run keeps the length recorded in its checkpoint."""
 
     def __init__(self, method: Method, loader: Iterable, *, evaluator: Evaluator | None = None,
@@ -93,10 +93,10 @@ class Trainer:
         self.is_main = self.run.is_main
         self.progress = progress and self.is_main
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        if not cfg.out:
-            cfg.out = str(new_run_dir(method.name, is_main=self.is_main, world=self.world))
-            self.log(f"out: {cfg.out} (a new run folder; --out DIR names one)")
-        self.out = Path(cfg.out)
+        if not cfg.run.out:
+            cfg.run.out = str(new_run_dir(method.name, is_main=self.is_main, world=self.world))
+            self.log(f"out: {cfg.run.out} (a new run folder; --out DIR names one)")
+        self.out = Path(cfg.run.out)
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
         if restarts and resume is None:
             self.log(f"torchrun restart {restarts}: resuming from {self.out}'s checkpoint when present")
@@ -104,25 +104,24 @@ class Trainer:
         self.extend = extend
         self.folder = RunFolder(self.out, is_main=self.is_main, world=self.world, log=self.log)
         # parallel=fsdp: every rank writes its shards (fastssl.engine.sharded_checkpoint)
-        self.checkpointer = make_checkpointer(cfg.parallel, self.out, is_main=self.is_main, world=self.world)
+        self.checkpointer = make_checkpointer(cfg.dist.parallel, self.out, is_main=self.is_main,
+                                              world=self.world)
         # Ranks agree on a stop (signal) and on a non-finite loss through this CPU group.
-        self.agreement = RankAgreement(self.world, cfg.dist_timeout_s)
+        self.agreement = RankAgreement(self.world, cfg.dist.dist_timeout_s)
         self.signals = StopSignals(self.log)
         self._saved_step: int | None = None  # the step of the checkpoint on disk, when this run knows one
         self.steps_per_epoch = len(loader)
         if self.steps_per_epoch < 1:
             raise ValueError("loader: expected at least one batch per epoch, got 0 "
                              "(dataset smaller than the batch?)")
-        if cfg.eval_every < 0:
-            raise ValueError(f"eval_every: expected epochs >= 0 (0 = no kNN while training), "
-                             f"got {cfg.eval_every}")
-        self.eval_interval = max(1, round(cfg.eval_every * self.steps_per_epoch)) if cfg.eval_every else 0
+        every = cfg.eval.eval_every
+        self.eval_interval = max(1, round(every * self.steps_per_epoch)) if every else 0
         self.monitor_s: list[float] = []  # seconds of each monitor call (the time budget counts them)
-        if cfg.deterministic:
+        if cfg.run.deterministic:
             # cuBLAS reads this when its handle is created: set it before the first CUDA matmul.
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        self.planned_steps = cfg.epochs * self.steps_per_epoch
-        self.max_steps = self.planned_steps if cfg.max_steps is None else cfg.max_steps
+        self.planned_steps = cfg.optim.epochs * self.steps_per_epoch
+        self.max_steps = self.planned_steps if cfg.run.max_steps is None else cfg.run.max_steps
         self.total_steps = self.stop_step = 0
         self.schedules: dict[str, Any] = {}
         self._set_total_steps(self.planned_steps)
@@ -130,14 +129,14 @@ class Trainer:
         self.budget: TimeBudget | None = None  # set when fit() starts the clock, unless the length is known
 
         method.to(self.device)
-        if cfg.sync_bn:
+        if cfg.model.sync_bn:
             if self.world > 1 and self.device.type == "cuda":
                 method = nn.SyncBatchNorm.convert_sync_batchnorm(method)
             else:
                 self.log("sync_bn: not converting BatchNorm (needs > 1 CUDA process)")
-        if cfg.channels_last:
+        if cfg.model.channels_last:
             method.to(memory_format=torch.channels_last)
-        if cfg.compile:
+        if cfg.model.compile:
             for module in method.compile_modules():
                 module.compile()
         self.model: nn.Module = wrap_for_training(method, cfg, self.device, self.world, log=self.log)
@@ -184,26 +183,27 @@ class Trainer:
             raise ValueError(f"resume: checkpoint {str(path)!r} was written with "
                              f"batch_size={state['batch_size']}, steps_per_epoch={state['steps_per_epoch']}; "
                              f"this run has {self.run.batch_size}, {self.steps_per_epoch}")
-        epochs = state["config"].get("epochs")
-        if epochs != self.cfg.epochs and not self.extend:
+        saved, epochs_now = flat_config(state["config"]), self.cfg.optim.epochs
+        epochs = saved.get("epochs")
+        if epochs != epochs_now and not self.extend:
             raise ValueError(
                 f"resume: checkpoint {str(path)!r} belongs to a run of epochs={epochs}, this command asks "
-                f"for epochs={self.cfg.epochs}; resume with epochs={epochs}, or add --extend to re-spread "
-                f"the LR and other schedules over {self.cfg.epochs} epochs from step {state['step']} (the "
+                f"for epochs={epochs_now}; resume with epochs={epochs}, or add --extend to re-spread "
+                f"the LR and other schedules over {epochs_now} epochs from step {state['step']} (the "
                 f"LR jumps to where the longer cosine is at that step)")
         try:
             checkpoint.load_into(self.method, self.model, self.optimizer)
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0]
             raise ValueError(f"resume: checkpoint {str(path)!r} ({state['method']}, backbone "
-                             f"{state['config'].get('backbone')}) does not fit this run's model "
-                             f"(backbone {self.cfg.backbone}): {first}") from e
+                             f"{saved.get('backbone')}) does not fit this run's model "
+                             f"(backbone {self.cfg.model.backbone}): {first}") from e
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.extra = state["step"], state["extra"]
         self._saved_step = self.step
-        if epochs != self.cfg.epochs:
+        if epochs != self.cfg.optim.epochs:
             self.extra.pop("total_steps", None)  # extended: the new length replaces a time budget's
-            self.log(f"resume: extending from epochs={epochs} to {self.cfg.epochs}: schedules re-spread over "
+            self.log(f"resume: extending from epochs={epochs} to {epochs_now}: schedules re-spread over "
                      f"{self.total_steps} steps; at step {self.step} the LR is "
                      f"{float(self.schedules['lr'][min(self.step, self.total_steps - 1)]):.3g}")
         if "total_steps" in self.extra:  # a time-budgeted run keeps the length it chose
@@ -253,20 +253,20 @@ class Trainer:
             self.log(f"removed {tmp.name}, left by a save that was killed")
         self.metrics.keep_before(self.step)
     def fit(self) -> dict[str, Any]:
-        """See _fit; with cfg.deterministic, deterministic kernels (and no cuDNN autotuning) for the
+        """See _fit; with cfg.run.deterministic, deterministic kernels (and no cuDNN autotuning) for the
         run only: the process's settings are restored afterwards."""
-        with deterministic_algorithms(self.cfg.deterministic):
+        with deterministic_algorithms(self.cfg.run.deterministic):
             return self._fit()
 
     def _fit(self) -> dict[str, Any]:
-        """Train until cfg.epochs * len(loader) steps (or cfg.max_steps), evaluate, write
+        """Train until cfg.optim.epochs * len(loader) steps (or cfg.run.max_steps), evaluate, write
         summary.json; returns the summary. Raises NonFiniteLossError on a NaN/inf loss (on
         every rank, after they agree). A stop signal ends the run early with a checkpoint
         and the summary's "interrupted" set to the signal's name."""
         cfg, spe = self.cfg, self.steps_per_epoch
         self._prepare_run_folder()
-        self.log(f"{self.method.name}: {cfg.backbone}, {self.world} process(es) on {self.device}, "
-                 f"{'bf16 autocast' if self.autocast['enabled'] else 'fp32'}, fused={cfg.fused}, "
+        self.log(f"{self.method.name}: {cfg.model.backbone}, {self.world} process(es) on {self.device}, "
+                 f"{'bf16 autocast' if self.autocast['enabled'] else 'fp32'}, fused={cfg.model.fused}, "
                  f"{spe} steps/epoch, steps {self.step}..{self.stop_step} of {self.total_steps}")
         t_fit = time.perf_counter()
         eval_s = 0.0
@@ -326,7 +326,7 @@ class Trainer:
                 batch = next(batches, None)
                 if batch is None:
                     raise RuntimeError(f"loader: yielded fewer batches ({skip}) than len(loader)={spe}")
-                batch = batch_to_device(batch, self.device, cfg.channels_last)
+                batch = batch_to_device(batch, self.device, cfg.model.channels_last)
                 t_data = time.perf_counter()
                 record, values = self._train_step(batch, epoch)
                 t_now = time.perf_counter()
@@ -349,8 +349,8 @@ class Trainer:
                     self._apply_time_budget(step_time, eval_s)
                 stop = self.agreement.stop(self.signals.received or 0)
                 will_save = (skip == spe or self.step == self.stop_step or stop
-                             or (cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0))
-                if will_save or monitored or self.step % max(cfg.log_every, 1) == 0:
+                             or (cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0))
+                if will_save or monitored or self.step % max(cfg.run.log_every, 1) == 0:
                     last_loss = self._flush()
                     if bar is not None:
                         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.3g}",
@@ -377,13 +377,13 @@ class Trainer:
         wall = time.perf_counter() - t_start
         result = {} if stopped else self._evaluate()
         summary = {
-            "method": self.method.name, "backbone": cfg.backbone,
+            "method": self.method.name, "backbone": cfg.model.backbone,
             "epochs": round(self.step / spe, 3), "epochs_planned": round(self.total_steps / spe, 3),
-            "epochs_configured": cfg.epochs,
+            "epochs_configured": cfg.optim.epochs,
             "steps": self.step, "total_steps": self.total_steps, "batch_size": self.run.batch_size,
             "images_per_second": images / train_time if train_time else None,
             "final_loss": last_loss, "train_seconds": wall, "device": self._device_name(),
-            "world_size": self.world, "fused": cfg.fused,
+            "world_size": self.world, "fused": cfg.model.fused,
         }
         # Bad samples skipped (fastssl.data.Loader), summed over ranks.
         skipped = getattr(self.loader, "skipped_samples", 0)
@@ -429,7 +429,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         # Gradient accumulation: the rank's batch runs as accum_steps micro-batches whose mean
         # losses are averaged; gradients are synchronised across ranks on the last one only.
-        n = self.cfg.accum_steps
+        n = self.cfg.dist.accum_steps
         out: dict[str, Any] = {}
         for i, micro in enumerate(split_micro_batches(batch, n)):
             ctx.micro_step, ctx.accum_steps = i, n
@@ -441,8 +441,8 @@ class Trainer:
                 if (torch.is_tensor(v) and v.numel() == 1) or isinstance(v, (int, float)):
                     out[k] = out.get(k, 0.0) + (v.detach() if torch.is_tensor(v) else v) / n
         self.method.before_optimizer_step(ctx)
-        if self.cfg.clip_grad:
-            nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.clip_grad)
+        if self.cfg.optim.clip_grad:
+            nn.utils.clip_grad_norm_(self.method.parameters(), self.cfg.optim.clip_grad)
         self.optimizer.step()
         self.method.after_optimizer_step(ctx)
         record = {"step": s, "epoch": epoch, "lr": lr, "weight_decay": wd} | ctx.schedules
@@ -454,7 +454,7 @@ class Trainer:
     def _flush(self) -> float:
         """Read the pending steps' losses and metrics in one transfer, append their rows to
         metrics.jsonl, stop on a non-finite loss; returns the latest loss. Called every
-        cfg.log_every steps and before every checkpoint, so a checkpoint never holds the
+        cfg.run.log_every steps and before every checkpoint, so a checkpoint never holds the
         result of a step whose loss was NaN/inf. Under DDP the ranks agree on the first
         non-finite step (one all-reduce per flush, at steps every rank flushes at) so that
         every rank raises the same error instead of one raising while the others wait."""

@@ -61,7 +61,7 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
     Features of `train_source` (the kNN memory bank) and `test_source` through the eval recipe
     (cfg.eval_side; `resize` first resizes the whole image to it, no crop margin), with the run's
     data backend and threads. max_train / max_test: a fixed subsample of each split, drawn with
-    cfg.seed (the same images at every call, so successive calls are comparable). kNN top-1 with
+    cfg.run.seed (the same images at every call, so successive calls are comparable). kNN top-1 with
     k = 20 (fewer for a smaller memory bank), T = 0.07. progress: bars on stderr for each pass.
     Raises ValueError for a split with fewer than two classes.
 
@@ -75,12 +75,12 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
     check_knn_labels(train_source, "train")
     check_knn_labels(test_source, "test")
     recipe = recipes.eval(size=cfg.eval_side, resize=resize)
-    backend, data_device = resolve_loader(cfg.data_backend, cfg.data_device, train_device=device)
+    backend, data_device = resolve_loader(cfg.data.loader, cfg.data.data_device, train_device=device)
     rank, world = get_rank(), get_world_size()
     progress = progress and rank == 0
     splits = []
     for name, source, size in (("train", train_source, max_train), ("test", test_source, max_test)):
-        indices = subsample_indices(len(source), size, cfg.seed)
+        indices = subsample_indices(len(source), size, cfg.run.seed)
         if world > 1:
             indices = (np.arange(len(source)) if indices is None else indices)[rank::world]
         splits.append((name, source, None if indices is None else FixedIndices(indices)))
@@ -88,10 +88,10 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
     def evaluate(encoder: nn.Module) -> dict[str, float]:
         feats = {}
         for name, source, sampler in splits:
-            loader = build_loader(source, recipe, batch_size=512, seed=cfg.seed, drop_last=False,
+            loader = build_loader(source, recipe, batch_size=512, seed=cfg.run.seed, drop_last=False,
                                   shuffle=False, sampler=sampler, backend=backend,
-                                  device=data_device, num_threads=cfg.num_threads)
-            feats[name] = extract_features(encoder, loader, device, cfg.channels_last,
+                                  device=data_device, num_threads=cfg.data.num_threads)
+            feats[name] = extract_features(encoder, loader, device, cfg.model.channels_last,
                                            progress=f"{name} features" if progress else None)
         bank = tuple(all_gather_rows(t) for t in feats["train"])
         k = min(KNN_K, len(bank[1]))

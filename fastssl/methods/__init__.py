@@ -1,6 +1,6 @@
 """Pretraining methods. Each module registers its Method subclass in METHODS."""
 
-from fastssl.methods.base import Method, StepContext, TrainConfig
+from fastssl.method import Method
 
 METHODS: dict[str, type[Method]] = {}
 
@@ -16,4 +16,4 @@ def register(cls: type[Method]) -> type[Method]:
 # imported after METHODS exists: each module registers itself
 from fastssl.methods import dino, mae, mocov2, mocov3, rotnet, weak  # noqa: E402,F401
 
-__all__ = ["METHODS", "Method", "StepContext", "TrainConfig", "register"]
+__all__ = ["METHODS", "register"]

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from torch import nn
 
+from fastssl.config import TrainConfig
 from fastssl.models import build_backbone
 from fastssl.models.backbones import is_vit_name
 
 
-def backbone_from_config(cfg) -> tuple[nn.Module, int]:
-    """build_backbone(cfg.backbone, cfg.image_size) with the config's ViT overrides
-    (`vit_depth`, `drop_path_rate`) where the config has them and the backbone is a ViT."""
+def backbone_from_config(cfg: TrainConfig, *, drop_path_rate: float | None = None) -> tuple[nn.Module, int]:
+    """build_backbone(backbone, image_size) with the model's ViT options (vit_depth and
+    drop_path_rate, or `drop_path_rate` given here, e.g. 0 for a teacher) when it is a ViT."""
+    model = cfg.model
     options = {}
-    if is_vit_name(cfg.backbone):
-        if getattr(cfg, "vit_depth", None):
-            options["depth"] = cfg.vit_depth
-        if getattr(cfg, "drop_path_rate", 0.0):
-            options["drop_path_rate"] = cfg.drop_path_rate
-    return build_backbone(cfg.backbone, cfg.image_size, **options)
+    if is_vit_name(model.backbone):
+        rate = model.drop_path_rate if drop_path_rate is None else drop_path_rate
+        if model.vit_depth:
+            options["depth"] = model.vit_depth
+        if rate:
+            options["drop_path_rate"] = rate
+    return build_backbone(model.backbone, cfg.data.image_size, **options)
 
 
 def check_views(batch: dict, count: int, method: str) -> list:

@@ -11,35 +11,31 @@ weight decay 0.05.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from fastssl.config import MethodConfig, setting
+from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
 from fastssl.methods._common import check_views
-from fastssl.methods.base import Method, StepContext, TrainConfig
 from fastssl.models import MAEEncoder, mae_vit
 from fastssl.models.backbones import parse_vit_name
 
 
 @dataclass
-class MAEConfig(TrainConfig):
-    method: str = "mae"
-    backbone: str = "vit_base_patch16"
-    image_size: int = 224
-    epochs: int = 800
-    batch_size: int = 4096
-    base_lr: float = 1.5e-4
-    warmup_epochs: float = 40.0
-    weight_decay: float = 0.05
-    optimizer: str = "adamw"
-    betas: tuple[float, float] = (0.9, 0.95)
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    vit_depth: int | None = None
+class MAEConfig(MethodConfig):
+    name: ClassVar[str] = "mae"
+    defaults: ClassVar[dict] = dict(backbone="vit_base_patch16", image_size=224, epochs=800, batch_size=4096,
+                                    base_lr=1.5e-4, warmup_epochs=40.0, weight_decay=0.05, optimizer="adamw",
+                                    betas=(0.9, 0.95))
+    mask_ratio: float = setting(0.75, "fraction of patches masked", low=0, high=1, low_open=True,
+                                high_open=True)
+    norm_pix_loss: bool = setting(True, "per-patch normalized pixel targets")
+    decoder_dim: int = setting(512, "MAE decoder width", low=1, high=65536)
+    decoder_depth: int = setting(8, "MAE decoder blocks", low=1, high=256)
+    decoder_heads: int = setting(16, "MAE decoder attention heads", low=1, high=1024)
 
 
 @register
@@ -54,19 +50,17 @@ class MAE(Method):
         decoder_heads=4, batch_size=128, epochs=2, warmup_epochs=0.2, base_lr=0.0015,
     )}
 
-    def __init__(self, cfg: MAEConfig):
+    def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
-        if not 0.0 < cfg.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
-        size, patch = parse_vit_name(cfg.backbone)
-        self.model = mae_vit(size, cfg.image_size, patch or 16, depth=cfg.vit_depth,
-                             decoder_dim=cfg.decoder_dim, decoder_depth=cfg.decoder_depth,
-                             decoder_heads=cfg.decoder_heads, norm_pix_loss=cfg.norm_pix_loss)
+        size, patch = parse_vit_name(cfg.model.backbone)
+        self.model = mae_vit(size, cfg.data.image_size, patch or 16, depth=cfg.model.vit_depth,
+                             decoder_dim=cfg.method.decoder_dim, decoder_depth=cfg.method.decoder_depth,
+                             decoder_heads=cfg.method.decoder_heads, norm_pix_loss=cfg.method.norm_pix_loss)
 
     def recipe(self):
         from fastssl.data import recipes
 
-        return recipes.mae(size=self.cfg.image_size)
+        return recipes.mae(size=self.cfg.data.image_size)
 
     def encoder(self) -> nn.Module:
         return MAEEncoder(self.model)
@@ -76,5 +70,5 @@ class MAE(Method):
 
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         imgs = check_views(batch, 1, self.name)[0]
-        loss, _, mask = self.model(imgs, self.cfg.mask_ratio, backend=self.backend)
+        loss, _, mask = self.model(imgs, self.cfg.method.mask_ratio, backend=self.backend)
         return {"loss": loss}

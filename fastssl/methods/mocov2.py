@@ -14,44 +14,36 @@ is local (the official CIFAR demo's single-GPU version).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 import fastssl
+from fastssl.config import MethodConfig, setting
 from fastssl.distributed import batch_shuffle, batch_unshuffle, get_world_size
 from fastssl.losses import InfoNCELoss
+from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
 from fastssl.methods._common import backbone_from_config, check_views
-from fastssl.methods.base import Method, StepContext, TrainConfig
 from fastssl.models import ema_update_, frozen_copy, moco_v2_head
 from fastssl.models.heads import split_batch_norm_
 
 
 @dataclass
-class MoCoV2Config(TrainConfig):
-    method: str = "mocov2"
-    backbone: str = "resnet50"
-    image_size: int = 224
-    epochs: int = 200
-    batch_size: int = 256
-    base_lr: float = 0.03
-    weight_decay: float = 1e-4
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    moco_dim: int = 128
-    mlp_hidden_dim: int = 2048
-    queue_size: int = 65536
-    moco_momentum: float = 0.999
-    temperature: float = 0.2
-    symmetric: bool = False        # also contrast (view 2 -> view 1) and push both key sets
-    # > 1: shuffling BN in one process (the official CIFAR demo): BatchNorm2d statistics per
-    # `bn_splits` sub-batches in both encoders, and the key batch shuffled before the key encoder
-    bn_splits: int = 1
-    # permute the key batch (across ranks under DDP) before the key encoder; skipped where it
-    # changes nothing: one process without bn_splits, or SyncBatchNorm
-    shuffle_bn: bool = True
-    vit_depth: int | None = None
+class MoCoV2Config(MethodConfig):
+    name: ClassVar[str] = "mocov2"
+    defaults: ClassVar[dict] = dict(backbone="resnet50", image_size=224, epochs=200, batch_size=256,
+                                    base_lr=0.03, weight_decay=1e-4, optimizer="sgd", momentum=0.9)
+    moco_dim: int = setting(128, "embedding (key) dimension", low=1, high=65536)
+    mlp_hidden_dim: int = setting(2048, "hidden width of the projection MLP", low=1, high=65536)
+    queue_size: int = setting(65536, "negatives kept in the key queue", low=1, high=1 << 24)
+    moco_momentum: float = setting(0.999, "momentum of the key encoder's EMA", low=0, high=1)
+    temperature: float = setting(0.2, "InfoNCE softmax temperature", low=0, low_open=True, high=100)
+    symmetric: bool = setting(False, "also contrast (view 2 -> view 1) and push both key sets")
+    bn_splits: int = setting(1, "> 1: BatchNorm statistics per sub-batch in both encoders and a local key "
+                                "shuffle (shuffling BN in one process)", low=1, high=4096)
+    shuffle_bn: bool = setting(True, "permute the key batch (across ranks under DDP) before the key encoder")
 
 
 @register
@@ -67,23 +59,24 @@ class MoCoV2(Method):
         channels_last=True, views={"scale": (0.25, 1.0), "blur_p": 0.0, "grayscale_p": 0.0},
     )}
 
-    def __init__(self, cfg: MoCoV2Config):
+    def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
         backbone, feature_dim = backbone_from_config(cfg)
-        if cfg.bn_splits > 1:
-            split_batch_norm_(backbone, cfg.bn_splits)
-        self.encoder_q = nn.Sequential(backbone, moco_v2_head(feature_dim, cfg.mlp_hidden_dim, cfg.moco_dim))
+        if cfg.method.bn_splits > 1:
+            split_batch_norm_(backbone, cfg.method.bn_splits)
+        head = moco_v2_head(feature_dim, cfg.method.mlp_hidden_dim, cfg.method.moco_dim)
+        self.encoder_q = nn.Sequential(backbone, head)
         self.encoder_k = frozen_copy(self.encoder_q)
         # the queue stores L2-normalized keys (info_nce uses queue rows as given), in the training
         # dtype of the device the method is moved to
-        self.queue = fastssl.KeyQueue(cfg.queue_size, cfg.moco_dim, normalize=True)
-        self.criterion = InfoNCELoss(temperature=cfg.temperature, normalize=True, backend=self.backend)
+        self.queue = fastssl.KeyQueue(cfg.method.queue_size, cfg.method.moco_dim, normalize=True)
+        self.criterion = InfoNCELoss(temperature=cfg.method.temperature, normalize=True, backend=self.backend)
         self._keys: torch.Tensor | None = None
 
     def recipe(self):
         from fastssl.data import recipes
 
-        return recipes.mocov2(size=self.cfg.image_size)
+        return recipes.mocov2(size=self.cfg.data.image_size)
 
     def encoder(self) -> nn.Module:
         return self.encoder_q[0]
@@ -99,7 +92,8 @@ class MoCoV2(Method):
     @torch.no_grad()
     def _keys_of(self, x: torch.Tensor) -> torch.Tensor:
         synced = any(isinstance(m, nn.SyncBatchNorm) for m in self.encoder_k.modules())
-        if not self.cfg.shuffle_bn or synced or (get_world_size() == 1 and self.cfg.bn_splits <= 1):
+        m = self.cfg.method
+        if not m.shuffle_bn or synced or (get_world_size() == 1 and m.bn_splits <= 1):
             return self.encoder_k(x)
         # a key and its query fall into different BN batches (He et al. 2020, sec. 3.3)
         x_shuffled, inverse = batch_shuffle(x)
@@ -109,7 +103,7 @@ class MoCoV2(Method):
         x1, x2 = check_views(batch, 2, self.name)[:2]
         q1 = self.encoder_q(x1)
         k2 = self._keys_of(x2)
-        if not self.cfg.symmetric:
+        if not self.cfg.method.symmetric:
             self._hold_keys(k2.detach(), ctx)
             return {"loss": self._loss(q1, k2)}
         q2 = self.encoder_q(x2)
@@ -130,7 +124,7 @@ class MoCoV2(Method):
     @torch.no_grad()
     def after_optimizer_step(self, ctx: StepContext) -> None:
         # EMA after step t equals the official EMA at the start of step t+1 (same query weights)
-        ema_update_(self.encoder_k, self.encoder_q, self.cfg.moco_momentum)
+        ema_update_(self.encoder_k, self.encoder_q, self.cfg.method.moco_momentum)
         if self._keys is not None:
             self.queue.push(self._keys, gather=True)
             self._keys = None

@@ -10,39 +10,34 @@ ResNet-50 defaults: LARS, lr 0.6 * B / 256, weight decay 1e-6, 10 warm-up epochs
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from fastssl.config import MethodConfig, setting
 from fastssl.losses import InfoNCELoss
+from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
 from fastssl.methods._common import backbone_from_config, check_views
-from fastssl.methods.base import Method, StepContext, TrainConfig
 from fastssl.models import cosine_momentum, ema_update_, frozen_copy, moco_v3_mlp, sincos_pos_embed_2d
 from fastssl.models.backbones import is_vit_name
 
 
 @dataclass
-class MoCoV3Config(TrainConfig):
-    method: str = "mocov3"
-    backbone: str = "resnet50"
-    image_size: int = 224
-    epochs: int = 100
-    batch_size: int = 4096
-    base_lr: float = 0.6
-    weight_decay: float = 1e-6
-    optimizer: str = "lars"
-    momentum: float = 0.9
-    warmup_epochs: float = 10.0
-    sync_bn: bool = True
-    moco_dim: int = 256
-    mlp_hidden_dim: int = 4096
-    projector_layers: int | None = None  # None: 2 for a ResNet, 3 for a ViT (as the official code)
-    moco_momentum: float = 0.99           # start of the cosine ramp to 1
-    temperature: float = 0.2
-    freeze_patch_embed: bool = True       # ViT only: the paper's random (frozen) patch projection
-    vit_depth: int | None = None
+class MoCoV3Config(MethodConfig):
+    name: ClassVar[str] = "mocov3"
+    defaults: ClassVar[dict] = dict(backbone="resnet50", image_size=224, epochs=100, batch_size=4096,
+                                    base_lr=0.6, weight_decay=1e-6, optimizer="lars", momentum=0.9,
+                                    warmup_epochs=10.0, sync_bn=True)
+    moco_dim: int = setting(256, "embedding dimension", low=1, high=65536)
+    mlp_hidden_dim: int = setting(4096, "hidden width of the projector and predictor", low=1, high=65536)
+    projector_layers: int | None = setting(None, "projector layers (none: 2 for a ResNet, 3 for a ViT)",
+                                           low=1, high=16)
+    moco_momentum: float = setting(0.99, "start of the momentum encoder's cosine ramp to 1", low=0, high=1)
+    temperature: float = setting(0.2, "InfoNCE softmax temperature", low=0, low_open=True, high=100)
+    freeze_patch_embed: bool = setting(True, "ViT only: the paper's random (frozen) patch projection")
 
 
 @register
@@ -61,30 +56,31 @@ class MoCoV3(Method):
                                    "grayscale_p": 0.0},
     )}
 
-    def __init__(self, cfg: MoCoV3Config):
+    def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
         backbone, feature_dim = backbone_from_config(cfg)
-        is_resnet = not is_vit_name(cfg.backbone)
+        is_resnet = not is_vit_name(cfg.model.backbone)
         if not is_resnet:
             # the paper's ViT: fixed 2-D sin-cos position embedding, random (frozen) patch projection
             grid = backbone.patch_embed.grid_size[0]
             backbone.pos_embed.data.copy_(sincos_pos_embed_2d(feature_dim, grid, cls_token=True)[None])
             backbone.pos_embed.requires_grad_(False)
-            if cfg.freeze_patch_embed:
+            if cfg.method.freeze_patch_embed:
                 backbone.patch_embed.requires_grad_(False)
-        layers = cfg.projector_layers or (2 if is_resnet else 3)
-        projector = moco_v3_mlp(layers, feature_dim, cfg.mlp_hidden_dim, cfg.moco_dim)
+        layers = cfg.method.projector_layers or (2 if is_resnet else 3)
+        projector = moco_v3_mlp(layers, feature_dim, cfg.method.mlp_hidden_dim, cfg.method.moco_dim)
         self.base_encoder = nn.Sequential(backbone, projector)
-        self.predictor = moco_v3_mlp(2, cfg.moco_dim, cfg.mlp_hidden_dim, cfg.moco_dim, last_bn=False)
+        m = cfg.method
+        self.predictor = moco_v3_mlp(2, m.moco_dim, m.mlp_hidden_dim, m.moco_dim, last_bn=False)
         self.momentum_encoder = frozen_copy(self.base_encoder)
         # the official contrastive_loss: keys gathered from every rank, target rank * N + i, times 2T
-        self.criterion = InfoNCELoss(temperature=cfg.temperature, normalize=True, gather_distributed=True,
+        self.criterion = InfoNCELoss(temperature=m.temperature, normalize=True, gather_distributed=True,
                                      backend=self.backend, scale_by_2t=True)
 
     def recipe(self):
         from fastssl.data import recipes
 
-        return recipes.mocov3(size=self.cfg.image_size)
+        return recipes.mocov3(size=self.cfg.data.image_size)
 
     def encoder(self) -> nn.Module:
         return self.base_encoder[0]
@@ -96,7 +92,7 @@ class MoCoV3(Method):
         return [self.predictor, self.base_encoder, self.momentum_encoder]
 
     def schedules(self, total_steps: int, steps_per_epoch: int) -> dict[str, np.ndarray]:
-        return {"teacher_momentum": cosine_momentum(self.cfg.moco_momentum, total_steps)}
+        return {"teacher_momentum": cosine_momentum(self.cfg.method.moco_momentum, total_steps)}
 
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         x1, x2 = check_views(batch, 2, self.name)[:2]
@@ -109,5 +105,5 @@ class MoCoV3(Method):
 
     @torch.no_grad()
     def after_optimizer_step(self, ctx: StepContext) -> None:
-        m = ctx.schedules.get("teacher_momentum", self.cfg.moco_momentum)
+        m = ctx.schedules.get("teacher_momentum", self.cfg.method.moco_momentum)
         ema_update_(self.momentum_encoder, self.base_encoder, float(m))

@@ -6,32 +6,28 @@ each view was rotated by. SGD (Nesterov), lr 0.1 for batch 128, weight decay 5e-
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from fastssl.config import MethodConfig, setting
 from fastssl.losses import rotation_loss
+from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
 from fastssl.methods._common import backbone_from_config, check_views
-from fastssl.methods.base import Method, StepContext, TrainConfig
 
 ROTATIONS = 4
 
 
 @dataclass
-class RotNetConfig(TrainConfig):
-    method: str = "rotnet"
-    backbone: str = "resnet18"
-    image_size: int = 32
-    epochs: int = 100
-    batch_size: int = 128
-    base_lr: float = 0.1
-    lr_batch_divisor: int = 128
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    head_hidden_dim: int = 0   # 0: a linear 4-way head; > 0: Linear-BN-ReLU-Linear
-    vit_depth: int | None = None
+class RotNetConfig(MethodConfig):
+    name: ClassVar[str] = "rotnet"
+    defaults: ClassVar[dict] = dict(backbone="resnet18", image_size=32, epochs=100, batch_size=128,
+                                    base_lr=0.1, lr_batch_divisor=128, weight_decay=5e-4, optimizer="sgd",
+                                    momentum=0.9)
+    head_hidden_dim: int = setting(0, "0: a linear 4-way head; > 0: Linear-BN-ReLU-Linear of this width",
+                                   low=0, high=65536)
 
 
 @register
@@ -43,10 +39,10 @@ class RotNet(Method):
     presets = {"fashion-mnist": dict(backbone="resnet8", image_size=28, batch_size=128, epochs=3,
                                      channels_last=True, views={"scale": (0.5, 1.0)})}
 
-    def __init__(self, cfg: RotNetConfig):
+    def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
         self.backbone, feature_dim = backbone_from_config(cfg)
-        hidden = cfg.head_hidden_dim
+        hidden = cfg.method.head_hidden_dim
         self.head = (
             nn.Linear(feature_dim, ROTATIONS) if hidden <= 0 else nn.Sequential(
                 nn.Linear(feature_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
@@ -56,7 +52,7 @@ class RotNet(Method):
     def recipe(self):
         from fastssl.data import recipes
 
-        return recipes.rotnet(size=self.cfg.image_size)
+        return recipes.rotnet(size=self.cfg.data.image_size)
 
     def encoder(self) -> nn.Module:
         return self.backbone

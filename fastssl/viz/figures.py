@@ -46,10 +46,10 @@ class RunImages:
         self.std = torch.tensor(self.recipe.std).view(1, 3, 1, 1)
 
     def loader(self, source, indices: np.ndarray):
-        return build_loader(source, self.recipe, batch_size=512, seed=self.cfg.seed, drop_last=False,
+        return build_loader(source, self.recipe, batch_size=512, seed=self.cfg.run.seed, drop_last=False,
                             shuffle=False, sampler=FixedIndices(np.asarray(indices)),
-                            backend=self.cfg.data_backend, device=self.cfg.data_device,
-                            num_threads=self.cfg.num_threads)
+                            backend=self.cfg.data.loader, device=self.cfg.data.data_device,
+                            num_threads=self.cfg.data.num_threads)
 
     def load(self, source, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised images [n, 3, S, S] on the device, labels [n]) in the order of `indices`."""
@@ -214,7 +214,7 @@ def plot_attention(images: np.ndarray, maps: torch.Tensor, path: Path, title: st
 def render_run(method, cfg, train_source, test_source, device: torch.device, out: Path, names: list[str],
                resize: int | None = None, log=None) -> list[Path]:
     """Every figure that applies to the run's method and encoder, written into `out`; returns the
-    paths. Test images and the training memory bank are fixed subsamples (cfg.seed)."""
+    paths. Test images and the training memory bank are fixed subsamples (cfg.run.seed)."""
     from fastssl.models.backbones import is_vit
     from fastssl.models.mae import MaskedAutoencoderViT
 
@@ -222,17 +222,17 @@ def render_run(method, cfg, train_source, test_source, device: torch.device, out
     out.mkdir(parents=True, exist_ok=True)
     images = RunImages(cfg, resize, device)
     encoder = method.encoder()
-    tag = f"{cfg.method} {cfg.backbone}"
+    tag = f"{cfg.method.name} {cfg.model.backbone}"
     written = []
 
-    test_idx = subsample_indices(len(test_source), PCA_TEST_IMAGES, cfg.seed)
+    test_idx = subsample_indices(len(test_source), PCA_TEST_IMAGES, cfg.run.seed)
     test_idx = np.arange(len(test_source)) if test_idx is None else test_idx
-    train_idx = subsample_indices(len(train_source), BANK_TRAIN_IMAGES, cfg.seed)
+    train_idx = subsample_indices(len(train_source), BANK_TRAIN_IMAGES, cfg.run.seed)
     train_idx = np.arange(len(train_source)) if train_idx is None else train_idx
     test_f, test_y = extract_features(encoder, images.loader(test_source, test_idx), device,
-                                      cfg.channels_last, progress="test features")
+                                      cfg.model.channels_last, progress="test features")
     train_f, train_y = extract_features(encoder, images.loader(train_source, train_idx), device,
-                                        cfg.channels_last, progress="train features")
+                                        cfg.model.channels_last, progress="train features")
     written.append(plot_pca(test_f, test_y, names, out / "features_pca.png",
                             f"{tag}: test features, first two principal components ({len(test_y)} images)"))
 
@@ -252,10 +252,10 @@ def render_run(method, cfg, train_source, test_source, device: torch.device, out
     sample, _ = images.load(test_source, test_idx[:N_SHOWN])
     mae = getattr(method, "model", None)
     if isinstance(mae, MaskedAutoencoderViT):
-        masked, recon = mae_reconstructions(mae, sample, cfg.mask_ratio, cfg.seed)
+        masked, recon = mae_reconstructions(mae, sample, cfg.method.mask_ratio, cfg.run.seed)
         written.append(plot_mae(images.display(sample), images.display(masked), images.display(recon),
                                 out / "mae_reconstructions.png",
-                                f"{tag}: {cfg.mask_ratio:.0%} of the patches masked"))
+                                f"{tag}: {cfg.method.mask_ratio:.0%} of the patches masked"))
     if is_vit(encoder):
         maps = cls_attention(encoder, sample[:4])
         written.append(plot_attention(images.display(sample[:4]), maps, out / "attention.png",

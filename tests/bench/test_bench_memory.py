@@ -15,7 +15,7 @@ import torch
 from fastssl.engine import resolve_config
 from fastssl.methods import METHODS
 
-TINY = dict(image_size=32, vit_depth=2, local_size=16, local_crops=2, out_dim=256,
+TINY = dict(image_size=32, vit_depth=2, local_crop_size=16, n_local_crops=2, out_dim=256,
             head_hidden_dim=64, bottleneck_dim=32)
 SCRIPT = f"""
 import json

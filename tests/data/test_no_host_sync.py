@@ -27,7 +27,7 @@ SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Te
 TINY = {
     "mocov2": dict(backbone="resnet8", queue_size=16, mlp_hidden_dim=16, moco_dim=8),
     "mocov3": dict(backbone="resnet8", mlp_hidden_dim=16, moco_dim=8),
-    "dino": dict(backbone="resnet8", local_crops=2, local_size=8, out_dim=32, head_hidden_dim=16,
+    "dino": dict(backbone="resnet8", n_local_crops=2, local_crop_size=8, out_dim=32, head_hidden_dim=16,
                  bottleneck_dim=8, warmup_teacher_temp_epochs=0),
     "mae": dict(backbone="vit_tiny_patch4", vit_depth=1, decoder_dim=16, decoder_depth=1, decoder_heads=2),
     "rotnet": dict(backbone="resnet8"),
@@ -83,7 +83,8 @@ def _run_counting_syncs(method_name: str, backend: str, tmp_path) -> list[str]:
     method = cls(cfg)
     rng = np.random.default_rng(0)
     source = ArraySource(rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8), rng.integers(0, 4, 24))
-    sampler = method.build_sampler(source) if method_name == "weak" else None
+    method.bind_data(source)
+    sampler = method.build_sampler(source)
     loader = build_loader(source, method.recipe(), batch_size=4, backend=backend, device="cpu",
                           num_threads=1, sampler=sampler)
     trainer = Trainer(method, loader, progress=False, log=lambda msg: None)

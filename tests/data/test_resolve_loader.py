@@ -43,8 +43,9 @@ def test_unknown_choice_and_missing_dali_are_named():
 
 
 def test_the_cli_and_the_evaluator_take_the_same_answer(tmp_path):
-    from fastssl.cli import _data_options
     from fastssl.methods.base import TrainConfig
+
+    from fastssl.cli import _data_options
 
     cfg = TrainConfig(data_backend="auto", data_device="auto", num_threads=1)
     options = _data_options(cfg, torch.device("cpu"))

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TINY = {
     "mocov2": ["backbone=resnet8", "queue_size=16", "mlp_hidden_dim=16", "moco_dim=8"],
     "mocov3": ["backbone=resnet8", "mlp_hidden_dim=16", "moco_dim=8"],
-    "dino": ["backbone=resnet8", "local_crops=2", "local_size=8", "out_dim=32", "head_hidden_dim=16",
+    "dino": ["backbone=resnet8", "n_local_crops=2", "local_crop_size=8", "out_dim=32", "head_hidden_dim=16",
              "bottleneck_dim=8"],
     "mae": ["backbone=vit_tiny_patch4", "vit_depth=1", "decoder_dim=16", "decoder_depth=1",
             "decoder_heads=2"],
@@ -71,7 +71,7 @@ def test_train_every_method_on_shards_then_eval(shard_root, tmp_path, capsys):
         data = str(pattern) if method == "mae" else str(shard_root)
         out = tmp_path / method
         argv = ["train", "--method", method, "--data", data, "--batch-size", "4", "--out", str(out),
-                "max_steps=2", f"eval_knn={method == 'rotnet'}", "num_threads=1", f"data_backend={backend}",
+                "max_steps=2", f"eval_knn={method == 'rotnet'}", "num_threads=1", f"loader={backend}",
                 "image_size=16", "log_every=1", *extra]
         assert main(argv) == 0, (method, capsys.readouterr().err)
         summary = json.loads((out / "summary.json").read_text())
@@ -98,7 +98,7 @@ def test_corrupt_shard_is_counted_in_summary(shard_root, tmp_path):
         f.write(b"\x89PNG\r\n\x1a\n" + b"\x00" * (member.size - 8))
     out = tmp_path / "run"
     argv = ["train", "--method", "rotnet", "--data", str(data), "--batch-size", "18", "--out", str(out),
-            "max_steps=1", "eval_knn=false", "num_threads=1", "data_backend=torchvision", "image_size=16",
+            "max_steps=1", "eval_knn=false", "num_threads=1", "loader=torchvision", "image_size=16",
             "backbone=resnet8", "seed=1", "max_skipped_fraction=0.1"]
     assert main(argv) == 0
     assert json.loads((out / "summary.json").read_text())["skipped_samples"] == 1
@@ -128,7 +128,7 @@ dist.all_gather_object(box, seen)
 if rank == 0:
     open(sys.argv[2], "w").write(json.dumps(box))
 code = main(["train", "--method", "rotnet", "--data", sys.argv[1], "--batch-size", "4", "--out", sys.argv[3],
-             "--epochs", "1", "eval_knn=false", "num_threads=1", "data_backend=torchvision", "image_size=16",
+             "--epochs", "1", "eval_knn=false", "num_threads=1", "loader=torchvision", "image_size=16",
              "backbone=resnet8"])
 dist.destroy_process_group()
 sys.exit(code)
@@ -179,7 +179,7 @@ def test_small_folder_warns_with_the_small_image_preset(tmp_path, capsys):
     folder = _image_folder(tmp_path / "f", n_per_class=4)
     argv = ["train", "--method", "mocov2", "--data", str(folder), "--batch-size", "4", "--out",
             str(tmp_path / "run"), "max_steps=0", "eval_knn=false", "num_threads=1",
-            "data_backend=torchvision"]
+            "loader=torchvision"]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "is small (8 images of about 16 px" in err and "'fashion-mnist' preset: backbone=resnet8" in err
@@ -192,7 +192,7 @@ def test_mid_epoch_resume_on_shards_repeats_the_uninterrupted_run(shard_root, tm
     def run(out, steps, resume=False):
         argv = ["train", "--method", "rotnet", "--data", str(shard_root), "--batch-size", "4",
                 "--out", str(out), f"max_steps={steps}", "eval_knn=false", "num_threads=1",
-                "data_backend=torchvision", "image_size=16", "backbone=resnet8", "log_every=1",
+                "loader=torchvision", "image_size=16", "backbone=resnet8", "log_every=1",
                 "checkpoint_every=2", "fused=false"]
         assert main(argv + (["--resume", "auto"] if resume else [])) == 0
         records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
@@ -216,7 +216,7 @@ def test_shards_from_a_labels_file_and_tags_from_labels(tmp_path):
     # method weak trains on the tags through the manifest's vocabulary (4 classes, not the default 10)
     out = tmp_path / "weak"
     assert main(["train", "--method", "weak", "--data", str(tmp_path / "s1"), "--batch-size", "2",
-                 "--out", str(out), "max_steps=1", "num_threads=1", "data_backend=torchvision",
+                 "--out", str(out), "max_steps=1", "num_threads=1", "loader=torchvision",
                  "image_size=16", "backbone=resnet8"]) == 0
     assert "num_classes: 4" in (out / "config.yaml").read_text()
     single = folder / "single.csv"

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastssl.engine import cosine_schedule
-from fastssl.methods.base import Method, StepContext, TrainConfig
+from fastssl.config import MethodConfig, TrainConfig
+from fastssl.engine import cosine_schedule, resolve_config
+from fastssl.method import Method, StepContext
 
 
 class TinyMethod(Method):
@@ -21,7 +22,7 @@ class TinyMethod(Method):
     def __init__(self, cfg: TrainConfig, dropout: float = 0.2, nan_at_step: int | None = None,
                  crash_at_step: int | None = None, signals: dict[int, list[int]] | None = None):
         super().__init__(cfg)
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.run.seed)
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 16), nn.ReLU(), nn.Dropout(dropout))
         self.head = nn.Linear(16, 4)
         self.register_buffer("ema", torch.zeros(16))
@@ -84,6 +85,6 @@ class TinyLoader:
 
 
 def tiny_config(out, **kw) -> TrainConfig:
-    defaults = dict(method="tiny", backbone="mlp", epochs=2, batch_size=8, base_lr=0.5, lr_batch_divisor=8,
+    defaults = dict(backbone="mlp", epochs=2, batch_size=8, base_lr=0.5, lr_batch_divisor=8,
                     warmup_epochs=0.5, weight_decay=1e-4, optimizer="sgd", out=str(out), log_every=1)
-    return TrainConfig(**(defaults | kw))
+    return resolve_config(MethodConfig, overrides=defaults | kw)

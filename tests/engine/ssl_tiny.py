@@ -20,7 +20,7 @@ def tiny_method(name: str, out: str, **overrides):
     common = dict(backbone="vit_tiny_patch4", image_size=16, vit_depth=2, batch_size=8, epochs=2,
                   lr_batch_divisor=8, warmup_epochs=0.0, out=out, eval_knn=False, log_every=1)
     if name == "dino":
-        common |= dict(local_size=8, local_crops=2, out_dim=64, head_hidden_dim=32, bottleneck_dim=16,
+        common |= dict(local_crop_size=8, n_local_crops=2, out_dim=64, head_hidden_dim=32, bottleneck_dim=16,
                        drop_path_rate=0.0, freeze_last_layer_epochs=0, base_lr=0.01, teacher_momentum=0.9)
     elif name == "mae":
         common |= dict(decoder_dim=32, decoder_depth=1, decoder_heads=2, base_lr=0.01)
@@ -39,7 +39,7 @@ class MAEWithNoise(MAE):
     ranks holding halves of a batch mask exactly as one process holding all of it does."""
 
     def forward(self, batch, ctx):
-        loss, _, _ = self.model(batch["views"][0], self.cfg.mask_ratio, backend=self.backend,
+        loss, _, _ = self.model(batch["views"][0], self.cfg.method.mask_ratio, backend=self.backend,
                                 noise=batch["noise"])
         return {"loss": loss}
 

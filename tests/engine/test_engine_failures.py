@@ -79,7 +79,7 @@ def test_default_out_is_a_fresh_folder_per_run(tmp_path, monkeypatch):
     for _ in range(2):
         cfg = tiny_config("", epochs=1, max_steps=1)
         Trainer(TinyMethod(cfg), TinyLoader(), progress=False, log=lambda m: None).fit()
-        outs.append(cfg.out)
+        outs.append(cfg.run.out)
     assert outs[0] != outs[1] and all(o.startswith("runs/tiny-") for o in outs)
     assert all((tmp_path / o / "last.pt").is_file() for o in outs)
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastssl.engine import LARS, build_optimizer, build_schedules, cosine_schedule
-from fastssl.methods.base import TrainConfig
+from fastssl.config import MethodConfig
+from fastssl.engine import LARS, build_optimizer, build_schedules, cosine_schedule, resolve_config
 
 
 def test_cosine_schedule_hand_values():
@@ -20,15 +20,17 @@ def test_cosine_schedule_hand_values():
 
 
 def test_build_schedules_scales_lr_and_cosines_wd():
-    cfg = TrainConfig(epochs=2, batch_size=512, base_lr=0.03, lr_batch_divisor=256, warmup_epochs=1,
-                      weight_decay=0.04, weight_decay_end=0.4, min_lr=1e-6)
+    cfg = resolve_config(MethodConfig, overrides=dict(
+        epochs=2, batch_size=512, base_lr=0.03, lr_batch_divisor=256, warmup_epochs=1, weight_decay=0.04,
+        weight_decay_end=0.4, min_lr=1e-6))
     s = build_schedules(cfg, steps_per_epoch=5)
     assert s["lr"].shape == s["weight_decay"].shape == (10,)
     assert s["lr"][0] == 0.0 and s["lr"][5] == pytest.approx(0.06)      # 0.03 * 512 / 256 after warm-up
     assert s["lr"][-1] > 1e-6 and s["lr"][-1] < s["lr"][6]
     assert s["weight_decay"][0] == pytest.approx(0.04) and s["weight_decay"][-1] < 0.4
     assert np.all(np.diff(s["weight_decay"]) > 0)
-    assert np.all(build_schedules(TrainConfig(epochs=1, weight_decay=0.1), 4)["weight_decay"] == 0.1)
+    flat = resolve_config(MethodConfig, overrides=dict(epochs=1, weight_decay=0.1))
+    assert np.all(build_schedules(flat, 4)["weight_decay"] == 0.1)
 
 
 def test_lars_step_matches_formula():
@@ -54,6 +56,7 @@ def test_lars_step_matches_formula():
 def test_build_optimizer_choices():
     p = torch.nn.Parameter(torch.zeros(2, 2))
     for name, cls in (("sgd", torch.optim.SGD), ("adamw", torch.optim.AdamW), ("lars", LARS)):
-        assert isinstance(build_optimizer(TrainConfig(optimizer=name), [{"params": [p]}]), cls)
-    with pytest.raises(ValueError, match="optimizer: expected one of .* got 'adam'"):
-        build_optimizer(TrainConfig(optimizer="adam"), [{"params": [p]}])
+        cfg = resolve_config(MethodConfig, overrides={"optimizer": name})
+        assert isinstance(build_optimizer(cfg, [{"params": [p]}]), cls)
+    with pytest.raises(ValueError, match="optimizer must be one of sgd, adamw, lars; got 'adam'"):
+        resolve_config(MethodConfig, overrides={"optimizer": "adam"})

@@ -3,11 +3,13 @@ import pytest
 import torch
 from torch import nn
 
+from fastssl.config import MethodConfig
 from fastssl.data import ArraySource
+from fastssl.engine import resolve_config
 from fastssl.eval import build_evaluator, subsample_indices
-from fastssl.methods.base import TrainConfig
 
-CFG = TrainConfig(image_size=16, data_backend="torchvision", data_device="cpu", num_threads=1, seed=3)
+CFG = resolve_config(MethodConfig, overrides=dict(image_size=16, loader="torchvision", data_device="cpu",
+                                                  num_threads=1, seed=3))
 
 
 def _dark_and_bright(n_per_class: int, seed: int) -> ArraySource:
@@ -82,7 +84,7 @@ def test_cli_refuses_knn_on_a_one_class_folder_in_one_line(tmp_path, capsys):
             image.save(tmp_path / split / "only" / f"{i}.png")
     argv = ["train", "--method", "rotnet", "--data", str(tmp_path), "--backbone", "resnet8",
             "--batch-size", "4", "--out", str(tmp_path / "run"), "image_size=16", "num_threads=1",
-            "data_backend=torchvision"]
+            "loader=torchvision"]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert "kNN evaluation: the train split has 1 class(es)" in err and "eval_knn=false" in err
@@ -91,7 +93,6 @@ def test_cli_refuses_knn_on_a_one_class_folder_in_one_line(tmp_path, capsys):
 
 def test_eval_size_sets_the_side_of_the_evaluated_images():
     """Training crops of 12 px, whole images evaluated at 16 (eval_size): the encoder sees 16x16."""
-    import dataclasses
 
     shapes = []
 
@@ -101,8 +102,8 @@ def test_eval_size_sets_the_side_of_the_evaluated_images():
             return super().forward(x)
 
     train, test = _dark_and_bright(4, seed=0), _dark_and_bright(2, seed=1)
-    for cfg, side in ((dataclasses.replace(CFG, image_size=12, eval_size=16), 16),
-                      (dataclasses.replace(CFG, image_size=12), 12)):
+    for cfg, side in ((resolve_config(MethodConfig, overrides=dict(image_size=12, eval_size=16)), 16),
+                      (resolve_config(MethodConfig, overrides=dict(image_size=12)), 12)):
         shapes.clear()
         build_evaluator(cfg, train, test, torch.device("cpu"), progress=False)(Shapes())
         assert set(shapes) == {(3, side, side)}

@@ -8,14 +8,15 @@ import pytest
 import torch
 
 import fastssl.ops
+from fastssl.engine import resolve_config
+from fastssl.method import Method, StepContext
 from fastssl.methods import METHODS
-from fastssl.methods.base import Method, StepContext
 
 TINY = {
     "mocov2": dict(backbone="resnet18", image_size=8, moco_dim=16, mlp_hidden_dim=32, queue_size=64),
     "mocov3": dict(backbone="resnet18", image_size=8, moco_dim=16, mlp_hidden_dim=32),
     "rotnet": dict(backbone="resnet18", image_size=8),
-    "dino": dict(backbone="vit_tiny_patch4", image_size=16, local_size=8, local_crops=2, vit_depth=1,
+    "dino": dict(backbone="vit_tiny_patch4", image_size=16, local_crop_size=8, n_local_crops=2, vit_depth=1,
                  out_dim=32, head_hidden_dim=32, bottleneck_dim=16, epochs=2, drop_path_rate=0.0),
     "mae": dict(backbone="vit_tiny_patch4", image_size=16, vit_depth=1, decoder_dim=32, decoder_depth=1,
                 decoder_heads=4),
@@ -46,7 +47,7 @@ def require_ops(name: str) -> None:
 def build(name: str, seed: int = 0, **overrides) -> Method:
     cls = METHODS[name]
     torch.manual_seed(seed)
-    return cls(cls.config_class(**{**TINY[name], **overrides}))
+    return cls(resolve_config(cls.config_class, overrides={**TINY[name], **overrides}))
 
 
 def make_batch(method: Method, batch_size: int = 8, seed: int = 0) -> dict:
@@ -55,18 +56,19 @@ def make_batch(method: Method, batch_size: int = 8, seed: int = 0) -> dict:
     one sample share content as augmentations do."""
     g = torch.Generator().manual_seed(seed)
     cfg = method.cfg
-    x = torch.randn(batch_size, 3, cfg.image_size, cfg.image_size, generator=g)
+    x = torch.randn(batch_size, 3, cfg.data.image_size, cfg.data.image_size, generator=g)
     if method.name == "rotnet":  # one image in its 4 quarter turns: view k = rot90 k times
         return {"views": [torch.rot90(x, k, dims=(2, 3)) for k in range(4)],
                 "label": torch.zeros(batch_size, dtype=torch.long), "index": torch.arange(batch_size)}
-    sizes = {
-        "mocov2": [cfg.image_size] * 2, "mocov3": [cfg.image_size] * 2, "mae": [cfg.image_size],
-        "dino": [cfg.image_size] * 2 + [getattr(cfg, "local_size", 0)] * getattr(cfg, "local_crops", 0),
-    }[method.name]
+    size = cfg.data.image_size
+    if method.name == "dino":
+        sizes = [size] * 2 + [cfg.method.local_crop_size] * cfg.method.n_local_crops
+    else:
+        sizes = {"mocov2": [size] * 2, "mocov3": [size] * 2, "mae": [size]}[method.name]
     views = []
     for k, size in enumerate(sizes):
         v = x.flip(-1) if k % 2 else x
-        v = torch.nn.functional.interpolate(v, size=size, mode="area") if size != cfg.image_size else v
+        v = torch.nn.functional.interpolate(v, size=size, mode="area") if size != cfg.data.image_size else v
         views.append(v + 0.1 * torch.randn(v.shape, generator=g))
     return {"views": views, "label": torch.zeros(batch_size, dtype=torch.long),
             "index": torch.arange(batch_size)}
@@ -82,7 +84,7 @@ def optimizer(method: Method, lr: float) -> torch.optim.Optimizer:
 
 
 def train_step(method: Method, opt: torch.optim.Optimizer, batch: dict, ctx: StepContext) -> torch.Tensor:
-    """What the engine does per step (fastssl/methods/base.py)."""
+    """What the engine does per step (fastssl/method.py)."""
     opt.zero_grad(set_to_none=True)
     out = method(batch, ctx)
     out["loss"].backward()

@@ -1,5 +1,5 @@
 """Every method: registration with paper defaults, a few CPU steps lower the loss with finite
-gradients, the fused path equals the reference on the same batch, and cfg.fused=False sends
+gradients, the fused path equals the reference on the same batch, and cfg.model.fused=False sends
 every fused op to its reference."""
 
 import copy
@@ -19,6 +19,7 @@ from method_helpers import (  # noqa: F401 (one_thread is an autouse fixture)
 
 import fastssl.losses.info_nce
 import fastssl.ops
+from fastssl.engine import resolve_config
 from fastssl.methods import METHODS
 
 NAMES = ["mocov2", "mocov3", "rotnet", "dino", "mae"]
@@ -27,18 +28,20 @@ NAMES = ["mocov2", "mocov3", "rotnet", "dino", "mae"]
 def test_registry_and_paper_defaults():
     assert set(NAMES) <= set(METHODS)
     for name in NAMES:
-        assert METHODS[name].name == name and METHODS[name].config_class().method == name
-    v2 = METHODS["mocov2"].config_class()
-    assert (v2.moco_momentum, v2.queue_size, v2.temperature, v2.base_lr, v2.optimizer) == (
-        0.999, 65536, 0.2, 0.03, "sgd")
-    v3 = METHODS["mocov3"].config_class()
-    assert (v3.moco_momentum, v3.temperature, v3.optimizer) == (0.99, 0.2, "lars")
-    dino = METHODS["dino"].config_class()
-    got = (dino.teacher_momentum, dino.out_dim, dino.bottleneck_dim, dino.weight_decay, dino.weight_decay_end,
-           dino.clip_grad_per_param, dino.base_lr, dino.center_momentum, dino.optimizer)
+        assert METHODS[name].name == name and METHODS[name].config_class.name == name
+    v2 = resolve_config(METHODS["mocov2"].config_class)
+    assert (v2.method.moco_momentum, v2.method.queue_size, v2.method.temperature, v2.optim.base_lr,
+            v2.optim.optimizer) == (0.999, 65536, 0.2, 0.03, "sgd")
+    v3 = resolve_config(METHODS["mocov3"].config_class)
+    assert (v3.method.moco_momentum, v3.method.temperature, v3.optim.optimizer) == (0.99, 0.2, "lars")
+    dino = resolve_config(METHODS["dino"].config_class)
+    got = (dino.method.teacher_momentum, dino.method.out_dim, dino.method.bottleneck_dim,
+           dino.optim.weight_decay, dino.optim.weight_decay_end, dino.method.clip_grad_per_param,
+           dino.optim.base_lr, dino.method.center_momentum, dino.optim.optimizer)
     assert got == (0.996, 65536, 256, 0.04, 0.4, 3.0, 0.0005, 0.9, "adamw")
-    mae = METHODS["mae"].config_class()
-    got = (mae.mask_ratio, mae.decoder_depth, mae.decoder_dim, mae.betas, mae.base_lr, mae.norm_pix_loss)
+    mae = resolve_config(METHODS["mae"].config_class)
+    got = (mae.method.mask_ratio, mae.method.decoder_depth, mae.method.decoder_dim, mae.optim.betas,
+           mae.optim.base_lr, mae.method.norm_pix_loss)
     assert got == (0.75, 8, 512, (0.9, 0.95), 1.5e-4, True)
 
 
@@ -141,11 +144,11 @@ def test_engine_like_step_runs_for_every_method():
 def test_fashion_mnist_presets_are_small_image_configs(name):
     cls = METHODS[name]
     preset = cls.presets["fashion-mnist"]
-    cfg = cls.config_class(**preset)  # unknown keys would raise TypeError here
-    assert cfg.image_size <= 32           # crops of small images
+    cfg = resolve_config(cls.config_class, preset=preset)  # unknown keys would raise ValueError here
+    assert cfg.data.image_size <= 32           # crops of small images
     assert cfg.eval_side in (28, 32)      # evaluated on Fashion-MNIST's 28 px, or CIFAR's 32
     if name == "dino":
-        assert cfg.local_size < cfg.image_size and cfg.local_crops >= 2
+        assert cfg.method.local_crop_size < cfg.data.image_size and cfg.method.n_local_crops >= 2
     method = cls(cfg)
     batch = make_batch(method, batch_size=8)  # MoCo v2's preset splits BN into 8
     with torch.no_grad():
@@ -181,7 +184,7 @@ def test_state_dict_resume_continues_identically(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_compiled_modules_are_the_ones_training_runs(name):
-    """cfg.compile compiles compile_modules(): each must run in the training step, and between
+    """cfg.model.compile compiles compile_modules(): each must run in the training step, and between
     them they cover every parameter that gets a gradient (the trained network is compiled)."""
     method = build(name)
     modules = method.compile_modules()

@@ -68,7 +68,7 @@ def test_mocov2_shuffles_the_key_batch_across_ranks():
     """Official MoCo's shuffling BN: the key encoder's BatchNorm on each rank sees the half of
     the global batch that rank 0's permutation assigns to it; keys return in the input order."""
     method = build("mocov2")
-    assert method.cfg.shuffle_bn and method.cfg.bn_splits == 1
+    assert method.cfg.method.shuffle_bn and method.cfg.method.bn_splits == 1
     x = make_batch(method, batch_size=8)["views"][1]
     seed = 5
     (k0, s0, u0, rows0), (k1, s1, u1, rows1) = run_gloo(_shuffled_keys, 2, method.state_dict(), x, seed)

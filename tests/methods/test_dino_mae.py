@@ -147,7 +147,7 @@ def test_mae_method_and_encoder_features():
     # fixed sin-cos position embeddings are buffers, not parameters
     names = {n for n, _ in method.named_parameters()}
     assert not any("pos_embed" in n for n in names)
-    with pytest.raises(ValueError, match=r"mask_ratio must be in \(0, 1\), got 1.0"):
+    with pytest.raises(ValueError, match=r"mask_ratio must be a number > 0 and < 1, got 1.0"):
         build("mae", mask_ratio=1.0)
 
 
@@ -168,7 +168,7 @@ def test_dino_rejects_a_wrong_number_of_crops():
     method = build("dino")
     batch = make_batch(method, batch_size=2)
     center = method.criterion.center.clone()
-    with pytest.raises(ValueError, match=r"dino: expected 4 views \(2 global \+ local_crops=2\), got 5"):
+    with pytest.raises(ValueError, match=r"dino: expected 4 views \(2 global \+ n_local_crops=2\), got 5"):
         method({"views": batch["views"] + batch["views"][-1:]}, context())
     assert torch.equal(method.criterion.center, center)
 

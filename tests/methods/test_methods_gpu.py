@@ -12,7 +12,7 @@ NAMES = ["mocov2", "mocov3", "rotnet", "dino", "mae"]
 
 def _loss(method, batch, fused: bool, seed: int = 0):
     method = copy.deepcopy(method)
-    method.cfg.fused = fused
+    method.cfg.model.fused = fused
     if hasattr(method, "criterion"):
         method.criterion.backend = method.backend
     torch.manual_seed(seed)

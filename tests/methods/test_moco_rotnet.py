@@ -93,7 +93,7 @@ def test_mocov3_symmetric_loss_and_momentum_schedule():
 
 def test_mocov3_heads_follow_the_backbone_type():
     resnet = build("mocov3")
-    assert resnet.cfg.backbone in RESNETS
+    assert resnet.cfg.model.backbone in RESNETS
     linears = lambda seq: [m for m in seq if isinstance(m, nn.Linear)]  # noqa: E731
     assert len(linears(resnet.base_encoder[1])) == 2 and len(linears(resnet.predictor)) == 2
     assert isinstance(resnet.predictor[-1], nn.Linear)  # no BN after the predictor

@@ -10,8 +10,8 @@ from torch import nn
 
 from fastssl.data.labels import LabelTable, expand_hierarchy, inject_label_noise
 from fastssl.engine import Trainer, resolve_config
+from fastssl.method import StepContext
 from fastssl.methods import METHODS
-from fastssl.methods.base import StepContext
 from fastssl.methods.weak import WeakConfig, WeakSupervised
 
 CTX = StepContext(step=0, epoch=0, steps_per_epoch=1, total_steps=1, lr=0.1, weight_decay=0.0)
@@ -26,7 +26,7 @@ def tiny_backbone(width=8):
 
 def cfg(**kw):
     base = dict(backbone="resnet18", image_size=16, batch_size=8, epochs=1, fused=False)
-    return WeakConfig(**(base | kw))
+    return resolve_config(WeakConfig, overrides=base | kw)
 
 
 TABLE = LabelTable([[0], [1, 2], [3], [0, 3, 4], [2], [1], [4, 0], [2, 3, 1, 0]], 5)
@@ -50,10 +50,12 @@ def sigmoid_ref(logits, rows):
 def test_registered_and_configurable():
     assert METHODS["weak"] is WeakSupervised and WeakSupervised.config_class is WeakConfig
     c = resolve_config(WeakConfig, overrides={"loss": "sigmoid", "sampling": "natural", "rare_factor": "10"})
-    assert (c.loss, c.sampling, c.rare_factor, c.method) == ("sigmoid", "natural", 10.0, "weak")
+    assert (c.method.loss, c.method.sampling, c.method.rare_factor, c.method.name) == (
+        "sigmoid", "natural", 10.0, "weak")
     assert WeakConfig().loss == "softmax" and WeakConfig().sampling == "sqrt"
     preset = resolve_config(WeakConfig, preset=WeakSupervised.presets["fashion-mnist"])
-    assert (preset.image_size, preset.num_classes, preset.crop_scale) == (28, 10, (0.25, 1.0))
+    got = (preset.data.image_size, preset.method.num_classes, preset.method.crop_scale)
+    assert got == (28, 10, (0.25, 1.0))
 
 
 @pytest.mark.parametrize("loss", ["softmax", "sigmoid"])
@@ -98,9 +100,10 @@ def test_label_files_hierarchy_and_noise_from_config(tmp_path):
     c = cfg(labels_file=str(tmp_path / "labels.csv"), vocabulary=str(tmp_path / "vocab.txt"),
             hierarchy=str(tmp_path / "parents.csv"), num_classes=99)
     method = WeakSupervised(c, backbone=tiny_backbone())
-    assert c.num_classes == 5 and method.classifier.out_features == 5
+    assert c.method.num_classes == 5 and method.classifier.out_features == 5
     assert method.labels.labels[:2] == [[3, 4], [0, 2]]
-    noisy = WeakSupervised(cfg(labels_file=c.labels_file, vocabulary=c.vocabulary, hierarchy=c.hierarchy,
+    m = c.method
+    noisy = WeakSupervised(cfg(labels_file=m.labels_file, vocabulary=m.vocabulary, hierarchy=m.hierarchy,
                                label_noise=0.25, seed=3), backbone=tiny_backbone())
     # Noise hits the labels as annotated (40 single labels), then the hierarchy expands them.
     raw = [[0] if i % 2 else [3] for i in range(40)]
@@ -109,12 +112,12 @@ def test_label_files_hierarchy_and_noise_from_config(tmp_path):
     assert noisy.labels.labels == expand_hierarchy(noisy_raw, {0: [2], 1: [2], 3: [4]})
 
 
-def test_noise_on_source_labels_comes_with_build_sampler():
+def test_noise_on_source_labels_comes_with_bind_data():
     method = WeakSupervised(cfg(num_classes=3, label_noise=0.5, seed=1), backbone=tiny_backbone())
-    with pytest.raises(ValueError, match=r"call build_sampler\(source\) before training"):
+    with pytest.raises(ValueError, match=r"call bind_data\(source\) before training"):
         method.targets({"index": torch.tensor([0]), "label": torch.tensor([0])})
     source_labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    method.build_sampler(source_labels)
+    method.bind_data(source_labels)
     want = inject_label_noise([[c] for c in source_labels.tolist()], 0.5, 3, seed=1)
     assert method.labels.labels == want
     assert method.targets({"index": torch.arange(8)}).argmax(1).tolist() == [r[0] for r in want]
@@ -143,7 +146,7 @@ def test_build_sampler():
 
 
 class FolderSource:
-    """The two attributes build_sampler reads from an image-folder source."""
+    """The two attributes bind_data reads from an image-folder source."""
 
     def __init__(self, paths):
         self.paths, self.labels = paths, [0] * len(paths)
@@ -155,6 +158,7 @@ def test_path_keyed_labels_follow_the_source_order(tmp_path):
     method = WeakSupervised(c, backbone=tiny_backbone())
     assert method.labels.labels == [[1], [0, 2], [1, 3]]  # file order until the source is known
     source = FolderSource(["/d/cat/1.jpg", "/d/cat/2.jpg", "/d/dog/1.jpg"])
+    method.bind_data(source)
     sampler = method.build_sampler(source, rank=0, world_size=1)
     assert method.labels.labels == [[1, 3], [1], [0, 2]] and len(sampler.probabilities) == 3
     assert method.targets({"index": torch.tensor([0, 2])}).tolist() == [[0, 1, 0, 1], [1, 0, 1, 0]]
@@ -164,12 +168,14 @@ def test_path_keyed_labels_follow_the_source_order(tmp_path):
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match=r"loss must be one of \('softmax', 'sigmoid'\), got 'hinge'"):
-        WeakSupervised(cfg(loss="hinge"), backbone=tiny_backbone())
+    with pytest.raises(ValueError, match=r"loss must be one of softmax, sigmoid; got 'hinge'"):
+        cfg(loss="hinge")
     with pytest.raises(ValueError, match="sampling must be one of"):
-        WeakSupervised(cfg(sampling="balanced"), backbone=tiny_backbone())
-    with pytest.raises(ValueError, match="label_noise must be a fraction"):
-        WeakSupervised(cfg(label_noise=1.5), labels=TABLE, backbone=tiny_backbone())
+        cfg(sampling="balanced")
+    with pytest.raises(ValueError, match="label_noise must be a number >= 0 and <= 1, got 1.5"):
+        cfg(label_noise=1.5)
+    with pytest.raises(ValueError, match=r"crop_scale must be \(min, max\) with min <= max"):
+        cfg(crop_scale=(0.9, 0.5))
 
 
 def test_steps_decrease_the_loss():
@@ -293,8 +299,10 @@ def test_weak_on_img2dataset_shards_takes_targets_from_hashtags(tmp_path):
     method = WeakSupervised(cfg(vocabulary=str(tmp_path / "vocab.json"), sampling="natural"),
                             backbone=tiny_backbone())
     source = ShardSource(folder)
+    method.bind_data(source)   # the tag vocabulary sizes the classifier; the sampler only samples
+    assert method.classifier.out_features == 3
     sampler = method.build_sampler(source)
-    assert method.classifier.out_features == 3 and method.cfg.num_classes == 3
+    assert method.classifier.out_features == 3 and method.cfg.method.num_classes == 3
     assert [name.rsplit(":", 1)[-1] for name, _ in sampler.excluded] == ["00001", "00005"]
     loader = build_loader(source, method.recipe(), batch_size=4, backend="torchvision", device="cpu",
                           num_threads=1, sampler=sampler)

@@ -13,6 +13,7 @@ from torch import nn
 
 from fastssl import ops
 from fastssl.bench.counter import DispatchCounter, interpreted_kernels_uncounted
+from fastssl.engine import resolve_config
 from fastssl.losses.dino import DINOLoss
 from fastssl.methods import METHODS
 
@@ -88,7 +89,8 @@ def mocov2(monkeypatch):
     """A small MoCo v2 (its key queue included) whose ops run the Triton kernels."""
     cls = METHODS["mocov2"]
     torch.manual_seed(0)
-    cfg = cls.config_class(backbone="resnet18", image_size=8, moco_dim=16, mlp_hidden_dim=32, queue_size=64)
+    cfg = resolve_config(cls.config_class, overrides=dict(backbone="resnet18", image_size=8, moco_dim=16,
+                                                          mlp_hidden_dim=32, queue_size=64))
     method = cls(cfg)
     monkeypatch.setattr(cls, "backend", property(lambda self: "triton"))
     return method
@@ -96,7 +98,7 @@ def mocov2(monkeypatch):
 
 def test_mocov2_loss_step_has_no_copies(mocov2):
     """MoCo v2's loss exactly as the method computes it (queries, keys, the key queue), fp32."""
-    N, D = 8, mocov2.cfg.moco_dim
+    N, D = 8, mocov2.cfg.method.moco_dim
     q = torch.randn(N, D, requires_grad=True)
     k = torch.randn(N, D)
     counter = count(lambda: mocov2._loss(q, k).backward())
@@ -107,7 +109,7 @@ def test_mocov2_loss_step_has_no_copies(mocov2):
 def test_mocov2_loss_on_row_strided_queries_has_no_copies(mocov2):
     """Queries and keys as column halves of one projection output (row stride 2 D, unit-stride rows):
     a launcher that passes strides reads them in place."""
-    N, D = 8, mocov2.cfg.moco_dim
+    N, D = 8, mocov2.cfg.method.moco_dim
     qk = torch.randn(N, 2 * D, requires_grad=True)
     q, k = qk[:, :D], qk[:, D:].detach()
     counter = count(lambda: torch.autograd.grad(mocov2._loss(q, k), q))
