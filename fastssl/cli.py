@@ -127,7 +127,7 @@ def _resume_command(argv: list[str], out: str) -> str:
             skip = False
         elif token in ("--resume", "--out"):
             skip = True
-        elif token != "--overwrite" and not token.startswith(("--resume=", "--out=", "out=")):
+        elif token != "--overwrite" and not token.startswith(("--resume=", "--out=", "out=", "run.out=")):
             kept.append(token)
     return shlex.join(["fastssl", *kept, "--out", out, "--resume", "auto"])
 
