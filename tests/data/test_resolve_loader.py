@@ -43,11 +43,11 @@ def test_unknown_choice_and_missing_dali_are_named():
 
 
 def test_the_cli_and_the_evaluator_take_the_same_answer(tmp_path):
-    from fastssl.methods.base import TrainConfig
-
     from fastssl.cli import _data_options
+    from fastssl.config import MethodConfig
+    from fastssl.engine import resolve_config
 
-    cfg = TrainConfig(data_backend="auto", data_device="auto", num_threads=1)
+    cfg = resolve_config(MethodConfig, overrides=dict(loader="auto", data_device="auto", num_threads=1))
     options = _data_options(cfg, torch.device("cpu"))
     assert (options["backend"], options["device"]) == resolve_loader("auto", "auto",
                                                                      train_device=torch.device("cpu"))
