@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 # The extension's CUDA architectures: TORCH_CUDA_ARCH_LIST if set, else the visible GPU's,
 # else sm_80/86/89/90/100 + PTX (fastssl/_build.py).
 
-.PHONY: venv data test demo bench lint cuda-check clean compile-gate-triton36
+.PHONY: venv data wordnet test demo bench lint cuda-check clean compile-gate-triton36
 
 # A machine whose python already has torch >= 2.6 (a GPU box) keeps it: the venv
 # sees the system packages and no second torch is installed.
@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp c
 	  fi; \
 	fi
 	$(VPY) -m pip install -q setuptools wheel ninja pybind11
-	$(VPY) -m pip install -q --no-build-isolation -e '.[dev,dali,viz]'
+	$(VPY) -m pip install -q --no-build-isolation -e '.[dev,dali,viz,wordnet]'
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -35,6 +35,16 @@ data:
 	  else echo "Fashion-MNIST missing: install Debian's dataset-fashion-mnist (or pass --data PATH)"; fi; \
 	fi
 
+# WordNet 3.0 (vocabularies, hierarchies) from Debian's packages, where apt is available.
+WORDNET_PACKAGES := wordnet-base wordnet-sense-index
+wordnet:
+	@if [ ! -f /usr/share/wordnet/index.sense ]; then \
+	  if command -v apt-get >/dev/null; then \
+	    SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	    $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends $(WORDNET_PACKAGES); \
+	  else echo "WordNet missing: install Debian's $(WORDNET_PACKAGES) (or set FASTSSL_WORDNET to a WordNet 3.0 dict folder)"; fi; \
+	fi
+
 # Each .cu is plain CUDA C++: it must compile with bare nvcc (no torch headers).
 cuda-check:
 	@if command -v nvcc >/dev/null; then \
@@ -46,7 +56,7 @@ cuda-check:
 lint: venv
 	$(VENV)/bin/ruff check fastssl tests benchmarks
 
-test: venv data cuda-check lint
+test: venv data wordnet cuda-check lint
 	$(VPY) -m pytest -q -n 2 --durations=15
 
 # The compile gate under triton 3.6 (the GPU machine's version) beside the venv's newer one:

@@ -8,7 +8,8 @@
     fastssl viz RUN [--out DIR] [--data SPEC]
     fastssl bench --model [--json FILE]
     fastssl shards SRC OUT [--shard-size N] [--split train|test] [--labels FILE]
-    fastssl vocab SHARDS --top K [--out vocab.json]
+    fastssl vocab SHARDS [--top K] [--out vocab.json] [--wordnet [--unmatched drop|keep]]
+                  [--match LABELS [--map-to-target]] [--hierarchy wordnet [--depth D] [--root SYNSET]]
 
 `fastssl train` with no --method and no --data runs the demo: DEMO_METHOD's Fashion-MNIST preset
 with DEMO_SETTINGS. Multi-GPU / multi-node: launch the same command with torchrun, e.g.
@@ -255,6 +256,20 @@ def cmd_shards(args: argparse.Namespace) -> int:
 def cmd_vocab(args: argparse.Namespace) -> int:
     from fastssl.data.shards import ShardSource, vocabulary
 
+    # Every WordNet option leads here, where those missing what they need are refused.
+    options = dict(unmatched=args.unmatched, match=args.match, map_to_target=args.map_to_target,
+                   hierarchy=args.hierarchy, depth=args.depth, root=args.root)
+    if args.wordnet or any(v not in (None, False) for v in options.values()):
+        from fastssl.data.vocab import wordnet_vocabulary, write_vocabulary
+
+        source = ShardSource(args.shards)
+        options["unmatched"] = args.unmatched or "drop"
+        vocab = wordnet_vocabulary([source.raw_tags(i) for i in range(len(source))], top=args.top, **options)
+        if args.out:
+            write_vocabulary(args.out, vocab)
+        print(vocab.table(20), flush=True)
+        _log(f"vocab: {vocab.summary()}" + (f"; written to {args.out}" if args.out else ""))
+        return 0
     top = vocabulary(ShardSource(args.shards), args.top)
     if args.out:
         tags = [t for t, _ in top]
@@ -438,8 +453,26 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     vocab = _add_command(sub, "vocab", "hashtag vocabulary of shards' captions (#tag tokens, lower-cased)",
                          common)
     vocab.add_argument("shards", help="shard folder or brace pattern")
-    vocab.add_argument("--top", type=int, required=True, help="keep the K most frequent hashtags")
+    vocab.add_argument("--top", type=int, help="keep the K most frequent hashtags (WordNet: labels); "
+                                               "default all")
     vocab.add_argument("--out", help="vocab.json ({tags, counts}) or a text file, one tag per line")
+    vocab.add_argument("--wordnet", action="store_true",
+                       help="merge hashtags into WordNet noun synsets, each to its most frequent sense "
+                            "(WordNet's first synset); writes synset ids, lemmas, hashtags (JSON)")
+    vocab.add_argument("--unmatched", choices=("drop", "keep"),
+                       help="hashtags WordNet lacks: drop (default) or keep as labels of their own")
+    vocab.add_argument("--match", metavar="LABELS",
+                       help="keep hashtags whose synset is, or is a hyponym of, a target label: a file of "
+                            "WordNet ids (n02958343), synset names or words, one per line, or a comma list "
+                            "(implies --wordnet); reports coverage")
+    vocab.add_argument("--map-to-target", dest="map_to_target", action="store_true",
+                       help="with --match: label each kept hashtag by its nearest target class")
+    vocab.add_argument("--hierarchy", choices=("wordnet",),
+                       help="add the labels' WordNet hypernyms to the vocabulary (implies --wordnet); "
+                            "train with hierarchy=wordnet to expand each image's labels")
+    vocab.add_argument("--depth", type=int, help="with --hierarchy: hypernym steps up (default all)")
+    vocab.add_argument("--root", help="with --hierarchy: only this synset and those under it "
+                                      "(e.g. fruit.n.01)")
     viz = _add_command(sub, "viz", "figures of a run: feature map, nearest neighbours, "
                                    "MAE reconstructions, ViT attention", common)
     viz.add_argument("run", metavar="RUN", help="run directory (its last.pt) or a checkpoint file")

@@ -11,7 +11,9 @@ Files:
   path (image folders, file lists). Labels are vocabulary strings, or integer ids when no
   vocabulary is given. Every item must have exactly one row with at least one label.
 - Parent map (label hierarchy): CSV rows ``child,parent[,parent...]``; each image's labels
-  are expanded to all their ancestors (an image labelled "apple" is also "fruit").
+  are expanded to all their ancestors (an image labelled "apple" is also "fruit"). The name
+  ``wordnet`` instead of a file derives the map from WordNet for a vocabulary of synset
+  names (fastssl.data.wordnet.wordnet_parent_map).
 
 Errors name the file and line. Label noise (Mahajan et al. 2018, Sec. 3.1): a given
 fraction of all label slots is replaced by labels drawn from the marginal label
@@ -29,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from fastssl.data.wordnet import wordnet_parent_map
 
 
 def load_vocabulary(path: str | Path) -> list[str]:
@@ -320,7 +324,10 @@ def read_labels(
 
 
 def read_parent_map(path: str | Path, vocabulary: Sequence[str] | None = None) -> dict[int, list[int]]:
-    """Read CSV rows ``child,parent[,parent...]`` (label strings, or ids without a vocabulary)."""
+    """Read CSV rows ``child,parent[,parent...]`` (label strings, or ids without a vocabulary);
+    path "wordnet": the parents WordNet gives the vocabulary's synset names."""
+    if str(path) == "wordnet":
+        return wordnet_parent_map(vocabulary)
     vocab = None if vocabulary is None else {name: i for i, name in enumerate(vocabulary)}
     num_classes = None if vocabulary is None else len(vocabulary)
     parents: dict[int, list[int]] = {}

@@ -27,11 +27,13 @@ import re
 import tarfile
 import warnings
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from fastssl.validation import check_int
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 MANIFEST = "manifest.json"
@@ -392,9 +394,10 @@ class ShardSource:
         """The manifest's tag vocabulary ([] without a manifest: build one with `vocabulary`)."""
         return list(self.manifest.get("tag_vocabulary", [])) if self.manifest else []
 
-    def tags(self, vocabulary: Sequence[str]) -> list[list[int]]:
-        """Per sample, the ids in `vocabulary` of its known tags (unknown tags dropped)."""
-        ids = {t: k for k, t in enumerate(vocabulary)}
+    def tags(self, vocabulary: Sequence[str] | Mapping[str, int]) -> list[list[int]]:
+        """Per sample, the ids in `vocabulary` of its known tags (unknown tags dropped); or
+        through a tag -> id mapping (a WordNet vocabulary's, fastssl.data.vocab.load_tag_ids)."""
+        ids = vocabulary if isinstance(vocabulary, Mapping) else {t: k for k, t in enumerate(vocabulary)}
         return [sorted({ids[t] for t in self.raw_tags(i) if t in ids}) for i in range(len(self))]
 
     def __repr__(self) -> str:
@@ -438,11 +441,11 @@ def stream_indices(shard_of: np.ndarray, *, epoch: int, seed: int, shard_id: int
     return stream[shard_id::num_shards].astype(np.int64)
 
 
-def vocabulary(source: ShardSource, top: int) -> list[tuple[str, int]]:
-    """The `top` most frequent tags over the samples (hashtags of captions, or .json tags),
-    as (tag, number of samples carrying it), most frequent first, ties by tag."""
-    if not isinstance(top, int) or isinstance(top, bool) or top < 1:
-        raise ValueError(f"top must be an int >= 1, got {top!r}")
+def vocabulary(source: ShardSource, top: int | None = None) -> list[tuple[str, int]]:
+    """The `top` most frequent tags (default all) over the samples (hashtags of captions, or
+    .json tags), as (tag, number of samples carrying it), most frequent first, ties by tag."""
+    if top is not None:
+        check_int("top", top, low=1)
     counts = Counter(t for i in range(len(source)) for t in set(source.raw_tags(i)))
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]
 

@@ -23,6 +23,7 @@ from torch import nn
 from fastssl.config import MethodConfig, setting
 from fastssl.data.labels import LabelTable, load_vocabulary, multi_hot, read_labels, read_parent_map
 from fastssl.data.sampler import MODES, ResamplingSampler, StreamResampler
+from fastssl.data.vocab import load_tag_ids
 from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
 from fastssl.methods._common import backbone_from_config, check_views
@@ -40,7 +41,8 @@ class WeakConfig(MethodConfig):
     labels_file: str = setting("", "CSV / JSON lines of labels (fastssl.data.labels); empty: the source's "
                                    "class labels")
     vocabulary: str = setting("", "label strings, one per line; sets num_classes")
-    hierarchy: str = setting("", "parent map CSV child,parent: labels expand to their ancestors")
+    hierarchy: str = setting("", "parent map CSV child,parent, or 'wordnet' (parents from WordNet): labels "
+                                 "expand to their ancestors")
     label_noise: float = setting(0.0, "fraction of label slots replaced (robustness studies)", low=0, high=1)
     num_classes: int = setting(10, "label space without a vocabulary (10: Fashion-MNIST's classes)", low=1,
                                high=1 << 24)
@@ -147,9 +149,12 @@ class WeakSupervised(Method):
             self.label_rows = self.labels.padded().to(self.classifier.weight.device)
 
     def _bind_tags(self, source, vocab: list[str]) -> None:
-        """The label table from the shards' tags (.json "tags", or the caption's hashtags);
-        samples with no known tag are never drawn and are counted as skipped."""
-        rows = source.tags(vocab)
+        """The label table from the shards' tags (.json "tags", or the caption's hashtags; a
+        WordNet vocabulary maps each merged hashtag to its synset); samples with no known tag
+        are never drawn and are counted as skipped. Label noise, then the hierarchy, apply as
+        to a label table."""
+        vocabulary = self.cfg.method.vocabulary
+        rows = source.tags(load_tag_ids(vocabulary) if vocabulary else vocab)
         index = [i for i, row in enumerate(rows) if row]
         if not index:
             raise ValueError(f"weak: no sample of {source.spec!r} carries a tag of the "
@@ -162,6 +167,8 @@ class WeakSupervised(Method):
             nn.init.zeros_(self.classifier.bias)
         if self.cfg.method.label_noise:
             table = table.with_noise(self.cfg.method.label_noise, seed=self.cfg.run.seed)
+        if self.cfg.method.hierarchy:
+            table = table.expand_hierarchy(read_parent_map(self.cfg.method.hierarchy, table.names))
         self.cfg.method.num_classes, self.labels = table.num_classes, table
         padded = torch.full((len(rows), max(len(r) for r in table.labels)), -1, dtype=torch.int64)
         padded[index] = table.padded()
