@@ -160,7 +160,9 @@ def parse_synset(wordnet, text: str, where: str):
     text = text.strip()
     try:
         if _WNID.fullmatch(text):
-            synset = wordnet.synset_from_pos_and_offset("n", int(text[1:]))
+            with warnings.catch_warnings():  # nltk also warns of an unknown offset; the error below says it
+                warnings.simplefilter("ignore")
+                synset = wordnet.synset_from_pos_and_offset("n", int(text[1:]))
         elif _SYNSET_NAME.fullmatch(text):
             synset = wordnet.synset(text)
         else:
