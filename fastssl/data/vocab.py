@@ -113,80 +113,95 @@ def wordnet_vocabulary(
                          "WordNet lacks is under no target")
     wordnet = wordnet if wordnet is not None else wn_.load_wordnet()
     images = Counter(t for row in rows for t in set(row))
-    targets = {s: k for k, s in enumerate(wn_.read_targets(wordnet, match))} if match is not None else None
-    target_list = list(targets) if targets is not None else []
-    label_of: dict[str, str] = {}       # raw hashtag -> entry label
-    synset_of: dict[str, object] = {}   # entry label -> synset (None: an unmatched hashtag kept)
-    target_of: dict[str, str] = {}
-    covered_by: dict[str, set[int]] = {}
-    not_in_wordnet = outside = 0
-    for tag in images:
-        synset = wn_.noun_synset(wordnet, tag)
-        if synset is None:
-            not_in_wordnet += 1
-            if unmatched == "keep" and wn_.normalise_tag(tag):
-                label_of[tag] = wn_.normalise_tag(tag)
-                synset_of[label_of[tag]] = None
-            continue
-        if targets is not None:
-            distances = wn_.target_distances(synset, targets)
-            if not distances:
-                outside += 1
-                continue
-            nearest = target_list[min(distances, key=lambda k: (distances[k], k))]
-            synset = nearest if map_to_target else synset
-            target_of[synset.name()] = wn_.wnid(nearest)
-            covered_by.setdefault(synset.name(), set()).update(distances)
-        label_of[tag] = synset.name()
-        synset_of[synset.name()] = synset
-    image_labels = [sorted({label_of[t] for t in row if t in label_of}) for row in rows]
+    targets = wn_.read_targets(wordnet, match) if match is not None else None
+    merged = _merge(images, wordnet, unmatched=unmatched, targets=targets, map_to_target=map_to_target)
+    image_labels = [sorted({merged.label_of[t] for t in row if t in merged.label_of}) for row in rows]
     counts = Counter(label for labels in image_labels for label in labels)
     kept = sorted(counts, key=lambda label: (-counts[label], label))[:top]
     added: list[str] = []
+    root_synset = wn_.parse_synset(wordnet, root, "root") if root is not None else None
     if hierarchy is not None:
-        top_synset = wn_.parse_synset(wordnet, root, "root") if root is not None else None
-        ancestors = set().union(*(wn_.hypernyms(synset_of[label], depth=depth, root=top_synset)
-                                  for label in kept if synset_of[label] is not None))
+        ancestors = set().union(*(wn_.hypernyms(merged.synset_of[label], depth=depth, root=root_synset)
+                                  for label in kept if merged.synset_of[label] is not None))
         added = sorted({s.name() for s in ancestors} - set(kept))
-        synset_of.update({s.name(): s for s in ancestors})
+        merged.synset_of.update({s.name(): s for s in ancestors})
     labels = kept + added
     ids = {label: i for i, label in enumerate(labels)}
+    # A hashtag whose label `top` cut but the hierarchy brought back counts for it again.
     id_rows = [[ids[label] for label in row if label in ids] for row in image_labels]
-    if hierarchy is not None:
+    if hierarchy is not None:  # the expansion training applies with hierarchy="wordnet"
         id_rows = expand_hierarchy(id_rows, wn_.wordnet_parent_map(labels, wordnet=wordnet))
     final = Counter(c for row in id_rows for c in row)
     hashtags: dict[str, list[str]] = {}
-    for tag, label in sorted(label_of.items()):
+    for tag, label in sorted(merged.label_of.items()):
         hashtags.setdefault(label, []).append(tag)
     entries = []
     for i, label in enumerate(labels):
-        synset = synset_of[label]
+        synset = merged.synset_of[label]
         named = synset is not None
         entry = {"tag": label, "synset": synset.name() if named else None,
                  "wnid": wn_.wnid(synset) if named else None, "lemmas": synset.lemma_names() if named else [],
                  "hashtags": hashtags.get(label, []), "count": final[i]}
         if targets is not None:
-            entry["target"] = target_of.get(label)
+            entry["target"] = merged.target_of.get(label)
         entries.append(entry)
     entries.sort(key=lambda e: (-e["count"], e["tag"]))
     info = {"version": wordnet.get_version(), "sense": SENSE_RULE, "unmatched": unmatched, "top": top,
-            "hashtags": len(images), "unmatched_hashtags": not_in_wordnet,
+            "hashtags": len(images), "unmatched_hashtags": merged.not_in_wordnet,
             "images": len(rows), "images_covered": sum(1 for row in id_rows if row)}
     if targets is not None:
-        covered = set().union(*(covered_by[label] for label in kept)) if kept else set()
-        info |= {"match": [wn_.wnid(s) for s in target_list], "map_to_target": map_to_target,
-                 "targets": len(target_list), "targets_covered": len(covered), "outside_targets": outside}
+        covered = set().union(*(merged.under[label] for label in kept))
+        info |= {"match": [wn_.wnid(s) for s in targets], "map_to_target": map_to_target,
+                 "targets": len(targets), "targets_covered": len(covered), "outside_targets": merged.outside}
     if hierarchy is not None:
-        info |= {"hierarchy": hierarchy, "depth": depth, "root": top_synset.name() if top_synset else None,
+        info |= {"hierarchy": hierarchy, "depth": depth, "root": root_synset.name() if root_synset else None,
                  "hypernyms_added": len(added)}
     return WordNetVocabulary(entries, info)
+
+
+@dataclass
+class _Merged:
+    """Raw hashtag -> label; per label its synset (None: a kept unmatched hashtag), its nearest
+    target's WordNet id and the indices of every target it is under; hashtags left out."""
+
+    label_of: dict[str, str] = field(default_factory=dict)
+    synset_of: dict[str, object] = field(default_factory=dict)
+    target_of: dict[str, str] = field(default_factory=dict)
+    under: dict[str, set[int]] = field(default_factory=dict)
+    not_in_wordnet: int = 0
+    outside: int = 0
+
+
+def _merge(hashtags, wordnet, *, unmatched: str, targets: list | None, map_to_target: bool) -> _Merged:
+    merged = _Merged()
+    index = {s: k for k, s in enumerate(targets or [])}
+    for tag in hashtags:
+        synset = wn_.noun_synset(wordnet, tag)
+        if synset is None:
+            merged.not_in_wordnet += 1
+            if unmatched == "keep" and wn_.normalise_tag(tag):
+                merged.label_of[tag] = wn_.normalise_tag(tag)
+                merged.synset_of[merged.label_of[tag]] = None
+            continue
+        if targets is not None:
+            distances = wn_.target_distances(synset, index)
+            if not distances:
+                merged.outside += 1
+                continue
+            nearest = targets[min(distances, key=lambda k: (distances[k], k))]
+            synset = nearest if map_to_target else synset
+            merged.target_of[synset.name()] = wn_.wnid(nearest)
+            merged.under.setdefault(synset.name(), set()).update(distances)
+        merged.label_of[tag] = synset.name()
+        merged.synset_of[synset.name()] = synset
+    return merged
 
 
 def write_vocabulary(path: str | Path, vocabulary: WordNetVocabulary) -> None:
     """Write a WordNet vocabulary as JSON (the module docstring's format)."""
     if not str(path).endswith(".json"):
-        raise ValueError(f"--out: a WordNet vocabulary is written as JSON (its entries list the hashtags "
-                         f"each label stands for); give a .json path, got {str(path)!r}")
+        raise ValueError(f"path (--out): a WordNet vocabulary is written as JSON (its entries list the "
+                         f"hashtags each label stands for); give a .json path, got {str(path)!r}")
     Path(path).write_text(json.dumps(vocabulary.to_json(), indent=1) + "\n")
 
 
