@@ -71,6 +71,22 @@ def test_prepared_copy_reads_wordnet_30(wn, cache):
     assert noun_synset(wn, "instagood") is None
 
 
+def test_prepared_copy_is_rebuilt_when_the_database_changes(cache, tmp_path):
+    source = tmp_path / "dict"
+    source.mkdir()
+    for f in DEBIAN_WORDNET.iterdir():
+        if f.is_file():
+            (source / f.name).write_bytes(f.read_bytes())
+    copy = prepare_wordnet(source, tmp_path / "c") / "corpora" / "wordnet"
+    first = (copy / "data.noun").stat().st_ino
+    prepare_wordnet(source, tmp_path / "c")
+    assert (copy / "data.noun").stat().st_ino == first  # unchanged database: the copy is reused
+    (source / "adv.exc").write_text((source / "adv.exc").read_text() + "\n")
+    prepare_wordnet(source, tmp_path / "c")
+    assert (copy / "data.noun").stat().st_ino != first and (copy / "adv.exc").read_bytes().endswith(b"\n\n")
+    assert [p.name for p in copy.parent.iterdir()] == ["wordnet"]  # no half-built copy left beside it
+
+
 def test_synonyms_merge_and_senses_stay_apart(wn):
     vocab = wordnet_vocabulary(ROWS, wordnet=wn)
     labels, entries = label_of(vocab), by_tag(vocab)
