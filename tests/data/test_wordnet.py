@@ -5,6 +5,7 @@ pome.n.01, both under fruit.n.01), written here by hand."""
 
 import io
 import json
+import sys
 import tarfile
 
 import numpy as np
@@ -254,3 +255,10 @@ def test_missing_wordnet_is_one_line_naming_the_packages(tmp_path, monkeypatch, 
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "fastssl vocab: error: WordNet 3.0 not found" in err
     assert "apt-get install wordnet-base wordnet-sense-index" in err
+
+
+def test_missing_nltk_says_what_to_install(cache, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nltk", None)  # import nltk fails as if it were not installed
+    with pytest.raises(WordNetMissingError, match=r"needs nltk, which is not installed: pip install "
+                                                  r"'fastssl\[wordnet\]'"):
+        load_wordnet(DEBIAN_WORDNET, tmp_path / "other-cache")
