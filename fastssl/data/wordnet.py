@@ -1,7 +1,7 @@
 """WordNet 3.0 for label spaces: hashtags to noun synsets, target label sets, hypernyms.
 
 The database is Debian's (packages ``wordnet-base`` and ``wordnet-sense-index``, installed
-under /usr/share/wordnet; ``make`` installs them where apt exists), or any WordNet 3.0
+under /usr/share/wordnet; ``make wordnet`` installs them where apt exists), or any WordNet 3.0
 ``dict`` folder named by the environment variable FASTSSL_WORDNET. It is read by nltk's
 WordNet corpus reader (``pip install 'fastssl[wordnet]'``), which accepts only files under
 its data path, so a copy is prepared once in ``<cache>/nltk_data/corpora/wordnet`` (cache:
@@ -72,7 +72,7 @@ def prepare_wordnet(source: str | Path | None = None, cache: str | Path | None =
     if missing:
         raise WordNetMissingError(
             f"WordNet 3.0 not found: {source} lacks {', '.join(missing[:3])}; install Debian's {PACKAGES} "
-            f"(apt-get install {PACKAGES}; `make` does it where apt exists) or set FASTSSL_WORDNET "
+            f"(apt-get install {PACKAGES}; `make wordnet` does it where apt exists) or set FASTSSL_WORDNET "
             f"to a WordNet 3.0 dict folder")
     files = sorted(p for p in source.iterdir() if p.is_file())
     stamp = {"source": str(source.resolve()),
