@@ -218,6 +218,7 @@ def test_cli_vocab_wordnet_match_and_hierarchy(env, tmp_path, capsys):
 
 
 def test_weak_trains_on_a_wordnet_vocabulary_with_its_hierarchy(env, tmp_path):
+    from fastssl.engine import resolve_config
     from fastssl.methods.weak import WeakConfig, WeakSupervised
 
     folder = _shards(tmp_path / "fruit", ["#apple", "#pears", "#Apple #pear", "#selfie"])
@@ -227,8 +228,9 @@ def test_weak_trains_on_a_wordnet_vocabulary_with_its_hierarchy(env, tmp_path):
     names = load_vocabulary(vocab)
     assert sorted(names) == sorted(FRUIT)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
-    cfg = WeakConfig(backbone="resnet18", image_size=8, batch_size=4, epochs=1, fused=False,
-                     sampling="natural", vocabulary=str(vocab), hierarchy="wordnet")
+    cfg = resolve_config(WeakConfig, overrides=dict(backbone="resnet18", image_size=8, batch_size=4, epochs=1,
+                                                    sampling="natural", vocabulary=str(vocab),
+                                                    hierarchy="wordnet"))
     method = WeakSupervised(cfg, backbone=(net, 4))
     method.build_sampler(ShardSource(folder))
     fruit = {names.index(n) for n in ("edible_fruit.n.01", "pome.n.01", "fruit.n.01")}
