@@ -232,13 +232,16 @@ def test_weak_trains_on_a_wordnet_vocabulary_with_its_hierarchy(env, tmp_path):
                                                     sampling="natural", vocabulary=str(vocab),
                                                     hierarchy="wordnet"))
     method = WeakSupervised(cfg, backbone=(net, 4))
-    method.build_sampler(ShardSource(folder))
+    source = ShardSource(folder)
+    method.bind_data(source)
     fruit = {names.index(n) for n in ("edible_fruit.n.01", "pome.n.01", "fruit.n.01")}
     apple, pear = names.index("apple.n.01"), names.index("pear.n.01")
     want = [{apple} | fruit, {pear} | fruit, {apple, pear} | fruit]
     assert [set(row) for row in method.labels.labels] == want
     target = method.targets({"index": torch.tensor([0, 2])})
     assert (target / target.sum(1, keepdim=True))[1, apple].item() == pytest.approx(1 / 5)
+    # The sampler draws over the expanded table; the #selfie image carries no label and is never drawn.
+    assert [name.rsplit(":", 1)[-1] for name, _ in method.build_sampler(source).excluded] == ["00003"]
 
 
 def test_old_vocabulary_files_still_load(tmp_path):
