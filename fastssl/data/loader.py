@@ -4,7 +4,9 @@ Which samples an epoch holds and in what order is decided here, once, for both
 backends: a per-epoch permutation from seed + epoch (torch.randperm, as
 torch.utils.data.DistributedSampler), split across shards by stride, then cut into
 batches; for WebDataset shards a streaming order (stream_indices: shards shuffled per
-epoch, read in order through a seeded shuffle buffer); or the indices an external sampler
+epoch, read in order through a seeded shuffle buffer), or in the resampled mode
+(samples_per_epoch given) shards drawn with replacement per rank (resampled_indices); or
+the indices an external sampler
 (the weak-supervision samplers) gives for the epoch. The backend only turns planned
 batches into views. A resumed epoch starts at a planned batch: skipped batches are never
 read or decoded.
@@ -24,11 +26,12 @@ import numpy as np
 import torch
 
 from fastssl.data import dali as _dali
+from fastssl.data.order import resampled_indices, stream_indices
 from fastssl.data.recipes import Recipe
-from fastssl.data.shards import ShardSource, stream_indices
+from fastssl.data.shards import ShardSource
 from fastssl.data.sources import ArraySource, FileListSource, ImageFolderSource
 from fastssl.data.torchvision_views import TorchvisionViews
-from fastssl.validation import check_choice
+from fastssl.validation import check_choice, check_int
 
 logger = logging.getLogger("fastssl.data")
 
@@ -64,11 +67,12 @@ class Loader:
 
     def __init__(self, source, recipe: Recipe, impl, *, batch_size: int, seed: int, shard_id: int,
                  num_shards: int, drop_last: bool, shuffle: bool, sampler, shuffle_buffer: int = 0,
-                 max_skipped_fraction: float = 0.001):
+                 max_skipped_fraction: float = 0.001, samples_per_epoch: int | None = None):
         self.source, self.recipe, self.impl = source, recipe, impl
         self.batch_size, self.seed, self.shard_id, self.num_shards = batch_size, seed, shard_id, num_shards
         self.drop_last, self.shuffle, self.sampler = drop_last, shuffle, sampler
         self.shuffle_buffer, self.max_skipped_fraction = shuffle_buffer, max_skipped_fraction
+        self.samples_per_epoch = samples_per_epoch
         self.epoch, self.start = 0, 0
         self._plan_cache: tuple[int, list[np.ndarray]] | None = None
         left_out = list(getattr(source, "skipped", []))
@@ -117,6 +121,11 @@ class Loader:
                     f"[0, {len(self.source)}) in epoch {epoch}"
                 )
             return idx
+        if self.samples_per_epoch is not None:
+            indices, _ = resampled_indices(self.source.shard_of, epoch=epoch, seed=self.seed,
+                                           shard_id=self.shard_id, buffer_size=self.shuffle_buffer,
+                                           num_samples=self.samples_per_epoch // self.num_shards)
+            return indices
         if isinstance(self.source, ShardSource) and self.shuffle:
             return stream_indices(self.source.shard_of, epoch=epoch, seed=self.seed, shard_id=self.shard_id,
                                   num_shards=self.num_shards, buffer_size=self.shuffle_buffer,
@@ -206,7 +215,7 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
                  num_threads: int = 4, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                  drop_last: bool = True, shuffle: bool = True, sampler=None,
                  dtype: torch.dtype = torch.float32, shuffle_buffer: int = 10_000,
-                 max_skipped_fraction: float = 0.001) -> Loader:
+                 max_skipped_fraction: float = 0.001, samples_per_epoch: int | None = None) -> Loader:
     """A loader of augmented views (see `Loader`) for `recipe` over `source`.
 
     backend: "dali" (DALI pipeline, CPU operators for device="cpu", nvJPEG + GPU operators
@@ -219,6 +228,10 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
     shuffle_buffer: a ShardSource's shuffle buffer (samples; see stream_indices).
     max_skipped_fraction: bad samples are skipped and counted (see the module docstring) up
     to this fraction of an epoch's samples on this rank; beyond it a ValueError names them.
+    samples_per_epoch: the resampled mode for a ShardSource (open_clip's --dataset-resampled
+    with --train-num-samples): each rank draws shards with replacement from (seed, epoch,
+    rank) and an epoch is samples_per_epoch samples over all ranks; None (default): every
+    sample once per epoch.
     Views are [B, 3, size, size] normalized with the recipe's mean/std, on the output device."""
     if not isinstance(source, ArraySource | ImageFolderSource | FileListSource | ShardSource):
         raise TypeError(f"source must be an ArraySource, ImageFolderSource, FileListSource or ShardSource, "
@@ -238,6 +251,11 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
         raise TypeError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     if sampler is not None and not (hasattr(sampler, "set_epoch") and hasattr(sampler, "__iter__")):
         raise TypeError(f"sampler must have set_epoch(epoch) and __iter__, got {type(sampler).__name__}")
+    if samples_per_epoch is not None:
+        check_int("samples_per_epoch", samples_per_epoch, low=num_shards)
+        if not isinstance(source, ShardSource) or sampler is not None or not shuffle:
+            raise ValueError("samples_per_epoch (the resampled mode) draws WebDataset shards: give a "
+                             "ShardSource, no sampler and shuffle=True, or leave samples_per_epoch None")
     name, device = resolve_loader(backend, device)
     dev = _resolve_device(device)
     impl_class = _dali.DaliViews if name == "dali" else TorchvisionViews
@@ -245,7 +263,8 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
                       dtype=dtype, max_batch=batch_size)
     loader = Loader(source, recipe, impl, batch_size=batch_size, seed=seed, shard_id=shard_id,
                     num_shards=num_shards, drop_last=drop_last, shuffle=shuffle, sampler=sampler,
-                    shuffle_buffer=shuffle_buffer, max_skipped_fraction=max_skipped_fraction)
+                    shuffle_buffer=shuffle_buffer, max_skipped_fraction=max_skipped_fraction,
+                    samples_per_epoch=samples_per_epoch)
     if len(loader) == 0:
         raise ValueError(
             f"batch_size={batch_size} with drop_last={drop_last} leaves no batch: this shard has "

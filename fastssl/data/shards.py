@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fastssl.data.order import resampled_indices, stream_indices
+from fastssl.data.remote import RemoteOptions, RemoteReader, RemoteReadError, is_url
 from fastssl.validation import check_int
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -240,15 +242,18 @@ class _Sample:
     caption: str = ""
 
 
-def _scan_shard(path: str, shard: int) -> tuple[list[_Sample], str | None]:
+def _scan_shard(path: str, shard: int, remote: RemoteReader | None) -> tuple[list[_Sample], str | None]:
     """The samples of one tar from its headers (small members .cls .json .txt are read),
     and why reading stopped early (None when the whole tar was read). A sample cut by the
-    damage is dropped; the complete samples before it are kept."""
+    damage is dropped; the complete samples before it are kept. A remote shard is fetched
+    whole once (its images are read later by range)."""
     samples: list[_Sample] = []
     key = None
     try:
-        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
-            file_size = os.fstat(f.fileno()).st_size
+        with (io.BytesIO(remote.fetch(path)) if remote else open(path, "rb")) as f, \
+                tarfile.open(fileobj=f, mode="r:") as tar:
+            file_size = f.seek(0, io.SEEK_END)
+            f.seek(0)
             for member in tar:
                 key, ext = split_member(member.name)
                 if member.offset_data + member.size > file_size:
@@ -277,12 +282,16 @@ def _scan_shard(path: str, shard: int) -> tuple[list[_Sample], str | None]:
     return samples, None
 
 
-def shard_paths(spec: str | os.PathLike) -> tuple[list[str], dict | None]:
+def shard_paths(spec: str | os.PathLike, remote: RemoteReader | None = None) -> tuple[list[str], dict | None]:
     """The shard files of a spec and the manifest when there is one: a folder with
     manifest.json (its shard list), a folder of *.tar (sorted; img2dataset's layout), or a
-    brace pattern / single .tar path."""
+    brace pattern / single .tar path; with `remote`, the same for URLs (a folder URL ends
+    in "/" and must hold manifest.json) and pipe: commands (one per shard)."""
     spec = str(spec)
-    if os.path.isdir(spec):
+    if remote is not None and spec.endswith("/") and not spec.startswith("pipe:"):
+        manifest = remote.manifest(spec)
+        return [spec + name for name in manifest["shards"]], manifest
+    if remote is None and os.path.isdir(spec):
         mpath = os.path.join(spec, MANIFEST)
         if os.path.isfile(mpath):
             with open(mpath, encoding="utf-8") as f:
@@ -293,15 +302,16 @@ def shard_paths(spec: str | os.PathLike) -> tuple[list[str], dict | None]:
             raise ValueError(f"{spec!r} holds no manifest.json and no *.tar shards")
         return paths, None
     paths = expand_braces(spec)
-    if not all(p.endswith(".tar") for p in paths):
-        raise ValueError(f"shards: expected a folder, a .tar path or a brace pattern of .tar paths, "
-                         f"got {spec!r}")
+    if not spec.startswith("pipe:") and not all(p.endswith(".tar") for p in paths):
+        raise ValueError(f"shards: expected a folder, a .tar path or a brace pattern of .tar paths"
+                         f"{' (or a folder URL ending in /)' if remote else ''}, got {spec!r}")
     return paths, None
 
 
 def is_shard_spec(spec: str) -> bool:
-    """Whether `spec` names shards (a folder with manifest.json or *.tar files, a brace pattern, a .tar)."""
-    if "{" in spec or spec.endswith(".tar"):
+    """Whether `spec` names shards (a folder with manifest.json or *.tar files, a brace pattern, a .tar,
+    or any http(s):// or pipe: URL)."""
+    if "{" in spec or spec.endswith(".tar") or is_url(spec):
         return True
     return os.path.isdir(spec) and (os.path.isfile(os.path.join(spec, MANIFEST))
                                     or bool(glob.glob(os.path.join(spec, "*.tar"))))
@@ -310,25 +320,32 @@ def is_shard_spec(spec: str) -> bool:
 class ShardSource:
     """The samples of WebDataset shards as an encoded-image source (`kind == "encoded"`).
 
-    spec: a folder with manifest.json, a folder of *.tar (img2dataset), or a brace pattern.
+    spec: a folder with manifest.json, a folder of *.tar (img2dataset), or a brace pattern;
+    or the same over the network (see fastssl.data.remote): http(s) URLs of .tar shards, a
+    brace pattern of them, a folder URL ending in "/" holding manifest.json, or pipe:COMMAND
+    (a brace pattern gives one command per shard). remote: retries and timeouts for URLs.
     Samples missing an image, and every sample of a shard that cannot be read (a truncated
-    or non-tar file), are left out and recorded in `skipped` as (name, reason) with the
-    shard and key, for the loader's skip count. labels: each sample's .cls (-1 without one).
+    or non-tar file, a shard the server does not give), are left out and recorded in
+    `skipped` as (name, reason) with the shard and key, for the loader's skip count.
+    labels: each sample's .cls (-1 without one).
     tags(vocabulary): each sample's tag ids (from .json "tags", else the caption's hashtags).
     """
 
     kind = "encoded"
 
-    def __init__(self, spec: str | os.PathLike):
+    def __init__(self, spec: str | os.PathLike, *, remote: RemoteOptions | None = None):
         self.spec = str(spec)
-        self.shards, self.manifest = shard_paths(spec)
+        # The user's spec alone decides whether shards are fetched, never a name read from a manifest.
+        self._remote = RemoteReader(remote) if is_url(self.spec) else None
+        self.shards, self.manifest = shard_paths(spec, self._remote)
         self.skipped: list[tuple[str, str]] = []
         kept: list[_Sample] = []
         for k, path in enumerate(self.shards):
-            samples, problem = _scan_shard(path, k)
+            samples, problem = _scan_shard(path, k, self._remote)
             if problem is not None:
                 # The manifest says how many samples were lost; without one the damage counts once.
-                lost = self.manifest["samples_per_shard"][k] - len(samples) if self.manifest else 1
+                counts = self.manifest.get("samples_per_shard") if self.manifest else None
+                lost = counts[k] - len(samples) if counts else 1
                 self.skipped.extend([(path, f"unreadable after {len(samples)} sample(s) ({problem})")] * lost)
             for s in samples:
                 if s.offset < 0:
@@ -345,6 +362,11 @@ class ShardSource:
         self.shard_of = np.asarray([s.shard for s in kept], dtype=np.int64)
         self.classes = list(self.manifest.get("class_names", [])) if self.manifest else []
         self._fds: OrderedDict[int, int] = OrderedDict()
+        if self._remote is not None:
+            try:  # a server that ignores Range requests is refused here, not sample by sample
+                self.read_bytes(0)
+            except RemoteReadError as exc:
+                raise ValueError(f"shards {self.spec!r}: {exc}") from None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -360,6 +382,8 @@ class ShardSource:
     def read_bytes(self, i: int) -> np.ndarray:
         """The encoded image of sample i as a 1-D uint8 array (one positioned read)."""
         s = self.samples[i]
+        if self._remote is not None:
+            return np.frombuffer(self._remote.read(self.shards[s.shard], s.offset, s.size), dtype=np.uint8)
         fd = self._fds.get(s.shard)
         if fd is None:
             if len(self._fds) >= OPEN_SHARDS:  # a stream visits few shards at once; stay far below ulimit -n
@@ -404,43 +428,6 @@ class ShardSource:
         return f"ShardSource({self.spec!r}, shards={len(self.shards)}, samples={len(self)})"
 
 
-def stream_indices(shard_of: np.ndarray, *, epoch: int, seed: int, shard_id: int, num_shards: int,
-                   buffer_size: int, repeats: np.ndarray | None = None, length: int | None = None,
-                   drop_last: bool = True) -> np.ndarray:
-    """This rank's sample indices for one epoch of a sharded dataset, as a streaming reader
-    sees them: the shards in a per-epoch order from (seed, epoch), each shard's samples in
-    stored order (sample i repeated repeats[i] times, for resampling on a stream), through a
-    shuffle buffer of buffer_size (webdataset's: each arriving sample takes the place of a
-    uniformly chosen one, which is emitted); cut or wrapped to `length` when given (a
-    resampled stream's epoch keeps one length); then, as shard_indices, trimmed to a multiple
-    of num_shards (drop_last; else padded by wrapping) and every num_shards-th from shard_id.
-    shard_of: int64 [N], the shard of each sample, samples of a shard contiguous."""
-    rng = np.random.default_rng([seed, epoch])
-    n_shards = int(shard_of.max()) + 1 if len(shard_of) else 0
-    starts = np.searchsorted(shard_of, np.arange(n_shards + 1))
-    stream = np.concatenate([np.arange(starts[k], starts[k + 1]) for k in rng.permutation(n_shards)]
-                            or [np.zeros(0, np.int64)])
-    if repeats is not None:
-        stream = np.repeat(stream, repeats[stream])
-    n, b = len(stream), min(buffer_size, len(stream))
-    if b > 1:
-        out = np.empty(n, dtype=np.int64)
-        buf = stream[:b].copy()
-        picks = rng.integers(0, b, n - b)
-        for t in range(n - b):
-            out[t] = buf[picks[t]]
-            buf[picks[t]] = stream[b + t]
-        out[n - b:] = rng.permutation(buf)
-        stream = out
-    if length is not None:
-        stream, n = np.resize(stream, length), length
-    if drop_last:
-        stream = stream[: n - n % num_shards]
-    elif n % num_shards:
-        stream = np.concatenate([stream, np.resize(stream, num_shards - n % num_shards)])
-    return stream[shard_id::num_shards].astype(np.int64)
-
-
 def vocabulary(source: ShardSource, top: int | None = None) -> list[tuple[str, int]]:
     """The `top` most frequent tags (default all) over the samples (hashtags of captions, or
     .json tags), as (tag, number of samples carrying it), most frequent first, ties by tag."""
@@ -451,4 +438,5 @@ def vocabulary(source: ShardSource, top: int | None = None) -> list[tuple[str, i
 
 
 __all__ = ["FASHION_MNIST_CLASSES", "ShardSource", "expand_braces", "hashtags", "is_shard_spec",
-           "shard_dataset", "shard_paths", "split_member", "stream_indices", "vocabulary", "write_shards"]
+           "resampled_indices", "shard_dataset", "shard_paths", "split_member", "stream_indices",
+           "vocabulary", "write_shards"]

@@ -5,7 +5,10 @@ Specs, checked in this order:
 - ``fashion-mnist``: pretrain on its 60,000 training images; kNN memory bank = the same,
   test = its 10,000 test images.
 - WebDataset shards: a folder holding manifest.json (`fastssl shards`) or *.tar files
-  (img2dataset), a brace pattern ``OUT/shard-{000000..000099}.tar`` or one .tar.
+  (img2dataset), a brace pattern ``OUT/shard-{000000..000099}.tar`` or one .tar; the same
+  over the network: ``http(s)://HOST/shard-{000000..000099}.tar``, a folder URL ending in
+  "/" that holds manifest.json, or ``pipe:COMMAND`` (one command per shard of a brace
+  pattern) whose output is a shard (fastssl.data.remote: retries, timeouts).
 - An image folder ROOT: ROOT/train and ROOT/val (each ``<class>/<image>``): pretrain on
   train, kNN from train to val; the same with shard folders ROOT/train and ROOT/val;
   ROOT alone (class folders, or shards): a held-out slice is the test split.
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastssl.data.remote import RemoteOptions
 from fastssl.data.shards import ShardSource, is_shard_spec
 from fastssl.data.sources import ImageFolderSource, fashion_mnist
 
@@ -76,8 +80,8 @@ def check_data_spec(spec: str) -> str:
     if spec == FASHION_MNIST or is_shard_spec(spec) or Path(spec).is_dir():
         return spec
     raise ValueError(f"--data: expected {FASHION_MNIST!r} or an existing image folder (class folders, or "
-                     f"train/ + val/), a shard folder or a brace pattern of .tar shards, got {spec!r} "
-                     "(no such directory)")
+                     f"train/ + val/), a shard folder, a brace pattern of .tar shards, or http(s):// or "
+                     f"pipe: shards, got {spec!r} (no such directory)")
 
 
 def _open(path: Path):
@@ -95,19 +99,22 @@ def holdout(source) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def data_splits(spec: str) -> DataSplits:
-    """The sources of `spec` per split (see the module docstring for the rules)."""
+def data_splits(spec: str, *, remote: RemoteOptions | None = None) -> DataSplits:
+    """The sources of `spec` per split (see the module docstring for the rules); remote:
+    retries and timeouts for shards read over the network."""
     spec = check_data_spec(spec)
     if spec == FASHION_MNIST:
         train = fashion_mnist("train")
         return DataSplits(train, train, fashion_mnist("test"))
+    if is_shard_spec(spec):
+        return _held_out(ShardSource(spec, remote=remote), spec)
     root = Path(spec)
-    if not is_shard_spec(spec) and (root / "train").is_dir():
+    if (root / "train").is_dir():
         train = _open(root / "train")
         if (root / "val").is_dir():
             return DataSplits(train, train, _open(root / "val"))
         return _held_out(train, f"{root / 'train'} (no {root / 'val'})")
-    return _held_out(_open(root) if is_shard_spec(spec) else ImageFolderSource(root), spec)
+    return _held_out(ImageFolderSource(root), spec)
 
 
 def _held_out(source, where: str) -> DataSplits:

@@ -1,0 +1,266 @@
+"""Shards over the network: a real HTTP server on 127.0.0.1 (http.server in a thread, an
+ephemeral port) serving shards written by fastssl's own writer, with failures injected
+by the server (503 on first tries, 404s, stalls past the read timeout, Range ignored),
+and pipe: commands. Every request loop here is bounded in count (retries) and time
+(sub-second timeouts); the tests finish in seconds."""
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from test_shards import BACKENDS, _write
+
+from fastssl.data import build_loader, data_splits, recipes
+from fastssl.data import dali as dali_backend
+from fastssl.data.order import resampled_indices
+from fastssl.data.remote import RemoteOptions, RemoteReader, is_url
+from fastssl.data.shards import ShardSource
+
+FAST = RemoteOptions(retries=2, backoff_s=0.01, connect_timeout_s=1.0, read_timeout_s=0.3)
+STALL_S = 1.5  # how long a stalling server sleeps: past FAST's read timeout, short enough for a test
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Serves files under the server's root at /shards/NAME with Range support, and the
+    failures its `faults` ask for."""
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        srv = self.server
+        name = self.path.removeprefix("/shards/")
+        with srv.lock:
+            srv.requests[name] += 1
+            n = srv.requests[name]
+        if name in srv.missing:
+            return self.send_error(404)
+        if n <= srv.fail_first.get(name, 0):
+            return self.send_error(503)
+        if n <= srv.stall_first.get(name, 0):
+            time.sleep(STALL_S)
+        path = srv.root / name
+        if "/" in name or not path.is_file():
+            return self.send_error(404)
+        data = path.read_bytes()
+        ranged = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        if ranged and srv.honour_range:
+            lo, hi = int(ranged.group(1)), int(ranged.group(2))
+            data = data[lo: hi + 1]
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {lo}-{hi}/{path.stat().st_size}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up on a stalled answer
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(tmp_path):
+    """(base URL, server, local shard folder, source images): the writer's 24 samples in 5
+    shards of 5 (the last 4), served from 127.0.0.1 on an ephemeral port."""
+    src, out = _write(tmp_path)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd.daemon_threads = True
+    httpd.root, httpd.lock, httpd.requests = out, threading.Lock(), Counter()
+    httpd.missing, httpd.fail_first, httpd.stall_first, httpd.honour_range = set(), {}, {}, True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/shards/", httpd, out, src
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+def _all(source):
+    return [(source.name(i).rsplit("/", 1)[-1], int(source.labels[i]), source.read_bytes(i).tobytes())
+            for i in range(len(source))]
+
+
+def _views(loader):
+    return [(b["index"].tolist(), b["label"].tolist(), [v.clone() for v in b["views"]]) for b in loader]
+
+
+def _same_epochs(a, b):
+    assert [x[:2] for x in a] == [y[:2] for y in b]
+    assert all((u == v).all() for x, y in zip(a, b) for u, v in zip(x[2], y[2]))
+
+
+def test_http_brace_pattern_reads_what_the_local_shards_hold_in_the_same_order(server):
+    base, httpd, out, src = server
+    local = ShardSource(out / "shard-{000000..000004}.tar")
+    remote = ShardSource(base + "shard-{000000..000004}.tar", remote=FAST)
+    assert is_url(remote.spec) and len(remote) == len(local) == 24 and not remote.skipped
+    assert _all(remote) == _all(local)
+    assert (remote.shard_of == local.shard_of).all()
+    assert remote.tags(local.tag_vocabulary()) == local.tags(local.tag_vocabulary())
+    kw = dict(batch_size=4, backend="torchvision", device="cpu", num_threads=2, seed=7, shuffle_buffer=6)
+    for epoch in (0, 1):
+        a, b = build_loader(local, recipes.mocov2(8), **kw), build_loader(remote, recipes.mocov2(8), **kw)
+        a.set_epoch(epoch)
+        b.set_epoch(epoch)
+        _same_epochs(_views(b), _views(a))
+    # Exact mid-epoch resume, as for local shards: batch 3 onwards of epoch 1, the same batches.
+    full = build_loader(local, recipes.mocov2(8), **kw)
+    full.set_epoch(1)
+    resumed = build_loader(remote, recipes.mocov2(8), **kw)
+    resumed.set_epoch(1, start=3)
+    _same_epochs(_views(resumed), _views(full)[3:])
+
+
+def test_folder_url_with_manifest_and_data_spec(server):
+    base, httpd, out, src = server
+    splits = data_splits(base)  # a folder URL: its manifest.json lists the shards
+    local = data_splits(str(out))
+    assert _all(splits.pretrain) == _all(local.pretrain) and _all(splits.test) == _all(local.test)
+    assert splits.pretrain.classes == list("abcde")
+
+
+def test_failed_first_tries_are_retried_and_a_missing_shard_counts_its_samples(server):
+    base, httpd, out, src = server
+    httpd.fail_first = {"shard-000001.tar": 2, "manifest.json": 1}  # two 503s: within FAST's 2 retries
+    httpd.missing = {"shard-000003.tar"}
+    with pytest.warns(UserWarning, match="5 sample"):
+        source = ShardSource(base, remote=FAST)
+    assert httpd.requests["shard-000001.tar"] == 3
+    assert httpd.requests["shard-000003.tar"] == 1  # a 404 is not retried
+    assert len(source) == 19 and len(source.skipped) == 5  # the manifest says shard 3 held 5
+    assert "FileNotFoundError" in source.skipped[0][1]
+    local = ShardSource(out)
+    assert _all(source) == [s for s in _all(local) if not s[0].startswith("shard-000003.tar")]
+    kw = dict(batch_size=4, backend="torchvision", device="cpu", num_threads=1)
+    loader = build_loader(source, recipes.mae(8), max_skipped_fraction=0.25, **kw)
+    assert loader.skipped_samples == 5
+    with pytest.raises(ValueError, match=r"5 of 24 .*max_skipped_fraction.*shard-000003.tar"):
+        build_loader(source, recipes.mae(8), max_skipped_fraction=0.1, **kw)
+
+
+def test_a_stalling_server_is_retried_then_skipped_in_bounded_time(server):
+    base, httpd, out, src = server
+    httpd.stall_first = {"shard-000001.tar": 1, "shard-000002.tar": 99}  # one stall; one that always stalls
+    t0 = time.monotonic()
+    with pytest.warns(UserWarning, match="left out"):
+        source = ShardSource(base + "shard-{000000..000004}.tar", remote=FAST)
+    elapsed = time.monotonic() - t0
+    assert httpd.requests["shard-000001.tar"] == 2 and httpd.requests["shard-000002.tar"] == 3
+    # 3 read timeouts of 0.3 s and 2 short backoffs for the dead shard, one for the other
+    assert elapsed < 4.0
+    assert len(source) == 19 and "timed out" in source.skipped[0][1]
+    assert "attempt 3 of 3" in source.skipped[0][1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shard_failing_during_the_epoch_is_skipped_counted_and_bounded(backend, server, caplog):
+    """A shard indexed fine that the server stops giving: its samples are skipped and named
+    by each reader process after one round of retries (then answered at once), and the epoch
+    errors past max_skipped_fraction."""
+    base, httpd, out, src = server
+    source = ShardSource(base + "shard-{000000..000004}.tar", remote=FAST)
+    httpd.missing = {"shard-000002.tar"}
+    kw = dict(batch_size=6, backend=backend, device="cpu", num_threads=1, shuffle=False)
+    loader = build_loader(source, recipes.mae(8), max_skipped_fraction=0.25, **kw)
+    t0 = time.monotonic()
+    batches = _views(loader)
+    assert time.monotonic() - t0 < 30
+    assert [len(i) for i, _, _ in batches] == [6] * 4 and loader.skipped_samples == 5
+    assert not set(range(10, 15)) & {i for idx, _, _ in batches for i in idx}
+    # the dead shard costs each process one request (404 is not retried), not one per sample
+    assert httpd.requests["shard-000002.tar"] <= 3
+    strict = build_loader(source, recipes.mae(8), max_skipped_fraction=0.1, **kw)
+    with pytest.raises(ValueError, match=r"max_skipped_fraction.*shard-000002.tar"):
+        _views(strict)
+
+
+def test_a_server_that_ignores_range_requests_is_refused_by_name(server):
+    base, httpd, out, src = server
+    httpd.honour_range = False
+    with pytest.raises(ValueError, match="ignores HTTP Range requests"):
+        ShardSource(base + "shard-000000.tar", remote=FAST)
+
+
+def test_resampled_mode_draws_shards_with_replacement_seeded_per_rank(server):
+    base, httpd, out, src = server
+    remote = ShardSource(base + "shard-{000000..000004}.tar", remote=FAST)
+    local = ShardSource(out)
+    draw = dict(epoch=0, seed=3, shard_id=0, num_samples=100, buffer_size=0)
+    idx, shards = resampled_indices(remote.shard_of, **draw)
+    again, shards_again = resampled_indices(local.shard_of, **draw)
+    assert (idx == again).all() and (shards == shards_again).all()  # same seed: same shard sequence
+    assert len(idx) == 100 and len(shards) > 5 and len(set(shards.tolist())) <= 5  # with replacement
+    # buffer 0: each drawn shard's samples in stored order, one shard after the other
+    starts = [0, 5, 10, 15, 20, 24]
+    assert idx.tolist() == [i for k in shards for i in range(starts[k], starts[k + 1])][:100]
+    other_rank, _ = resampled_indices(local.shard_of, **(draw | {"shard_id": 1}))
+    other_epoch, _ = resampled_indices(local.shard_of, **(draw | {"epoch": 1}))
+    assert not (other_rank == idx).all() and not (other_epoch == idx).all()
+    # Through the loader: an epoch is samples_per_epoch over the ranks, whatever the dataset's size.
+    kw = dict(batch_size=5, backend="torchvision", device="cpu", num_threads=1, seed=3, shuffle_buffer=4,
+              samples_per_epoch=60, num_shards=2)
+    loaders = [build_loader(remote, recipes.mae(8), shard_id=r, **kw) for r in (0, 1)]
+    assert [len(lo) for lo in loaders] == [6, 6]
+    epoch = _views(loaders[0])
+    same = _views(build_loader(local, recipes.mae(8), shard_id=0, **kw))
+    _same_epochs(epoch, same)
+    assert len({i for idx, _, _ in epoch for i in idx}) < 30  # 30 draws from 24 samples repeat some
+    with pytest.raises(ValueError, match="samples_per_epoch"):
+        build_loader(src, recipes.mae(8), batch_size=5, backend="torchvision", device="cpu",
+                     samples_per_epoch=60)
+
+
+def test_pipe_command_reads_the_shards(tmp_path):
+    _, out = _write(tmp_path)
+    source = ShardSource(f"pipe:cat {out}/shard-{{000000..000004}}.tar", remote=FAST)
+    assert [s[1:] for s in _all(source)] == [s[1:] for s in _all(ShardSource(out))]
+    with pytest.warns(UserWarning, match="exited with status 1"):
+        part = ShardSource(f"pipe:cat {out}/shard-{{000000.tar,000001.tar {tmp_path}/no-such-file}}",
+                           remote=FAST)
+    assert len(part) == 5  # the second command fails after its shard: it is left out whole
+    silent = RemoteReader(RemoteOptions(retries=0, read_timeout_s=0.2))
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match="no output for 0.2 s"):
+        silent.fetch("pipe:sleep 30")
+    assert time.monotonic() - t0 < 5  # the silent command was killed, not waited for
+
+
+def test_nothing_read_from_a_manifest_runs_a_command(server, tmp_path):
+    base, httpd, out, src = server
+    marker = tmp_path / "ran"
+    evil = json.loads((out / "manifest.json").read_text()) | {"shards": [f"pipe:touch {marker}"]}
+    (out / "manifest.json").write_text(json.dumps(evil))
+    with pytest.raises(ValueError, match="plain .tar file names"):
+        ShardSource(base, remote=FAST)
+    # A local manifest's names are paths under its folder, never commands.
+    evil["shards"] = [f"pipe:touch {marker}", "shard-000000.tar"]
+    (out / "manifest.json").write_text(json.dumps(evil))
+    with pytest.warns(UserWarning, match="left out"):
+        ShardSource(out)
+    assert not marker.exists()
+
+
+def test_remote_options_are_checked_by_name():
+    with pytest.raises(ValueError, match="retries"):
+        RemoteOptions(retries=-1)
+    with pytest.raises(ValueError, match="read_timeout_s"):
+        RemoteOptions(read_timeout_s=0)
+    with pytest.raises(TypeError, match="remote must be a RemoteOptions"):
+        RemoteReader({"retries": 1})
+
+
+@pytest.mark.skipif(not dali_backend.HAS_DALI, reason="DALI not installed")
+def test_dali_reads_http_shards_through_its_python_feeder(server):
+    """DALI's parallel fn.external_source runs the same reader in its worker processes: the
+    same batches and, with the same seed and bytes, the same views as the local shards."""
+    base, httpd, out, src = server
+    kw = dict(batch_size=4, backend="dali", device="cpu", num_threads=1, seed=2, shuffle_buffer=6)
+    remote = _views(build_loader(ShardSource(base, remote=FAST), recipes.mocov2(8), **kw))
+    local = _views(build_loader(ShardSource(out), recipes.mocov2(8), **kw))
+    assert len(remote) == 6
+    _same_epochs(remote, local)
