@@ -11,8 +11,8 @@ given the epoch's planned order as its file list (no shuffle, one shard) and the
 indices as its labels; class labels are then looked up on the output device, so the
 host neither reads files in `pipe.run()` nor waits for a copy. Arrays and WebDataset
 shards come in through a parallel `fn.external_source`: a batch callable serving the
-planned batches (a memory copy, or one positioned read per sample) run by DALI's Python
-worker processes, `PREFETCH` batches ahead, so the main process reads nothing while
+planned batches (a memory copy, or one positioned read or HTTP Range request per sample)
+run by DALI's Python worker processes, `PREFETCH` batches ahead, so the main process reads nothing while
 training (it forks when no CUDA context exists yet, else spawns, as forking a process
 holding one is unsupported). Either way the batches are
 exactly those the loader planned for the epoch (shuffle, shard or weak-supervision

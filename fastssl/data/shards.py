@@ -14,7 +14,10 @@ the base name (webdataset's rule), members of one sample are adjacent in the tar
 `ShardSource` is an encoded-image source like ImageFolderSource: it knows every sample's
 shard, key and the byte range of its image, and reads an image with one positioned read
 (`os.pread`), so an epoch's order, rank shares and resume are planned by the loader for
-both backends (see loader.stream_indices) and skipping consumed samples reads nothing.
+both backends (see fastssl.data.order) and skipping consumed samples reads nothing.
+Shards over the network (http(s) URLs, pipe: commands; fastssl.data.remote) are indexed
+by reading each once when the source is opened, then read like local ones: one HTTP Range
+request per image, so the planned order, rank shares and exact resume are the same.
 """
 
 from __future__ import annotations
