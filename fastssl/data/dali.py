@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from fastssl.data.recipes import Recipe, ViewSpec
-from fastssl.data.sources import decode_error, fill_skipped
+from fastssl.data.sources import decode_error, fill_skipped, read_each
 
 try:
     from nvidia.dali import backend as dali_native
@@ -191,22 +191,28 @@ class _Feeder:
 
     def __init__(self, source, batches: list[np.ndarray], bad: dict[int, str]):
         self.source, self.batches, self.bad = source, batches, bad
-        self.read = source.read_bytes if source.kind == "encoded" else source.image
 
-    def _read(self, i: int):
-        if i in self.bad:
-            return None
-        try:
-            return self.read(i)
-        except OSError as exc:
-            self.bad[i] = f"{type(exc).__name__}: {exc}"
-            return None
+    def _read(self, idx: list[int]) -> list:
+        """Each sample's encoded bytes (or pixels), None where it is known bad or unreadable;
+        encoded bytes in one call for the batch, which a remote source requests together."""
+        todo = [i for i in idx if i not in self.bad]
+        if self.source.kind == "encoded":
+            data = self.source.read_many(todo)
+        else:
+            data = read_each(self.source.image, todo)
+        got = {}
+        for i, d in zip(todo, data):
+            if isinstance(d, OSError):
+                self.bad[i] = f"{type(d).__name__}: {d}"
+            else:
+                got[i] = d
+        return [got.get(i) for i in idx]
 
     def __call__(self, iteration: int):
         if iteration >= len(self.batches):
             raise StopIteration
         idx = [int(i) for i in self.batches[iteration]]
-        data = [self._read(i) for i in idx]
+        data = self._read(idx)
         items = fill_skipped(list(zip(data, idx)), [d is not None for d in data])
         # Parallel workers pass arrays only (0-d for the scalars), not NumPy scalars.
         return ([d for d, _ in items], [np.array(self.source.labels[i], np.int64) for _, i in items],

@@ -147,22 +147,31 @@ class RemoteReader:
             return data if start is None else data[start:end]
         return self._http().cat_file(url, start=start, end=end)
 
+    def _dead_why(self, url: str) -> str:
+        """Why `url` failed every attempt within the last DEAD_S seconds ("" if it did not)."""
+        until, why = self._dead.get(url, (0.0, ""))
+        return why if time.monotonic() < until else ""
+
+    def _give_up(self, url: str, exc: BaseException, attempt: int) -> RemoteReadError:
+        """The error for `url` after `attempt` attempts, remembered for DEAD_S seconds."""
+        why = (f"{url}: {type(exc).__name__}: {str(exc) or 'timed out'} "
+               f"(attempt {attempt} of {self.options.retries + 1})")
+        self._dead[url] = (time.monotonic() + DEAD_S, why)
+        return RemoteReadError(why)
+
     def fetch(self, url: str, start: int | None = None, end: int | None = None) -> bytes:
         """Bytes [start, end) of `url` (all of it when start is None), with the retries and
         timeouts of the options; a RemoteReadError naming the URL, the attempts and the last error."""
-        dead = self._dead.get(url)
-        if dead is not None and time.monotonic() < dead[0]:
-            raise RemoteReadError(dead[1])
+        dead = self._dead_why(url)
+        if dead:
+            raise RemoteReadError(dead)
         attempts = self.options.retries + 1
         for attempt in range(attempts):
             try:
                 return self._get(url, start, end)
             except Exception as exc:  # aiohttp, asyncio and subprocess raise many types; all are one failure
                 if attempt + 1 == attempts or _permanent(exc):
-                    why = (f"{url}: {type(exc).__name__}: {str(exc) or 'timed out'} "
-                           f"(attempt {attempt + 1} of {attempts})")
-                    self._dead[url] = (time.monotonic() + DEAD_S, why)
-                    raise RemoteReadError(why) from exc
+                    raise self._give_up(url, exc, attempt + 1) from exc
                 time.sleep(self.options.backoff_s * 2**attempt)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
@@ -187,6 +196,29 @@ class RemoteReader:
         else:
             self._pipe_cache.move_to_end(url)
         return shard[offset: offset + size]
+
+    def read_many(self, ranges: list[tuple[str, int, int]]) -> list[bytes | RemoteReadError]:
+        """read() of each (url, offset, size), in order, a failure in its slot: HTTP ranges are
+        requested concurrently (one batch's latency instead of one per sample), then each failed
+        one goes through read()'s retries alone."""
+        out: list = [None] * len(ranges)
+        live = [k for k, (url, _, _) in enumerate(ranges)
+                if not url.startswith("pipe:") and not self._dead_why(url)]
+        if len(live) > 1:
+            got = self._http().cat_ranges([ranges[k][0] for k in live], [ranges[k][1] for k in live],
+                                          [ranges[k][1] + ranges[k][2] for k in live], on_error="return")
+            for k, data in zip(live, got):
+                if isinstance(data, bytes) and len(data) == ranges[k][2]:
+                    out[k] = data
+                elif isinstance(data, Exception) and _permanent(data):  # the next ones fail at once
+                    self._give_up(ranges[k][0], data, 1)
+        for k, (url, offset, size) in enumerate(ranges):
+            if out[k] is None:
+                try:
+                    out[k] = self.read(url, offset, size)
+                except RemoteReadError as exc:
+                    out[k] = exc
+        return out
 
     def manifest(self, base: str) -> dict:
         """The manifest.json under the folder URL `base` (ending in "/"), its shard names checked

@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fastssl.data.order import resampled_indices, stream_indices
+from fastssl.data.order import stream_indices
 from fastssl.data.remote import RemoteOptions, RemoteReader, RemoteReadError, is_url
+from fastssl.data.sources import read_each
 from fastssl.validation import check_int
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -399,6 +400,15 @@ class ShardSource:
             raise OSError(f"{self.name(i)}: short read ({len(data)} of {s.size} bytes)")
         return np.frombuffer(data, dtype=np.uint8)
 
+    def read_many(self, indices) -> list[np.ndarray | OSError]:
+        """read_bytes of each sample, or the OSError that reading it raised, in order; remote
+        samples are requested together (see RemoteReader.read_many)."""
+        if self._remote is None:
+            return read_each(self.read_bytes, indices)
+        samples = [self.samples[int(i)] for i in indices]
+        got = self._remote.read_many([(self.shards[s.shard], s.offset, s.size) for s in samples])
+        return [g if isinstance(g, OSError) else np.frombuffer(g, dtype=np.uint8) for g in got]
+
     def subset(self, indices) -> ShardSource:
         """A source of the samples at `indices` (held-out splits); give them in increasing order
         so each shard's samples stay contiguous for the streaming order."""
@@ -441,5 +451,5 @@ def vocabulary(source: ShardSource, top: int | None = None) -> list[tuple[str, i
 
 
 __all__ = ["FASHION_MNIST_CLASSES", "ShardSource", "expand_braces", "hashtags", "is_shard_spec",
-           "resampled_indices", "shard_dataset", "shard_paths", "split_member", "stream_indices",
+           "shard_dataset", "shard_paths", "split_member", "stream_indices",
            "vocabulary", "write_shards"]

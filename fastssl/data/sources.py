@@ -36,6 +36,17 @@ def decode_error(image: str | bytes | np.ndarray) -> str | None:
     return None
 
 
+def read_each(read, indices) -> list:
+    """read(i) for each index, or the OSError it raised in that slot."""
+    out = []
+    for i in indices:
+        try:
+            out.append(read(int(i)))
+        except OSError as exc:
+            out.append(exc)
+    return out
+
+
 class _FileSource:
     kind = "encoded"
 
@@ -63,6 +74,10 @@ class _FileSource:
     def read_bytes(self, i: int) -> np.ndarray:
         """The encoded file i as a 1-D uint8 array."""
         return np.fromfile(self.paths[i], dtype=np.uint8)
+
+    def read_many(self, indices) -> list[np.ndarray | OSError]:
+        """read_bytes of each sample, or the OSError that reading it raised, in order."""
+        return read_each(self.read_bytes, indices)
 
     def name(self, i: int) -> str:
         """Sample i as logs and errors name it: its path."""
@@ -227,4 +242,4 @@ def fill_skipped(items: list, ok: list[bool]) -> list:
 
 
 __all__ = ["ArraySource", "FileListSource", "ImageFolderSource", "decode_error", "fashion_mnist",
-           "fill_skipped"]
+           "fill_skipped", "read_each"]

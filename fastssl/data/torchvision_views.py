@@ -62,14 +62,16 @@ class _ViewsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def _load(self, i: int) -> Image.Image:
+    def _load(self, i: int, data: np.ndarray | OSError | None) -> Image.Image:
         if self.source.kind == "array":
             return Image.fromarray(self.source.image(i))
-        with Image.open(io.BytesIO(self.source.read_bytes(i).tobytes())) as img:
+        if isinstance(data, OSError):
+            raise data
+        with Image.open(io.BytesIO(data.tobytes())) as img:
             return img.convert("RGB")
 
-    def _views(self, i: int):
-        img = self._load(i)
+    def _views(self, i: int, data: np.ndarray | OSError | None):
+        img = self._load(i, data)
         if self.recipe.rotations:
             base = self.transforms[0](img)
             return [torch.rot90(base, k, dims=(-2, -1)) for k in self.recipe.rotations]
@@ -84,9 +86,12 @@ class _ViewsDataset(Dataset):
         # costs more than augmenting a 32x32 image.
         torch.manual_seed(hash((self.seed, epoch, self.shard_id, position)) % (2**63 - 1))
         items, skipped = [], []
-        for _, _, i in keys:
+        # Encoded bytes for the whole batch in one call: a remote source requests them together.
+        indices = [i for _, _, i in keys]
+        data = self.source.read_many(indices) if self.source.kind == "encoded" else [None] * len(keys)
+        for i, raw in zip(indices, data):
             try:
-                items.append((self._views(i), int(self.source.labels[i]), i))
+                items.append((self._views(i, raw), int(self.source.labels[i]), i))
             except Exception as exc:  # PIL and file errors come in many types; all mean "skip this sample"
                 items.append(None)
                 skipped.append((self.source.name(i), f"{type(exc).__name__}: {exc}"))
