@@ -31,8 +31,10 @@ import tarfile
 import warnings
 from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -45,6 +47,7 @@ IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
 MANIFEST = "manifest.json"
 SHARD_NAME = "shard-{:06d}.tar"
 OPEN_SHARDS = 64  # shard files a process keeps open (least recently read closed first)
+SCAN_THREADS = 4  # remote shards fetched at once when a source is opened (each held whole while scanned)
 FORMAT = "fastssl-webdataset-1"
 _HASHTAG = re.compile(r"#(\w+)")
 
@@ -306,7 +309,9 @@ def shard_paths(spec: str | os.PathLike, remote: RemoteReader | None = None) -> 
             raise ValueError(f"{spec!r} holds no manifest.json and no *.tar shards")
         return paths, None
     paths = expand_braces(spec)
-    if not spec.startswith("pipe:") and not all(p.endswith(".tar") for p in paths):
+    # A URL's query (a signed URL's token) follows the file name.
+    if not spec.startswith("pipe:") and not all((urlsplit(p).path if remote else p).endswith(".tar")
+                                                for p in paths):
         raise ValueError(f"shards: expected a folder, a .tar path or a brace pattern of .tar paths"
                          f"{' (or a folder URL ending in /)' if remote else ''}, got {spec!r}")
     return paths, None
@@ -344,8 +349,10 @@ class ShardSource:
         self.shards, self.manifest = shard_paths(spec, self._remote)
         self.skipped: list[tuple[str, str]] = []
         kept: list[_Sample] = []
-        for k, path in enumerate(self.shards):
-            samples, problem = _scan_shard(path, k, self._remote)
+        # Remote shards are fetched SCAN_THREADS at a time (latency, not CPU, bounds the scan).
+        with ThreadPoolExecutor(SCAN_THREADS if self._remote else 1) as pool:
+            scans = pool.map(lambda k: _scan_shard(self.shards[k], k, self._remote), range(len(self.shards)))
+        for k, (path, (samples, problem)) in enumerate(zip(self.shards, scans)):
             if problem is not None:
                 # The manifest says how many samples were lost; without one the damage counts once.
                 counts = self.manifest.get("samples_per_shard") if self.manifest else None

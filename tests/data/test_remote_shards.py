@@ -10,6 +10,7 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import pytest
 from test_shards import BACKENDS, _write
@@ -30,7 +31,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         srv = self.server
-        name = self.path.removeprefix("/shards/")
+        name = urlsplit(self.path).path.removeprefix("/shards/")
         with srv.lock:
             srv.requests[name] += 1
             n = srv.requests[name]
@@ -105,6 +106,8 @@ def test_http_brace_pattern_reads_what_the_local_shards_hold_in_the_same_order(s
     assert _all(remote) == _all(local)
     assert (remote.shard_of == local.shard_of).all()
     assert remote.tags(local.tag_vocabulary()) == local.tags(local.tag_vocabulary())
+    signed = ShardSource(base + "shard-{000001..000002}.tar?token=a%2Fb", remote=FAST)  # a signed URL's query
+    assert [s[1:] for s in _all(signed)] == [s[1:] for s in _all(local)[5:15]]
     kw = dict(batch_size=4, backend="torchvision", device="cpu", num_threads=2, seed=7, shuffle_buffer=6)
     for epoch in (0, 1):
         a, b = build_loader(local, recipes.mocov2(8), **kw), build_loader(remote, recipes.mocov2(8), **kw)
@@ -282,3 +285,24 @@ def test_dali_reads_http_shards_through_its_python_feeder(server):
     local = _views(build_loader(ShardSource(out), recipes.mocov2(8), **kw))
     assert len(remote) == 6
     _same_epochs(remote, local)
+
+
+def test_fastssl_train_reads_a_url_and_counts_a_missing_shard(server, tmp_path):
+    """`--data URL` through the command line: the folder URL's manifest, a shard the server
+    does not have counted in summary.json, and a clear error (exit 2) past max_skipped_fraction."""
+    from fastssl.cli import main
+
+    base, httpd, out, src = server
+    httpd.missing = {"shard-000004.tar"}  # its 4 samples of 24
+    run = str(tmp_path / "run")
+    argv = ["train", "--method", "rotnet", "--data", base, "--batch-size", "4", "--out", run, "max_steps=2",
+            "eval_knn=false", "num_threads=1", "data_backend=torchvision", "image_size=16",
+            "backbone=resnet8", "max_skipped_fraction=0.2"]
+    with pytest.warns(UserWarning, match="shard-000004.tar"):
+        assert main(argv) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["skipped_samples"] == 4
+    argv[argv.index("max_skipped_fraction=0.2")] = "max_skipped_fraction=0.1"
+    argv[argv.index(run)] = str(tmp_path / "run2")
+    with pytest.warns(UserWarning, match="shard-000004.tar"):
+        assert main(argv) == 2
