@@ -20,6 +20,7 @@ read from the network or a disk can start a process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -130,10 +131,13 @@ class RemoteReader:
                         break
                     chunks.append(chunk)
                 code = proc.wait(timeout=timeout)
-            finally:
-                if proc.poll() is None:
+            except BaseException:
+                # The group outlives the shell when the shell forked; its leader is not reaped yet here.
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+                proc.wait()
+                raise
+            finally:
                 proc.stdout.close()
             if code != 0:
                 err.seek(0)
