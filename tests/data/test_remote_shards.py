@@ -5,7 +5,12 @@ and pipe: commands. Every request loop here is bounded in count (retries) and ti
 (sub-second timeouts); the tests finish in seconds."""
 
 import json
+import os
 import re
+import shutil
+import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -66,22 +71,30 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server(tmp_path):
-    """(base URL, server, local shard folder, source images): the writer's 24 samples in 5
-    shards of 5 (the last 4), served from 127.0.0.1 on an ephemeral port."""
+def _serve(tmp_path, tls: ssl.SSLContext | None = None):
     src, out = _write(tmp_path)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
     httpd.daemon_threads = True
     httpd.root, httpd.lock, httpd.requests = out, threading.Lock(), Counter()
     httpd.missing, httpd.fail_first, httpd.stall_first, httpd.honour_range = set(), {}, {}, True
     httpd.range_delay = 0.0
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/shards/", httpd, out, src
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{httpd.server_address[1]}/shards/", httpd, out, src
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def server(tmp_path):
+    """(base URL, server, local shard folder, source images): the writer's 24 samples in 5
+    shards of 5 (the last 4), served from 127.0.0.1 on an ephemeral port."""
+    yield from _serve(tmp_path)
 
 
 def _all(source):
@@ -313,3 +326,28 @@ def test_a_silent_pipe_command_is_killed_with_its_children(tmp_path):
     assert time.monotonic() - t0 < 5
     time.sleep(1.2)
     assert not marker.exists()  # the shell that would have touched it was killed, not left behind
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+def test_https_with_a_certificate_the_client_trusts(tmp_path):
+    """https:// through the same client: a server on 127.0.0.1 with a self-signed certificate,
+    trusted by a fresh process through SSL_CERT_FILE (read when the TLS library starts)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    served = _serve(tmp_path, tls)
+    base, httpd, out, src = next(served)
+    try:
+        script = ("import sys; from fastssl.data.shards import ShardSource; "
+                  "s = ShardSource(sys.argv[1]); print(len(s), bytes(s.read_bytes(23)).hex())")
+        env = dict(os.environ, SSL_CERT_FILE=str(cert))
+        run = subprocess.run([sys.executable, "-c", script, base], capture_output=True, text=True, env=env,
+                             timeout=120)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split() == ["24", ShardSource(out).read_bytes(23).tobytes().hex()]
+        assert httpd.requests["shard-000004.tar"] == 2  # the scan and one Range request for sample 23
+    finally:
+        next(served, None)
