@@ -233,6 +233,11 @@ class RemoteReader:
                                                   for n in names):
             raise ValueError(f"{base}manifest.json: expected \"shards\": a list of plain .tar file names "
                              f"(letters, digits, '_', '-', '.'), got {str(names)[:200]}")
+        counts = manifest.get("samples_per_shard")
+        if counts is not None and not (isinstance(counts, list) and len(counts) == len(names)
+                                       and all(type(c) is int and c >= 0 for c in counts)):
+            raise ValueError(f"{base}manifest.json: expected \"samples_per_shard\": one count >= 0 per shard "
+                             f"({len(names)}), got {str(counts)[:200]}")
         return manifest
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastssl.data.remote import RemoteOptions
+from fastssl.data.remote import RemoteOptions, is_url
 from fastssl.data.shards import ShardSource, is_shard_spec
 from fastssl.data.sources import ImageFolderSource, fashion_mnist
 
@@ -77,6 +77,10 @@ def _as_file(source, i: int):
 
 def check_data_spec(spec: str) -> str:
     """`spec` when it names data this module can read, else a ValueError saying what was expected."""
+    if "://" in spec and not is_url(spec):
+        raise ValueError(f"--data: {spec.split('://')[0]}:// is not read directly, got {spec!r}; give "
+                         "http(s):// URLs (public or signed) or a command that writes each shard to its "
+                         "output, e.g. 'pipe:aws s3 cp s3://BUCKET/shard-{000000..000009}.tar -'")
     if spec == FASHION_MNIST or is_shard_spec(spec) or Path(spec).is_dir():
         return spec
     raise ValueError(f"--data: expected {FASHION_MNIST!r} or an existing image folder (class folders, or "

@@ -266,12 +266,23 @@ def test_nothing_read_from_a_manifest_runs_a_command(server, tmp_path):
     (out / "manifest.json").write_text(json.dumps(evil))
     with pytest.raises(ValueError, match="plain .tar file names"):
         ShardSource(base, remote=FAST)
+    (out / "manifest.json").write_text(json.dumps(evil | {"shards": ["shard-000000.tar"],
+                                                          "samples_per_shard": "5"}))
+    with pytest.raises(ValueError, match="samples_per_shard"):
+        ShardSource(base, remote=FAST)
     # A local manifest's names are paths under its folder, never commands.
     evil["shards"] = [f"pipe:touch {marker}", "shard-000000.tar"]
     (out / "manifest.json").write_text(json.dumps(evil))
     with pytest.warns(UserWarning, match="left out"):
         ShardSource(out)
     assert not marker.exists()
+
+
+def test_a_scheme_that_is_not_read_says_how_to_read_it():
+    from fastssl.data import check_data_spec
+
+    with pytest.raises(ValueError, match=r"s3:// is not read directly.*pipe:aws s3 cp"):
+        check_data_spec("s3://bucket/shard-{000000..000009}.tar")
 
 
 def test_remote_options_are_checked_by_name():
