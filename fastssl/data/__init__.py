@@ -3,11 +3,12 @@
 from fastssl.data import recipes
 from fastssl.data.loader import Loader, build_loader, resolve_loader, shard_indices
 from fastssl.data.recipes import Recipe, ViewSpec
+from fastssl.data.remote import RemoteOptions
 from fastssl.data.sampler import ResamplingSampler as ResamplingSampler  # labels API: fastssl.data.labels
 from fastssl.data.shards import ShardSource, write_shards
 from fastssl.data.sources import ArraySource, FileListSource, ImageFolderSource, fashion_mnist
 from fastssl.data.spec import DataSplits, check_data_spec, data_splits
 
 __all__ = ["ArraySource", "DataSplits", "FileListSource", "ImageFolderSource", "Loader", "Recipe",
-           "ShardSource", "ViewSpec", "build_loader", "check_data_spec", "data_splits", "fashion_mnist",
-           "recipes", "resolve_loader", "shard_indices", "write_shards"]
+           "RemoteOptions", "ShardSource", "ViewSpec", "build_loader", "check_data_spec", "data_splits",
+           "fashion_mnist", "recipes", "resolve_loader", "shard_indices", "write_shards"]
