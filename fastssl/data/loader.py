@@ -7,8 +7,8 @@ batches; for WebDataset shards a streaming order (stream_indices: shards shuffle
 epoch, read in order through a seeded shuffle buffer), or in the resampled mode
 (samples_per_epoch given) shards drawn with replacement per rank (resampled_indices); or
 the indices an external sampler (the weak-supervision samplers) gives for the epoch. The
-backend only turns planned batches into views. A resumed epoch starts at a planned batch: skipped batches are never
-read or decoded.
+backend only turns planned batches into views. A resumed epoch starts at a planned batch:
+skipped batches are never read or decoded.
 
 Bad samples (undecodable image, unreadable bytes, and what a source left out when it was
 indexed) never end a run: the backend fills the slot with another sample of the batch,

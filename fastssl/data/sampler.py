@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import Sampler
 
 from fastssl.data.labels import LabelTable
+from fastssl.data.order import stream_indices
 
 MODES = ("natural", "uniform", "sqrt", "inverse_sqrt")
 
@@ -173,7 +174,7 @@ class StreamResampler:
     probability of `mode` (ResamplingSampler's; r_i = 1 for "natural") and N the number of
     labelled samples; each epoch it appears floor(r_i) + Bernoulli(frac(r_i)) times, drawn
     from (seed, epoch), so its expected frequency is P(i). The repeated stream goes through
-    shards.stream_indices (seeded shard order, shuffle buffer), is cut or wrapped to N
+    order.stream_indices (seeded shard order, shuffle buffer), is cut or wrapped to N
     samples so every epoch has the same length, and is split across ranks by stride.
 
     rows: label rows of the samples `index` (dataset indices of the labelled samples);
@@ -216,8 +217,6 @@ class StreamResampler:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        from fastssl.data.shards import stream_indices
-
         order = stream_indices(self.shard_of, epoch=self.epoch, seed=self.seed, shard_id=self.rank,
                                num_shards=self.world_size, buffer_size=self.buffer_size,
                                repeats=self.repeats(self.epoch), length=self.length)

@@ -38,7 +38,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from fastssl.data.order import stream_indices
 from fastssl.data.remote import RemoteOptions, RemoteReader, RemoteReadError, is_url
 from fastssl.data.sources import read_each
 from fastssl.validation import check_int
@@ -458,5 +457,4 @@ def vocabulary(source: ShardSource, top: int | None = None) -> list[tuple[str, i
 
 
 __all__ = ["FASHION_MNIST_CLASSES", "ShardSource", "expand_braces", "hashtags", "is_shard_spec",
-           "shard_dataset", "shard_paths", "split_member", "stream_indices",
-           "vocabulary", "write_shards"]
+           "shard_dataset", "shard_paths", "split_member", "vocabulary", "write_shards"]

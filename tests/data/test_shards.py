@@ -15,7 +15,8 @@ from PIL import Image
 
 from fastssl.data import ArraySource, build_loader, recipes
 from fastssl.data import dali as dali_backend
-from fastssl.data.shards import ShardSource, expand_braces, hashtags, stream_indices, vocabulary, write_shards
+from fastssl.data.order import stream_indices
+from fastssl.data.shards import ShardSource, expand_braces, hashtags, vocabulary, write_shards
 
 BACKENDS = [
     pytest.param("dali", marks=pytest.mark.skipif(not dali_backend.HAS_DALI, reason="DALI not installed")),
