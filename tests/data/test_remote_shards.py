@@ -32,7 +32,8 @@ STALL_S = 1.5  # how long a stalling server sleeps: past FAST's read timeout, sh
 
 class _Handler(BaseHTTPRequestHandler):
     """Serves files under the server's root at /shards/NAME with Range support, and the
-    failures its `faults` ask for."""
+    failures set on the server: missing (404), fail_first (503 for the first n requests),
+    stall_first (sleep STALL_S for the first n), honour_range, range_delay."""
 
     def do_GET(self):  # noqa: N802 (http.server's name)
         srv = self.server
@@ -244,6 +245,9 @@ def test_resampled_mode_draws_shards_with_replacement_seeded_per_rank(server):
     same = _views(build_loader(local, recipes.mae(8), shard_id=0, **kw))
     _same_epochs(epoch, same)
     assert len({i for idx, _, _ in epoch for i in idx}) < 30  # 30 draws from 24 samples repeat some
+    resumed = build_loader(remote, recipes.mae(8), shard_id=0, **kw)
+    resumed.set_epoch(0, start=2)
+    _same_epochs(_views(resumed), epoch[2:])  # drawn from (seed, epoch, rank): a resumed epoch repeats
     with pytest.raises(ValueError, match="samples_per_epoch"):
         build_loader(src, recipes.mae(8), batch_size=5, backend="torchvision", device="cpu",
                      samples_per_epoch=60)
