@@ -299,13 +299,17 @@ def test_remote_options_are_checked_by_name():
 
 
 @pytest.mark.skipif(not dali_backend.HAS_DALI, reason="DALI not installed")
-def test_dali_reads_http_shards_through_its_python_feeder(server):
-    """DALI's parallel fn.external_source runs the same reader in its worker processes: the
-    same batches and, with the same seed and bytes, the same views as the local shards."""
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+def test_dali_reads_http_shards_through_its_python_feeder(start, server, monkeypatch):
+    """DALI's parallel fn.external_source runs the same reader in its worker processes (forked,
+    or spawned as once CUDA is initialized: the reader crosses by pickling, its HTTP client
+    made anew): the same batches and, with the same seed and bytes, the same views as the
+    local shards."""
     base, httpd, out, src = server
     kw = dict(batch_size=4, backend="dali", device="cpu", num_threads=1, seed=2, shuffle_buffer=6)
-    remote = _views(build_loader(ShardSource(base, remote=FAST), recipes.mocov2(8), **kw))
     local = _views(build_loader(ShardSource(out), recipes.mocov2(8), **kw))
+    monkeypatch.setattr(dali_backend, "start_method", lambda: start)
+    remote = _views(build_loader(ShardSource(base, remote=FAST), recipes.mocov2(8), **kw))
     assert len(remote) == 6
     _same_epochs(remote, local)
 
