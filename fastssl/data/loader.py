@@ -163,9 +163,10 @@ class Loader:
             yield batch
 
     def __repr__(self) -> str:
+        resampled = f", resampled: {self.samples_per_epoch} samples/epoch" if self.samples_per_epoch else ""
         return (f"Loader(backend={self.backend!r}, device={str(self.device)!r}, recipe={self.recipe.name!r}, "
                 f"views={self.recipe.view_sizes}, batch_size={self.batch_size}, "
-                f"shard={self.shard_id}/{self.num_shards}, samples={len(self.source)})")
+                f"shard={self.shard_id}/{self.num_shards}, samples={len(self.source)}{resampled})")
 
 
 LOADERS = ("dali", "torchvision", "auto")
