@@ -287,6 +287,8 @@ def test_a_scheme_that_is_not_read_says_how_to_read_it():
 
     with pytest.raises(ValueError, match=r"s3:// is not read directly.*pipe:aws s3 cp"):
         check_data_spec("s3://bucket/shard-{000000..000009}.tar")
+    with pytest.raises(ValueError, match="a folder URL ending in /"):
+        ShardSource("http://127.0.0.1:9/shards")  # nothing is requested: the spec is refused first
 
 
 def test_remote_options_are_checked_by_name():
