@@ -62,17 +62,24 @@ class RemoteOptions:
     """Seconds to open a connection."""
     read_timeout_s: float = 60.0
     """Seconds without a byte from the server (or from a pipe: command) before the attempt fails."""
+    max_shard_bytes: int = 8 << 30
+    """A shard (fetched whole when indexed, or from a pipe: command) larger than this is left out."""
 
     def __post_init__(self):
         check_int("retries", self.retries, low=0, high=100)
         check_number("backoff_s", self.backoff_s, low=0.0, high=3600.0)
         check_number("connect_timeout_s", self.connect_timeout_s, low=0.0, high=3600.0, low_open=True)
         check_number("read_timeout_s", self.read_timeout_s, low=0.0, high=3600.0, low_open=True)
+        check_int("max_shard_bytes", self.max_shard_bytes, low=1)
+
+
+class ShardTooLargeError(ValueError):
+    """A shard past max_shard_bytes (an endless or mistaken answer must not fill the memory)."""
 
 
 def _permanent(exc: BaseException) -> bool:
-    """Whether retrying cannot help: a missing shard or a client error other than 408/429."""
-    if isinstance(exc, FileNotFoundError):
+    """Whether retrying cannot help: a missing or too large shard, a client error other than 408/429."""
+    if isinstance(exc, FileNotFoundError | ShardTooLargeError):
         return True
     status = getattr(exc, "status", None)
     return isinstance(status, int) and 400 <= status < 500 and status not in (408, 429)
@@ -121,15 +128,14 @@ class RemoteReader:
         with tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(command, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=err, start_new_session=True)
-            chunks = []
+
+            def chunk() -> bytes:
+                if not select.select([proc.stdout], [], [], timeout)[0]:
+                    raise TimeoutError(f"no output for {timeout} s")
+                return os.read(proc.stdout.fileno(), 1 << 20)
+
             try:
-                while True:
-                    if not select.select([proc.stdout], [], [], timeout)[0]:
-                        raise TimeoutError(f"no output for {timeout} s")
-                    chunk = os.read(proc.stdout.fileno(), 1 << 20)
-                    if not chunk:
-                        break
-                    chunks.append(chunk)
+                data = self._read_all(chunk)
                 code = proc.wait(timeout=timeout)
             except BaseException:
                 # The group outlives the shell when the shell forked; its leader is not reaped yet here.
@@ -143,13 +149,31 @@ class RemoteReader:
                 err.seek(0)
                 tail = err.read()[-300:].decode(errors="replace").strip()
                 raise OSError(f"command exited with status {code}" + (f": {tail}" if tail else ""))
-        return b"".join(chunks)
+        return data
+
+    def _read_all(self, chunk) -> bytes:
+        """chunk() called until it returns b"", the pieces joined, at most max_shard_bytes."""
+        pieces, total = [], 0
+        while piece := chunk():
+            total += len(piece)
+            if total > self.options.max_shard_bytes:
+                raise ShardTooLargeError(f"larger than max_shard_bytes={self.options.max_shard_bytes}")
+            pieces.append(piece)
+        return b"".join(pieces)
 
     def _get(self, url: str, start: int | None, end: int | None) -> bytes:
         if url.startswith("pipe:"):
             data = self._pipe(url[len("pipe:"):])
             return data if start is None else data[start:end]
-        return self._http().cat_file(url, start=start, end=end)
+        if start is not None:
+            return self._http().cat_file(url, start=start, end=end)
+        # Streamed, so the size bound holds; built as fsspec's open() builds it, less its HEAD request.
+        from fsspec.asyn import sync
+        from fsspec.implementations.http import HTTPStreamFile
+
+        fs = self._http()
+        with HTTPStreamFile(fs, url, session=sync(fs.loop, fs.set_session), loop=fs.loop) as f:
+            return self._read_all(lambda: f.read(1 << 20))
 
     def _dead_why(self, url: str) -> str:
         """Why `url` failed every attempt within the last DEAD_S seconds ("" if it did not)."""

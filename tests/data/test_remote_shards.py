@@ -282,6 +282,22 @@ def test_nothing_read_from_a_manifest_runs_a_command(server, tmp_path):
     assert not marker.exists()
 
 
+def test_a_shard_past_max_shard_bytes_is_left_out_not_retried(server):
+    """An endless or mistaken answer must not fill the memory: a bounded read, no retry."""
+    base, httpd, out, src = server
+    shard = (out / "shard-000000.tar").read_bytes()
+    (out / "big.tar").write_bytes(shard + bytes(len(shard)))  # a valid tar: zero blocks past its end
+    small = RemoteOptions(retries=2, backoff_s=0.01, read_timeout_s=0.3, max_shard_bytes=len(shard))
+    with pytest.warns(UserWarning, match="larger than max_shard_bytes"):
+        source = ShardSource(base + "{big,shard-000004}.tar", remote=small)
+    assert len(source) == 4 and httpd.requests["big.tar"] == 1
+    endless = RemoteReader(RemoteOptions(retries=2, max_shard_bytes=1 << 20))
+    t0 = time.monotonic()
+    with pytest.raises(OSError, match=r"ShardTooLargeError.*\(attempt 1 of 3\)"):
+        endless.fetch("pipe:yes")
+    assert time.monotonic() - t0 < 10
+
+
 def test_a_scheme_that_is_not_read_says_how_to_read_it():
     from fastssl.data import check_data_spec
 
