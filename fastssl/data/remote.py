@@ -6,7 +6,9 @@ Every request is bounded: a connect timeout and a read timeout (no bytes for tha
 the request fails), then at most `retries` more attempts with exponential backoff. A
 missing shard (404) or another client error is not retried. A shard whose request failed
 every attempt is answered at once with the same error for `DEAD_S` seconds, so a dead
-server costs each process one round of retries per shard, not one per sample.
+server costs each process one round of retries per shard, not one per sample. A shard
+read whole is streamed and refused past `max_shard_bytes`, so an endless answer cannot
+fill the memory.
 
 HTTP reads of a sample are single Range requests (one per sample, the bytes the index
 names); a server that ignores Range is refused when the source is opened. A `pipe:`
