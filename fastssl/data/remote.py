@@ -10,8 +10,8 @@ server costs each process one round of retries per shard, not one per sample. A 
 read whole is streamed and refused past `max_shard_bytes`, so an endless answer cannot
 fill the memory.
 
-HTTP reads of a sample are single Range requests (one per sample, the bytes the index
-names); a server that ignores Range is refused when the source is opened. A `pipe:`
+A sample is read over HTTP by one Range request for the bytes the index names, a batch's
+requests sent together; a server that ignores Range is refused when the source is opened. A `pipe:`
 command can only give a whole shard, so its reader keeps the last `PIPE_SHARDS` shards
 of its process in memory.
 
