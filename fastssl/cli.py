@@ -65,7 +65,8 @@ def _data_options(cfg, device: torch.device) -> dict[str, Any]:
 
     backend, data_device = resolve_loader(cfg.data.loader, cfg.data.data_device, train_device=device)
     return {"backend": backend, "device": data_device, "num_threads": cfg.data.num_threads,
-            "max_skipped_fraction": cfg.data.max_skipped_fraction}
+            "max_skipped_fraction": cfg.data.max_skipped_fraction,
+            "samples_per_epoch": cfg.data.samples_per_epoch}
 
 
 def _evaluator(cfg, data: str, device: torch.device, splits=None, **options):

@@ -144,6 +144,9 @@ class DataConfig(Component):
     num_threads: int = setting(2, "data loading threads / worker processes", low=1, high=MAX_THREADS)
     max_skipped_fraction: float = setting(0.001, "bad samples are skipped and counted; beyond this "
                                                  "fraction of an epoch: an error", low=0, high=1)
+    samples_per_epoch: int | None = setting(None, "shards only: the resampled mode, shards drawn with "
+                                                  "replacement per process and an epoch this many samples "
+                                                  "over all processes (none: each sample once)", low=1)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -341,7 +341,7 @@ def test_fastssl_train_reads_a_url_and_counts_a_missing_shard(server, tmp_path):
     httpd.missing = {"shard-000004.tar"}  # its 4 samples of 24
     run = str(tmp_path / "run")
     argv = ["train", "--method", "rotnet", "--data", base, "--batch-size", "4", "--out", run, "max_steps=2",
-            "eval_knn=false", "num_threads=1", "data_backend=torchvision", "image_size=16",
+            "eval_knn=false", "num_threads=1", "loader=torchvision", "image_size=16",
             "backbone=resnet8", "max_skipped_fraction=0.2"]
     with pytest.warns(UserWarning, match="shard-000004.tar"):
         assert main(argv) == 0
@@ -351,6 +351,14 @@ def test_fastssl_train_reads_a_url_and_counts_a_missing_shard(server, tmp_path):
     argv[argv.index(run)] = str(tmp_path / "run2")
     with pytest.warns(UserWarning, match="shard-000004.tar"):
         assert main(argv) == 2
+    # The resampled mode: one epoch of 16 samples drawn from the 20 readable ones, 4 steps of 4.
+    argv[argv.index(str(tmp_path / "run2"))] = str(tmp_path / "run3")
+    argv[argv.index("max_steps=2")] = "samples_per_epoch=16"
+    argv[argv.index("max_skipped_fraction=0.1")] = "max_skipped_fraction=0.2"
+    with pytest.warns(UserWarning, match="shard-000004.tar"):
+        assert main(argv + ["--epochs", "1"]) == 0
+    summary = json.loads((tmp_path / "run3" / "summary.json").read_text())
+    assert summary["steps"] == 4
 
 
 def test_a_silent_pipe_command_is_killed_with_its_children(tmp_path):
