@@ -146,7 +146,8 @@ class DataConfig(Component):
                                                  "fraction of an epoch: an error", low=0, high=1)
     samples_per_epoch: int | None = setting(None, "shards only: the resampled mode, shards drawn with "
                                                   "replacement per process and an epoch this many samples "
-                                                  "over all processes (none: each sample once)", low=1)
+                                                  "over all processes (none: each sample once)",
+                                            low=1, high=1 << 32)
 
     def __post_init__(self) -> None:
         super().__post_init__()
