@@ -42,8 +42,10 @@ def _siglip_pair_tile(
 
 @triton.jit
 def _siglip_pair_grad(u, z, valid):
-    """d(-log σ(u))/d logit = -z σ(-u) (u = z·logit), 0 outside the valid pairs; NaN stays NaN."""
-    return tl.where(valid, -z / (1.0 + tl.exp(u)), 0.0)
+    """d(-log σ(u))/d logit = -z σ(-u) (u = z·logit), 0 outside the valid pairs; NaN stays NaN.
+    σ(-u) from e = exp(-|u|) <= 1, which never overflows."""
+    e = tl.exp(-tl.abs(u))
+    return tl.where(valid, -z * tl.where(u > 0, e, 1.0) / (1.0 + e), 0.0)
 
 
 @triton.jit(do_not_specialize=["label_offset"])
@@ -240,8 +242,7 @@ def siglip_loss_fwd(
     )
     loss = loss_part.sum() / N
     if not compute_grad:
-        empty = torch.empty(0, **f32)
-        return loss, empty, empty, empty
+        return loss, torch.empty(0, **f32), torch.empty(0, **f32), torch.empty(0, **f32)
     scale = logit_scale.detach().reshape(()).to(torch.float32)
     return loss, acc.sum(0) * (scale / N), dscale_part.sum() / N, dbias_part.sum() / N
 
