@@ -129,3 +129,15 @@ def all_gather_rows(x: torch.Tensor, chunk_rows: int = 65536) -> torch.Tensor:
         for r, g in enumerate(gathered):
             parts[r].append(g[:max(0, min(rows, sizes[r] - start))].to(x.device))
     return torch.cat([p for rank_parts in parts for p in rank_parts])
+
+
+def exchange(transfers: list[tuple[torch.Tensor, int, int]]) -> list[torch.Tensor]:
+    """Point-to-point exchanges posted together: for each (tensor, dst, src), send `tensor` to rank
+    dst and receive a tensor of its shape and dtype from rank src. Returns the received tensors in
+    order; no autograd. Every rank must post the matching transfers (a ring shift, a neighbour swap)."""
+    received = [torch.empty_like(t, memory_format=torch.contiguous_format) for t, _, _ in transfers]
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dst) for t, dst, _ in transfers]
+    ops += [dist.P2POp(dist.irecv, r, src) for r, (_, _, src) in zip(received, transfers)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return received

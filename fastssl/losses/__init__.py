@@ -5,6 +5,8 @@ from fastssl.losses.info_nce import InfoNCELoss
 from fastssl.losses.mae import MAELoss
 from fastssl.losses.multilabel import multilabel_sigmoid_loss, multilabel_softmax_loss
 from fastssl.losses.rotation import rotation_loss
+from fastssl.losses.siglip import SigLipLoss
 
-__all__ = ["DINOLoss", "InfoNCELoss", "MAELoss", "dino_update_center_", "multilabel_sigmoid_loss",
-           "multilabel_softmax_loss", "rotation_loss", "sinkhorn_knopp_teacher", "teacher_temp_schedule"]
+__all__ = ["DINOLoss", "InfoNCELoss", "MAELoss", "SigLipLoss", "dino_update_center_",
+           "multilabel_sigmoid_loss", "multilabel_softmax_loss", "rotation_loss", "sinkhorn_knopp_teacher",
+           "teacher_temp_schedule"]

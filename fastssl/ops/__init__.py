@@ -9,14 +9,15 @@ from fastssl.ops.backend import HAS_TRITON
 from fastssl.ops.dino_loss import dino_loss, dino_loss_ref, dino_loss_with_teacher_sum, soft_cross_entropy
 from fastssl.ops.info_nce import info_nce, info_nce_ref
 from fastssl.ops.mae import mae_loss, patchify, random_masking, unpatchify, unshuffle_tokens
+from fastssl.ops.siglip_loss import siglip_loss, siglip_loss_ref
 
 __all__ = [
     "dino_loss", "dino_loss_ref", "dino_loss_with_teacher_sum", "info_nce", "info_nce_ref", "kernel_traffic",
-    "mae_loss", "patchify", "random_masking", "soft_cross_entropy", "triton_kernels", "unpatchify",
-    "unshuffle_tokens",
+    "mae_loss", "patchify", "random_masking", "siglip_loss", "siglip_loss_ref", "soft_cross_entropy",
+    "triton_kernels", "unpatchify", "unshuffle_tokens",
 ]
 
-_KERNEL_MODULES = ("_dino_loss_kernels", "_info_nce_kernels", "_mae_kernels")
+_KERNEL_MODULES = ("_dino_loss_kernels", "_info_nce_kernels", "_mae_kernels", "_siglip_loss_kernels")
 
 
 def kernel_traffic() -> dict:

@@ -1,0 +1,20 @@
+"""open_clip's loss module (the `open-clip-torch` dev dependency), the oracle of the drop-in
+ClipLoss / SigLipLoss tests. Its loss.py imports only torch: it is loaded by itself, without the
+package's __init__ (models, tokenizers, hub clients)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+def open_clip_loss():
+    """The open_clip.loss module, or a skip when open-clip-torch is not installed."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.skip("open-clip-torch is not installed (pip install -e '.[dev]')")
+    path = Path(spec.submodule_search_locations[0]) / "loss.py"
+    module_spec = importlib.util.spec_from_file_location("open_clip_loss", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
