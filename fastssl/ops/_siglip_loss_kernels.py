@@ -165,12 +165,13 @@ KERNEL_TRAFFIC = {"_siglip_loss_fwd_kernel": _fwd_traffic, "_siglip_loss_bwd_ker
 # ----------------------------------------------------------------------------- launchers
 
 # (outer rows, streamed rows, num_warps, num_stages) per input precision; fp32 dots run as
-# tf32x3 (three tf32 products), whose split operands double the registers of a tile.
-# Not tuned on a GPU yet.
-_TILES = {"16bit": (64, 64, 4, 2), "fp32": (64, 32, 8, 2)}
+# tf32x3 (three tf32 products), whose split operands double the registers of a tile. Picked by
+# the compile gate (no spill on sm_80/89/90/100): 16-bit on 4 warps and fp32 with 32 streamed
+# rows spill; 64-row outer tiles keep wgmma on sm_90. Not tuned on a GPU yet.
+_TILES = {"16bit": (64, 64, 8, 2), "fp32": (64, 16, 8, 2)}
 _INTERPRETER_TILES = (32, 64)
 _BLOCK_K = {"16bit": 64, "fp32": 32}  # D chunk of the logits dot
-_BLOCK_DV = 128  # D columns of the accumulator per program
+_BLOCK_DV = {"16bit": 128, "fp32": 128}  # D columns of the accumulator per program (each recomputes the logits)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -194,7 +195,7 @@ def _launch_shape(outer_rows: int, stream_rows: int, D: int, dtype: torch.dtype,
     outer, inner, warps, stages = _TILES[precision]
     if triton_interpreting():
         outer, inner = _INTERPRETER_TILES
-    block_dv = min(_BLOCK_DV, _block_d(D))
+    block_dv = min(_BLOCK_DV[precision], _block_d(D))
     d_programs = triton.cdiv(D, block_dv)
     outer_programs = triton.cdiv(outer_rows, outer)
     chunks = triton.cdiv(stream_rows, _SPLIT_CHUNK)

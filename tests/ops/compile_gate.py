@@ -4,7 +4,7 @@ no GPU and no driver, at the configurations its launcher picks for a grid of rea
     python tests/ops/compile_gate.py --targets 80,89,90,100 [--json FILE]
 
 How the configurations are found: the public ops (info_nce, dino_loss, soft_cross_entropy,
-random_masking, unshuffle_tokens, mae_loss) run on shape-only CUDA tensors (FakeTensorMode) with
+random_masking, unshuffle_tokens, mae_loss, siglip_loss) run on shape-only CUDA tensors (FakeTensorMode) with
 each custom op's fake implementation swapped for its real one followed by its registered backward,
 so the real launchers run, forward and backward; torch.cuda.get_device_properties answers for the target
 card, and kernel launches (JITFunction.run, Autotuner.run) are recorded instead of run. Each
@@ -75,6 +75,7 @@ def scenarios():
     from fastssl.ops.dino_loss import dino_loss, soft_cross_entropy
     from fastssl.ops.info_nce import info_nce
     from fastssl.ops.mae import mae_loss, random_masking, unshuffle_tokens
+    from fastssl.ops.siglip_loss import siglip_loss
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -110,8 +111,19 @@ def scenarios():
                 backend="triton",
             )
 
+    def siglip(dt, N, M, D, offset):  # CLIP-scale towers: both features, scale and bias learn
+        image, text = t(N, D, dtype=dt, grad=True), t(M, D, dtype=dt, grad=True)
+        scale, bias = t((), dtype=torch.float32, grad=True), t((), dtype=torch.float32, grad=True)
+        siglip_loss(image, text, scale, bias, label_offset=offset, backend="triton")
+
     out = []
     for name, dt in dtypes.items():
+        # per-GPU batch 256-1024, local texts, a rank's block of another's, or all 32k gathered
+        out += [
+            (f"siglip N={N} M={M} D={D} {name}", lambda dt=dt, N=N, M=M, D=D, o=o: siglip(dt, N, M, D, o))
+            for N, M, o in ((256, 256, 0), (1024, 1024, None), (1024, 32768, 0))
+            for D in (512, 1024)
+        ]
         out += [
             (f"info_nce queue N={N} K=65536 D={D} {name}", lambda dt=dt, N=N, D=D: moco_v2(dt, N, D))
             for N in (256, 4096)
