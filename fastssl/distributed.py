@@ -141,3 +141,12 @@ def exchange(transfers: list[tuple[torch.Tensor, int, int]]) -> list[torch.Tenso
     for request in dist.batch_isend_irecv(ops):
         request.wait()
     return received
+
+
+def check_process_group(owner: str, rank: int, world_size: int) -> None:
+    """Raise unless the default process group has this rank and size (a module told its rank and
+    world size at construction, as open_clip's losses are, must run in that group)."""
+    if not is_distributed() or (get_rank(), get_world_size()) != (rank, world_size):
+        raise RuntimeError(f"{owner}(rank={rank}, world_size={world_size}) needs the default process group "
+                           f"to have that rank and size; init torch.distributed first (got rank {get_rank()} "
+                           f"of {get_world_size()})")

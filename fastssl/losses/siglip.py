@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastssl.distributed import all_gather_with_grad, exchange, get_rank, get_world_size, is_distributed
+from fastssl.distributed import all_gather_with_grad, check_process_group, exchange, get_rank, get_world_size
 from fastssl.ops.siglip_loss import siglip_loss
 from fastssl.validation import check_bool, check_choice, check_int
 
@@ -113,28 +113,21 @@ class SigLipLoss(nn.Module):
         self.backend = backend
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
-        if self.world_size == 1:
-            loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
-        elif self.dist_impl in ("gather", "reduce"):
-            self._check_group()
+        if self.world_size > 1:
+            check_process_group("SigLipLoss", self.rank, self.world_size)
+        if self.world_size > 1 and self.dist_impl in ("gather", "reduce"):
             texts = all_gather_with_grad(text_features)
             loss = siglip_loss(image_features, texts, logit_scale, logit_bias,
                                label_offset=self.rank * text_features.shape[0], backend=self.backend)
         else:
-            self._check_group()
             loss = siglip_loss(image_features, text_features, logit_scale, logit_bias, backend=self.backend)
+        if self.world_size > 1 and self.dist_impl in ("bidir", "shift"):
             scale, bias = (v if isinstance(v, torch.Tensor) or v is None
                            else torch.tensor(float(v), device=image_features.device)
                            for v in (logit_scale, logit_bias))
             loss = loss + _RingTexts.apply(image_features, text_features, scale, bias,
                                            _ring_routes(self.world_size, self.dist_impl), self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
-
-    def _check_group(self) -> None:
-        if not is_distributed() or (get_rank(), get_world_size()) != (self.rank, self.world_size):
-            raise RuntimeError(f"SigLipLoss(rank={self.rank}, world_size={self.world_size}) needs the "
-                               f"default process group to have that rank and size; init torch.distributed "
-                               f"first (got rank {get_rank()} of {get_world_size()})")
 
     def extra_repr(self) -> str:
         return (f"rank={self.rank}, world_size={self.world_size}, dist_impl={self.dist_impl!r}, "
