@@ -470,3 +470,51 @@ def test_interpreter_refuses_bf16_dots_it_gets_wrong():
     q = torch.randn(4, 16, dtype=torch.bfloat16)
     with pytest.raises(NotImplementedError, match="TRITON_INTERPRET=1"):
         info_nce(q, q, backend="triton")
+
+
+# ---------------------------------------------------------------- a learned temperature (CLIP)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6], CASES[9]],
+                         ids=["queue", "queue-raw", "offset", "inbatch-raw"])
+def test_tensor_temperature_gets_its_gradient(case, device):
+    """temperature as a tensor: the loss and the gradients of query, key and T equal the float64
+    formula's, within the rule (T's gradient from the kernels' per-row ∂loss_i/∂(1/T))."""
+    N, M, K, D, T, offset, normalize = case
+    q, k, queue, w = make_inputs(N, M, K, D, seed=19, device=device)
+    t64 = torch.tensor(T, dtype=F64, device=device)
+
+    def run(fn, dtype):
+        leaves = [q.to(dtype).requires_grad_(), k.to(dtype).requires_grad_(), t64.to(dtype).requires_grad_()]
+        loss = fn(leaves[0], leaves[1], None if queue is None else queue.to(dtype), temperature=leaves[2],
+                  normalize=normalize, label_offset=offset, reduction="none")
+        return [loss.double()] + [g.double() for g in torch.autograd.grad((loss.double() * w).sum(), leaves)]
+
+    truth, low = run(info_nce_ref, F64), run(info_nce_ref, F32)
+    got = run(lambda *a, **kw: info_nce(*a, **kw, backend="triton"), F32)
+    check_all(got[:3], low[:3], truth[:3], F32, q, k, queue, T, normalize, w)
+    assert_within_rule("dtemperature", got[3], low[3], truth[3], REL_ATOL[F32],
+                       w.sum().item() * logit_scale(q, k, queue, T, normalize) / T)
+
+
+def test_tensor_temperature_opcheck_and_compile(device):
+    q = torch.randn(5, 16, device=device, requires_grad=True)
+    k = torch.randn(5, 16, device=device, requires_grad=True)
+    inv_t = torch.tensor([5.0], device=device, requires_grad=True)
+    queue = torch.randn(7, 16, device=device)
+    for args in [(q, k, None, 1.0, False, 0, True, True, inv_t), (q, k, queue, 1.0, True, 0, True, True,
+                                                                  inv_t)]:
+        torch.library.opcheck(torch.ops.fastssl.info_nce_fwd.default, args)
+    lse2 = torch.rand(5, device=device) + 2.0
+    bwd_args = (q.detach(), k.detach(), lse2, torch.rand(5, device=device), 1.0, True, 0, inv_t.detach())
+    torch.library.opcheck(torch.ops.fastssl.info_nce_bwd.default, bwd_args)
+    log_t = torch.tensor(-2.0, device=device, requires_grad=True)
+    step = torch.compile(lambda a, b, s: info_nce(a, b, temperature=s.exp(), backend="triton"),
+                         fullgraph=True)
+    loss = step(q, k, log_t)
+    got = torch.autograd.grad(loss, [q, k, log_t])
+    want_loss = info_nce_ref(q, k, temperature=log_t.exp())
+    want = torch.autograd.grad(want_loss, [q, k, log_t])
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
