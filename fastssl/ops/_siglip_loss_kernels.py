@@ -6,7 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastssl.ops._dispatch import triton_interpreting
+from fastssl.ops._traffic import nbytes
+from fastssl.ops.backend import multiprocessor_count, triton_interpreting
 
 _SPLIT_CHUNK = 128  # streamed rows per split are a multiple of this, the largest BLOCK_M of any tile
 
@@ -139,27 +140,31 @@ def _siglip_loss_bwd_kernel(
     tl.store(acc_ptr + part[:, None] * D + dims_v[None, :], acc, mask=text_ok[:, None] & dv_ok[None, :])
 
 
-# ----------------------------------------------------------------------------- traffic
+# ----------------------------------------------------------------------------- traffic (fastssl.ops._traffic)
+# Each kernel reads x's and y's rows whole (the re-reads of a row per split and per D program hit
+# cache) and writes its outputs whole.
 
 
-def _bytes(a: dict, *names: str) -> int:
-    return sum(a[n].numel() * a[n].element_size() for n in names)
+def _matmul_flops(a: dict, with_grad: bool) -> int:
+    """2 N M D per logits tile, one per BLOCK_DV-column program (each recomputes it), plus the
+    gradient dot G @ rows (2 N M D over all programs)."""
+    d_programs = -(-a["D"] // a["BLOCK_DV"])
+    return (d_programs + with_grad) * 2 * a["x_ptr"].shape[0] * a["y_ptr"].shape[0] * a["D"]
 
 
-def _fwd_traffic(a: dict) -> tuple[int, int]:
-    read = _bytes(a, "x_ptr", "y_ptr", "scale_ptr") + (_bytes(a, "bias_ptr") if a["HAS_BIAS"] else 0)
-    written = _bytes(a, "loss_ptr") + (_bytes(a, "dscale_ptr", "dbias_ptr", "acc_ptr") if a["COMPUTE_GRAD"] else 0)
-    return read, written
+def _reads(a: dict) -> int:
+    return nbytes(a["x_ptr"], a["y_ptr"], a["scale_ptr"]) + (nbytes(a["bias_ptr"]) if a["HAS_BIAS"] else 0)
 
 
-def _bwd_traffic(a: dict) -> tuple[int, int]:
-    read = _bytes(a, "x_ptr", "y_ptr", "scale_ptr") + (_bytes(a, "bias_ptr") if a["HAS_BIAS"] else 0)
-    return read, _bytes(a, "acc_ptr")
+def _fwd_traffic(a: dict) -> tuple[int, int, int]:
+    grads = nbytes(a["dscale_ptr"], a["dbias_ptr"], a["acc_ptr"]) if a["COMPUTE_GRAD"] else 0
+    return _reads(a), nbytes(a["loss_ptr"]) + grads, _matmul_flops(a, a["COMPUTE_GRAD"])
 
 
-# Traffic of one launch, from its bound arguments (name -> value): (bytes read, bytes written),
-# each distinct address once (the re-reads of x per split and of rows per D program hit cache).
-KERNEL_TRAFFIC = {"_siglip_loss_fwd_kernel": _fwd_traffic, "_siglip_loss_bwd_kernel": _bwd_traffic}
+KERNEL_TRAFFIC = {
+    "_siglip_loss_fwd_kernel": _fwd_traffic,
+    "_siglip_loss_bwd_kernel": lambda a: (_reads(a), nbytes(a["acc_ptr"]), _matmul_flops(a, True)),
+}
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -199,8 +204,8 @@ def _launch_shape(outer_rows: int, stream_rows: int, D: int, dtype: torch.dtype,
     d_programs = triton.cdiv(D, block_dv)
     outer_programs = triton.cdiv(outer_rows, outer)
     chunks = triton.cdiv(stream_rows, _SPLIT_CHUNK)
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = multiprocessor_count(device)
+    if sms is not None:
         want = min(triton.cdiv(2 * sms, outer_programs * d_programs), max(1, chunks // 4))
     else:
         want = 2

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastssl.ops._dispatch import HAS_TRITON, check_interpreter_dot, resolve_backend
+from fastssl.ops.backend import HAS_TRITON, check_interpreter_dot, resolve_backend
 from fastssl.validation import check_int, check_same_dtype, check_tensor
 
 if HAS_TRITON:  # without triton only the reference runs (resolve_backend refuses "triton")

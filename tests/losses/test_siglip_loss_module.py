@@ -10,7 +10,7 @@ from dist_utils import run_gloo
 from open_clip_reference import open_clip_loss
 
 from fastssl.losses.siglip import DIST_IMPLS, SigLipLoss
-from fastssl.ops._dispatch import triton_interpreting
+from fastssl.ops.backend import triton_interpreting
 
 N, D = 5, 16
 
