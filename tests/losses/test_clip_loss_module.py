@@ -12,7 +12,7 @@ from dist_utils import run_gloo
 from open_clip_reference import open_clip_loss
 
 from fastssl.losses.clip import ClipLoss
-from fastssl.ops._dispatch import triton_interpreting
+from fastssl.ops.backend import triton_interpreting
 
 N, D = 5, 16
 COMBOS = list(itertools.product((False, True), (False, True)))  # (local_loss, gather_with_grad)

@@ -266,7 +266,9 @@ def _real_with_backward(op):
 
     def run(*args, **kwargs):
         out = op._init_fn(*args, **kwargs)
-        inputs = tuple(signature.bind(*args, **kwargs).arguments.values())
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()  # as torch hands setup_context every input, defaulted ones included
+        inputs = tuple(bound.arguments.values())
         if op._backward_fn is not None and any(_Ctx(inputs).needs_input_grad):
             ctx = _Ctx(inputs)
             op._setup_context_fn(ctx, inputs, out)
