@@ -122,6 +122,7 @@ def _setup_context(ctx, inputs, output):
     query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk, inv_temperature = inputs
     _, lse2, dq_dir, dk_dir, dinv_t_dir = output
     ctx.save_for_backward(query, key, lse2, dq_dir, dk_dir, dinv_t_dir, inv_temperature)
+    ctx.set_materialize_grads(False)  # the internal outputs get no gradient: no zero tensors for them
     ctx.has_queue = queue is not None
     ctx.temperature, ctx.normalize, ctx.label_offset = temperature, normalize, label_offset
     ctx.compute_dq, ctx.compute_dk = compute_dq, compute_dk

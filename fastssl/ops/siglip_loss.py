@@ -86,6 +86,7 @@ def _setup_context(ctx, inputs, output):
     image, text, logit_scale, logit_bias, label_offset, positives, compute_grad = inputs
     _, dimage_dir, dscale_dir, dbias_dir = output
     ctx.save_for_backward(image, text, logit_scale, logit_bias, dimage_dir, dscale_dir, dbias_dir)
+    ctx.set_materialize_grads(False)  # the internal outputs get no gradient: no zero tensors for them
     ctx.label_offset, ctx.positives, ctx.compute_grad = label_offset, positives, compute_grad
 
 
