@@ -3,8 +3,9 @@ no GPU and no driver, at the configurations its launcher picks for a grid of rea
 
     python tests/ops/compile_gate.py --targets 80,89,90,100 [--json FILE]
 
-How the configurations are found: the public ops (info_nce, dino_loss, soft_cross_entropy,
-random_masking, unshuffle_tokens, mae_loss, siglip_loss) run on shape-only CUDA tensors (FakeTensorMode) with
+How the configurations are found: the public ops (info_nce, with a fixed and with CLIP's learned
+temperature, dino_loss, soft_cross_entropy, random_masking, unshuffle_tokens, mae_loss,
+siglip_loss) run on shape-only CUDA tensors (FakeTensorMode) with
 each custom op's fake implementation swapped for its real one followed by its registered backward,
 so the real launchers run, forward and backward; torch.cuda.get_device_properties answers for the target
 card, and kernel launches (JITFunction.run, Autotuner.run) are recorded instead of run. Each
@@ -116,8 +117,20 @@ def scenarios():
         scale, bias = t((), dtype=torch.float32, grad=True), t((), dtype=torch.float32, grad=True)
         siglip_loss(image, text, scale, bias, label_offset=offset, backend="triton")
 
+    def clip(dt, N, M, D):  # local loss: this rank's rows against all M, both directions, a learned scale
+        image, text = t(N, D, dtype=dt, grad=True), t(N, D, dtype=dt, grad=True)
+        temperature = 1.0 / t((), dtype=torch.float32, grad=True)
+        for queries in (image, text):
+            info_nce(queries, t(M, D, dtype=dt, grad=True), temperature=temperature, normalize=False,
+                     backend="triton")
+
     out = []
     for name, dt in dtypes.items():
+        out += [
+            (f"clip N={N} M={M} D={D} {name}", lambda dt=dt, N=N, M=M, D=D: clip(dt, N, M, D))
+            for N, M in ((256, 256), (1024, 32768))
+            for D in (512, 1024)
+        ]
         # per-GPU batch 256-1024, local texts, a rank's block of another's, or all 32k gathered
         out += [
             (f"siglip N={N} M={M} D={D} {name}", lambda dt=dt, N=N, M=M, D=D, o=o: siglip(dt, N, M, D, o))
