@@ -1,5 +1,6 @@
 """nn.Module losses (with their state) built on fastssl.ops."""
 
+from fastssl.losses.clip import ClipLoss
 from fastssl.losses.dino import DINOLoss, dino_update_center_, sinkhorn_knopp_teacher, teacher_temp_schedule
 from fastssl.losses.info_nce import InfoNCELoss
 from fastssl.losses.mae import MAELoss
@@ -7,6 +8,6 @@ from fastssl.losses.multilabel import multilabel_sigmoid_loss, multilabel_softma
 from fastssl.losses.rotation import rotation_loss
 from fastssl.losses.siglip import SigLipLoss
 
-__all__ = ["DINOLoss", "InfoNCELoss", "MAELoss", "SigLipLoss", "dino_update_center_",
+__all__ = ["ClipLoss", "DINOLoss", "InfoNCELoss", "MAELoss", "SigLipLoss", "dino_update_center_",
            "multilabel_sigmoid_loss", "multilabel_softmax_loss", "rotation_loss", "sinkhorn_knopp_teacher",
            "teacher_temp_schedule"]
