@@ -475,8 +475,8 @@ def test_interpreter_refuses_bf16_dots_it_gets_wrong():
 # ---------------------------------------------------------------- a learned temperature (CLIP)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6], CASES[9]],
-                         ids=["queue", "queue-raw", "offset", "inbatch-raw"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[4], CASES[6], CASES[8], CASES[9]],
+                         ids=["queue", "queue-raw", "offset", "inbatchT001", "inbatch-raw"])
 def test_tensor_temperature_gets_its_gradient(case, device):
     """temperature as a tensor: the loss and the gradients of query, key and T equal the float64
     formula's, within the rule (T's gradient from the kernels' per-row ∂loss_i/∂(1/T))."""
