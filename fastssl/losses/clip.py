@@ -2,10 +2,13 @@
 
 CLIP (Radford et al. 2021) is symmetric InfoNCE with a learned logit scale t:
 
-    loss = ½ [ CE(t · X_q Y_kᵀ, labels) + CE(t · Y_q X_kᵀ, labels) ]
+    loss = ½ [ CE((t · X_q) Y_kᵀ, labels) + CE((t · Y_q) X_kᵀ, labels) ]
 
-one fastssl.ops.info_nce call per direction (temperature 1/t, a tensor: its gradient reaches t),
-so no [N × M] logits buffer exists in either direction on the Triton backend. On W ranks the
+one fastssl.ops.info_nce call per direction (temperature 1, no normalization) on the scaled
+queries, so no [N × M] logits buffer exists in either direction on the Triton backend. The scale
+multiplies the query rows first, in open_clip's own order of operations (`logit_scale *
+image_features @ text_features.T`), and its gradient, Σ_i x_i · ∂loss/∂(t x_i), comes from autograd
+through that [N, D] product. On W ranks the
 features are all-gathered (with or without gradient, as open_clip's gather_features does):
 
 * local_loss=True: X_q, Y_q are this rank's N rows, X_k, Y_k every rank's W·N rows, and the
@@ -78,9 +81,10 @@ class ClipLoss(nn.Module):
         if isinstance(logit_scale, torch.Tensor) and logit_scale.numel() != 1:
             raise ValueError(f"logit_scale must hold one value (a 0-d or [1] tensor), got shape "
                              f"{tuple(logit_scale.shape)}")
-        temperature = 1.0 / logit_scale
-        kw = dict(temperature=temperature, normalize=False, label_offset=label_offset, backend=self.backend)
-        loss = (info_nce(image_features, text_keys, **kw) + info_nce(text_features, image_keys, **kw)) / 2
+        scale = logit_scale.reshape(()) if isinstance(logit_scale, torch.Tensor) else logit_scale
+        kw = dict(temperature=1.0, normalize=False, label_offset=label_offset, backend=self.backend)
+        loss = (info_nce(scale * image_features, text_keys, **kw)
+                + info_nce(scale * text_features, image_keys, **kw)) / 2
         if isinstance(logit_bias, torch.Tensor):
             loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)  # in the graph: its gradient is zero
         return {"contrastive_loss": loss} if output_dict else loss

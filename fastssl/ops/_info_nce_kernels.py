@@ -12,7 +12,6 @@ from fastssl.ops.backend import multiprocessor_count, triton_interpreting
 
 _EPS = 1e-12  # F.normalize's clamp on the norm
 _LOG2E = 1.4426950408889634
-LOG2E: tl.constexpr = tl.constexpr(_LOG2E)
 _SPLIT_CHUNK = 128  # columns per split are a multiple of this, the largest BLOCK_M of any config
 
 
@@ -20,18 +19,10 @@ _SPLIT_CHUNK = 128  # columns per split are a multiple of this, the largest BLOC
 
 
 @triton.jit
-def _inv_temperature(inv_t, inv_t_ptr, LEARNED_T: tl.constexpr):
-    """1/T: the launch argument, or read on the device where it is learned (a tensor with a gradient)."""
-    if LEARNED_T:
-        return tl.load(inv_t_ptr).to(tl.float32)
-    return inv_t
-
-
-@triton.jit
 def _info_nce_fwd_kernel(
     q_ptr, x_ptr, q_norm_ptr, x_norm_ptr, m_ptr, l_ptr, acc_ptr,
-    N, X_ROWS, D, stride_q, stride_qd, stride_x, stride_xd, split_cols, inv_t, inv_t_ptr,
-    LEARNED_T: tl.constexpr, SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, COMPUTE_DQ: tl.constexpr,
+    N, X_ROWS, D, stride_q, stride_qd, stride_x, stride_xd, split_cols, scale2,
+    SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, COMPUTE_DQ: tl.constexpr,
     EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
@@ -53,7 +44,6 @@ def _info_nce_fwd_kernel(
         q = tl.load(q_rows + dims_k[None, :] * stride_qd, mask=row_ok[:, None] & (dims_k < D)[None, :], other=0.0)
     # Logits in base 2: s2 = q·x · (log2(e)/T) / (‖q‖‖x‖), scaled after the dot so the
     # tensor cores see the raw (e.g. bf16) rows.
-    scale2 = _inv_temperature(inv_t, inv_t_ptr, LEARNED_T) * LOG2E
     row_scale = tl.zeros([BLOCK_N], tl.float32) + scale2
     if SCALE_ROWS:
         row_scale = scale2 / tl.maximum(tl.load(q_norm_ptr + rows, mask=row_ok, other=1.0), EPS)
@@ -103,17 +93,14 @@ def _info_nce_fwd_kernel(
 
 @triton.jit(do_not_specialize=["num_splits", "label_offset"])
 def _info_nce_combine_kernel(
-    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, m_ptr, l_ptr, acc_ptr, inv_t_ptr,
-    loss_ptr, lse2_ptr, dq_ptr, dk_ptr, dinv_t_ptr,
-    N, D, stride_q, stride_qd, stride_k, stride_kd, num_splits, label_offset, inv_t,
-    LEARNED_T: tl.constexpr, HAS_QUEUE: tl.constexpr, NORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr,
-    COMPUTE_DK: tl.constexpr, COMPUTE_DINV_T: tl.constexpr, EPS: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, m_ptr, l_ptr, acc_ptr,
+    loss_ptr, lse2_ptr, dq_ptr, dk_ptr,
+    N, D, stride_q, stride_qd, stride_k, stride_kd, num_splits, label_offset, scale2, inv_temperature,
+    HAS_QUEUE: tl.constexpr, NORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_DK: tl.constexpr,
+    EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Merge the splits' partials; add the positive column (queue form); write loss, lse2
-    and the per-row gradient directions dq (and dk for the queue form, and ∂loss_i/∂(1/T))."""
-    inv_temperature = _inv_temperature(inv_t, inv_t_ptr, LEARNED_T)
-    scale2 = inv_temperature * LOG2E
+    and the per-row gradient directions dq (and dk for the queue form)."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N
@@ -167,11 +154,7 @@ def _info_nce_combine_kernel(
     if COMPUTE_DQ:
         # ∂loss_i/∂q̂_i = (Σ_j p_ij x̂_j − k̂_pos) / T, then through q̂ = q/max(‖q‖, eps):
         # (I − q̂q̂ᵀ)/‖q‖, or plain 1/eps where the clamp is active.
-        # l_ij = q̂_i·x_j / T: ∂loss_i/∂(1/T) = Σ_j p_ij q̂_i·x_j − q̂_i·k̂_pos = q̂_i · dq_unit
-        dq_unit = acc / l_i[:, None] - kn
-        if COMPUTE_DINV_T:
-            tl.store(dinv_t_ptr + rows, tl.sum(qn * dq_unit, 1), mask=row_ok)
-        dqn = dq_unit * inv_temperature
+        dqn = (acc / l_i[:, None] - kn) * inv_temperature
         if NORMALIZE:
             proj = tl.where(q_norm > EPS, tl.sum(qn * dqn, 1), 0.0)
             dqn = (dqn - qn * proj[:, None]) * q_inv[:, None]
@@ -189,9 +172,8 @@ def _info_nce_combine_kernel(
 @triton.jit
 def _info_nce_bwd_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse2_ptr, weight_ptr, part_ptr,
-    N, M, D, stride_q, stride_qd, stride_k, stride_kd, split_rows, inv_t, inv_t_ptr,
-    LEARNED_T: tl.constexpr, NORMALIZE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,
+    N, M, D, stride_q, stride_qd, stride_k, stride_kd, split_rows, scale2,
+    NORMALIZE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """In-batch key gradient, one split of the queries, columns [pid_d·BLOCK_DV, +BLOCK_DV):
@@ -213,7 +195,6 @@ def _info_nce_bwd_kernel(
     k_inv = tl.zeros([BLOCK_M], tl.float32) + 1.0
     if NORMALIZE:
         k_inv = 1.0 / tl.maximum(tl.load(k_norm_ptr + keys, mask=key_ok, other=1.0), EPS)
-    scale2 = _inv_temperature(inv_t, inv_t_ptr, LEARNED_T) * LOG2E
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     start = split * split_rows
     end = tl.minimum(start + split_rows, N)
@@ -248,12 +229,10 @@ def _info_nce_bwd_kernel(
 @triton.jit(do_not_specialize=["num_splits", "label_offset"])
 def _info_nce_bwd_combine_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, grad_ptr, weight_scale_ptr, part_ptr, dk_ptr,
-    N, M, D, stride_q, stride_qd, stride_k, stride_kd, num_splits, label_offset, inv_t, inv_t_ptr,
-    LEARNED_T: tl.constexpr, NORMALIZE: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    N, M, D, stride_q, stride_qd, stride_k, stride_kd, num_splits, label_offset, inv_temperature,
+    NORMALIZE: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Sum the key-gradient splits, subtract the target term, apply the normalization backward."""
-    inv_temperature = _inv_temperature(inv_t, inv_t_ptr, LEARNED_T)
     keys = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     key_ok = keys < M
@@ -395,30 +374,21 @@ def _num_splits(outer_rows: int, stream_rows: int, D: int, d_programs: int, devi
     return triton.cdiv(chunks, per_split), per_split * _SPLIT_CHUNK
 
 
-def _temperature_args(temperature: float, inv_temperature: torch.Tensor | None, query: torch.Tensor) -> tuple:
-    """(1/T as a launch argument, a pointer to the learned 1/T): the kernels read the pointer when it
-    is given (LEARNED_T), else the number; query stands in for the unused pointer."""
-    return 1.0 / temperature, query if inv_temperature is None else inv_temperature
-
-
 def info_nce_fwd(
-    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None, inv_temperature: torch.Tensor | None = None,
-    *, temperature: float, normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None, *, temperature: float,
+    normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward. Returns (loss [N] fp32, lse2 [N] fp32 = log2 Σ_j 2^(l_ij·log2 e),
-    dq_dir, dk_dir, dinv_t_dir) where dq_dir [N, D] fp32 = ∂loss_i/∂query_i (empty unless compute_dq),
-    dk_dir [N, D] fp32 = ∂loss_i/∂key_i for the queue form (empty unless compute_dk and a queue) and
-    dinv_t_dir [N] fp32 = ∂loss_i/∂(1/T) (empty unless compute_dq and inv_temperature, a one-element
-    tensor that replaces 1/temperature, is given). The queue may have another float dtype than
-    query: its rows are converted to query's dtype on load."""
+    dq_dir, dk_dir) where dq_dir [N, D] fp32 = ∂loss_i/∂query_i (empty unless compute_dq) and dk_dir [N, D]
+    fp32 = ∂loss_i/∂key_i for the queue form (empty unless compute_dk and a queue). The queue may
+    have another float dtype than query: its rows are converted to query's dtype on load."""
     has_queue = queue is not None
     x = queue if has_queue else key
     N, D = query.shape
     dev = query.device
     q_norm = _row_norms(query) if normalize else query.new_empty(0, dtype=torch.float32)
     k_norm = _row_norms(key) if normalize else q_norm
-    compute_dinv_t = compute_dq and inv_temperature is not None
-    inv_t = _temperature_args(temperature, inv_temperature, query)
+    scale2 = _LOG2E / temperature
     d_tiles = _d_tiles(D, query.dtype)
     d_programs = triton.cdiv(D, d_tiles["BLOCK_DV"])
     num_splits, split_cols = _num_splits(N, x.shape[0], D, d_programs, dev)
@@ -426,11 +396,10 @@ def info_nce_fwd(
     m_part = torch.empty(num_splits, N, **f32)
     l_part = torch.empty(num_splits, N, **f32)
     acc_part = torch.empty((num_splits, N, D) if compute_dq else (0,), **f32)
-    flags = dict(LEARNED_T=inv_temperature is not None, SCALE_ROWS=normalize, SCALE_COLS=normalize and not has_queue,
-                 COMPUTE_DQ=compute_dq,
+    flags = dict(SCALE_ROWS=normalize, SCALE_COLS=normalize and not has_queue, COMPUTE_DQ=compute_dq,
                  EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), **d_tiles)
     args = (query, x, q_norm, k_norm, m_part, l_part, acc_part, N, x.shape[0], D, *query.stride(), *x.stride(),
-            split_cols, *inv_t)
+            split_cols, scale2)
     _launch(_info_nce_fwd_kernel, _fwd_tuned, splits=num_splits, d_programs=d_programs, outer_block="BLOCK_N",
             outer_rows=N, logits=N * x.shape[0], args=args, flags=flags, dtype=query.dtype)
 
@@ -439,25 +408,22 @@ def info_nce_fwd(
     dq_dir = torch.empty((N, D) if compute_dq else (0,), **f32)
     compute_dk = compute_dk and has_queue
     dk_dir = torch.empty((N, D) if compute_dk else (0,), **f32)
-    dinv_t_dir = torch.empty(N if compute_dinv_t else 0, **f32)
     block_n = _combine_block(D)
     _info_nce_combine_kernel[(triton.cdiv(N, block_n),)](
-        query, key, q_norm, k_norm, m_part, l_part, acc_part, inv_t[1], loss, lse2, dq_dir, dk_dir, dinv_t_dir,
-        N, D, *query.stride(), *key.stride(), num_splits, label_offset, inv_t[0],
-        LEARNED_T=inv_temperature is not None, HAS_QUEUE=has_queue, NORMALIZE=normalize, COMPUTE_DQ=compute_dq,
-        COMPUTE_DK=compute_dk, COMPUTE_DINV_T=compute_dinv_t, EPS=_EPS, BLOCK_N=block_n, BLOCK_D=_block_d(D),
-        num_warps=_combine_warps(D),
+        query, key, q_norm, k_norm, m_part, l_part, acc_part, loss, lse2, dq_dir, dk_dir,
+        N, D, *query.stride(), *key.stride(), num_splits, label_offset, scale2, 1.0 / temperature,
+        HAS_QUEUE=has_queue, NORMALIZE=normalize, COMPUTE_DQ=compute_dq, COMPUTE_DK=compute_dk,
+        EPS=_EPS, BLOCK_N=block_n, BLOCK_D=_block_d(D), num_warps=_combine_warps(D),
     )
-    return loss, lse2, dq_dir, dk_dir, dinv_t_dir
+    return loss, lse2, dq_dir, dk_dir
 
 
 def info_nce_bwd(
-    query: torch.Tensor, key: torch.Tensor, lse2: torch.Tensor, grad: torch.Tensor,
-    inv_temperature: torch.Tensor | None = None, *, temperature: float, normalize: bool, label_offset: int,
+    query: torch.Tensor, key: torch.Tensor, lse2: torch.Tensor, grad: torch.Tensor, *, temperature: float,
+    normalize: bool, label_offset: int,
 ) -> torch.Tensor:
     """In-batch key gradient [M, D] (key's dtype, contiguous) of Σ_i grad_i · loss_i, recomputing
-    the logits tiles from lse2 [N] (from info_nce_fwd). grad [N] may be an expanded (stride-0) view.
-    inv_temperature (one element), when given, replaces 1/temperature."""
+    the logits tiles from lse2 [N] (from info_nce_fwd). grad [N] may be an expanded (stride-0) view."""
     grad = grad.to(torch.float32).contiguous()  # [N]: the copy of a stride-0 view is N floats
     lse2 = lse2.contiguous()
     N, D = query.shape
@@ -475,18 +441,16 @@ def info_nce_bwd(
     d_programs = triton.cdiv(D, d_tiles["BLOCK_DV"])
     num_splits, split_rows = _num_splits(M, N, D, d_programs, dev)
     part = torch.empty(num_splits, M, D, dtype=torch.float32, device=dev)
-    flags = dict(LEARNED_T=inv_temperature is not None, NORMALIZE=normalize, EPS=_EPS,
-                 DOT_PRECISION=_dot_precision(query.dtype), **d_tiles)
-    inv_t = _temperature_args(temperature, inv_temperature, query)
+    flags = dict(NORMALIZE=normalize, EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), **d_tiles)
     args = (query, key, q_norm, k_norm, lse2, weight, part, N, M, D, *query.stride(), *key.stride(), split_rows,
-            *inv_t)
+            _LOG2E / temperature)
     _launch(_info_nce_bwd_kernel, _bwd_tuned, splits=num_splits, d_programs=d_programs, outer_block="BLOCK_M",
             outer_rows=M, logits=N * M, args=args, flags=flags, dtype=query.dtype)
     dk = torch.empty(key.shape, dtype=key.dtype, device=dev)
     block_m = _combine_block(D)
     _info_nce_bwd_combine_kernel[(triton.cdiv(M, block_m),)](
         query, key, q_norm, k_norm, grad, weight_scale, part, dk, N, M, D, *query.stride(), *key.stride(),
-        num_splits, label_offset, *inv_t, LEARNED_T=inv_temperature is not None,
+        num_splits, label_offset, 1.0 / temperature,
         NORMALIZE=normalize, EPS=_EPS, BLOCK_M=block_m, BLOCK_D=_block_d(D), num_warps=_combine_warps(D),
     )
     return dk
@@ -494,10 +458,6 @@ def info_nce_bwd(
 
 # ----------------------------------------------------------------------------- traffic (fastssl.ops._traffic):
 # each kernel reads the tensors named here whole and writes the outputs named here whole
-
-
-def _learned_t(a: dict) -> tuple[str, ...]:
-    return ("inv_t_ptr",) * a["LEARNED_T"]
 
 
 def _norms(a: dict) -> tuple[str, ...]:
@@ -513,17 +473,16 @@ def _matmul_flops(a: dict, matmuls: int) -> int:
 
 
 def _fwd_traffic(a: dict) -> tuple[int, int, int]:
-    reads = ("q_ptr", "x_ptr") + _learned_t(a) + ("q_norm_ptr",) * a["SCALE_ROWS"] + ("x_norm_ptr",) * a["SCALE_COLS"]
+    reads = ("q_ptr", "x_ptr") + ("q_norm_ptr",) * a["SCALE_ROWS"] + ("x_norm_ptr",) * a["SCALE_COLS"]
     return *whole(a, reads, ("m_ptr", "l_ptr", "acc_ptr")), _matmul_flops(a, int(a["COMPUTE_DQ"]))
 
 
 KERNEL_TRAFFIC = {
     "_info_nce_fwd_kernel": _fwd_traffic,
-    "_info_nce_combine_kernel": lambda a: (*whole(
-        a, ("q_ptr", "k_ptr", "m_ptr", "l_ptr", "acc_ptr") + _learned_t(a) + _norms(a),
-        ("loss_ptr", "lse2_ptr", "dq_ptr", "dk_ptr", "dinv_t_ptr")), 0),
-    "_info_nce_bwd_kernel": lambda a: (*whole(a, ("q_ptr", "k_ptr", "lse2_ptr", "weight_ptr") + _learned_t(a) + _norms(a),
+    "_info_nce_combine_kernel": lambda a: (*whole(a, ("q_ptr", "k_ptr", "m_ptr", "l_ptr", "acc_ptr") + _norms(a),
+                                                  ("loss_ptr", "lse2_ptr", "dq_ptr", "dk_ptr")), 0),
+    "_info_nce_bwd_kernel": lambda a: (*whole(a, ("q_ptr", "k_ptr", "lse2_ptr", "weight_ptr") + _norms(a),
                                               ("part_ptr",)), _matmul_flops(a, 1)),
     "_info_nce_bwd_combine_kernel": lambda a: (*whole(
-        a, ("q_ptr", "k_ptr", "grad_ptr", "weight_scale_ptr", "part_ptr") + _learned_t(a) + _norms(a), ("dk_ptr",)), 0),
+        a, ("q_ptr", "k_ptr", "grad_ptr", "weight_scale_ptr", "part_ptr") + _norms(a), ("dk_ptr",)), 0),
 }

@@ -87,53 +87,50 @@ def _fwd_op(
     # typing.Optional: the spelling every torch version's schema inference knows.
     query: torch.Tensor, key: torch.Tensor, queue: Optional[torch.Tensor], temperature: float,  # noqa: UP045
     normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool,
-    inv_temperature: Optional[torch.Tensor] = None,  # noqa: UP045
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return info_nce_fwd(query, key, queue, inv_temperature, temperature=temperature, normalize=normalize,
-                        label_offset=label_offset, compute_dq=compute_dq, compute_dk=compute_dk)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return info_nce_fwd(query, key, queue, temperature=temperature, normalize=normalize, label_offset=label_offset,
+                        compute_dq=compute_dq, compute_dk=compute_dk)
 
 
 @_fwd_op.register_fake
-def _(query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk, inv_temperature=None):
+def _(query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk):
     N, D = query.shape
     f32 = {"dtype": torch.float32}
     dq_shape = (N, D) if compute_dq else (0,)
     dk_shape = (N, D) if (compute_dk and queue is not None) else (0,)
-    dinv_t_shape = N if (compute_dq and inv_temperature is not None) else 0
     return (query.new_empty(N, **f32), query.new_empty(N, **f32), query.new_empty(dq_shape, **f32),
-            query.new_empty(dk_shape, **f32), query.new_empty(dinv_t_shape, **f32))
+            query.new_empty(dk_shape, **f32))
 
 
 @torch.library.custom_op("fastssl::info_nce_bwd", mutates_args=())
 def _bwd_op(
     query: torch.Tensor, key: torch.Tensor, lse2: torch.Tensor, grad: torch.Tensor, temperature: float,
-    normalize: bool, label_offset: int, inv_temperature: Optional[torch.Tensor] = None,  # noqa: UP045
+    normalize: bool, label_offset: int,
 ) -> torch.Tensor:
-    return info_nce_bwd(query, key, lse2, grad, inv_temperature, temperature=temperature, normalize=normalize,
+    return info_nce_bwd(query, key, lse2, grad, temperature=temperature, normalize=normalize,
                         label_offset=label_offset)
 
 
 @_bwd_op.register_fake
-def _(query, key, lse2, grad, temperature, normalize, label_offset, inv_temperature=None):
+def _(query, key, lse2, grad, temperature, normalize, label_offset):
     return key.new_empty(key.shape)  # contiguous, like the launcher's
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk, inv_temperature = inputs
-    _, lse2, dq_dir, dk_dir, dinv_t_dir = output
-    ctx.save_for_backward(query, key, lse2, dq_dir, dk_dir, dinv_t_dir, inv_temperature)
-    ctx.set_materialize_grads(False)  # the internal outputs get no gradient: no zero tensors for them
+    query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk = inputs
+    _, lse2, dq_dir, dk_dir = output
+    ctx.save_for_backward(query, key, lse2, dq_dir, dk_dir)
     ctx.has_queue = queue is not None
     ctx.temperature, ctx.normalize, ctx.label_offset = temperature, normalize, label_offset
     ctx.compute_dq, ctx.compute_dk = compute_dq, compute_dk
 
 
-def _backward(ctx, grad_loss, *unused_grads):
+def _backward(ctx, grad_loss, grad_lse2, grad_dq_dir, grad_dk_dir):
     # lse2 and the direction outputs are internal (the public function returns only the loss),
     # so their incoming gradients are ignored.
-    query, key, lse2, dq_dir, dk_dir, dinv_t_dir, inv_temperature = ctx.saved_tensors
+    query, key, lse2, dq_dir, dk_dir = ctx.saved_tensors
     g = grad_loss.to(torch.float32)
-    dq = dk = dinv_t = None
+    dq = dk = None
     if ctx.needs_input_grad[0]:
         if not ctx.compute_dq:
             raise RuntimeError("fastssl::info_nce_fwd was called with compute_dq=False; query has no gradient")
@@ -145,12 +142,8 @@ def _backward(ctx, grad_loss, *unused_grads):
             dk = (g[:, None] * dk_dir).to(key.dtype)
         else:
             dk = _bwd_op(query, key, lse2, g, temperature=ctx.temperature, normalize=ctx.normalize,
-                         label_offset=ctx.label_offset, inv_temperature=inv_temperature)
-    if inv_temperature is not None and ctx.needs_input_grad[8]:
-        if not ctx.compute_dq:
-            raise RuntimeError("fastssl::info_nce_fwd was called with compute_dq=False; 1/T has no gradient")
-        dinv_t = (g * dinv_t_dir).sum().to(inv_temperature.dtype).reshape(inv_temperature.shape)
-    return dq, dk, None, None, None, None, None, None, dinv_t
+                         label_offset=ctx.label_offset)
+    return dq, dk, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -182,9 +175,8 @@ def info_nce_ref(
 
 
 def info_nce(
-    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None, *,
-    temperature: float | torch.Tensor = 0.2, normalize: bool = True, label_offset: int = 0,
-    reduction: str = "mean", backend: str = "auto",
+    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None, *, temperature: float = 0.2,
+    normalize: bool = True, label_offset: int = 0, reduction: str = "mean", backend: str = "auto",
 ) -> torch.Tensor:
     """InfoNCE / NT-Xent loss without materializing the logits (on the Triton backend).
 
@@ -199,8 +191,6 @@ def info_nce(
     * queue None (MoCo v3 / SimCLR): logits = q @ kᵀ / T [N, M], row i's target is column
       i + label_offset (label_offset = rank·N when keys were gathered from all ranks).
 
-    temperature: a number > 0, or a one-element tensor on query's device that gets a gradient (a
-    learned temperature, e.g. CLIP's 1 / logit_scale; read on the device, so its value is not checked).
     normalize=True L2-normalizes query and key rows first (F.normalize, fused).
     reduction: "mean" | "sum" (scalar) or "none" ([N]); the result has the input dtype.
     backend: "auto" (Triton on CUDA, else `info_nce_ref`), "triton", "torch".
@@ -218,13 +208,7 @@ def info_nce(
         if M != N:
             raise ValueError(f"with a queue, key must have one row per query (M == N == {N}), got M={M}")
     check_same_dtype(("query", "key"), (query, key))
-    if isinstance(temperature, torch.Tensor):
-        check_tensor("temperature", temperature, device=query.device, like="query")
-        if temperature.numel() != 1:
-            raise ValueError(f"temperature must be a number or hold one value (a 0-d or [1] tensor), got shape "
-                             f"{tuple(temperature.shape)}")
-    else:
-        temperature = check_positive("temperature", temperature)
+    temperature = check_positive("temperature", temperature)
     check_bool("normalize", normalize)
     label_offset = check_int("label_offset", label_offset)
     if queue is not None and label_offset != 0:
@@ -248,13 +232,9 @@ def info_nce(
         return info_nce_ref(query, key, queue, temperature=temperature, normalize=normalize,
                             label_offset=label_offset, reduction=reduction)
     grad = torch.is_grad_enabled()
-    learned = isinstance(temperature, torch.Tensor)
-    # 1/T in the kernels; its gradient comes from the per-row directions of the query gradient
-    inv_temperature = 1.0 / temperature.reshape(1) if learned else None
-    loss = _fwd_op(query, key, queue, temperature=1.0 if learned else temperature, normalize=normalize,
-                   label_offset=label_offset,
-                   compute_dq=grad and (query.requires_grad or (learned and inv_temperature.requires_grad)),
-                   compute_dk=grad and key.requires_grad, inv_temperature=inv_temperature)[0]
+    loss, _, _, _ = _fwd_op(query, key, queue, temperature=temperature, normalize=normalize,
+                            label_offset=label_offset, compute_dq=grad and query.requires_grad,
+                            compute_dk=grad and key.requires_grad)
     if reduction == "mean":
         loss = loss.mean()
     elif reduction == "sum":

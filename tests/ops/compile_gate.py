@@ -3,16 +3,15 @@ no GPU and no driver, at the configurations its launcher picks for a grid of rea
 
     python tests/ops/compile_gate.py --targets 80,89,90,100 [--json FILE]
 
-How the configurations are found: the public ops (info_nce, with a fixed and with CLIP's learned
-temperature, dino_loss, soft_cross_entropy, random_masking, unshuffle_tokens, mae_loss,
-siglip_loss) run on shape-only CUDA tensors (FakeTensorMode) with
-each custom op's fake implementation swapped for its real one followed by its registered backward,
+How the configurations are found: the public ops (info_nce, dino_loss, soft_cross_entropy,
+random_masking, unshuffle_tokens, mae_loss, siglip_loss) run on shape-only CUDA tensors (FakeTensorMode)
+with each custom op's fake implementation swapped for its real one followed by its registered backward,
 so the real launchers run, forward and backward; torch.cuda.get_device_properties answers for the target
-card, and kernel launches (JITFunction.run, Autotuner.run) are recorded instead of run. Each
-recorded launch is bound by the JIT's own binder (signature, constexprs, specialization) and compiled by
-triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32)): ttir -> ... -> cubin, the last
-stage by the ptxas bundled with Triton, whose -v log gives registers and spills; shared memory is
-Triton's metadata. Only loading a cubin needs a driver.
+card, and kernel launches (JITFunction.run, Autotuner.run) are recorded instead of run. Each recorded
+launch is bound by the JIT's own binder (signature, constexprs, specialization) and compiled by
+triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32)): ttir -> ... -> cubin, the last stage
+by the ptxas bundled with Triton, whose -v log gives registers and spills; shared memory is Triton's
+metadata. Only loading a cubin needs a driver.
 
 A compile is identified by Triton's own cache key (kernel source and dependencies, constexprs,
 specialization, target, options, Triton version), so shapes that specialize alike compile once;
@@ -117,12 +116,9 @@ def scenarios():
         scale, bias = t((), dtype=torch.float32, grad=True), t((), dtype=torch.float32, grad=True)
         siglip_loss(image, text, scale, bias, label_offset=offset, backend="triton")
 
-    def clip(dt, N, M, D):  # local loss: this rank's rows against all M, both directions, a learned scale
-        image, text = t(N, D, dtype=dt, grad=True), t(N, D, dtype=dt, grad=True)
-        temperature = 1.0 / t((), dtype=torch.float32, grad=True)
-        for queries in (image, text):
-            info_nce(queries, t(M, D, dtype=dt, grad=True), temperature=temperature, normalize=False,
-                     backend="triton")
+    def clip(dt, N, M, D):  # local loss: this rank's scaled rows against all M (one direction of two)
+        queries, keys = t(N, D, dtype=dt, grad=True), t(M, D, dtype=dt, grad=True)
+        info_nce(queries, keys, temperature=1.0, normalize=False, backend="triton")
 
     out = []
     for name, dt in dtypes.items():
@@ -279,9 +275,7 @@ def _real_with_backward(op):
 
     def run(*args, **kwargs):
         out = op._init_fn(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()  # as torch hands setup_context every input, defaulted ones included
-        inputs = tuple(bound.arguments.values())
+        inputs = tuple(signature.bind(*args, **kwargs).arguments.values())
         if op._backward_fn is not None and any(_Ctx(inputs).needs_input_grad):
             ctx = _Ctx(inputs)
             op._setup_context_fn(ctx, inputs, out)
