@@ -176,7 +176,8 @@ KERNEL_TRAFFIC = {
 _TILES = {"16bit": (64, 64, 8, 2), "fp32": (64, 16, 8, 2)}
 _INTERPRETER_TILES = (32, 64)
 _BLOCK_K = {"16bit": 64, "fp32": 32}  # D chunk of the logits dot
-_BLOCK_DV = {"16bit": 128, "fp32": 128}  # D columns of the accumulator per program (each recomputes the logits)
+# D columns of the accumulator per program, each recomputing the logits: the widest without spills
+_BLOCK_DV = {"16bit": 256, "fp32": 128}
 
 
 def _precision(dtype: torch.dtype) -> str:
