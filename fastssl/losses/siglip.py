@@ -8,9 +8,10 @@ bias's are the local loss's (DDP then averages them).
 * dist_impl "bidir" / "shift": the other ranks' text blocks travel around the ring by neighbour
   exchange (both directions / one direction) and each is consumed by the fused op as it
   arrives. No block is kept for backward: the backward sends the blocks around once more,
-  each with an fp32 gradient accumulator that every rank adds its share to, and hands each
-  accumulator to its owner at the end. Peak memory: two blocks per direction and the
-  accumulators, flat in the number of ranks.
+  each with an fp32 gradient accumulator that every rank adds its share to (re-running the
+  fused forward and backward on the block), and hands each accumulator to its owner at the end.
+  Peak memory: two blocks per direction and the accumulators, flat in the number of ranks; the
+  price is one more forward pass per remote block and twice the backward's traffic.
 * dist_impl "gather" / "reduce": every rank's texts are all-gathered with gradient ([W·N, D])
   and one fused call scores the images against all of them (label offset rank·N).
 """
