@@ -77,6 +77,21 @@ def test_info_nce_kernels_traffic(queue):
     assert "_info_nce_fwd_kernel" in names and ("_info_nce_bwd_kernel" in names) != queue
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_siglip_kernels_traffic(with_bias):
+    x = torch.randn(40, 20, requires_grad=True)
+    y = torch.randn(90, 20)[::2].requires_grad_()  # strided rows: the formula counts the rows read
+    t = torch.tensor(3.0, requires_grad=True)
+    b = torch.tensor(-1.0, requires_grad=True) if with_bias else None
+
+    def run():
+        ops.siglip_loss(x, y, t, b, backend="triton").backward()
+        with torch.no_grad():
+            ops.siglip_loss(x, y, t, b, label_offset=None, backend="triton")
+
+    assert check_formulas(run) == {"_siglip_loss_fwd_kernel", "_siglip_loss_bwd_kernel"}
+
+
 def test_counter_bytes_flops_and_peak():
     a, b = torch.randn(8, 16), torch.randn(16, 4)
     with DispatchCounter() as counter:
