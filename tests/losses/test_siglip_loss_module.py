@@ -23,15 +23,16 @@ def batch(world, seed=0):
     return x, y, torch.tensor(10.0, dtype=torch.float64).log(), torch.tensor(-3.0, dtype=torch.float64)
 
 
-def value_and_grads(criterion, rank, world, dtype=torch.float64, seed=0):
-    """criterion(x_r, y_r, exp(log_scale), bias) on rank r; its value and the gradients of x_r, y_r,
-    the log-scale parameter and the bias (float64)."""
+def value_and_grads(criterion, rank, world, dtype=torch.float64, seed=0, with_bias=True):
+    """criterion(x_r, y_r, exp(log_scale), bias or None) on rank r; its value and the gradients of
+    x_r, y_r, the log-scale parameter and the bias (float64; 0 when no bias is passed)."""
     x, y, log_scale, bias = batch(world, seed)
     rows = slice(rank * N, (rank + 1) * N)
     leaves = [x[rows].to(dtype), y[rows].to(dtype), log_scale.to(dtype), bias.to(dtype)]
     leaves = [v.clone().requires_grad_() for v in leaves]
-    loss = criterion(leaves[0], leaves[1], leaves[2].exp(), leaves[3])
-    return [loss.detach().double()] + [g.double() for g in torch.autograd.grad(loss, leaves)]
+    loss = criterion(leaves[0], leaves[1], leaves[2].exp(), leaves[3] if with_bias else None)
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [loss.detach().double()] + [torch.zeros(()) if g is None else g.double() for g in grads]
 
 
 def saved_elements(criterion, rank, world):
@@ -58,6 +59,8 @@ def _on_ranks(rank, world):
         out[impl] = {
             "official": value_and_grads(official.SigLipLoss(**kw), rank, world),
             "float64": value_and_grads(SigLipLoss(**kw), rank, world),
+            "official without bias": value_and_grads(official.SigLipLoss(**kw), rank, world, with_bias=False),
+            "without bias": value_and_grads(SigLipLoss(**kw), rank, world, with_bias=False),
             "saved": saved_elements(SigLipLoss(**kw), rank, world),
             "official saved": saved_elements(official.SigLipLoss(**kw), rank, world),
         }
@@ -81,6 +84,7 @@ def test_distributed_equals_open_clip_and_saves_no_remote_block():
             for impl, runs in result.items():
                 what = f"{world} ranks, rank {rank}, {impl}"
                 assert_all_close(runs["float64"], runs["official"], 1e-12, 1e-12, what)
+                assert_all_close(runs["without bias"], runs["official without bias"], 1e-12, 1e-12, what)
                 if "kernel" in runs:
                     assert_all_close(runs["kernel"], runs["official"], 1e-5, 1e-5, f"{what}, kernel")
                 saved[world, rank, impl] = runs["saved"], runs["official saved"]
