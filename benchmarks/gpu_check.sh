@@ -51,7 +51,7 @@ step build 180 "$PY" setup.py build_ext --inplace
 step gpu-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
 step model 60 "$PY" -m fastssl.cli bench --model --json "$OUTDIR/model.jsonl"
 # Benchmarks in order of what the issues ask most; the remaining budget decides how far it gets.
-for name in info_nce dino mae queue train data; do
+for name in info_nce contrastive dino mae queue train data; do
   step "bench_$name" 90 "$PY" -m "fastssl.bench.$name" --out "$TABLES" $QUICK
 done
 step kernel-tests 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/ops

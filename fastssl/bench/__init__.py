@@ -2,7 +2,8 @@
 
 Timed benchmarks (`fastssl bench NAME`, each also `python -m fastssl.bench.NAME`), every one
 comparing the official formula (the ops' `*_ref`, through backend="torch"), torch.compile of it
-and fastssl: `info_nce`, `dino` (DINO and multi-label losses), `mae`, `queue` (KeyQueue push),
+and fastssl: `info_nce`, `contrastive` (CLIP and SigLIP), `dino` (DINO and multi-label losses),
+`mae`, `queue` (KeyQueue push),
 `train` (a training step of every method), `data` (DALI vs torchvision views).
 
 Models and plans, runnable on a CPU: `traffic` (bytes, kernels, FLOPs, peak memory and the
@@ -17,4 +18,5 @@ long-tailed noisy labels).
 """
 
 # `fastssl bench NAME` -> the module it runs, in the order `fastssl bench` runs them all
-BENCHMARKS = {name: f"fastssl.bench.{name}" for name in ("info_nce", "dino", "mae", "queue", "train", "data")}
+BENCHMARKS = {name: f"fastssl.bench.{name}"
+              for name in ("info_nce", "contrastive", "dino", "mae", "queue", "train", "data")}

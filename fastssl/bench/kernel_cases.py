@@ -16,7 +16,7 @@ import torch
 
 from fastssl import KeyQueue
 from fastssl.losses import multilabel_softmax_loss
-from fastssl.ops import dino_loss, info_nce, mae_loss, random_masking, unshuffle_tokens
+from fastssl.ops import dino_loss, info_nce, mae_loss, random_masking, siglip_loss, unshuffle_tokens
 
 
 def cases(size: str, device: str) -> dict:
@@ -59,13 +59,19 @@ def cases(size: str, device: str) -> dict:
         target = torch.randn(n_img, L, patch_dim, **bf16)
         mae_loss(pred, target, mask, norm_pix_loss=True, backend="triton").backward()
 
+    def siglip():  # a rank's images against gathered texts, learned scale and bias
+        image = torch.randn(N, 4 * D, **bf16, requires_grad=True)
+        texts = torch.randn(2 * N, 4 * D, **bf16, requires_grad=True)
+        scale, bias = (torch.tensor(v, device=device, requires_grad=True) for v in (10.0, -10.0))
+        siglip_loss(image, texts, scale, bias, label_offset=N, backend="triton").backward()
+
     def queue_push():
         queue = KeyQueue(K, D, device=device, normalize=True)
         queue.push(torch.randn(N, D, **bf16))
         queue.push(torch.randn(N, D, **bf16))
 
     return {"info_nce_queue": moco_v2, "info_nce_in_batch": in_batch, "dino_loss": dino,
-            "multilabel": multilabel, "mae": mae, "queue_push": queue_push}
+            "multilabel": multilabel, "mae": mae, "siglip": siglip, "queue_push": queue_push}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,78 @@
+"""CLIP and SigLIP losses: fwd+bwd of open_clip's formulas (eager: the ops' references through
+backend="torch"), torch.compile of them, and fastssl (backend "auto": the fused Triton kernels on
+CUDA, the reference on the CPU, where this benchmark only smoke-tests with --quick).
+
+One rank's step at CLIP scales: N image and N text rows against M gathered rows of the other
+tower (M = N: one GPU; M = 32768: a 32k global batch), a learned fp32 scale (and SigLIP's bias),
+gradients of every input. CLIP's local-loss form is two InfoNCE passes on the scaled features
+(image->text and text->image); SigLIP's gathered form one sigmoid pass over the N x M pairs.
+
+FLOPs per call, as the formulas count them: 3 matmul-equivalents of 2·N·M·D per direction (logits,
+and the two feature gradients). The fused kernels recompute the logits once more per 128- or
+256-column chunk of D (the accumulator's programs), which the TFLOP/s column does not credit.
+
+    fastssl bench contrastive [--quick] [--out DIR]   (or python -m fastssl.bench.contrastive)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastssl.bench.harness import Case, compiled, parse_args, run
+from fastssl.ops import info_nce, siglip_loss
+
+
+def clip_local(backend: str):
+    """open_clip's ClipLoss with local_loss=True on one rank: CE(t X Y_allᵀ) and CE(t Y X_allᵀ)."""
+    def loss(x, y, x_all, y_all, scale, bias):
+        kw = dict(temperature=1.0, normalize=False, backend=backend)
+        return (info_nce(scale * x, y_all, **kw) + info_nce(scale * y, x_all, **kw)) / 2
+    return loss
+
+
+def siglip_gathered(backend: str):
+    """open_clip's SigLipLoss (dist_impl="gather") on rank 0: its images against every text."""
+    def loss(x, y, x_all, y_all, scale, bias):
+        return siglip_loss(x, y_all, scale, bias, backend=backend)
+    return loss
+
+
+def fwd_bwd(loss_fn):
+    def step(*inputs):
+        wrt = [x for x in inputs if x.requires_grad]
+        return torch.autograd.grad(loss_fn(*inputs), wrt, allow_unused=True)  # SigLIP's: no x_all, y
+    return step
+
+
+def cases(name: str, formula, quick: bool, device: str) -> list[Case]:
+    shapes = [(32, 64, 32)] if quick else [(1024, 1024, 768), (1024, 32768, 768), (256, 32768, 512)]
+    dtypes = [torch.float32] if quick else [torch.bfloat16, torch.float32]
+    eager_c = compiled(formula("torch"))
+    directions = 2 if name == "clip" else 1
+    out = []
+    for dtype in dtypes:
+        for N, M, D in shapes:
+            def make(N=N, M=M, D=D, dtype=dtype):
+                rows = [F.normalize(torch.randn(r, D, device=device), dim=1).to(dtype) for r in (N, N, M, M)]
+                scalars = [torch.tensor(v, device=device) for v in (10.0, -10.0)]
+                return (*[t.requires_grad_() for t in rows + scalars],)
+
+            out.append(Case(
+                name=name, params={"N": N, "M": M, "D": D, "dtype": str(dtype)[6:]}, make_inputs=make,
+                providers={"eager": fwd_bwd(formula("torch")), "compile": fwd_bwd(eager_c),
+                           "fastssl": fwd_bwd(formula("auto"))},
+                flops=directions * 3 * (2 * N * M * D),
+            ))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(__doc__.splitlines()[0], argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    run("clip_local_loss", cases("clip", clip_local, args.quick, device), args)
+    run("siglip_gathered", cases("siglip", siglip_gathered, args.quick, device), args)
+
+
+if __name__ == "__main__":
+    main()
