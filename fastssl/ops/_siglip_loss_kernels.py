@@ -174,7 +174,9 @@ KERNEL_TRAFFIC = {
 # the compile gate (no spill on sm_80/89/90/100): 16-bit on 4 warps and fp32 with 32 streamed
 # rows spill; 64-row outer tiles keep wgmma on sm_90. Not tuned on a GPU yet.
 _TILES = {"16bit": (64, 64, 8, 2), "fp32": (64, 16, 8, 2)}
-_INTERPRETER_TILES = (32, 64)
+# Under the interpreter (CPU tests, small shapes): tiles small enough that N, M <= 64 and D <= 32
+# still run several splits, accumulator programs and D chunks, so every code path is exercised.
+_INTERPRETER = dict(outer=32, inner=32, BLOCK_K=16, BLOCK_DV=16, split_chunk=32)
 _BLOCK_K = {"16bit": 64, "fp32": 32}  # D chunk of the logits dot
 # D columns of the accumulator per program, each recomputing the logits: the widest without spills
 _BLOCK_DV = {"16bit": 256, "fp32": 128}
@@ -199,12 +201,14 @@ def _launch_shape(outer_rows: int, stream_rows: int, D: int, dtype: torch.dtype,
     interpreter in 2 splits, so the tests exercise the sum over splits."""
     precision = _precision(dtype)
     outer, inner, warps, stages = _TILES[precision]
+    block_k, block_dv, split_chunk = _BLOCK_K[precision], _BLOCK_DV[precision], _SPLIT_CHUNK
     if triton_interpreting():
-        outer, inner = _INTERPRETER_TILES
-    block_dv = min(_BLOCK_DV[precision], _block_d(D))
+        outer, inner, block_k, block_dv, split_chunk = (_INTERPRETER[k] for k in (
+            "outer", "inner", "BLOCK_K", "BLOCK_DV", "split_chunk"))
+    block_dv = min(block_dv, _block_d(D))
     d_programs = triton.cdiv(D, block_dv)
     outer_programs = triton.cdiv(outer_rows, outer)
-    chunks = triton.cdiv(stream_rows, _SPLIT_CHUNK)
+    chunks = triton.cdiv(stream_rows, split_chunk)
     sms = multiprocessor_count(device)
     if sms is not None:
         want = min(triton.cdiv(2 * sms, outer_programs * d_programs), max(1, chunks // 4))
@@ -212,8 +216,8 @@ def _launch_shape(outer_rows: int, stream_rows: int, D: int, dtype: torch.dtype,
         want = 2
     per_split = triton.cdiv(chunks, max(1, min(want, chunks)))
     splits = triton.cdiv(chunks, per_split)
-    return dict(grid=(outer_programs, splits, d_programs), splits=splits, split_rows=per_split * _SPLIT_CHUNK,
-                outer=outer, inner=inner, BLOCK_K=min(_BLOCK_K[precision], _block_d(D)), BLOCK_DV=block_dv,
+    return dict(grid=(outer_programs, splits, d_programs), splits=splits, split_rows=per_split * split_chunk,
+                outer=outer, inner=inner, BLOCK_K=min(block_k, _block_d(D)), BLOCK_DV=block_dv,
                 num_warps=warps, num_stages=stages, DOT_PRECISION="tf32x3" if precision == "fp32" else "tf32")
 
 

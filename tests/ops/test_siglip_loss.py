@@ -94,6 +94,8 @@ CASES = [  # (N, M, D, t, b, offset)
     (17, 3, 16, 5.0, -2.0, None),  # another rank's texts: negatives only
     (64, 64, 32, 100.0, -10.0, 0),  # 2 row tiles, 2 splits; the largest scale open_clip allows
     (40, 64, 24, 30.0, 4.0, 7),
+    (3, 300, 16, 10.0, -10.0, 290),  # > 128 streamed texts: 2 splits of the forward
+    (130, 130, 16, 10.0, -10.0, 0),  # > 128 streamed images: 2 splits of the text gradient
 ]
 
 
