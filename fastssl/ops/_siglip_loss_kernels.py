@@ -108,14 +108,16 @@ def _siglip_loss_fwd_kernel(
 
 @triton.jit(do_not_specialize=["label_offset"])
 def _siglip_loss_bwd_kernel(
-    y_ptr, x_ptr, scale_ptr, bias_ptr, acc_ptr,
+    y_ptr, x_ptr, scale_ptr, bias_ptr, coef_ptr, out_ptr,
     M, N, D, stride_y, stride_yd, stride_x, stride_xd, split_rows, label_offset,
-    HAS_BIAS: tl.constexpr, POSITIVES: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, POSITIVES: tl.constexpr, ONE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    """Text gradient directions: for texts [pid_m·BLOCK_M, +BLOCK_M), Σ_i G_ij x_i over one split of
-    the images, recomputing the logits (the pairs are symmetric: text j's positive is image
-    j - label_offset). Traffic: reads x's and y's rows; writes the [splits, M, D] fp32 accumulator."""
+    """Text gradient: for texts [pid_m·BLOCK_M, +BLOCK_M), Σ_i G_ij x_i over one split of the images,
+    recomputing the logits (the pairs are symmetric: text j's positive is image j - label_offset).
+    ONE_SPLIT: the sum is whole, so it is scaled by coef = g·t/N and stored in the text's dtype
+    ([M, D]); otherwise the split's fp32 partial sum is stored ([splits, M, D]).
+    Traffic: reads x's and y's rows; writes the gradient or the partials."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     pid_d = tl.program_id(2)
@@ -137,7 +139,9 @@ def _siglip_loss_bwd_kernel(
                     mask=image_ok[:, None] & dv_ok[None, :], other=0.0)
         acc = tl.dot(g.to(y_ptr.dtype.element_ty), x.to(y_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
     part = split.to(tl.int64) * M + texts
-    tl.store(acc_ptr + part[:, None] * D + dims_v[None, :], acc, mask=text_ok[:, None] & dv_ok[None, :])
+    if ONE_SPLIT:
+        acc = (acc * tl.load(coef_ptr)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + part[:, None] * D + dims_v[None, :], acc, mask=text_ok[:, None] & dv_ok[None, :])
 
 
 # ----------------------------------------------------------------------------- traffic (fastssl.ops._traffic)
@@ -163,7 +167,8 @@ def _fwd_traffic(a: dict) -> tuple[int, int, int]:
 
 KERNEL_TRAFFIC = {
     "_siglip_loss_fwd_kernel": _fwd_traffic,
-    "_siglip_loss_bwd_kernel": lambda a: (_reads(a), nbytes(a["acc_ptr"]), _matmul_flops(a, True)),
+    "_siglip_loss_bwd_kernel": lambda a: (_reads(a) + (nbytes(a["coef_ptr"]) if a["ONE_SPLIT"] else 0),
+                                          nbytes(a["out_ptr"]), _matmul_flops(a, True)),
 }
 
 
@@ -268,14 +273,17 @@ def siglip_loss_bwd(
     N, D = image.shape
     M = text.shape[0]
     shape = _launch_shape(M, N, D, text.dtype, text.device)
-    acc = torch.empty(shape["splits"], M, D, dtype=torch.float32, device=text.device)
+    one_split = shape["splits"] == 1
+    coef = grad.reshape(1).to(torch.float32) * logit_scale.detach().reshape(1).to(torch.float32) / N
+    # one split: the kernel writes the gradient itself; several: fp32 partials, summed here
+    out = text.new_empty(text.shape) if one_split else torch.empty(shape["splits"], M, D, dtype=torch.float32,
+                                                                     device=text.device)
     scale_ptr, bias_ptr, has_bias = _scalar_args(logit_scale, logit_bias)
     _siglip_loss_bwd_kernel[shape["grid"]](
-        text, image, scale_ptr, bias_ptr, acc,
+        text, image, scale_ptr, bias_ptr, coef, out,
         M, N, D, *text.stride(), *image.stride(), shape["split_rows"], label_offset,
-        HAS_BIAS=has_bias, POSITIVES=positives, DOT_PRECISION=shape["DOT_PRECISION"],
+        HAS_BIAS=has_bias, POSITIVES=positives, ONE_SPLIT=one_split, DOT_PRECISION=shape["DOT_PRECISION"],
         BLOCK_M=shape["outer"], BLOCK_N=shape["inner"], BLOCK_K=shape["BLOCK_K"], BLOCK_DV=shape["BLOCK_DV"],
         num_warps=shape["num_warps"], num_stages=shape["num_stages"],
     )
-    coef = grad.reshape(()).to(torch.float32) * logit_scale.detach().reshape(()).to(torch.float32) / N
-    return (acc.sum(0) * coef).to(text.dtype)
+    return out if one_split else (out.sum(0) * coef).to(text.dtype)
