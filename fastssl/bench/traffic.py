@@ -195,6 +195,24 @@ def _multilabel_case(N, C):
     return make, step("torch"), step("triton")
 
 
+def _siglip_case(N, M, D):
+    """One rank's N images against the M gathered texts (open_clip's dist_impl="gather"), its
+    positives at offset 0, a learned fp32 scale and bias; both feature sets get a gradient."""
+    from fastssl.ops.siglip_loss import siglip_loss, siglip_loss_ref
+
+    def make():
+        scale, bias = _meta((), dtype=torch.float32, grad=True), _meta((), dtype=torch.float32, grad=True)
+        return _meta(N, D, grad=True), _meta(M, D, grad=True), scale, bias
+
+    def eager(x, y, scale, bias):
+        siglip_loss_ref(x, y, scale, bias).backward()
+
+    def fused(x, y, scale, bias):
+        siglip_loss(x, y, scale, bias, backend="triton").backward()
+
+    return make, eager, fused
+
+
 def _split(case):
     """(eager make, eager step), (fused make, fused step) of a case."""
     if len(case) == 2:
@@ -209,6 +227,7 @@ CASES = [
     ("dino_loss", "B=128 x 12 crops K=65536 bf16", lambda: _dino_case(128, 12, 65536)),
     ("mae mask+unshuffle+loss", "N=256 L=196 D=1024 bf16 r=0.75 norm-pix", lambda: _mae_case(256, 196, 1024)),
     ("multilabel softmax", "N=256 C=27000 bf16", lambda: _multilabel_case(256, 27000)),
+    ("siglip gathered", "N=1024 of M=32768 D=768 bf16", lambda: _siglip_case(1024, 32768, 768)),
 ]
 
 
