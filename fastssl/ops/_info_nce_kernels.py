@@ -1,7 +1,5 @@
 """Triton kernels, launchers and traffic formulas behind fastssl.ops.info_nce (see that module
-for the math).
-
-Imported only where triton is installed: fastssl.ops.info_nce runs its reference without it."""
+for the math). Imported only where triton is installed: without it the reference runs."""
 
 import torch
 import triton
@@ -18,18 +16,20 @@ _SPLIT_CHUNK = 128  # columns per split are a multiple of this, the largest BLOC
 # ----------------------------------------------------------------------------- kernels
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["label_offset"])
 def _info_nce_fwd_kernel(
     q_ptr, x_ptr, q_norm_ptr, x_norm_ptr, m_ptr, l_ptr, acc_ptr,
-    N, X_ROWS, D, stride_q, stride_qd, stride_x, stride_xd, split_cols, scale2,
-    SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, COMPUTE_DQ: tl.constexpr,
+    N, X_ROWS, D, stride_q, stride_qd, stride_x, stride_xd, split_cols, label_offset, scale2,
+    SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, COMPUTE_DQ: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
     EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Partial online LSE (and Σ p·x̂ over columns [pid_d·BLOCK_DV, +BLOCK_DV)) of BLOCK_N queries
     over one split of the streamed rows x. ONE_CHUNK (BLOCK_K = BLOCK_DV >= D): the query tile
     stays in registers and each x tile serves both dots; otherwise the logits are summed over
-    D in BLOCK_K chunks reloaded from cache, which keeps registers bounded for any D."""
+    D in BLOCK_K chunks reloaded from cache, which keeps registers bounded for any D.
+    EXCLUDE_SELF (NT-Xent): column rows + label_offset, the query's own row among the keys, is
+    left out of the softmax."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_d = tl.program_id(2)
@@ -72,9 +72,13 @@ def _info_nce_fwd_kernel(
             col_inv = 1.0 / tl.maximum(tl.load(x_norm_ptr + cols, mask=col_ok, other=1.0), EPS)
             s = s * col_inv[None, :]
         s = tl.where(col_ok[None, :], s, float("-inf"))
+        if EXCLUDE_SELF:
+            s = tl.where(cols[None, :] == rows[:, None] + label_offset, float("-inf"), s)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        # a split whose only column so far is the row's own keeps m at -inf (-inf - -inf is NaN)
+        m_exp = tl.where(m_new == float("-inf"), 0.0, m_new) if EXCLUDE_SELF else m_new
+        alpha = tl.exp2(m_i - m_exp)
+        p = tl.exp2(s - m_exp[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if COMPUTE_DQ:
             if not ONE_CHUNK:
@@ -97,16 +101,18 @@ def _info_nce_combine_kernel(
     loss_ptr, lse2_ptr, dq_ptr, dk_ptr,
     N, D, stride_q, stride_qd, stride_k, stride_kd, num_splits, label_offset, scale2, inv_temperature,
     HAS_QUEUE: tl.constexpr, NORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_DK: tl.constexpr,
-    EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Merge the splits' partials; add the positive column (queue form); write loss, lse2
-    and the per-row gradient directions dq (and dk for the queue form)."""
+    """Merge the splits' partials; add the positive column (queue form); write loss, lse2 and the
+    per-row gradient directions dq (dk for the queue form). EXCLUDE_SELF: target = the other view."""
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < N
     dim_ok = dims < D
     tile_ok = row_ok[:, None] & dim_ok[None, :]
     pos_rows = rows.to(tl.int64) + label_offset
+    if EXCLUDE_SELF:  # the other view's key
+        pos_rows += tl.where(rows < N // 2, N // 2, -(N // 2))
     q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_q + dims[None, :] * stride_qd, mask=tile_ok,
                 other=0.0).to(tl.float32)
     k = tl.load(k_ptr + pos_rows[:, None] * stride_k + dims[None, :] * stride_kd, mask=tile_ok,
@@ -131,8 +137,9 @@ def _info_nce_combine_kernel(
         m_s = tl.load(m_ptr + part, mask=row_ok, other=0.0)
         l_s = tl.load(l_ptr + part, mask=row_ok, other=1.0)  # padded rows stay finite
         m_new = tl.maximum(m_i, m_s)
-        alpha = tl.exp2(m_i - m_new)
-        beta = tl.exp2(m_s - m_new)
+        m_exp = tl.where(m_new == float("-inf"), 0.0, m_new) if EXCLUDE_SELF else m_new  # as in the forward
+        alpha = tl.exp2(m_i - m_exp)
+        beta = tl.exp2(m_s - m_exp)
         l_i = l_i * alpha + l_s * beta
         if COMPUTE_DQ:
             acc_s = tl.load(acc_ptr + part[:, None] * D + dims[None, :], mask=tile_ok, other=0.0)
@@ -169,11 +176,11 @@ def _info_nce_combine_kernel(
         tl.store(dk_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], dkn, mask=tile_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["label_offset"])
 def _info_nce_bwd_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse2_ptr, weight_ptr, part_ptr,
-    N, M, D, stride_q, stride_qd, stride_k, stride_kd, split_rows, scale2,
-    NORMALIZE: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    N, M, D, stride_q, stride_qd, stride_k, stride_kd, split_rows, label_offset, scale2,
+    NORMALIZE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """In-batch key gradient, one split of the queries, columns [pid_d·BLOCK_DV, +BLOCK_DV):
@@ -221,6 +228,8 @@ def _info_nce_bwd_kernel(
         lse2 = tl.load(lse2_ptr + rows, mask=row_ok, other=float("inf"))
         s = s * row_scale[None, :] * k_inv[:, None]
         p = tl.exp2(s - lse2[None, :]) * weight[None, :]
+        if EXCLUDE_SELF:
+            p = tl.where(keys[:, None] == rows[None, :] + label_offset, 0.0, p)
         acc += tl.dot(p.to(dtype), q, input_precision=DOT_PRECISION)
     part = split.to(tl.int64) * M + keys
     tl.store(part_ptr + part[:, None] * D + dims_v[None, :], acc, mask=key_ok[:, None] & dv_ok[None, :])
@@ -230,7 +239,8 @@ def _info_nce_bwd_kernel(
 def _info_nce_bwd_combine_kernel(
     q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, grad_ptr, weight_scale_ptr, part_ptr, dk_ptr,
     N, M, D, stride_q, stride_qd, stride_k, stride_kd, num_splits, label_offset, inv_temperature,
-    NORMALIZE: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Sum the key-gradient splits, subtract the target term, apply the normalization backward."""
     keys = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -246,6 +256,8 @@ def _info_nce_bwd_combine_kernel(
     # Key j is the target of query i = j − label_offset (if that query exists).
     rows = keys.to(tl.int64) - label_offset
     has_row = key_ok & (rows >= 0) & (rows < N)
+    if EXCLUDE_SELF:  # key j is the target of its other view's query
+        rows = tl.where(rows < N // 2, rows + N // 2, rows - N // 2)
     q = tl.load(q_ptr + rows[:, None] * stride_q + dims[None, :] * stride_qd, mask=has_row[:, None] & dim_ok[None, :],
                 other=0.0).to(tl.float32)
     coef = tl.load(grad_ptr + rows, mask=has_row, other=0.0) * inv_temperature
@@ -288,8 +300,7 @@ _CHUNKS = {"16bit": (64, 128), "fp32": (32, 128)}  # (BLOCK_K, BLOCK_DV) above t
 
 
 def _tiles(outer_block: str, outer: int, inner: int) -> dict:
-    """The outer tile (queries in the forward, keys in the key gradient: its accumulator's rows)
-    and the streamed inner one."""
+    """The outer tile (queries in the forward, keys in the key gradient) and the streamed inner one."""
     return {outer_block: outer, ("BLOCK_M" if outer_block == "BLOCK_N" else "BLOCK_N"): inner}
 
 
@@ -297,10 +308,11 @@ def _configs(precision: str, outer_block: str) -> list:
     return [triton.Config(_tiles(outer_block, n, m), num_warps=w, num_stages=st) for n, m, w, st in _CONFIGS[precision]]
 
 
-_FWD_KEY = ["BLOCK_K", "BLOCK_DV", "ONE_CHUNK", "SCALE_ROWS", "SCALE_COLS", "COMPUTE_DQ", "DOT_PRECISION"]
+_FWD_KEY = ["BLOCK_K", "BLOCK_DV", "ONE_CHUNK", "SCALE_ROWS", "SCALE_COLS", "COMPUTE_DQ", "EXCLUDE_SELF",
+            "DOT_PRECISION"]
+_BWD_KEY = ["BLOCK_K", "BLOCK_DV", "ONE_CHUNK", "NORMALIZE", "EXCLUDE_SELF", "DOT_PRECISION"]
 _fwd_tuned = {p: triton.autotune(_configs(p, "BLOCK_N"), key=_FWD_KEY)(_info_nce_fwd_kernel) for p in _CONFIGS}
-_bwd_tuned = {p: triton.autotune(_configs(p, "BLOCK_M"), key=["BLOCK_K", "BLOCK_DV", "ONE_CHUNK", "NORMALIZE", "DOT_PRECISION"])(
-    _info_nce_bwd_kernel) for p in _CONFIGS}
+_bwd_tuned = {p: triton.autotune(_configs(p, "BLOCK_M"), key=_BWD_KEY)(_info_nce_bwd_kernel) for p in _CONFIGS}
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -308,8 +320,7 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _d_tiles(D: int, dtype: torch.dtype) -> dict:
-    """BLOCK_K (D chunk of the logits dot), BLOCK_DV (D chunk of the accumulator: one program
-    per chunk, each recomputing the logits) and ONE_CHUNK."""
+    """BLOCK_K (D chunk of the logits dot), BLOCK_DV (D chunk of the accumulator; one program each) and ONE_CHUNK."""
     precision = _precision(dtype)
     block_d = _block_d(D)
     if block_d <= _MAX_ONE_CHUNK[precision]:
@@ -346,8 +357,7 @@ def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))  # tl.dot needs every tile dim >= 16
 
 
-def _combine_block(D: int) -> int:
-    """Rows per program of the combine kernels: ~2K elements of each [rows, D] tile."""
+def _combine_block(D: int) -> int:  # rows per program of the combine kernels: ~2K elements a tile
     return max(1, min(64, 2048 // _block_d(D)))
 
 
@@ -376,7 +386,7 @@ def _num_splits(outer_rows: int, stream_rows: int, D: int, d_programs: int, devi
 
 def info_nce_fwd(
     query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None, *, temperature: float,
-    normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool,
+    normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool, exclude_self: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the forward. Returns (loss [N] fp32, lse2 [N] fp32 = log2 Σ_j 2^(l_ij·log2 e),
     dq_dir, dk_dir) where dq_dir [N, D] fp32 = ∂loss_i/∂query_i (empty unless compute_dq) and dk_dir [N, D]
@@ -397,9 +407,9 @@ def info_nce_fwd(
     l_part = torch.empty(num_splits, N, **f32)
     acc_part = torch.empty((num_splits, N, D) if compute_dq else (0,), **f32)
     flags = dict(SCALE_ROWS=normalize, SCALE_COLS=normalize and not has_queue, COMPUTE_DQ=compute_dq,
-                 EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), **d_tiles)
+                 EXCLUDE_SELF=exclude_self, EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), **d_tiles)
     args = (query, x, q_norm, k_norm, m_part, l_part, acc_part, N, x.shape[0], D, *query.stride(), *x.stride(),
-            split_cols, scale2)
+            split_cols, label_offset, scale2)
     _launch(_info_nce_fwd_kernel, _fwd_tuned, splits=num_splits, d_programs=d_programs, outer_block="BLOCK_N",
             outer_rows=N, logits=N * x.shape[0], args=args, flags=flags, dtype=query.dtype)
 
@@ -413,14 +423,14 @@ def info_nce_fwd(
         query, key, q_norm, k_norm, m_part, l_part, acc_part, loss, lse2, dq_dir, dk_dir,
         N, D, *query.stride(), *key.stride(), num_splits, label_offset, scale2, 1.0 / temperature,
         HAS_QUEUE=has_queue, NORMALIZE=normalize, COMPUTE_DQ=compute_dq, COMPUTE_DK=compute_dk,
-        EPS=_EPS, BLOCK_N=block_n, BLOCK_D=_block_d(D), num_warps=_combine_warps(D),
+        EXCLUDE_SELF=exclude_self, EPS=_EPS, BLOCK_N=block_n, BLOCK_D=_block_d(D), num_warps=_combine_warps(D),
     )
     return loss, lse2, dq_dir, dk_dir
 
 
 def info_nce_bwd(
     query: torch.Tensor, key: torch.Tensor, lse2: torch.Tensor, grad: torch.Tensor, *, temperature: float,
-    normalize: bool, label_offset: int,
+    normalize: bool, label_offset: int, exclude_self: bool,
 ) -> torch.Tensor:
     """In-batch key gradient [M, D] (key's dtype, contiguous) of Σ_i grad_i · loss_i, recomputing
     the logits tiles from lse2 [N] (from info_nce_fwd). grad [N] may be an expanded (stride-0) view."""
@@ -441,9 +451,10 @@ def info_nce_bwd(
     d_programs = triton.cdiv(D, d_tiles["BLOCK_DV"])
     num_splits, split_rows = _num_splits(M, N, D, d_programs, dev)
     part = torch.empty(num_splits, M, D, dtype=torch.float32, device=dev)
-    flags = dict(NORMALIZE=normalize, EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), **d_tiles)
+    flags = dict(NORMALIZE=normalize, EXCLUDE_SELF=exclude_self, EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype),
+                 **d_tiles)
     args = (query, key, q_norm, k_norm, lse2, weight, part, N, M, D, *query.stride(), *key.stride(), split_rows,
-            _LOG2E / temperature)
+            label_offset, _LOG2E / temperature)
     _launch(_info_nce_bwd_kernel, _bwd_tuned, splits=num_splits, d_programs=d_programs, outer_block="BLOCK_M",
             outer_rows=M, logits=N * M, args=args, flags=flags, dtype=query.dtype)
     dk = torch.empty(key.shape, dtype=key.dtype, device=dev)
@@ -451,7 +462,8 @@ def info_nce_bwd(
     _info_nce_bwd_combine_kernel[(triton.cdiv(M, block_m),)](
         query, key, q_norm, k_norm, grad, weight_scale, part, dk, N, M, D, *query.stride(), *key.stride(),
         num_splits, label_offset, 1.0 / temperature,
-        NORMALIZE=normalize, EPS=_EPS, BLOCK_M=block_m, BLOCK_D=_block_d(D), num_warps=_combine_warps(D),
+        NORMALIZE=normalize, EXCLUDE_SELF=exclude_self, EPS=_EPS, BLOCK_M=block_m, BLOCK_D=_block_d(D),
+        num_warps=_combine_warps(D),
     )
     return dk
 

@@ -6,6 +6,9 @@ L2-normalized rows (when normalize=True) and T the temperature:
 
 * queue form:   l_i = [qn_i·kn_i, qn_i·queue_1, …, qn_i·queue_K] / T, target 0
 * in-batch:     l_i = [qn_i·kn_1, …, qn_i·kn_M] / T,            target i + label_offset
+* NT-Xent (SimCLR, exclude_self): queries = two views stacked [a; b] (N = 2B), found among the
+  keys at rows label_offset…; l_i leaves out the own column i + label_offset (2N−1 candidates
+  when keys = queries) and its target is the other view's column, i ± B + label_offset
 * loss_i = lse(l_i) − l_i[target] = −log softmax(l_i)[target]
 
 The kernels never build an N×K logits tile outside registers/shared memory:
@@ -86,14 +89,14 @@ _REDUCTIONS = ("mean", "sum", "none")
 def _fwd_op(
     # typing.Optional: the spelling every torch version's schema inference knows.
     query: torch.Tensor, key: torch.Tensor, queue: Optional[torch.Tensor], temperature: float,  # noqa: UP045
-    normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool,
+    normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool, exclude_self: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return info_nce_fwd(query, key, queue, temperature=temperature, normalize=normalize, label_offset=label_offset,
-                        compute_dq=compute_dq, compute_dk=compute_dk)
+                        compute_dq=compute_dq, compute_dk=compute_dk, exclude_self=exclude_self)
 
 
 @_fwd_op.register_fake
-def _(query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk):
+def _(query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk, exclude_self):
     N, D = query.shape
     f32 = {"dtype": torch.float32}
     dq_shape = (N, D) if compute_dq else (0,)
@@ -105,23 +108,24 @@ def _(query, key, queue, temperature, normalize, label_offset, compute_dq, compu
 @torch.library.custom_op("fastssl::info_nce_bwd", mutates_args=())
 def _bwd_op(
     query: torch.Tensor, key: torch.Tensor, lse2: torch.Tensor, grad: torch.Tensor, temperature: float,
-    normalize: bool, label_offset: int,
+    normalize: bool, label_offset: int, exclude_self: bool,
 ) -> torch.Tensor:
     return info_nce_bwd(query, key, lse2, grad, temperature=temperature, normalize=normalize,
-                        label_offset=label_offset)
+                        label_offset=label_offset, exclude_self=exclude_self)
 
 
 @_bwd_op.register_fake
-def _(query, key, lse2, grad, temperature, normalize, label_offset):
+def _(query, key, lse2, grad, temperature, normalize, label_offset, exclude_self):
     return key.new_empty(key.shape)  # contiguous, like the launcher's
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk = inputs
+    query, key, queue, temperature, normalize, label_offset, compute_dq, compute_dk, exclude_self = inputs
     _, lse2, dq_dir, dk_dir = output
     ctx.save_for_backward(query, key, lse2, dq_dir, dk_dir)
     ctx.has_queue = queue is not None
     ctx.temperature, ctx.normalize, ctx.label_offset = temperature, normalize, label_offset
+    ctx.exclude_self = exclude_self
     ctx.compute_dq, ctx.compute_dk = compute_dq, compute_dk
 
 
@@ -142,8 +146,8 @@ def _backward(ctx, grad_loss, grad_lse2, grad_dq_dir, grad_dk_dir):
             dk = (g[:, None] * dk_dir).to(key.dtype)
         else:
             dk = _bwd_op(query, key, lse2, g, temperature=ctx.temperature, normalize=ctx.normalize,
-                         label_offset=ctx.label_offset)
-    return dq, dk, None, None, None, None, None, None
+                         label_offset=ctx.label_offset, exclude_self=ctx.exclude_self)
+    return dq, dk, None, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -154,15 +158,19 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 def info_nce_ref(
     query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None, *, temperature: float = 0.2,
-    normalize: bool = True, label_offset: int = 0, reduction: str = "mean",
+    normalize: bool = True, label_offset: int = 0, exclude_self: bool = False, reduction: str = "mean",
 ) -> torch.Tensor:
-    """The official formulas in plain PyTorch (MoCo v2 with a queue, MoCo v3 without);
-    materializes the [N, K+1] / [N, M] logits. Same arguments as `info_nce`."""
+    """The official formulas in plain PyTorch (MoCo v2 with a queue, MoCo v3 without, SimCLR's
+    NT-Xent with exclude_self); materializes the [N, K+1] / [N, M] logits. Same arguments as `info_nce`."""
     if normalize:
         query, key = F.normalize(query, dim=1), F.normalize(key, dim=1)
     if queue is None:
         logits = query @ key.T / temperature
-        labels = torch.arange(query.shape[0], device=query.device) + label_offset
+        rows = torch.arange(query.shape[0], device=query.device)
+        labels = rows + label_offset
+        if exclude_self:
+            logits = logits.index_put((rows, labels), logits.new_tensor(float("-inf")))
+            labels = (rows + query.shape[0] // 2) % query.shape[0] + label_offset
     else:
         l_pos = (query * key).sum(1, keepdim=True)
         # A queue of another dtype (e.g. fp32 beside bf16 queries) meets the queries in the
@@ -176,7 +184,8 @@ def info_nce_ref(
 
 def info_nce(
     query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None = None, *, temperature: float = 0.2,
-    normalize: bool = True, label_offset: int = 0, reduction: str = "mean", backend: str = "auto",
+    normalize: bool = True, label_offset: int = 0, exclude_self: bool = False, reduction: str = "mean",
+    backend: str = "auto",
 ) -> torch.Tensor:
     """InfoNCE / NT-Xent loss without materializing the logits (on the Triton backend).
 
@@ -190,6 +199,11 @@ def info_nce(
       target 0. The queue is used as given (not normalized) and gets no gradient.
     * queue None (MoCo v3 / SimCLR): logits = q @ kᵀ / T [N, M], row i's target is column
       i + label_offset (label_offset = rank·N when keys were gathered from all ranks).
+    * exclude_self=True (SimCLR's NT-Xent, in-batch form): query = the two views stacked [a; b]
+      (N even), whose rows are also keys label_offset … label_offset + N − 1 (key = query on one
+      rank; the ranks' stacked views gathered rank-major, label_offset = rank·N, on several).
+      Row i leaves out its own column i + label_offset and targets its other view's,
+      (i + N/2) mod N + label_offset.
 
     normalize=True L2-normalizes query and key rows first (F.normalize, fused).
     reduction: "mean" | "sum" (scalar) or "none" ([N]); the result has the input dtype.
@@ -211,6 +225,10 @@ def info_nce(
     temperature = check_positive("temperature", temperature)
     check_bool("normalize", normalize)
     label_offset = check_int("label_offset", label_offset)
+    check_bool("exclude_self", exclude_self)
+    if exclude_self and (queue is not None or N % 2):
+        raise ValueError(f"exclude_self=True needs the in-batch form (queue=None) and the two views stacked "
+                         f"(an even N), got N={N} and a queue={queue is not None}")
     if queue is not None and label_offset != 0:
         raise ValueError(f"label_offset applies to the in-batch form (queue=None); with a queue the target "
                          f"is always column 0, got label_offset={label_offset}")
@@ -230,11 +248,11 @@ def info_nce(
         check_interpreter_dot("info_nce", *tensors)
     if resolved == "torch":
         return info_nce_ref(query, key, queue, temperature=temperature, normalize=normalize,
-                            label_offset=label_offset, reduction=reduction)
+                            label_offset=label_offset, exclude_self=exclude_self, reduction=reduction)
     grad = torch.is_grad_enabled()
     loss, _, _, _ = _fwd_op(query, key, queue, temperature=temperature, normalize=normalize,
                             label_offset=label_offset, compute_dq=grad and query.requires_grad,
-                            compute_dk=grad and key.requires_grad)
+                            compute_dk=grad and key.requires_grad, exclude_self=exclude_self)
     if reduction == "mean":
         loss = loss.mean()
     elif reduction == "sum":

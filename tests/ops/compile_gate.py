@@ -88,6 +88,11 @@ def scenarios():
     def in_batch(dt, N, D):
         info_nce(t(N, D, dtype=dt, grad=True), t(N, D, dtype=dt, grad=True), backend="triton")
 
+    def nt_xent(dt, B, world):  # SimCLR: both views stacked, keys gathered from every rank
+        z = t(2 * B, 128, dtype=dt, grad=True)
+        keys = t(2 * B * world, 128, dtype=dt, grad=True)
+        info_nce(z, keys, label_offset=2 * B * (world - 1), exclude_self=True, backend="triton")
+
     def dino(dt, B, crops, K):
         s = t(crops * B, K, dtype=dt, grad=True)
         dino_loss(s, t(2 * B, K, dtype=dt), t(K, dtype=torch.float32), n_crops=crops, backend="triton")
@@ -143,6 +148,8 @@ def scenarios():
             for N in (256, 4096)
             for D in (128, 256, 1024)
         ]
+        out += [(f"info_nce nt-xent 2x{B} of {B * W} D=128 {name}", lambda dt=dt, B=B, W=W: nt_xent(dt, B, W))
+                for B, W in ((128, 1), (512, 8))]
         # the widest rows a launcher accepts (D chunks over programs)
         out += [(f"info_nce in-batch N=M=256 D=4096 {name}", lambda dt=dt: in_batch(dt, 256, 4096))]
         out += [

@@ -319,12 +319,18 @@ def test_opcheck(device):
     q = torch.randn(5, 16, device=device, requires_grad=True)
     k = torch.randn(5, 16, device=device, requires_grad=True)
     queue = torch.randn(7, 16, device=device)
-    for args in [(q, k, queue, 0.2, True, 0, True, True), (q, k, None, 0.3, False, 0, True, True),
-                 (q[:3], k, None, 0.2, True, 2, True, False)]:
+    # (query, key, queue, T, normalize, label_offset, compute_dq, compute_dk, exclude_self)
+    for args in [(q, k, queue, 0.2, True, 0, True, True, False),
+                 (q, k, None, 0.3, False, 0, True, True, False),
+                 (q[:3], k, None, 0.2, True, 2, True, False, False),
+                 (q[:4], k, None, 0.2, True, 1, True, True, True)]:
         torch.library.opcheck(torch.ops.fastssl.info_nce_fwd.default, args)
     lse2 = torch.rand(5, device=device) + 2.0
-    bwd_args = (q.detach(), k.detach(), lse2, torch.rand(5, device=device), 0.2, True, 0)
-    torch.library.opcheck(torch.ops.fastssl.info_nce_bwd.default, bwd_args)
+    for exclude_self in (False, True):
+        n = 4 if exclude_self else 5
+        grad = torch.rand(n, device=device)
+        bwd_args = (q.detach()[:n], k.detach(), lse2[:n], grad, 0.2, True, 0, exclude_self)
+        torch.library.opcheck(torch.ops.fastssl.info_nce_bwd.default, bwd_args)
 
 
 def test_torch_compile_fullgraph(device):
