@@ -8,6 +8,7 @@ from fastssl.models.heads import (
     SplitBatchNorm2d,
     moco_v2_head,
     moco_v3_mlp,
+    simclr_head,
     split_batch_norm_,
 )
 from fastssl.models.mae import MAEEncoder, MaskedAutoencoderViT, mae_vit, sincos_pos_embed_2d
@@ -15,5 +16,5 @@ from fastssl.models.mae import MAEEncoder, MaskedAutoencoderViT, mae_vit, sincos
 __all__ = [
     "DINOHead", "MAEEncoder", "MaskedAutoencoderViT", "MultiCropWrapper", "SplitBatchNorm2d",
     "build_backbone", "cosine_momentum", "ema_update_", "frozen_copy", "mae_vit", "moco_v2_head",
-    "moco_v3_mlp", "sincos_pos_embed_2d", "split_batch_norm_",
+    "moco_v3_mlp", "simclr_head", "sincos_pos_embed_2d", "split_batch_norm_",
 ]

@@ -1,4 +1,4 @@
-"""Projection / prediction heads of MoCo v2, MoCo v3 and DINO, DINO's multi-crop wrapper, and the
+"""Projection / prediction heads of MoCo v2, MoCo v3, SimCLR and DINO, DINO's multi-crop wrapper, and the
 split BatchNorm that simulates MoCo's shuffling BN in one process."""
 
 from __future__ import annotations
@@ -28,6 +28,20 @@ def moco_v3_mlp(
         elif last_bn:
             # MoCo v3 keeps the last BN free of affine parameters (its sec. 4 / official code)
             layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)
+
+
+def simclr_head(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128,
+                num_layers: int = 2) -> nn.Sequential:
+    """SimCLR's projection head g(h) = W2 σ(W1 h) (Chen et al. 2020; 3+ layers for SimCLR v2) with a
+    BatchNorm after every Linear, the last one affine (as the official TF code and lightly's
+    SimCLRProjectionHead do); the Linear layers carry no bias since a BatchNorm follows them."""
+    dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
+    layers: list[nn.Module] = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        layers += [nn.Linear(d_in, d_out, bias=False), nn.BatchNorm1d(d_out)]
+        if i < num_layers - 1:
+            layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
 

@@ -16,6 +16,7 @@ TINY = {
     "mocov2": dict(backbone="resnet18", image_size=8, moco_dim=16, mlp_hidden_dim=32, queue_size=64),
     "mocov3": dict(backbone="resnet18", image_size=8, moco_dim=16, mlp_hidden_dim=32),
     "rotnet": dict(backbone="resnet18", image_size=8),
+    "simclr": dict(backbone="resnet18", image_size=8, proj_dim=16, proj_hidden_dim=32),
     "dino": dict(backbone="vit_tiny_patch4", image_size=16, local_crop_size=8, n_local_crops=2, vit_depth=1,
                  out_dim=32, head_hidden_dim=32, bottleneck_dim=16, epochs=2, drop_path_rate=0.0),
     "mae": dict(backbone="vit_tiny_patch4", image_size=16, vit_depth=1, decoder_dim=32, decoder_depth=1,
@@ -23,7 +24,7 @@ TINY = {
 }
 # the fused ops each method calls (all must exist for the fused-vs-reference comparison)
 OPS = {
-    "mocov2": ("info_nce",), "mocov3": ("info_nce",), "rotnet": (),
+    "mocov2": ("info_nce",), "mocov3": ("info_nce",), "rotnet": (), "simclr": ("info_nce",),
     "dino": ("dino_loss",), "mae": ("random_masking", "unshuffle_tokens", "mae_loss", "patchify"),
 }
 
@@ -64,7 +65,7 @@ def make_batch(method: Method, batch_size: int = 8, seed: int = 0) -> dict:
     if method.name == "dino":
         sizes = [size] * 2 + [cfg.method.local_crop_size] * cfg.method.n_local_crops
     else:
-        sizes = {"mocov2": [size] * 2, "mocov3": [size] * 2, "mae": [size]}[method.name]
+        sizes = {"mocov2": [size] * 2, "mocov3": [size] * 2, "simclr": [size] * 2, "mae": [size]}[method.name]
     views = []
     for k, size in enumerate(sizes):
         v = x.flip(-1) if k % 2 else x

@@ -18,11 +18,12 @@ from method_helpers import (  # noqa: F401 (one_thread is an autouse fixture)
 )
 
 import fastssl.losses.info_nce
+import fastssl.losses.nt_xent
 import fastssl.ops
 from fastssl.engine import resolve_config
 from fastssl.methods import METHODS
 
-NAMES = ["mocov2", "mocov3", "rotnet", "dino", "mae"]
+NAMES = ["mocov2", "mocov3", "rotnet", "dino", "mae", "simclr"]
 
 
 def test_registry_and_paper_defaults():
@@ -43,10 +44,15 @@ def test_registry_and_paper_defaults():
     got = (mae.method.mask_ratio, mae.method.decoder_depth, mae.method.decoder_dim, mae.optim.betas,
            mae.optim.base_lr, mae.method.norm_pix_loss)
     assert got == (0.75, 8, 512, (0.9, 0.95), 1.5e-4, True)
+    simclr = resolve_config(METHODS["simclr"].config_class)
+    got = (simclr.method.temperature, simclr.optim.optimizer, simclr.lr, simclr.optim.weight_decay,
+           simclr.optim.warmup_epochs, simclr.method.proj_dim)
+    assert got == (0.1, "lars", 0.3 * 4096 / 256, 1e-6, 10.0, 128)
 
 
 # steps and AdamW learning rates that move each tiny model visibly on one repeated batch
-STEPS = {"mocov2": (6, 1e-3), "mocov3": (6, 1e-3), "rotnet": (6, 1e-3), "dino": (6, 1e-3), "mae": (6, 3e-3)}
+STEPS = {"mocov2": (6, 1e-3), "mocov3": (6, 1e-3), "rotnet": (6, 1e-3), "dino": (6, 1e-3), "mae": (6, 3e-3),
+         "simclr": (6, 1e-3)}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -106,7 +112,7 @@ def test_fused_flag_routes_every_op(name, fused, monkeypatch):
     method = build(name, fused=fused)
     seen = []
     # the ops as the model calls them (fastssl.ops) and as the losses layer calls them
-    for module in (fastssl.ops, fastssl.losses.info_nce):
+    for module in (fastssl.ops, fastssl.losses.info_nce, fastssl.losses.nt_xent):
         for op in ("info_nce", "random_masking", "unshuffle_tokens", "mae_loss"):
             if hasattr(module, op):
                 real = getattr(module, op)

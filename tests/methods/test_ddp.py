@@ -1,14 +1,16 @@
 """Two gloo processes on half batches give what one process gives on the whole batch (the
 losses averaged, the gradients averaged as DDP does, the DINO center identical on every rank),
-for a DINO step and a MoCo v3 step (keys gathered across ranks, label offset rank * N).
-Both use a ViT backbone, whose samples are independent; MoCo v3's heads keep BatchNorm1d,
+for a DINO step, a MoCo v3 step (keys gathered across ranks, label offset rank * N) and a SimCLR
+step (both views of every rank in one NT-Xent grid, label offset rank * 2N).
+MoCo v3 and SimCLR use a ViT backbone, whose samples are independent; their heads keep BatchNorm1d,
 which normalizes with per-rank statistics without SyncBN, so those layers run in eval mode."""
 
 import torch
 from dist_utils import run_gloo
 from method_helpers import build, context, make_batch, one_thread  # noqa: F401 (autouse fixture)
 
-JOBS = [("dino", {}), ("mocov3", {"backbone": "vit_tiny_patch4", "image_size": 16, "vit_depth": 1})]
+VIT = {"backbone": "vit_tiny_patch4", "image_size": 16, "vit_depth": 1}
+JOBS = [("dino", {}), ("mocov3", VIT), ("simclr", VIT)]
 
 
 def _steps(rank: int, world: int, jobs: list) -> list:
@@ -29,7 +31,7 @@ def _steps(rank: int, world: int, jobs: list) -> list:
     return results
 
 
-def test_dino_and_mocov3_two_processes_equal_one_process_on_the_full_batch():
+def test_dino_mocov3_simclr_two_processes_equal_one_process_on_the_full_batch():
     jobs = []
     for name, overrides in JOBS:
         method = build(name, **overrides)
