@@ -14,7 +14,8 @@ use). `harness` times and records; `report` writes RESULTS.md's tables from the 
 
 CPU studies: `presets` (every method's Fashion-MNIST preset), `demo_search` (the demo's recipe
 search), `under_load` (the demo's step on a busy CPU), `weak_study` (loss x sampling under
-long-tailed noisy labels).
+long-tailed noisy labels), `time_to_accuracy` (a recipe trained for a wall-time budget, its kNN
+over time and where the time went, optionally beside another tool run the same way).
 """
 
 # `fastssl bench NAME` -> the module it runs, in the order `fastssl bench` runs them all

@@ -1,0 +1,89 @@
+"""lightly-train's SimCLR on fastssl's backbone, for `fastssl.bench.time_to_accuracy --peer lightly-train`.
+
+Run by the interpreter of the environment where lightly-train is installed (never fastssl's own),
+with this checkout on PYTHONPATH, as `python -m fastssl.bench.peer_lightly_train '<request JSON>'`;
+the request names out, data (an image folder), backbone, image_size, epochs, batch_size and train_args (extra
+keyword arguments of lightly_train.train). The network is fastssl.models.build_backbone's module,
+passed through lightly-train's custom-model wrapper (get_model, forward_features, forward_pool,
+feature_dim); writes OUT/backbone.pt (its state dict after training) and OUT/peer_result.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastssl.bench.time_to_accuracy import StepTimers
+from fastssl.models.backbones import build_backbone
+
+
+class PooledBackbone(torch.nn.Module):
+    """lightly-train's custom-model interface over a backbone that already returns pooled [B, F]."""
+
+    def __init__(self, model: torch.nn.Module, dim: int):
+        super().__init__()
+        self._model, self._dim = model, dim
+
+    def get_model(self) -> torch.nn.Module:
+        return self._model
+
+    def forward_features(self, x: torch.Tensor) -> dict:
+        return {"features": self._model(x)[:, :, None, None]}
+
+    def forward_pool(self, x: dict) -> dict:
+        return {"pooled_features": x["features"]}
+
+    def feature_dim(self) -> int:
+        return self._dim
+
+
+def main(request: dict) -> int:
+    try:
+        import lightly_train
+    except ImportError as exc:
+        print(
+            f"peer lightly-train: this interpreter ({sys.executable}) cannot import lightly_train ({exc}); "
+            f"pass --peer-python of the environment where it is installed",
+            file=sys.stderr,
+        )
+        return 2
+    out = Path(request["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    backbone, dim = build_backbone(request["backbone"], request["image_size"])
+    timers = StepTimers(lambda module: False)  # Lightning runs forward and backward inside optimizer.step
+    lightly_train.train(
+        out=str(out / "lightly_train"),
+        data=request["data"],
+        model=PooledBackbone(backbone, dim),
+        method="simclr",
+        epochs=request["epochs"],
+        batch_size=request["batch_size"],
+        overwrite=True,
+        **request["train_args"],
+    )
+    result = timers.result()
+    exported = out / "lightly_train" / "exported_models" / "exported_last.pt"
+    state = torch.load(exported, weights_only=True) if exported.is_file() else backbone.state_dict()
+    torch.save(state, out / "backbone.pt")
+    train_s = result["step_ends_s"][-1] - result["first_step_start_s"] if result["step_ends_s"] else 0.0
+    (out / "peer_result.json").write_text(
+        json.dumps(
+            {
+                "version": lightly_train.__version__,
+                "step_ends_s": result["step_ends_s"],
+                "step_s": result["optimizer_s"],
+                "train_s": train_s,
+                "finished_s": time.perf_counter() - timers.t0,
+            }
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(json.loads(sys.argv[1])))

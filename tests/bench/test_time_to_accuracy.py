@@ -1,0 +1,97 @@
+"""The time-to-accuracy benchmark on a tiny folder and a budget of seconds: a real `fastssl train`
+child with its timers, the row it records, and the peer runner's refusal where its tool is absent."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastssl.bench import time_to_accuracy as tta
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 24), ("val", 8)):
+        for label in range(2):
+            d = root / split / f"class{label}"
+            d.mkdir(parents=True)
+            for i in range(count):
+                img = rng.integers(0, 60, (16, 16, 3), dtype=np.uint8) + np.uint8(150 * label)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def test_a_budgeted_run_records_time_steps_knn_and_the_split(tmp_path):
+    data = _folder(tmp_path / "data")
+    results = tmp_path / "tta.jsonl"
+    argv = [
+        "--data",
+        str(data),
+        "--budget-s",
+        "120",
+        "--out",
+        str(tmp_path / "runs"),
+        "--results",
+        str(results),
+        "backbone=resnet8",
+        "image_size=8",
+        "batch_size=8",
+        "epochs=2",
+        "eval_every=1",
+        "loader=torchvision",
+        "num_threads=1",
+        "log_every=1",
+    ]
+    assert tta.main(argv) == 0
+    (row,) = [json.loads(line) for line in results.read_text().splitlines()]
+    assert row["tool"] == "fastssl" and row["method"] == "simclr" and row["backbone"] == "resnet8"
+    assert row["steps"] == 2 * (48 // 8) and row["batch_size"] == 8
+    assert 0 <= row["knn_top1"] <= 1 and 0 <= row["knn_top1_random_init"] <= 1
+    assert row["images_per_second"] > 0 and row["command_wall_s"] > 0
+    curve = row["knn_curve"]
+    assert [c["step"] for c in curve] == [6, 12]  # every epoch, the last step included
+    assert 0 < curve[0]["seconds"] < curve[1]["seconds"] < row["command_wall_s"]
+    split = row["seconds"]
+    assert set(split) == {"data", "forward", "backward", "optimizer", "evaluation", "other"}
+    assert all(split[k] > 0 for k in ("data", "forward", "backward", "optimizer", "evaluation"))
+    assert abs(sum(split.values()) - row["command_wall_s"]) < 1e-6
+    assert row["torch"] and row["date"]  # the environment travels with the row
+
+
+def test_the_peer_runner_says_where_its_tool_is_missing(tmp_path):
+    request = {
+        "out": str(tmp_path / "peer"),
+        "data": str(tmp_path),
+        "backbone": "resnet8",
+        "image_size": 8,
+        "epochs": 1,
+        "batch_size": 8,
+        "train_args": {},
+    }
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    try:
+        import lightly_train  # noqa: F401
+
+        pytest.skip("lightly_train is installed here: the runner would train")
+    except ImportError:
+        pass
+    done = subprocess.run(
+        [sys.executable, "-m", tta.PEER_RUNNER, json.dumps(request)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert "cannot import lightly_train" in done.stderr and "--peer-python" in done.stderr
+
+
+def test_a_peer_needs_its_interpreter(capsys):
+    with pytest.raises(SystemExit):
+        tta.main(["--peer", "lightly-train"])
+    assert "--peer-python" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tta.main(["--budget-s", "0"])
