@@ -18,8 +18,11 @@ On a GPU the timers synchronize the device at each boundary, which the split nee
 method="simclr", epochs, batch_size)`; a custom model goes through its wrapper interface, which its
 command line does not offer) run by that tool's own interpreter (`--peer-python`, an environment
 where it is installed: never a dependency of fastssl) on the same images exported as PNG files and
-the same backbone module (fastssl.models.build_backbone, read from this checkout), with the same
-optimizer-step timers; its trained backbone is then evaluated by the same fastssl kNN. The peer runs
+the same backbone module (fastssl.models.build_backbone, read from this checkout), fastssl's crop
+size and crop scale (its documented transform_args; --peer-args adds or replaces arguments) and the
+same optimizer-step timers; its trained backbone is then evaluated by the same fastssl kNN. Its row
+carries images_per_second_ratio_fastssl: fastssl's training images/s over the peer's, both measured
+in this one command (the engine ratio on the same network, batch and crops). The peer runs
 a number of epochs (`--peer-epochs`: choose the one that fits the budget; its wall time is recorded).
 Its split is coarser: lightly-train (PyTorch Lightning) runs forward and backward inside the
 optimizer step's closure, so they are reported together as `step`.
@@ -233,6 +236,17 @@ def export_png_folder(data: str, folder: Path) -> Path:
     return folder
 
 
+def peer_defaults(method: str, cfg) -> dict:
+    """lightly_train.train arguments that give the peer fastssl's crop size and crop scale (its
+    documented transform_args); its other augmentations keep their SimCLR defaults."""
+    from fastssl.data import recipes
+    from fastssl.methods import METHODS
+
+    view = recipes.with_view_overrides(METHODS[method](cfg).recipe(), cfg.data.views).views[0]
+    side = cfg.data.image_size
+    return {"transform_args": {"image_size": [side, side], "random_resize": {"min_scale": view.scale[0]}}}
+
+
 def run_peer(args: argparse.Namespace, out: Path) -> dict:
     import torch
 
@@ -249,7 +263,7 @@ def run_peer(args: argparse.Namespace, out: Path) -> dict:
         "image_size": cfg.data.image_size,
         "epochs": args.peer_epochs,
         "batch_size": cfg.data.batch_size,
-        "train_args": json.loads(args.peer_args),
+        "train_args": {**peer_defaults(args.method, cfg), **json.loads(args.peer_args)},
     }
     env = {
         **os.environ,
@@ -337,7 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--peer-epochs", type=int, default=4)
     parser.add_argument(
-        "--peer-args", default="{}", help="JSON: extra keyword arguments of lightly_train.train"
+        "--peer-args",
+        default="{}",
+        help="JSON: keyword arguments of lightly_train.train over the defaults (transform_args with "
+        "fastssl's crop size and scale)",
     )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides of the fastssl run")
     args = parser.parse_args(argv)
