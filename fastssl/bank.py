@@ -85,10 +85,11 @@ class MemoryBank(nn.Module):
     """`size` feature rows of `dim` features, one per training image (instance discrimination's
     memory bank), replicated on every rank.
 
-    Buffers: `memory` [size, dim] in `dtype` (saved by state_dict under the official name, so an
-    official checkpoint's "memory" loads), and `rejected` [1] int64, the number of updates refused
-    for an out-of-range index (not saved). dtype=None stores bfloat16 when `device` is CUDA (what
-    bf16 autocast gives the features) and float32 elsewhere, decided here.
+    Buffers: `memory` [size, dim] in `dtype` (saved by state_dict as "memory", the official
+    NCEAverage buffer's name and layout, so its tensor loads as is), and `rejected` [1] int64, the
+    number of updates refused for an out-of-range index (not saved). dtype=None stores bfloat16
+    when `device` is CUDA (what bf16 autocast gives the features) and float32 elsewhere, decided
+    here.
 
     Initial rows are uniform in [-stdv, stdv] with stdv = 1 / sqrt(dim / 3), as the official
     NCEAverage draws them (each row's expected squared norm is then 1), L2-normalized when
