@@ -180,8 +180,9 @@ class MemoryBank(nn.Module):
         features [n, dim] (any floating dtype) and indices [n] (int64 or int32), both on the bank's
         device; m is `momentum` (a per-step value from a schedule) or the bank's.
 
-        A repeated index takes its last occurrence's row only (deterministic, and what an
-        atomic-free GPU scatter does cheaply: one claim per row, then one writer). gather=True
+        A repeated index takes its last occurrence's row only: deterministic, and cheap on a GPU
+        (an integer atomicMax claims each row for its last occurrence, then one warp writes it: no
+        float atomics, no write race; averaging the occurrences would need either). gather=True
         first all-gathers features and indices from every rank (rank-major, like KeyQueue.push), so
         every replica applies the same update; every rank must then pass the same n. No
         device-to-host sync on CUDA.
