@@ -25,6 +25,14 @@ TORCH_LIBRARY(fastssl, m) {
   // by n mod size. arrivals is a zeroed int32 scratch counter the CUDA kernel uses to let
   // its last block advance ptr.
   m.def("queue_push_(Tensor(a!) queue, Tensor(b!) ptr, Tensor(c!) arrivals, Tensor keys, bool normalize) -> ()");
+  // Momentum update of the instance-discrimination memory bank (MemoryBank.update): for each
+  // distinct index i, with r the LAST row of features [n, dim] whose index is i,
+  // memory[i] = normalize(momentum * memory[i] + (1 - momentum) * features[r]) (optional
+  // F.normalize), cast to memory's dtype. A batch with any index outside [0, size) changes no
+  // row and adds 1 to rejected (the device never raises, so the host never syncs). scratch is a
+  // zeroed int32 [size + 1] the implementations claim rows in; features must not alias memory.
+  m.def("memory_bank_update_(Tensor(a!) memory, Tensor(b!) scratch, Tensor(c!) rejected, Tensor features, "
+        "Tensor indices, float momentum, bool normalize) -> ()");
   // Comma-separated CUDA images of this build, cuobjdump's names; "" when built CPU-only.
   m.def("cuda_images() -> str", &cuda_images);
 }

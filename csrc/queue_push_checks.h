@@ -5,11 +5,9 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
-namespace fastssl {
+#include "dtype_checks.h"
 
-inline bool is_queue_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble;
-}
+namespace fastssl {
 
 inline void check_queue_push_args(const at::Tensor& queue, const at::Tensor& ptr, const at::Tensor& arrivals,
                                   const at::Tensor& keys) {
@@ -19,7 +17,7 @@ inline void check_queue_push_args(const at::Tensor& queue, const at::Tensor& ptr
               "fastssl::queue_push_: keys must be a non-empty contiguous 2-D tensor, got shape ", keys.sizes());
   TORCH_CHECK(keys.size(1) == queue.size(1), "fastssl::queue_push_: keys must have ", queue.size(1),
               " columns like the queue, got ", keys.size(1));
-  TORCH_CHECK(is_queue_float(queue.scalar_type()) && is_queue_float(keys.scalar_type()),
+  TORCH_CHECK(is_float_dtype(queue.scalar_type()) && is_float_dtype(keys.scalar_type()),
               "fastssl::queue_push_: queue and keys must be float32/float16/bfloat16/float64, got ",
               queue.scalar_type(), " and ", keys.scalar_type());
   TORCH_CHECK(ptr.scalar_type() == at::kLong && ptr.numel() == 1,

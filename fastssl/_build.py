@@ -5,8 +5,8 @@ CUDA sources are compiled whenever torch is a CUDA build and nvcc is found, GPU 
 not. Which architectures: TORCH_CUDA_ARCH_LIST when the user sets it; else the visible GPUs'
 (torch's own choice); else, with no GPU to detect, PORTABLE_CUDA_ARCHS (those the installed
 nvcc can target) plus PTX of the newest, which later cards JIT-compile. The list is compiled
-into the library (torch.ops.fastssl.cuda_images) so KeyQueue can tell, before launching,
-whether a device can run the kernel. Two gaps of a minimal CUDA toolkit are filled from the
+into the library (torch.ops.fastssl.cuda_images) so KeyQueue and MemoryBank can tell, before launching,
+whether a device can run the kernels. Two gaps of a minimal CUDA toolkit are filled from the
 pip-installed CUDA runtime (site-packages/nvidia/cu<major>): headers such as cusparse.h that
 ATen's CUDA headers include, and an unversioned libcudart.so for torch's `-lcudart`.
 """

@@ -71,8 +71,10 @@ _KERNEL_RUNS_ON: dict[torch.device, bool] = {}
 
 
 @torch.compiler.assume_constant_result
-def _kernel_runs_on(device: torch.device) -> bool:
-    # Decided once per device, before any launch: a missing image would otherwise fail every push.
+def kernel_runs_on(device: torch.device) -> bool:
+    """Whether the loaded extension's kernels (KeyQueue's push, MemoryBank's update) can run on
+    `device`. Decided once per device, before any launch: a missing image would otherwise fail
+    every call. Where not, both take their PyTorch paths, with one warning per device."""
     if device.type != "cuda":
         return True
     if device not in _KERNEL_RUNS_ON:
@@ -81,10 +83,10 @@ def _kernel_runs_on(device: torch.device) -> bool:
         _KERNEL_RUNS_ON[device] = has_kernel_image(capability, images)
         if not _KERNEL_RUNS_ON[device]:
             warnings.warn(
-                f"KeyQueue on {device} (sm_{capability[0]}{capability[1]}): the fastssl extension has no "
-                f"kernel image for it (built for {', '.join(images) or 'CPU only'}); pushing with the "
-                "PyTorch path (queue_push_ref) instead. Rebuild on this machine, or with "
-                "TORCH_CUDA_ARCH_LIST naming it, for the kernel.",
+                f"{device} (sm_{capability[0]}{capability[1]}): the fastssl extension has no kernel image "
+                f"for it (built for {', '.join(images) or 'CPU only'}); KeyQueue and MemoryBank use their "
+                "PyTorch paths (queue_push_ref, memory_bank_update_ref) instead. Rebuild on this machine, "
+                "or with TORCH_CUDA_ARCH_LIST naming it, for the kernels.",
                 RuntimeWarning, stacklevel=3,
             )
     return _KERNEL_RUNS_ON[device]
@@ -215,7 +217,7 @@ class KeyQueue(nn.Module):
             keys = all_gather_no_grad(keys)
         elif not torch.compiler.is_compiling() and _same_storage(keys, self.keys):
             keys = keys.clone()  # rows of the queue itself: read them all before any is overwritten
-        if not _kernel_runs_on(self.keys.device):
+        if not kernel_runs_on(self.keys.device):
             queue_push_ref(self.keys, self.ptr, keys, self.normalize)
             return
         try:

@@ -482,10 +482,10 @@ def test_device_without_image_warns_once_and_takes_the_torch_path(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capabilities[torch.device(d).index])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first = fastssl.queue._kernel_runs_on(torch.device("cuda", 0))
-        second = fastssl.queue._kernel_runs_on(torch.device("cuda", 0))
-        hopper = fastssl.queue._kernel_runs_on(torch.device("cuda", 1))
-        cpu = fastssl.queue._kernel_runs_on(torch.device("cpu"))
+        first = fastssl.queue.kernel_runs_on(torch.device("cuda", 0))
+        second = fastssl.queue.kernel_runs_on(torch.device("cuda", 0))
+        hopper = fastssl.queue.kernel_runs_on(torch.device("cuda", 1))
+        cpu = fastssl.queue.kernel_runs_on(torch.device("cpu"))
     assert (first, second, hopper, cpu) == (False, False, True, True)
     assert len(caught) == 1 and issubclass(caught[0].category, RuntimeWarning)
     for word in ("sm_80", "sm_90", "queue_push_ref", "TORCH_CUDA_ARCH_LIST"):

@@ -1,43 +1,27 @@
 // CUDA kernel of KeyQueue.push: one launch writes the surviving rows, casts and
 // optionally L2-normalizes them, and advances the device-side pointer, so a push
 // never reads the pointer on the host (no device-to-host sync).
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "float_io.h"
 #include "queue_push.h"
 
 namespace {
+
+using fastssl_cuda::acc_t;
+using fastssl_cuda::load_as;
+using fastssl_cuda::store;
 
 constexpr int kWarpSize = 32;
 constexpr int kWarpsPerBlock = 8;  // one warp per row: rows are short (dim ~ 128..4096)
 constexpr int kMaxBlocks = 4096;   // grid-stride beyond this
 
-// Accumulate in fp32, or fp64 when the keys are fp64 (no precision thrown away).
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-template <typename A> __device__ __forceinline__ A load_as(const float* p) { return static_cast<A>(*p); }
-template <typename A> __device__ __forceinline__ A load_as(const double* p) { return static_cast<A>(*p); }
-template <typename A> __device__ __forceinline__ A load_as(const __half* p) { return static_cast<A>(__half2float(*p)); }
-template <typename A> __device__ __forceinline__ A load_as(const __nv_bfloat16* p) {
-  return static_cast<A>(__bfloat162float(*p));
-}
-
-// Narrowing goes through fp32 like torch's casts (fp64 -> fp32 -> fp16/bf16).
-template <typename A> __device__ __forceinline__ void store(float* p, A v) { *p = static_cast<float>(v); }
-template <typename A> __device__ __forceinline__ void store(double* p, A v) { *p = static_cast<double>(v); }
-template <typename A> __device__ __forceinline__ void store(__half* p, A v) { *p = __float2half_rn(static_cast<float>(v)); }
-template <typename A> __device__ __forceinline__ void store(__nv_bfloat16* p, A v) {
-  *p = __float2bfloat16_rn(static_cast<float>(v));
-}
-
 template <typename In, typename Out>
 __global__ void queue_push_kernel(Out* __restrict__ queue, int64_t* ptr, unsigned int* arrivals,
                                   const In* __restrict__ keys, int64_t start, int64_t n, int64_t size,
                                   int64_t dim, bool normalize) {
-  using A = typename Acc<In>::type;
+  using A = acc_t<In>;  // fp64 only for fp64 keys, as the CPU path
   __shared__ int64_t s_ptr;
   __shared__ bool s_last;
   if (threadIdx.x == 0) {
@@ -99,19 +83,6 @@ int launch(void* queue, int64_t* ptr, int32_t* arrivals, const void* keys, int64
   return static_cast<int>(cudaGetLastError());
 }
 
-template <typename In>
-int launch_for_queue(int queue_dtype, void* queue, int64_t* ptr, int32_t* arrivals, const void* keys,
-                     int64_t n, int64_t size, int64_t dim, int normalize, cudaStream_t stream) {
-  switch (queue_dtype) {
-    case FASTSSL_FLOAT32: return launch<In, float>(queue, ptr, arrivals, keys, n, size, dim, normalize, stream);
-    case FASTSSL_FLOAT16: return launch<In, __half>(queue, ptr, arrivals, keys, n, size, dim, normalize, stream);
-    case FASTSSL_BFLOAT16:
-      return launch<In, __nv_bfloat16>(queue, ptr, arrivals, keys, n, size, dim, normalize, stream);
-    case FASTSSL_FLOAT64: return launch<In, double>(queue, ptr, arrivals, keys, n, size, dim, normalize, stream);
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
-}
-
 }  // namespace
 
 extern "C" int fastssl_queue_push_cuda(void* queue, int queue_dtype, int64_t* ptr, int32_t* arrivals,
@@ -119,15 +90,9 @@ extern "C" int fastssl_queue_push_cuda(void* queue, int queue_dtype, int64_t* pt
                                        int normalize, void* stream) {
   if (n < 1 || size < 1 || dim < 1) return static_cast<int>(cudaErrorInvalidValue);
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (keys_dtype) {
-    case FASTSSL_FLOAT32:
-      return launch_for_queue<float>(queue_dtype, queue, ptr, arrivals, keys, n, size, dim, normalize, s);
-    case FASTSSL_FLOAT16:
-      return launch_for_queue<__half>(queue_dtype, queue, ptr, arrivals, keys, n, size, dim, normalize, s);
-    case FASTSSL_BFLOAT16:
-      return launch_for_queue<__nv_bfloat16>(queue_dtype, queue, ptr, arrivals, keys, n, size, dim, normalize, s);
-    case FASTSSL_FLOAT64:
-      return launch_for_queue<double>(queue_dtype, queue, ptr, arrivals, keys, n, size, dim, normalize, s);
-    default: return static_cast<int>(cudaErrorInvalidValue);
-  }
+  return fastssl_cuda::with_float_type(keys_dtype, [&](auto key) {
+    return fastssl_cuda::with_float_type(queue_dtype, [&](auto slot) {
+      return launch<decltype(key), decltype(slot)>(queue, ptr, arrivals, keys, n, size, dim, normalize, s);
+    });
+  });
 }

@@ -4,12 +4,11 @@
 
 #include <stdint.h>
 
+#include "dtype.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
-
-// Element types of the queue and of the pushed keys.
-enum FastsslDtype { FASTSSL_FLOAT32 = 0, FASTSSL_FLOAT16 = 1, FASTSSL_BFLOAT16 = 2, FASTSSL_FLOAT64 = 3 };
 
 // Pushes keys [n, dim] (row-major, contiguous) into the ring queue [size, dim]:
 // row r goes to slot (*ptr + r) % size for the rows that survive (r >= n - size),

@@ -7,30 +7,20 @@
 #include <torch/library.h>
 
 #include "../queue_push_checks.h"
+#include "binding_dtype.h"
 #include "queue_push.h"
 
 namespace fastssl {
 namespace {
 
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return FASTSSL_FLOAT32;
-    case at::kHalf: return FASTSSL_FLOAT16;
-    case at::kBFloat16: return FASTSSL_BFLOAT16;
-    case at::kDouble: return FASTSSL_FLOAT64;
-    default: break;
-  }
-  TORCH_CHECK(false, "fastssl::queue_push_: unsupported dtype ", t);
-  return -1;
-}
-
 void queue_push_cuda(at::Tensor& queue, at::Tensor& ptr, at::Tensor& arrivals, const at::Tensor& keys,
                      bool normalize) {
   check_queue_push_args(queue, ptr, arrivals, keys);
   const c10::cuda::CUDAGuard guard(queue.device());
+  constexpr const char* op = "fastssl::queue_push_";
   const int err = fastssl_queue_push_cuda(
-      queue.data_ptr(), dtype_code(queue.scalar_type()), ptr.data_ptr<int64_t>(), arrivals.data_ptr<int32_t>(),
-      keys.data_ptr(), dtype_code(keys.scalar_type()), keys.size(0), queue.size(0), queue.size(1),
+      queue.data_ptr(), dtype_code(queue.scalar_type(), op), ptr.data_ptr<int64_t>(), arrivals.data_ptr<int32_t>(),
+      keys.data_ptr(), dtype_code(keys.scalar_type(), op), keys.size(0), queue.size(0), queue.size(1),
       normalize ? 1 : 0, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "fastssl::queue_push_: CUDA launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
