@@ -307,7 +307,8 @@ class ShardSource:
         if not kept:
             raise ValueError(f"shards {self.spec!r}: no readable samples")
         if self.skipped:
-            warnings.warn(f"shards {self.spec!r}: {len(self.skipped)} sample(s) left out, e.g. "
+            bound = "at least " if any("lower bound" in why for _, why in self.skipped) else ""
+            warnings.warn(f"shards {self.spec!r}: {bound}{len(self.skipped)} sample(s) left out, e.g. "
                           f"{self.skipped[0][0]} ({self.skipped[0][1]})", stacklevel=2)
         self.samples = kept
         self.labels = np.asarray([s.cls for s in kept], dtype=np.int64)
