@@ -39,7 +39,7 @@ from torchvision import datasets, transforms
 from fastssl.bench.harness import Case, environment, run
 from fastssl.data import ArraySource, ImageFolderSource, Recipe, ShardSource, ViewSpec, build_loader, recipes
 from fastssl.data.dali import HAS_DALI
-from fastssl.data.shards import write_shards
+from fastssl.data.shard_writer import write_shards
 from fastssl.data.sources import fashion_mnist
 
 

@@ -5,7 +5,8 @@ from fastssl.data.loader import Loader, build_loader, resolve_loader, shard_indi
 from fastssl.data.recipes import Recipe, ViewSpec
 from fastssl.data.remote import RemoteOptions
 from fastssl.data.sampler import ResamplingSampler as ResamplingSampler  # labels API: fastssl.data.labels
-from fastssl.data.shards import ShardSource, write_shards
+from fastssl.data.shard_writer import write_shards
+from fastssl.data.shards import ShardSource
 from fastssl.data.sources import ArraySource, FileListSource, ImageFolderSource, fashion_mnist
 from fastssl.data.spec import DataSplits, check_data_spec, data_splits
 

@@ -41,13 +41,16 @@ equal pixel for pixel.
 
 from __future__ import annotations
 
+import gc
+import os
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from fastssl.data.lifetime import die_with_parent
 from fastssl.data.recipes import Recipe, ViewSpec
-from fastssl.data.sources import decode_error, fill_skipped, read_each
+from fastssl.data.sources import decode_error, fill_skipped, frame_error, read_each
 
 try:
     from nvidia.dali import backend as dali_native
@@ -185,30 +188,36 @@ if HAS_DALI:
 class _Feeder:
     """Batch callable for the parallel fn.external_source, run in DALI's worker processes
     (picklable; stateless but for its copy of `bad`): batch i of the planned epoch's
-    remaining batches. A sample in `bad` (known undecodable) or whose bytes cannot be read
-    is replaced by another sample of its batch (fill_skipped); the main process sees the
-    replacement in the index output (DaliViews._note_unread)."""
+    remaining batches. A sample in `bad` (known undecodable), whose bytes cannot be read or
+    whose frame is broken (frame_error: it must never reach the decoder) is replaced by another
+    sample of its batch (fill_skipped); the main process sees the replacement in the index
+    output (DaliViews._note_unread). The worker ends with the process that started it."""
 
     def __init__(self, source, batches: list[np.ndarray], bad: dict[int, str]):
         self.source, self.batches, self.bad = source, batches, bad
+        self.parent, self.bound = os.getpid(), False
 
     def _read(self, idx: list[int]) -> list:
-        """Each sample's encoded bytes (or pixels), None where it is known bad or unreadable;
-        encoded bytes in one call for the batch, which a remote source requests together."""
+        """Each sample's encoded bytes (or pixels), None where it is known bad, unreadable or
+        its frame is broken; encoded bytes in one call for the batch, which a remote source
+        requests together."""
         todo = [i for i in idx if i not in self.bad]
-        if self.source.kind == "encoded":
-            data = self.source.read_many(todo)
-        else:
-            data = read_each(self.source.image, todo)
+        encoded = self.source.kind == "encoded"
+        data = self.source.read_many(todo) if encoded else read_each(self.source.image, todo)
         got = {}
         for i, d in zip(todo, data):
             if isinstance(d, OSError):
                 self.bad[i] = f"{type(d).__name__}: {d}"
+            elif encoded and (err := frame_error(d)) is not None:
+                self.bad[i] = err
             else:
                 got[i] = d
         return [got.get(i) for i in idx]
 
     def __call__(self, iteration: int):
+        if not self.bound:  # the first call in this worker: DALI offers no worker initializer
+            die_with_parent(self.parent)
+            self.bound = True
         if iteration >= len(self.batches):
             raise StopIteration
         idx = [int(i) for i in self.batches[iteration]]
@@ -230,6 +239,7 @@ class DaliViews:
         self.device, self.num_threads, self.seed, self.shard_id = device, num_threads, seed, shard_id
         self.dtype, self.max_batch = dtype, max_batch
         self.bad: dict[int, str] = {}  # undecodable samples found so far: never fed again
+        self.framed: set[int] = set()  # files whose frame was checked (frame_error)
         # Files are read by fn.readers.file (paths known up front); shards and arrays by the feeder.
         self.read_files = source.kind == "encoded" and hasattr(source, "paths")
         self.labels = torch.as_tensor(np.asarray(source.labels), dtype=torch.int64).to(device)
@@ -237,7 +247,14 @@ class DaliViews:
 
     def _file_order(self, batches: list[np.ndarray]) -> tuple[list[str], list[int]]:
         """The planned batches as fn.readers.file's files and labels (= dataset indices), each
-        known-bad sample replaced by a good one of its batch."""
+        known-bad sample replaced by a good one of its batch. Files not seen before have their
+        frame checked first (two small reads each, once per run): the reader hands DALI's
+        decoder whatever it finds, and a broken file can crash it instead of raising."""
+        unseen = sorted({int(i) for idx in batches for i in idx} - self.framed)
+        for j in unseen:
+            if (err := frame_error(self.source.paths[j])) is not None:
+                self.bad[j] = err
+        self.framed.update(unseen)
         order: list[int] = []
         for idx in batches:
             items = [int(i) for i in idx]
@@ -273,7 +290,8 @@ class DaliViews:
         return out
 
     def _find_undecodable(self, batches: list[np.ndarray]) -> bool:
-        """Record in self.bad the samples of `batches` that do not decode; whether any did not."""
+        """Record in self.bad the samples of `batches` that do not decode; whether any did not.
+        Called once the failed pipeline is shut down: its threads must not run beside PIL's."""
         found = False
         if self.source.kind != "encoded":
             return found
@@ -297,27 +315,27 @@ class DaliViews:
             if j in self.bad:
                 continue
             try:
-                self.read(j)
-                self.bad[j] = "could not be read by the reader worker"
+                data = self.read(j)
+                err = frame_error(data) if self.source.kind == "encoded" else None
+                self.bad[j] = err or "could not be read by the reader worker"
             except OSError as exc:
                 self.bad[j] = f"{type(exc).__name__}: {exc}"
 
     def iterate(self, epoch: int, batches: list[np.ndarray], start: int = 0) -> Iterator[dict]:
-        """Views of batches[start:]. A decoding failure stops DALI's pipeline without naming
-        the sample: the batches in flight are then checked with PIL, the bad samples recorded,
-        and a new pipeline resumes at the failed batch with them replaced."""
+        """Views of batches[start:]. Broken frames never reach DALI (frame_error); a decoding
+        failure inside a whole frame stops DALI's pipeline without naming the sample: the
+        pipeline is then shut down, the batches in flight checked with PIL, the bad samples
+        recorded, and a new pipeline resumes at the failed batch with them replaced."""
         n_views, pin = self.recipe.num_views, self.device.type == "cuda"
         first = start
         while first < len(batches):
-            pipe = self._pipeline(epoch, batches[first:])
+            pipe, failed = self._pipeline(epoch, batches[first:]), None
             try:
                 for i in range(first, len(batches)):
                     try:
                         outs = pipe.run()
-                    except Exception:  # DALI reports decode failures as RuntimeError without the sample
-                        if not self._find_undecodable(batches[i: i + PREFETCH + 1]):
-                            raise
-                        first = i
+                    except Exception as exc:  # a decode failure: a RuntimeError without the sample
+                        failed = (i, str(exc))  # not the exception: its traceback holds the pipeline
                         break
                     # The file reader fills a short last batch by wrapping around: keep the planned ones.
                     size = len(batches[i])
@@ -335,4 +353,9 @@ class DaliViews:
                 else:
                     first = len(batches)
             finally:
-                del pipe
+                del pipe  # the last reference: DALI shuts the pipeline down, its threads and workers
+            if failed is not None:
+                gc.collect()
+                if not self._find_undecodable(batches[failed[0]: failed[0] + PREFETCH + 1]):
+                    raise RuntimeError(f"DALI failed at batch {failed[0]} of epoch {epoch}: {failed[1]}")
+                first = failed[0]

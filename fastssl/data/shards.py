@@ -1,4 +1,5 @@
-"""WebDataset tar shards: writing them, indexing them, reading samples out of them.
+"""WebDataset tar shards: indexing them, reading samples out of them (fastssl.data.shard_writer
+writes them; `shard_dataset` here is `fastssl shards`).
 
 Layout written by `write_shards` (and `fastssl shards`): OUT/shard-000000.tar, ... where
 each sample is KEY.jpg or KEY.png (the image's encoded bytes, unchanged), KEY.cls (its
@@ -86,109 +87,14 @@ def hashtags(caption: str) -> list[str]:
     return list(dict.fromkeys(t.lower() for t in _HASHTAG.findall(caption)))
 
 
-# ----------------------------------------------------------------------------- writing
-
-
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    # Fixed metadata: the same input gives byte-identical shards.
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = size, 0, 0o644
-    info.uid, info.gid, info.uname, info.gname = 0, 0, "", ""
-    return info
-
-
-def _index_line(members: list[tuple[str, int, int, str]]) -> str:
-    return " ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in members)
-
-
-def _write_shard(path: Path, samples: list[tuple[str, list[tuple[str, bytes]]]]) -> None:
-    """One tar and its wds2idx-format index, each written to a temporary name and renamed:
-    a kill leaves either the complete file or none under the final name."""
-    lines = []
-    tmp_tar = path.with_name(f".{path.name}.tmp")
-    with open(tmp_tar, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, members in samples:
-            entry = []
-            for ext, data in members:
-                name = f"{key}.{ext}"
-                tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
-                # The data ends, padded to a 512-byte block, where the archive's offset now is.
-                entry.append((ext, tar.offset - _round512(len(data)), len(data), name))
-            lines.append(_index_line(entry))
-    tmp_idx = path.with_name(f".{path.stem}.idx.tmp")
-    tmp_idx.write_text(f"v1.2 {len(samples)}\n" + "".join(line + "\n" for line in lines))
-    os.replace(tmp_tar, path)
-    os.replace(tmp_idx, path.with_suffix(".idx"))
-
-
-def _round512(n: int) -> int:
-    return (n + 511) // 512 * 512
-
-
-def _png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
-
-
-def write_shards(source, out: str | os.PathLike, *, shard_size: int = 10_000,
-                 tags: Sequence[Sequence[str]] | None = None,
-                 class_names: Sequence[str] | None = None) -> dict:
-    """Write `source` (an encoded-image source: its files' bytes unchanged; or an ArraySource:
-    PNG-encoded) as shards of `shard_size` samples under `out`; returns the manifest.
-
-    tags: one list of tag strings per sample (weak supervision), stored in KEY.json and
-    gathered, sorted, into the manifest's tag vocabulary. KEY.json's "path" is the file's
-    path (an ArraySource's: the item index).
-    Deterministic: the same source gives byte-identical shards. Shards appear atomically;
-    manifest.json is written last, so a folder with a manifest is complete."""
-    if not isinstance(shard_size, int) or isinstance(shard_size, bool) or shard_size < 1:
-        raise ValueError(f"shard_size must be an int >= 1, got {shard_size!r}")
-    n = len(source)
-    if tags is not None and len(tags) != n:
-        raise ValueError(f"tags must have one list per sample ({n}), got {len(tags)}")
-    out = Path(out)
-    if (out / MANIFEST).exists() or glob.glob(str(out / "shard-*.tar")):
-        raise ValueError(f"out: {str(out)!r} already holds shards; choose an empty folder")
-    out.mkdir(parents=True, exist_ok=True)
-    encoded = source.kind == "encoded"
-    counts: list[int] = []
-    for first in range(0, n, shard_size):
-        samples = []
-        for i in range(first, min(first + shard_size, n)):
-            if encoded:
-                ext = Path(source.paths[i]).suffix.lower().lstrip(".")
-                ext = "jpg" if ext == "jpeg" else ext
-                data = source.read_bytes(i).tobytes()
-            else:
-                ext, data = "png", _png_bytes(source.images[i])
-            origin = source.paths[i] if encoded else i
-            meta = {"path": origin, "tags": list(tags[i]) if tags is not None else []}
-            samples.append((f"{i:09d}", [(ext, data), ("cls", str(int(source.labels[i])).encode()),
-                                         ("json", json.dumps(meta, sort_keys=True).encode())]))
-        _write_shard(out / SHARD_NAME.format(len(counts)), samples)
-        counts.append(len(samples))
-    vocabulary = sorted({t for row in tags for t in row}) if tags is not None else []
-    manifest = {
-        "format": FORMAT, "total": n, "shards": [SHARD_NAME.format(k) for k in range(len(counts))],
-        "samples_per_shard": counts, "class_names": list(class_names) if class_names is not None else [],
-        "tag_vocabulary": vocabulary,
-    }
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / MANIFEST)
-    return manifest
-
-
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot")
 
 
 def shard_dataset(src: str, out: str | os.PathLike, *, shard_size: int = 10_000, split: str = "train",
-                  labels: str | None = None) -> dict:
-    """`fastssl shards`: write SRC as shards under OUT; returns the manifest.
+                  labels: str | None = None, overwrite: bool = False) -> dict:
+    """`fastssl shards`: write SRC as shards under OUT (write_shards: an unfinished OUT is
+    completed, a complete one refused unless overwrite); returns the manifest.
 
     src: "fashion-mnist" (split train or test), an image folder (ROOT/train or ROOT/val by
     split when present, else ROOT's class folders), or a labels file (.csv / .jsonl, as
@@ -197,6 +103,7 @@ def shard_dataset(src: str, out: str | os.PathLike, *, shard_size: int = 10_000,
     labels: a labels file whose labels become the tags of SRC's images (matched by path,
     or by index for Fashion-MNIST)."""
     from fastssl.data.labels import _rows, read_labels
+    from fastssl.data.shard_writer import write_shards
     from fastssl.data.sources import ImageFolderSource, _FileSource, fashion_mnist
 
     if split not in ("train", "test"):
@@ -230,7 +137,8 @@ def shard_dataset(src: str, out: str | os.PathLike, *, shard_size: int = 10_000,
         table = read_labels(labels, vocabulary=names, paths=getattr(source, "paths", None),
                             num_items=len(source) if source.kind == "array" else None)
         tags = [[table.names[c] if table.names else str(c) for c in row] for row in table.labels]
-    return write_shards(source, out, shard_size=shard_size, tags=tags, class_names=class_names)
+    return write_shards(source, out, shard_size=shard_size, tags=tags, class_names=class_names,
+                        overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -248,7 +156,7 @@ class _Sample:
     caption: str = ""
 
 
-def _scan_shard(path: str, shard: int, remote: RemoteReader | None) -> tuple[list[_Sample], str | None]:
+def scan_shard(path: str, shard: int, remote: RemoteReader | None) -> tuple[list[_Sample], str | None]:
     """The samples of one tar from its headers (small members .cls .json .txt are read),
     and why reading stopped early (None when the whole tar was read). A sample cut by the
     damage is dropped; the complete samples before it are kept. A remote shard is fetched
@@ -306,6 +214,15 @@ def shard_paths(spec: str | os.PathLike, remote: RemoteReader | None = None) -> 
         paths = sorted(glob.glob(os.path.join(spec, "*.tar")))
         if not paths:
             raise ValueError(f"{spec!r} holds no manifest.json and no *.tar shards")
+        ours = [p for p in paths if re.fullmatch(r"shard-\d{6}\.tar", os.path.basename(p))
+                and os.path.isfile(p[:-4] + ".idx")]
+        if ours or glob.glob(os.path.join(spec, ".shard-*.tmp")):
+            last = os.path.basename(ours[-1])[6:12] if ours else "000000"
+            raise ValueError(
+                f"{spec!r} holds shards of `fastssl shards` ({len(ours)}) but no manifest.json: the write "
+                "did not finish, and training would miss what it did not write. Re-run the same `fastssl "
+                "shards` command to finish it, or name the shards to read them as they are: "
+                f"--data '{os.path.join(spec, 'shard-{000000..' + last + '}.tar')}'")
         return paths, None
     paths = expand_braces(spec)
     # A URL's query (a signed URL's token) follows the file name.
@@ -314,6 +231,24 @@ def shard_paths(spec: str | os.PathLike, remote: RemoteReader | None = None) -> 
         raise ValueError(f"shards: expected a folder, a .tar path or a brace pattern of .tar paths"
                          f"{' (or a folder URL ending in /)' if remote else ''}, got {spec!r}")
     return paths, None
+
+
+def expected_count(path: str) -> int | None:
+    """How many samples the shard at `path` was written with, without a manifest: from its
+    wds2idx index ("v1.2 N" first line; fastssl's shards and `wds2idx` output) or img2dataset's
+    NNNNN_stats.json ("successes"); None when neither says."""
+    try:
+        with open(path[:-4] + ".idx", encoding="utf-8") as f:
+            head = f.readline().split()
+        if len(head) == 2 and head[0].startswith("v1") and head[1].isdigit():
+            return int(head[1])
+    except OSError:
+        pass
+    try:
+        with open(path[:-4] + "_stats.json", encoding="utf-8") as f:
+            return int(json.load(f)["successes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def is_shard_spec(spec: str) -> bool:
@@ -334,8 +269,11 @@ class ShardSource:
     (a brace pattern gives one command per shard). remote: retries and timeouts for URLs.
     Samples missing an image, and every sample of a shard that cannot be read (a truncated
     or non-tar file, a shard the server does not give), are left out and recorded in
-    `skipped` as (name, reason) with the shard and key, for the loader's skip count.
-    labels: each sample's .cls (-1 without one).
+    `skipped` as (name, reason), one entry per lost sample, for the loader's skip count:
+    the manifest's per-shard counts say how many a shard lost, else its index file or
+    img2dataset's stats; with none, the damage counts once (a lower bound, said in the
+    reason). A folder of `fastssl shards` output without its manifest (an unfinished write)
+    is refused. labels: each sample's .cls (-1 without one).
     tags(vocabulary): each sample's tag ids (from .json "tags", else the caption's hashtags).
     """
 
@@ -350,13 +288,17 @@ class ShardSource:
         kept: list[_Sample] = []
         # Remote shards are fetched SCAN_THREADS at a time (latency, not CPU, bounds the scan).
         with ThreadPoolExecutor(SCAN_THREADS if self._remote else 1) as pool:
-            scans = pool.map(lambda k: _scan_shard(self.shards[k], k, self._remote), range(len(self.shards)))
+            scans = pool.map(lambda k: scan_shard(self.shards[k], k, self._remote), range(len(self.shards)))
+        counts = self.manifest.get("samples_per_shard") if self.manifest else None
         for k, (path, (samples, problem)) in enumerate(zip(self.shards, scans)):
-            if problem is not None:
-                # The manifest says how many samples were lost; without one the damage counts once.
-                counts = self.manifest.get("samples_per_shard") if self.manifest else None
-                lost = counts[k] - len(samples) if counts else 1
-                self.skipped.extend([(path, f"unreadable after {len(samples)} sample(s) ({problem})")] * lost)
+            expected = counts[k] if counts else None if self._remote else expected_count(path)
+            if expected is not None and len(samples) < expected:
+                why = f"{problem}" if problem is not None else "the tar ends early"
+                self.skipped.extend([(path, f"{expected - len(samples)} of its {expected} samples lost "
+                                            f"({why})")] * (expected - len(samples)))
+            elif problem is not None:  # no count to compare with: the damage counts once
+                self.skipped.append((path, f"unreadable after {len(samples)} sample(s) ({problem}); its "
+                                           "sample count is unknown, so 1 lost sample is a lower bound"))
             for s in samples:
                 if s.offset < 0:
                     self.skipped.append((f"{path}:{s.key}", "no image member"))
@@ -365,7 +307,8 @@ class ShardSource:
         if not kept:
             raise ValueError(f"shards {self.spec!r}: no readable samples")
         if self.skipped:
-            warnings.warn(f"shards {self.spec!r}: {len(self.skipped)} sample(s) left out, e.g. "
+            bound = "at least " if any("lower bound" in why for _, why in self.skipped) else ""
+            warnings.warn(f"shards {self.spec!r}: {bound}{len(self.skipped)} sample(s) left out, e.g. "
                           f"{self.skipped[0][0]} ({self.skipped[0][1]})", stacklevel=2)
         self.samples = kept
         self.labels = np.asarray([s.cls for s in kept], dtype=np.int64)
@@ -457,4 +400,4 @@ def vocabulary(source: ShardSource, top: int | None = None) -> list[tuple[str, i
 
 
 __all__ = ["FASHION_MNIST_CLASSES", "ShardSource", "expand_braces", "hashtags", "is_shard_spec",
-           "shard_dataset", "shard_paths", "split_member", "vocabulary", "write_shards"]
+           "scan_shard", "shard_dataset", "shard_paths", "split_member", "vocabulary"]

@@ -12,6 +12,7 @@ import gzip
 import io
 import os
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +46,57 @@ def read_each(read, indices) -> list:
         except OSError as exc:
             out.append(exc)
     return out
+
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk: length 0, type, CRC
+_OTHER_MAGIC = (b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP  \r\n\x87\n", b"\xffO\xffQ",
+                *(b"P%d" % k for k in range(1, 7)))  # TIFF, JPEG 2000 (file, codestream), PNM
+FRAME_HEAD, FRAME_TAIL = 64, 1024  # bytes of an image file frame_error looks at
+
+
+def _frame_error(head: bytes, tail: bytes, size: int) -> str | None:
+    if size == 0:
+        return "empty file"
+    if head.startswith(_PNG):
+        ihdr = head[8:33]
+        if len(ihdr) < 25 or ihdr[:8] != b"\x00\x00\x00\rIHDR":
+            return "PNG without its IHDR header chunk"
+        if zlib.crc32(ihdr[4:21]) != int.from_bytes(ihdr[21:25], "big"):
+            return "PNG header chunk fails its CRC"
+        return None if tail.endswith(_PNG_END) else f"PNG truncated: no IEND chunk at its end ({size} bytes)"
+    if head.startswith(b"\xff\xd8\xff"):
+        return None if b"\xff\xd9" in tail else f"JPEG truncated: no end-of-image marker ({size} bytes)"
+    if head.startswith(b"BM"):
+        declared = int.from_bytes(head[2:6], "little")
+        return None if declared <= size else f"BMP truncated: {size} of {declared} bytes"
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        declared = int.from_bytes(head[4:8], "little") + 8
+        return None if declared <= size else f"WebP truncated: {size} of {declared} bytes"
+    if head.startswith(_OTHER_MAGIC):
+        return None
+    return f"not an image file (starts with {head[:8]!r})"
+
+
+def frame_error(image: str | bytes | np.ndarray) -> str | None:
+    """Why `image` (a path, or encoded bytes) is certainly not a decodable image (None when its
+    frame is whole): a known signature, PNG's header chunk and CRC and its IEND end chunk, JPEG's
+    end-of-image marker, BMP's and WebP's declared sizes. It reads the first FRAME_HEAD and last
+    FRAME_TAIL bytes only, so every sample is checked before a decoder sees it: DALI's decoders
+    can crash the process (SIGSEGV) on a truncated or garbage file instead of raising. Damage
+    inside a whole frame is left to the decoder (decode_error names it)."""
+    if not isinstance(image, str):
+        data = bytes(image) if not isinstance(image, np.ndarray) else image
+        return _frame_error(bytes(data[:FRAME_HEAD]), bytes(data[-FRAME_TAIL:]), len(data))
+    try:
+        with open(image, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(FRAME_HEAD)
+            f.seek(max(0, size - FRAME_TAIL))
+            tail = f.read(FRAME_TAIL)
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return _frame_error(head, tail, size)
 
 
 class _FileSource:
@@ -242,4 +294,4 @@ def fill_skipped(items: list, ok: list[bool]) -> list:
 
 
 __all__ = ["ArraySource", "FileListSource", "ImageFolderSource", "decode_error", "fashion_mnist",
-           "fill_skipped", "read_each"]
+           "fill_skipped", "frame_error", "read_each"]

@@ -10,8 +10,10 @@ of workers and resuming at epoch e reproduces epoch e.
 
 from __future__ import annotations
 
+import functools
 import io
 import math
+import os
 import signal
 import weakref
 from collections.abc import Iterator
@@ -22,8 +24,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from fastssl.data.lifetime import die_with_parent
 from fastssl.data.recipes import Recipe, ViewSpec
-from fastssl.data.sources import fill_skipped
+from fastssl.data.sources import fill_skipped, frame_error
 
 
 def view_transform(v: ViewSpec) -> v2.Transform:
@@ -67,6 +70,8 @@ class _ViewsDataset(Dataset):
             return Image.fromarray(self.source.image(i))
         if isinstance(data, OSError):
             raise data
+        if (err := frame_error(data)) is not None:  # the same check DALI's readers make
+            raise ValueError(err)
         with Image.open(io.BytesIO(data.tobytes())) as img:
             return img.convert("RGB")
 
@@ -122,12 +127,14 @@ def _collate(batch):
     return views, label, index, skipped
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave Ctrl-C, SIGTERM and SIGUSR1 (sent to the whole process group, or to every
-    process of a job) to the main process, which finishes its step and checkpoints (the
-    Trainer); a worker killed by one would fail that step. They are shut down through their
-    queues instead (_release_workers), since multiprocessing's exit handler stops them with the
-    SIGTERM they ignore."""
+def _init_worker(parent_pid: int, worker_id: int) -> None:
+    """Workers end with the main process (die_with_parent: torch's own check of the parent
+    runs only between batches, every 5 s at best) and leave Ctrl-C, SIGTERM and SIGUSR1 (sent to
+    the whole process group, or to every process of a job) to the main process, which finishes
+    its step and checkpoints (the Trainer); a worker killed by one would fail that step. They
+    are shut down through their queues instead (_release_workers), since multiprocessing's exit
+    handler stops them with the SIGTERM they ignore."""
+    die_with_parent(parent_pid)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
 
@@ -149,7 +156,7 @@ class TorchvisionViews:
         self.loader = DataLoader(
             _ViewsDataset(source, recipe, seed, shard_id), batch_sampler=self.batch_sampler,
             num_workers=num_threads, collate_fn=_collate, persistent_workers=True,
-            worker_init_fn=_ignore_stop_signals,
+            worker_init_fn=functools.partial(_init_worker, os.getpid()),
             pin_memory=device.type == "cuda", prefetch_factor=2,
         )
         # when this object goes, or at interpreter exit before multiprocessing's own exit handler

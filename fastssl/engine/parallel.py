@@ -55,7 +55,7 @@ def apply_activation_checkpointing(module: nn.Module) -> int:
 def shard_method(method: nn.Module, device: torch.device) -> nn.Module:
     """FSDP2 over all ranks of the default process group: blocks, then `method.shard_units()`
     (children before parents), then the method itself as the root. Shards in place and
-    returns `method` (now also an FSDPModule)."""
+    returns `method` (now also an FSDPModule); parameters are made contiguous first."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -66,6 +66,12 @@ def shard_method(method: nn.Module, device: torch.device) -> nn.Module:
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
         policy = MixedPrecisionPolicy()
+    # FSDP2 refuses non-contiguous parameters: a channels-last model's conv weights (the patch
+    # embedding) go back to the default layout; the inputs keep theirs.
+    with torch.no_grad():
+        for p in method.parameters():
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
     units = transformer_blocks(method) + method.shard_units()
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)

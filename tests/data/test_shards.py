@@ -16,7 +16,8 @@ from PIL import Image
 from fastssl.data import ArraySource, build_loader, recipes
 from fastssl.data import dali as dali_backend
 from fastssl.data.order import stream_indices
-from fastssl.data.shards import ShardSource, expand_braces, hashtags, vocabulary, write_shards
+from fastssl.data.shard_writer import write_shards
+from fastssl.data.shards import ShardSource, expand_braces, hashtags, vocabulary
 
 BACKENDS = [
     pytest.param("dali", marks=pytest.mark.skipif(not dali_backend.HAS_DALI, reason="DALI not installed")),
@@ -76,7 +77,7 @@ def test_writer_is_deterministic_and_refuses_a_used_folder(tmp_path):
     _, b = _write(tmp_path, name="b")
     for f in os.listdir(a):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
-    with pytest.raises(ValueError, match="already holds shards"):
+    with pytest.raises(ValueError, match="already holds a complete shard set.*--overwrite"):
         write_shards(_images(), a, shard_size=5)
     with pytest.raises(ValueError, match="shard_size"):
         write_shards(_images(), tmp_path / "c", shard_size=0)
