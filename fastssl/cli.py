@@ -231,6 +231,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fastssl.data import check_data_spec
     from fastssl.engine.export import load_trained_method
 
+    if args.overrides and not args.finetune:
+        raise ValueError(f"{args.overrides[0]}: key=value items set fine-tuning keys; add --finetune")
     method, state = load_trained_method(args.checkpoint)  # last.pt, a sharded last.dcp or the run directory
     name, cfg = state["method"], method.cfg
     data = check_data_spec(args.data or cfg.data.source)
@@ -244,10 +246,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"{name} {cfg.model.backbone} step {state['step']}: kNN top-1 {result['knn_top1']:.2%}, "
           f"linear probe top-1 {result['linear_top1']:.2%}", flush=True)
     if args.finetune:
+        from fastssl.engine import parse_overrides
         from fastssl.engine.finetune import finetune, summary_lines
 
         out = Path(args.checkpoint).parent if Path(args.checkpoint).is_file() else Path(args.checkpoint)
-        summary = finetune(args.checkpoint, data, args.size, {"out": str(out / "finetune")}, overwrite=True)
+        keys = {"out": str(out / "finetune")} | parse_overrides(args.overrides)
+        summary = finetune(args.checkpoint, data, args.size, keys, overwrite=True)
         print("\n".join(summary_lines(summary)), flush=True)
     return 0
 
@@ -459,6 +463,7 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     ev.add_argument("--finetune", action="store_true",
                     help="also fine-tune the backbone (the data's preset; into RUN/finetune) and report it")
     ev.add_argument("--size", type=int, help="with --finetune: its image size (default: pre-training's)")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="with --finetune: its keys")
     ft = _add_command(sub, "finetune", "fine-tune a run's backbone with a new head, any resolution", common)
     ft.add_argument("run", metavar="RUN", help="pre-trained run directory (last.pt / last.dcp) or checkpoint")
     ft.add_argument("--data", help="labelled data (default: the run's own); other classes: a transfer")
@@ -527,7 +532,7 @@ def _split_key_values(parser: argparse.ArgumentParser, argv: list[str]) -> tuple
     positional list only once, so key=value items between flags are pulled out first. A
     token that is the value of the flag before it (--out a=b) stays with the flag."""
     command = next((i for i, t in enumerate(argv) if not t.startswith("-")), None)
-    if command is None or argv[command] not in ("train", "finetune"):
+    if command is None or argv[command] not in ("train", "finetune", "eval"):
         return argv, []
     takes_value = {opt for action in _subcommands(parser)[argv[command]]._actions if action.nargs != 0
                    for opt in action.option_strings}
@@ -563,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(rest)
     if unknown:  # reported by the subcommand's parser, whose help lists what it takes
         _subcommands(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command in ("train", "finetune"):
+    if args.command in ("train", "finetune", "eval"):
         args.overrides = args.overrides + items
     args.argv = argv
     debug = getattr(args, "debug", False)

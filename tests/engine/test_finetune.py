@@ -167,3 +167,13 @@ def test_vit_size_not_a_patch_multiple_is_refused(tmp_path, data3, capsys):
     assert main(["finetune", str(run), "--data", data3, "--size", "18"]) == 2
     err = capsys.readouterr().err.strip()
     assert "multiple of 4" in err and len(err.splitlines()) == 1
+
+
+def test_eval_reports_finetuning_beside_knn_and_linear(resnet_run, data3, capsys):
+    argv = ["eval", "--checkpoint", str(resnet_run), "--data", data3, "--finetune", "--size", "20",
+            "epochs=1",
+            *[f"{k}={v}" for k, v in FAST.items() if k != "epochs"]]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "kNN top-1" in printed and "linear probe top-1" in printed and "finetune mocov2" in printed
+    assert json.loads((resnet_run / "finetune" / "summary.json").read_text())["steps"] == 3
