@@ -3,7 +3,9 @@
     fastssl train [--method M] [--data fashion-mnist|PATH] [--backbone NAME] [--epochs E]
                   [--batch-size B] [--out DIR] [--config YAML] [--resume auto|PATH] [--overwrite]
                   [--extend] [--print-config] [key=value ...]
-    fastssl eval --checkpoint RUN/last.pt [--data fashion-mnist|PATH]
+    fastssl eval --checkpoint RUN/last.pt [--data fashion-mnist|PATH] [--finetune [--size S]]
+    fastssl finetune RUN [--data SPEC] [--size S] [--out DIR] [--config YAML] [--resume auto|PATH]
+                     [--overwrite] [key=value ...]
     fastssl bench [--quick] [NAME ...]
     fastssl viz RUN [--out DIR] [--data SPEC]
     fastssl bench --model [--json FILE]
@@ -229,6 +231,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fastssl.data import check_data_spec
     from fastssl.engine.export import load_trained_method
 
+    if args.overrides and not args.finetune:
+        raise ValueError(f"{args.overrides[0]}: key=value items set fine-tuning keys; add --finetune")
     method, state = load_trained_method(args.checkpoint)  # last.pt, a sharded last.dcp or the run directory
     name, cfg = state["method"], method.cfg
     data = check_data_spec(args.data or cfg.data.source)
@@ -241,7 +245,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         result = evaluator(method.encoder())
     print(f"{name} {cfg.model.backbone} step {state['step']}: kNN top-1 {result['knn_top1']:.2%}, "
           f"linear probe top-1 {result['linear_top1']:.2%}", flush=True)
+    if args.finetune:
+        from fastssl.engine import parse_overrides
+        from fastssl.engine.finetune import finetune, summary_lines
+
+        out = Path(args.checkpoint).parent if Path(args.checkpoint).is_file() else Path(args.checkpoint)
+        keys = {"out": str(out / "finetune")} | parse_overrides(args.overrides)
+        summary = finetune(args.checkpoint, data, args.size, keys, overwrite=True)
+        print("\n".join(summary_lines(summary)), flush=True)
     return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from fastssl.engine.finetune import finetune_command
+
+    items = args.overrides + ([f"out={args.out}"] if args.out else [])
+    return finetune_command(args.run, args.data, args.size, items, yaml_path=args.config, resume=args.resume,
+                            overwrite=args.overwrite)
 
 
 def cmd_shards(args: argparse.Namespace) -> int:
@@ -440,6 +460,18 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     ev = _add_command(sub, "eval", "kNN and linear probe of a checkpoint's frozen backbone", common)
     ev.add_argument("--checkpoint", required=True, help="last.pt, a sharded last.dcp or the run directory")
     ev.add_argument("--data", help="default: the data the checkpoint was trained on")
+    ev.add_argument("--finetune", action="store_true",
+                    help="also fine-tune the backbone (the data's preset; into RUN/finetune) and report it")
+    ev.add_argument("--size", type=int, help="with --finetune: its image size (default: pre-training's)")
+    ev.add_argument("overrides", nargs="*", metavar="key=value", help="with --finetune: its keys")
+    ft = _add_command(sub, "finetune", "fine-tune a run's backbone with a new head, any resolution", common)
+    ft.add_argument("run", metavar="RUN", help="pre-trained run directory (last.pt / last.dcp) or checkpoint")
+    ft.add_argument("--data", help="labelled data (default: the run's own); other classes: a transfer")
+    ft.add_argument("--size", type=int, help="image size (default: the pre-training size)")
+    for flag in ("--out", "--config", "--resume"):
+        ft.add_argument(flag)
+    ft.add_argument("--overwrite", action="store_true")
+    ft.add_argument("overrides", nargs="*", metavar="key=value", help="config keys, as for train")
     export = _add_command(sub, "export", "a run's backbone alone, as a timm / torchvision state dict", common)
     export.add_argument("run", help="run directory (its last.dcp or last.pt) or a checkpoint")
     export.add_argument("--out", required=True, help="output .pt file")
@@ -500,9 +532,9 @@ def _split_key_values(parser: argparse.ArgumentParser, argv: list[str]) -> tuple
     positional list only once, so key=value items between flags are pulled out first. A
     token that is the value of the flag before it (--out a=b) stays with the flag."""
     command = next((i for i, t in enumerate(argv) if not t.startswith("-")), None)
-    if command is None or argv[command] != "train":
+    if command is None or argv[command] not in ("train", "finetune", "eval"):
         return argv, []
-    takes_value = {opt for action in _subcommands(parser)["train"]._actions if action.nargs != 0
+    takes_value = {opt for action in _subcommands(parser)[argv[command]]._actions if action.nargs != 0
                    for opt in action.option_strings}
     rest, items = argv[:command + 1], []
     tokens = argv[command + 1:]
@@ -536,12 +568,12 @@ def main(argv: list[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(rest)
     if unknown:  # reported by the subcommand's parser, whose help lists what it takes
         _subcommands(parser)[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command == "train":
+    if args.command in ("train", "finetune", "eval"):
         args.overrides = args.overrides + items
     args.argv = argv
     debug = getattr(args, "debug", False)
     command = {"train": cmd_train, "eval": cmd_eval, "viz": cmd_viz, "bench": cmd_bench, "shards": cmd_shards,
-               "vocab": cmd_vocab, "export": cmd_export}[args.command]
+               "vocab": cmd_vocab, "export": cmd_export, "finetune": cmd_finetune}[args.command]
     prog = f"fastssl {args.command}"
     from fastssl.engine import NonFiniteLossError
 
