@@ -41,6 +41,7 @@ DEMO_METHOD = "mocov3"
 # Same seed, same machine -> the same losses and kNN (README: what can differ across machines).
 DEMO_SETTINGS: dict[str, Any] = {"deterministic": True}
 FASHION_MNIST = "fashion-mnist"  # the spec fastssl.data.spec reads as Fashion-MNIST
+FIXED_SIZE_SETS = (FASHION_MNIST, "colour-shapes")  # evaluated at the run's size, not resized and cropped
 # kNN while training (eval_every): a fixed subsample of train (memory bank) and test images,
 # a twelfth of the 70,000 images the final Fashion-MNIST evaluation reads.
 MONITOR_TRAIN_IMAGES, MONITOR_TEST_IMAGES = 5_000, 1_000
@@ -83,7 +84,7 @@ def _evaluator(cfg, data: str, device: torch.device, splits=None, **options):
         _log(f"eval: {'; '.join(splits.notes) or 'no labelled splits'}")
         return None
     # Fashion-MNIST is 28x28: resize to the model's size and keep the whole image (no crop margin).
-    resize = cfg.eval_side if data == FASHION_MNIST else None
+    resize = cfg.eval_side if data in FIXED_SIZE_SETS else None
     return build_evaluator(cfg, train_src, test_src, device, resize=resize, **options)
 
 
@@ -105,7 +106,7 @@ def _train_config(args: argparse.Namespace):
     name = args.method or DEMO_METHOD
     if name not in methods:
         raise ValueError(f"--method: expected one of {sorted(methods)}, got {name!r}")
-    data = check_data_spec(args.data or FASHION_MNIST)
+    data = check_data_spec(args.data or methods[name].default_data)
     overrides = parse_overrides(args.overrides)
     for key in CONFIG_FLAGS:
         if getattr(args, key) is not None:
@@ -326,7 +327,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "viz"
     with torch.no_grad():
         render_run(method, cfg, train_src, test_src, device, out, class_names(test_src, data),
-                   resize=cfg.eval_side if data == FASHION_MNIST else None, log=_log)
+                   resize=cfg.eval_side if data in FIXED_SIZE_SETS else None, log=_log)
     return 0
 
 
@@ -433,7 +434,8 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
                          epilog=_keys_help(method), formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("--method", help=f"{', '.join(methods)} (default: the demo's, {DEMO_METHOD})")
     train.add_argument("--data", help=f"{FASHION_MNIST!r}, an image folder, a shard folder or a brace "
-                                      f"pattern of .tar shards (default: {FASHION_MNIST})")
+                                      f"pattern of .tar shards (default: {FASHION_MNIST}; colorization: "
+                                      "colour-shapes, a generated colour set)")
     train.add_argument("--backbone")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", dest="batch_size", type=int, help="global batch size")

@@ -55,6 +55,8 @@ class Method(nn.Module):
     # Named configurations (flat key -> value), e.g. presets["fashion-mnist"] for 28x28 images on
     # a CPU; for resolve_config(..., preset=...). Between the method's defaults and a YAML file.
     presets: ClassVar[dict[str, dict]] = {}
+    # The --data a run without one trains on (a method that needs colour names a colour set).
+    default_data: ClassVar[str] = "fashion-mnist"
 
     def __init__(self, cfg: TrainConfig):
         super().__init__()

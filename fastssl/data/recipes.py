@@ -181,6 +181,25 @@ def rotnet(size: int = 224, **overrides) -> Recipe:
     return Recipe("rotnet", [replace(ViewSpec(size=size), **overrides)], rotations=(0, 1, 2, 3))
 
 
+def instdisc(size: int = 224, **overrides) -> Recipe:
+    """Instance discrimination (Wu et al. 2018, the official code's transform): RandomResizedCrop
+    scale (0.2, 1), grayscale p=0.2, ColorJitter(0.4, 0.4, 0.4, 0.4) always, flip."""
+    view = ViewSpec(size=size, scale=(0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, grayscale_p=0.2)
+    return Recipe("instdisc", [replace(view, **overrides)])
+
+
+def context(size: int = 96, **overrides) -> Recipe:
+    """Context prediction (Doersch et al. 2015): one crop (scale (0.5, 1)) and flip, no colour
+    change; the method cuts its 3x3 grid of patches from it."""
+    return Recipe("context", [replace(ViewSpec(size=size, scale=(0.5, 1.0)), **overrides)])
+
+
+def colorization(size: int = 176, **overrides) -> Recipe:
+    """Colorization (Zhang et al. 2016): a crop (scale (0.25, 1)) and flip, colours untouched (they
+    are the targets)."""
+    return Recipe("colorization", [replace(ViewSpec(size=size, scale=(0.25, 1.0)), **overrides)])
+
+
 def eval(size: int = 224, resize: int | None = None, **overrides) -> Recipe:  # noqa: A001 (the issue's name)
     """Evaluation: resize the shorter side to `resize` (default size * 256 / 224), center
     crop `size`, normalize; no randomness."""
@@ -222,7 +241,9 @@ def with_view_overrides(recipe: Recipe, overrides: dict) -> Recipe:
     return replace(recipe, views=[replace(v, **_as_fields(overrides)) for v in recipe.views])
 
 
-BUILDERS = {"mocov2": mocov2, "mocov3": mocov3, "dino": dino, "mae": mae, "rotnet": rotnet, "eval": eval}
+BUILDERS = {"mocov2": mocov2, "mocov3": mocov3, "dino": dino, "mae": mae, "rotnet": rotnet,
+            "instdisc": instdisc, "context": context, "colorization": colorization, "eval": eval}
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Recipe", "ViewSpec", "dino", "eval", "mae", "mocov2", "mocov3",
-           "rotnet", "BUILDERS", "OVERRIDABLE", "check_view_overrides", "with_view_overrides"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Recipe", "ViewSpec", "colorization", "context", "dino", "eval",
+           "instdisc", "mae", "mocov2", "mocov3", "rotnet", "BUILDERS", "OVERRIDABLE", "check_view_overrides",
+           "with_view_overrides"]

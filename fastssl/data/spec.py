@@ -4,6 +4,8 @@ Specs, checked in this order:
 
 - ``fashion-mnist``: pretrain on its 60,000 training images; kNN memory bank = the same,
   test = its 10,000 test images.
+- ``colour-shapes``: a generated colour set (fastssl.data.sources.colour_shapes): pretrain on
+  its 10,000 training images; kNN memory bank = the same, test = its 2,000 test images.
 - WebDataset shards: a folder holding manifest.json (`fastssl shards`) or *.tar files
   (img2dataset), a brace pattern ``OUT/shard-{000000..000099}.tar`` or one .tar; the same
   over the network: ``http(s)://HOST/shard-{000000..000099}.tar``, a folder URL ending in
@@ -28,7 +30,7 @@ import numpy as np
 
 from fastssl.data.remote import RemoteOptions, is_url
 from fastssl.data.shards import ShardSource, is_shard_spec
-from fastssl.data.sources import ImageFolderSource, fashion_mnist
+from fastssl.data.sources import COLOUR_SHAPES, ImageFolderSource, colour_shapes, fashion_mnist
 
 FASHION_MNIST = "fashion-mnist"
 HOLDOUT_EVERY = 10
@@ -81,11 +83,11 @@ def check_data_spec(spec: str) -> str:
         raise ValueError(f"--data: {spec.split('://')[0]}:// is not read directly, got {spec!r}; give "
                          "http(s):// URLs (public or signed) or a command that writes each shard to its "
                          "output, e.g. 'pipe:aws s3 cp s3://BUCKET/shard-{000000..000009}.tar -'")
-    if spec == FASHION_MNIST or is_shard_spec(spec) or Path(spec).is_dir():
+    if spec in (FASHION_MNIST, COLOUR_SHAPES) or is_shard_spec(spec) or Path(spec).is_dir():
         return spec
-    raise ValueError(f"--data: expected {FASHION_MNIST!r} or an existing image folder (class folders, or "
-                     f"train/ + val/), a shard folder, a brace pattern of .tar shards, or http(s):// or "
-                     f"pipe: shards, got {spec!r} (no such directory)")
+    raise ValueError(f"--data: expected {FASHION_MNIST!r}, {COLOUR_SHAPES!r} or an existing image folder "
+                     f"(class folders, or train/ + val/), a shard folder, a brace pattern of .tar shards, "
+                     f"or http(s):// or pipe: shards, got {spec!r} (no such directory)")
 
 
 def _open(path: Path):
@@ -110,6 +112,9 @@ def data_splits(spec: str, *, remote: RemoteOptions | None = None) -> DataSplits
     if spec == FASHION_MNIST:
         train = fashion_mnist("train")
         return DataSplits(train, train, fashion_mnist("test"))
+    if spec == COLOUR_SHAPES:
+        train = colour_shapes("train")
+        return DataSplits(train, train, colour_shapes("test"))
     if is_shard_spec(spec):
         return _held_out(ShardSource(spec, remote=remote), spec)
     root = Path(spec)

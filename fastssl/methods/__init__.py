@@ -14,6 +14,17 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 # imported after METHODS exists: each module registers itself
-from fastssl.methods import dino, mae, mocov2, mocov3, rotnet, simclr, weak  # noqa: E402,F401
+from fastssl.methods import (  # noqa: E402,F401
+    colorization,
+    context,
+    dino,
+    instdisc,
+    mae,
+    mocov2,
+    mocov3,
+    rotnet,
+    simclr,
+    weak,
+)
 
 __all__ = ["METHODS", "register"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from fastssl.config import TrainConfig
@@ -30,3 +31,12 @@ def check_views(batch: dict, count: int, method: str) -> list:
         got = "no 'views' list" if not isinstance(views, (list, tuple)) else f"{len(views)} views"
         raise ValueError(f"{method} needs batch['views'] with at least {count} views, got {got}")
     return list(views)
+
+
+def step_generator(cfg: TrainConfig, ctx, device) -> torch.Generator:
+    """A generator seeded by the run's seed, the step, the micro-step and the rank: a method's own
+    draws (patch positions, sampled negatives) repeat exactly on a resumed run, and differ by rank."""
+    from fastssl.distributed import get_rank
+
+    seed = cfg.run.seed * 1_000_003 + ctx.step * 1_009 + ctx.micro_step * 17 + get_rank()
+    return torch.Generator(device).manual_seed(seed % (2**63 - 1))

@@ -1,0 +1,120 @@
+"""Instance discrimination (Wu, Xiong, Yu, Lin 2018, "Unsupervised Feature Learning via
+Non-Parametric Instance Discrimination"): each training image is its own class; its feature
+f_i = normalize(W backbone(x_i)) [D = 128] is contrasted with a memory bank of every image's
+last feature (fastssl.bank.MemoryBank, N x D, rows by the batch's dataset "index").
+
+loss = "nce": the paper's NCE form (m = 4096 rows sampled uniformly per example, Z estimated
+  once from the first batch and kept in the state dict); loss = "softmax": the non-parametric
+  softmax over the whole bank through the fused InfoNCE, the bank as the queue: the positive
+  v_i . f_i against every row, so v_i enters the denominator twice (once as the key, once as a
+  queue row), a term log(1 + P(i | f_i)) above the paper's eq. 2.
+Proximal regularisation (sec. 3.4): + lambda ||f_i - v_i||^2 with v_i the bank's row before
+this step. After the optimizer step the bank moves each row toward its feature with momentum
+(bank.update, by index, all ranks' features gathered: the bank is replicated, see fastssl.bank).
+Paper's recipe: tau 0.07, SGD lr 0.03 (batch 256), momentum 0.9, weight decay 5e-4, 200 epochs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastssl.bank import MemoryBank
+from fastssl.config import MethodConfig, setting
+from fastssl.distributed import is_distributed
+from fastssl.losses import InfoNCELoss
+from fastssl.losses.instdisc import nce_loss, nce_partition
+from fastssl.method import Method, StepContext, TrainConfig
+from fastssl.methods import register
+from fastssl.methods._common import backbone_from_config, check_views, step_generator
+
+LOSSES = ("nce", "softmax")
+
+
+@dataclass
+class InstDiscConfig(MethodConfig):
+    name: ClassVar[str] = "instdisc"
+    defaults: ClassVar[dict] = dict(backbone="resnet18", image_size=224, epochs=200, batch_size=256,
+                                    base_lr=0.03, lr_batch_divisor=256, weight_decay=5e-4, optimizer="sgd",
+                                    momentum=0.9)
+    feature_dim: int = setting(128, "D: the embedding and bank row width", low=1, high=65536)
+    temperature: float = setting(0.07, "tau of exp(v . f / tau)", low=0, low_open=True, high=100)
+    loss: str = setting("nce", "nce: m sampled negatives, Z fixed; softmax: the whole bank (fused InfoNCE)",
+                        choices=LOSSES)
+    nce_negatives: int = setting(4096, "m: bank rows sampled per example (loss=nce)", low=1, high=1 << 20)
+    bank_momentum: float = setting(0.5, "bank row <- m row + (1 - m) feature, then normalised", low=0, high=1)
+    proximal: float = setting(0.0, "lambda of the proximal term lambda ||f_i - v_i||^2 (paper: 30)", low=0,
+                              high=1e6)
+
+
+@register
+class InstDisc(Method):
+    name = "instdisc"
+    config_class = InstDiscConfig
+    # Fashion-MNIST at 28 px on a 2-core CPU: the CIFAR ResNet-8, crops of at least a third of the image.
+    presets = {"fashion-mnist": dict(backbone="resnet8", image_size=28, batch_size=128, epochs=3,
+                                     nce_negatives=1024, channels_last=True, views={"scale": (0.3, 1.0)})}
+
+    def __init__(self, cfg: TrainConfig):
+        super().__init__(cfg)
+        self.backbone, width = backbone_from_config(cfg)
+        self.head = nn.Linear(width, cfg.method.feature_dim)
+        self.criterion = InfoNCELoss(cfg.method.temperature, backend=self.backend)
+        self.bank: MemoryBank | None = None
+        # Z of the NCE form: 0 until the first batch estimates it; saved, so a resumed run keeps it.
+        self.register_buffer("partition", torch.zeros(()))
+        self._partition_known = False
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def bind_data(self, source) -> None:
+        m, device = self.cfg.method, next(self.parameters()).device
+        self.bank = MemoryBank(len(source), m.feature_dim, momentum=m.bank_momentum, dtype=torch.float32,
+                               device=device, seed=self.cfg.run.seed)
+
+    def recipe(self):
+        from fastssl.data import recipes
+
+        return recipes.instdisc(size=self.cfg.data.image_size)
+
+    def encoder(self) -> nn.Module:
+        return self.backbone
+
+    def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
+        if self.bank is None:
+            raise ValueError("instdisc needs its memory bank: call bind_data(source) with the training "
+                             "source before training (one bank row per image)")
+        m = self.cfg.method
+        (view,) = check_views(batch, 1, self.name)[:1]
+        index = batch["index"].to(view.device)
+        f = F.normalize(self.head(self.backbone(view)).float(), dim=1)
+        own = self.bank.memory.index_select(0, index).float()
+        if m.loss == "softmax":
+            loss = self.criterion(f, own, self.bank.memory.float())
+        else:
+            g = step_generator(self.cfg, ctx, view.device)
+            _, negatives = self.bank.sample((f.shape[0], m.nce_negatives), generator=g)
+            scores = torch.cat([(own * f).sum(1, keepdim=True),
+                                torch.einsum("bkd,bd->bk", negatives.float(), f)], 1)
+            if not self._partition_known:  # one host read per run, not per step
+                if not self.partition:
+                    self.partition.fill_(nce_partition(scores, m.temperature, self.bank.size))
+                self._partition_known = True
+            loss = nce_loss(scores, m.temperature, self.partition, self.bank.size)
+        out = {"loss": loss}
+        if m.proximal:
+            prox = (f - own).pow(2).sum(1).mean()
+            out |= {"loss": loss + m.proximal * prox, "proximal": prox.detach()}
+        if self.training:
+            self._pending.append((f.detach(), index))
+        return out
+
+    @torch.no_grad()
+    def after_optimizer_step(self, ctx: StepContext) -> None:
+        for features, index in self._pending:
+            self.bank.update(features, index, gather=is_distributed())
+        self._pending.clear()
+
