@@ -1,0 +1,131 @@
+"""Instance discrimination (Wu et al. 2018) against the paper's formulas, written out here."""
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from method_helpers import context, one_thread  # noqa: F401 (autouse fixture)
+
+from fastssl.data import ArraySource
+from fastssl.engine import resolve_config
+from fastssl.losses.instdisc import nce_loss, nce_partition
+from fastssl.methods import METHODS
+
+N, B = 40, 8
+TINY = dict(backbone="resnet8", image_size=8, feature_dim=16, nce_negatives=32, temperature=0.5)
+
+
+def build(seed=0, **overrides):
+    cls = METHODS["instdisc"]
+    torch.manual_seed(seed)
+    method = cls(resolve_config(cls.config_class, overrides={**TINY, **overrides}))
+    method.bind_data(ArraySource(torch.zeros(N, 8, 8, 3, dtype=torch.uint8)))
+    return method
+
+
+def batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"views": [torch.randn(B, 3, 8, 8, generator=g)], "label": torch.zeros(B, dtype=torch.long),
+            "index": torch.randperm(N, generator=g)[:B]}
+
+
+def features(method, b):
+    """f = normalize(head(backbone(x))), computed apart from forward()."""
+    with torch.no_grad():
+        return F.normalize(method.head(method.backbone(b["views"][0])), dim=1)
+
+
+def test_nce_loss_and_partition_are_the_papers():
+    g = torch.Generator().manual_seed(0)
+    scores, tau, n = torch.rand(4, 1 + 6, generator=g) * 2 - 1, 0.07, 1000
+    z = nce_partition(scores, tau, n)
+    torch.testing.assert_close(z, n * torch.exp(scores / tau).mean())  # eq. 8: Z ≈ N E_j[exp(v_j f / tau)]
+    p = torch.exp(scores / tau) / z
+    m, pn = 6, 1 / n
+    h = p / (p + m * pn)                                                    # eq. 5
+    want = -(torch.log(h[:, 0]).sum() + torch.log(1 - h[:, 1:]).sum()) / 4  # eq. 6, m negatives summed
+    # within the official 1e-7 added inside the logs
+    torch.testing.assert_close(nce_loss(scores, tau, z, n), want, rtol=1e-4, atol=0)
+
+
+def test_nce_form_estimates_z_once_from_the_first_batch(monkeypatch):
+    method = build()
+    drawn = []
+    sample = method.bank.sample
+    monkeypatch.setattr(method.bank, "sample", lambda *a, **k: drawn.append(sample(*a, **k)) or drawn[-1])
+    b = batch(0)
+    memory = method.bank.memory.clone()
+    assert float(method.partition) == 0
+    loss = method(b, context(step=0))["loss"]
+    f = features(method, b)
+    rows = torch.cat([memory[b["index"]].unsqueeze(1), drawn[0][1]], 1)    # positive, then m sampled rows
+    assert drawn[0][1].shape == (B, 32, 16)
+    scores = torch.einsum("bkd,bd->bk", rows, f)
+    z = N * torch.exp(scores / 0.5).mean()
+    torch.testing.assert_close(method.partition, z, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss, nce_loss(scores, 0.5, z, N), rtol=1e-5, atol=1e-5)
+    method(batch(1), context(step=1))
+    torch.testing.assert_close(method.partition, z, rtol=1e-5, atol=0)     # held fixed afterwards
+
+
+def test_softmax_form_uses_the_whole_bank_and_the_proximal_term():
+    method = build(loss="softmax", proximal=30.0)
+    b = batch(0)
+    memory = method.bank.memory.clone()
+    out = method(b, context())
+    f, own = features(method, b), memory[b["index"]]
+    logits = torch.cat([(f * own).sum(1, keepdim=True), f @ memory.T], 1) / 0.5
+    ce = F.cross_entropy(logits, torch.zeros(B, dtype=torch.long))
+    prox = (f - own).pow(2).sum(1).mean()
+    torch.testing.assert_close(out["proximal"], prox, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], ce + 30 * prox, rtol=1e-5, atol=1e-5)
+
+
+def test_bank_rows_move_with_momentum_after_the_step():
+    method = build()
+    b = batch(0)
+    memory = method.bank.memory.clone()
+    method(b, context())
+    f = features(method, b)
+    method.after_optimizer_step(context())
+    i = b["index"]
+    torch.testing.assert_close(method.bank.memory[i], F.normalize(0.5 * memory[i] + 0.5 * f, dim=1))
+    rest = torch.ones(N, dtype=torch.bool)
+    rest[i] = False
+    assert torch.equal(method.bank.memory[rest], memory[rest])
+
+
+def test_training_lowers_the_loss_and_resume_is_exact():
+    method = build()
+    opt = torch.optim.AdamW(method.parameters(), lr=3e-3)
+    batches = [batch(s) for s in range(4)]
+
+    def step(m, o, s):
+        o.zero_grad(set_to_none=True)
+        loss = m(batches[s % 4], context(step=s))["loss"]
+        loss.backward()
+        o.step()
+        m.after_optimizer_step(context(step=s))
+        return loss.detach()
+
+    losses = [step(method, opt, s) for s in range(24)]
+    assert sum(losses[-4:]) < sum(losses[4:8])  # after the first batch fixed Z
+    state, opt_state = copy.deepcopy(method.state_dict()), copy.deepcopy(opt.state_dict())
+    assert {"bank.memory", "partition"} <= state.keys()
+    resumed = build(seed=1)
+    resumed.load_state_dict(state)
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=3e-3)
+    resumed_opt.load_state_dict(opt_state)
+    for s in range(24, 27):
+        assert torch.equal(step(method, opt, s), step(resumed, resumed_opt, s)), s
+    assert torch.equal(method.bank.memory, resumed.bank.memory)
+
+
+def test_forward_without_a_bank_says_to_bind_the_data():
+    cls = METHODS["instdisc"]
+    method = cls(resolve_config(cls.config_class, overrides=TINY))
+    with pytest.raises(ValueError, match="bind_data"):
+        method(batch(0), context())
+    assert math.isclose(resolve_config(cls.config_class).method.temperature, 0.07)
