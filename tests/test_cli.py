@@ -32,7 +32,16 @@ def test_unknown_method(capsys):
 
 def test_missing_data_path(capsys, tmp_path):
     err = _error(capsys, ["train", "--method", "rotnet", "--data", str(tmp_path / "nowhere")])
-    assert "--data: expected 'fashion-mnist' or an existing image folder" in err and "nowhere" in err
+    assert "--data: expected 'fashion-mnist', 'colour-shapes' or an existing image folder" in err
+    assert "nowhere" in err
+
+
+def test_colorization_defaults_to_the_colour_set_and_refuses_grayscale(capsys):
+    assert main(["train", "--method", "colorization", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["data"]["source"] == "colour-shapes" and cfg["data"]["image_size"] == 32   # its preset
+    err = _error(capsys, ["train", "--method", "colorization", "--data", "fashion-mnist", "max_steps=1"])
+    assert "colorization needs colour images" in err and "grayscale" in err
 
 
 def test_bad_override_key(capsys):

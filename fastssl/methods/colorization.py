@@ -99,10 +99,10 @@ class Colorization(Method):
             raise ValueError(f"backbone: colorization predicts colours on a convolutional map; "
                              f"expected a ResNet, "
                              f"got {cfg.model.backbone!r}")
-        backbone, _ = backbone_from_config(cfg)
+        backbone, feature_dim = backbone_from_config(cfg)
         recipe = self.recipe()
         self.net = LightnessInput(backbone, recipe.mean, recipe.std)
-        width = last_map(backbone, torch.zeros(1, 3, 32, 32)).shape[1]
+        width = feature_dim // getattr(backbone, "pool", 1) ** 2  # channels of the last map
         self.register_buffer("bins", ab_bins())
         self.head = nn.Conv2d(width, self.bins.shape[0], 1)
         # Uniform until bind_data reads the training set's prior (weights all 1: no rebalancing).
