@@ -71,9 +71,19 @@ class InstDisc(Method):
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def bind_data(self, source) -> None:
+        self._make_bank(len(source))
+
+    def _make_bank(self, size: int) -> None:
         m, device = self.cfg.method, next(self.parameters()).device
-        self.bank = MemoryBank(len(source), m.feature_dim, momentum=m.bank_momentum, dtype=torch.float32,
+        self.bank = MemoryBank(size, m.feature_dim, momentum=m.bank_momentum, dtype=torch.float32,
                                device=device, seed=self.cfg.run.seed)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A trained method loaded for evaluation or export has seen no data: its bank comes with the weights.
+        memory = state_dict.get(prefix + "bank.memory")
+        if self.bank is None and isinstance(memory, torch.Tensor) and memory.ndim == 2:
+            self._make_bank(memory.shape[0])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def recipe(self):
         from fastssl.data import recipes

@@ -121,6 +121,10 @@ def test_training_lowers_the_loss_and_resume_is_exact():
     for s in range(24, 27):
         assert torch.equal(step(method, opt, s), step(resumed, resumed_opt, s)), s
     assert torch.equal(method.bank.memory, resumed.bank.memory)
+    cls = METHODS["instdisc"]
+    loaded = cls(resolve_config(cls.config_class, overrides=TINY))   # no data bound: evaluation, export
+    loaded.load_state_dict(method.state_dict())
+    assert torch.equal(loaded.bank.memory, method.bank.memory)
 
 
 def test_forward_without_a_bank_says_to_bind_the_data():
