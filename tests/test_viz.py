@@ -38,6 +38,11 @@ RUNS = {  # flags, then key=value overrides; kNN while training in one run (each
               "head_hidden_dim=32", "bottleneck_dim=16"]),
     "mae": (["--method", "mae", "--backbone", "vit_tiny_patch4"],
             ["eval_knn=false", "vit_depth=1", "decoder_dim=32", "decoder_depth=1", "decoder_heads=2"]),
+    "colorization": (["--method", "colorization", "--backbone", "resnet8"], ["eval_knn=false"]),
+    "context": (["--method", "context", "--backbone", "resnet8"],
+                ["eval_knn=false", "gap=2", "jitter=1", "head_hidden_dim=16"]),
+    "instdisc": (["--method", "instdisc", "--backbone", "resnet8"],
+                 ["eval_knn=false", "feature_dim=16", "nce_negatives=16", "checkpoint_every=1"]),
     "resnet": (["--method", "mocov3", "--backbone", "resnet8"],
                ["eval_every=0.5", "mlp_hidden_dim=32", "moco_dim=16", "channels_last=true"]),
 }
@@ -45,6 +50,9 @@ FIGURES = {
     "dino": {"features_pca.png", "neighbours.png", "attention.png"},
     "mae": {"features_pca.png", "neighbours.png", "mae_reconstructions.png"},
     "resnet": {"features_pca.png", "neighbours.png"},
+    "colorization": {"features_pca.png", "neighbours.png", "colourised.png"},
+    "context": {"features_pca.png", "neighbours.png"},
+    "instdisc": {"features_pca.png", "neighbours.png"},
 }
 
 

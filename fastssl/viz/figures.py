@@ -3,6 +3,7 @@
 - features_pca.png: test features projected on their first two principal components, by class;
 - neighbours.png: test images and their nearest training images in feature space (cosine, as kNN);
 - mae_reconstructions.png (MAE): original / masked / reconstructed test images;
+- colourised.png (colorization): original / lightness (the input) / colourised test images;
 - attention.png (ViT encoders, e.g. DINO's): the last block's class-token attention, per head.
 """
 
@@ -63,6 +64,11 @@ class RunImages:
         """Normalised [n, 3, S, S] -> [n, S, S, 3] in [0, 1] for imshow."""
         x = images.detach().float().cpu() * self.std + self.mean
         return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def _channels_last(images: torch.Tensor) -> np.ndarray:
+    """[n, 3, S, S] in [0, 1] -> [n, S, S, 3] for imshow."""
+    return images.detach().float().cpu().clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
 def _pca_2d(features: torch.Tensor) -> np.ndarray:
@@ -149,14 +155,13 @@ def mae_reconstructions(mae, images: torch.Tensor, mask_ratio: float, seed: int)
     return masked, reconstruction
 
 
-def plot_mae(original: np.ndarray, masked: np.ndarray, reconstruction: np.ndarray, path: Path,
-             title: str) -> Path:
-    """Three rows over the same test images: original, masked input, reconstruction + visible."""
-    n = original.shape[0]
-    fig = Figure(figsize=(1.1 * n + 1.2, 3.9), dpi=90, layout="constrained")
-    axes = fig.subplots(3, n, squeeze=False)
-    for row, (name, images) in enumerate((("original", original), ("masked", masked),
-                                          ("reconstruction\n+ visible", reconstruction))):
+def plot_rows(rows: list[tuple[str, np.ndarray]], path: Path, title: str) -> Path:
+    """One row per (name, images [n, S, S, 3]) over the same test images, e.g. MAE's original,
+    masked input and reconstruction, or colorization's original, lightness and colourised."""
+    n = rows[0][1].shape[0]
+    fig = Figure(figsize=(1.1 * n + 1.2, 1.3 * len(rows)), dpi=90, layout="constrained")
+    axes = fig.subplots(len(rows), n, squeeze=False)
+    for row, (name, images) in enumerate(rows):
         for j in range(n):
             axes[row, j].imshow(images[j])
             axes[row, j].set_xticks([])
@@ -253,9 +258,16 @@ def render_run(method, cfg, train_source, test_source, device: torch.device, out
     mae = getattr(method, "model", None)
     if isinstance(mae, MaskedAutoencoderViT):
         masked, recon = mae_reconstructions(mae, sample, cfg.method.mask_ratio, cfg.run.seed)
-        written.append(plot_mae(images.display(sample), images.display(masked), images.display(recon),
-                                out / "mae_reconstructions.png",
-                                f"{tag}: {cfg.method.mask_ratio:.0%} of the patches masked"))
+        rows = [(name, images.display(x)) for name, x in
+                (("original", sample), ("masked", masked), ("reconstruction\n+ visible", recon))]
+        written.append(plot_rows(rows, out / "mae_reconstructions.png",
+                                 f"{tag}: {cfg.method.mask_ratio:.0%} of the patches masked"))
+    if hasattr(method, "colourise"):
+        lightness = method.encoder().lightness(sample).mul(0.5).add(0.5).expand(-1, 3, -1, -1)
+        rows = [("original", images.display(sample)), ("lightness\n(input)", _channels_last(lightness)),
+                ("colourised", _channels_last(method.colourise(sample)))]
+        written.append(plot_rows(rows, out / "colourised.png",
+                                 f"{tag}: annealed mean, T = {cfg.method.decode_temperature}"))
     if is_vit(encoder):
         maps = cls_attention(encoder, sample[:4])
         written.append(plot_attention(images.display(sample[:4]), maps, out / "attention.png",
