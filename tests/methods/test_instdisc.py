@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dist_utils import run_gloo
 from method_helpers import context, one_thread  # noqa: F401 (autouse fixture)
 
 from fastssl.data import ArraySource
@@ -133,3 +134,29 @@ def test_forward_without_a_bank_says_to_bind_the_data():
     with pytest.raises(ValueError, match="bind_data"):
         method(batch(0), context())
     assert math.isclose(resolve_config(cls.config_class).method.temperature, 0.07)
+
+
+def _ddp_step(rank, world, state, b):
+    """One softmax-form step on this rank's half of the batch, BatchNorm on its running statistics
+    (so that a sample's feature does not depend on which rank holds it)."""
+    torch.set_num_threads(1)
+    method = build(loss="softmax")
+    method.load_state_dict(state)
+    method.backbone.eval()
+    half = {"views": [b["views"][0].chunk(world)[rank]], "index": b["index"].chunk(world)[rank]}
+    loss = method(half, context())["loss"]
+    method.after_optimizer_step(context())
+    return loss.detach(), method.bank.memory
+
+
+def test_two_ranks_keep_identical_banks_equal_to_one_process():
+    """The bank is replicated: each rank applies every rank's features (gathered), so both copies
+    equal the bank of one process that saw the whole batch; the losses average to its loss."""
+    method = build(loss="softmax")
+    b = batch(0)
+    b["index"][B // 2] = b["index"][0]   # one image on both ranks: rank 1's feature (the last) wins
+    full_loss, full_bank = _ddp_step(0, 1, method.state_dict(), b)
+    (l0, bank0), (l1, bank1) = run_gloo(_ddp_step, 2, method.state_dict(), b)
+    assert torch.equal(bank0, bank1)
+    torch.testing.assert_close(bank0, full_bank, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close((l0 + l1) / 2, full_loss, rtol=1e-5, atol=1e-6)
