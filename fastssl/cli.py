@@ -204,13 +204,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _small_data_hint(name: str, method, cfg, data: str, small: str) -> str:
-    preset = method.presets.get(FASHION_MNIST, {})
+    preset = method.presets.get(method.default_data, {})
     keys = " ".join(f"{k}={v}" for k, v in preset.items() if k in ("backbone", "image_size", "batch_size",
                                                                        "queue_size", "epochs"))
     return (f"warning: {data} is small ({small}; < 50,000 images or < 64 px): {name}'s defaults "
             f"({cfg.model.backbone} at {cfg.data.image_size} px, batch {cfg.data.batch_size}) are sized for "
             f"ImageNet. "
-            f"Start from the small-image preset, {name}'s {FASHION_MNIST!r} preset: {keys}")
+            f"Start from the small-image preset, {name}'s {method.default_data!r} preset: {keys}")
 
 
 def _print_summary(summary: dict, data: str) -> None:
