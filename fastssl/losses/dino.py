@@ -75,12 +75,15 @@ def _logsumexp_all_ranks(x: Tensor, dim: int | None = None) -> Tensor:
 
 
 @torch.no_grad()
-def sinkhorn_knopp_teacher(teacher_output: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
+def sinkhorn_knopp_teacher(teacher_output: Tensor, teacher_temp: float, n_iterations: int = 3, *,
+                           n_samples: Tensor | None = None) -> Tensor:
     """DINOv2's Sinkhorn-Knopp teacher (after SwAV): [N, K] logits -> [N, K] assignments.
 
     Q = exp(t / teacher_temp), normalised to total mass 1, then `n_iterations` times: each
     prototype's mass to 1/K, each sample's mass to 1/B, with B the number of samples over all
-    ranks; finally each sample's row sums to 1. The prototype sums and the total are reduced over
+    ranks (N * world size, or `n_samples`, a tensor already summed over ranks: iBOT's masked-token
+    count); finally each sample's row sums to B times its share of the mass (1 when every rank's
+    rows are all samples). The prototype sums and the total are reduced over
     ranks, so W ranks with N rows each compute what one process computes on all W*N rows.
     Computed in the log domain, in float32 (float64 for float64 input): DINOv2's exp(t / T)
     overflows for t / T > 88, and any shifted version underflows whole prototypes to 0.
@@ -89,7 +92,10 @@ def sinkhorn_knopp_teacher(teacher_output: Tensor, teacher_temp: float, n_iterat
     teacher_temp = check_positive("teacher_temp", teacher_temp)
     n_iterations = check_int("n_iterations", n_iterations, low=1)
     log_q = teacher_output.to(torch.promote_types(teacher_output.dtype, torch.float32)) / teacher_temp
-    log_n_samples = math.log(log_q.shape[0] * get_world_size())
+    if n_samples is None:
+        log_n_samples = math.log(log_q.shape[0] * get_world_size())
+    else:
+        log_n_samples = n_samples.to(device=log_q.device, dtype=log_q.dtype).reshape(()).log()
     log_n_prototypes = math.log(log_q.shape[1])
     log_q -= _logsumexp_all_ranks(log_q)
     for _ in range(n_iterations):
