@@ -43,6 +43,28 @@ def test_dino_kernels_traffic(dtype):
     assert names == {"_dino_loss_fwd_kernel", "_dino_loss_merge_kernel", "_dino_loss_bwd_kernel"}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_ibot_patch_loss_traffic(dtype):
+    """The gathering and weighted paths: only the masked rows of strided [B, L, K] tokens are read."""
+    tokens = torch.randn(3, 1 + 6, 300, dtype=dtype, requires_grad=True)
+    teacher, center = torch.randn(3, 6, 300, dtype=dtype), torch.randn(1, 1, 300)
+    masks = torch.zeros(3, 6, dtype=torch.bool)
+    masks[0, 1:4] = masks[2, 5] = True
+
+    def run():
+        student = tokens[:, 1:]
+        loss, _ = ops.ibot_patch_loss_with_teacher_sum(student, teacher, center, masks=masks,
+                                                       backend="triton")
+        loss.backward()
+        ops.ibot_patch_cross_entropy(student[:, 0], teacher[:, 0].exp(), masks=masks[:, :3],
+                                     masks_weight=torch.ones(3), backend="triton").backward()
+        ops.ibot_patch_loss(student, teacher.flatten(0, 1)[masks.flatten()], center, masks=masks,
+                            backend="triton").backward()
+
+    names = check_formulas(run)
+    assert names == {"_dino_loss_fwd_kernel", "_dino_loss_merge_kernel", "_dino_loss_bwd_kernel"}
+
+
 def test_mae_kernels_traffic():
     """Every kernel configuration the MAE step launches, on strided inputs. Sample n keeps positions
     2n and 2n + 1, so every position is kept by some sample (as in any real batch)."""

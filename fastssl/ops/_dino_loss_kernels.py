@@ -40,9 +40,9 @@ def _target_prob(t_ptr, start, offs, mask, center, norm, inv_tt, TARGET_IS_LOGIT
 
 @triton.jit
 def _dino_loss_fwd_kernel(
-    s_ptr, t_ptr, c_ptr, s_rows_ptr, t_rows_ptr, s_stats_ptr, t_stats_ptr, t_sum_ptr,
+    s_ptr, t_ptr, c_ptr, rows_ptr, s_stats_ptr, t_stats_ptr, t_sum_ptr,
     B, K, V, G, n_tiles, samples_per_group, s_stride, s_token_stride, s_tokens, t_stride, t_token_stride,
-    t_tokens, inv_ts, inv_tt,
+    t_tokens, t_rows_offset, inv_ts, inv_tt,
     BLOCK_K: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr, EXCLUDE_SAME: tl.constexpr,
     WITH_TARGET_SUM: tl.constexpr, GATHER_ROWS: tl.constexpr,
 ):
@@ -51,7 +51,7 @@ def _dino_loss_fwd_kernel(
 
     Traffic (distinct bytes): loads each student and target element once (the exclude-same term
     re-reads student rows the program has just loaded: cache hits), the center and, gathering,
-    the two row tables; stores
+    the row table; stores
     2 (V*B) + (3 or 4) (G*B) fp32 per tile, and n_groups * K fp32 column sums."""
     tile = tl.program_id(0)
     group = tl.program_id(1)
@@ -70,7 +70,7 @@ def _dino_loss_fwd_kernel(
         s_sum = tl.zeros([BLOCK_K], dtype=tl.float32)
         for v in range(V):
             row = (v * B + b).to(tl.int64)
-            start = _row_start(s_rows_ptr, row, s_stride, s_token_stride, s_tokens, GATHER_ROWS)
+            start = _row_start(rows_ptr, row, s_stride, s_token_stride, s_tokens, GATHER_ROWS)
             x = tl.load(s_ptr + start + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
             m = tl.max(tl.where(mask, x, float("-inf")), axis=0)
             z = tl.sum(tl.where(mask, tl.exp(x - m), 0.0), axis=0)
@@ -79,7 +79,7 @@ def _dino_loss_fwd_kernel(
             s_sum += x
         for i in range(G):
             row = (i * B + b).to(tl.int64)
-            start = _row_start(t_rows_ptr, row, t_stride, t_token_stride, t_tokens, GATHER_ROWS)
+            start = _row_start(rows_ptr + t_rows_offset, row, t_stride, t_token_stride, t_tokens, GATHER_ROWS)
             t = tl.load(t_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
             if WITH_TARGET_SUM:
                 col_sum += t
@@ -99,7 +99,7 @@ def _dino_loss_fwd_kernel(
             tl.store(t_stats_ptr + 2 * t_plane + idx, a)
             if EXCLUDE_SAME:
                 # student crop i is teacher crop i's own view: subtract <e, s_i> (a cache hit, just read)
-                s_start = _row_start(s_rows_ptr, row, s_stride, s_token_stride, s_tokens, GATHER_ROWS)
+                s_start = _row_start(rows_ptr, row, s_stride, s_token_stride, s_tokens, GATHER_ROWS)
                 x_i = tl.load(s_ptr + s_start + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
                 tl.store(t_stats_ptr + 3 * t_plane + idx, tl.sum(e * x_i, axis=0))
     if WITH_TARGET_SUM:
@@ -107,9 +107,9 @@ def _dino_loss_fwd_kernel(
 
 @triton.jit
 def _dino_loss_bwd_kernel(
-    s_ptr, t_ptr, c_ptr, s_rows_ptr, t_rows_ptr, w_ptr, lse_s_ptr, t_norm_ptr, g_ptr, ds_ptr,
+    s_ptr, t_ptr, c_ptr, rows_ptr, w_ptr, lse_s_ptr, t_norm_ptr, g_ptr, ds_ptr,
     B, K, V, G, samples_per_group, s_stride, s_token_stride, s_tokens, t_stride, t_token_stride, t_tokens,
-    inv_ts, inv_tt, grad_scale,
+    t_rows_offset, inv_ts, inv_tt, grad_scale,
     BLOCK_K: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr, EXCLUDE_SAME: tl.constexpr,
     GATHER_ROWS: tl.constexpr, ROW_WEIGHTS: tl.constexpr,
 ):
@@ -118,7 +118,7 @@ def _dino_loss_bwd_kernel(
 
     Traffic (distinct bytes): loads each student and target element once (p_v of the excluded
     pair re-reads a target row the program has just loaded: a cache hit), the center, the
-    V*B + G*B fp32 normalisers, and the row tables and weights when used; stores each gradient
+    V*B + G*B fp32 normalisers, and the row table and weights when used; stores each gradient
     element once (contiguous in the student's shape: row r of [V*B, K], or, gathering, its token)."""
     tile = tl.program_id(0)
     group = tl.program_id(1)
@@ -139,11 +139,11 @@ def _dino_loss_bwd_kernel(
         for i in range(G):
             row = (i * B + b).to(tl.int64)
             norm = tl.load(t_norm_ptr + row)
-            start = _row_start(t_rows_ptr, row, t_stride, t_token_stride, t_tokens, GATHER_ROWS)
+            start = _row_start(rows_ptr + t_rows_offset, row, t_stride, t_token_stride, t_tokens, GATHER_ROWS)
             p_all += _target_prob(t_ptr, start, offs, mask, center, norm, inv_tt, TARGET_IS_LOGITS)
         for v in range(V):
             row = (v * B + b).to(tl.int64)
-            start = _row_start(s_rows_ptr, row, s_stride, s_token_stride, s_tokens, GATHER_ROWS)
+            start = _row_start(rows_ptr, row, s_stride, s_token_stride, s_tokens, GATHER_ROWS)
             x = tl.load(s_ptr + start + offs, mask=mask, other=0.0).to(tl.float32) * inv_ts
             lse = tl.load(lse_s_ptr + row)
             q = p_all
@@ -153,14 +153,14 @@ def _dino_loss_bwd_kernel(
             if EXCLUDE_SAME:
                 if v < G:
                     norm_v = tl.load(t_norm_ptr + row)
-                    t_start = _row_start(t_rows_ptr, row, t_stride, t_token_stride, t_tokens, GATHER_ROWS)
+                    t_start = _row_start(rows_ptr + t_rows_offset, row, t_stride, t_token_stride, t_tokens, GATHER_ROWS)
                     q = p_all - _target_prob(t_ptr, t_start, offs, mask, center, norm_v, inv_tt,
                                              TARGET_IS_LOGITS)
                     count = count - 1.0
             grad = (count * tl.exp(x - lse) - q) * g_b
             ds_row = row
             if GATHER_ROWS:
-                ds_row = tl.load(s_rows_ptr + row)
+                ds_row = tl.load(rows_ptr + row)
             tl.store(ds_ptr + ds_row * K + offs, grad.to(ds_ptr.dtype.element_ty), mask=mask)
 
 @triton.jit
@@ -237,7 +237,7 @@ def _fwd_traffic(a: dict) -> tuple[int, int, int]:
     rows_s, rows_t = a["V"] * a["B"], a["G"] * a["B"]
     read = (rows_s * a["K"] * a["s_ptr"].element_size() + rows_t * a["K"] * a["t_ptr"].element_size()
             + (a["K"] * a["c_ptr"].element_size() if a["TARGET_IS_LOGITS"] else 0)
-            + (nbytes(a["s_rows_ptr"], a["t_rows_ptr"]) if a["GATHER_ROWS"] else 0))
+            + (nbytes(a["rows_ptr"]) if a["GATHER_ROWS"] else 0))
     written = nbytes(a["s_stats_ptr"], a["t_stats_ptr"]) + (nbytes(a["t_sum_ptr"]) if a["WITH_TARGET_SUM"] else 0)
     return read, written, 0
 
@@ -253,7 +253,7 @@ def _bwd_traffic(a: dict) -> tuple[int, int, int]:
     read = (rows_s * a["K"] * a["s_ptr"].element_size() + rows_t * a["K"] * a["t_ptr"].element_size()
             + (a["K"] * a["c_ptr"].element_size() if a["TARGET_IS_LOGITS"] else 0)
             + nbytes(a["lse_s_ptr"], a["t_norm_ptr"]) + a["g_ptr"].element_size()
-            + (nbytes(a["s_rows_ptr"], a["t_rows_ptr"]) if a["GATHER_ROWS"] else 0)
+            + (nbytes(a["rows_ptr"]) if a["GATHER_ROWS"] else 0)
             + (nbytes(a["w_ptr"]) if a["ROW_WEIGHTS"] else 0))
     return read, rows_s * a["K"] * a["ds_ptr"].element_size(), 0
 
@@ -303,15 +303,17 @@ def _merge_shape(n_tiles: int) -> tuple[int, int, int]:
 
 
 def _rows_and_weights(student: Tensor, n_crops: int, student_rows: Tensor | None, target_rows: Tensor | None,
-                      row_weight: Tensor | None) -> tuple[int, Tensor, Tensor, Tensor]:
-    """(B, the two row tables, the weights) as the kernels take them; empty tensors stand for the
-    inputs a flag switches off."""
-    unused = student.new_empty(0, dtype=torch.int64)
+                      row_weight: Tensor | None) -> tuple[int, Tensor, int, Tensor]:
+    """(B, the row table, where its target rows start, the weights) as the kernels take them: one
+    table when student and target gather the same rows, else the two stacked; empty tensors stand
+    for the inputs a flag switches off."""
     B = row_weight.numel() if row_weight is not None else student.shape[0] // n_crops
     weights = row_weight if row_weight is not None else student.new_empty(0, dtype=torch.float32)
     if student_rows is None:
-        return B, unused, unused, weights
-    return B, student_rows, target_rows, weights
+        return B, student.new_empty(0, dtype=torch.int64), 0, weights
+    if target_rows is student_rows:
+        return B, student_rows, 0, weights
+    return B, torch.cat([student_rows, target_rows]), student_rows.numel(), weights
 
 
 def dino_loss_fwd(
@@ -325,11 +327,11 @@ def dino_loss_fwd(
     Row-block layout: B = rows // n_crops samples. iBOT's layout (n_crops = n_targets = 1):
     row_weight [B] fp32 weighs sample b's term (the loss is then sum_b w_b * CE_b / n_pairs, B =
     row_weight.numel(), only the first B rows of a [R, K] input read), and student_rows /
-    target_rows [B] int64 (both or neither) gather the B rows as flat token indices b * L + l of
+    target_rows [B] int64 (both or neither; the same tensor is read once) gather the B rows as flat token indices b * L + l of
     [B_img, L, K] (or row indices of [R, K]) inputs, read through their strides."""
     student, target = _unit_last_dim(student), _unit_last_dim(target)
     K = student.shape[-1]
-    B, s_rows, t_rows, weights = _rows_and_weights(student, n_crops, student_rows, target_rows, row_weight)
+    B, rows, t_rows_offset, weights = _rows_and_weights(student, n_crops, student_rows, target_rows, row_weight)
     block_k, n_tiles, per_group, num_warps = _launch_shape(
         K, B, max(student.element_size(), target.element_size()))
     n_groups = triton.cdiv(B, per_group)
@@ -340,9 +342,9 @@ def dino_loss_fwd(
     s_stride, s_token_stride, s_tokens = _token_layout(student)
     t_stride, t_token_stride, t_tokens = _token_layout(target)
     _dino_loss_fwd_kernel[(n_tiles, n_groups)](
-        student, target, center, s_rows, t_rows, s_stats, t_stats, t_parts,
+        student, target, center, rows, s_stats, t_stats, t_parts,
         B, K, n_crops, n_targets, n_tiles, per_group, s_stride, s_token_stride, s_tokens,
-        t_stride, t_token_stride, t_tokens, 1.0 / student_temp, 1.0 / target_temp,
+        t_stride, t_token_stride, t_tokens, t_rows_offset, 1.0 / student_temp, 1.0 / target_temp,
         BLOCK_K=block_k, TARGET_IS_LOGITS=target_is_logits, EXCLUDE_SAME=exclude_same,
         WITH_TARGET_SUM=with_target_sum, GATHER_ROWS=student_rows is not None, num_warps=num_warps,
     )
@@ -378,7 +380,7 @@ def dino_loss_bwd(
     # grad may be a stride-0 expanded view of a scalar: the kernel reads one value from its pointer
     student, target = _unit_last_dim(student), _unit_last_dim(target)
     K = student.shape[-1]
-    B, s_rows, t_rows, weights = _rows_and_weights(student, n_crops, student_rows, target_rows, row_weight)
+    B, rows, t_rows_offset, weights = _rows_and_weights(student, n_crops, student_rows, target_rows, row_weight)
     block_k, n_tiles, per_group, num_warps = _launch_shape(
         K, B, max(student.element_size(), target.element_size()))
     reads_all = student_rows is None and student.shape[0] == n_crops * B
@@ -388,9 +390,9 @@ def dino_loss_bwd(
     s_stride, s_token_stride, s_tokens = _token_layout(student)
     t_stride, t_token_stride, t_tokens = _token_layout(target)
     _dino_loss_bwd_kernel[(n_tiles, triton.cdiv(B, per_group))](
-        student, target, center, s_rows, t_rows, weights, lse_s, norm_t, grad, grad_student,
+        student, target, center, rows, weights, lse_s, norm_t, grad, grad_student,
         B, K, n_crops, n_targets, per_group, s_stride, s_token_stride, s_tokens, t_stride, t_token_stride,
-        t_tokens, 1.0 / student_temp, 1.0 / target_temp, scale,
+        t_tokens, t_rows_offset, 1.0 / student_temp, 1.0 / target_temp, scale,
         BLOCK_K=block_k, TARGET_IS_LOGITS=target_is_logits, EXCLUDE_SAME=exclude_same,
         GATHER_ROWS=student_rows is not None, ROW_WEIGHTS=row_weight is not None, num_warps=num_warps,
     )

@@ -4,8 +4,9 @@ no GPU and no driver, at the configurations its launcher picks for a grid of rea
     python tests/ops/compile_gate.py --targets 80,89,90,100 [--json FILE]
 
 How the configurations are found: the public ops (info_nce, dino_loss, soft_cross_entropy,
-random_masking, unshuffle_tokens, mae_loss, siglip_loss) run on shape-only CUDA tensors (FakeTensorMode)
-with each custom op's fake implementation swapped for its real one followed by its registered backward,
+random_masking, unshuffle_tokens, mae_loss, siglip_loss, ibot_patch_loss, ibot_patch_cross_entropy) run
+on shape-only CUDA tensors (FakeTensorMode) with each custom op's fake implementation swapped for its real
+one followed by its registered backward,
 so the real launchers run, forward and backward; torch.cuda.get_device_properties answers for the target
 card, and kernel launches (JITFunction.run, Autotuner.run) are recorded instead of run. Each recorded
 launch is bound by the JIT's own binder (signature, constexprs, specialization) and compiled by
@@ -73,6 +74,7 @@ def scenarios():
     import torch
 
     from fastssl.ops.dino_loss import dino_loss, soft_cross_entropy
+    from fastssl.ops.ibot_patch_loss import ibot_patch_cross_entropy, ibot_patch_loss
     from fastssl.ops.info_nce import info_nce
     from fastssl.ops.mae import mae_loss, random_masking, unshuffle_tokens
     from fastssl.ops.siglip_loss import siglip_loss
@@ -96,6 +98,14 @@ def scenarios():
     def dino(dt, B, crops, K):
         s = t(crops * B, K, dtype=dt, grad=True)
         dino_loss(s, t(2 * B, K, dtype=dt), t(K, dtype=torch.float32), n_crops=crops, backend="triton")
+
+    def ibot(dt, K, B=64, L=256, n=5000):  # DINOv2's per-GPU batch: ~30% of 64 x 256 tokens masked
+        masks = torch.empty(B, L, device="cuda", dtype=torch.bool)
+        idx = torch.empty(n, device="cuda", dtype=torch.int64)
+        ibot_patch_loss(t(B, L, K, dtype=dt, grad=True), t(B, L, K, dtype=dt), t(K, dtype=torch.float32),
+                        masks=masks, mask_indices=idx, backend="triton")
+        ibot_patch_cross_entropy(t(n, K, dtype=dt, grad=True), t(n, K, dtype=torch.float32), masks=masks,
+                                 masks_weight=t(n, dtype=torch.float32), backend="triton")
 
     def multilabel(dt, C, N=256):
         soft_cross_entropy(t(N, C, dtype=dt, grad=True), t(N, C, dtype=dt), backend="triton")
@@ -157,6 +167,9 @@ def scenarios():
             for B in (32, 128)
             for V in (2, 10, 12)
             for K in (4096, 65536)
+        ]
+        out += [
+            (f"ibot B=64 L=256 n=5000 K={K} {name}", lambda dt=dt, K=K: ibot(dt, K)) for K in (65536, 131072)
         ]
         out += [
             (f"multilabel N=256 C={C} {name}", lambda dt=dt, C=C: multilabel(dt, C)) for C in (10000, 27000)

@@ -67,7 +67,7 @@ import compile_gate as g
 seen = set()
 for name, run in g.scenarios():
     if any(k in name for k in ("N=256 K", "N=M=256 D=128", "B=32 crops=2 K=4096", "C=10000", "D=768",
-                               "siglip N=256 M=256 D=512")):
+                               "siglip N=256 M=256 D=512", "ibot B=64 L=256 n=5000 K=65536")):
         with g.fake_cuda(g.CARDS[90]) as recorded:
             run()
         seen |= {f"{launch.fn.__module__}.{launch.fn.__name__}" for launch in g.expand(recorded, g.CARDS[90])}

@@ -283,13 +283,15 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fastssl.ops import triton_kernels
 m = triton_kernels()
-FWD = dict(s_ptr="*bf16", t_ptr="*bf16", c_ptr="*fp32", s_stats_ptr="*fp32", t_stats_ptr="*fp32",
-           t_sum_ptr="*fp32", B="i32", K="i32", V="i32", G="i32", n_tiles="i32", samples_per_group="i32",
-           s_stride="i32", t_stride="i32", inv_ts="fp32", inv_tt="fp32")
-BWD = dict(s_ptr="*bf16", t_ptr="*bf16", c_ptr="*fp32", lse_s_ptr="*fp32", t_norm_ptr="*fp32", g_ptr="*fp32",
-           ds_ptr="*bf16", B="i32", K="i32", V="i32", G="i32", samples_per_group="i32", s_stride="i32",
-           t_stride="i32", inv_ts="fp32", inv_tt="fp32", grad_scale="fp32")
-MERGE = dict(s_stats_ptr="*fp32", t_stats_ptr="*fp32", t_parts_ptr="*fp32", lse_s_ptr="*fp32",
+ROWS = dict(s_token_stride="i32", s_tokens="i32", t_stride="i32", t_token_stride="i32", t_tokens="i32",
+            t_rows_offset="i32")
+FWD = dict(s_ptr="*bf16", t_ptr="*bf16", c_ptr="*fp32", rows_ptr="*i64", s_stats_ptr="*fp32",
+           t_stats_ptr="*fp32", t_sum_ptr="*fp32", B="i32", K="i32", V="i32", G="i32", n_tiles="i32",
+           samples_per_group="i32", s_stride="i32", **ROWS, inv_ts="fp32", inv_tt="fp32")
+BWD = dict(s_ptr="*bf16", t_ptr="*bf16", c_ptr="*fp32", rows_ptr="*i64", w_ptr="*fp32", lse_s_ptr="*fp32",
+           t_norm_ptr="*fp32", g_ptr="*fp32", ds_ptr="*bf16", B="i32", K="i32", V="i32", G="i32",
+           samples_per_group="i32", s_stride="i32", **ROWS, inv_ts="fp32", inv_tt="fp32", grad_scale="fp32")
+MERGE = dict(s_stats_ptr="*fp32", t_stats_ptr="*fp32", t_parts_ptr="*fp32", w_ptr="*fp32", lse_s_ptr="*fp32",
              t_norm_ptr="*fp32", loss_parts_ptr="*fp32", t_sum_ptr="*fp32", B="i32", K="i32", V="i32",
              G="i32", n_tiles="i32", n_groups="i32", n_s_blocks="i32", n_t_blocks="i32", loss_scale="fp32")
 def build(kernel, sig, consts):
@@ -297,16 +299,21 @@ def build(kernel, sig, consts):
     sig = {n: ("constexpr" if n in consts else sig[n]) for n in names}
     src = ASTSource(kernel, sig, {(names.index(n),): v for n, v in consts.items()})
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
-for logits, exclude, ones in itertools.product([True, False], [True, False], [False, True]):
+# DINO and multi-label: no row table, no weights; iBOT (V = G = 1, no excluded pair): weights, rows
+# read in place or gathered through the table
+MODES = [(exclude, False, False) for exclude in (True, False)] + [(False, False, True), (False, True, True)]
+for logits, (exclude, gather, weights), ones in itertools.product([True, False], MODES, [False, True]):
     # Triton turns int arguments equal to 1 into constants: multi-label (V = G = 1) and B = 1 take that path
     one = dict(B=1, V=1, G=1, samples_per_group=1) if ones else {}
     flags = dict(BLOCK_K=2048, TARGET_IS_LOGITS=logits, EXCLUDE_SAME=exclude)
     build(m["_dino_loss_fwd_kernel"], {k: v for k, v in FWD.items() if k not in one},
-          {**one, **flags, "WITH_TARGET_SUM": logits})
-    build(m["_dino_loss_bwd_kernel"], {k: v for k, v in BWD.items() if k not in one}, {**one, **flags})
+          {**one, **flags, "WITH_TARGET_SUM": logits, "GATHER_ROWS": gather})
+    build(m["_dino_loss_bwd_kernel"], {k: v for k, v in BWD.items() if k not in one},
+          {**one, **flags, "GATHER_ROWS": gather, "ROW_WEIGHTS": weights})
     merge_one = {k: v for k, v in one.items() if k != "samples_per_group"}
     build(m["_dino_loss_merge_kernel"], {k: v for k, v in MERGE.items() if k not in merge_one},
-          {**merge_one, "BLOCK_ROWS": 128, "BLOCK_TILES": 32, "BLOCK_COLS": 1024, "EXCLUDE_SAME": exclude})
+          {**merge_one, "BLOCK_ROWS": 128, "BLOCK_TILES": 32, "BLOCK_COLS": 1024, "EXCLUDE_SAME": exclude,
+           "ROW_WEIGHTS": weights})
 print("compiled")
 """
 
