@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fastssl.data import dali as _dali
+from fastssl.data.masking import BlockMasks
 from fastssl.data.order import resampled_indices, stream_indices
 from fastssl.data.recipes import Recipe
 from fastssl.data.shards import ShardSource
@@ -62,12 +63,15 @@ class Loader:
     Each `iter(loader)` runs one epoch, the next one each time (start with set_epoch(e)
     to resume, set_epoch(e, start=k) to resume at batch k); len(loader) is the number of
     batches of the current epoch. skipped_samples: bad samples skipped on this rank so far
-    (those the source left out when indexed count on shard 0 only, once)."""
+    (those the source left out when indexed count on shard 0 only, once). With `masking` (a
+    fastssl.data.masking.BlockMasks), each batch also carries its block masks, drawn on the CPU
+    from (seed, epoch, shard, batch number) and sent to the views' device without a host sync."""
 
     def __init__(self, source, recipe: Recipe, impl, *, batch_size: int, seed: int, shard_id: int,
                  num_shards: int, drop_last: bool, shuffle: bool, sampler, shuffle_buffer: int = 0,
-                 max_skipped_fraction: float = 0.001, samples_per_epoch: int | None = None):
-        self.source, self.recipe, self.impl = source, recipe, impl
+                 max_skipped_fraction: float = 0.001, samples_per_epoch: int | None = None,
+                 masking: BlockMasks | None = None):
+        self.source, self.recipe, self.impl, self.masking = source, recipe, impl, masking
         self.batch_size, self.seed, self.shard_id, self.num_shards = batch_size, seed, shard_id, num_shards
         self.drop_last, self.shuffle, self.sampler = drop_last, shuffle, sampler
         self.shuffle_buffer, self.max_skipped_fraction = shuffle_buffer, max_skipped_fraction
@@ -147,8 +151,21 @@ class Loader:
         epoch, start = self.epoch, self.start
         batches = self.plan(epoch)
         self.epoch, self.start = epoch + 1, 0
-        return self._count_skips(self.impl.iterate(epoch, batches, start), epoch,
-                                 sum(len(b) for b in batches))
+        views = self.impl.iterate(epoch, batches, start)
+        if self.masking is not None:
+            views = self._with_masks(views, epoch, start)
+        return self._count_skips(views, epoch, sum(len(b) for b in batches))
+
+    def _with_masks(self, batches: Iterator[dict], epoch: int, start: int) -> Iterator[dict]:
+        pinned = self.device.type == "cuda"
+        for number, batch in enumerate(batches, start):
+            drawn = self.masking.for_batch(len(batch["index"]), epoch=epoch, shard=self.shard_id,
+                                           batch=number)
+            for key, value in drawn.items():
+                if isinstance(value, torch.Tensor):
+                    value = (value.pin_memory() if pinned else value).to(self.device, non_blocking=True)
+                batch[key] = value
+            yield batch
 
     def _count_skips(self, batches: Iterator[dict], epoch: int, epoch_samples: int) -> Iterator[dict]:
         seen: list[tuple[str, str]] = []
@@ -215,7 +232,8 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
                  num_threads: int = 4, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                  drop_last: bool = True, shuffle: bool = True, sampler=None,
                  dtype: torch.dtype = torch.float32, shuffle_buffer: int = 10_000,
-                 max_skipped_fraction: float = 0.001, samples_per_epoch: int | None = None) -> Loader:
+                 max_skipped_fraction: float = 0.001, samples_per_epoch: int | None = None,
+                 masking: BlockMasks | None = None) -> Loader:
     """A loader of augmented views (see `Loader`) for `recipe` over `source`.
 
     backend: "dali" (DALI pipeline, CPU operators for device="cpu", nvJPEG + GPU operators
@@ -232,6 +250,7 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
     with --train-num-samples): each rank draws shards with replacement from (seed, epoch,
     rank) and an epoch is samples_per_epoch samples over all ranks; None (default): every
     sample once per epoch.
+    masking: a BlockMasks whose masks each batch carries (see `Loader`).
     Views are [B, 3, size, size] normalized with the recipe's mean/std, on the output device."""
     if not isinstance(source, ArraySource | ImageFolderSource | FileListSource | ShardSource):
         raise TypeError(f"source must be an ArraySource, ImageFolderSource, FileListSource or ShardSource, "
@@ -256,6 +275,9 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
         if not isinstance(source, ShardSource) or sampler is not None or not shuffle:
             raise ValueError("samples_per_epoch (the resampled mode) draws WebDataset shards: give a "
                              "ShardSource, no sampler and shuffle=True, or leave samples_per_epoch None")
+    if masking is not None and not isinstance(masking, BlockMasks):
+        raise TypeError(f"masking must be a fastssl.data.masking.BlockMasks or None, got "
+                        f"{type(masking).__name__}")
     name, device = resolve_loader(backend, device)
     dev = _resolve_device(device)
     impl_class = _dali.DaliViews if name == "dali" else TorchvisionViews
@@ -264,7 +286,7 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
     loader = Loader(source, recipe, impl, batch_size=batch_size, seed=seed, shard_id=shard_id,
                     num_shards=num_shards, drop_last=drop_last, shuffle=shuffle, sampler=sampler,
                     shuffle_buffer=shuffle_buffer, max_skipped_fraction=max_skipped_fraction,
-                    samples_per_epoch=samples_per_epoch)
+                    samples_per_epoch=samples_per_epoch, masking=masking)
     if len(loader) == 0:
         raise ValueError(
             f"batch_size={batch_size} with drop_last={drop_last} leaves no batch: this shard has "
