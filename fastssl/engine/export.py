@@ -78,14 +78,16 @@ def backbone_state_dict(method: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
 
 
-def loader_code(cfg) -> str:
-    """Python that builds the module the exported state dict loads into (strict=True)."""
+def loader_code(cfg, reg_tokens: int = 0) -> str:
+    """Python that builds the module the exported state dict loads into (strict=True); a ViT with
+    `reg_tokens` registers has no position embedding for its class and register tokens."""
     if is_vit_name(cfg.model.backbone):
         size, patch = parse_vit_name(cfg.model.backbone)
         patch = patch or 16
         depth = cfg.model.vit_depth or VIT_SIZES[size][1]
+        registers = f", reg_tokens={reg_tokens}, no_embed_class=True" if reg_tokens else ""
         return (f"timm.create_model('{TIMM_NAMES[size]}', pretrained=False, num_classes=0, "
-                f"img_size={cfg.data.image_size}, patch_size={patch}, depth={depth})")
+                f"img_size={cfg.data.image_size}, patch_size={patch}, depth={depth}{registers})")
     if cfg.model.backbone in RESNETS:
         code = f"m = torchvision.models.{cfg.model.backbone}(); m.fc = torch.nn.Identity()"
         if cfg.data.image_size <= SMALL_IMAGE_MAX:
@@ -109,6 +111,7 @@ def export_backbone(run: str | Path, out: str | Path) -> dict[str, Any]:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out)
+    reg_tokens = state["reg_token"].shape[1] if "reg_token" in state else 0
     return {"method": meta["method"], "backbone": method.cfg.model.backbone, "step": meta["step"],
             "tensors": len(state), "parameters": sum(v.numel() for v in state.values()),
-            "load": loader_code(method.cfg)}
+            "load": loader_code(method.cfg, reg_tokens=reg_tokens)}

@@ -63,7 +63,9 @@ class MoCoV3(Method):
         if not is_resnet:
             # the paper's ViT: fixed 2-D sin-cos position embedding, random (frozen) patch projection
             grid = backbone.patch_embed.grid_size[0]
-            backbone.pos_embed.data.copy_(sincos_pos_embed_2d(feature_dim, grid, cls_token=True)[None])
+            # no class-token row when the ViT has registers (their position embedding covers the patches only)
+            with_cls = not backbone.no_embed_class
+            backbone.pos_embed.data.copy_(sincos_pos_embed_2d(feature_dim, grid, cls_token=with_cls)[None])
             backbone.pos_embed.requires_grad_(False)
             if cfg.method.freeze_patch_embed:
                 backbone.patch_embed.requires_grad_(False)

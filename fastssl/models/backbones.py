@@ -16,6 +16,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.resnet import BasicBlock
 
+from fastssl.validation import check_int
+
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # He et al. 2016's CIFAR ResNets (sec. 4.2): 6n+2 layers, 3 stages of 16/32/64 channels.
 # Far cheaper than a ResNet-18 with the small stem (ResNet-20: ~41 MFLOPs vs ~560 at 32x32),
@@ -99,21 +101,26 @@ def vit(
     patch_size: int = 16,
     depth: int | None = None,
     drop_path_rate: float = 0.0,
+    reg_tokens: int = 0,
 ) -> tuple[nn.Module, int]:
     """A timm VisionTransformer (Tiny/Small/Base/Large/Huge) returning the class token [B, D].
 
     `dynamic_img_size=True` interpolates the position embedding, so one model takes the
-    global and the local crops of multi-crop training (DINO).
+    global and the local crops of multi-crop training (DINO). reg_tokens: register tokens
+    (Darcet et al. 2024), appended after the class token; with registers the position embedding
+    covers the patches only (timm's no_embed_class, its DINOv2-with-registers layout), since
+    registers have no position.
     """
     if size not in VIT_SIZES:
         raise ValueError(f"ViT size must be one of {tuple(VIT_SIZES)}, got {size!r}")
     if image_size % patch_size != 0:
         raise ValueError(f"image_size must be a multiple of patch_size={patch_size}, got {image_size}")
+    reg_tokens = check_int("reg_tokens", reg_tokens, low=0)
     dim, default_depth, heads = VIT_SIZES[size]
     model = VisionTransformer(
         img_size=image_size, patch_size=patch_size, embed_dim=dim, depth=depth or default_depth,
         num_heads=heads, num_classes=0, global_pool="token", dynamic_img_size=True,
-        drop_path_rate=drop_path_rate,
+        drop_path_rate=drop_path_rate, reg_tokens=reg_tokens, no_embed_class=reg_tokens > 0,
     )
     return model, dim
 
@@ -143,7 +150,7 @@ def build_backbone(name: str, image_size: int, **options) -> tuple[nn.Module, in
     "vit_{tiny,small,base,large,huge}[_patch{P}]".
 
     torchvision ResNets take `small_stem` (default: image_size <= 64) and `zero_init_residual`; ViTs
-    take `patch_size` (default 16, or the name's), `depth` and `drop_path_rate`.
+    take `patch_size` (default 16, or the name's), `depth`, `drop_path_rate` and `reg_tokens`.
     Returns (module: [B, 3, H, W] -> [B, feature_dim], feature_dim).
     """
     if not isinstance(name, str):

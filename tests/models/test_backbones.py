@@ -106,3 +106,35 @@ def test_cifar_resnet_pool_errors():
     model, _ = build_backbone("resnet8_pool4", 8)  # 8 px -> a 2x2 last map, too small for a 4x4 grid
     with pytest.raises(ValueError, match=r"pool=4 needs a last-stage map of at least 4x4, got \(2, 2\)"):
         model(torch.randn(1, 3, 8, 8))
+
+
+def test_vit_with_four_registers_trains_a_step_and_its_state_loads_into_timm():
+    """Registers (Darcet et al. 2024): 4 learned tokens after the class token, no position
+    embedding (the patches' only); the class token still is the output; the state dict loads
+    strictly into the timm model the export prints."""
+    import timm
+
+    from fastssl.viz.figures import cls_attention
+
+    model, dim = build_backbone("vit_tiny_patch8", 32, depth=2, reg_tokens=4)
+    assert model.num_prefix_tokens == 5 and model.reg_token.shape == (1, 4, dim)
+    assert model.pos_embed.shape == (1, 16, dim)  # 4 x 4 patches, no prefix rows
+    tokens = model.forward_features(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 1 + 4 + 16, dim)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.reg_token.detach().clone()
+    images = torch.randn(4, 3, 32, 32)
+    for crop in (images, images[..., :16, :16]):  # a local crop: positions interpolated, registers as is
+        loss = model(crop).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        assert torch.isfinite(model.reg_token.grad).all() and model.reg_token.grad.abs().sum() > 0
+        optimizer.step()
+    assert not torch.equal(model.reg_token, before)
+    assert cls_attention(model, images).shape == (4, 3, 4, 4)  # patches only, registers left out
+    timm_model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
+                                   patch_size=8, depth=2, reg_tokens=4, no_embed_class=True)
+    timm_model.load_state_dict(model.state_dict(), strict=True)
+    torch.testing.assert_close(timm_model.eval()(images), model.eval()(images))
+    with pytest.raises(ValueError, match="reg_tokens must be"):
+        build_backbone("vit_tiny", 32, reg_tokens=-1)
