@@ -42,6 +42,18 @@ def official(student, teacher, center, masks, student_temp=0.1, teacher_temp=0.0
     return official_forward_masked(s, t, masks, student_temp)
 
 
+def on(device, fn):
+    """fn with its tensor arguments moved to `device` (CUDA when present, else the CPU, where
+    backend='triton' runs under the interpreter); gradients flow back to the CPU originals."""
+    def move(a):
+        return a.to(device) if isinstance(a, torch.Tensor) else a
+
+    def call(*args, **kw):
+        out = fn(*map(move, args), **{k: move(v) for k, v in kw.items()})
+        return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+    return call
+
+
 def value_and_grad(fn, x, *args, **kw):
     x = x.detach().clone().requires_grad_(True)
     loss = fn(x, *args, **kw)
@@ -54,13 +66,13 @@ SHAPES = [(3, 5, 7), (4, 9, 130), (2, 20, 256)]
 
 @pytest.mark.parametrize("B,L,K", SHAPES)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_centering_matches_official_value_and_gradient(B, L, K, backend):
+def test_centering_matches_official_value_and_gradient(B, L, K, backend, device):
     student, teacher, center, masks = make(B, L, K)
     assert masks.sum() <= 40
     want, want_grad = value_and_grad(official, student, teacher, center, masks)
     dtype = torch.float64 if backend == "torch" else torch.float32
-    got, grad = value_and_grad(ibot_patch_loss, student.to(dtype), teacher.to(dtype), center.to(dtype),
-                               masks=masks, backend=backend)
+    inputs = (x.to(dtype) for x in (student, teacher, center))
+    got, grad = value_and_grad(on(device, ibot_patch_loss), *inputs, masks=masks, backend=backend)
     tol = dict(rtol=1e-12, atol=1e-12) if backend == "torch" else dict(rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(got.double(), want, **tol)
     torch.testing.assert_close(grad.double(), want_grad, **tol)
@@ -68,7 +80,7 @@ def test_centering_matches_official_value_and_gradient(B, L, K, backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_compact_rows_with_padding_and_given_weights(backend):
+def test_compact_rows_with_padding_and_given_weights(backend, device):
     """DINOv2's layout: the masked tokens first in [upperbound, K] buffers, masks_weight from the collate."""
     student, teacher, center, masks = make(3, 8, 33)
     idx = masks.flatten().nonzero().flatten()
@@ -77,28 +89,28 @@ def test_compact_rows_with_padding_and_given_weights(backend):
     t_rows = torch.cat([teacher.flatten(0, 1)[idx], pad]).float()
     weight = (1 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks].float()
     want, want_grad = value_and_grad(official, student, teacher, center, masks)
-    got, grad = value_and_grad(ibot_patch_loss, s_rows, t_rows, center.float(), masks=masks,
+    got, grad = value_and_grad(on(device, ibot_patch_loss), s_rows, t_rows, center.float(), masks=masks,
                                masks_weight=weight, backend=backend)
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(grad[:len(idx)].double(), want_grad.flatten(0, 1)[idx], rtol=2e-5, atol=2e-5)
     assert (grad[len(idx):] == 0).all()
     # mixed: full student tokens, compact teacher rows
-    got_mixed = ibot_patch_loss(student.float(), t_rows, center.float(), masks=masks, mask_indices=idx,
-                                backend=backend)
+    got_mixed = on(device, ibot_patch_loss)(student.float(), t_rows, center.float(), masks=masks,
+                                            mask_indices=idx, backend=backend)
     torch.testing.assert_close(got_mixed.double(), want, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_given_targets_and_teacher_sum(backend):
+def test_given_targets_and_teacher_sum(backend, device):
     student, teacher, center, masks = make(4, 6, 40)
     idx = masks.flatten().nonzero().flatten()
     probs = torch.rand(4, 6, 40, dtype=torch.float64)
     probs = probs / probs.sum(-1, keepdim=True)
     want = official_forward_masked(student.flatten(0, 1)[idx], probs.flatten(0, 1)[idx], masks, 0.1)
-    got = ibot_patch_cross_entropy(student.float(), probs.float(), masks=masks, backend=backend)
+    got = on(device, ibot_patch_cross_entropy)(student.float(), probs.float(), masks=masks, backend=backend)
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
-    _, t_sum = ibot_patch_loss_with_teacher_sum(student.float(), teacher.float(), center.float(), masks=masks,
-                                                backend=backend)
+    _, t_sum = on(device, ibot_patch_loss_with_teacher_sum)(student.float(), teacher.float(), center.float(),
+                                                            masks=masks, backend=backend)
     torch.testing.assert_close(t_sum.double(), teacher.flatten(0, 1)[idx].sum(0), rtol=1e-5, atol=1e-5)
 
 
@@ -110,27 +122,27 @@ def test_float64_reference_and_no_masked_token():
     assert loss.item() == 0.0 and (grad == 0).all()
 
 
-def test_bf16_within_twice_the_torch_error():
+def test_bf16_within_twice_the_torch_error(device):
     student, teacher, center, masks = make(3, 12, 200)
     want = official(student, teacher, center, masks)
     low = [x.bfloat16() for x in (student, teacher, center)]
     torch_low = ibot_patch_loss_ref(*low, masks=masks)
-    got = ibot_patch_loss(*low, masks=masks, backend="triton")
+    got = on(device, ibot_patch_loss)(*low, masks=masks, backend="triton")
     assert (got.double() - want).abs() <= 2 * (torch_low.double() - want).abs() + 1e-5
 
 
-def test_nan_in_gives_nan_out():
+def test_nan_in_gives_nan_out(device):
     student, teacher, center, masks = make(2, 5, 9, dtype=torch.float32)
     masks[1, 2] = True
     student = student.clone()
     student[1, 2, 3] = float("nan")
-    assert torch.isnan(ibot_patch_loss(student, teacher, center, masks=masks, backend="triton"))
+    assert torch.isnan(on(device, ibot_patch_loss)(student, teacher, center, masks=masks, backend="triton"))
 
 
-def test_opcheck_and_compile_fullgraph():
-    student, teacher, center, masks = make(2, 6, 16, dtype=torch.float32)
+def test_opcheck_and_compile_fullgraph(device):
+    student, teacher, center, masks = (x.to(device) for x in make(2, 6, 16, dtype=torch.float32))
     idx = masks.flatten().nonzero().flatten()
-    weight = torch.rand(len(idx)) / 2
+    weight = torch.rand(len(idx), device=device) / 2
     op_args = (student.contiguous(), teacher, center.reshape(-1), idx, idx, weight)
     torch.library.opcheck(torch.ops.fastssl.ibot_patch_loss_fwd.default,
                           (*op_args, 0.1, 0.04, True, True), test_utils=("test_schema", "test_faketensor"))
