@@ -1,6 +1,7 @@
-"""DINO loss and multi-label softmax loss: fwd+bwd of the official formula (eager: the ops'
-references, `dino_loss_ref` and `multilabel_softmax_loss_ref`), torch.compile of it, and
-fastssl's fused soft-target cross-entropy kernel.
+"""DINO loss, iBOT patch loss and multi-label softmax loss: fwd+bwd of the official formula
+(eager: the ops' references, `dino_loss_ref`, `ibot_patch_loss_ref` and
+`multilabel_softmax_loss_ref`), torch.compile of it, and fastssl's fused soft-target
+cross-entropy kernel.
 
 Bytes per call, the kernel's minimum traffic as the op's goal counts it: student read twice (forward
 and backward), its gradient written once, teacher read once (the multi-label rows: logits read
@@ -16,7 +17,7 @@ import torch
 
 from fastssl.bench.harness import Case, compiled, parse_args, run
 from fastssl.losses import multilabel_softmax_loss
-from fastssl.ops import dino_loss
+from fastssl.ops import dino_loss, ibot_patch_loss
 
 
 def official_dino_loss(student, teacher, center, n_crops):
@@ -61,6 +62,38 @@ def dino_cases(quick: bool, device: str) -> list[Case]:
     return cases
 
 
+def ibot_cases(quick: bool, device: str) -> list[Case]:
+    """DINOv2's per-GPU patch loss: 64 images of 256 patches, half of them masked at 10-50%
+    (~30% of the masked images' patches, n ~ 4,900 rows), its buffers' layout: the n masked
+    rows of student and teacher first."""
+    shapes = [(4, 16, 512)] if quick else [(64, 256, 65536), (64, 256, 131072)]
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    cases = []
+    for (B, L, K) in shapes:
+        for dtype in dtypes:
+            masks = torch.zeros(B, L, dtype=torch.bool, device=device)
+            masks[: B // 2] = torch.rand(B // 2, L, device=device) < 0.3
+            n = int(masks.sum())
+
+            def make(n=n, K=K, dtype=dtype):
+                student = torch.randn(n, K, device=device, dtype=dtype).requires_grad_(True)
+                teacher = torch.randn(n, K, device=device, dtype=dtype)
+                center = 0.1 * torch.randn(1, 1, K, device=device, dtype=torch.float32)
+                return student, teacher, center
+
+            eager = lambda s, t, c, m=masks: ibot_patch_loss(s, t, c, masks=m, backend="torch")  # noqa: E731
+            fused = lambda s, t, c, m=masks: ibot_patch_loss(s, t, c, masks=m)  # noqa: E731
+            elt = torch.finfo(dtype).bits // 8
+            cases.append(Case(
+                name="ibot_patch_loss", params={"B": B, "L": L, "n": n, "K": K, "dtype": str(dtype)[6:]},
+                make_inputs=make,
+                providers={"eager": fwd_bwd(eager), "compile": fwd_bwd(compiled(eager)),
+                           "fastssl": fwd_bwd(fused)},
+                bytes_moved=4 * n * K * elt,
+            ))
+    return cases
+
+
 def multilabel_cases(quick: bool, device: str) -> list[Case]:
     shapes = [(4, 1000)] if quick else [(256, 10_000), (256, 100_000)]
     dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
@@ -88,6 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(__doc__.splitlines()[0], argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     run("dino_loss", dino_cases(args.quick, device), args)
+    run("ibot_patch_loss", ibot_cases(args.quick, device), args)
     run("multilabel_softmax_loss", multilabel_cases(args.quick, device), args)
 
 

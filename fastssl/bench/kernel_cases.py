@@ -16,7 +16,15 @@ import torch
 
 from fastssl import KeyQueue
 from fastssl.losses import multilabel_softmax_loss
-from fastssl.ops import dino_loss, info_nce, mae_loss, random_masking, siglip_loss, unshuffle_tokens
+from fastssl.ops import (
+    dino_loss,
+    ibot_patch_loss,
+    info_nce,
+    mae_loss,
+    random_masking,
+    siglip_loss,
+    unshuffle_tokens,
+)
 
 
 def cases(size: str, device: str) -> dict:
@@ -43,6 +51,13 @@ def cases(size: str, device: str) -> dict:
         teacher = torch.randn(2 * B, P, **bf16)
         center = torch.zeros(1, P, device=device)
         dino_loss(student, teacher, center, n_crops=n_crops, backend="triton").backward()
+
+    def ibot():  # the masked rows read in place from strided [images, 1 + L, K] tokens
+        tokens = torch.randn(n_img, 1 + L, P, **bf16, requires_grad=True)
+        teacher = torch.randn(n_img, L, P, **bf16)
+        masks = torch.rand(n_img, L, device=device) < 0.3
+        ibot_patch_loss(tokens[:, 1:], teacher, torch.zeros(P, device=device), masks=masks,
+                        backend="triton").backward()
 
     def multilabel():
         logits = torch.randn(4 * B, P // 2, **bf16, requires_grad=True)
@@ -71,7 +86,8 @@ def cases(size: str, device: str) -> dict:
         queue.push(torch.randn(N, D, **bf16))
 
     return {"info_nce_queue": moco_v2, "info_nce_in_batch": in_batch, "dino_loss": dino,
-            "multilabel": multilabel, "mae": mae, "siglip": siglip, "queue_push": queue_push}
+            "ibot_patch_loss": ibot, "multilabel": multilabel, "mae": mae, "siglip": siglip,
+            "queue_push": queue_push}
 
 
 def main(argv: list[str] | None = None) -> int:
