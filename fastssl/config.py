@@ -164,6 +164,8 @@ class ModelConfig(Component):
     backbone: str = setting("resnet18", "resnet8/18/20/50, resnet8_pool3, vit_tiny/small/base_patchN "
                                         "(timm names)")
     vit_depth: int | None = setting(None, "ViT blocks (none: the model's own)", low=1, high=256)
+    vit_reg_tokens: int = setting(0, "ViT register tokens (Darcet et al. 2024; 0: none; not MAE's ViT)",
+                                  low=0, high=64)
     drop_path_rate: float = setting(0.0, "ViT stochastic depth of the trained network", low=0, high=1,
                                     high_open=True)
     fused: bool = setting(True, "false: every fused op runs its *_ref (the kernel path, for speed-ups)")

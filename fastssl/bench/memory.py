@@ -154,7 +154,7 @@ def measure(method: str, backbone: str, parallel: str, checkpointing: bool, worl
         states = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         result = {
             "method": method, "backbone": backbone, "parallel": parallel, "checkpointing": checkpointing,
-            "world": world, "per_gpu_batch": per_gpu_batch,
+            "world": world, "per_gpu_batch": per_gpu_batch, "reg_tokens": cfg.model.vit_reg_tokens,
             "params": _bytes(trainable), "grads": _bytes(p.grad for p in trainable),
             "optimizer": _bytes(states), "teacher": _bytes(frozen),
             "activations": peak.get("Activation", 0), "peak": peak["Total"],
@@ -171,9 +171,11 @@ def join_fake_group(world: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
 
 
-def plan(models: dict[str, list[str]] = MODELS, worlds=WORLDS, setups=SETUPS) -> list[dict]:
-    """measure() every (GPU count, method, ViT, setup) at the method's global batch; prints each
-    row as it comes (markdown) and returns them all."""
+def plan(models: dict[str, list[str]] = MODELS, worlds=WORLDS, setups=SETUPS,
+         reg_tokens: int = 0) -> list[dict]:
+    """measure() every (GPU count, method, ViT, setup) at the method's global batch, DINO's ViTs
+    with `reg_tokens` register tokens (MAE's ViT has none); prints each row as it comes
+    (markdown) and returns them all."""
     rows = []
     for world in worlds:
         join_fake_group(world)
@@ -182,7 +184,8 @@ def plan(models: dict[str, list[str]] = MODELS, worlds=WORLDS, setups=SETUPS) ->
                 for parallel, checkpointing in setups:
                     t0 = time.perf_counter()
                     per_gpu = GLOBAL_BATCH[method] // world
-                    row = measure(method, backbone, parallel, checkpointing, world, per_gpu)
+                    registers = {"vit_reg_tokens": reg_tokens} if reg_tokens and method == "dino" else {}
+                    row = measure(method, backbone, parallel, checkpointing, world, per_gpu, **registers)
                     row["seconds"] = time.perf_counter() - t0
                     rows.append(row)
                     print(format_row(row), flush=True)
@@ -197,7 +200,8 @@ HEADER = ("| method | ViT | parallel | act. ckpt | GPUs | batch/GPU | params | g
 def format_row(r: dict) -> str:
     gib = [f"{r[k] / GIB:.2f}" for k in ("params", "grads", "optimizer", "teacher", "activations", "peak")]
     fits = "yes" if r["peak"] < CARD_BYTES else "**no**"
-    return (f"| {r['method']} | {r['backbone'].removeprefix('vit_')} | {r['parallel']} | "
+    registers = f"+reg{r['reg_tokens']}" if r.get("reg_tokens") else ""
+    return (f"| {r['method']} | {r['backbone'].removeprefix('vit_')}{registers} | {r['parallel']} | "
             f"{'yes' if r['checkpointing'] else 'no'} | {r['world']} | {r['per_gpu_batch']} | "
             + " | ".join(gib) + f" | {fits} |")
 
@@ -208,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worlds", default=",".join(map(str, WORLDS)), help="GPU counts, e.g. 8,64")
     parser.add_argument("--backbones", help="only these ViTs, in this order, e.g. vit_huge_patch14")
     parser.add_argument("--out", type=Path, help="folder for memory_plan.jsonl (the rows as data)")
+    parser.add_argument("--reg-tokens", type=int, default=0,
+                        help="register tokens of DINO's ViTs (DINOv2's: 4)")
     args = parser.parse_args(argv)
     models = {"dino": MODELS["dino"][:1], "mae": MODELS["mae"][:1]} if args.quick else MODELS
     if args.backbones:
@@ -217,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# memory plan, GiB per GPU, measured on fake tensors ({env['date']}, torch {env['torch']}, "
           f"{env['device']}, git {env['git_sha']})")
     print(HEADER, flush=True)
-    rows = plan(models, worlds=[int(w) for w in args.worlds.split(",")])
+    rows = plan(models, worlds=[int(w) for w in args.worlds.split(",")], reg_tokens=args.reg_tokens)
     if args.out:
         write_rows(args.out / "memory_plan.jsonl", rows, env)
     return 0

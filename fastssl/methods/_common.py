@@ -11,14 +11,16 @@ from fastssl.models.backbones import is_vit_name
 
 
 def backbone_from_config(cfg: TrainConfig, *, drop_path_rate: float | None = None) -> tuple[nn.Module, int]:
-    """build_backbone(backbone, image_size) with the model's ViT options (vit_depth and
-    drop_path_rate, or `drop_path_rate` given here, e.g. 0 for a teacher) when it is a ViT."""
+    """build_backbone(backbone, image_size) with the model's ViT options (vit_depth, vit_reg_tokens
+    and drop_path_rate, or `drop_path_rate` given here, e.g. 0 for a teacher) when it is a ViT."""
     model = cfg.model
     options = {}
     if is_vit_name(model.backbone):
         rate = model.drop_path_rate if drop_path_rate is None else drop_path_rate
         if model.vit_depth:
             options["depth"] = model.vit_depth
+        if model.vit_reg_tokens:
+            options["reg_tokens"] = model.vit_reg_tokens
         if rate:
             options["drop_path_rate"] = rate
     return build_backbone(model.backbone, cfg.data.image_size, **options)

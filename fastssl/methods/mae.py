@@ -52,6 +52,9 @@ class MAE(Method):
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
+        if cfg.model.vit_reg_tokens:
+            raise ValueError(f"vit_reg_tokens: MAE's ViT has no register tokens, got "
+                             f"{cfg.model.vit_reg_tokens}; set vit_reg_tokens=0")
         size, patch = parse_vit_name(cfg.model.backbone)
         self.model = mae_vit(size, cfg.data.image_size, patch or 16, depth=cfg.model.vit_depth,
                              decoder_dim=cfg.method.decoder_dim, decoder_depth=cfg.method.decoder_depth,

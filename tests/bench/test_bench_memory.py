@@ -24,6 +24,7 @@ join_fake_group(4)
 rows = [measure("dino", "vit_tiny_patch4", p, ac, 4, b, **{TINY!r})
         for p, ac, b in [("ddp", False, 8), ("ddp", True, 8), ("fsdp", False, 8), ("fsdp", True, 8),
                          ("ddp", False, 16)]]
+rows.append(measure("dino", "vit_tiny_patch4", "ddp", False, 4, 8, vit_reg_tokens=4, **{TINY!r}))
 print(json.dumps(rows))
 """
 
@@ -32,7 +33,7 @@ print(json.dumps(rows))
 def test_memory_plan_measures_the_models_tensors_and_fsdp_shards_them():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    ddp, ddp_ac, fsdp, fsdp_ac, ddp_16 = json.loads(out.stdout.strip().splitlines()[-1])
+    ddp, ddp_ac, fsdp, fsdp_ac, ddp_16, ddp_reg4 = json.loads(out.stdout.strip().splitlines()[-1])
     cls = METHODS["dino"]
     model = cls(resolve_config(cls.config_class, None, TINY | {"backbone": "vit_tiny_patch4"}))
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -51,3 +52,7 @@ def test_memory_plan_measures_the_models_tensors_and_fsdp_shards_them():
     assert ddp_16["activations"] > 1.5 * ddp["activations"]
     assert all(r["peak"] > r["activations"] for r in (ddp, ddp_ac, fsdp, fsdp_ac))
     torch.testing.assert_close(ddp_ac["params"], ddp["params"])
+    # 4 registers of width 192 in student and teacher, and no class-token row in their position tables
+    assert ddp_reg4["reg_tokens"] == 4 and ddp_reg4["params"] - ddp["params"] == 4 * (4 - 1) * 192
+    assert ddp_reg4["teacher"] - ddp["teacher"] == 4 * (4 - 1) * 192
+    assert ddp_reg4["activations"] > ddp["activations"]  # 4 more tokens in every crop

@@ -81,3 +81,23 @@ def test_export_of_a_directory_without_checkpoint_is_a_clear_error(tmp_path, cap
     assert "checkpoint: expected a run directory holding last.dcp or last.pt" in capsys.readouterr().err
 
 
+
+
+def test_vit_with_four_registers_trains_and_exports(tmp_path, capsys):
+    """model.vit_reg_tokens=4: DINO trains steps with registers in student and teacher, and the
+    exported teacher loads strictly into the timm model the export prints (registers, no position
+    for the prefix tokens) with the same features."""
+    method = tiny_method("dino", str(tmp_path / "run"), vit_reg_tokens=4, max_steps=2)
+    assert method.teacher.backbone.reg_token.shape == (1, 4, 192)
+    before = method.student.backbone.reg_token.detach().clone()
+    summary = Trainer(method, MultiViewLoader([16, 16, 8, 8]), progress=False, log=lambda m: None).fit()
+    assert summary["steps"] == 2
+    assert not torch.equal(method.student.backbone.reg_token, before)
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "backbone.pt")]) == 0
+    assert "reg_tokens=4, no_embed_class=True" in capsys.readouterr().out
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16,
+                              patch_size=4, depth=2, reg_tokens=4, no_embed_class=True)
+    model.load_state_dict(torch.load(tmp_path / "backbone.pt", weights_only=True), strict=True)
+    _features_equal(model, method, 16)
+    with pytest.raises(ValueError, match="vit_reg_tokens: MAE's ViT has no register tokens"):
+        tiny_method("mae", str(tmp_path / "mae"), vit_reg_tokens=4)
