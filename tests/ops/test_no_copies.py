@@ -15,6 +15,7 @@ from fastssl import ops
 from fastssl.bench.counter import DispatchCounter, interpreted_kernels_uncounted
 from fastssl.engine import resolve_config
 from fastssl.losses.dino import DINOLoss
+from fastssl.losses.ibot import iBOTPatchLoss
 from fastssl.methods import METHODS
 
 
@@ -82,6 +83,30 @@ def test_dino_loss_step_has_no_copies():
     counter = count(lambda: criterion(student, teacher, epoch=0).backward())
     assert counter.copies(teacher.numel()) == [], counter.copies(teacher.numel())
     assert student.grad is not None and criterion.center.abs().sum() > 0
+
+
+def test_ibot_patch_loss_step_has_no_copies():
+    """iBOTPatchLoss.masked_loss on the patch tokens of [images, 1 + L, K] head outputs (the class
+    token sliced off: a strided view), forward, backward and the center update: only the masked
+    rows are read; nothing as large as the masked rows is copied."""
+    B, L, K = 4, 9, 300
+    criterion = iBOTPatchLoss(K, backend="triton")
+    tokens = torch.randn(B, 1 + L, K, requires_grad=True)
+    teacher = torch.randn(B, 1 + L, K)
+    masks = torch.rand(B, L, generator=torch.Generator().manual_seed(0)) < 0.4
+    idx = masks.flatten().nonzero().flatten()
+    student = tokens[:, 1:]
+    grads = []
+
+    def step():  # autograd.grad of the view: the slice's own backward is the caller's, not the op's
+        loss = criterion.masked_loss(student, teacher[:, 1:], masks, teacher_temp=0.04, mask_indices=idx)
+        grads.extend(torch.autograd.grad(loss, student))
+
+    counter = count(step)
+    assert counter.copies(len(idx) * K) == [], counter.copies(len(idx) * K)
+    criterion.apply_center_update()
+    assert grads[0][masks].abs().sum() > 0 and (grads[0][~masks] == 0).all()
+    assert criterion.center.abs().sum() > 0
 
 
 @pytest.fixture
