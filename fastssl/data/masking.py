@@ -24,6 +24,7 @@ import math
 import numpy as np
 import torch
 
+from fastssl.ops.ibot_patch_loss import masks_weight_from_masks
 from fastssl.validation import check_int, check_number
 
 
@@ -153,7 +154,6 @@ class BlockMasks:
         order = rng.permutation(n_images)
         flat = torch.from_numpy(np.stack([masks[i] for i in order]).reshape(n_images, -1))
         mask_indices = flat.flatten().nonzero().flatten()
-        counts = flat.sum(dim=1).clamp(min=1).to(torch.float32)
         return {"masks": flat, "mask_indices": mask_indices,
-                "masks_weight": counts.reciprocal()[mask_indices // self.n_tokens],
+                "masks_weight": masks_weight_from_masks(flat, mask_indices),
                 "n_masked_patches": int(mask_indices.numel()), "upperbound": upperbound}

@@ -17,7 +17,11 @@ from torch import Tensor, nn
 from fastssl.distributed import all_reduce_sum_, get_world_size, is_distributed
 from fastssl.losses.dino import CENTERINGS, sinkhorn_knopp_teacher
 from fastssl.ops.backend import BACKENDS
-from fastssl.ops.ibot_patch_loss import ibot_patch_cross_entropy, ibot_patch_loss_with_teacher_sum
+from fastssl.ops.ibot_patch_loss import (
+    ibot_patch_cross_entropy,
+    ibot_patch_loss_with_teacher_sum,
+    masks_weight_from_masks,
+)
 from fastssl.validation import check_choice, check_int, check_number, check_positive, check_tensor
 
 
@@ -100,19 +104,14 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (the official class name)
         check_tensor("student_masks_flat", student_masks_flat, ndim=2, dtypes=(torch.bool,))
         if n_masked_patches is not None:
             n = check_int("n_masked_patches", int(n_masked_patches), low=0)
-            if masks_weight is not None:
-                masks_weight = masks_weight[:n]
-            else:
-                masks_weight = self._default_weights(student_masks_flat)[:n]
+            if masks_weight is None:
+                masks_weight = masks_weight_from_masks(student_masks_flat,
+                                                       student_masks_flat.flatten().nonzero().flatten())
+            masks_weight = masks_weight[:n]
         return ibot_patch_cross_entropy(_as_rows(student_patch_tokens_masked),
                                         _as_rows(teacher_patch_tokens_masked), masks=student_masks_flat,
                                         masks_weight=masks_weight, student_temp=self.student_temp,
                                         backend=self.backend)
-
-    @staticmethod
-    def _default_weights(masks: Tensor) -> Tensor:
-        counts = masks.sum(dim=-1, keepdim=True).clamp(min=1).to(torch.float32)
-        return counts.reciprocal().expand_as(masks)[masks]
 
     def masked_loss(self, student_patch_tokens: Tensor, teacher_patch_tokens: Tensor, masks: Tensor, *,
                     teacher_temp: float, mask_indices: Tensor | None = None,
