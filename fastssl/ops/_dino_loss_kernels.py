@@ -1,5 +1,5 @@
-"""Triton kernels, launchers and traffic formulas behind fastssl.ops.dino_loss (see that module
-for the math).
+"""Triton kernels, launchers and traffic formulas behind fastssl.ops.dino_loss and
+fastssl.ops.ibot_patch_loss (see those modules for the math).
 
 Imported only where triton is installed: fastssl.ops.dino_loss runs its reference without it."""
 

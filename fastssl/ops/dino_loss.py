@@ -28,7 +28,8 @@ _dino_loss_kernels.py; the center update (an all-reduce) is fastssl.losses.dino_
 
 The same kernels, with the target given as non-negative weights (p_i = w_i / sum w_i) instead of
 teacher logits, compute the multi-label softmax loss (n_crops = n_targets = 1, the pair (0, 0)
-included) and DINOv2's Sinkhorn-Knopp-teacher loss.
+included) and DINOv2's Sinkhorn-Knopp-teacher loss; with a row table and per-row weights, iBOT's
+masked-patch loss (fastssl.ops.ibot_patch_loss).
 """
 
 from __future__ import annotations
