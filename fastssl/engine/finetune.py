@@ -42,15 +42,17 @@ PRESETS = {FASHION_MNIST: dict(batch_size=128, epochs=4, warmup_epochs=0.5, num_
 TRAIN_SCALE = (0.25, 1.0)  # RandomResizedCrop area range of the fine-tuning view (views={scale: ...})
 
 
-def resample_position_embedding(pos_embed: torch.Tensor, size: int, patch: int) -> torch.Tensor:
-    """[1, 1 + g0^2, D] -> [1, 1 + g^2, D] with g = size // patch: the patch grid's embedding
-    resampled bicubically (timm's resample_abs_pos_embed), the class token's kept."""
+def resample_position_embedding(pos_embed: torch.Tensor, size: int, patch: int, *,
+                                num_prefix_tokens: int = 1) -> torch.Tensor:
+    """[1, p + g0^2, D] -> [1, p + g^2, D] with g = size // patch: the patch grid's embedding
+    resampled bicubically (timm's resample_abs_pos_embed), the p prefix rows (the class token's;
+    none for a ViT with registers) kept."""
     from timm.layers import resample_abs_pos_embed
 
     grid = size // patch
-    if pos_embed.shape[1] - 1 == grid * grid:
+    if pos_embed.shape[1] - num_prefix_tokens == grid * grid:
         return pos_embed
-    return resample_abs_pos_embed(pos_embed, new_size=[grid, grid], num_prefix_tokens=1)
+    return resample_abs_pos_embed(pos_embed, new_size=[grid, grid], num_prefix_tokens=num_prefix_tokens)
 
 
 def check_size(size: Any, backbone: str) -> int:
@@ -74,14 +76,16 @@ def build_network(pre_cfg: TrainConfig, size: int, *, state: dict[str, torch.Ten
     vit = is_vit_name(name)
     if vit:
         backbone, dim = build_backbone(name, size, depth=pre_cfg.model.vit_depth,
-                                       drop_path_rate=drop_path_rate)
+                                       drop_path_rate=drop_path_rate, reg_tokens=pre_cfg.model.vit_reg_tokens)
     else:
         backbone, dim = build_backbone(name, pre_size)  # the stem the run was built with
     if state is not None:
         state = dict(state)
         if vit:
             patch = parse_vit_name(name)[1] or 16
-            state["pos_embed"] = resample_position_embedding(state["pos_embed"], size, patch)
+            prefix = 0 if backbone.no_embed_class else backbone.num_prefix_tokens
+            state["pos_embed"] = resample_position_embedding(state["pos_embed"], size, patch,
+                                                             num_prefix_tokens=prefix)
         backbone.load_state_dict(state, strict=True)
     return backbone, dim, vit
 

@@ -78,6 +78,19 @@ def test_vit_position_embedding_resampled_as_timm_interpolates(tmp_path):
         torch.testing.assert_close(backbone.eval()(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_vit_with_registers_fine_tunes_from_its_run(tmp_path):
+    """vit_reg_tokens=4: the fine-tuning network has the run's registers, and its position table
+    (patches only) is resampled to the new grid."""
+    method = tiny_method("dino", str(tmp_path / "run"), vit_reg_tokens=4)
+    state = backbone_state_dict(method)
+    backbone, _, _ = build_network(method.cfg, 24, state=state)
+    assert backbone.pos_embed.shape == (1, 6 * 6, 192)
+    assert torch.equal(backbone.reg_token, state["reg_token"])
+    x = torch.randn(2, 3, 24, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.eval()(x), method.eval().encoder()(x), rtol=1e-5, atol=1e-5)
+
+
 def _groups_by_name(method):
     return {name: g["lr_scale"] for g in method.parameter_groups() for name in g["names"]}
 
