@@ -4,7 +4,7 @@
     cfg.data    DataConfig      data source, crop sizes, views, batch, loader and its threads
     cfg.model   ModelConfig     backbone and how it runs (fused ops, compile, channels-last)
     cfg.optim   OptimConfig     optimizer, LR / weight-decay schedules, epochs, clipping
-    cfg.dist    DistConfig      DDP or FSDP, gradient accumulation, activation checkpointing
+    cfg.dist    DistConfig      DDP, FSDP or HSDP, gradient accumulation, activation checkpointing
     cfg.eval    EvalConfig      kNN evaluation while and after training
     cfg.method  a MethodConfig  the method's own fields (temperature, queue_size, ...)
 
@@ -121,6 +121,8 @@ class RunConfig(Component):
                              high=MAX_STEPS)
     checkpoint_every: int = setting(0, "steps between checkpoints; 0: at epoch ends only", low=0,
                                     high=MAX_STEPS)
+    async_checkpoint: bool = setting(False, "fsdp / hsdp: write sharded checkpoints in the background "
+                                            "(a staged CPU copy) while training goes on")
 
 
 LOADERS = ("auto", "dali", "torchvision")
@@ -195,12 +197,16 @@ class OptimConfig(Component):
                                       low_open=True, high=1e9)
 
 
-PARALLEL_MODES = ("ddp", "fsdp")
+PARALLEL_MODES = ("ddp", "fsdp", "hsdp")
 
 
 @dataclass
 class DistConfig(Component):
-    parallel: str = setting("ddp", "ddp, or fsdp (FSDP2 sharding of ViT methods)", choices=PARALLEL_MODES)
+    parallel: str = setting("ddp", "ddp, fsdp (FSDP2 sharding of ViT methods) or hsdp (FSDP2 "
+                                   "sharding within groups, replicated across them)", choices=PARALLEL_MODES)
+    replicate_size: int | None = setting(None, "hsdp: replicas of the model (the mesh is replicate_size x "
+                                               "world/replicate_size); none: the number of nodes, "
+                                               "WORLD_SIZE / LOCAL_WORLD_SIZE", low=1, high=MAX_BATCH)
     accum_steps: int = setting(1, "micro-batches per optimizer step", low=1, high=4096)
     activation_checkpointing: bool = setting(False, "recompute each transformer block in the backward")
     dist_timeout_s: float = setting(1800.0, "seconds a collective waits for the slowest rank", low=0,

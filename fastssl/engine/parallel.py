@@ -10,16 +10,24 @@ student does and is updated shard by shard, without communication (fastssl.model
 On GPUs the units all-gather bf16 parameters and reduce-scatter fp32 gradients
 (`MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`); on the CPU (gloo tests)
 everything stays float32. FSDP needs transformer blocks: ResNets train with DDP.
+
+`parallel="hsdp"` is FSDP2 over a 2-D mesh (replicate x shard): parameters are sharded within
+each group of `world / replicate_size` ranks (by default a node's LOCAL_WORLD_SIZE ranks) and
+replicated across the groups; gradients are reduce-scattered within a group, then all-reduced
+across groups. The shard-by-shard EMA update holds as under fsdp.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 
 import torch
 from timm.models.vision_transformer import Block
 from torch import nn
+
+SHARDED_MODES = ("fsdp", "hsdp")
 
 
 def transformer_blocks(module: nn.Module) -> list[nn.Module]:
@@ -31,7 +39,7 @@ def check_parallel_config(cfg, method: nn.Module) -> None:
     """ValueError unless parallel and activation_checkpointing suit the method (their values
     are checked by the config)."""
     d = cfg.dist
-    needs_blocks = [k for k, on in (("parallel=fsdp", d.parallel == "fsdp"),
+    needs_blocks = [k for k, on in ((f"parallel={d.parallel}", d.parallel in SHARDED_MODES),
                                     ("activation_checkpointing=true", d.activation_checkpointing)) if on]
     if needs_blocks and not transformer_blocks(method):
         raise ValueError(f"{' and '.join(needs_blocks)}: backbone {cfg.model.backbone!r} has no transformer "
@@ -52,16 +60,40 @@ def apply_activation_checkpointing(module: nn.Module) -> int:
     return len(blocks)
 
 
-def shard_method(method: nn.Module, device: torch.device) -> nn.Module:
-    """FSDP2 over all ranks of the default process group: blocks, then `method.shard_units()`
-    (children before parents), then the method itself as the root. Shards in place and
-    returns `method` (now also an FSDPModule); parameters are made contiguous first."""
+def hsdp_shape(world: int, replicate_size: int | None, env=os.environ) -> tuple[int, int]:
+    """(replicas, shard size) of the hsdp mesh: `replicate_size` replicas, or by default one per
+    node (torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE; one replica without them). ValueError
+    unless the replicas divide the world."""
+    if replicate_size is None:
+        replicate_size = max(1, world // int(env.get("LOCAL_WORLD_SIZE", world)))
+    if world % replicate_size:
+        raise ValueError(f"replicate_size must divide the world size {world}, got {replicate_size}; "
+                         f"set replicate_size to a divisor of {world}")
+    return replicate_size, world // replicate_size
+
+
+def device_mesh(parallel: str, device: torch.device, world: int, replicate_size: int | None = None):
+    """The mesh FSDP2 shards over: 1-D over all ranks (fsdp) or (replicate, shard) (hsdp)."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    if parallel == "hsdp":
+        return init_device_mesh(device.type, hsdp_shape(world, replicate_size),
+                                mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(device.type, (world,))
+
+
+def shard_method(method: nn.Module, device: torch.device, mesh=None) -> nn.Module:
+    """FSDP2 over `mesh` (default: 1-D over all ranks of the default process group; a 2-D
+    mesh shards over its last dimension and replicates over its first): blocks, then
+    `method.shard_units()` (children before parents), then the method itself as the root.
+    Shards in place and returns `method` (now also an FSDPModule); parameters are made
+    contiguous first."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from fastssl.distributed import get_world_size
 
-    mesh = init_device_mesh(device.type, (get_world_size(),))
+    if mesh is None:
+        mesh = device_mesh("fsdp", device, get_world_size())
     if device.type == "cuda":
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     else:
@@ -82,16 +114,19 @@ def shard_method(method: nn.Module, device: torch.device) -> nn.Module:
 def wrap_for_training(method: nn.Module, cfg, device: torch.device, world: int,
                       log: Callable[[str], None] = print) -> nn.Module:
     """The module the training step calls: `method` with activation checkpointing when asked,
-    then DDP (world > 1, parallel=ddp), FSDP2 in place (world > 1, parallel=fsdp) or as is."""
+    then DDP (world > 1, parallel=ddp), FSDP2 in place (world > 1, parallel=fsdp / hsdp) or as is."""
     check_parallel_config(cfg, method)
     if cfg.dist.activation_checkpointing:
         log(f"activation checkpointing: {apply_activation_checkpointing(method)} transformer blocks")
     if world == 1:
         return method
-    if cfg.dist.parallel == "fsdp":
-        shard_method(method, device)
-        log(f"fsdp: {len(transformer_blocks(method))} blocks + {len(method.shard_units())} "
-            f"units + root sharded over {world} ranks"
+    if cfg.dist.parallel in SHARDED_MODES:
+        mesh = device_mesh(cfg.dist.parallel, device, world, cfg.dist.replicate_size)
+        shard_method(method, device, mesh)
+        layout = (f"{world} ranks" if mesh.ndim == 1
+                  else "a {} x {} (replicate x shard) mesh".format(*mesh.shape))
+        log(f"{cfg.dist.parallel}: {len(transformer_blocks(method))} blocks + {len(method.shard_units())} "
+            f"units + root sharded over {layout}"
             f"{', bf16 parameters / fp32 reduction' if device.type == 'cuda' else ''}")
         return method
     # Buffers (queue, BN statistics of the teacher) are per-rank state, not broadcast from rank 0.

@@ -103,9 +103,9 @@ class Trainer:
             resume, overwrite = "auto", False
         self.extend = extend
         self.folder = RunFolder(self.out, is_main=self.is_main, world=self.world, log=self.log)
-        # parallel=fsdp: every rank writes its shards (fastssl.engine.sharded_checkpoint)
+        # parallel=fsdp / hsdp: every rank writes its shards (fastssl.engine.sharded_checkpoint)
         self.checkpointer = make_checkpointer(cfg.dist.parallel, self.out, is_main=self.is_main,
-                                              world=self.world)
+                                              world=self.world, async_save=cfg.run.async_checkpoint)
         # Ranks agree on a stop (signal) and on a non-finite loss through this CPU group.
         self.agreement = RankAgreement(self.world, cfg.dist.dist_timeout_s)
         self.signals = StopSignals(self.log)
@@ -289,6 +289,7 @@ class Trainer:
             with self.signals:
                 stopped = self._loop(eval_s)
         finally:
+            self.checkpointer.wait()  # an asynchronous save in flight is published before the run ends
             self.agreement.close()
         return self._finish(stopped, t_start)
 
