@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from fastssl.validation import check_bool, check_choice, check_int, check_number
+from fastssl.validation import check_bool, check_choice, check_int, check_number, parse_bool
 
 # Bounds that keep a value from exhausting memory or overflowing a timer: far above any real run.
 MAX_EPOCHS = 1_000_000
@@ -198,6 +198,7 @@ class OptimConfig(Component):
 
 
 PARALLEL_MODES = ("ddp", "fsdp", "hsdp")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
 @dataclass
@@ -208,9 +209,18 @@ class DistConfig(Component):
                                                "world/replicate_size); none: the number of nodes, "
                                                "WORLD_SIZE / LOCAL_WORLD_SIZE", low=1, high=MAX_BATCH)
     accum_steps: int = setting(1, "micro-batches per optimizer step", low=1, high=4096)
-    activation_checkpointing: bool = setting(False, "recompute each transformer block in the backward")
+    activation_checkpointing: str = setting("none", "none; full: recompute each transformer block in the "
+                                                    "backward; selective: keep its matmul, attention and "
+                                                    "collective outputs, recompute the rest (true: full)",
+                                            choices=ACTIVATION_CHECKPOINTING)
     dist_timeout_s: float = setting(1800.0, "seconds a collective waits for the slowest rank", low=0,
                                     low_open=True, high=MAX_SECONDS)
+
+    def __post_init__(self) -> None:
+        ac = self.activation_checkpointing  # a boolean names the two original settings
+        if isinstance(ac, bool) or (isinstance(ac, str) and ac.lower() in ("true", "false")):
+            self.activation_checkpointing = "full" if parse_bool("activation_checkpointing", ac) else "none"
+        super().__post_init__()
 
 
 @dataclass

@@ -92,16 +92,19 @@ def _memory_verdict(rows: list[dict]) -> str:
     method's largest configuration that fits with DDP."""
     from fastssl.bench import memory
 
+    def mode(r: dict) -> str:
+        return memory.ac_mode(r["checkpointing"])
+
     def name(r: dict) -> str:
         return (f"{r['method']} {r['backbone'].removeprefix('vit_')} {r['parallel']}"
-                f"{' + activation checkpointing' if r['checkpointing'] else ''}")
+                f"{'' if mode(r) == 'none' else f' + {mode(r)} activation checkpointing'}")
 
     def gib(r: dict | None) -> str:
         return "–" if r is None else f"{r['peak'] / memory.GIB:.2f}"
 
     def fsdp_of(r: dict) -> dict | None:
-        return next((o for o in eight if o["parallel"] == "fsdp" and (o["method"], o["backbone"], o[
-            "checkpointing"]) == (r["method"], r["backbone"], r["checkpointing"])), None)
+        return next((o for o in eight if o["parallel"] == "fsdp" and (o["method"], o["backbone"], mode(o))
+                     == (r["method"], r["backbone"], mode(r))), None)
 
     eight = [r for r in rows if r["world"] == 8]
     over = [r for r in eight if r["peak"] >= memory.CARD_BYTES]

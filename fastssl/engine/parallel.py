@@ -40,23 +40,52 @@ def check_parallel_config(cfg, method: nn.Module) -> None:
     are checked by the config)."""
     d = cfg.dist
     needs_blocks = [k for k, on in ((f"parallel={d.parallel}", d.parallel in SHARDED_MODES),
-                                    ("activation_checkpointing=true", d.activation_checkpointing)) if on]
+                                    (f"activation_checkpointing={d.activation_checkpointing}",
+                                     d.activation_checkpointing != "none")) if on]
     if needs_blocks and not transformer_blocks(method):
         raise ValueError(f"{' and '.join(needs_blocks)}: backbone {cfg.model.backbone!r} has no transformer "
                          "blocks to shard or recompute; they are for the ViT methods (dino, mae, mocov3, "
                          "weak with a vit_* backbone). ResNets train with parallel=ddp and "
-                         "activation_checkpointing=false.")
+                         "activation_checkpointing=none.")
 
 
-def apply_activation_checkpointing(module: nn.Module) -> int:
+def _saved_ops() -> frozenset:
+    """The ops whose outputs selective checkpointing keeps: matmuls, attention and collectives
+    (the costly ones to recompute); everything else (norms, activations, adds, dropout) is
+    recomputed in the backward."""
+    aten, c10d = torch.ops.aten, torch.ops._c10d_functional
+    names = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+             "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+    return frozenset([aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default,
+                      *(getattr(aten, n).default for n in names),
+                      c10d.all_gather_into_tensor.default, c10d.reduce_scatter_tensor.default,
+                      c10d.all_reduce.default])
+
+
+def selective_context():
+    """torch.utils.checkpoint's context pair for the selective policy (a `context_fn`)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    saved = _saved_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(module: nn.Module, mode: str = "full") -> int:
     """Recompute each transformer block's forward in the backward instead of keeping its
     activations (non-reentrant torch.utils.checkpoint through the composable API, which adds
-    no wrapper module: parameter names, and so checkpoints, stay the same). Returns the count."""
+    no wrapper module: parameter names, and so checkpoints, stay the same). mode "full"
+    recomputes the whole block; "selective" keeps the outputs of its matmuls, attention and
+    collectives and recomputes the rest. Returns the count."""
     from torch.distributed._composable import checkpoint
 
+    kwargs = {"context_fn": selective_context} if mode == "selective" else {}
     blocks = transformer_blocks(module)
     for block in blocks:
-        checkpoint(block)
+        checkpoint(block, **kwargs)
     return len(blocks)
 
 
@@ -116,8 +145,10 @@ def wrap_for_training(method: nn.Module, cfg, device: torch.device, world: int,
     """The module the training step calls: `method` with activation checkpointing when asked,
     then DDP (world > 1, parallel=ddp), FSDP2 in place (world > 1, parallel=fsdp / hsdp) or as is."""
     check_parallel_config(cfg, method)
-    if cfg.dist.activation_checkpointing:
-        log(f"activation checkpointing: {apply_activation_checkpointing(method)} transformer blocks")
+    ac = cfg.dist.activation_checkpointing
+    if ac != "none":
+        count = apply_activation_checkpointing(method, ac)
+        log(f"activation checkpointing ({ac}): {count} transformer blocks")
     if world == 1:
         return method
     if cfg.dist.parallel in SHARDED_MODES:
