@@ -161,6 +161,17 @@ class DataConfig(Component):
             raise ValueError("batch_size: expected a global batch (or rank_batch_size), got none for both")
 
 
+COMPILE_MODES = ("auto", "true", "false")
+
+
+def _bool_alias(name: str, value: Any, true: str, false: str) -> Any:
+    """A mode field's value with a boolean (or true/false text) mapped to its `true` / `false` mode."""
+    try:
+        return true if parse_bool(name, value) else false
+    except ValueError:  # a mode's own name (or a wrong value, which the choices check reports)
+        return value
+
+
 @dataclass
 class ModelConfig(Component):
     backbone: str = setting("resnet18", "resnet8/18/20/50, resnet8_pool3, vit_tiny/small/base_patchN "
@@ -169,9 +180,14 @@ class ModelConfig(Component):
     drop_path_rate: float = setting(0.0, "ViT stochastic depth of the trained network", low=0, high=1,
                                     high_open=True)
     fused: bool = setting(True, "false: every fused op runs its *_ref (the kernel path, for speed-ups)")
-    compile: bool = setting(False, "torch.compile the networks")
+    compile: str = setting("auto", "torch.compile each transformer block (other backbones: the networks); "
+                                   "auto: on CUDA, off on the CPU", choices=COMPILE_MODES)
     channels_last: bool = setting(False, "NHWC memory format (faster convolutions)")
     sync_bn: bool = setting(False, "SyncBatchNorm across processes")
+
+    def __post_init__(self) -> None:
+        self.compile = _bool_alias("compile", self.compile, "true", "false")
+        super().__post_init__()
 
 
 OPTIMIZERS = ("sgd", "adamw", "lars")
@@ -217,9 +233,8 @@ class DistConfig(Component):
                                     low_open=True, high=MAX_SECONDS)
 
     def __post_init__(self) -> None:
-        ac = self.activation_checkpointing  # a boolean names the two original settings
-        if isinstance(ac, bool) or (isinstance(ac, str) and ac.lower() in ("true", "false")):
-            self.activation_checkpointing = "full" if parse_bool("activation_checkpointing", ac) else "none"
+        self.activation_checkpointing = _bool_alias("activation_checkpointing", self.activation_checkpointing,
+                                                    "full", "none")
         super().__post_init__()
 
 

@@ -37,7 +37,7 @@ def measure(params: dict, mode: str, steps: int, out: Path) -> dict:
     # one epoch longer than the run: no epoch-end checkpoint but the ones asked for
     cfg = resolve_config(cls.config_class, None, params | {
         "epochs": 1, "max_steps": steps, "warmup_epochs": 0.0, "eval_knn": False, "out": str(out),
-        "log_every": 1_000_000, "parallel": "fsdp", "checkpoint_every": every,
+        "log_every": 1_000_000, "parallel": "fsdp", "checkpoint_every": every, "compile": "false",
         "async_checkpoint": mode == "async"})
     torch.manual_seed(0)
     method = cls(cfg)

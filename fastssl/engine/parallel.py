@@ -89,6 +89,40 @@ def apply_activation_checkpointing(module: nn.Module, mode: str = "full") -> int
     return len(blocks)
 
 
+def compile_with_fallback(module: nn.Module, log: Callable[[str], None] = print) -> None:
+    """torch.compile `module` in place (as nn.Module.compile does); when compiling fails (a
+    dynamo or inductor error, raised at the first call of a shape, before anything ran), one
+    line says so and the module runs eagerly from then on."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    compiled = torch.compile(module._call_impl)
+
+    def call(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except TorchDynamoException as e:
+            module._compiled_call_impl = None
+            reason = (str(e).strip().splitlines() or [""])[0][:200]
+            log(f"compile: {type(module).__name__} failed to compile ({type(e).__name__}: {reason}); "
+                "running it eagerly")
+            return module._call_impl(*args, **kwargs)
+
+    module._compiled_call_impl = call
+
+
+def compile_method(method: nn.Module, mode: str, device: torch.device,
+                   log: Callable[[str], None] = print) -> int:
+    """Compile each transformer block of `method` (a ViT's blocks repeat: one graph serves
+    them all), or `method.compile_modules()` when it has none, under compile=true, or
+    compile=auto on CUDA. Returns the number of modules compiled."""
+    if mode == "false" or (mode == "auto" and device.type != "cuda"):
+        return 0
+    modules = transformer_blocks(method) or method.compile_modules()
+    for module in modules:
+        compile_with_fallback(module, log)
+    return len(modules)
+
+
 def hsdp_shape(world: int, replicate_size: int | None, env=os.environ) -> tuple[int, int]:
     """(replicas, shard size) of the hsdp mesh: `replicate_size` replicas, or by default one per
     node (torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE; one replica without them). ValueError
