@@ -71,7 +71,22 @@ def selective_context():
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in saved else CheckpointPolicy.PREFER_RECOMPUTE
 
-    return create_selective_checkpoint_contexts(policy)
+    forward, recompute = create_selective_checkpoint_contexts(policy)
+    return _without_autocast_cache(forward), _without_autocast_cache(recompute)
+
+
+@contextlib.contextmanager
+def _without_autocast_cache(context) -> Iterator[None]:
+    """`context` with autocast's weight-cast cache off. The recompute must dispatch the ops the
+    forward did, one for one; with the cache on, a block called twice in a step (DINO's global
+    then local crops) casts its weights in the first call only, but in each recompute."""
+    enabled = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        with context:
+            yield
+    finally:
+        torch.set_autocast_cache_enabled(enabled)
 
 
 def apply_activation_checkpointing(module: nn.Module, mode: str = "full") -> int:

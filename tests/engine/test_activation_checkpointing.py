@@ -57,6 +57,28 @@ def test_selective_and_full_checkpointing_give_the_same_gradients_recomputing_wh
     assert mm(full) > mm(none)  # full recomputes the blocks' projections too
 
 
+def test_selective_checkpointing_under_autocast_with_blocks_called_twice():
+    """As DINO's student runs its global then its local crops through the same blocks, in bf16."""
+    grads = {}
+    for mode in ("none", "selective"):
+        torch.manual_seed(0)
+        vit = VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=DEPTH, num_heads=2,
+                                num_classes=0, dynamic_img_size=True)
+        if mode != "none":
+            apply_activation_checkpointing(vit, mode)
+        g = torch.Generator().manual_seed(1)
+        views = [torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 8, 8, generator=g)]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sum(vit(v).float().square().sum() for v in views)
+        loss.backward()
+        grads[mode] = {n: p.grad.clone() for n, p in vit.named_parameters()}
+    # Not bit-equal: without checkpointing autocast casts a weight once for both calls and sums its
+    # two gradients in bf16; the selective recompute casts it per call and sums them in fp32.
+    for name, g in grads["none"].items():
+        torch.testing.assert_close(grads["selective"][name], g, rtol=2e-2, atol=2e-2 * g.abs().max().item(),
+                                   msg=name)
+
+
 @pytest.mark.parametrize("mode", ["selective"])
 def test_trainer_with_selective_checkpointing_trains_as_without(tmp_path, mode):
     states = {}
