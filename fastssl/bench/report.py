@@ -168,6 +168,10 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], str]]] = {
         ("kNN top-1", pct("knn_top1")), ("random init", pct("knn_top1_random_init")), ("margin", margin),
         ("linear probe", pct("linear_top1")), ("img/s", col("images_per_second")),
         ("command wall s", col("command_wall_s")), ("load avg", col("load_avg"))]).render),
+    "checkpoint": ("checkpoint.jsonl", Table("checkpoint.jsonl", [
+        ("checkpoints", col("mode")), ("backbone", col("backbone")), ("every", col("checkpoint_every")),
+        ("steps", col("steps")), ("s / step (CPU, ratios only)", col("step_s", "{:.3f}")),
+        ("× none", col("ratio_to_none", "{:.2f}"))]).render),
     "under_load": ("under_load.jsonl", Table("under_load.jsonl", [
         ("setting", col("setting")), ("ms/step (CPU, ratios only)", col("ms_per_step", "{:.0f}")),
         ("× idle default", col("ratio_to_idle_default", "{:.2f}"))]).render),
