@@ -4,7 +4,7 @@
     cfg.data    DataConfig      data source, crop sizes, views, batch, loader and its threads
     cfg.model   ModelConfig     backbone and how it runs (fused ops, compile, channels-last)
     cfg.optim   OptimConfig     optimizer, LR / weight-decay schedules, epochs, clipping
-    cfg.dist    DistConfig      DDP or FSDP, gradient accumulation, activation checkpointing
+    cfg.dist    DistConfig      DDP, FSDP or HSDP, gradient accumulation, activation checkpointing
     cfg.eval    EvalConfig      kNN evaluation while and after training
     cfg.method  a MethodConfig  the method's own fields (temperature, queue_size, ...)
 
@@ -23,7 +23,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from fastssl.validation import check_bool, check_choice, check_int, check_number
+from fastssl.validation import check_bool, check_choice, check_int, check_number, parse_bool
 
 # Bounds that keep a value from exhausting memory or overflowing a timer: far above any real run.
 MAX_EPOCHS = 1_000_000
@@ -121,6 +121,8 @@ class RunConfig(Component):
                              high=MAX_STEPS)
     checkpoint_every: int = setting(0, "steps between checkpoints; 0: at epoch ends only", low=0,
                                     high=MAX_STEPS)
+    async_checkpoint: bool = setting(False, "fsdp / hsdp: write sharded checkpoints in the background "
+                                            "(a staged CPU copy) while training goes on")
 
 
 LOADERS = ("auto", "dali", "torchvision")
@@ -159,6 +161,17 @@ class DataConfig(Component):
             raise ValueError("batch_size: expected a global batch (or rank_batch_size), got none for both")
 
 
+COMPILE_MODES = ("auto", "true", "false")
+
+
+def _bool_alias(name: str, value: Any, true: str, false: str) -> Any:
+    """A mode field's value with a boolean (or true/false text) mapped to its `true` / `false` mode."""
+    try:
+        return true if parse_bool(name, value) else false
+    except ValueError:  # a mode's own name (or a wrong value, which the choices check reports)
+        return value
+
+
 @dataclass
 class ModelConfig(Component):
     backbone: str = setting("resnet18", "resnet8/18/20/50, resnet8_pool3, vit_tiny/small/base_patchN "
@@ -169,9 +182,14 @@ class ModelConfig(Component):
     drop_path_rate: float = setting(0.0, "ViT stochastic depth of the trained network", low=0, high=1,
                                     high_open=True)
     fused: bool = setting(True, "false: every fused op runs its *_ref (the kernel path, for speed-ups)")
-    compile: bool = setting(False, "torch.compile the networks")
+    compile: str = setting("auto", "torch.compile each transformer block (other backbones: the networks); "
+                                   "auto: on CUDA, off on the CPU", choices=COMPILE_MODES)
     channels_last: bool = setting(False, "NHWC memory format (faster convolutions)")
     sync_bn: bool = setting(False, "SyncBatchNorm across processes")
+
+    def __post_init__(self) -> None:
+        self.compile = _bool_alias("compile", self.compile, "true", "false")
+        super().__post_init__()
 
 
 OPTIMIZERS = ("sgd", "adamw", "lars")
@@ -197,16 +215,29 @@ class OptimConfig(Component):
                                       low_open=True, high=1e9)
 
 
-PARALLEL_MODES = ("ddp", "fsdp")
+PARALLEL_MODES = ("ddp", "fsdp", "hsdp")
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")
 
 
 @dataclass
 class DistConfig(Component):
-    parallel: str = setting("ddp", "ddp, or fsdp (FSDP2 sharding of ViT methods)", choices=PARALLEL_MODES)
+    parallel: str = setting("ddp", "ddp, fsdp (FSDP2 sharding of ViT methods) or hsdp (FSDP2 "
+                                   "sharding within groups, replicated across them)", choices=PARALLEL_MODES)
+    replicate_size: int | None = setting(None, "hsdp: replicas of the model (the mesh is replicate_size x "
+                                               "world/replicate_size); none: the number of nodes, "
+                                               "WORLD_SIZE / LOCAL_WORLD_SIZE", low=1, high=MAX_BATCH)
     accum_steps: int = setting(1, "micro-batches per optimizer step", low=1, high=4096)
-    activation_checkpointing: bool = setting(False, "recompute each transformer block in the backward")
+    activation_checkpointing: str = setting("none", "none; full: recompute each transformer block in the "
+                                                    "backward; selective: keep its matmul, attention and "
+                                                    "collective outputs, recompute the rest (true: full)",
+                                            choices=ACTIVATION_CHECKPOINTING)
     dist_timeout_s: float = setting(1800.0, "seconds a collective waits for the slowest rank", low=0,
                                     low_open=True, high=MAX_SECONDS)
+
+    def __post_init__(self) -> None:
+        self.activation_checkpointing = _bool_alias("activation_checkpointing", self.activation_checkpointing,
+                                                    "full", "none")
+        super().__post_init__()
 
 
 @dataclass

@@ -4,7 +4,8 @@ Timed benchmarks (`fastssl bench NAME`, each also `python -m fastssl.bench.NAME`
 comparing the official formula (the ops' `*_ref`, through backend="torch"), torch.compile of it
 and fastssl: `info_nce`, `contrastive` (CLIP and SigLIP), `dino` (DINO and multi-label losses),
 `mae`, `queue` (KeyQueue push),
-`train` (a training step of every method), `data` (DALI vs torchvision views).
+`train` (a training step of every method), `data` (DALI vs torchvision views), `checkpoint`
+(step time with synchronous, asynchronous and no sharded checkpoints).
 
 Models and plans, runnable on a CPU: `traffic` (bytes, kernels, FLOPs, peak memory and the
 predicted time of each fused op; `fastssl bench --model`), `memory` (per-GPU bytes of DINO / MAE
@@ -20,4 +21,5 @@ over time and where the time went, optionally beside another tool run the same w
 
 # `fastssl bench NAME` -> the module it runs, in the order `fastssl bench` runs them all
 BENCHMARKS = {name: f"fastssl.bench.{name}"
-              for name in ("info_nce", "contrastive", "dino", "mae", "queue", "train", "data")}
+              for name in ("info_nce", "contrastive", "dino", "mae", "queue", "train", "data",
+                           "checkpoint")}

@@ -1,5 +1,7 @@
 """The memory plan: per-GPU bytes of one training step of DINO and MAE at scale, measured on fake
-tensors (no GPU, no real memory), for DDP and FSDP with and without activation checkpointing.
+tensors (no GPU, no real memory), for DDP and FSDP with and without activation checkpointing
+(full: each transformer block recomputed; selective, for ViT-L and ViT-H: its matmul and
+attention outputs kept, the rest recomputed).
 
 How it measures: a fake process group ("fake" backend) of `world` ranks lets FSDP2 shard the
 method exactly as it would on `world` GPUs; the method is built on the meta device, sharded
@@ -25,6 +27,7 @@ joins a fake process group, so it must not be a training process. `--out DIR` wr
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,7 +49,17 @@ MODELS = {"dino": ["vit_small_patch16", "vit_base_patch16", "vit_large_patch16",
           "mae": ["vit_base_patch16", "vit_large_patch16", "vit_huge_patch14"]}
 GLOBAL_BATCH = {"dino": 1024, "mae": 4096}
 WORLDS = (8, 64)
-SETUPS = [("ddp", False), ("ddp", True), ("fsdp", False), ("fsdp", True)]
+SETUPS = [("ddp", "none"), ("ddp", "full"), ("fsdp", "none"), ("fsdp", "full")]
+SELECTIVE_SETUPS = [("ddp", "selective"), ("fsdp", "selective")]
+SELECTIVE_BACKBONES = ("vit_large_patch16", "vit_huge_patch14")
+
+
+def ac_mode(checkpointing: bool | str) -> str:
+    """A row's activation checkpointing as none | full | selective (rows written before the
+    selective mode hold a bool: full or none)."""
+    if isinstance(checkpointing, bool):
+        return "full" if checkpointing else "none"
+    return checkpointing
 
 
 def _config(method: str, backbone: str, **overrides) -> Any:
@@ -97,11 +110,11 @@ def _step_tracker(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool
     return StepPeakTracker(model, optimizer) if fsdp else StepPeakTracker()
 
 
-def measure(method: str, backbone: str, parallel: str, checkpointing: bool, world: int,
+def measure(method: str, backbone: str, parallel: str, checkpointing: bool | str, world: int,
             per_gpu_batch: int, **overrides) -> dict[str, Any]:
     """Per-GPU bytes of one step (see the module docstring). Needs the fake process group of
     `world` ranks (`join_fake_group`). Returns params, grads, optimizer, teacher, activations,
-    peak (bytes) with the setting."""
+    peak (bytes) with the setting. checkpointing: none | full | selective (a bool: full or none)."""
     from fastssl.engine.optim import build_optimizer
     from fastssl.engine.parallel import apply_activation_checkpointing, shard_method
     from fastssl.method import StepContext
@@ -112,8 +125,9 @@ def measure(method: str, backbone: str, parallel: str, checkpointing: bool, worl
     cpu = torch.device("cpu")
     with torch.device("meta"):
         model = cls(cfg)
-    if checkpointing:
-        apply_activation_checkpointing(model)
+    checkpointing = ac_mode(checkpointing)
+    if checkpointing != "none":
+        apply_activation_checkpointing(model, checkpointing)
     if parallel == "fsdp":
         shard_method(model, cpu)
     sizes = [cfg.data.image_size] * (2 if method == "dino" else 1)
@@ -171,17 +185,22 @@ def join_fake_group(world: int) -> None:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
 
 
-def plan(models: dict[str, list[str]] = MODELS, worlds=WORLDS, setups=SETUPS,
+def default_setups(backbone: str) -> list[tuple[str, str]]:
+    """(parallel, activation checkpointing) pairs measured for a ViT: selective for the large ones."""
+    return SETUPS + (SELECTIVE_SETUPS if backbone in SELECTIVE_BACKBONES else [])
+
+
+def plan(models: dict[str, list[str]] = MODELS, worlds=WORLDS, setups=default_setups,
          reg_tokens: int = 0) -> list[dict]:
-    """measure() every (GPU count, method, ViT, setup) at the method's global batch, DINO's ViTs
-    with `reg_tokens` register tokens (MAE's ViT has none); prints each row as it comes
-    (markdown) and returns them all."""
+    """measure() every (GPU count, method, ViT, setup of `setups(ViT)`) at the method's global
+    batch, DINO's ViTs with `reg_tokens` register tokens (MAE's ViT has none); prints each row as
+    it comes (markdown) and returns them all."""
     rows = []
     for world in worlds:
         join_fake_group(world)
         for method, backbones in models.items():
             for backbone in backbones:
-                for parallel, checkpointing in setups:
+                for parallel, checkpointing in setups(backbone):
                     t0 = time.perf_counter()
                     per_gpu = GLOBAL_BATCH[method] // world
                     registers = {"vit_reg_tokens": reg_tokens} if reg_tokens and method == "dino" else {}
@@ -202,7 +221,7 @@ def format_row(r: dict) -> str:
     fits = "yes" if r["peak"] < CARD_BYTES else "**no**"
     registers = f"+reg{r['reg_tokens']}" if r.get("reg_tokens") else ""
     return (f"| {r['method']} | {r['backbone'].removeprefix('vit_')}{registers} | {r['parallel']} | "
-            f"{'yes' if r['checkpointing'] else 'no'} | {r['world']} | {r['per_gpu_batch']} | "
+            f"{ac_mode(r['checkpointing'])} | {r['world']} | {r['per_gpu_batch']} | "
             + " | ".join(gib) + f" | {fits} |")
 
 
@@ -214,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="folder for memory_plan.jsonl (the rows as data)")
     parser.add_argument("--reg-tokens", type=int, default=0,
                         help="register tokens of DINO's ViTs (DINOv2's: 4)")
+    parser.add_argument("--checkpointing", help="only these activation checkpointing modes, e.g. selective")
+    parser.add_argument("--append", action="store_true",
+                        help="add the rows to --out's memory_plan.jsonl, keeping the rows it holds")
     args = parser.parse_args(argv)
     models = {"dino": MODELS["dino"][:1], "mae": MODELS["mae"][:1]} if args.quick else MODELS
     if args.backbones:
@@ -223,9 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# memory plan, GiB per GPU, measured on fake tensors ({env['date']}, torch {env['torch']}, "
           f"{env['device']}, git {env['git_sha']})")
     print(HEADER, flush=True)
-    rows = plan(models, worlds=[int(w) for w in args.worlds.split(",")], reg_tokens=args.reg_tokens)
+    modes = args.checkpointing.split(",") if args.checkpointing else ["none", "full", "selective"]
+    rows = plan(models, worlds=[int(w) for w in args.worlds.split(",")],
+                setups=lambda b: [s for s in default_setups(b) if s[1] in modes], reg_tokens=args.reg_tokens)
     if args.out:
-        write_rows(args.out / "memory_plan.jsonl", rows, env)
+        path = args.out / "memory_plan.jsonl"
+        kept = []
+        if args.append and path.exists():
+            kept = [json.loads(line) for line in path.read_text().splitlines()]
+        write_rows(path, kept + [{**env, **r} for r in rows], env={})
     return 0
 
 

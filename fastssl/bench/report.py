@@ -92,16 +92,19 @@ def _memory_verdict(rows: list[dict]) -> str:
     method's largest configuration that fits with DDP."""
     from fastssl.bench import memory
 
+    def mode(r: dict) -> str:
+        return memory.ac_mode(r["checkpointing"])
+
     def name(r: dict) -> str:
         return (f"{r['method']} {r['backbone'].removeprefix('vit_')} {r['parallel']}"
-                f"{' + activation checkpointing' if r['checkpointing'] else ''}")
+                f"{'' if mode(r) == 'none' else f' + {mode(r)} activation checkpointing'}")
 
     def gib(r: dict | None) -> str:
         return "–" if r is None else f"{r['peak'] / memory.GIB:.2f}"
 
     def fsdp_of(r: dict) -> dict | None:
-        return next((o for o in eight if o["parallel"] == "fsdp" and (o["method"], o["backbone"], o[
-            "checkpointing"]) == (r["method"], r["backbone"], r["checkpointing"])), None)
+        return next((o for o in eight if o["parallel"] == "fsdp" and (o["method"], o["backbone"], mode(o))
+                     == (r["method"], r["backbone"], mode(r))), None)
 
     eight = [r for r in rows if r["world"] == 8]
     over = [r for r in eight if r["peak"] >= memory.CARD_BYTES]
@@ -165,6 +168,10 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], str]]] = {
         ("kNN top-1", pct("knn_top1")), ("random init", pct("knn_top1_random_init")), ("margin", margin),
         ("linear probe", pct("linear_top1")), ("img/s", col("images_per_second")),
         ("command wall s", col("command_wall_s")), ("load avg", col("load_avg"))]).render),
+    "checkpoint": ("checkpoint.jsonl", Table("checkpoint.jsonl", [
+        ("checkpoints", col("mode")), ("backbone", col("backbone")), ("every", col("checkpoint_every")),
+        ("steps", col("steps")), ("s / step (CPU, ratios only)", col("step_s", "{:.3f}")),
+        ("× none", col("ratio_to_none", "{:.2f}"))]).render),
     "under_load": ("under_load.jsonl", Table("under_load.jsonl", [
         ("setting", col("setting")), ("ms/step (CPU, ratios only)", col("ms_per_step", "{:.0f}")),
         ("× idle default", col("ratio_to_idle_default", "{:.2f}"))]).render),

@@ -68,7 +68,7 @@ def measure(method_name: str, params: dict, fused: bool, warmup: int, iters: int
     # One epoch longer than the run: no epoch-end checkpoint inside the timed steps.
     cfg = resolve_config(cls.config_class, None, params | {
         "fused": fused, "epochs": 1, "max_steps": warmup + iters, "warmup_epochs": 0.0, "eval_knn": False,
-        "out": str(out), "log_every": 1_000_000, "checkpoint_every": 0})
+        "out": str(out), "log_every": 1_000_000, "checkpoint_every": 0, "compile": "false"})
     torch.manual_seed(0)
     method = cls(cfg)
     loader = SyntheticLoader(method.recipe().view_sizes, cfg.data.batch_size, warmup + iters + 1, device)

@@ -1,7 +1,7 @@
 """A run's checkpoints behind one interface, in either on-disk format:
 
 - plain (parallel=ddp): RUN/last.pt, one file rank 0 writes atomically (fastssl.engine.checkpoint);
-- sharded (parallel=fsdp): RUN/last.dcp -> step-<N>/, every rank writing its shards through
+- sharded (parallel=fsdp or hsdp): RUN/last.dcp -> step-<N>/, every rank writing its shards through
   torch.distributed.checkpoint (fastssl.engine.sharded_checkpoint).
 
 `make_checkpointer` picks the writer by the parallel mode; `read_checkpoint` reads either
@@ -57,11 +57,17 @@ def read_checkpoint(path: str | Path, method: str | None = None) -> Checkpoint:
 
 class Checkpointer:
     """Writes the checkpoints of the run in `run_dir` and finds its latest one. A plain
-    checkpointer writes last.pt from rank 0 (`is_main`); a sharded one is a collective."""
+    checkpointer writes last.pt from rank 0 (`is_main`); a sharded one is a collective, and
+    with `async_save` returns once the state is staged, writing and publishing it in the
+    background (one save in flight: the next save, and `wait()`, wait for it)."""
 
-    def __init__(self, run_dir: str | Path, *, sharded: bool, is_main: bool, world: int):
+    def __init__(self, run_dir: str | Path, *, sharded: bool, is_main: bool, world: int,
+                 async_save: bool = False):
         self.run_dir, self.sharded, self.is_main, self.world = Path(run_dir), sharded, is_main, world
         self.path = self.run_dir / (SHARDED if sharded else PLAIN)
+        self.async_save = async_save and sharded
+        self._pending: sharded_checkpoint.AsyncSave | None = None
+        self._group = None  # the writer thread's own process group (made at the first async save)
 
     def latest(self) -> Path | None:
         """The run's checkpoint to resume from, or None when it has none. ValueError when the
@@ -70,7 +76,7 @@ class Checkpointer:
             return self.path
         other = self.run_dir / (PLAIN if self.sharded else SHARDED)
         if other.exists():
-            mode, needed = ("fsdp", "ddp") if self.sharded else ("ddp", "fsdp")
+            mode, needed = ("fsdp / hsdp", "ddp") if self.sharded else ("ddp", "fsdp or hsdp")
             raise ValueError(f"resume: {self.run_dir} holds {other.name}, written with parallel={needed}, "
                              f"and no {self.path.name} (parallel={mode}); resume it with parallel={needed}")
         return None
@@ -84,13 +90,29 @@ class Checkpointer:
              meta: dict[str, Any]) -> None:
         """Publish a checkpoint of `step`: plain, {"model", "optimizer"} | meta from rank 0;
         sharded, every rank's shards of `model` and `optimizer` with `meta` (+ world_size)."""
-        if self.sharded:
+        if self.async_save:
+            self.wait()
+            if self._group is None and self.world > 1:
+                self._group = torch.distributed.new_group(backend="gloo")
+            self._pending = sharded_checkpoint.save_sharded_async(
+                self.run_dir, step, model, optimizer, meta | {"world_size": self.world}, self._group)
+        elif self.sharded:
             sharded_checkpoint.save_sharded(self.run_dir, step, model, optimizer,
                                             meta | {"world_size": self.world})
         elif self.is_main:
             save_atomic({"model": method.state_dict(), "optimizer": optimizer.state_dict()} | meta, self.path)
 
 
-def make_checkpointer(parallel: str, run_dir: str | Path, *, is_main: bool, world: int) -> Checkpointer:
-    """The checkpointer of a parallel mode: sharded for "fsdp", plain otherwise."""
-    return Checkpointer(run_dir, sharded=parallel == "fsdp", is_main=is_main, world=world)
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is published; raises what it raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.wait()
+
+
+def make_checkpointer(parallel: str, run_dir: str | Path, *, is_main: bool, world: int,
+                      async_save: bool = False) -> Checkpointer:
+    """The checkpointer of a parallel mode: sharded for "fsdp" and "hsdp" (in the background
+    with `async_save`), plain otherwise."""
+    return Checkpointer(run_dir, sharded=parallel in ("fsdp", "hsdp"), is_main=is_main, world=world,
+                        async_save=async_save)

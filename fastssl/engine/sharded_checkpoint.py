@@ -14,6 +14,10 @@ rename and fsyncs OUT; older step directories are deleted only after that. A pro
 at any point leaves last.dcp naming a complete checkpoint (at worst a stale .tmp directory,
 removed by the next save).
 
+Asynchronous saves (`save_sharded_async`) stage the state to CPU memory, write the shards in
+DCP's background thread and publish the same way once the write completes: training goes on
+meanwhile, and last.dcp names the previous complete checkpoint until the new one is published.
+
 Resharding: DCP stores each tensor's global shape and the offsets of the pieces, so a
 checkpoint written by W ranks loads on any number of ranks, one included (a plain,
 unsharded model), through `get_state_dict` / `set_state_dict`, which key model and optimizer
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +72,9 @@ def _publish(tmp: Path, final: Path, out: Path) -> None:
     fsync_dir(out)
 
 
-def save_sharded(out: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 meta: dict[str, Any]) -> Path:
-    """Collective (every rank calls it): write OUT/step-<step> and point OUT/last.dcp at it.
-
-    model: the (FSDP-sharded or plain) method; optimizer: its optimizer; meta: small picklable
-    state that rank 0 stores beside the shards (read back by `read_meta`). Returns the path."""
-    out = Path(out)
+def _begin(out: Path, step: int) -> tuple[Path, Path]:
+    """Rank 0 sweeps what killed saves left and makes the temp directory; all ranks then
+    agree. Returns (temp directory, final directory)."""
     final = out / f"step-{step:08d}"
     tmp = out / f".{final.name}.tmp"
     if get_rank() == 0:
@@ -82,17 +83,79 @@ def save_sharded(out: str | Path, step: int, model: nn.Module, optimizer: torch.
             shutil.rmtree(stale)
         tmp.mkdir()
     _barrier()
+    return tmp, final
+
+
+def _complete(tmp: Path, final: Path, out: Path, meta: dict[str, Any]) -> None:
+    """Rank 0, once every rank's shards and DCP's .metadata are in `tmp`: meta.pt, publish,
+    then delete the older step directories."""
+    _write_meta(tmp, meta)
+    _publish(tmp, final, out)
+    for old in out.glob("step-*"):
+        if old.is_dir() and old.name != final.name:
+            shutil.rmtree(old)
+
+
+def save_sharded(out: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 meta: dict[str, Any]) -> Path:
+    """Collective (every rank calls it): write OUT/step-<step> and point OUT/last.dcp at it.
+
+    model: the (FSDP-sharded or plain) method; optimizer: its optimizer; meta: small picklable
+    state that rank 0 stores beside the shards (read back by `read_meta`). Returns the path."""
+    out = Path(out)
+    tmp, final = _begin(out, step)
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp,
              no_dist=not is_distributed())
     if get_rank() == 0:
-        _write_meta(tmp, meta)
-        _publish(tmp, final, out)
-        for old in out.glob("step-*"):
-            if old.is_dir() and old.name != final.name:
-                shutil.rmtree(old)
+        _complete(tmp, final, out, meta)
     _barrier()
     return final
+
+
+class AsyncSave:
+    """A sharded save under way in DCP's writer thread. Rank 0 publishes it from that thread as
+    soon as DCP's future completes (DCP gathers every rank's write results to rank 0 before
+    writing .metadata, so rank 0's completion means all shards are on disk); until then
+    last.dcp names the previous checkpoint. `wait()` blocks until it is published (rank 0) or
+    written (other ranks) and raises what the save raised."""
+
+    def __init__(self, future, tmp: Path, final: Path, out: Path, meta: dict[str, Any]):
+        self.future, self.final, self.error = future, final, None
+        self.published = threading.Event()
+        if get_rank() == 0:
+            def publish(done) -> None:
+                try:
+                    if done.exception() is None:
+                        _complete(tmp, final, out, meta)
+                except BaseException as e:  # re-raised by wait(), on the training thread
+                    self.error = e
+                finally:
+                    self.published.set()
+            future.add_done_callback(publish)
+        else:
+            self.published.set()
+
+    def wait(self) -> Path:
+        self.future.result()
+        self.published.wait()
+        if self.error is not None:
+            raise self.error
+        return self.final
+
+
+def save_sharded_async(out: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       meta: dict[str, Any], process_group=None) -> AsyncSave:
+    """Collective: like `save_sharded`, but returns once the state is staged (copied to CPU
+    memory, so training may change the parameters at once); the shards are written by
+    `dcp.async_save`'s thread. `process_group`: a group of its own for the writer thread's
+    collectives (they must not interleave with training's on the default group)."""
+    out = Path(out)
+    tmp, final = _begin(out, step)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    future = dcp.async_save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp,
+                            process_group=process_group, no_dist=not is_distributed())
+    return AsyncSave(future, tmp, final, out, meta)
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:

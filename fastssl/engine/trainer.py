@@ -30,10 +30,12 @@ from fastssl.engine.budget import TimeBudget
 from fastssl.engine.checkpoint import rng_state, set_rng_state
 from fastssl.engine.checkpointer import make_checkpointer, read_checkpoint
 from fastssl.engine.config import config_to_dict, flat_config
+from fastssl.engine.flops import StepFlops
 from fastssl.engine.metrics_log import MetricsLog
 from fastssl.engine.optim import build_optimizer
 from fastssl.engine.parallel import (
     batch_to_device,
+    compile_method,
     gradient_sync,
     split_micro_batches,
     unsharded_copy,
@@ -103,9 +105,9 @@ class Trainer:
             resume, overwrite = "auto", False
         self.extend = extend
         self.folder = RunFolder(self.out, is_main=self.is_main, world=self.world, log=self.log)
-        # parallel=fsdp: every rank writes its shards (fastssl.engine.sharded_checkpoint)
+        # parallel=fsdp / hsdp: every rank writes its shards (fastssl.engine.sharded_checkpoint)
         self.checkpointer = make_checkpointer(cfg.dist.parallel, self.out, is_main=self.is_main,
-                                              world=self.world)
+                                              world=self.world, async_save=cfg.run.async_checkpoint)
         # Ranks agree on a stop (signal) and on a non-finite loss through this CPU group.
         self.agreement = RankAgreement(self.world, cfg.dist.dist_timeout_s)
         self.signals = StopSignals(self.log)
@@ -136,9 +138,9 @@ class Trainer:
                 self.log("sync_bn: not converting BatchNorm (needs > 1 CUDA process)")
         if cfg.model.channels_last:
             method.to(memory_format=torch.channels_last)
-        if cfg.model.compile:
-            for module in method.compile_modules():
-                module.compile()
+        compile_method(method, cfg.model.compile, self.device, log=self.log)
+        self.flops = StepFlops.of(method, self.run.batch_per_rank // cfg.dist.accum_steps,
+                                  cfg.dist.accum_steps, self.device, log=self.log)
         self.model: nn.Module = wrap_for_training(method, cfg, self.device, self.world, log=self.log)
         self.optimizer = build_optimizer(cfg, method.parameter_groups())
         # bf16 needs no loss scaling; the scaler is kept (disabled) so checkpoints have one format.
@@ -289,6 +291,7 @@ class Trainer:
             with self.signals:
                 stopped = self._loop(eval_s)
         finally:
+            self.checkpointer.wait()  # an asynchronous save in flight is published before the run ends
             self.agreement.close()
         return self._finish(stopped, t_start)
 
@@ -334,7 +337,8 @@ class Trainer:
                 step_time, wait = t_now - t_prev, t_data - t_prev
                 train_time, images = train_time + step_time, images + n_img
                 wait_acc, time_acc = wait_acc + wait, time_acc + step_time
-                record |= {"img_per_s": n_img / step_time, "data_wait": wait / step_time}
+                record |= {"img_per_s": n_img / step_time, "data_wait": wait / step_time,
+                           **self.flops.rates(step_time)}
                 self.metrics.add(record, values)
                 self.step += 1
                 skip += 1
@@ -355,6 +359,7 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.3g}",
                                         img_s=f"{images / train_time:.0f}", data=f"{wait_acc / time_acc:.0%}",
+                                        **{k: f"{record[k]:.3g}" for k in ("tflops", "mfu") if k in record},
                                         **({"knn": knn_text} if knn_text else {}))
                 if bar is not None:
                     bar.update(1)

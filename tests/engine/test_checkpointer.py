@@ -74,9 +74,10 @@ def test_a_folder_of_the_other_format_is_named_not_started_over(tmp_path):
     model, optimizer = _trained(0)
     Checkpointer(tmp_path, sharded=True, is_main=True, world=1).save(
         step=2, method=model, model=model, optimizer=optimizer, meta=_meta())
-    with pytest.raises(ValueError, match=r"holds last.dcp, written with parallel=fsdp, and no last.pt "
-                                         r"\(parallel=ddp\); resume it with parallel=fsdp"):
+    with pytest.raises(ValueError, match=r"holds last.dcp, written with parallel=fsdp or hsdp, and no "
+                                         r"last.pt \(parallel=ddp\); resume it with parallel=fsdp or hsdp"):
         make_checkpointer("ddp", tmp_path, is_main=True, world=1).latest()
+    assert make_checkpointer("hsdp", tmp_path, is_main=True, world=1).latest() == tmp_path / "last.dcp"
 
 
 def test_only_rank_0_writes_a_plain_checkpoint_and_stale_temps_are_swept(tmp_path):

