@@ -184,6 +184,14 @@ class DINOv2(DINO):
                 "koleo_loss": koleo.detach()}
 
     @torch.no_grad()
+    def before_optimizer_step(self, ctx: StepContext) -> None:
+        super().before_optimizer_step(ctx)
+        patch_head = self.student.patch_head
+        if patch_head is not None and ctx.epoch < self.cfg.method.freeze_last_layer_epochs:
+            for p in patch_head.last_layer.parameters():
+                p.grad = None
+
+    @torch.no_grad()
     def after_optimizer_step(self, ctx: StepContext) -> None:
         super().after_optimizer_step(ctx)
         self.ibot.apply_center_update()

@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from fastssl.engine import resolve_config
+from fastssl.engine.parallel import split_micro_batches
 from fastssl.losses import iBOTPatchLoss
+from fastssl.method import StepContext
 from fastssl.methods import METHODS
 from tests.methods.method_helpers import context, one_thread  # noqa: F401 (autouse fixture)
 
@@ -89,6 +91,32 @@ def test_ibot_part_equals_ibot_patch_loss_reference(centering):
                                   masks_weight=b["masks_weight"])
     out = method(b, context())
     torch.testing.assert_close(out["ibot_loss"], expected)
+
+
+def test_a_micro_batch_takes_its_rows_of_each_global_crop_masks():
+    method = build()
+    b = batch(method, batch_size=4)
+    micro = split_micro_batches(b, 2)[1]
+    ctx = StepContext(step=0, epoch=0, steps_per_epoch=10, total_steps=100, lr=0.0, weight_decay=0.0,
+                      micro_step=1, accum_steps=2)
+    masks = b["masks"].view(2, 4, -1)[:, 2:].flatten(0, 1)
+    indices = masks.flatten().nonzero().flatten()
+    weights = 1.0 / masks.sum(1).repeat_interleave(masks.sum(1)).float()
+    alone = {**micro, "masks": masks, "mask_indices": indices, "masks_weight": weights,
+             "n_masked_patches": len(indices)}
+    expected = copy.deepcopy(method)(alone, context())
+    got = method(micro, ctx)
+    for key in ("dino_loss", "ibot_loss", "koleo_loss"):
+        torch.testing.assert_close(got[key], expected[key])
+
+
+def test_separate_patch_head_and_its_last_layer_frozen_in_epoch_0():
+    method = build(separate_patch_head=True, freeze_last_layer_epochs=1)
+    out = method(batch(method), context())
+    out["loss"].backward()
+    assert any(p.grad is not None for p in method.student.patch_head.last_layer.parameters())
+    method.before_optimizer_step(context())
+    assert all(p.grad is None for p in method.student.patch_head.last_layer.parameters())
 
 
 def test_layer_decay_scales_blocks_below_the_heads():
