@@ -129,6 +129,10 @@ class DINOv2(DINO):
                           mask_ratio_tuple=(m.mask_ratio_min, m.mask_ratio_max),
                           mask_probability=m.mask_probability, n_views=N_GLOBAL, seed=self.cfg.run.seed)
 
+    def compile_modules(self) -> list[nn.Module]:
+        # training runs the blocks through DINOv2Network.tokens, not the backbones' forward
+        return [self.student.backbone.blocks, self.teacher.backbone.blocks]
+
     def shard_units(self) -> list[nn.Module]:
         heads = [n.patch_head for n in (self.student, self.teacher) if n.patch_head is not None]
         return heads + super().shard_units()
