@@ -176,7 +176,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     method.bind_data(source)
     loader = build_loader(source, recipe, batch_size=cfg.data.rank_batch_size, shard_id=rank,
                           num_shards=world, seed=cfg.run.seed, drop_last=True,
-                          sampler=method.build_sampler(source, rank=rank, world_size=world), **options)
+                          sampler=method.build_sampler(source, rank=rank, world_size=world),
+                          masking=method.masking(), **options)
     _log(f"data: {data}, {options['backend']} loader on {options['device']}, {len(loader)} steps/epoch")
     # the demo shows the linear probe as well: a few seconds on features already extracted
     linear = args.linear_probe or demo

@@ -112,6 +112,11 @@ class Method(nn.Module):
         the loader's shuffle, or None for the loader's own (the weak method resamples by label)."""
         return None
 
+    def masking(self):
+        """The fastssl.data.masking.BlockMasks whose masks each batch carries
+        (build_loader(masking=...)), or None: no masks."""
+        return None
+
     def before_optimizer_step(self, ctx: StepContext) -> None:
         pass
 

@@ -18,6 +18,7 @@ from fastssl.methods import (  # noqa: E402,F401
     colorization,
     context,
     dino,
+    dinov2,
     instdisc,
     mae,
     mocov2,
