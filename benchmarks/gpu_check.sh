@@ -1,25 +1,42 @@
 #!/usr/bin/env bash
-# One GPU session's worth of checks: build the extension for the card, run the GPU tests and the
-# kernel tests on it, every benchmark, the traffic model beside them, compute-sanitizer on one
-# small case of each kernel and of the queue push, and one ncu summary per kernel.
-# Usage: benchmarks/gpu_check.sh OUTDIR   (on the device machine: benchmarks/gpu_check.sh "$OUT")
-# Steps run in order of value (correctness, then the headline benchmarks), each within its own
-# timeout and the overall BUDGET; summary.md is rewritten after every step, so a run cut off
-# part-way still leaves what it finished. Files: summary.md, log.txt, status.txt, results.jsonl,
-# model.jsonl, tables/*.md, tables/*.jsonl (rows as data, for benchmarks/results/).
+# One GPU loan's worth of checks, in order of value: the environment and the extension's build;
+# correctness on the card (the GPU tests, then the kernel tests against float64; the compile gate
+# is left out: it needs no GPU); one training step of every method under
+# torch.cuda.set_sync_debug_mode("error"); the headline benchmarks (CUDA-event timings);
+# compute-sanitizer memcheck on one small case per kernel and the queue push; one ncu summary per
+# kernel. Each step runs under its own `timeout`; a failed step is recorded and the next one runs.
+#
+#   benchmarks/gpu_check.sh OUTDIR            on the GPU machine (nothing is installed there)
+#   benchmarks/gpu_check.sh --dry-run OUTDIR  on a CPU: print every step's command, run each
+#       step's Python entry in its dry form (pytest --collect-only, which must select tests;
+#       a module's --dry-run, which imports it and validates its arguments; setup.py --name) and
+#       check that the steps' time limits add up to less than MAX_TOTAL seconds
+#
+# OUTDIR gets three files, rewritten after every step so a run cut off part-way keeps what it
+# finished (a device call returns at most 8 files): summary.md (one line per step, then the
+# tables), log.txt (every command's output) and gpu_check.tar.gz (tables/*.md, tables/*.jsonl rows
+# as data, JUnit XML of the test steps, the ncu report).
 set -u
-OUTDIR=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
-mkdir -p "$OUTDIR/tables"
+DRY=0
+if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+OUTDIR=${1:?usage: benchmarks/gpu_check.sh [--dry-run] OUTDIR}
+mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# The build compiles for the visible GPU unless TORCH_CUDA_ARCH_LIST is set (fastssl/_build.py).
-LOG="$OUTDIR/log.txt"; STATUS="$OUTDIR/status.txt"; TABLES="$OUTDIR/tables"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+TABLES="$WORK/tables"
+mkdir -p "$TABLES"
+LOG="$OUTDIR/log.txt" STATUS="$WORK/status.txt"
 : >"$LOG"; : >"$STATUS"
 
-QUICK=${GPU_CHECK_QUICK:+--quick}  # set GPU_CHECK_QUICK=1 to smoke-test this script's logic on a CPU
-BUDGET=${GPU_CHECK_BUDGET:-450}  # seconds for the whole script: it must end well inside one 10-minute call
+MAX_TOTAL=570   # seconds: the steps' limits together, inside one 10-minute device call
+TOTAL=0 FAILED=0
+# The test files holding @pytest.mark.gpu tests (tests/test_gpu_check_script.py checks the list).
+GPU_TESTS="tests/ops tests/methods tests/data tests/test_queue.py"
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p no:xdist --continue-on-collection-errors)
 
 summarize() {
   {
@@ -29,39 +46,94 @@ summarize() {
     echo
     cat "$TABLES"/*.md 2>/dev/null
   } >"$OUTDIR/summary.md"
-  cat "$TABLES"/*.jsonl >"$OUTDIR/results.jsonl" 2>/dev/null || : >"$OUTDIR/results.jsonl"
+  cp "$OUTDIR/summary.md" "$LOG" "$WORK/" 2>/dev/null
+  tar czf "$OUTDIR/gpu_check.tar.gz" -C "$WORK" . 2>/dev/null
 }
 
-step() {  # step NAME SECONDS CMD...: run within min(SECONDS, what is left of BUDGET); log; record rc
+# The dry form of a step's command, in DRY_CMD: from the Python interpreter on (past any wrapper
+# tool such as compute-sanitizer or ncu); pytest collects only, a fastssl module gets --dry-run.
+dry_form() {
+  while [ $# -gt 0 ] && [ "$1" != "$PY" ]; do shift; done
+  [ $# -ge 2 ] || return 1
+  case "$2 ${3:-}" in
+    "-m pytest") DRY_CMD=("$@" --collect-only) ;;
+    "-m fastssl."*) DRY_CMD=("$@" --dry-run) ;;
+    "setup.py "*) DRY_CMD=("$PY" setup.py --name) ;;
+    *) DRY_CMD=("$@") ;;
+  esac
+}
+
+dry_step() {  # dry_step NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
-  local t0=$SECONDS left=$((BUDGET - SECONDS))
-  if [ "$left" -lt 15 ]; then echo "$name skipped: budget spent" | tee -a "$STATUS"; return 0; fi
+  echo "=== $name (${limit}s): $*" | tee -a "$LOG"
+  if [ "$1" != "$PY" ] && ! command -v "$1" >/dev/null 2>&1; then
+    echo "    ($1 is not installed here: its Python entry is checked alone)" | tee -a "$LOG"
+  fi
+  if ! dry_form "$@"; then
+    echo "$name dry-run: no Python entry in the command" | tee -a "$STATUS"; FAILED=1; return
+  fi
+  local out rc
+  out=$(timeout 300 "${DRY_CMD[@]}" 2>&1); rc=$?
+  echo "$out" >>"$LOG"
+  # a selection that matches nothing would let the real step pass without checking anything
+  if [ $rc -eq 0 ] && [ "${DRY_CMD[-1]}" = "--collect-only" ] \
+      && ! echo "$out" | grep -Eq '^[0-9]+(/[0-9]+)? tests? collected'; then
+    rc=5
+  fi
+  echo "$name dry-run rc=$rc" | tee -a "$STATUS"
+  [ $rc -eq 0 ] || FAILED=1
+}
+
+step() {  # step NAME SECONDS CMD...: run within min(SECONDS, what is left of MAX_TOTAL); log; record rc
+  local name=$1 limit=$2; shift 2
+  TOTAL=$((TOTAL + limit))
+  if [ $DRY = 1 ]; then dry_step "$name" "$limit" "$@"; return; fi
+  local t0=$SECONDS left=$((MAX_TOTAL - SECONDS))
+  if ! command -v "$1" >/dev/null 2>&1; then echo "$name skipped: $1 not found" | tee -a "$STATUS"; return; fi
+  if [ "$left" -lt 10 ]; then echo "$name skipped: budget spent" | tee -a "$STATUS"; return; fi
   [ "$limit" -gt "$left" ] && limit=$left
-  echo "=== $name: $*" | tee -a "$LOG"
+  echo "=== $name (${limit}s): $*" | tee -a "$LOG"
   timeout "$limit" "$@" >>"$LOG" 2>&1
   local rc=$?
-  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$STATUS"
+  local verdict=ok
+  [ $rc -eq 124 ] && verdict="TIMED OUT"
+  [ $rc -ne 0 ] && [ $rc -ne 124 ] && verdict=FAILED
+  echo "$name: $verdict (rc=$rc, $((SECONDS - t0))s of ${limit}s)" | tee -a "$STATUS"
   summarize
 }
 
-has() { command -v "$1" >/dev/null 2>&1; }
-
-step env 60 "$PY" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())"
-step build 180 "$PY" setup.py build_ext --inplace
-step gpu-tests 60 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests
-step model 60 "$PY" -m fastssl.cli bench --model --json "$OUTDIR/model.jsonl"
-# Benchmarks in order of what the issues ask most; the remaining budget decides how far it gets.
-for name in info_nce contrastive dino mae queue train data; do
-  step "bench_$name" 90 "$PY" -m "fastssl.bench.$name" --out "$TABLES" $QUICK
+# 1. where we are, and the extension built for this card (TORCH_CUDA_ARCH_LIST: the visible GPU's)
+step env 15 "$PY" -m fastssl.bench.harness --require-cuda
+step build 110 "$PY" setup.py build_ext --inplace
+# 2. correctness on the card: the GPU tests (fused vs float64 gradients of every method's step, the
+# MAE model's layout, DALI), then the kernel tests (every op against float64 on CUDA tensors)
+step gpu-tests 75 "${PYTEST[@]}" -m "gpu and not sync_debug" --junitxml="$WORK/gpu-tests.xml" $GPU_TESTS
+step kernel-tests 80 "${PYTEST[@]}" -m "not gpu" --junitxml="$WORK/kernel-tests.xml" tests/ops \
+  --ignore=tests/ops/test_compile_gate.py
+# 3. no host synchronization in a training step (the headline "no host sync")
+step sync-debug 30 "${PYTEST[@]}" -m "gpu and sync_debug" --junitxml="$WORK/sync-debug.xml" tests/methods
+# 4. the headline benchmarks: CUDA events around synchronized windows, eager / compile / fastssl
+for name in info_nce dino; do
+  step "bench-$name" 40 "$PY" -m "fastssl.bench.$name" --out "$TABLES"
 done
-step kernel-tests 120 "$PY" -m pytest -q -x -p no:cacheprovider tests/ops
-if has compute-sanitizer; then
-  step memcheck 90 compute-sanitizer --tool memcheck --error-exitcode 1 "$PY" -m fastssl.bench.kernel_cases --size small
-fi
-if has ncu && [ -z "$QUICK" ]; then
-  # One summary per fused kernel at the benchmark shapes: throughput as % of the card's peaks.
-  step ncu 120 ncu --section SpeedOfLight --kernel-name-base function --kernel-name "regex:_.*_kernel" \
-    --launch-count 20 "$PY" -m fastssl.bench.kernel_cases --size bench
+step bench-contrastive 35 "$PY" -m fastssl.bench.contrastive --out "$TABLES"
+step bench-mae 20 "$PY" -m fastssl.bench.mae --out "$TABLES"
+step bench-queue 15 "$PY" -m fastssl.bench.queue --out "$TABLES"
+step bench-train 45 "$PY" -m fastssl.bench.train --out "$TABLES"
+# 5. memory errors: one small case per kernel and the queue push
+step memcheck 30 compute-sanitizer --tool memcheck --error-exitcode 1 \
+  "$PY" -m fastssl.bench.kernel_cases --size small
+# 6. one ncu summary per kernel at the benchmark shapes, profiled after a warm-up pass (autotuning)
+step ncu 30 ncu --profile-from-start off --section SpeedOfLight --kernel-name-base function \
+  --kernel-name "regex:_.*_kernel" --log-file "$WORK/ncu.txt" \
+  "$PY" -m fastssl.bench.kernel_cases --size bench --profile-second-pass
+
+if [ $DRY = 1 ]; then
+  verdict=ok
+  if [ $TOTAL -ge $MAX_TOTAL ]; then verdict="OVER BUDGET"; FAILED=1; fi
+  echo "budget: steps' limits add up to ${TOTAL}s of ${MAX_TOTAL}s ($verdict)" | tee -a "$STATUS"
+  summarize
+  exit $FAILED
 fi
 summarize
 cat "$OUTDIR/summary.md"

@@ -1,9 +1,12 @@
-"""The GPU script's kernel cases run on the CPU under the interpreter: the script a GPU session
-runs once must not fail on its own logic."""
+"""The GPU script (benchmarks/gpu_check.sh) checked on the CPU: a 15-minute loan runs it once, so
+it must not fail on its own logic. Its dry run walks every step, runs each step's Python entry in
+its dry form and checks the steps' time limits; the kernel cases run under the interpreter."""
 
 import os
+import re
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,10 @@ import pytest
 from fastssl.ops.backend import HAS_TRITON
 
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+# in the order of value the script must keep
+STEPS = ["env", "build", "gpu-tests", "kernel-tests", "sync-debug", "bench-info_nce", "bench-dino",
+         "bench-contrastive", "bench-mae", "bench-queue", "bench-train", "memcheck", "ncu"]
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
@@ -25,4 +32,29 @@ def test_kernel_cases_run_under_the_interpreter():
 
 
 def test_gpu_check_script_is_valid_bash():
-    assert subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+
+
+def test_dry_run_walks_every_step_within_the_budget(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, OMP_NUM_THREADS="1")
+    out = subprocess.run(["bash", str(SCRIPT), "--dry-run", str(tmp_path)], capture_output=True, text=True,
+                         env=env, timeout=900, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    status = [line for line in out.stdout.splitlines() if " dry-run rc=" in line]
+    assert [line.split()[0] for line in status] == STEPS
+    assert all(line.endswith("rc=0") for line in status), status
+    total, limit = map(int, re.search(r"add up to (\d+)s of (\d+)s \(ok\)", out.stdout).groups())
+    assert total <= limit < 600  # one device call runs at most 10 minutes
+    # what a device call brings back: at most 8 files, here 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.tar.gz", "log.txt", "summary.md"]
+    with tarfile.open(tmp_path / "gpu_check.tar.gz") as tar:
+        assert {"./summary.md", "./log.txt", "./status.txt"} <= set(tar.getnames())
+
+
+def test_gpu_test_paths_hold_every_gpu_test():
+    paths = re.search(r'^GPU_TESTS="([^"]+)"', SCRIPT.read_text(), re.M).group(1).split()
+    marked = {p.relative_to(ROOT).as_posix() for p in (ROOT / "tests").rglob("test_*.py")
+              if "pytest.mark.gpu" in p.read_text()}
+    assert marked, "no @pytest.mark.gpu test found"
+    missed = [f for f in marked if not any(f == p or f.startswith(p + "/") for p in paths)]
+    assert not missed, f"gpu_check.sh's GPU_TESTS misses {missed}"

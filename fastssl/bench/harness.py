@@ -248,11 +248,18 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
     parser.add_argument("--out", type=Path, default=None, help="folder for <op>.md and <op>.jsonl")
     parser.add_argument("--quick", action="store_true", help="small shapes and few iterations (smoke run)")
     parser.add_argument("--iters", type=int, default=None)
+    parser.add_argument("--dry-run", action="store_true",
+                        help="list the cases; make no inputs, time nothing (checks the script on a CPU)")
     return parser.parse_args(argv)
 
 
 def run(op: str, cases: Sequence[Case], args: argparse.Namespace) -> list[dict]:
-    """Time all cases, print the markdown table, write .md/.jsonl under args.out."""
+    """Time all cases, print the markdown table, write .md/.jsonl under args.out. With
+    args.dry_run: list the cases (their inputs are not made) and time nothing."""
+    if getattr(args, "dry_run", False):
+        for case in cases:
+            print(f"dry run: {op} {case.name} {case.params} providers={list(case.providers)}")
+        return []
     env = environment()
     roof = roofline()
     quick = getattr(args, "quick", False)
@@ -275,3 +282,26 @@ def run(op: str, cases: Sequence[Case], args: argparse.Namespace) -> list[dict]:
 def compiled(fn: Provider) -> Provider:
     """torch.compile of the eager formula (the 'compile' provider)."""
     return torch.compile(fn)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m fastssl.bench.harness [--require-cuda] [--dry-run]`: print the environment every
+    row is recorded with, and the versions of what the GPU checks need (pytest, timm)."""
+    parser = argparse.ArgumentParser(description=main.__doc__.split(":")[0])
+    parser.add_argument("--require-cuda", action="store_true", help="fail unless a CUDA GPU is visible")
+    parser.add_argument("--dry-run", action="store_true", help="print, but do not require the GPU")
+    args = parser.parse_args(argv)
+    import pytest
+    import timm
+
+    env = environment()
+    if torch.cuda.is_available():
+        env["capability"] = torch.cuda.get_device_capability()
+    print(json.dumps({**env, "pytest": pytest.__version__, "timm": timm.__version__}))
+    if args.require_cuda and not args.dry_run and not torch.cuda.is_available():
+        parser.error("--require-cuda: no CUDA GPU is visible")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

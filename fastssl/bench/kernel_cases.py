@@ -2,11 +2,15 @@
 (for compute-sanitizer) or at the benchmarks' shapes (for one ncu summary per kernel).
 
     python -m fastssl.bench.kernel_cases [--size small|bench] [--device cuda|cpu]
+        [--profile-second-pass] [--dry-run]
 
 Each case goes through the public op with backend="triton", so the launchers pick their
 configurations exactly as in training: bf16 on CUDA; float32 on the CPU, which needs
 TRITON_INTERPRET=1 and is how the script's own logic is tested without a GPU. Exits non-zero
-on the first failing case."""
+on the first failing case. --profile-second-pass runs every case twice and brackets the second
+pass with cudaProfilerStart/Stop, so `ncu --profile-from-start off` sees each kernel once at the
+configuration the autotuner chose in the first pass, not its tuning trials. --dry-run lists the
+cases and runs nothing (the GPU script's check on a CPU)."""
 
 from __future__ import annotations
 
@@ -94,15 +98,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("small", "bench"), default="small")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--profile-second-pass", action="store_true",
+                        help="run every case twice, the second pass between cudaProfilerStart/Stop (ncu)")
+    parser.add_argument("--dry-run", action="store_true", help="list the cases, run nothing")
     args = parser.parse_args(argv)
+    if args.profile_second_pass and args.device != "cuda":
+        parser.error("--profile-second-pass: needs --device cuda (the profiler brackets CUDA work)")
+    todo = cases(args.size, args.device)
+    if args.dry_run:
+        print(f"dry run: {args.size} cases on {args.device}: {', '.join(todo)}")
+        return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU visible")
-    for name, run in cases(args.size, args.device).items():
-        torch.manual_seed(0)
-        run()
-        if args.device == "cuda":
+    for profiled in (False, True) if args.profile_second_pass else (False,):
+        if profiled:
             torch.cuda.synchronize()
-        print(f"{name}: ok", flush=True)
+            torch.cuda.profiler.start()
+        for name, run in todo.items():
+            torch.manual_seed(0)
+            run()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            print(f"{name}: ok{' (profiled)' if profiled else ''}", flush=True)
+        if profiled:
+            torch.cuda.profiler.stop()
     return 0
 
 
