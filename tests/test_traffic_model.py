@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastssl import ops
 from fastssl.bench import traffic
@@ -158,3 +159,45 @@ def test_bench_model_prints_the_table_and_writes_records(tmp_path, capsys):
     published = [json.loads(line) for line in (results / "traffic_model.jsonl").read_text().splitlines()]
     names = [f.name for f in fields(traffic.Record)]
     assert [{k: r[k] for k in names} for r in records] == [{k: r[k] for k in names} for r in published]
+
+
+def _reference_flops(step, *inputs) -> int:
+    with FlopCounterMode(display=False) as counter:
+        step(*inputs)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("queue", [True, False], ids=["queue", "in-batch"])
+@pytest.mark.parametrize("D,normalize", [(64, True), (128, True), (128, False), (256, True), (1024, True)])
+def test_info_nce_flop_formulas_against_the_flop_counter(queue, D, normalize):
+    """torch.utils.flop_counter counts the official formula's matmuls: the logits and the query
+    gradient (2 matmul-equivalents) with a queue, and the key gradient too in-batch (3). The kernels
+    do that work once per 128-column chunk of D (each chunk recomputes the logits), plus the
+    gradient accumulation, in the forward and, in-batch, again in the key-gradient backward."""
+    N, K = 512, 4096
+
+    def make():
+        q = torch.empty(N, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
+        if queue:
+            return q, torch.empty(N, D, device="meta", dtype=torch.bfloat16), torch.empty(
+                K, D, device="meta", dtype=torch.bfloat16)
+        return q, torch.empty(K, D, device="meta", dtype=torch.bfloat16, requires_grad=True), None
+
+    reference = _reference_flops(
+        lambda q, k, qu: ops.info_nce(q, k, qu, normalize=normalize, backend="torch").backward(), *make())
+    fused, _ = traffic.count_fused(
+        make, lambda q, k, qu: ops.info_nce(q, k, qu, normalize=normalize, backend="triton").backward())
+    # 2 N K D per matmul (the positive logit is a row-wise dot, not a matmul)
+    assert reference == (2 if queue else 3) * 2 * N * K * D
+    chunks = -(-D // 128)
+    passes = chunks + 1 if queue else 2 * (chunks + 1)
+    assert fused.flops * (2 if queue else 3) == reference * passes
+
+
+def test_elementwise_ops_count_no_matmul_flops_on_either_side():
+    """DINO, multi-label and MAE are elementwise and reductions: the counter finds no matmul in the
+    official formulas, and the kernels' formulas claim none."""
+    for op, _, build in traffic.CASES[2:]:
+        (make_eager, eager), (make_fused, fused) = traffic._split(build())
+        assert _reference_flops(eager, *make_eager()) == 0, op
+        assert traffic.count_fused(make_fused, fused)[0].flops == 0, op
