@@ -46,7 +46,7 @@ def scaled_backward(op_def, scale: float = 1.01, index: int = 0):
 
     def backward(ctx, *grads):
         out = list(original(ctx, *grads))
-        out[index] = out[index] * scale
+        out[index] = None if out[index] is None else out[index] * scale
         return tuple(out)
 
     op_def._backward_fn = backward
@@ -150,3 +150,54 @@ def mae_pipeline(*, backend, dtype, device, N=3, p=4, side=16, D=32, Dd=24):
 OP_CASES = {"info_nce_queue": info_nce_queue, "info_nce_in_batch": info_nce_in_batch,
             "info_nce_unnormalized": lambda **kw: info_nce_in_batch(**kw, normalize=False),
             "dino_loss": dino, "multilabel": multilabel, "mae_pipeline": mae_pipeline}
+
+
+# ---------------------------------------------------------------- a method's training step
+
+
+@contextlib.contextmanager
+def method_backend(method, backend: str):
+    """Every fused op of `method` (its own calls and its criterion's) forced to `backend`."""
+    cls, had = type(method), "backend" in type(method).__dict__
+    saved = cls.__dict__.get("backend")
+    criterion = getattr(method, "criterion", None)
+    saved_criterion = getattr(criterion, "backend", None)
+    cls.backend = property(lambda self: backend)
+    if criterion is not None:
+        criterion.backend = backend
+    try:
+        yield
+    finally:
+        if had:
+            cls.backend = saved
+        else:
+            del cls.backend
+        if criterion is not None:
+            criterion.backend = saved_criterion
+
+
+def step_values(method, batch: dict, ctx, *, backend: str, dtype: torch.dtype, device: str,
+                seed: int = 0) -> Values:
+    """Loss and every parameter gradient of one training step of a copy of `method` on `device`:
+    under autocast to `dtype` on CUDA for a 16-bit dtype (as training runs), else with the method
+    and the views cast to `dtype`. Random draws (MAE's mask) repeat from `seed`."""
+    import copy
+
+    autocast = device != "cpu" and dtype in (torch.bfloat16, torch.float16)
+    m = copy.deepcopy(method).to(device)
+    if not autocast:
+        m = m.to(dtype)
+    views = [v.to(device, torch.float32 if autocast else dtype) for v in batch["views"]]
+    batch = {**batch, "views": views, "label": batch["label"].to(device), "index": batch["index"].to(device)}
+    with method_backend(m, backend), torch.autocast(device, dtype=dtype, enabled=autocast):
+        torch.manual_seed(seed)
+        loss = m(batch, ctx)["loss"]
+    loss.float().backward()
+    return {"loss": loss.detach(), **{f"d{n}": p.grad for n, p in m.named_parameters() if p.grad is not None}}
+
+
+def compare_step(method, batch: dict, ctx, *, device: str, dtype: torch.dtype, backend: str) -> list[str]:
+    """The rule over a training step: the fused step (`backend`) and the reference step in `dtype`
+    against the reference step in float64, loss and every parameter gradient."""
+    run = lambda backend, dtype: step_values(method, batch, ctx, backend=backend, dtype=dtype, device=device)  # noqa: E731
+    return rule_violations(run(backend, dtype), run("torch", dtype), run("torch", F64), REL_ATOL[dtype])
