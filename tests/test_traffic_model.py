@@ -153,6 +153,7 @@ def test_bench_model_prints_the_table_and_writes_records(tmp_path, capsys):
     assert moco["eager_flops"] == moco["fused_flops"] == 2 * 2 * 4096 * 65536 * 128
     assert printed.count("holds:") + printed.count("FAILS:") == 3
     assert "predicted µs eager / fused" in printed and "measured" not in printed
+    assert "Kernel launches per training step" in printed and "| dino | ViT-S/16" in printed
     assert main(["bench", "--json", str(out)]) == 2  # --json needs --model
     # The published rows (benchmarks/results, RESULTS.md's table) are what the model gives now.
     results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"

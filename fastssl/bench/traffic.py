@@ -333,6 +333,10 @@ def main(json_path: str | None = None) -> int:
     print(table(records))
     for line in goals(records):
         print(line)
+    print()
+    from fastssl.bench import step_launches
+
+    step_launches.main()
     if json_path:
         write_rows(Path(json_path), [asdict(r) for r in records], env)
     return 0
