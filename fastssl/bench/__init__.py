@@ -9,8 +9,9 @@ and fastssl: `info_nce`, `contrastive` (CLIP and SigLIP), `dino` (DINO and multi
 
 Models and plans, runnable on a CPU: `traffic` (bytes, kernels, FLOPs, peak memory and the
 predicted time of each fused op; `fastssl bench --model`), `memory` (per-GPU bytes of DINO / MAE
-ViT training steps, DDP vs FSDP; `fastssl bench --memory`), `counter` (the dispatch counter both
-use). `harness` times and records; `report` writes RESULTS.md's tables from the rows in
+ViT training steps, DDP vs FSDP; `fastssl bench --memory`), `step_launches` (kernel launches of
+a training step per method, fused vs eager; also printed by `--model`), `counter` (the dispatch
+counter they use). `harness` times and records; `report` writes RESULTS.md's tables from the rows in
 `benchmarks/results/`; `kernel_cases` runs each kernel once (compute-sanitizer, ncu).
 
 CPU studies: `presets` (every method's Fashion-MNIST preset), `demo_search` (the demo's recipe
