@@ -19,14 +19,14 @@ import torch
 from fastssl.bench.counter import DispatchCounter, kernel_launches
 from fastssl.bench.traffic import _fused_on_meta
 from fastssl.engine import resolve_config
+from fastssl.method import StepContext
 from fastssl.methods import METHODS
-from fastssl.methods.base import StepContext
 
 # method -> (config overrides, per-GPU batch, what the paper trains)
 PAPER = {
     "mocov2": ({"backbone": "resnet50", "image_size": 224}, 256, "ResNet-50, K=65,536"),
     "mocov3": ({"backbone": "vit_base_patch16", "image_size": 224}, 256, "ViT-B/16, 256 of 4,096"),
-    "dino": ({"backbone": "vit_small_patch16", "image_size": 224, "local_size": 96, "local_crops": 10},
+    "dino": ({"backbone": "vit_small_patch16", "image_size": 224, "local_crop_size": 96, "n_local_crops": 10},
              64, "ViT-S/16, 2x224 + 10x96, K=65,536"),
     "mae": ({"backbone": "vit_large_patch16", "image_size": 224}, 64, "ViT-L/16, class token"),
     "rotnet": ({}, 128, "ResNet-18 (no fused op)"),
