@@ -72,7 +72,7 @@ dry_step() {  # dry_step NAME SECONDS CMD...
   if ! dry_form "$@"; then
     echo "$name dry-run: no Python entry in the command" | tee -a "$STATUS"; FAILED=1; return
   fi
-  local out rc
+  local out rc t0=$SECONDS
   out=$(timeout 300 "${DRY_CMD[@]}" 2>&1); rc=$?
   echo "$out" >>"$LOG"
   # a selection that matches nothing would let the real step pass without checking anything
@@ -80,7 +80,7 @@ dry_step() {  # dry_step NAME SECONDS CMD...
       && ! echo "$out" | grep -Eq '^[0-9]+(/[0-9]+)? tests? collected'; then
     rc=5
   fi
-  echo "$name dry-run rc=$rc" | tee -a "$STATUS"
+  echo "$name dry-run rc=$rc ($((SECONDS - t0))s)" | tee -a "$STATUS"
   [ $rc -eq 0 ] || FAILED=1
 }
 
