@@ -14,9 +14,13 @@ triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32)): ttir -> ... -
 by the ptxas bundled with Triton, whose -v log gives registers and spills; shared memory is Triton's
 metadata. Only loading a cubin needs a driver.
 
+Besides the shape grid, the gate compiles what the library itself launches: each method's
+training step at its paper configuration (gate_call_sites.py), under bf16 autocast.
+
 A compile is identified by Triton's own cache key (kernel source and dependencies, constexprs,
 specialization, target, options, Triton version), so shapes that specialize alike compile once;
-its figures are stored beside Triton's cache (one small JSON per key) and re-read on later runs.
+its figures are stored beside Triton's cache (one small JSON per key and gate version, a hash of
+the code that turns a compile into a verdict) and re-read on later runs.
 
 Fails (exit 1) on: a compile error; a register spill in a configuration the launcher keeps on
 the card; shared memory above the card's opt-in limit in a fixed launch, or in every
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -69,8 +74,9 @@ DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 
 def scenarios():
-    """(name, callable) for the shape grid; each runs public ops on fake CUDA tensors (made
-    inside the callable, under FakeTensorMode); fake_cuda runs each op's backward too."""
+    """(name, callable) for the shape grid, then each method's training step at its paper
+    configuration (gate_call_sites.py); each runs on fake CUDA tensors (under FakeTensorMode);
+    fake_cuda runs each op's backward too."""
     import torch
 
     from fastssl.ops.dino_loss import dino_loss, soft_cross_entropy
@@ -178,7 +184,9 @@ def scenarios():
             (f"mae N=256 L=196 D={D} dec=512 P=768 {name}", lambda dt=dt, D=D: mae(dt, D))
             for D in (768, 1024)
         ]
-    return out
+    from gate_call_sites import call_site_scenarios  # beside this file
+
+    return out + call_site_scenarios()
 
 
 # ----------------------------------------------------------------------------- capture
@@ -252,7 +260,8 @@ def fake_cuda(card: Card):
     for op in ops:
         op._abstract_fn = _real_with_backward(op)
     try:
-        with FakeTensorMode():
+        # non-fake inputs: the call-site scenarios move modules built on the meta device
+        with FakeTensorMode(allow_non_fake_inputs=True):
             yield recorded
     finally:
         (
@@ -435,11 +444,24 @@ def compile_one(launch: Launch, cap: int) -> dict:
     return res
 
 
+@functools.cache
+def gate_version() -> str:
+    """A hash of what turns a compile into a verdict (the binder, the compile and its log's
+    parsing, the tensor-core patterns): a changed gate does not reuse its old verdicts."""
+    import inspect
+
+    logic = [inspect.getsource(f) for f in (bind, compile_key, compile_one)]
+    logic += [PTXAS_REGS.pattern, PTXAS_SPILLS.pattern]
+    logic += [f"{cap}:{pattern.pattern}" for cap, pattern in TENSOR_CORE_PTX.items()]
+    return hashlib.sha256("\n".join(logic).encode()).hexdigest()[:16]
+
+
 def cached_compile(launch: Launch, cap: int, cache_dir: Path) -> tuple[dict, bool]:
-    """compile_one, memoized in cache_dir by Triton's cache key; (result, was_cached)."""
+    """compile_one, memoized in cache_dir by Triton's cache key and the gate's version;
+    (result, was_cached)."""
     from triton.backends.compiler import GPUTarget
 
-    path = cache_dir / f"{compile_key(launch, GPUTarget('cuda', cap, 32))}.json"
+    path = cache_dir / f"{compile_key(launch, GPUTarget('cuda', cap, 32))}-{gate_version()}.json"
     if path.is_file():
         return json.loads(path.read_text()), True
     res = compile_one(launch, cap)

@@ -88,3 +88,42 @@ def test_gate_scenarios_launch_every_kernel():
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "missing []" in out.stdout and "launched 0 " not in out.stdout, out.stdout
+
+
+CALL_SITES = r"""
+import compile_gate as g
+from gate_call_sites import PAPER_STEPS, method_step
+from triton.backends.compiler import GPUTarget
+
+card, target = g.CARDS[90], GPUTarget("cuda", 90, 32)
+compiled = set()
+for name, run in g.scenarios():
+    with g.fake_cuda(card) as recorded:
+        run()
+    compiled |= {g.compile_key(launch, target) for launch in g.expand(recorded, card)}
+for method in PAPER_STEPS:
+    with g.fake_cuda(card) as recorded:
+        method_step(method)
+    launches = g.expand(recorded, card)
+    missing = sorted(f"{x.fn.__name__} {g.describe(x)}" for x in launches
+                     if g.compile_key(x, target) not in compiled)
+    print(method, len(launches), "missing", missing)
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: no kernel to launch")
+@pytest.mark.skipif(torch.version.cuda is None, reason="a CPU-only torch build cannot make fake CUDA tensors")
+def test_gate_compiles_what_each_method_step_launches():
+    """Every kernel configuration (by Triton's cache key, on sm_90) that a method's training step
+    launches at its paper configuration is one the gate compiles (captured on fake CUDA tensors,
+    nothing compiled): a launcher change that gives the library's own call sites a configuration
+    the gate never sees fails here."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(GATE.parent), str(ROOT), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", CALL_SITES], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = {line.split()[0]: line for line in out.stdout.splitlines()}
+    assert set(lines) == {"mocov2", "mocov3", "dino", "mae"}, out.stdout
+    for line in lines.values():
+        assert line.endswith("missing []") and int(line.split()[1]) > 0, line

@@ -1,0 +1,68 @@
+"""The compile gate's call-site scenarios: each method's real training step at its paper
+configuration, so the gate compiles the kernel configurations the library itself launches (the
+MAE model's D-major patch tokens with class token and position embedding, DINO's forward with the
+teacher's column sum, the bf16 queue, ...) and not only those of its shape grid.
+
+Each scenario builds the method on the meta device outside the fake mode (a deep copy of fake
+tensors, as a momentum encoder is made, would belong to another fake mode), moves it to fake CUDA
+tensors (a key queue becomes bf16 there, as on a card) and runs its forward under bf16 autocast,
+switched on directly (torch.autocast refuses without a driver); the gate runs each fused op's
+backward itself."""
+
+from __future__ import annotations
+
+import contextlib
+
+# method -> (config overrides, per-GPU batch, description): the papers' settings
+PAPER_STEPS = {
+    "mocov2": ({"backbone": "resnet50", "image_size": 224}, 256, "ResNet-50 K=65536"),
+    "mocov3": ({"backbone": "vit_base_patch16", "image_size": 224}, 256, "ViT-B/16 256 of 4096"),
+    "dino": ({"backbone": "vit_small_patch16", "image_size": 224, "local_crop_size": 96, "n_local_crops": 10},
+             64, "ViT-S/16 2x224+10x96 K=65536"),
+    "mae": ({"backbone": "vit_large_patch16", "image_size": 224}, 64, "ViT-L/16 class token"),
+}
+
+
+@contextlib.contextmanager
+def _cuda_autocast_bf16():
+    import torch
+
+    saved = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", torch.bfloat16)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", saved[0])
+        torch.set_autocast_dtype("cuda", saved[1])
+
+
+def method_step(name: str) -> None:
+    """One forward of `name`'s training step at its paper configuration on fake CUDA tensors
+    (inside the gate's fake_cuda)."""
+    import torch
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from fastssl.engine import resolve_config
+    from fastssl.method import StepContext
+    from fastssl.methods import METHODS
+
+    overrides, batch, _ = PAPER_STEPS[name]
+    cls = METHODS[name]
+    with _disable_current_modes(), torch.device("meta"):
+        method = cls(resolve_config(cls.config_class, overrides=overrides)).to("meta")
+    method = method.to("cuda")
+    views = [torch.empty(batch, 3, s, s, device="cuda") for s in method.recipe().view_sizes]
+    step = {"views": views, "label": torch.zeros(batch, dtype=torch.long, device="cuda"),
+            "index": torch.arange(batch, device="cuda")}
+    schedules = {k: float(v[0]) for k, v in method.schedules(total_steps=100, steps_per_epoch=10).items()}
+    ctx = StepContext(step=0, epoch=1, steps_per_epoch=10, total_steps=100, lr=0.0, weight_decay=0.0,
+                      schedules=schedules)
+    with _cuda_autocast_bf16():
+        method(step, ctx)
+
+
+def call_site_scenarios() -> list:
+    """(name, callable) per method, named 'step <method> <setting>'."""
+    return [(f"step {name} {setting}", lambda name=name: method_step(name))
+            for name, (_, _, setting) in PAPER_STEPS.items()]
