@@ -13,14 +13,7 @@ from __future__ import annotations
 
 import contextlib
 
-# method -> (config overrides, per-GPU batch, description): the papers' settings
-PAPER_STEPS = {
-    "mocov2": ({"backbone": "resnet50", "image_size": 224}, 256, "ResNet-50 K=65536"),
-    "mocov3": ({"backbone": "vit_base_patch16", "image_size": 224}, 256, "ViT-B/16 256 of 4096"),
-    "dino": ({"backbone": "vit_small_patch16", "image_size": 224, "local_crop_size": 96, "n_local_crops": 10},
-             64, "ViT-S/16 2x224+10x96 K=65536"),
-    "mae": ({"backbone": "vit_large_patch16", "image_size": 224}, 64, "ViT-L/16 class token"),
-}
+from fastssl.bench.step_launches import PAPER as PAPER_STEPS  # (overrides, per-GPU batch, setting)
 
 
 @contextlib.contextmanager
@@ -64,5 +57,5 @@ def method_step(name: str) -> None:
 
 def call_site_scenarios() -> list:
     """(name, callable) per method, named 'step <method> <setting>'."""
-    return [(f"step {name} {setting}", lambda name=name: method_step(name))
+    return [(f"step {name} {setting}".replace(", ", " "), lambda name=name: method_step(name))
             for name, (_, _, setting) in PAPER_STEPS.items()]

@@ -124,6 +124,6 @@ def test_gate_compiles_what_each_method_step_launches():
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = {line.split()[0]: line for line in out.stdout.splitlines()}
-    assert set(lines) == {"mocov2", "mocov3", "dino", "mae"}, out.stdout
-    for line in lines.values():
-        assert line.endswith("missing []") and int(line.split()[1]) > 0, line
+    assert {"mocov2", "mocov3", "dino", "mae"} <= set(lines), out.stdout
+    for method, line in lines.items():
+        assert line.endswith("missing []") and (int(line.split()[1]) > 0) == (method != "rotnet"), line
