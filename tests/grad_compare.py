@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastssl.losses.multilabel import multilabel_softmax_loss
-from fastssl.ops import dino_loss, info_nce, mae_loss, random_masking, unshuffle_tokens
+from fastssl.ops import dino_loss, info_nce, mae_loss, random_masking, siglip_loss, unshuffle_tokens
 
 F64 = torch.float64
 REL_ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -147,9 +147,20 @@ def mae_pipeline(*, backend, dtype, device, N=3, p=4, side=16, D=32, Dd=24):
                          "decoder_embed": w_dec, "decoder_pred": w_pred})
 
 
+def siglip(*, backend, dtype, device, N=17, M=40, D=48):
+    """SigLIP in-batch with its learned scale and bias (gradients for both towers and both scalars)."""
+    image, text = _inputs(7, (N, D), (M, D))
+    image, text = (_leaf(F.normalize(x, dim=1), device, dtype) for x in (image, text))
+    scalar_dtype = F64 if dtype == F64 else torch.float32
+    scale = torch.tensor(10.0, dtype=scalar_dtype, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, dtype=scalar_dtype, device=device, requires_grad=True)
+    loss = siglip_loss(image, text, scale, bias, backend=backend)
+    return _grads(loss, {"image": image, "text": text, "logit_scale": scale, "logit_bias": bias})
+
+
 OP_CASES = {"info_nce_queue": info_nce_queue, "info_nce_in_batch": info_nce_in_batch,
             "info_nce_unnormalized": lambda **kw: info_nce_in_batch(**kw, normalize=False),
-            "dino_loss": dino, "multilabel": multilabel, "mae_pipeline": mae_pipeline}
+            "dino_loss": dino, "multilabel": multilabel, "mae_pipeline": mae_pipeline, "siglip": siglip}
 
 
 # ---------------------------------------------------------------- a method's training step
