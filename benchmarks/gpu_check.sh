@@ -35,7 +35,7 @@ LOG="$OUTDIR/log.txt" STATUS="$WORK/status.txt"
 MAX_TOTAL=570   # seconds: the steps' limits together, inside one 10-minute device call
 TOTAL=0 FAILED=0
 # The test files holding @pytest.mark.gpu tests (tests/test_gpu_check_script.py checks the list).
-GPU_TESTS="tests/ops tests/methods tests/data tests/test_queue.py"
+GPU_TESTS="tests/ops tests/methods tests/data tests/test_queue.py tests/test_bank.py"
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider -p no:xdist --continue-on-collection-errors)
 
 summarize() {

@@ -1,5 +1,6 @@
-"""One forward + backward of every fused kernel and one KeyQueue push, on CUDA, at a small shape
-(for compute-sanitizer) or at the benchmarks' shapes (for one ncu summary per kernel).
+"""One forward + backward of every fused kernel, a KeyQueue push and a MemoryBank update, on
+CUDA, at a small shape (for compute-sanitizer) or at the benchmarks' shapes (for one ncu summary
+per kernel).
 
     python -m fastssl.bench.kernel_cases [--size small|bench] [--device cuda|cpu]
         [--profile-second-pass] [--dry-run]
@@ -19,6 +20,7 @@ import argparse
 import torch
 
 from fastssl import KeyQueue
+from fastssl.bank import MemoryBank
 from fastssl.losses import multilabel_softmax_loss
 from fastssl.ops import (
     dino_loss,
@@ -89,9 +91,15 @@ def cases(size: str, device: str) -> dict:
         queue.push(torch.randn(N, D, **bf16))
         queue.push(torch.randn(N, D, **bf16))
 
+    def bank_update():  # instance discrimination's memory bank, a repeated index included
+        bank = MemoryBank(K, D, device=device)
+        indices = torch.randint(0, K, (N,), device=device)
+        indices[-1] = indices[0]
+        bank.update(torch.randn(N, D, **bf16), indices)
+
     return {"info_nce_queue": moco_v2, "info_nce_in_batch": in_batch, "dino_loss": dino,
             "ibot_patch_loss": ibot, "multilabel": multilabel, "mae": mae, "siglip": siglip,
-            "queue_push": queue_push}
+            "queue_push": queue_push, "bank_update": bank_update}
 
 
 def main(argv: list[str] | None = None) -> int:

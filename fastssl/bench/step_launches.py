@@ -26,6 +26,7 @@ from fastssl.methods import METHODS
 PAPER = {
     "mocov2": ({"backbone": "resnet50", "image_size": 224}, 256, "ResNet-50, K=65,536"),
     "mocov3": ({"backbone": "vit_base_patch16", "image_size": 224}, 256, "ViT-B/16, 256 of 4,096"),
+    "simclr": ({"backbone": "resnet50", "image_size": 224}, 256, "ResNet-50, 256 of 4,096"),
     "dino": ({"backbone": "vit_small_patch16", "image_size": 224, "local_crop_size": 96, "n_local_crops": 10},
              64, "ViT-S/16, 2x224 + 10x96, K=65,536"),
     "mae": ({"backbone": "vit_large_patch16", "image_size": 224}, 64, "ViT-L/16, class token"),

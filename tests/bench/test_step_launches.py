@@ -8,6 +8,9 @@ KERNELS = {
     # MoCo: the query gradient comes out of the forward (keys from the momentum encoder)
     "mocov2": {"_info_nce_fwd_kernel", "_info_nce_combine_kernel"},
     "mocov3": {"_info_nce_fwd_kernel", "_info_nce_combine_kernel"},
+    # SimCLR: both views get gradients, the key side through the backward kernels
+    "simclr": {"_info_nce_fwd_kernel", "_info_nce_combine_kernel", "_info_nce_bwd_kernel",
+               "_info_nce_bwd_combine_kernel"},
     "dino": {"_dino_loss_fwd_kernel", "_dino_loss_merge_kernel", "_dino_loss_bwd_kernel"},
     "mae": {"_compact_kernel", "_expand_kernel", "_mae_loss_kernel"},
 }

@@ -12,7 +12,7 @@ import torch
 from grad_compare import compare_step, scaled_backward
 from method_helpers import build, context, make_batch, one_thread, optimizer  # noqa: F401
 
-FUSED = ["mocov2", "mocov3", "dino", "mae"]
+FUSED = ["mocov2", "mocov3", "simclr", "dino", "mae"]
 info_nce_module = importlib.import_module("fastssl.ops.info_nce")
 mae_module = importlib.import_module("fastssl.ops.mae")
 
