@@ -16,7 +16,15 @@ import torch
 import torch.nn.functional as F
 
 from fastssl.losses.multilabel import multilabel_softmax_loss
-from fastssl.ops import dino_loss, info_nce, mae_loss, random_masking, siglip_loss, unshuffle_tokens
+from fastssl.ops import (
+    dino_loss,
+    ibot_patch_loss,
+    info_nce,
+    mae_loss,
+    random_masking,
+    siglip_loss,
+    unshuffle_tokens,
+)
 
 F64 = torch.float64
 REL_ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -158,9 +166,21 @@ def siglip(*, backend, dtype, device, N=17, M=40, D=48):
     return _grads(loss, {"image": image, "text": text, "logit_scale": scale, "logit_bias": bias})
 
 
+def ibot(*, backend, dtype, device, B=3, L=10, K=200):
+    """iBOT's masked-patch loss on [B, L, K] token logits, DINOv2's [1, 1, K] center."""
+    student, teacher, center = _inputs(8, (B, L, K), (B, L, K), (1, 1, K))
+    masks = torch.rand(B, L, generator=torch.Generator().manual_seed(9)) < 0.4
+    masks[:, 0] = True  # every image has a masked token
+    s = _leaf(student, device, dtype)
+    loss = ibot_patch_loss(s, teacher.to(device, dtype), (0.1 * center).to(device), masks=masks.to(device),
+                           mask_indices=masks.flatten().nonzero().flatten().to(device), backend=backend)
+    return _grads(loss, {"student": s})
+
+
 OP_CASES = {"info_nce_queue": info_nce_queue, "info_nce_in_batch": info_nce_in_batch,
             "info_nce_unnormalized": lambda **kw: info_nce_in_batch(**kw, normalize=False),
-            "dino_loss": dino, "multilabel": multilabel, "mae_pipeline": mae_pipeline, "siglip": siglip}
+            "dino_loss": dino, "multilabel": multilabel, "mae_pipeline": mae_pipeline, "siglip": siglip,
+            "ibot_patch_loss": ibot}
 
 
 # ---------------------------------------------------------------- a method's training step
