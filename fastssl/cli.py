@@ -231,7 +231,7 @@ def _print_summary(summary: dict, data: str) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fastssl.data import check_data_spec
-    from fastssl.engine.export import load_trained_method
+    from fastssl.runs import load_trained_method
 
     if args.overrides and not args.finetune:
         raise ValueError(f"{args.overrides[0]}: key=value items set fine-tuning keys; add --finetune")
@@ -249,7 +249,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"linear probe top-1 {result['linear_top1']:.2%}", flush=True)
     if args.finetune:
         from fastssl.engine import parse_overrides
-        from fastssl.engine.finetune import finetune, summary_lines
+        from fastssl.finetune import finetune, summary_lines
 
         out = Path(args.checkpoint).parent if Path(args.checkpoint).is_file() else Path(args.checkpoint)
         keys = {"out": str(out / "finetune")} | parse_overrides(args.overrides)
@@ -259,7 +259,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from fastssl.engine.finetune import finetune_command
+    from fastssl.finetune import finetune_command
 
     items = args.overrides + ([f"out={args.out}"] if args.out else [])
     return finetune_command(args.run, args.data, args.size, items, yaml_path=args.config, resume=args.resume,
@@ -306,7 +306,7 @@ def cmd_vocab(args: argparse.Namespace) -> int:
 
 def cmd_viz(args: argparse.Namespace) -> int:
     from fastssl.data import check_data_spec, data_splits
-    from fastssl.engine.export import load_trained_method
+    from fastssl.runs import load_trained_method
 
     try:
         from fastssl.viz.figures import class_names, render_run
@@ -333,7 +333,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from fastssl.engine.export import export_backbone
+    from fastssl.runs import export_backbone
 
     info = export_backbone(args.run, args.out)
     print(f"{info['method']} {info['backbone']} step {info['step']}: {info['tensors']} tensors, "

@@ -1,7 +1,7 @@
 """Label spaces and fine-tuning at small scale: the evaluations of the weakly supervised papers.
 
 Two parts, both on Fashion-MNIST, each evaluated by a linear probe on frozen features and by
-full fine-tuning (fastssl.engine.finetune) at 32 px, a resolution other than pre-training's:
+full fine-tuning (fastssl.finetune) at 32 px, a resolution other than pre-training's:
 
 * vocab: the weak-supervision data of fastssl.bench.weak_study (two tiles per image, long-
   tailed classes, label noise) with hashtags instead of class ids: each label is written as
@@ -38,8 +38,8 @@ from fastssl.data import wordnet as wn_
 from fastssl.data.labels import LabelTable, expand_hierarchy, inject_label_noise
 from fastssl.data.vocab import wordnet_vocabulary
 from fastssl.engine import Trainer, resolve_config
-from fastssl.engine.finetune import finetune
 from fastssl.eval import build_evaluator
+from fastssl.finetune import finetune
 from fastssl.methods import METHODS
 from fastssl.methods.weak import WeakConfig, WeakSupervised
 

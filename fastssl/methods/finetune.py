@@ -8,7 +8,7 @@ is evaluated. The step is cross-entropy on batch["label"], so DDP, FSDP, accumul
 checkpoints and exact resumption are the Trainer's.
 
 Not in the METHODS registry: the network comes from a pre-trained run
-(fastssl.engine.finetune builds it), not from the config alone."""
+(fastssl.finetune builds it), not from the config alone."""
 
 from __future__ import annotations
 
@@ -87,7 +87,7 @@ def backbone_layers(backbone: nn.Module, *, vit: bool) -> int:
 
 
 class Finetune(Method):
-    """A backbone (built and loaded by fastssl.engine.finetune) with a new linear head of
+    """A backbone (built and loaded by fastssl.finetune) with a new linear head of
     cfg.method.num_classes outputs, trained with cross-entropy."""
 
     name = "finetune"

@@ -15,10 +15,11 @@ from ssl_tiny import MultiViewLoader, tiny_method
 
 from fastssl.cli import main
 from fastssl.engine import Trainer, build_optimizer, resolve_config
-from fastssl.engine.export import backbone_state_dict, load_trained_method
-from fastssl.engine.finetune import build_network, finetune, finetune_config
+from fastssl.engine.export import backbone_state_dict
+from fastssl.finetune import build_network, finetune, finetune_config
 from fastssl.methods import METHODS
 from fastssl.methods.finetune import Finetune
+from fastssl.runs import load_trained_method
 
 COLORS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (200, 200, 30), (30, 200, 200)]
 FAST = dict(batch_size=8, epochs=2, loader="torchvision", warmup_epochs=0.5, num_threads=1, log_every=1)

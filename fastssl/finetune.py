@@ -25,12 +25,13 @@ from torch import nn
 
 from fastssl.config import MAX_SIDE, TrainConfig
 from fastssl.engine.config import resolve_config
-from fastssl.engine.export import backbone_state_dict, load_trained_method
+from fastssl.engine.export import backbone_state_dict
 from fastssl.engine.run import init_run
 from fastssl.engine.run_folder import SUMMARY
 from fastssl.engine.trainer import Trainer
 from fastssl.methods.finetune import Finetune, FinetuneConfig
 from fastssl.models.backbones import build_backbone, is_vit_name, parse_vit_name
+from fastssl.runs import load_trained_method
 from fastssl.validation import check_int
 
 FASHION_MNIST = "fashion-mnist"
