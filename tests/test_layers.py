@@ -29,7 +29,8 @@ def _imports() -> list[tuple[str, str]]:
     """(importing module's dotted name, imported fastssl module) for every import in fastssl/."""
     edges = []
     for path in ROOT.rglob("*.py"):
-        module = ".".join(("fastssl",) + path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        parts = ("fastssl",) + path.relative_to(ROOT).with_suffix("").parts
+        module = ".".join(parts).removesuffix(".__init__")
         package = module if path.name == "__init__.py" else module.rpartition(".")[0]
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
@@ -37,7 +38,8 @@ def _imports() -> list[tuple[str, str]]:
             elif isinstance(node, ast.ImportFrom):
                 if node.level:
                     base = package.split(".")
-                    target = ".".join(base[:len(base) - node.level + 1] + ([node.module] if node.module else []))
+                    kept = base[:len(base) - node.level + 1]
+                    target = ".".join(kept + ([node.module] if node.module else []))
                 else:
                     target = node.module or ""
                 if target.startswith("fastssl"):
