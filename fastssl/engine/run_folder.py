@@ -4,12 +4,17 @@
     OUT/config.yaml     the resolved config          OUT/metrics.jsonl  fastssl.engine.metrics_log
     OUT/summary.json    written once, at the end     OUT/last.pt | last.dcp  fastssl.engine.checkpointer
 
+    OUT/.lock           "<pid> <host>" of the process writing the folder, while it runs
+
 Rank 0 looks and writes; every rank gets the same answer (and the same error)."""
 
 from __future__ import annotations
 
 import datetime
+import errno
 import json
+import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,8 @@ from fastssl.engine.run import rank0_value
 # The files that make a folder a run: a new run never writes over them unless asked (overwrite).
 RUN_FILES = ("last.pt", "last.dcp", "metrics.jsonl", "summary.json", "config.yaml")
 SUMMARY = "summary.json"
+# Held by the process that writes the folder (rank 0) while it trains: "<pid> <hostname>".
+LOCK = ".lock"
 
 
 def default_run_dir(method: str, root: str | Path = "runs") -> Path:
@@ -59,6 +66,51 @@ class RunFolder:
         if problem:
             raise ValueError(problem)
 
+    def lock(self) -> None:
+        """Rank 0: take OUT/.lock, so that a second run on the folder is refused (ValueError on
+        every rank, naming the holder) instead of interleaving its writes. A lock whose process
+        has ended (its pid is gone on this host) is stale: taken over, with a message. A lock of
+        this very process (an earlier Trainer that never finished) is taken over silently."""
+        problem = None
+        if self.is_main:
+            problem = self._take_lock()
+        problem = rank0_value(problem, self.world)
+        if problem:
+            raise ValueError(problem)
+
+    def _take_lock(self) -> str | None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        path, me = self.path / LOCK, f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = path.read_text().split() if path.exists() else []
+                known = len(holder) == 2 and holder[0].isdigit()
+                pid, host = (int(holder[0]), holder[1]) if known else (0, "an unknown host")
+                if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
+                    if pid != os.getpid():
+                        self.log(f"out: taking over the lock of process {pid} on {host}, which has ended")
+                    path.unlink(missing_ok=True)
+                    continue
+                return (f"out: {self.path} is in use by another run (process {pid} on {host}, "
+                        f"{path}); wait for it to end, or give this run another --out")
+            with os.fdopen(fd, "w") as f:
+                f.write(me + "\n")
+            return None
+        return f"out: could not take the lock {path}; another run is starting in {self.path}"
+
+    def unlock(self) -> None:
+        """Rank 0: release OUT/.lock if this process holds it."""
+        if not self.is_main:
+            return
+        path = self.path / LOCK
+        try:
+            if path.read_text().split() == [str(os.getpid()), socket.gethostname()]:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
     def prepare(self, cfg, *, overwrite: bool) -> None:
         """Rank 0: create the folder, delete the run files an overwrite replaces, write config.yaml."""
         if not self.is_main:
@@ -73,3 +125,14 @@ class RunFolder:
         """Rank 0: summary.json, the finished run's record."""
         if self.is_main:
             (self.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (signal 0 checks without sending anything)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError as e:
+        return e.errno == errno.EPERM  # exists, owned by another user
+    return True

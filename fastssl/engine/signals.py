@@ -95,6 +95,14 @@ class RankAgreement:
         k = int(key.item())
         return None if k == _NONE else (k // 4, float(list(_NONFINITE)[k % 4]))
 
+    def any(self, local: bool) -> bool:
+        """True on every rank when `local` is true on any rank. A collective."""
+        if self.group is None:
+            return local
+        flag = torch.tensor([int(local)], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
     def close(self) -> None:
         """Wait for the last stop reduction (every rank issued it), so none is left in flight."""
         if self._pending is not None:

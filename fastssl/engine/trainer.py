@@ -28,7 +28,7 @@ from torch import nn
 from fastssl.data.loader import Loader
 from fastssl.engine.budget import TimeBudget
 from fastssl.engine.checkpoint import rng_state, set_rng_state
-from fastssl.engine.checkpointer import make_checkpointer, read_checkpoint
+from fastssl.engine.checkpointer import first_nonfinite, make_checkpointer, read_checkpoint
 from fastssl.engine.config import config_to_dict, flat_config
 from fastssl.engine.metrics_log import MetricsLog
 from fastssl.engine.optim import build_optimizer
@@ -39,8 +39,9 @@ from fastssl.engine.parallel import (
     unsharded_copy,
     wrap_for_training,
 )
+from fastssl.engine.resume_check import check_allowed, check_same_run, data_fingerprint
 from fastssl.engine.run import RunContext, deterministic_algorithms, init_run
-from fastssl.engine.run_folder import RunFolder, new_run_dir
+from fastssl.engine.run_folder import RUN_FILES, RunFolder, new_run_dir
 from fastssl.engine.schedules import build_schedules
 from fastssl.engine.signals import RankAgreement, StopSignals
 from fastssl.method import Method, StepContext
@@ -66,7 +67,9 @@ class Trainer:
     worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) resumes "auto" on its own.
     A fresh run into a folder that holds a run (RUN_FILES) is refused unless overwrite=True,
     which deletes those files first. Resuming with other epochs than the checkpoint's is
-    refused unless extend=True (the schedules are then re-spread over the new length).
+    refused unless extend=True (the schedules are then re-spread over the new length); so is
+    any other change of what the run means (fastssl.engine.resume_check) unless allow_change
+    names the key.
     SIGINT, SIGTERM and SIGUSR1 during training stop every rank after the same step, write a
     checkpoint and return the summary with "interrupted" set (no final evaluation, no
     summary.json); a second SIGINT raises KeyboardInterrupt at once.
@@ -83,7 +86,8 @@ class Trainer:
                  resume: str | None = None, progress: bool = True, tensorboard: bool = False,
                  log: Callable[[str], None] | None = None, time_budget_s: float | None = None,
                  monitor: Evaluator | None = None, overwrite: bool = False, extend: bool = False,
-                 run: RunContext | None = None, on_summary: SummaryHook | None = None):
+                 run: RunContext | None = None, on_summary: SummaryHook | None = None,
+                 allow_change: Iterable[str] = ()):
         self._t_created = time.perf_counter()  # summary.json's total_seconds count from here
         self.cfg = cfg = method.cfg
         self.method, self.loader, self.evaluator, self.monitor = method, loader, evaluator, monitor
@@ -102,6 +106,9 @@ class Trainer:
             self.log(f"torchrun restart {restarts}: resuming from {self.out}'s checkpoint when present")
             resume, overwrite = "auto", False
         self.extend = extend
+        self.allow_change = check_allowed(allow_change, cfg)
+        # what the checkpoint records of the data, compared on resume (fastssl.engine.resume_check)
+        self.data_fingerprint = data_fingerprint(getattr(loader, "source", None))
         self.folder = RunFolder(self.out, is_main=self.is_main, world=self.world, log=self.log)
         # parallel=fsdp: every rank writes its shards (fastssl.engine.sharded_checkpoint)
         self.checkpointer = make_checkpointer(cfg.dist.parallel, self.out, is_main=self.is_main,
@@ -151,11 +158,16 @@ class Trainer:
         # (seconds training, images, latest loss) of this fit: the summary reads them
         self._loop_stats: tuple[float, int, float] = (0.0, 0, float("nan"))
         self.folder.check(resume=resume, overwrite=overwrite)
-        self.metrics = MetricsLog(self.out, write=self.is_main, tensorboard=tensorboard,
-                                  agree=self.agreement.first_nonfinite if self.world > 1 else None)
-        self._overwrite = overwrite and resume is None
-        if resume is not None:
-            self._resume(resume)
+        self.folder.lock()  # released when fit() ends, or here when the set-up fails
+        try:
+            self.metrics = MetricsLog(self.out, write=self.is_main, tensorboard=tensorboard,
+                                      agree=self.agreement.first_nonfinite if self.world > 1 else None)
+            self._overwrite = overwrite and resume is None
+            if resume is not None:
+                self._resume(resume)
+        except BaseException:
+            self.folder.unlock()
+            raise
 
     @property
     def ckpt_path(self) -> Path:
@@ -173,6 +185,11 @@ class Trainer:
         if resume == "auto":
             path = self.checkpointer.latest()
             if path is None:
+                held = [name for name in RUN_FILES if (self.out / name).exists()]
+                if held:  # a run whose checkpoint is gone: starting afresh would replace its files
+                    raise ValueError(f"resume: {self.out} holds {', '.join(held)} but no checkpoint to "
+                                     f"continue from ({self.ckpt_path.name}); start it afresh with "
+                                     f"--overwrite (deletes those files), or give another --out")
                 self.log(f"resume auto: no {self.ckpt_path}, starting fresh")
                 return
         else:
@@ -185,19 +202,20 @@ class Trainer:
                              f"this run has {self.run.batch_size}, {self.steps_per_epoch}")
         saved, epochs_now = flat_config(state["config"]), self.cfg.optim.epochs
         epochs = saved.get("epochs")
-        if epochs != epochs_now and not self.extend:
-            raise ValueError(
-                f"resume: checkpoint {str(path)!r} belongs to a run of epochs={epochs}, this command asks "
-                f"for epochs={epochs_now}; resume with epochs={epochs}, or add --extend to re-spread "
-                f"the LR and other schedules over {epochs_now} epochs from step {state['step']} (the "
-                f"LR jumps to where the longer cosine is at that step)")
+        check_same_run(str(path), saved, flat_config(config_to_dict(self.cfg)),
+                       saved_data=state.get("data_fingerprint"), new_data=self.data_fingerprint,
+                       extend=self.extend, allowed=self.allow_change)
+        same_optimizer = saved.get("optimizer", self.cfg.optim.optimizer) == self.cfg.optim.optimizer
         try:
-            checkpoint.load_into(self.method, self.model, self.optimizer)
+            checkpoint.load_into(self.method, self.model, self.optimizer if same_optimizer else None)
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0]
             raise ValueError(f"resume: checkpoint {str(path)!r} ({state['method']}, backbone "
                              f"{saved.get('backbone')}) does not fit this run's model "
                              f"(backbone {self.cfg.model.backbone}): {first}") from e
+        if not same_optimizer:
+            self.log(f"resume: optimizer {saved['optimizer']} -> {self.cfg.optim.optimizer}: its state "
+                     f"starts afresh (the weights are the checkpoint's)")
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.extra = state["step"], state["extra"]
         self._saved_step = self.step
@@ -211,8 +229,21 @@ class Trainer:
         self._rng_to_restore = state["rng"][self.rank] if self.rank < len(state["rng"]) else None
         self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
 
+    def _kept(self) -> str:
+        """What a run stopped by a fault leaves behind, for its message."""
+        if self._saved_step is None:
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint {self.ckpt_path} (step {self._saved_step}) is left intact"
+
     def save(self) -> None:
-        """Checkpoint of everything the next step depends on (RNG of all ranks), published atomically."""
+        """Checkpoint of everything the next step depends on (RNG of all ranks), published atomically.
+        Refused (NonFiniteLossError on every rank) when any tensor it would hold is NaN or inf on
+        any rank: the checkpoint on disk stays the last finite one."""
+        bad = first_nonfinite(self.method, self.optimizer)
+        if self.agreement.any(bad is not None):
+            raise NonFiniteLossError(
+                f"{bad or 'a tensor on another rank'} holds NaN or inf after step {self.step}; stopped "
+                f"without saving it; {self._kept()}. Try a lower base_lr or a longer warmup_epochs.")
         rng = [rng_state()]
         if self.world > 1:
             rng = [None] * self.world
@@ -222,6 +253,7 @@ class Trainer:
             "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
             "batch_size": self.run.batch_size, "rng": rng, "extra": self.extra,
             "config": config_to_dict(self.cfg), "method": self.method.name,
+            "data_fingerprint": self.data_fingerprint,
         }
         self.checkpointer.save(step=self.step, method=self.method, model=self.model, optimizer=self.optimizer,
                                meta=meta)
@@ -255,8 +287,11 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """See _fit; with cfg.run.deterministic, deterministic kernels (and no cuDNN autotuning) for the
         run only: the process's settings are restored afterwards."""
-        with deterministic_algorithms(self.cfg.run.deterministic):
-            return self._fit()
+        try:
+            with deterministic_algorithms(self.cfg.run.deterministic):
+                return self._fit()
+        finally:
+            self.folder.unlock()
 
     def _fit(self) -> dict[str, Any]:
         """Train until cfg.optim.epochs * len(loader) steps (or cfg.run.max_steps), evaluate, write
@@ -460,12 +495,10 @@ class Trainer:
         every rank raises the same error instead of one raising while the others wait."""
         last, bad = self.metrics.flush()
         if bad is not None:
-            kept = (f"the last good checkpoint {self.ckpt_path} (step {self._saved_step}) is left intact"
-                    if self._saved_step is not None else "no checkpoint had been written yet")
             where = " on at least one rank" if self.world > 1 else ""
             raise NonFiniteLossError(
                 f"loss is {bad[1]} at step {bad[0]} (epoch {bad[0] // self.steps_per_epoch}){where}; "
-                f"stopped; {kept}. Try a lower base_lr or a longer warmup_epochs.")
+                f"stopped; {self._kept()}. Try a lower base_lr or a longer warmup_epochs.")
         return last
 
     def _apply_time_budget(self, step_time: float, eval_s: float) -> None:
