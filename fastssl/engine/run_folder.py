@@ -88,7 +88,7 @@ class RunFolder:
                 holder = path.read_text().split() if path.exists() else []
                 known = len(holder) == 2 and holder[0].isdigit()
                 pid, host = (int(holder[0]), holder[1]) if known else (0, "an unknown host")
-                if host == socket.gethostname() and (pid == os.getpid() or not _alive(pid)):
+                if host == socket.gethostname() and (pid == os.getpid() or not process_alive(pid)):
                     if pid != os.getpid():
                         self.log(f"out: taking over the lock of process {pid} on {host}, which has ended")
                     path.unlink(missing_ok=True)
@@ -127,12 +127,17 @@ class RunFolder:
             (self.path / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` exists on this host (signal 0 checks without sending anything)."""
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (signal 0 checks without sending anything); a
+    zombie, ended but not yet reaped by its parent (torchrun), has ended."""
     if pid <= 0:
         return False
     try:
         os.kill(pid, 0)
     except OSError as e:
         return e.errno == errno.EPERM  # exists, owned by another user
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): signal 0 is the answer
+        return True

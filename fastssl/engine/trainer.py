@@ -27,7 +27,7 @@ from torch import nn
 
 from fastssl.data.loader import Loader
 from fastssl.engine.budget import TimeBudget
-from fastssl.engine.checkpoint import rng_state, set_rng_state
+from fastssl.engine.checkpoint import NoSpaceError, rng_state, set_rng_state
 from fastssl.engine.checkpointer import first_nonfinite, make_checkpointer, read_checkpoint
 from fastssl.engine.config import config_to_dict, flat_config
 from fastssl.engine.metrics_log import MetricsLog
@@ -43,7 +43,7 @@ from fastssl.engine.resume_check import check_allowed, check_same_run, data_fing
 from fastssl.engine.run import RunContext, deterministic_algorithms, init_run
 from fastssl.engine.run_folder import RUN_FILES, RunFolder, new_run_dir
 from fastssl.engine.schedules import build_schedules
-from fastssl.engine.signals import RankAgreement, StopSignals
+from fastssl.engine.signals import PeerLostError, RankAgreement, StopSignals, is_peer_error
 from fastssl.method import Method, StepContext
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
@@ -255,8 +255,13 @@ class Trainer:
             "config": config_to_dict(self.cfg), "method": self.method.name,
             "data_fingerprint": self.data_fingerprint,
         }
-        self.checkpointer.save(step=self.step, method=self.method, model=self.model, optimizer=self.optimizer,
-                               meta=meta)
+        try:
+            self.checkpointer.save(step=self.step, method=self.method, model=self.model,
+                                   optimizer=self.optimizer, meta=meta)
+        except NoSpaceError as e:
+            e.kept = (f"the previous checkpoint {self.ckpt_path} (step {self._saved_step}) is intact"
+                      if self._saved_step is not None else "no checkpoint had been written yet")
+            raise
         self._saved_step = self.step
 
     # ----------------------------------------------------------------- evaluation
@@ -286,10 +291,17 @@ class Trainer:
         self.metrics.keep_before(self.step)
     def fit(self) -> dict[str, Any]:
         """See _fit; with cfg.run.deterministic, deterministic kernels (and no cuDNN autotuning) for the
-        run only: the process's settings are restored afterwards."""
+        run only: the process's settings are restored afterwards. A collective failing because a
+        peer is gone raises PeerLostError naming it and the last checkpoint."""
         try:
             with deterministic_algorithms(self.cfg.run.deterministic):
                 return self._fit()
+        except Exception as e:
+            if self.world > 1 and is_peer_error(e):
+                last = self.ckpt_path if self._saved_step is not None else "none written"
+                raise PeerLostError(f"lost contact with {self.agreement.lost_peer(e)}; last checkpoint: "
+                                    f"{last}; continue with --resume auto once every rank runs") from e
+            raise
         finally:
             self.folder.unlock()
 
