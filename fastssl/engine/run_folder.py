@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fastssl.engine.checkpoint import NoSpaceError
 from fastssl.engine.config import save_config
 from fastssl.engine.run import rank0_value
 
@@ -80,23 +81,31 @@ class RunFolder:
 
     def _take_lock(self) -> str | None:
         self.path.mkdir(parents=True, exist_ok=True)
-        path, me = self.path / LOCK, f"{os.getpid()} {socket.gethostname()}"
+        path, here = self.path / LOCK, socket.gethostname()
         for _ in range(2):
             try:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 holder = path.read_text().split() if path.exists() else []
-                known = len(holder) == 2 and holder[0].isdigit()
-                pid, host = (int(holder[0]), holder[1]) if known else (0, "an unknown host")
-                if host == socket.gethostname() and (pid == os.getpid() or not process_alive(pid)):
+                if len(holder) == 2 and holder[0].isdigit():
+                    pid, host = int(holder[0]), holder[1]
+                    if host != here or (pid != os.getpid() and process_alive(pid)):
+                        return (f"out: {self.path} is in use by another run (process {pid} on {host}, "
+                                f"{path}); wait for it to end, or give this run another --out")
                     if pid != os.getpid():
                         self.log(f"out: taking over the lock of process {pid} on {host}, which has ended")
-                    path.unlink(missing_ok=True)
-                    continue
-                return (f"out: {self.path} is in use by another run (process {pid} on {host}, "
-                        f"{path}); wait for it to end, or give this run another --out")
-            with os.fdopen(fd, "w") as f:
-                f.write(me + "\n")
+                else:  # a lock left empty by a process killed between creating and writing it
+                    self.log(f"out: taking over the unreadable lock {path}")
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{os.getpid()} {here}\n")
+            except OSError as e:
+                path.unlink(missing_ok=True)
+                if e.errno == errno.ENOSPC:  # an answer for every rank, like the other problems
+                    return f"{NoSpaceError(path)}; free space there, or write elsewhere (--out)"
+                raise
             return None
         return f"out: could not take the lock {path}; another run is starting in {self.path}"
 
