@@ -36,13 +36,17 @@ def _os_error(e: OSError) -> str:
     return what + (f"; {hint}" if hint else "")
 
 
-def _is_dcp_error(e: BaseException) -> bool:
+def _dcp_error(e: BaseException) -> BaseException | None:
+    """The first rank's error inside DCP's CheckpointException (a BaseException, not an Exception),
+    or None when `e` is none."""
     from torch.distributed.checkpoint.api import CheckpointException
 
-    return isinstance(e, CheckpointException)
+    if not isinstance(e, CheckpointException):
+        return None
+    return next((pair[0] for pair in e.failures.values()), e)
 
 
-def report(e: Exception) -> tuple[int, str]:
+def report(e: BaseException) -> tuple[int, str]:
     """(exit status, the one line after "fastssl CMD: ") of an error a command raised."""
     from fastssl.engine import NonFiniteLossError
     from fastssl.engine.signals import PeerLostError, is_peer_error
@@ -62,8 +66,9 @@ def report(e: Exception) -> tuple[int, str]:
     if isinstance(e, OverflowError):
         return 2, (f"error: a number too large to use ({_first_line(e)}); check the config's values "
                    f"(fastssl train --help lists their ranges)")
-    if _is_dcp_error(e):
-        return 2, (f"error: a sharded checkpoint could not be read or written ({_first_line(e)}); "
+    inner = _dcp_error(e)
+    if inner is not None:
+        return 2, (f"error: a sharded checkpoint could not be read or written ({_first_line(inner)}); "
                    f"check its folder's files and free space")
     if is_peer_error(e):
         return 2, (f"error: lost contact with another process of the run ({_first_line(e)}); restart the "

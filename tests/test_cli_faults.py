@@ -247,3 +247,28 @@ def test_weak_on_shards_without_class_labels_says_to_build_a_vocabulary(tmp_path
                   "--out", tmp_path / "run")
     _refused(result, "these shards have no class labels", "fastssl vocab", "vocabulary=")
     assert not (tmp_path / "run").exists()
+
+
+def test_every_error_class_the_cli_meets_is_one_line():
+    """fastssl.cli_errors.report on the exceptions torch and the OS raise for these faults."""
+    import errno
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from fastssl.cli_errors import report
+
+    cases = [
+        (MemoryError(), 2, "out of host memory"),
+        (OverflowError("cannot convert float infinity to integer"), 2, "a number too large to use"),
+        (OSError(errno.ENOSPC, "No space left on device", "/runs/a/last.pt"), 2,
+         "no space left on device while writing /runs/a/last.pt"),
+        (OSError(errno.EACCES, "Permission denied", "/runs/a"), 2, "Permission denied: /runs/a; check"),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), 2, "out of GPU memory"),
+        (RuntimeError("[pair.cc:534] Connection closed by peer [127.0.0.1]:4711"), 2, "lost contact"),
+        (CheckpointException("load failed", {0: (ValueError("size mismatch"), None)}), 2,
+         "a sharded checkpoint could not be read or written (size mismatch)"),
+        (KeyError("x"), 1, "unexpected KeyError"),
+    ]
+    for error, status, text in cases:
+        got, line = report(error)
+        assert (got, "\n" in line) == (status, False) and text in line, (error, line)
