@@ -115,7 +115,10 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             except (OSError, RuntimeError) as e:
-                _raise_os_error(writer.error or (e if isinstance(e, OSError) else None), path, e)
+                # Taken off the writer: its traceback holds the writer, whose frames hold the caller's
+                # (the Trainer, the loader's workers), a cycle that would outlive the process's exit.
+                error, writer.error = writer.error, None
+                _raise_os_error(error or (e if isinstance(e, OSError) else None), path, e)
                 raise
         os.replace(tmp, path)
         fsync_dir(path.parent)
