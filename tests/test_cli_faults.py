@@ -184,13 +184,14 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, 
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []      # no temp file, no lock
     before = _snapshot(run)
     # Now no room at all: the resume's first write fails; every file keeps its bytes, no temp file.
-    with open(small_disk / "filler", "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
-        except OSError:
+    fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(fd, b"\0" * 4096):
             pass
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
     _refused(_cli(*_tiny_args(data, *resume)), "no space left on device while writing", str(run))
     assert _snapshot(run) == before
     assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []

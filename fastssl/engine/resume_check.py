@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from fastssl.config import TrainConfig
@@ -60,6 +60,23 @@ def check_allowed(keys: Iterable[str], cfg: TrainConfig) -> set[str]:
                              f"got {key!r}")
         allowed.add(name)
     return allowed
+
+
+def check_resume(path: str, state: dict[str, Any], cfg: TrainConfig, *, data: str | None, extend: bool,
+                 allowed: set[str], log: Callable[[str], None]) -> bool:
+    """check_same_run between a checkpoint's `state` and the run's `cfg` (its data fingerprint
+    `data`); returns whether the checkpoint's optimizer state fits (the same optimizer), and
+    logs that it starts afresh otherwise."""
+    from fastssl.engine.config import config_to_dict, flat_config
+
+    saved = flat_config(state["config"])
+    check_same_run(path, saved, flat_config(config_to_dict(cfg)), saved_data=state.get("data_fingerprint"),
+                   new_data=data, extend=extend, allowed=allowed)
+    before = saved.get("optimizer", cfg.optim.optimizer)
+    if before != cfg.optim.optimizer:
+        log(f"resume: optimizer {before} -> {cfg.optim.optimizer}: its state starts afresh (the weights "
+            f"are the checkpoint's)")
+    return before == cfg.optim.optimizer
 
 
 def check_same_run(path: str, saved: dict[str, Any], new: dict[str, Any], *, saved_data: str | None,

@@ -67,6 +67,15 @@ class RunFolder:
         if problem:
             raise ValueError(problem)
 
+    def check_no_run(self, checkpoint: str) -> None:
+        """ValueError when `--resume auto` finds no `checkpoint` but the files of a run: starting
+        afresh would replace them."""
+        held = [name for name in RUN_FILES if (self.path / name).exists()]
+        if held:
+            raise ValueError(f"resume: {self.path} holds {', '.join(held)} but no checkpoint to continue "
+                             f"from ({checkpoint}); start it afresh with --overwrite (deletes those files), "
+                             f"or give another --out")
+
     def lock(self) -> None:
         """Rank 0: take OUT/.lock, so that a second run on the folder is refused (ValueError on
         every rank, naming the holder) instead of interleaving its writes. A lock whose process

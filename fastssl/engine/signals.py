@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,6 +90,14 @@ class RankAgreement:
         if self.group is not None:
             self.processes = [("", 0)] * world
             dist.all_gather_object(self.processes, (socket.gethostname(), os.getpid()), group=self.group)
+
+    def raise_if_peer_lost(self, error: BaseException, checkpoint: Path | None) -> None:
+        """PeerLostError naming the lost rank and the last `checkpoint` when `error` is a collective
+        failing because a peer is gone; nothing otherwise."""
+        if self.group is not None and is_peer_error(error):
+            raise PeerLostError(f"lost contact with {self.lost_peer(error)}; last checkpoint: "
+                                f"{checkpoint or 'none written'}; continue with --resume auto once every "
+                                f"rank runs") from error
 
     def lost_peer(self, error: BaseException) -> str:
         """Which rank is gone, for the message after a collective failed with `error`: the ranks

@@ -25,7 +25,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastssl.data.loader import Loader
 from fastssl.engine.budget import TimeBudget
 from fastssl.engine.checkpoint import NoSpaceError, rng_state, set_rng_state
 from fastssl.engine.checkpointer import first_nonfinite, make_checkpointer, read_checkpoint
@@ -36,14 +35,20 @@ from fastssl.engine.parallel import (
     batch_to_device,
     gradient_sync,
     split_micro_batches,
-    unsharded_copy,
     wrap_for_training,
 )
-from fastssl.engine.resume_check import check_allowed, check_same_run, data_fingerprint
-from fastssl.engine.run import RunContext, deterministic_algorithms, init_run
-from fastssl.engine.run_folder import RUN_FILES, RunFolder, new_run_dir
+from fastssl.engine.resume_check import check_allowed, check_resume, data_fingerprint
+from fastssl.engine.run import (
+    RunContext,
+    deterministic_algorithms,
+    device_name,
+    epoch_batches,
+    evaluate,
+    init_run,
+)
+from fastssl.engine.run_folder import RunFolder, new_run_dir
 from fastssl.engine.schedules import build_schedules
-from fastssl.engine.signals import PeerLostError, RankAgreement, StopSignals, is_peer_error
+from fastssl.engine.signals import RankAgreement, StopSignals
 from fastssl.method import Method, StepContext
 
 Evaluator = Callable[[nn.Module], dict[str, float]]
@@ -67,9 +72,8 @@ class Trainer:
     worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) resumes "auto" on its own.
     A fresh run into a folder that holds a run (RUN_FILES) is refused unless overwrite=True,
     which deletes those files first. Resuming with other epochs than the checkpoint's is
-    refused unless extend=True (the schedules are then re-spread over the new length); so is
-    any other change of what the run means (fastssl.engine.resume_check) unless allow_change
-    names the key.
+    refused unless extend=True (the schedules re-spread); any other change of what the run
+    means unless allow_change names the key (fastssl.engine.resume_check).
     SIGINT, SIGTERM and SIGUSR1 during training stop every rank after the same step, write a
     checkpoint and return the summary with "interrupted" set (no final evaluation, no
     summary.json); a second SIGINT raises KeyboardInterrupt at once.
@@ -154,6 +158,7 @@ class Trainer:
                              enabled=self.device.type == "cuda")
         self.step = 0
         self.extra: dict[str, Any] = {}  # results carried across resumes (random-init kNN)
+        self._bar = None  # the epoch's progress bar, closed however the loop ends
         self._rng_to_restore: dict[str, Any] | None = None  # a resumed rank's RNG, set before its first batch
         # (seconds training, images, latest loss) of this fit: the summary reads them
         self._loop_stats: tuple[float, int, float] = (0.0, 0, float("nan"))
@@ -185,11 +190,7 @@ class Trainer:
         if resume == "auto":
             path = self.checkpointer.latest()
             if path is None:
-                held = [name for name in RUN_FILES if (self.out / name).exists()]
-                if held:  # a run whose checkpoint is gone: starting afresh would replace its files
-                    raise ValueError(f"resume: {self.out} holds {', '.join(held)} but no checkpoint to "
-                                     f"continue from ({self.ckpt_path.name}); start it afresh with "
-                                     f"--overwrite (deletes those files), or give another --out")
+                self.folder.check_no_run(self.ckpt_path.name)
                 self.log(f"resume auto: no {self.ckpt_path}, starting fresh")
                 return
         else:
@@ -202,10 +203,8 @@ class Trainer:
                              f"this run has {self.run.batch_size}, {self.steps_per_epoch}")
         saved, epochs_now = flat_config(state["config"]), self.cfg.optim.epochs
         epochs = saved.get("epochs")
-        check_same_run(str(path), saved, flat_config(config_to_dict(self.cfg)),
-                       saved_data=state.get("data_fingerprint"), new_data=self.data_fingerprint,
-                       extend=self.extend, allowed=self.allow_change)
-        same_optimizer = saved.get("optimizer", self.cfg.optim.optimizer) == self.cfg.optim.optimizer
+        same_optimizer = check_resume(str(path), state, self.cfg, data=self.data_fingerprint,
+                                      extend=self.extend, allowed=self.allow_change, log=self.log)
         try:
             checkpoint.load_into(self.method, self.model, self.optimizer if same_optimizer else None)
         except (RuntimeError, ValueError, KeyError) as e:
@@ -213,9 +212,6 @@ class Trainer:
             raise ValueError(f"resume: checkpoint {str(path)!r} ({state['method']}, backbone "
                              f"{saved.get('backbone')}) does not fit this run's model "
                              f"(backbone {self.cfg.model.backbone}): {first}") from e
-        if not same_optimizer:
-            self.log(f"resume: optimizer {saved['optimizer']} -> {self.cfg.optim.optimizer}: its state "
-                     f"starts afresh (the weights are the checkpoint's)")
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.extra = state["step"], state["extra"]
         self._saved_step = self.step
@@ -231,14 +227,12 @@ class Trainer:
 
     def _kept(self) -> str:
         """What a run stopped by a fault leaves behind, for its message."""
-        if self._saved_step is None:
-            return "no checkpoint had been written yet"
-        return f"the last good checkpoint {self.ckpt_path} (step {self._saved_step}) is left intact"
+        return ("no checkpoint had been written yet" if self._saved_step is None else
+                f"the last good checkpoint {self.ckpt_path} (step {self._saved_step}) is left intact")
 
     def save(self) -> None:
-        """Checkpoint of everything the next step depends on (RNG of all ranks), published atomically.
-        Refused (NonFiniteLossError on every rank) when any tensor it would hold is NaN or inf on
-        any rank: the checkpoint on disk stays the last finite one."""
+        """Checkpoint of everything the next step depends on (RNG of all ranks), published atomically;
+        refused (NonFiniteLossError) when a tensor in it is NaN/inf on any rank."""
         bad = first_nonfinite(self.method, self.optimizer)
         if self.agreement.any(bad is not None):
             raise NonFiniteLossError(
@@ -267,19 +261,7 @@ class Trainer:
     # ----------------------------------------------------------------- evaluation
     def _evaluate(self, evaluator: Evaluator | None = None) -> dict[str, float]:
         evaluator = evaluator or self.evaluator
-        if evaluator is None:
-            return {}
-        # Every rank calls the evaluator: a distributed one (the CLI's) extracts each rank's shard,
-        # so no rank waits in a collective, past its timeout, while rank 0 does all the work. Under
-        # parallel=fsdp each rank evaluates a full copy gathered from the shards: a sharded forward
-        # would make every batch a collective, and the ranks' shares may differ by a batch.
-        method = unsharded_copy(self.method, self.device)
-        was_training = method.training
-        method.eval()
-        with torch.no_grad(), torch.autocast(**self.autocast):
-            result = evaluator(method.encoder())
-        method.train(was_training)
-        return result
+        return {} if evaluator is None else evaluate(self.method, evaluator, self.device, self.autocast)
 
     # ----------------------------------------------------------------- loop
     def _prepare_run_folder(self) -> None:
@@ -297,10 +279,7 @@ class Trainer:
             with deterministic_algorithms(self.cfg.run.deterministic):
                 return self._fit()
         except Exception as e:
-            if self.world > 1 and is_peer_error(e):
-                last = self.ckpt_path if self._saved_step is not None else "none written"
-                raise PeerLostError(f"lost contact with {self.agreement.lost_peer(e)}; last checkpoint: "
-                                    f"{last}; continue with --resume auto once every rank runs") from e
+            self.agreement.raise_if_peer_lost(e, self.ckpt_path if self._saved_step is not None else None)
             raise
         finally:
             self.folder.unlock()
@@ -336,6 +315,8 @@ class Trainer:
             with self.signals:
                 stopped = self._loop(eval_s)
         finally:
+            if self._bar is not None:  # before an error's line, which is then the last one printed
+                self._bar.close()
             self.agreement.close()
         return self._finish(stopped, t_start)
 
@@ -348,17 +329,7 @@ class Trainer:
         knn_text = ""
         while self.step < self.stop_step:
             epoch, skip = divmod(self.step, spe)
-            if isinstance(self.loader, Loader):
-                # Mid-epoch resume: the loader starts at the first unconsumed batch and reads nothing before.
-                self.loader.set_epoch(epoch, start=skip)
-                batches = iter(self.loader)
-            else:
-                if hasattr(self.loader, "set_epoch"):
-                    self.loader.set_epoch(epoch)
-                batches = iter(self.loader)
-                # Mid-epoch resume: the loader is deterministic per (seed, epoch), so skip what was consumed.
-                for _ in range(skip):
-                    next(batches)
+            batches = epoch_batches(self.loader, epoch, skip)
             if self._rng_to_restore is not None:
                 set_rng_state(self._rng_to_restore)
                 self._rng_to_restore = None
@@ -367,6 +338,7 @@ class Trainer:
                 from tqdm import tqdm
                 bar = tqdm(total=min(spe, self.stop_step - epoch * spe), initial=skip, desc=f"epoch {epoch}",
                            mininterval=2.0, file=sys.stderr, dynamic_ncols=True)
+                self._bar = bar
             t_prev = time.perf_counter()
             wait_acc = time_acc = 0.0
             while skip < spe and self.step < self.stop_step:
@@ -429,7 +401,7 @@ class Trainer:
             "epochs_configured": cfg.optim.epochs,
             "steps": self.step, "total_steps": self.total_steps, "batch_size": self.run.batch_size,
             "images_per_second": images / train_time if train_time else None,
-            "final_loss": last_loss, "train_seconds": wall, "device": self._device_name(),
+            "final_loss": last_loss, "train_seconds": wall, "device": device_name(self.device, self.world),
             "world_size": self.world, "fused": cfg.model.fused,
         }
         # Bad samples skipped (fastssl.data.Loader), summed over ranks.
@@ -525,8 +497,3 @@ class Trainer:
         if total != self.total_steps:
             self._set_total_steps(total)
         self.extra["total_steps"] = self.total_steps
-
-    def _device_name(self) -> str:
-        if self.device.type == "cuda":
-            return f"{torch.cuda.get_device_name(self.device)} x{self.world}"
-        return f"cpu ({torch.get_num_threads()} threads) x{self.world}"
