@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from fastssl.cli_errors import report
+from fastssl.cli_errors import report, reportable
 from fastssl.cli_parser import (
     DEMO_METHOD,
     FASHION_MNIST,
@@ -400,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{prog}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return 130
     except BaseException as e:  # DCP's CheckpointException is no Exception
-        if debug or isinstance(e, (SystemExit, GeneratorExit)):
+        if debug or not reportable(e):
             raise
         status, line = report(e)
         print(f"{prog}: {line}", file=sys.stderr, flush=True)

@@ -46,6 +46,12 @@ def _dcp_error(e: BaseException) -> BaseException | None:
     return next((pair[0] for pair in e.failures.values()), e)
 
 
+def reportable(e: BaseException) -> bool:
+    """Whether `report` speaks for `e`: an Exception, or DCP's CheckpointException (a
+    BaseException); SystemExit and the like pass through."""
+    return isinstance(e, Exception) or _dcp_error(e) is not None
+
+
 def report(e: BaseException) -> tuple[int, str]:
     """(exit status, the one line after "fastssl CMD: ") of an error a command raised."""
     from fastssl.engine import NonFiniteLossError
