@@ -5,6 +5,7 @@ Checkpoints hold tensors and plain Python values only, and are read with
 
 from __future__ import annotations
 
+import errno
 import os
 import pickle
 import random
@@ -21,6 +22,59 @@ REQUIRED_KEYS = ("method", "model", "optimizer", "step", "steps_per_epoch", "bat
 # Checkpoints written before RNG states were stored as tensors hold numpy's state as an array;
 # a numpy array is rebuilt by exactly these (allow-listed for weights_only; they run nothing else).
 NUMPY_ARRAY_GLOBALS = [np.ndarray(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+class NoSpaceError(OSError):
+    """The disk filled up while writing `filename`; `kept` says what is still intact."""
+
+    def __init__(self, path: str | Path, kept: str = ""):
+        super().__init__(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        self.kept = kept
+
+    def __str__(self) -> str:
+        kept = f"; {self.kept}" if self.kept else ""
+        return f"no space left on device while writing {self.filename}{kept}"
+
+
+class _RecordingWriter:
+    """A file's writes for torch.save, remembering the OSError of a failed one: torch reports
+    it only as "unexpected pos", which never says the disk is full."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _raise_os_error(error: OSError | None, path: Path, cause: BaseException) -> None:
+    """NoSpaceError for a full disk, the OSError itself otherwise; nothing when `error` is None."""
+    if error is None:
+        return
+    if error.errno == errno.ENOSPC:
+        raise NoSpaceError(path) from cause
+    raise error from cause
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """`text` into `path` through a temp file renamed over it: a full disk or a kill mid-write
+    leaves the previous file whole and no temp file behind (NoSpaceError names `path`)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        _raise_os_error(e, path, e)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _temp_name(path: Path) -> str:
@@ -49,14 +103,23 @@ def save_atomic(state: dict[str, Any], path: str | Path) -> None:
     """torch.save to a temp file in the same directory, fsync, rename over `path`, fsync the
     directory: a crash mid-write leaves the previous checkpoint intact (rename is atomic on
     POSIX), and a power loss after return cannot lose the rename (the directory entry is on disk).
+    A full disk raises NoSpaceError naming `path`.
     Temp files of earlier, killed saves are removed afterwards."""
     path = Path(path)
     tmp = path.with_name(f"{_temp_name(path)}{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+            writer = _RecordingWriter(f)
+            try:
+                torch.save(state, writer)
+                f.flush()
+                os.fsync(f.fileno())
+            except (OSError, RuntimeError) as e:
+                # Taken off the writer: its traceback holds the writer, whose frames hold the caller's
+                # (the Trainer, the loader's workers), a cycle that would outlive the process's exit.
+                error, writer.error = writer.error, None
+                _raise_os_error(error or (e if isinstance(e, OSError) else None), path, e)
+                raise
         os.replace(tmp, path)
         fsync_dir(path.parent)
     finally:

@@ -32,14 +32,35 @@ class Checkpoint:
     state: dict[str, Any]
     sharded: bool
 
-    def load_into(self, method: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def load_into(self, method: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
         """Model and optimizer state into the run's `method` (unwrapped), `model` (as wrapped for
-        training: DDP or FSDP) and `optimizer`. Raises what torch raises on a mismatch."""
+        training: DDP or FSDP) and `optimizer` (None: the model alone). Raises what torch raises
+        on a mismatch."""
         if self.sharded:  # written by any number of ranks, resharded to this run's
             sharded_checkpoint.load_sharded(self.path, model, optimizer)
         else:
             method.load_state_dict(self.state["model"])
-            optimizer.load_state_dict(self.state["optimizer"])
+            if optimizer is not None:
+                optimizer.load_state_dict(self.state["optimizer"])
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's shard on this rank (FSDP), a plain tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def first_nonfinite(method: nn.Module, optimizer: torch.optim.Optimizer) -> str | None:
+    """The name of the first tensor of what a checkpoint holds (parameters, buffers such as
+    BatchNorm running stats, EMA centres and queues, optimizer state) with a NaN or inf in
+    this rank's part of it, or None. One host sync for all of them."""
+    named = [(f"model {k}", t) for k, t in method.state_dict().items()]
+    named += [(f"optimizer state {i} {k}", t) for i, state in optimizer.state_dict()["state"].items()
+              for k, t in state.items()]
+    named = [(name, _local(t)) for name, t in named if torch.is_tensor(t) and t.is_floating_point()]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t).all().to(named[0][1].device) for _, t in named]).tolist()
+    return next((name for (name, _), ok in zip(named, finite) if not ok), None)
 
 
 def read_checkpoint(path: str | Path, method: str | None = None) -> Checkpoint:

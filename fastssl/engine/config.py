@@ -24,6 +24,7 @@ from fastssl.config import (
     key_index,
     range_text,
 )
+from fastssl.engine.checkpoint import write_text_atomic
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -293,4 +294,4 @@ def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config as nested YAML (loadable again with resolve_config)."""
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

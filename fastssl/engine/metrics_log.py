@@ -4,14 +4,16 @@ in one transfer, so logging adds no host sync per step."""
 
 from __future__ import annotations
 
+import errno
 import json
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from fastssl.engine.checkpoint import NoSpaceError, write_text_atomic
 
 FILE = "metrics.jsonl"
 
@@ -51,9 +53,7 @@ class MetricsLog:
                 continue
             if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] < step:
                 kept.append(line + "\n")
-        tmp = self.path.with_name(f".{FILE}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(kept))
 
     def add(self, record: dict[str, Any], values: dict[str, torch.Tensor]) -> None:
         """A trained step: its plain `record` (must hold "step") and its one-element tensors
@@ -85,8 +85,13 @@ class MetricsLog:
     def _append(self, record: dict[str, Any]) -> None:
         if not self.write:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise NoSpaceError(self.path) from e
+            raise
         if self.tb is not None:
             for k, v in record.items():
                 if k not in ("step", "epoch"):

@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from fastssl.distributed import get_rank, get_world_size, is_distributed
 
@@ -78,6 +79,49 @@ def rank0_value(value: Any, world: int) -> Any:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def epoch_batches(loader: Iterable, epoch: int, skip: int) -> Iterator:
+    """The batches of `epoch` from its batch `skip` on (a mid-epoch resume): a fastssl Loader
+    starts there and reads nothing before; another loader, deterministic per (seed, epoch),
+    is iterated past the batches consumed."""
+    from fastssl.data.loader import Loader
+
+    if isinstance(loader, Loader):
+        loader.set_epoch(epoch, start=skip)
+        return iter(loader)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    batches = iter(loader)
+    for _ in range(skip):
+        next(batches)
+    return batches
+
+
+def evaluate(method: nn.Module, evaluator: Callable[[nn.Module], dict[str, float]], device: torch.device,
+             autocast: dict[str, Any]) -> dict[str, float]:
+    """`evaluator` on the method's encoder in eval mode (the method's mode comes back after).
+
+    Every rank calls the evaluator: a distributed one (the CLI's) extracts each rank's shard,
+    so no rank waits in a collective, past its timeout, while rank 0 does all the work. Under
+    parallel=fsdp each rank evaluates a full copy gathered from the shards: a sharded forward
+    would make every batch a collective, and the ranks' shares may differ by a batch."""
+    from fastssl.engine.parallel import unsharded_copy
+
+    method = unsharded_copy(method, device)
+    was_training = method.training
+    method.eval()
+    with torch.no_grad(), torch.autocast(**autocast):
+        result = evaluator(method.encoder())
+    method.train(was_training)
+    return result
+
+
+def device_name(device: torch.device, world: int) -> str:
+    """The device of a run for its summary: the GPU's name, or the CPU's threads, times the ranks."""
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} x{world}"
+    return f"cpu ({torch.get_num_threads()} threads) x{world}"
 
 
 @contextlib.contextmanager

@@ -164,12 +164,39 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return path.is_dir() and (path / ".metadata").is_file() and (path / META).is_file()
 
 
+def check_shards(path: str | Path) -> None:
+    """ValueError naming the checkpoint and the file when a shard file its .metadata lists is
+    missing or shorter than the pieces stored in it (a copy cut short, a lost file): found
+    before any rank starts loading, instead of a failure deep inside DCP."""
+    path = Path(path)
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # DCP's errors on a damaged .metadata vary (pickle, EOF, ...)
+        first = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise ValueError(f"checkpoint {str(path)!r}: its .metadata is unreadable ({first}); the checkpoint "
+                         f"is damaged: copy the whole folder again") from e
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = path / name
+        if not shard.is_file():
+            raise ValueError(f"checkpoint {str(path)!r}: shard file {name} is missing; the checkpoint is "
+                             f"incomplete: copy the whole folder again")
+        if shard.stat().st_size < size:
+            raise ValueError(f"checkpoint {str(path)!r}: shard file {name} is truncated "
+                             f"({shard.stat().st_size} of {size} bytes); the checkpoint is damaged: copy the "
+                             f"whole folder again")
+
+
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The meta dict stored with a sharded checkpoint (no tensors are loaded)."""
+    """The meta dict stored with a sharded checkpoint (no tensors are loaded), once its shard
+    files are checked (check_shards)."""
     path = Path(path)
     if not is_sharded_checkpoint(path):
         raise ValueError(f"checkpoint: expected a sharded checkpoint directory (with .metadata and {META}), "
                          f"got {str(path)!r}")
+    check_shards(path)
     # the model and optimizer live in the shards, not in meta.pt
     meta_keys = tuple(k for k in REQUIRED_KEYS if k not in ("model", "optimizer"))
     return load_checkpoint(path / META, required=meta_keys)

@@ -10,12 +10,31 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from fastssl.engine.run_folder import process_alive
+
+# How gloo and NCCL report a peer whose process ended (a closed or reset connection) or stopped answering.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused",
+              "NCCL communicator was aborted", "Socket Timeout", "timed out")
+
+
+class PeerLostError(RuntimeError):
+    """Another process of the run ended or stopped answering; this one stopped."""
+
+
+def is_peer_error(e: BaseException) -> bool:
+    """Whether `e` is a collective failing because a peer is gone."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError)
+                                             and any(s in str(e) for s in _PEER_GONE))
+
 
 # Signals that stop a run cleanly: Ctrl-C, a scheduler's termination, SLURM's preemption warning.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -66,6 +85,30 @@ class RankAgreement:
         timeout = datetime.timedelta(seconds=timeout_s)
         self.group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
         self._pending: tuple[Any, torch.Tensor] | None = None
+        # (host, pid) of every rank, to name the one that is gone when a collective fails
+        self.processes: list[tuple[str, int]] = [(socket.gethostname(), os.getpid())]
+        if self.group is not None:
+            self.processes = [("", 0)] * world
+            dist.all_gather_object(self.processes, (socket.gethostname(), os.getpid()), group=self.group)
+
+    def raise_if_peer_lost(self, error: BaseException, checkpoint: Path | None) -> None:
+        """PeerLostError naming the lost rank and the last `checkpoint` when `error` is a collective
+        failing because a peer is gone; nothing otherwise."""
+        if self.group is not None and is_peer_error(error):
+            raise PeerLostError(f"lost contact with {self.lost_peer(error)}; last checkpoint: "
+                                f"{checkpoint or 'none written'}; continue with --resume auto once every "
+                                f"rank runs") from error
+
+    def lost_peer(self, error: BaseException) -> str:
+        """Which rank is gone, for the message after a collective failed with `error`: the ranks
+        on this host whose process ended, else what the failure said."""
+        here = socket.gethostname()
+        ended = [r for r, (host, pid) in enumerate(self.processes)
+                 if host == here and pid != os.getpid() and not process_alive(pid)]
+        if ended:
+            return f"rank {', '.join(map(str, ended))} (peer process ended)"
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return f"another rank (its process ended or its host is unreachable: {first[:160]})"
 
     def stop(self, local: int) -> int:
         """The signal (a number, 0 for none) every rank stops on at this step boundary.
@@ -94,6 +137,14 @@ class RankAgreement:
         dist.all_reduce(key, op=dist.ReduceOp.MIN, group=self.group)
         k = int(key.item())
         return None if k == _NONE else (k // 4, float(list(_NONFINITE)[k % 4]))
+
+    def any(self, local: bool) -> bool:
+        """True on every rank when `local` is true on any rank. A collective."""
+        if self.group is None:
+            return local
+        flag = torch.tensor([int(local)], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
 
     def close(self) -> None:
         """Wait for the last stop reduction (every rank issued it), so none is left in flight."""

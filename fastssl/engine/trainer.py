@@ -1,15 +1,11 @@
 """The training loop, composed of the run's components.
 
-One `Trainer.fit()` call is one run. The method (fastssl/methods) owns its networks and
-loss; the loader (fastssl/data.build_loader, this rank's shard) yields batches; the
-optional `evaluator` scores the method's encoder (kNN on a labelled split); it is called on
-every rank, and a distributed one shares the work (see fastssl.eval.build_evaluator).
-
-The Trainer owns the loop, the schedules, autocast and the optimizer step; the rest is one
-component each: where the run executes (engine.run), its folder and summary.json
-(engine.run_folder), checkpoints in either format (engine.checkpointer), stop signals and
-the ranks' agreements (engine.signals), metrics.jsonl (engine.metrics_log) and the time
-budget (engine.budget)."""
+One `Trainer.fit()` call is one run. The method owns its networks and loss; the loader (this
+rank's shard) yields batches; the optional `evaluator` (fastssl.eval.build_evaluator) scores the
+method's encoder on every rank. The Trainer owns the loop, the schedules, autocast and the
+optimizer step; the rest is one component each: engine.run (where the run executes),
+engine.run_folder (its folder, summary.json), engine.checkpointer (either format),
+engine.signals (stops, the ranks' agreements), engine.metrics_log and engine.budget."""
 
 from __future__ import annotations
 
@@ -25,10 +21,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastssl.data.loader import Loader
 from fastssl.engine.budget import TimeBudget
-from fastssl.engine.checkpoint import rng_state, set_rng_state
-from fastssl.engine.checkpointer import make_checkpointer, read_checkpoint
+from fastssl.engine.checkpoint import NoSpaceError, rng_state, set_rng_state
+from fastssl.engine.checkpointer import first_nonfinite, make_checkpointer, read_checkpoint
 from fastssl.engine.config import config_to_dict, flat_config
 from fastssl.engine.flops import StepFlops
 from fastssl.engine.metrics_log import MetricsLog
@@ -38,10 +33,17 @@ from fastssl.engine.parallel import (
     compile_method,
     gradient_sync,
     split_micro_batches,
-    unsharded_copy,
     wrap_for_training,
 )
-from fastssl.engine.run import RunContext, deterministic_algorithms, init_run
+from fastssl.engine.resume_check import check_allowed, check_resume, data_fingerprint
+from fastssl.engine.run import (
+    RunContext,
+    deterministic_algorithms,
+    device_name,
+    epoch_batches,
+    evaluate,
+    init_run,
+)
 from fastssl.engine.run_folder import RunFolder, new_run_dir
 from fastssl.engine.schedules import build_schedules
 from fastssl.engine.signals import RankAgreement, StopSignals
@@ -68,7 +70,8 @@ class Trainer:
     worker that torchrun restarted (TORCHELASTIC_RESTART_COUNT > 0) resumes "auto" on its own.
     A fresh run into a folder that holds a run (RUN_FILES) is refused unless overwrite=True,
     which deletes those files first. Resuming with other epochs than the checkpoint's is
-    refused unless extend=True (the schedules are then re-spread over the new length).
+    refused unless extend=True (the schedules re-spread); any other change of what the run
+    means unless allow_change names the key (fastssl.engine.resume_check).
     SIGINT, SIGTERM and SIGUSR1 during training stop every rank after the same step, write a
     checkpoint and return the summary with "interrupted" set (no final evaluation, no
     summary.json); a second SIGINT raises KeyboardInterrupt at once.
@@ -85,7 +88,8 @@ class Trainer:
                  resume: str | None = None, progress: bool = True, tensorboard: bool = False,
                  log: Callable[[str], None] | None = None, time_budget_s: float | None = None,
                  monitor: Evaluator | None = None, overwrite: bool = False, extend: bool = False,
-                 run: RunContext | None = None, on_summary: SummaryHook | None = None):
+                 run: RunContext | None = None, on_summary: SummaryHook | None = None,
+                 allow_change: Iterable[str] = ()):
         self._t_created = time.perf_counter()  # summary.json's total_seconds count from here
         self.cfg = cfg = method.cfg
         self.method, self.loader, self.evaluator, self.monitor = method, loader, evaluator, monitor
@@ -104,6 +108,9 @@ class Trainer:
             self.log(f"torchrun restart {restarts}: resuming from {self.out}'s checkpoint when present")
             resume, overwrite = "auto", False
         self.extend = extend
+        self.allow_change = check_allowed(allow_change, cfg)
+        # what the checkpoint records of the data, compared on resume (fastssl.engine.resume_check)
+        self.data_fingerprint = data_fingerprint(getattr(loader, "source", None))
         self.folder = RunFolder(self.out, is_main=self.is_main, world=self.world, log=self.log)
         # parallel=fsdp / hsdp: every rank writes its shards (fastssl.engine.sharded_checkpoint)
         self.checkpointer = make_checkpointer(cfg.dist.parallel, self.out, is_main=self.is_main,
@@ -149,15 +156,21 @@ class Trainer:
                              enabled=self.device.type == "cuda")
         self.step = 0
         self.extra: dict[str, Any] = {}  # results carried across resumes (random-init kNN)
+        self._bar = None  # the epoch's progress bar, closed however the loop ends
         self._rng_to_restore: dict[str, Any] | None = None  # a resumed rank's RNG, set before its first batch
         # (seconds training, images, latest loss) of this fit: the summary reads them
         self._loop_stats: tuple[float, int, float] = (0.0, 0, float("nan"))
         self.folder.check(resume=resume, overwrite=overwrite)
-        self.metrics = MetricsLog(self.out, write=self.is_main, tensorboard=tensorboard,
-                                  agree=self.agreement.first_nonfinite if self.world > 1 else None)
-        self._overwrite = overwrite and resume is None
-        if resume is not None:
-            self._resume(resume)
+        self.folder.lock()  # released when fit() ends, or here when the set-up fails
+        try:
+            self.metrics = MetricsLog(self.out, write=self.is_main, tensorboard=tensorboard,
+                                      agree=self.agreement.first_nonfinite if self.world > 1 else None)
+            self._overwrite = overwrite and resume is None
+            if resume is not None:
+                self._resume(resume)
+        except BaseException:
+            self.folder.unlock()
+            raise
 
     @property
     def ckpt_path(self) -> Path:
@@ -175,6 +188,7 @@ class Trainer:
         if resume == "auto":
             path = self.checkpointer.latest()
             if path is None:
+                self.folder.check_no_run(self.ckpt_path.name)
                 self.log(f"resume auto: no {self.ckpt_path}, starting fresh")
                 return
         else:
@@ -187,14 +201,10 @@ class Trainer:
                              f"this run has {self.run.batch_size}, {self.steps_per_epoch}")
         saved, epochs_now = flat_config(state["config"]), self.cfg.optim.epochs
         epochs = saved.get("epochs")
-        if epochs != epochs_now and not self.extend:
-            raise ValueError(
-                f"resume: checkpoint {str(path)!r} belongs to a run of epochs={epochs}, this command asks "
-                f"for epochs={epochs_now}; resume with epochs={epochs}, or add --extend to re-spread "
-                f"the LR and other schedules over {epochs_now} epochs from step {state['step']} (the "
-                f"LR jumps to where the longer cosine is at that step)")
+        same_optimizer = check_resume(str(path), state, self.cfg, data=self.data_fingerprint,
+                                      extend=self.extend, allowed=self.allow_change, log=self.log)
         try:
-            checkpoint.load_into(self.method, self.model, self.optimizer)
+            checkpoint.load_into(self.method, self.model, self.optimizer if same_optimizer else None)
         except (RuntimeError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0]
             raise ValueError(f"resume: checkpoint {str(path)!r} ({state['method']}, backbone "
@@ -213,8 +223,19 @@ class Trainer:
         self._rng_to_restore = state["rng"][self.rank] if self.rank < len(state["rng"]) else None
         self.log(f"resumed from {path} at step {self.step} (epoch {self.step // self.steps_per_epoch})")
 
+    def _kept(self) -> str:
+        """What a run stopped by a fault leaves behind, for its message."""
+        return ("no checkpoint had been written yet" if self._saved_step is None else
+                f"the last good checkpoint {self.ckpt_path} (step {self._saved_step}) is left intact")
+
     def save(self) -> None:
-        """Checkpoint of everything the next step depends on (RNG of all ranks), published atomically."""
+        """Checkpoint of everything the next step depends on (RNG of all ranks), published atomically;
+        refused (NonFiniteLossError) when a tensor in it is NaN/inf on any rank."""
+        bad = first_nonfinite(self.method, self.optimizer)
+        if self.agreement.any(bad is not None):
+            raise NonFiniteLossError(
+                f"{bad or 'a tensor on another rank'} holds NaN or inf after step {self.step}; stopped "
+                f"without saving it; {self._kept()}. Try a lower base_lr or a longer warmup_epochs.")
         rng = [rng_state()]
         if self.world > 1:
             rng = [None] * self.world
@@ -224,27 +245,21 @@ class Trainer:
             "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
             "batch_size": self.run.batch_size, "rng": rng, "extra": self.extra,
             "config": config_to_dict(self.cfg), "method": self.method.name,
+            "data_fingerprint": self.data_fingerprint,
         }
-        self.checkpointer.save(step=self.step, method=self.method, model=self.model, optimizer=self.optimizer,
-                               meta=meta)
+        try:
+            self.checkpointer.save(step=self.step, method=self.method, model=self.model,
+                                   optimizer=self.optimizer, meta=meta)
+        except NoSpaceError as e:
+            e.kept = (f"the previous checkpoint {self.ckpt_path} (step {self._saved_step}) is intact"
+                      if self._saved_step is not None else "no checkpoint had been written yet")
+            raise
         self._saved_step = self.step
 
     # ----------------------------------------------------------------- evaluation
     def _evaluate(self, evaluator: Evaluator | None = None) -> dict[str, float]:
         evaluator = evaluator or self.evaluator
-        if evaluator is None:
-            return {}
-        # Every rank calls the evaluator: a distributed one (the CLI's) extracts each rank's shard,
-        # so no rank waits in a collective, past its timeout, while rank 0 does all the work. Under
-        # parallel=fsdp each rank evaluates a full copy gathered from the shards: a sharded forward
-        # would make every batch a collective, and the ranks' shares may differ by a batch.
-        method = unsharded_copy(self.method, self.device)
-        was_training = method.training
-        method.eval()
-        with torch.no_grad(), torch.autocast(**self.autocast):
-            result = evaluator(method.encoder())
-        method.train(was_training)
-        return result
+        return {} if evaluator is None else evaluate(self.method, evaluator, self.device, self.autocast)
 
     # ----------------------------------------------------------------- loop
     def _prepare_run_folder(self) -> None:
@@ -256,9 +271,16 @@ class Trainer:
         self.metrics.keep_before(self.step)
     def fit(self) -> dict[str, Any]:
         """See _fit; with cfg.run.deterministic, deterministic kernels (and no cuDNN autotuning) for the
-        run only: the process's settings are restored afterwards."""
-        with deterministic_algorithms(self.cfg.run.deterministic):
-            return self._fit()
+        run only: the process's settings are restored afterwards. A collective failing because a
+        peer is gone raises PeerLostError naming it and the last checkpoint."""
+        try:
+            with deterministic_algorithms(self.cfg.run.deterministic):
+                return self._fit()
+        except Exception as e:
+            self.agreement.raise_if_peer_lost(e, self.ckpt_path if self._saved_step is not None else None)
+            raise
+        finally:
+            self.folder.unlock()
 
     def _fit(self) -> dict[str, Any]:
         """Train until cfg.optim.epochs * len(loader) steps (or cfg.run.max_steps), evaluate, write
@@ -292,6 +314,8 @@ class Trainer:
                 stopped = self._loop(eval_s)
         finally:
             self.checkpointer.wait()  # an asynchronous save in flight is published before the run ends
+            if self._bar is not None:  # before an error's line, which is then the last one printed
+                self._bar.close()
             self.agreement.close()
         return self._finish(stopped, t_start)
 
@@ -304,17 +328,7 @@ class Trainer:
         knn_text = ""
         while self.step < self.stop_step:
             epoch, skip = divmod(self.step, spe)
-            if isinstance(self.loader, Loader):
-                # Mid-epoch resume: the loader starts at the first unconsumed batch and reads nothing before.
-                self.loader.set_epoch(epoch, start=skip)
-                batches = iter(self.loader)
-            else:
-                if hasattr(self.loader, "set_epoch"):
-                    self.loader.set_epoch(epoch)
-                batches = iter(self.loader)
-                # Mid-epoch resume: the loader is deterministic per (seed, epoch), so skip what was consumed.
-                for _ in range(skip):
-                    next(batches)
+            batches = epoch_batches(self.loader, epoch, skip)
             if self._rng_to_restore is not None:
                 set_rng_state(self._rng_to_restore)
                 self._rng_to_restore = None
@@ -323,6 +337,7 @@ class Trainer:
                 from tqdm import tqdm
                 bar = tqdm(total=min(spe, self.stop_step - epoch * spe), initial=skip, desc=f"epoch {epoch}",
                            mininterval=2.0, file=sys.stderr, dynamic_ncols=True)
+                self._bar = bar
             t_prev = time.perf_counter()
             wait_acc = time_acc = 0.0
             while skip < spe and self.step < self.stop_step:
@@ -387,7 +402,7 @@ class Trainer:
             "epochs_configured": cfg.optim.epochs,
             "steps": self.step, "total_steps": self.total_steps, "batch_size": self.run.batch_size,
             "images_per_second": images / train_time if train_time else None,
-            "final_loss": last_loss, "train_seconds": wall, "device": self._device_name(),
+            "final_loss": last_loss, "train_seconds": wall, "device": device_name(self.device, self.world),
             "world_size": self.world, "fused": cfg.model.fused,
         }
         # Bad samples skipped (fastssl.data.Loader), summed over ranks.
@@ -465,12 +480,10 @@ class Trainer:
         every rank raises the same error instead of one raising while the others wait."""
         last, bad = self.metrics.flush()
         if bad is not None:
-            kept = (f"the last good checkpoint {self.ckpt_path} (step {self._saved_step}) is left intact"
-                    if self._saved_step is not None else "no checkpoint had been written yet")
             where = " on at least one rank" if self.world > 1 else ""
             raise NonFiniteLossError(
                 f"loss is {bad[1]} at step {bad[0]} (epoch {bad[0] // self.steps_per_epoch}){where}; "
-                f"stopped; {kept}. Try a lower base_lr or a longer warmup_epochs.")
+                f"stopped; {self._kept()}. Try a lower base_lr or a longer warmup_epochs.")
         return last
 
     def _apply_time_budget(self, step_time: float, eval_s: float) -> None:
@@ -485,8 +498,3 @@ class Trainer:
         if total != self.total_steps:
             self._set_total_steps(total)
         self.extra["total_steps"] = self.total_steps
-
-    def _device_name(self) -> str:
-        if self.device.type == "cuda":
-            return f"{torch.cuda.get_device_name(self.device)} x{self.world}"
-        return f"cpu ({torch.get_num_threads()} threads) x{self.world}"

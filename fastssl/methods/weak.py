@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -139,6 +140,12 @@ class WeakSupervised(Method):
                 self._bind_tags(source, vocab)
                 return
         labels = getattr(source, "labels", source)
+        unlabelled = np.asarray(labels) < 0 if hasattr(source, "shard_of") else np.zeros(0, bool)
+        if self.labels is None and unlabelled.any():  # shards without .cls (img2dataset's output)
+            raise ValueError(f"these shards have no class labels ({int(unlabelled.sum())} of {len(labels)} "
+                             f"samples without a .cls): run `fastssl vocab {source.spec} --top K --out "
+                             f"vocab.json` and pass vocabulary=vocab.json (their hashtags become the "
+                             f"labels), or labels_file=")
         if self._needs_source_labels and labels is not None:
             ids = labels.tolist() if hasattr(labels, "tolist") else list(labels)
             self._set_table(LabelTable.from_single_labels(ids, m.num_classes))
