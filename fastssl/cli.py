@@ -32,33 +32,24 @@ import torch
 
 from fastssl.cli_errors import report, reportable
 from fastssl.cli_parser import (
-    DEMO_METHOD,
-    FASHION_MNIST,
     all_methods,
     build_parser,
     method_in,
     split_key_values,
     subcommands,
 )
+from fastssl.data.spec import FASHION_MNIST
+from fastssl.methods import DEMO_METHOD, demo_preset
 
 _T0 = time.perf_counter()
 
-# The demo (`make demo`, `fastssl train` with no --method and no --data): DEMO_METHOD's Fashion-MNIST
-# preset (its `presets["fashion-mnist"]`, chosen by the recipe search in benchmarks/RESULTS.md) with
-# DEMO_SETTINGS on top. Fixed work (epochs, no time budget), so a busy machine takes longer but
-# prints the same numbers. Same seed, same machine -> the same losses and kNN (README: what can
-# differ across machines).
-DEMO_SETTINGS: dict[str, Any] = {"deterministic": True}
 FIXED_SIZE_SETS = (FASHION_MNIST, "colour-shapes")  # evaluated at the run's size, not resized and cropped
 # kNN while training (eval_every): a fixed subsample of train (memory bank) and test images,
 # a twelfth of the 70,000 images the final Fashion-MNIST evaluation reads.
 MONITOR_TRAIN_IMAGES, MONITOR_TEST_IMAGES = 5_000, 1_000
-RAW_PIXEL_KNN_FASHION_MNIST = 0.8459  # NOTES.md: weighted kNN on raw pixels, test split
-
-
-def demo_preset() -> dict[str, Any]:
-    """The demo's configuration layer: DEMO_METHOD's Fashion-MNIST preset with DEMO_SETTINGS."""
-    return {**all_methods()[DEMO_METHOD].presets[FASHION_MNIST], **DEMO_SETTINGS}
+# the same weighted kNN (cosine, k = 20, T = 0.07) on raw pixels of the test split, a property of the
+# data set (it needs no model); printed beside the demo's figures for scale
+RAW_PIXEL_KNN_FASHION_MNIST = 0.8459
 
 
 def _log(msg: str) -> None:

@@ -8,9 +8,6 @@ import re
 from pathlib import Path
 
 DESCRIPTION = "`fastssl train | eval | finetune | viz | bench | shards | vocab | export`."
-# The demo's method (fastssl.cli.demo_preset) and the data spec fastssl.data.spec reads as Fashion-MNIST.
-DEMO_METHOD = "mocov3"
-FASHION_MNIST = "fashion-mnist"
 
 
 def all_methods() -> dict:
@@ -45,6 +42,7 @@ def _keys_help(method: str | None) -> str:
     without --method) by component, with its default, allowed values and meaning, read from
     the fields of the method's config dataclasses."""
     from fastssl.engine.config import describe_fields
+    from fastssl.methods import DEMO_METHOD
 
     methods = all_methods()
     name = method if method in methods else DEMO_METHOD
@@ -71,6 +69,9 @@ def _add_command(sub, name: str, help: str, common: argparse.ArgumentParser,
 
 def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     """The command line; `method` picks whose config keys `train --help` lists."""
+    from fastssl.data.spec import FASHION_MNIST
+    from fastssl.methods import DEMO_METHOD
+
     methods = sorted(all_methods())
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fastssl.config import MAX_SIDE, TrainConfig
+from fastssl.data.spec import FASHION_MNIST
 from fastssl.engine.config import resolve_config
 from fastssl.engine.export import backbone_state_dict
 from fastssl.engine.run import init_run
@@ -34,7 +35,6 @@ from fastssl.models.backbones import build_backbone, is_vit_name, parse_vit_name
 from fastssl.runs import load_trained_method
 from fastssl.validation import check_int
 
-FASHION_MNIST = "fashion-mnist"
 # Decided by the pre-trained run and the data, not by the user.
 RUN_KEYS = ("backbone", "vit_depth", "source", "image_size", "pretrained", "pretrain_size", "num_classes")
 # Named fine-tuning layers between FinetuneConfig.defaults and YAML, by data spec: Fashion-MNIST

@@ -61,17 +61,20 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
 
 def _child(name: str, out: str, epochs: int, linear: bool) -> int:
     """Run one candidate in this process: patch the demo's recipe, then `fastssl train`."""
-    from fastssl import cli
-    from fastssl.methods import METHODS
+    from fastssl.bench.harness import run_cli
+    from fastssl.data.spec import FASHION_MNIST
+    from fastssl.methods import DEMO_METHOD, DEMO_SETTINGS, METHODS
 
     spec = CANDIDATES[name][1]
-    cli.DEMO_METHOD = spec.get("method", cli.DEMO_METHOD)
-    cls = METHODS[cli.DEMO_METHOD]
-    preset = dict(cls.presets.get(cli.FASHION_MNIST, {})) | spec.get("preset", {})
+    method = spec.get("method", DEMO_METHOD)
+    cls = METHODS[method]
+    preset = dict(cls.presets.get(FASHION_MNIST, {})) | spec.get("preset", {})
     preset["views"] = dict(preset.get("views", {})) | spec.get("views", {})
-    cls.presets = {**cls.presets, cli.FASHION_MNIST: preset}
-    argv = ["train", "--out", out, f"epochs={epochs}"] + (["--linear-probe"] if linear else [])
-    return cli.main(argv)
+    cls.presets = {**cls.presets, FASHION_MNIST: preset}
+    settings = [f"{key}={value}" for key, value in DEMO_SETTINGS.items()]
+    argv = ["train", "--method", method, "--data", FASHION_MNIST, "--out", out, f"epochs={epochs}", *settings]
+    argv += ["--linear-probe"] if linear else []
+    return run_cli(argv)
 
 
 def _readouts(checkpoint: str) -> None:

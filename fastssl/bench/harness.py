@@ -26,6 +26,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -305,3 +306,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def run_cli(argv: list[str]) -> int:
+    """`fastssl ARGV` in this process, exactly as `python -m fastssl.cli` runs it: for the studies
+    that time or patch what a command runs without reaching into the CLI's own functions."""
+    import runpy
+
+    saved = sys.argv
+    sys.argv = ["fastssl", *argv]
+    try:
+        runpy.run_module("fastssl.cli", run_name="__main__", alter_sys=False)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = saved
+    return 0

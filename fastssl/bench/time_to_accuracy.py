@@ -106,11 +106,15 @@ class StepTimers:
 
 def child(timers_path: str, train_argv: list[str]) -> int:
     """`fastssl train …` in this process with StepTimers on the Method's forward."""
-    from fastssl.cli import main as cli_main
+    from fastssl.bench.harness import run_cli
     from fastssl.method import Method
 
-    timers = StepTimers(lambda module: isinstance(module, Method))
-    rc = cli_main(["train", *train_argv])
+    def is_timed(module) -> bool:  # the training step's forward, not the engine's FLOP count on meta tensors
+        first = next(module.parameters(), None) if isinstance(module, Method) else None
+        return first is not None and not first.is_meta
+
+    timers = StepTimers(is_timed)
+    rc = run_cli(["train", *train_argv])
     Path(timers_path).write_text(json.dumps(timers.result()))
     return rc
 
@@ -206,11 +210,12 @@ def run_fastssl(args: argparse.Namespace, out: Path) -> dict:
 
 
 def _resolved_config(args: argparse.Namespace):
-    from fastssl.cli import _train_config, build_parser
+    from fastssl.engine import parse_overrides, resolve_config
+    from fastssl.methods import METHODS
 
-    parsed = build_parser(args.method).parse_args(["train", "--method", args.method, "--data", args.data])
-    parsed.overrides = args.overrides
-    return _train_config(parsed)[1]
+    cls = METHODS[args.method]
+    overrides = parse_overrides(args.overrides) | {"source": args.data}
+    return resolve_config(cls.config_class, None, overrides, preset=cls.presets.get(args.data))
 
 
 def export_png_folder(data: str, folder: Path) -> Path:

@@ -40,10 +40,9 @@ def _load(seconds: float) -> None:
 
 
 def _step_ms(steps: int) -> float:
-    from fastssl.cli import DEMO_METHOD, demo_preset
     from fastssl.engine import resolve_config
     from fastssl.method import StepContext
-    from fastssl.methods import METHODS
+    from fastssl.methods import DEMO_METHOD, METHODS, demo_preset
 
     cls = METHODS[DEMO_METHOD]
     cfg = resolve_config(cls.config_class, None, {"out": "unused"}, preset=demo_preset())

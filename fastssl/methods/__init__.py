@@ -14,6 +14,7 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 # imported after METHODS exists: each module registers itself
+from fastssl.data.spec import FASHION_MNIST  # noqa: E402
 from fastssl.methods import (  # noqa: E402,F401
     colorization,
     context,
@@ -28,4 +29,17 @@ from fastssl.methods import (  # noqa: E402,F401
     weak,
 )
 
-__all__ = ["METHODS", "register"]
+# The demo (`make demo`, `fastssl train` with no --method and no --data): DEMO_METHOD's Fashion-MNIST
+# preset (its `presets["fashion-mnist"]`, chosen by the recipe search in benchmarks/RESULTS.md) with
+# DEMO_SETTINGS on top. Fixed work (epochs, no time budget), so a busy machine takes longer but
+# prints the same numbers; same seed, same machine -> the same losses and kNN.
+DEMO_METHOD = "mocov3"
+DEMO_SETTINGS = {"deterministic": True}
+
+
+def demo_preset() -> dict:
+    """The demo's configuration layer: DEMO_METHOD's Fashion-MNIST preset with DEMO_SETTINGS."""
+    return {**METHODS[DEMO_METHOD].presets[FASHION_MNIST], **DEMO_SETTINGS}
+
+
+__all__ = ["DEMO_METHOD", "DEMO_SETTINGS", "METHODS", "demo_preset", "register"]
