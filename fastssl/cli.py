@@ -59,8 +59,8 @@ def _log(msg: str) -> None:
 def _data_options(cfg, device: torch.device) -> dict[str, Any]:
     from fastssl.data import resolve_loader
 
-    backend, data_device = resolve_loader(cfg.data.loader, cfg.data.data_device, train_device=device)
-    return {"backend": backend, "device": data_device, "num_threads": cfg.data.num_threads,
+    loader, data_device = resolve_loader(cfg.data.loader, cfg.data.data_device, train_device=device)
+    return {"loader": loader, "device": data_device, "num_threads": cfg.data.num_threads,
             "max_skipped_fraction": cfg.data.max_skipped_fraction,
             "samples_per_epoch": cfg.data.samples_per_epoch}
 
@@ -174,7 +174,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                           num_shards=world, seed=cfg.run.seed, drop_last=True,
                           sampler=method.build_sampler(source, rank=rank, world_size=world),
                           masking=method.masking(), **options)
-    _log(f"data: {data}, {options['backend']} loader on {options['device']}, {len(loader)} steps/epoch")
+    _log(f"data: {data}, {options['loader']} loader on {options['device']}, {len(loader)} steps/epoch")
     # the demo shows the linear probe as well: a few seconds on features already extracted
     linear = args.linear_probe or demo
     evaluator = _evaluator(cfg, data, device, splits, linear=linear) if cfg.eval.eval_knn else None

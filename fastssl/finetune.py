@@ -144,8 +144,8 @@ def finetune(run: str | Path, data: str | None, size: int | None, overrides: dic
         raise ValueError(f"batch_size: mixup / cutmix pair each image with another; expected an even batch "
                          f"per process, got {cfg.data.rank_batch_size}")
     method = Finetune(cfg, backbone, dim, vit=vit)
-    backend, device = resolve_loader(cfg.data.loader, cfg.data.data_device, train_device=context.device)
-    options = dict(backend=backend, device=device, num_threads=cfg.data.num_threads)
+    loader, device = resolve_loader(cfg.data.loader, cfg.data.data_device, train_device=context.device)
+    options = dict(loader=loader, device=device, num_threads=cfg.data.num_threads)
     view = recipes.ViewSpec(size=size, scale=TRAIN_SCALE, flip_p=0.5)
     recipe = recipes.with_view_overrides(recipes.Recipe("finetune", [view]), cfg.data.views)
     loader = build_loader(train_src, recipe, batch_size=cfg.data.rank_batch_size, shard_id=context.rank,

@@ -10,9 +10,9 @@ per batch at steady state. Providers, all with `--threads` workers/threads:
   eager        the official repos' loader: torchvision ImageFolder / PIL images with
                torchvision.transforms (v1, PIL ops) built from the recipe, in a DataLoader
                (as MoCo's main_moco.py and DINO's DataAugmentationDINO do);
-  torchvision  fastssl.data.build_loader(backend="torchvision"): transforms.v2 on uint8
+  torchvision  fastssl.data.build_loader(loader="torchvision"): transforms.v2 on uint8
                tensors, batched normalization;
-  fastssl      fastssl.data.build_loader(backend="dali"): device "gpu" when CUDA is present,
+  fastssl      fastssl.data.build_loader(loader="dali"): device "gpu" when CUDA is present,
                else DALI's CPU-only mode (absent from the table when DALI is not installed).
 Images/s and views/s per provider are printed after the timing table.
 
@@ -158,10 +158,10 @@ def make_case(name: str, recipe: Recipe, source, official_dataset, batch: int, t
     providers = {
         "eager": _puller(lambda: DataLoader(official_dataset, batch_size=batch, shuffle=True, drop_last=True,
                                             num_workers=threads, persistent_workers=True)),
-        "torchvision": _puller(lambda: build_loader(source, recipe, backend="torchvision", **loader_args)),
+        "torchvision": _puller(lambda: build_loader(source, recipe, loader="torchvision", **loader_args)),
     }
     if HAS_DALI:
-        providers["fastssl"] = _puller(lambda: build_loader(source, recipe, backend="dali", **loader_args))
+        providers["fastssl"] = _puller(lambda: build_loader(source, recipe, loader="dali", **loader_args))
     return Case(name=name, params={"batch": batch, "views": recipe.num_views, "threads": threads},
                 make_inputs=tuple, providers=providers)
 
@@ -194,7 +194,7 @@ def shards_vs_folders(args: argparse.Namespace) -> None:
             for threads in (1, 2, 4):
                 for kind, source in sources.items():
                     recipe = recipes.mocov2(size=size)
-                    loader = build_loader(source, recipe, batch_size=batch, backend=backend,
+                    loader = build_loader(source, recipe, batch_size=batch, loader=backend,
                                           device="gpu" if gpu else "cpu", num_threads=threads)
                     rate[backend, threads, kind] = _sustained(loader, args.iters)
                     del loader
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         for name, recipe, source, bs in [
             (f"MoCo v2 {big}px, JPEG folder ({origin})", recipes.mocov2(size=big), folder, batch),
             (f"DINO 2x{big}+10x{small_view}, JPEG folder ({origin})",
-             recipes.dino(global_size=big, local_size=small_view, n_local=10), folder, batch),
+             recipes.dino(global_size=big, local_crop_size=small_view, n_local_crops=10), folder, batch),
             ("MoCo v2 32px, in-memory Fashion-MNIST", recipes.mocov2(size=32), arrays, tiny_batch),
             ("DINO 2x32+6x16, in-memory Fashion-MNIST", recipes.dino(32, 16, 6), arrays, tiny_batch),
         ]:

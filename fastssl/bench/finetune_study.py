@@ -164,7 +164,7 @@ def preset_part(args, folder: str, tmp: Path) -> list[dict]:
         method.bind_data(splits.pretrain)
         recipe = recipes.with_view_overrides(method.recipe(), cfg.data.views)
         loader = build_loader(splits.pretrain, recipe, batch_size=cfg.data.batch_size, seed=args.seed,
-                              drop_last=True, backend="torchvision", device="cpu", num_threads=args.threads)
+                              drop_last=True, loader="torchvision", device="cpu", num_threads=args.threads)
         summary = Trainer(method, loader, progress=False, log=lambda m: None).fit()
         probe = linear_top1(cfg, folder, method.encoder())
         for init in ("pretrained", "random"):

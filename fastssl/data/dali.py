@@ -59,7 +59,7 @@ try:
     from nvidia.dali.tensors import TensorListGPU
 
     HAS_DALI = True
-except ImportError:  # recorded, never silent: build_loader(backend="dali") raises with this fact
+except ImportError:  # recorded, never silent: build_loader(loader="dali") raises with this fact
     HAS_DALI = False
 
 PREFETCH = 2

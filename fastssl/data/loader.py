@@ -96,8 +96,8 @@ class Loader:
                 "max_skipped_fraction")
 
     @property
-    def backend(self) -> str:
-        """"dali" or "torchvision": which backend makes the views."""
+    def kind(self) -> str:
+        """"dali" or "torchvision": which loader makes the views."""
         return self.impl.name
 
     @property
@@ -181,7 +181,7 @@ class Loader:
 
     def __repr__(self) -> str:
         resampled = f", resampled: {self.samples_per_epoch} samples/epoch" if self.samples_per_epoch else ""
-        return (f"Loader(backend={self.backend!r}, device={str(self.device)!r}, recipe={self.recipe.name!r}, "
+        return (f"Loader(kind={self.kind!r}, device={str(self.device)!r}, recipe={self.recipe.name!r}, "
                 f"views={self.recipe.view_sizes}, batch_size={self.batch_size}, "
                 f"shard={self.shard_id}/{self.num_shards}, samples={len(self.source)}{resampled})")
 
@@ -197,13 +197,13 @@ def resolve_loader(loader: str = "auto", device: str | torch.device = "auto", *,
     "dali" without DALI installed raises ImportError saying how to install it. device: where
     the views are made, "gpu", "cpu", "cuda[:n]" (returned as given) or "auto": "gpu" when the
     run trains on CUDA (`train_device`; None: when CUDA is available), "cpu" otherwise."""
-    check_choice("loader backend", loader, LOADERS)
+    check_choice("loader", loader, LOADERS)
     if loader == "auto":
         loader = "dali" if _dali.HAS_DALI else "torchvision"
     if loader == "dali" and not _dali.HAS_DALI:
         raise ImportError(
-            "backend='dali' but NVIDIA DALI is not installed: `pip install fastssl[dali]` "
-            "(nvidia-dali-cuda130, Linux x86_64), or pass backend='torchvision'"
+            "loader='dali' but NVIDIA DALI is not installed: `pip install fastssl[dali]` "
+            "(nvidia-dali-cuda130, Linux x86_64), or pass loader='torchvision'"
         )
     if str(device) == "auto":
         cuda = torch.cuda.is_available() if train_device is None else train_device.type == "cuda"
@@ -228,7 +228,7 @@ def _check_int(name: str, value, low: int) -> None:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
-def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dali", device: str = "gpu",
+def build_loader(source, recipe: Recipe, *, batch_size: int, loader: str = "dali", device: str = "gpu",
                  num_threads: int = 4, shard_id: int = 0, num_shards: int = 1, seed: int = 0,
                  drop_last: bool = True, shuffle: bool = True, sampler=None,
                  dtype: torch.dtype = torch.float32, shuffle_buffer: int = 10_000,
@@ -236,9 +236,9 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
                  masking: BlockMasks | None = None) -> Loader:
     """A loader of augmented views (see `Loader`) for `recipe` over `source`.
 
-    backend: "dali" (DALI pipeline, CPU operators for device="cpu", nvJPEG + GPU operators
+    loader: "dali" (DALI pipeline, CPU operators for device="cpu", nvJPEG + GPU operators
     for device="gpu"), "torchvision" (transforms.v2 in `num_threads` DataLoader workers) or
-    "auto" (DALI when installed); the choice is logged and exposed as `loader.backend`.
+    "auto" (DALI when installed); the choice is logged and exposed as `Loader.kind`.
     shard_id / num_shards: DDP rank / world size (disjoint shards, per-epoch reshuffle from
     seed + epoch). sampler: optional object with set_epoch(e) and __iter__ giving this
     shard's dataset indices for the epoch; it replaces the built-in shuffle and sharding.
@@ -278,19 +278,19 @@ def build_loader(source, recipe: Recipe, *, batch_size: int, backend: str = "dal
     if masking is not None and not isinstance(masking, BlockMasks):
         raise TypeError(f"masking must be a fastssl.data.masking.BlockMasks or None, got "
                         f"{type(masking).__name__}")
-    name, device = resolve_loader(backend, device)
+    name, device = resolve_loader(loader, device)
     dev = _resolve_device(device)
     impl_class = _dali.DaliViews if name == "dali" else TorchvisionViews
     impl = impl_class(source, recipe, device=dev, num_threads=num_threads, seed=seed, shard_id=shard_id,
                       dtype=dtype, max_batch=batch_size)
-    loader = Loader(source, recipe, impl, batch_size=batch_size, seed=seed, shard_id=shard_id,
-                    num_shards=num_shards, drop_last=drop_last, shuffle=shuffle, sampler=sampler,
-                    shuffle_buffer=shuffle_buffer, max_skipped_fraction=max_skipped_fraction,
-                    samples_per_epoch=samples_per_epoch, masking=masking)
-    if len(loader) == 0:
+    built = Loader(source, recipe, impl, batch_size=batch_size, seed=seed, shard_id=shard_id,
+                   num_shards=num_shards, drop_last=drop_last, shuffle=shuffle, sampler=sampler,
+                   shuffle_buffer=shuffle_buffer, max_skipped_fraction=max_skipped_fraction,
+                   samples_per_epoch=samples_per_epoch, masking=masking)
+    if len(built) == 0:
         raise ValueError(
             f"batch_size={batch_size} with drop_last={drop_last} leaves no batch: this shard has "
-            f"{len(loader.epoch_indices(0))} samples"
+            f"{len(built.epoch_indices(0))} samples"
         )
-    logger.info("fastssl.data: %r (requested backend=%r, device=%r)", loader, backend, device)
-    return loader
+    logger.info("fastssl.data: %r (requested loader=%r, device=%r)", built, loader, device)
+    return built

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from fastssl.validation import check_int
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -155,19 +157,18 @@ def mocov3(size: int = 224, **overrides) -> Recipe:
     return Recipe("mocov3", views)
 
 
-def dino(global_size: int = 224, local_size: int = 96, n_local: int = 10,
+def dino(global_size: int = 224, local_crop_size: int = 96, n_local_crops: int = 10,
          global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
          **overrides) -> Recipe:
     """DINO multi-crop (Caron et al. 2021): 2 global crops (blur p=1.0 / 0.1, solarize
-    p=0 / 0.2), then `n_local` local crops (blur p=0.5); all with ColorJitter(0.4, 0.4,
+    p=0 / 0.2), then `n_local_crops` local crops (blur p=0.5); all with ColorJitter(0.4, 0.4,
     0.2, 0.1) p=0.8, grayscale p=0.2, flip. Global crops come first."""
-    if not isinstance(n_local, int) or isinstance(n_local, bool) or n_local < 0:
-        raise ValueError(f"n_local must be an int >= 0, got {n_local!r}")
+    check_int("n_local_crops", n_local_crops, low=0)
     common = dict(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2)
     g = replace(ViewSpec(size=global_size, scale=global_scale, **common), **overrides)
-    local = replace(ViewSpec(size=local_size, scale=local_scale, blur_p=0.5, **common), **overrides)
+    local = replace(ViewSpec(size=local_crop_size, scale=local_scale, blur_p=0.5, **common), **overrides)
     views = [replace(g, blur_p=1.0, solarize_p=0.0), replace(g, blur_p=0.1, solarize_p=0.2)]
-    return Recipe("dino", views + [replace(local) for _ in range(n_local)])
+    return Recipe("dino", views + [replace(local) for _ in range(n_local_crops)])
 
 
 def mae(size: int = 224, **overrides) -> Recipe:

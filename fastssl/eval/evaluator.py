@@ -60,7 +60,7 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
 
     Features of `train_source` (the kNN memory bank) and `test_source` through the eval recipe
     (cfg.eval_side; `resize` first resizes the whole image to it, no crop margin), with the run's
-    data backend and threads. max_train / max_test: a fixed subsample of each split, drawn with
+    data loader and threads. max_train / max_test: a fixed subsample of each split, drawn with
     cfg.run.seed (the same images at every call, so successive calls are comparable). kNN top-1 with
     k = 20 (fewer for a smaller memory bank), T = 0.07. progress: bars on stderr for each pass.
     Raises ValueError for a split with fewer than two classes.
@@ -75,7 +75,7 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
     check_knn_labels(train_source, "train")
     check_knn_labels(test_source, "test")
     recipe = recipes.eval(size=cfg.eval_side, resize=resize)
-    backend, data_device = resolve_loader(cfg.data.loader, cfg.data.data_device, train_device=device)
+    kind, data_device = resolve_loader(cfg.data.loader, cfg.data.data_device, train_device=device)
     rank, world = get_rank(), get_world_size()
     progress = progress and rank == 0
     splits = []
@@ -89,7 +89,7 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
         feats = {}
         for name, source, sampler in splits:
             loader = build_loader(source, recipe, batch_size=512, seed=cfg.run.seed, drop_last=False,
-                                  shuffle=False, sampler=sampler, backend=backend,
+                                  shuffle=False, sampler=sampler, loader=kind,
                                   device=data_device, num_threads=cfg.data.num_threads)
             feats[name] = extract_features(encoder, loader, device, cfg.model.channels_last,
                                            progress=f"{name} features" if progress else None)

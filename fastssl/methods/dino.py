@@ -98,8 +98,9 @@ class DINO(Method):
     def recipe(self):
         from fastssl.data import recipes
 
-        return recipes.dino(global_size=self.cfg.data.image_size, local_size=self.cfg.method.local_crop_size,
-                            n_local=self.cfg.method.n_local_crops)
+        m = self.cfg.method
+        return recipes.dino(global_size=self.cfg.data.image_size, local_crop_size=m.local_crop_size,
+                            n_local_crops=m.n_local_crops)
 
     def encoder(self) -> nn.Module:
         # the teacher is the better network to evaluate (the paper's kNN uses it)

@@ -41,9 +41,9 @@ def _collect(loader):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_shapes_dtypes_multicrop_and_labels(backend):
     src = _noise_source()
-    recipe = recipes.dino(global_size=24, local_size=12, n_local=3)
-    loader = build_loader(src, recipe, batch_size=16, backend=backend, device="cpu", num_threads=2)
-    assert loader.backend == backend and loader.device == torch.device("cpu") and len(loader) == 3
+    recipe = recipes.dino(global_size=24, local_crop_size=12, n_local_crops=3)
+    loader = build_loader(src, recipe, batch_size=16, loader=backend, device="cpu", num_threads=2)
+    assert loader.kind == backend and loader.device == torch.device("cpu") and len(loader) == 3
     batches = list(loader)
     assert len(batches) == 3
     for b in batches:
@@ -58,7 +58,7 @@ def test_shapes_dtypes_multicrop_and_labels(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_output(backend, dtype):
-    loader = build_loader(_noise_source(16), recipes.mae(size=8), batch_size=8, backend=backend, device="cpu",
+    loader = build_loader(_noise_source(16), recipes.mae(size=8), batch_size=8, loader=backend, device="cpu",
                           num_threads=1, dtype=dtype)
     b = next(iter(loader))
     assert b["views"][0].dtype == dtype and b["views"][0].shape == (8, 3, 8, 8)
@@ -71,7 +71,7 @@ def test_normalization_matches_formula(backend):
     colors = np.array([[10, 128, 250], [0, 255, 77], [200, 30, 160], [255, 255, 255]], np.uint8)
     images = np.broadcast_to(colors[:, None, None, :], (4, 14, 18, 3)).copy()
     recipe = Recipe("two", [recipes.eval(size=8, resize=10).views[0], ViewSpec(size=6, scale=(0.3, 1.0))])
-    loader = build_loader(ArraySource(images), recipe, batch_size=4, backend=backend, device="cpu",
+    loader = build_loader(ArraySource(images), recipe, batch_size=4, loader=backend, device="cpu",
                           num_threads=1, shuffle=False)
     b = next(iter(loader))
     expected = (torch.from_numpy(colors).float().view(4, 3, 1, 1) / 255 - MEAN) / STD
@@ -85,7 +85,7 @@ def test_eval_recipe_is_resize_center_crop(backend):
     # a center crop of 4 must hold exactly the bright square.
     img = np.zeros((1, 12, 12, 3), np.uint8)
     img[0, 4:8, 4:8] = (250, 100, 20)
-    loader = build_loader(ArraySource(img), recipes.eval(size=4, resize=12), batch_size=1, backend=backend,
+    loader = build_loader(ArraySource(img), recipes.eval(size=4, resize=12), batch_size=1, loader=backend,
                           device="cpu", num_threads=1)
     pixels = _unnormalize(next(iter(loader))["views"][0][0]) * 255
     expected = torch.tensor([250.0, 100.0, 20.0]).view(3, 1, 1).expand(3, 4, 4)
@@ -95,7 +95,7 @@ def test_eval_recipe_is_resize_center_crop(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_determinism_epochs_and_resume(backend):
     src = _noise_source(32, 16)
-    make = lambda seed, threads: build_loader(src, recipes.mocov2(size=12), batch_size=8, backend=backend,
+    make = lambda seed, threads: build_loader(src, recipes.mocov2(size=12), batch_size=8, loader=backend,
                                               device="cpu", num_threads=threads, seed=seed)
     a = make(0, 2)
     epoch0, epoch1 = _collect(a), _collect(a)
@@ -143,7 +143,7 @@ def test_op_probabilities(backend):
         replace(base, flip_p=1.0, grayscale_p=1.0),
         replace(base, solarize_p=1.0),
     ])
-    loader = build_loader(ArraySource(_probe_images(n)), recipe, batch_size=200, backend=backend,
+    loader = build_loader(ArraySource(_probe_images(n)), recipe, batch_size=200, loader=backend,
                           device="cpu", num_threads=2)
     views = [torch.cat(vs) for vs in zip(*(b["views"] for b in loader))]
     ident, gray, flip, solar, blur, jitter, always, always_solar = (_unnormalize(v) for v in views)
@@ -178,7 +178,7 @@ def test_op_probabilities(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rotnet_rotating_back_recovers_the_crop(backend):
-    loader = build_loader(_noise_source(16, 20), recipes.rotnet(size=10), batch_size=8, backend=backend,
+    loader = build_loader(_noise_source(16, 20), recipes.rotnet(size=10), batch_size=8, loader=backend,
                           device="cpu", num_threads=1)
     for b in loader:
         assert len(b["views"]) == 4
@@ -213,7 +213,7 @@ def test_sharded_loaders_disjoint_covering_and_len(backend):
     src = _noise_source(40, 8)
     got = []
     for rank in range(2):
-        loader = build_loader(src, recipes.mae(size=8), batch_size=6, backend=backend, device="cpu",
+        loader = build_loader(src, recipes.mae(size=8), batch_size=6, loader=backend, device="cpu",
                               num_threads=1, shard_id=rank, num_shards=2, seed=3, drop_last=False)
         ref = torch.utils.data.DataLoader(
             range(40), batch_size=6, drop_last=False,
@@ -242,7 +242,7 @@ class _EpochSampler:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_external_sampler_replaces_shuffle(backend):
-    loader = build_loader(_noise_source(20, 8), recipes.mae(size=8), batch_size=5, backend=backend,
+    loader = build_loader(_noise_source(20, 8), recipes.mae(size=8), batch_size=5, loader=backend,
                           device="cpu", num_threads=1, sampler=_EpochSampler())
     assert len(loader) == 2
     for epoch in (0, 1):
@@ -266,12 +266,12 @@ def test_image_folder_decodes_and_names_corrupt_file(backend, tmp_path):
     root = _jpeg_folder(tmp_path, bad="b/zz_broken.jpg")
     with pytest.warns(UserWarning, match="zz_broken.jpg"):
         clean = ImageFolderSource(root, skip_corrupt=True)
-    loader = build_loader(clean, recipes.mocov2(size=8), batch_size=3, backend=backend, device="cpu",
+    loader = build_loader(clean, recipes.mocov2(size=8), batch_size=3, loader=backend, device="cpu",
                           num_threads=1, shuffle=False)
     b = list(loader)
     assert [tuple(v.shape) for v in b[1]["views"]] == [(3, 3, 8, 8)] * 2
     assert b[0]["label"].tolist() == [0, 0, 0] and b[1]["label"].tolist() == [1, 1, 1]
-    broken = build_loader(ImageFolderSource(root), recipes.mocov2(size=8), batch_size=7, backend=backend,
+    broken = build_loader(ImageFolderSource(root), recipes.mocov2(size=8), batch_size=7, loader=backend,
                           device="cpu", num_threads=1)
     with pytest.raises(ValueError, match="zz_broken.jpg"):
         list(broken)
@@ -280,9 +280,9 @@ def test_image_folder_decodes_and_names_corrupt_file(backend, tmp_path):
 def test_dali_missing_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(dali_backend, "HAS_DALI", False)
     with pytest.raises(ImportError, match=r"fastssl\[dali\].*torchvision"):
-        build_loader(_noise_source(8), recipes.mae(8), batch_size=4, backend="dali", device="cpu")
-    assert build_loader(_noise_source(8), recipes.mae(8), batch_size=4, backend="auto", device="cpu",
-                        num_threads=1).backend == "torchvision"
+        build_loader(_noise_source(8), recipes.mae(8), batch_size=4, loader="dali", device="cpu")
+    assert build_loader(_noise_source(8), recipes.mae(8), batch_size=4, loader="auto", device="cpu",
+                        num_threads=1).kind == "torchvision"
 
 
 @pytest.mark.parametrize(
@@ -292,7 +292,7 @@ def test_dali_missing_is_a_clear_error(monkeypatch):
         ({"batch_size": 100}, ValueError, "batch_size=100"),
         ({"num_threads": 0}, ValueError, "num_threads"),
         ({"shard_id": 2, "num_shards": 2}, ValueError, "shard_id"),
-        ({"backend": "pillow"}, ValueError, "backend"),
+        ({"loader": "pillow"}, ValueError, "loader"),
         ({"device": "tpu"}, ValueError, "device"),
         ({"dtype": torch.int8}, TypeError, "dtype"),
         ({"sampler": [1, 2]}, TypeError, "sampler"),
@@ -300,31 +300,31 @@ def test_dali_missing_is_a_clear_error(monkeypatch):
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
-    args = {"batch_size": 4, "backend": "torchvision", "device": "cpu", "num_threads": 1, **kwargs}
+    args = {"batch_size": 4, "loader": "torchvision", "device": "cpu", "num_threads": 1, **kwargs}
     with pytest.raises(exc, match=match):
         build_loader(_noise_source(8), recipes.mae(8), **args)
 
 
 def test_bad_source_recipe_and_epoch():
     with pytest.raises(TypeError, match="source"):
-        build_loader(np.zeros((4, 8, 8), np.uint8), recipes.mae(8), batch_size=2, backend="torchvision",
+        build_loader(np.zeros((4, 8, 8), np.uint8), recipes.mae(8), batch_size=2, loader="torchvision",
                      device="cpu")
     with pytest.raises(TypeError, match="recipe"):
-        build_loader(_noise_source(8), "mae", batch_size=2, backend="torchvision", device="cpu")
-    loader = build_loader(_noise_source(8), recipes.mae(8), batch_size=2, backend="torchvision", device="cpu",
+        build_loader(_noise_source(8), "mae", batch_size=2, loader="torchvision", device="cpu")
+    loader = build_loader(_noise_source(8), recipes.mae(8), batch_size=2, loader="torchvision", device="cpu",
                           num_threads=1)
     with pytest.raises(ValueError, match="epoch"):
         loader.set_epoch(-1)
     assert loader.epoch == 0
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA"):
-            build_loader(_noise_source(8), recipes.mae(8), batch_size=2, backend="torchvision", device="gpu")
+            build_loader(_noise_source(8), recipes.mae(8), batch_size=2, loader="torchvision", device="gpu")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpu_output_matches_layout(backend):
-    loader = build_loader(_noise_source(32, 16), recipes.dino(16, 8, 2), batch_size=8, backend=backend,
+    loader = build_loader(_noise_source(32, 16), recipes.dino(16, 8, 2), batch_size=8, loader=backend,
                           device="gpu", num_threads=2)
     b = next(iter(loader))
     assert all(v.is_cuda for v in b["views"]) and b["label"].is_cuda and b["index"].is_cuda
@@ -341,7 +341,7 @@ def test_random_resized_crop_area_follows_scale(backend):
     img = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], np.zeros((side, side), np.uint8)), -1)
     recipe = Recipe("crop", [ViewSpec(size=out, scale=(0.2, 1.0), ratio=(1.0, 1.0), flip_p=0.0)])
     images = np.broadcast_to(img, (n, side, side, 3)).copy()
-    loader = build_loader(ArraySource(images), recipe, batch_size=100, backend=backend, device="cpu",
+    loader = build_loader(ArraySource(images), recipe, batch_size=100, loader=backend, device="cpu",
                           num_threads=2)
     views = _unnormalize(torch.cat([b["views"][0] for b in loader])) * 255
     width = (views[:, 0, :, -1] - views[:, 0, :, 0]).mean(dim=1) / 4 * out / (out - 1)
@@ -356,7 +356,7 @@ DALI_GPU = pytest.mark.skipif(not dali_backend.HAS_DALI, reason="DALI not instal
 
 
 def _first_batch(recipe, device, seed=0):
-    loader = build_loader(_noise_source(128, 40), recipe, batch_size=128, backend="dali", device=device,
+    loader = build_loader(_noise_source(128, 40), recipe, batch_size=128, loader="dali", device=device,
                           num_threads=2, seed=seed, shuffle=False)
     return [v.float().cpu() for v in next(iter(loader))["views"]]
 

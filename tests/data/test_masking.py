@@ -83,8 +83,8 @@ def test_loader_batches_carry_their_masks_and_resume():
     rng = np.random.default_rng(0)
     src = ArraySource(rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8), rng.integers(0, 10, 24))
     masking = BlockMasks(4, n_views=2, seed=1)
-    recipe = recipes.dino(global_size=16, local_size=8, n_local=1)
-    make = lambda: build_loader(src, recipe, batch_size=8, backend="torchvision", device="cpu",  # noqa: E731
+    recipe = recipes.dino(global_size=16, local_crop_size=8, n_local_crops=1)
+    make = lambda: build_loader(src, recipe, batch_size=8, loader="torchvision", device="cpu",  # noqa: E731
                                 num_threads=1, masking=masking)
     batches = list(make())
     assert len(batches) == 3

@@ -85,7 +85,7 @@ def _run_counting_syncs(method_name: str, backend: str, tmp_path) -> list[str]:
     source = ArraySource(rng.integers(0, 256, (24, 16, 16, 3), dtype=np.uint8), rng.integers(0, 4, 24))
     method.bind_data(source)
     sampler = method.build_sampler(source)
-    loader = build_loader(source, method.recipe(), batch_size=4, backend=backend, device="cpu",
+    loader = build_loader(source, method.recipe(), batch_size=4, loader=backend, device="cpu",
                           num_threads=1, sampler=sampler)
     trainer = Trainer(method, loader, progress=False, log=lambda msg: None)
     taint = _Taint()

@@ -37,9 +37,9 @@ def test_dino_multicrop_order_counts_sizes():
     assert all(v.scale == (0.05, 0.4) and v.blur_p == 0.5 and v.solarize_p == 0.0 for v in local)
     for v in r.views:
         assert v.jitter == (0.4, 0.4, 0.2, 0.1) and v.jitter_p == 0.8 and v.grayscale_p == 0.2
-    small = recipes.dino(global_size=32, local_size=16, n_local=6)
+    small = recipes.dino(global_size=32, local_crop_size=16, n_local_crops=6)
     assert small.view_sizes == [32, 32] + [16] * 6
-    assert recipes.dino(n_local=0).num_views == 2
+    assert recipes.dino(n_local_crops=0).num_views == 2
 
 
 def test_mae_rotnet_eval():
@@ -94,11 +94,11 @@ def test_bad_recipes():
     with pytest.raises(ValueError, match="std"):
         Recipe("x", [ViewSpec()], std=(0.2, 0.0, 0.2))
     with pytest.raises(ValueError, match="n_local"):
-        recipes.dino(n_local=-1)
+        recipes.dino(n_local_crops=-1)
 
 
 def test_view_overrides_replace_augmentation_fields_in_every_view_and_keep_sizes():
-    base = recipes.dino(global_size=28, local_size=14, n_local=2)
+    base = recipes.dino(global_size=28, local_crop_size=14, n_local_crops=2)
     out = recipes.with_view_overrides(base, {"scale": [0.3, 1.0], "blur_p": 0.0, "solarize_p": 0.0})
     assert [v.size for v in out.views] == [28, 28, 14, 14]
     assert all(v.scale == (0.3, 1.0) and v.blur_p == 0.0 and v.solarize_p == 0.0 for v in out.views)

@@ -122,7 +122,7 @@ def test_http_brace_pattern_reads_what_the_local_shards_hold_in_the_same_order(s
     assert remote.tags(local.tag_vocabulary()) == local.tags(local.tag_vocabulary())
     signed = ShardSource(base + "shard-{000001..000002}.tar?token=a%2Fb", remote=FAST)  # a signed URL's query
     assert [s[1:] for s in _all(signed)] == [s[1:] for s in _all(local)[5:15]]
-    kw = dict(batch_size=4, backend="torchvision", device="cpu", num_threads=2, seed=7, shuffle_buffer=6)
+    kw = dict(batch_size=4, loader="torchvision", device="cpu", num_threads=2, seed=7, shuffle_buffer=6)
     for epoch in (0, 1):
         a, b = build_loader(local, recipes.mocov2(8), **kw), build_loader(remote, recipes.mocov2(8), **kw)
         a.set_epoch(epoch)
@@ -156,7 +156,7 @@ def test_failed_first_tries_are_retried_and_a_missing_shard_counts_its_samples(s
     assert "FileNotFoundError" in source.skipped[0][1]
     local = ShardSource(out)
     assert _all(source) == [s for s in _all(local) if not s[0].startswith("shard-000003.tar")]
-    kw = dict(batch_size=4, backend="torchvision", device="cpu", num_threads=1)
+    kw = dict(batch_size=4, loader="torchvision", device="cpu", num_threads=1)
     loader = build_loader(source, recipes.mae(8), max_skipped_fraction=0.25, **kw)
     assert loader.skipped_samples == 5
     with pytest.raises(ValueError, match=r"5 of 24 .*max_skipped_fraction.*shard-000003.tar"):
@@ -237,7 +237,7 @@ def test_resampled_mode_draws_shards_with_replacement_seeded_per_rank(server):
     other_epoch, _ = resampled_indices(local.shard_of, **(draw | {"epoch": 1}))
     assert not (other_rank == idx).all() and not (other_epoch == idx).all()
     # Through the loader: an epoch is samples_per_epoch over the ranks, whatever the dataset's size.
-    kw = dict(batch_size=5, backend="torchvision", device="cpu", num_threads=1, seed=3, shuffle_buffer=4,
+    kw = dict(batch_size=5, loader="torchvision", device="cpu", num_threads=1, seed=3, shuffle_buffer=4,
               samples_per_epoch=60, num_shards=2)
     loaders = [build_loader(remote, recipes.mae(8), shard_id=r, **kw) for r in (0, 1)]
     assert [len(lo) for lo in loaders] == [6, 6]
@@ -249,7 +249,7 @@ def test_resampled_mode_draws_shards_with_replacement_seeded_per_rank(server):
     resumed.set_epoch(0, start=2)
     _same_epochs(_views(resumed), epoch[2:])  # drawn from (seed, epoch, rank): a resumed epoch repeats
     with pytest.raises(ValueError, match="samples_per_epoch"):
-        build_loader(src, recipes.mae(8), batch_size=5, backend="torchvision", device="cpu",
+        build_loader(src, recipes.mae(8), batch_size=5, loader="torchvision", device="cpu",
                      samples_per_epoch=60)
 
 
@@ -324,7 +324,7 @@ def test_dali_reads_http_shards_through_its_python_feeder(start, server, monkeyp
     made anew): the same batches and, with the same seed and bytes, the same views as the
     local shards."""
     base, httpd, out, src = server
-    kw = dict(batch_size=4, backend="dali", device="cpu", num_threads=1, seed=2, shuffle_buffer=6)
+    kw = dict(batch_size=4, loader="dali", device="cpu", num_threads=1, seed=2, shuffle_buffer=6)
     local = _views(build_loader(ShardSource(out), recipes.mocov2(8), **kw))
     monkeypatch.setattr(dali_backend, "start_method", lambda: start)
     remote = _views(build_loader(ShardSource(base, remote=FAST), recipes.mocov2(8), **kw))

@@ -33,10 +33,10 @@ def test_auto_device_follows_the_training_device():
 
 
 def test_unknown_choice_and_missing_dali_are_named():
-    with pytest.raises(ValueError, match=r"loader backend must be one of dali, torchvision, auto; got 'pil'"):
+    with pytest.raises(ValueError, match=r"loader must be one of dali, torchvision, auto; got 'pil'"):
         resolve_loader("pil")
     if not DALI_IMPORTS:
-        with pytest.raises(ImportError, match=r"NVIDIA DALI is not installed.*backend='torchvision'"):
+        with pytest.raises(ImportError, match=r"NVIDIA DALI is not installed.*loader='torchvision'"):
             resolve_loader("dali")
     else:
         assert resolve_loader("dali", "cpu") == ("dali", "cpu")
@@ -49,5 +49,5 @@ def test_the_cli_and_the_evaluator_take_the_same_answer(tmp_path):
 
     cfg = resolve_config(MethodConfig, overrides=dict(loader="auto", data_device="auto", num_threads=1))
     options = _data_options(cfg, torch.device("cpu"))
-    assert (options["backend"], options["device"]) == resolve_loader("auto", "auto",
+    assert (options["loader"], options["device"]) == resolve_loader("auto", "auto",
                                                                      train_device=torch.device("cpu"))

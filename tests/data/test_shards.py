@@ -195,7 +195,7 @@ def test_dali_reads_shards_in_worker_processes_in_the_planned_order(tmp_path):
     source = _LoggedShards(out, tmp_path / "reads.log")
     kw = dict(batch_size=3, device="cpu", num_threads=2, shard_id=1, num_shards=2, seed=7, shuffle_buffer=4,
               drop_last=False)
-    loader = build_loader(source, recipes.mae(8), backend="dali", **kw)
+    loader = build_loader(source, recipes.mae(8), loader="dali", **kw)
     loader.set_epoch(1)
     batches = [(idx, labels) for idx, labels, _ in _epoch(loader)]
     reads = source.reads()
@@ -204,7 +204,7 @@ def test_dali_reads_shards_in_worker_processes_in_the_planned_order(tmp_path):
     assert [idx for idx, _ in batches] == planned and sum(map(len, planned)) == 12
     assert sorted(i for _, i in reads) == sorted(i for b in planned for i in b)
     assert all(lab == [int(src.labels[i]) for i in idx] for idx, lab in batches)
-    reference = build_loader(ShardSource(out), recipes.mae(8), backend="torchvision", **kw)
+    reference = build_loader(ShardSource(out), recipes.mae(8), loader="torchvision", **kw)
     reference.set_epoch(1)
     assert [(idx, lab) for idx, lab, _ in _epoch(reference)] == batches
 
@@ -217,7 +217,7 @@ def test_dali_spawned_reader_workers_read_the_shards(tmp_path, monkeypatch):
     source = _LoggedShards(out, tmp_path / "reads.log")
     source.read_bytes(0)  # an open shard descriptor that must not be pickled
     monkeypatch.setattr(dali_backend, "start_method", lambda: "spawn")
-    loader = build_loader(source, recipes.mae(8), batch_size=4, backend="dali", device="cpu", num_threads=1,
+    loader = build_loader(source, recipes.mae(8), batch_size=4, loader="dali", device="cpu", num_threads=1,
                           seed=1)
     batches = [(idx, labels) for idx, labels, _ in _epoch(loader)]
     assert [idx for idx, _ in batches] == [b.tolist() for b in loader.plan(0)]
@@ -350,7 +350,7 @@ def test_img2dataset_layout_and_hashtag_vocabulary(tmp_path):
     assert vocabulary(source, 2) == [("cat", 3), ("dog", 3)]
     assert vocabulary(source, 5) == [("cat", 3), ("dog", 3), ("bird", 1)]
     assert source.tags(["cat", "dog"]) == [[1], [0, 1], [], [0], [0], [1]]
-    loader = build_loader(source, recipes.mae(8), batch_size=3, backend="torchvision", device="cpu",
+    loader = build_loader(source, recipes.mae(8), batch_size=3, loader="torchvision", device="cpu",
                           num_threads=1, shuffle=False)
     assert [b["index"].tolist() for b in loader] == [[0, 1, 2], [3, 4, 5]]
 
@@ -380,7 +380,7 @@ def test_dali_reads_image_folders_with_its_file_reader_not_a_python_feeder(tmp_p
     source = ImageFolderSource(_png_folder(tmp_path / "f"))
     reads = []
     monkeypatch.setattr(ImageFolderSource, "read_bytes", lambda self, i: reads.append(i))
-    loader = build_loader(source, recipes.mae(8), batch_size=5, backend="dali", device="cpu", num_threads=1,
+    loader = build_loader(source, recipes.mae(8), batch_size=5, loader="dali", device="cpu", num_threads=1,
                           shuffle=True, seed=2, drop_last=False)
     batches = [(b["index"].tolist(), b["label"].tolist()) for b in loader]
     assert reads == []  # nothing read in Python: fn.readers.file did it

@@ -135,5 +135,5 @@ def test_lost_samples_are_counted_as_many_as_were_lost(layout, tmp_path):
     assert len(source.skipped) == 80  # 30 cut from shard 0, all 50 of shard 1
     assert sum("30 of its 50 samples lost" in why for _, why in source.skipped) == 30
     with pytest.raises(ValueError, match=r"80 of 150 of the dataset's samples are bad .*skipped_fraction"):
-        build_loader(source, recipes.mae(8), batch_size=10, backend="torchvision", device="cpu",
+        build_loader(source, recipes.mae(8), batch_size=10, loader="torchvision", device="cpu",
                      num_threads=1, max_skipped_fraction=0.1)

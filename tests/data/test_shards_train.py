@@ -120,7 +120,7 @@ from fastssl.data import ShardSource, build_loader, recipes
 from fastssl.cli import main
 dist.init_process_group("gloo")
 rank = dist.get_rank()
-loader = build_loader(ShardSource(sys.argv[1]), recipes.mae(8), batch_size=3, backend="torchvision",
+loader = build_loader(ShardSource(sys.argv[1]), recipes.mae(8), batch_size=3, loader="torchvision",
                       device="cpu", num_threads=2, shard_id=rank, num_shards=2, seed=7, shuffle_buffer=5)
 seen = [i for b in loader for i in b["index"].tolist()]
 box = [None, None]

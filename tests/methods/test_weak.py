@@ -304,7 +304,7 @@ def test_weak_on_img2dataset_shards_takes_targets_from_hashtags(tmp_path):
     sampler = method.build_sampler(source)
     assert method.classifier.out_features == 3 and method.cfg.method.num_classes == 3
     assert [name.rsplit(":", 1)[-1] for name, _ in sampler.excluded] == ["00001", "00005"]
-    loader = build_loader(source, method.recipe(), batch_size=4, backend="torchvision", device="cpu",
+    loader = build_loader(source, method.recipe(), batch_size=4, loader="torchvision", device="cpu",
                           num_threads=1, sampler=sampler)
     assert loader.skipped_samples == 2
     batch = next(iter(loader))
