@@ -266,7 +266,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from fastssl.data.shards import shard_dataset
 
     manifest = shard_dataset(args.src, args.out, shard_size=args.shard_size, split=args.split,
-                             labels=args.labels)
+                             labels=args.labels, overwrite=args.overwrite)
     print(f"{args.out}: {manifest['total']} samples in {len(manifest['shards'])} shard(s), "
           f"{len(manifest['class_names'])} classes, {len(manifest['tag_vocabulary'])} tags", flush=True)
     return 0

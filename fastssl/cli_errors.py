@@ -28,6 +28,8 @@ def _os_error(e: OSError) -> str:
 
     if isinstance(e, NoSpaceError):
         return f"{e}; free space there, or write elsewhere (--out)"
+    if e.errno is None:  # raised by fastssl with its own one-line message (e.g. WordNet missing)
+        return str(e)
     where = f" while writing {e.filename}" if e.filename else ""
     if e.errno == errno.ENOSPC:
         return f"no space left on device{where}; free space there, or write elsewhere (--out)"

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from test_cli import REPO, _children, _cli, _image_folder, _refused, _snapshot, _steps_and_losses, _tiny_args
 
 from fastssl.engine.checkpoint import load_checkpoint
@@ -97,7 +99,11 @@ def test_resume_refuses_what_changes_the_run_unless_allowed(tmp_path):
     _refused(_cli(*_tiny_args(data, *resume, "image_size=20")), "image_size=16", "image_size=20")
     # The same folder name with other content is other data.
     png = sorted((data / "train" / "dark").iterdir())[0]
-    png.write_bytes(png.read_bytes() + b"\0" * 16)
+    img = Image.open(png)
+    img.load()
+    changed = PngInfo()
+    changed.add_text("edited", "yes")  # still a whole PNG, of another size: other data
+    img.save(png, pnginfo=changed)
     _refused(_cli(*_tiny_args(data, *resume)), "other data", "16 samples", "--allow-change data")
     assert _snapshot(run) == before          # config.yaml and the rest untouched by a refusal
     result = _cli(*_tiny_args(data, "--epochs", "2", "--out", run, "--resume", "auto", "--extend",
@@ -110,8 +116,8 @@ def test_resume_refuses_what_changes_the_run_unless_allowed(tmp_path):
 def _to_sharded(run: Path) -> None:
     """Turn a finished plain run into the folder a parallel=fsdp run leaves: last.dcp, no last.pt."""
     from fastssl.engine import build_optimizer
-    from fastssl.engine.export import load_trained_method
     from fastssl.engine.sharded_checkpoint import save_sharded
+    from fastssl.runs import load_trained_method
 
     method, state = load_trained_method(run)
     optimizer = build_optimizer(method.cfg, method.parameter_groups())

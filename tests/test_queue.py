@@ -623,9 +623,11 @@ def test_from_official_bad_input(queue, ptr, exc, words):
 
 
 def test_mocov2_contrasts_against_the_stored_queue(monkeypatch):
+    from fastssl.engine import resolve_config
     from fastssl.methods.mocov2 import MoCoV2, MoCoV2Config
 
-    cfg = MoCoV2Config(backbone="resnet20", image_size=32, queue_size=64, moco_dim=8, mlp_hidden_dim=16)
+    cfg = resolve_config(MoCoV2Config, overrides=dict(backbone="resnet20", image_size=32, queue_size=64,
+                                                      moco_dim=8, mlp_hidden_dim=16))
     method = MoCoV2(cfg)
     seen = []
     real = fastssl.losses.info_nce.info_nce  # the op as the method's loss module calls it

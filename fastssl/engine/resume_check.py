@@ -22,22 +22,24 @@ FREE_KEYS = frozenset({
     "out", "max_steps", "log_every", "checkpoint_every", "deterministic", "source", "batch_size",
     "rank_batch_size", "loader", "data_device", "num_threads", "max_skipped_fraction", "fused", "compile",
     "channels_last", "parallel", "accum_steps", "activation_checkpointing", "dist_timeout_s", "eval_knn",
-    "eval_every", "eval_size",
+    "eval_every", "eval_size", "async_checkpoint", "replicate_size",
 })
 DATA = "data"  # the data fingerprint's name in messages and in --allow-change
 
 
 def data_fingerprint(source: Any) -> str | None:
     """"<count> samples, <hash>" of a data source: the hash of its shard files' names and sizes
-    (shards), of its image files' names (class folder and file) and sizes (image folders, file
-    lists), or of its pixels and labels (arrays); None for a source of another kind."""
+    (shards; remote shards by name), of its image files' names (class folder and file) and sizes
+    (image folders, file lists), or of its pixels and labels (arrays); None for another kind."""
     if source is None:
         return None
     digest = hashlib.sha1()
     files = getattr(source, "shards", None) or getattr(source, "paths", None)
     if files is not None:
         for path in files:
-            digest.update(f"{os.path.join(*path.split(os.sep)[-2:])}\0{os.path.getsize(path)}\n".encode())
+            # a remote shard (URL, pipe:) is named only: its size would cost a request per shard
+            size = os.path.getsize(path) if os.path.isfile(path) else ""
+            digest.update(f"{os.path.join(*path.split(os.sep)[-2:])}\0{size}\n".encode())
     elif hasattr(source, "images") and hasattr(source, "labels"):
         digest.update(source.images.tobytes())
         digest.update(source.labels.tobytes())

@@ -49,7 +49,7 @@ class RunImages:
     def loader(self, source, indices: np.ndarray):
         return build_loader(source, self.recipe, batch_size=512, seed=self.cfg.run.seed, drop_last=False,
                             shuffle=False, sampler=FixedIndices(np.asarray(indices)),
-                            backend=self.cfg.data.loader, device=self.cfg.data.data_device,
+                            loader=self.cfg.data.loader, device=self.cfg.data.data_device,
                             num_threads=self.cfg.data.num_threads)
 
     def load(self, source, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,7 +92,7 @@ _TRAIN_ON_FOLDER = textwrap.dedent("""
     for run, backend in enumerate(sys.argv[2].split(",")):
         for batch in (32, 64):
             loader = build_loader(ImageFolderSource(sys.argv[1]), recipes.mocov2(size=8), batch_size=batch,
-                                  backend=backend, device="cpu", num_threads=2, max_skipped_fraction=0.05)
+                                  loader=backend, device="cpu", num_threads=2, max_skipped_fraction=0.05)
             seen = sum(len(b["index"]) for b in loader)
             out[f"{run}:{backend}/{batch}"] = [seen, len(loader) * batch, loader.skipped_samples, records[:]]
             records.clear()
@@ -133,7 +133,7 @@ _HOLD_WORKERS = textwrap.dedent("""
     import numpy as np
     from fastssl.data import ArraySource, build_loader, recipes
     source = ArraySource(np.zeros((64, 8, 8, 3), np.uint8))
-    loaders = [build_loader(source, recipes.mae(8), batch_size=8, backend=b, device="cpu", num_threads=2)
+    loaders = [build_loader(source, recipes.mae(8), batch_size=8, loader=b, device="cpu", num_threads=2)
                for b in sys.argv[1].split(",")]
     iters = [iter(loader) for loader in loaders]
     for it in iters:

@@ -186,7 +186,7 @@ def test_shard_failing_during_the_epoch_is_skipped_counted_and_bounded(backend, 
     source = ShardSource(base + "shard-{000000..000004}.tar", remote=FAST)
     httpd.missing = {"shard-000002.tar"}
     indexed = httpd.requests["shard-000002.tar"]
-    kw = dict(batch_size=6, backend=backend, device="cpu", num_threads=1, shuffle=False)
+    kw = dict(batch_size=6, loader=backend, device="cpu", num_threads=1, shuffle=False)
     loader = build_loader(source, recipes.mae(8), max_skipped_fraction=0.25, **kw)
     t0 = time.monotonic()
     batches = _views(loader)

@@ -130,7 +130,7 @@ def test_round_trip_two_ranks_two_workers(backend, tmp_path):
     for epoch in (0, 1):
         seen, steps = [], []
         for rank in (0, 1):
-            loader = build_loader(source, recipes.mae(8), batch_size=3, backend=backend, device="cpu",
+            loader = build_loader(source, recipes.mae(8), batch_size=3, loader=backend, device="cpu",
                                   num_threads=2, shard_id=rank, num_shards=2, seed=3, shuffle_buffer=4)
             loader.set_epoch(epoch)
             batches = _epoch(loader)
@@ -230,7 +230,7 @@ def test_dali_spawned_reader_workers_read_the_shards(tmp_path, monkeypatch):
 def test_mid_epoch_resume_reads_nothing_before_it_and_repeats_the_batches(backend, tmp_path):
     _, out = _write(tmp_path)
     source = ShardSource(out)
-    kw = dict(batch_size=4, backend=backend, device="cpu", num_threads=1, seed=5, shuffle_buffer=6)
+    kw = dict(batch_size=4, loader=backend, device="cpu", num_threads=1, seed=5, shuffle_buffer=6)
     loader = build_loader(source, recipes.mocov2(8), **kw)
     loader.set_epoch(1)
     full = [{"index": b["index"].clone(), "views": [v.clone() for v in b["views"]]} for b in loader]
@@ -281,7 +281,7 @@ def test_bad_samples_are_skipped_counted_named_then_refused(backend, tmp_path, c
     assert [name.rsplit("/", 1)[-1] for name, _ in source.skipped] == [
         "shard-000002.tar:000000012", "shard-000004.tar", "shard-000004.tar"]
     assert len(source) == 21
-    kw = dict(batch_size=7, backend=backend, device="cpu", num_threads=1, shuffle=False)
+    kw = dict(batch_size=7, loader=backend, device="cpu", num_threads=1, shuffle=False)
     loader = build_loader(source, recipes.mae(8), max_skipped_fraction=0.2, **kw)
     with caplog.at_level(logging.WARNING, logger="fastssl.data"):
         batches = _epoch(loader)
@@ -308,7 +308,7 @@ def test_shard_cut_after_indexing_fails_reads_that_are_skipped_and_named(backend
         cut = tar.getmember("000000022.png").offset_data + 10
     with open(out / "shard-000004.tar", "r+b") as f:
         f.truncate(cut)
-    loader = build_loader(source, recipes.mae(8), batch_size=8, backend=backend, device="cpu", num_threads=1,
+    loader = build_loader(source, recipes.mae(8), batch_size=8, loader=backend, device="cpu", num_threads=1,
                           shuffle=False, max_skipped_fraction=0.1)
     with caplog.at_level(logging.WARNING, logger="fastssl.data"):
         batches = _epoch(loader)
@@ -394,7 +394,7 @@ def test_image_folder_bad_file_is_skipped_and_counted(backend, tmp_path, caplog)
     from fastssl.data import ImageFolderSource
 
     source = ImageFolderSource(_png_folder(tmp_path / "f", bad="b/zz.png"))
-    loader = build_loader(source, recipes.mae(8), batch_size=13, backend=backend, device="cpu", num_threads=1,
+    loader = build_loader(source, recipes.mae(8), batch_size=13, loader=backend, device="cpu", num_threads=1,
                           max_skipped_fraction=0.1)
     with caplog.at_level(logging.WARNING, logger="fastssl.data"):
         batches = _epoch(loader)

@@ -64,19 +64,20 @@ def test_compile_auto_leaves_the_cpu_eager(tmp_path):
     assert all(m._compiled_call_impl is None for m in method.modules())
 
 
-def test_a_block_that_fails_to_compile_warns_once_and_runs_eagerly(monkeypatch):
+def test_a_block_that_fails_to_compile_warns_once_and_runs_eagerly():
     import torch._inductor.config as inductor_config
 
     torch._dynamo.reset()
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("fastssl-no-such-compiler",))
     torch.manual_seed(0)
     block = Block(dim=16, num_heads=2)
     x = torch.randn(2, 5, 16)
     expected = block(x)
     lines = []
-    compile_with_fallback(block, log=lines.append)
-    for _ in range(2):
-        torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
+    # config.patch restores the entry afterwards (monkeypatch would delete it: later compiles fail)
+    with inductor_config.patch({"cpp.cxx": ("fastssl-no-such-compiler",)}):
+        compile_with_fallback(block, log=lines.append)
+        for _ in range(2):
+            torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
     assert len(lines) == 1 and lines[0].startswith("compile: Block failed to compile (")
     assert "running it eagerly" in lines[0] and "\n" not in lines[0]
     assert block._compiled_call_impl is None
