@@ -232,7 +232,8 @@ def test_a_lost_peer_is_named_with_the_last_checkpoint(tmp_path):
     assert time.time() - killed_at < 60
     lost = f"lost contact with rank 1 (peer process ended); last checkpoint: {run / 'last.pt'}"
     assert lost in err, err[-3000:]
-    assert "exitcode  : 2" in err or "exit code 2" in err or "(exitcode: 2)" in err, err[-3000:]
+    # the survivor's own exit status (2) is not asserted: torchrun, seeing the killed rank, may
+    # SIGTERM the survivor right after its line, and which comes first is the scheduler's choice
 
 
 def test_weak_on_shards_without_class_labels_says_to_build_a_vocabulary(tmp_path):
