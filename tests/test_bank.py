@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import io
 import subprocess
-import sys
 
 import pytest
 import torch
 from dist_utils import run_gloo
-from test_queue import _cuobjdump
+from test_queue import built_extension
 
 import fastssl.bank
-from fastssl import _ext
 from fastssl.bank import MemoryBank, memory_bank_update_ref
-from fastssl.queue import extension_cuda_images
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -401,16 +398,7 @@ def test_update_traces_under_torch_compile_fullgraph():
 
 
 def test_extension_carries_the_bank_kernel_for_every_image():
-    _ext.load()
-    reported = extension_cuda_images()
-    if not reported:
-        pytest.skip(f"the extension was built CPU-only ({_ext.load()})")
-    library = sys.modules.get("fastssl._C")
-    if library is None:
-        pytest.skip(f"the extension was JIT-built ({_ext.load()})")
-    tool = _cuobjdump()
-    if tool is None:
-        pytest.skip("no cuobjdump (neither Triton's bundled one nor on PATH)")
+    reported, library, tool = built_extension()
 
     def listed(flag: str) -> set[str]:
         out = subprocess.run([tool, flag, library.__file__], capture_output=True, text=True).stdout

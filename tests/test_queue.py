@@ -499,7 +499,9 @@ def _cuobjdump() -> str | None:
     return str(bundled) if bundled.exists() else shutil.which("cuobjdump")
 
 
-def test_extension_carries_the_images_it_reports():
+def built_extension() -> tuple[list[str], object, str]:
+    """(the CUDA images the built extension reports, its library module, a cuobjdump), or a skip
+    saying which of them this machine lacks."""
     _ext.load()
     reported = fastssl.queue.extension_cuda_images()
     if not reported:
@@ -510,6 +512,11 @@ def test_extension_carries_the_images_it_reports():
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (neither Triton's bundled one nor on PATH)")
+    return reported, library, tool
+
+
+def test_extension_carries_the_images_it_reports():
+    reported, library, tool = built_extension()
 
     def listed(flag: str) -> set[str]:
         out = subprocess.run([tool, flag, library.__file__], capture_output=True, text=True, check=False)
