@@ -58,3 +58,21 @@ def test_gpu_test_paths_hold_every_gpu_test():
     assert marked, "no @pytest.mark.gpu test found"
     missed = [f for f in marked if not any(f == p or f.startswith(p + "/") for p in paths)]
     assert not missed, f"gpu_check.sh's GPU_TESTS misses {missed}"
+
+
+def test_dry_steps_fail_a_step_that_selects_nothing_or_refuses_its_arguments(tmp_path):
+    """The one-interpreter runner of the dry forms: rc 5 for a pytest selection that collects
+    nothing, the module's own exit code for arguments it refuses, and the next step still runs."""
+    py = sys.executable
+    steps = [("none", [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu and not gpu",
+                       "tests/test_layers.py", "--collect-only"]),
+             ("bad", [py, "-m", "fastssl.bench.kernel_cases", "--size", "huge", "--dry-run"]),
+             ("good", [py, "-m", "fastssl.bench.kernel_cases", "--size", "small", "--dry-run"])]
+    record = b"".join(f"{name}\0{len(cmd)}\0".encode() + b"".join(a.encode() + b"\0" for a in cmd)
+                      for name, cmd in steps)
+    (tmp_path / "steps").write_bytes(record)
+    out = subprocess.run([py, "-m", "fastssl.bench.dry_steps", str(tmp_path / "steps")], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT)
+    rcs = {line.split()[0]: line.split()[2] for line in out.stdout.splitlines()}
+    assert rcs == {"none": "rc=5", "bad": "rc=2", "good": "rc=0"}, out.stdout + out.stderr[-2000:]
+    assert out.returncode == 1
