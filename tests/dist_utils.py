@@ -3,10 +3,10 @@
 Distributed code is tested by comparing what W processes compute on their
 shards with what one process computes on the concatenated batch.
 
-The processes start from a fork server that imported torch, timm and fastssl once (per test
-process), not from a fresh interpreter each: a spawn costs ~2 s of import per rank on the 2-core
-CPU, a fork from the server ~0.1 s. Each rank takes the caller's environment as it is at the call,
-as a spawned one would."""
+The processes start from the fork server of tests/forked.py (torch, timm and fastssl imported
+once per test process), not from a fresh interpreter each: a spawn costs ~2 s of import per rank
+on the 2-core CPU, a fork from the server ~0.1 s. Each rank takes the caller's environment as it
+is at the call, as a spawned one would."""
 
 from __future__ import annotations
 
@@ -17,14 +17,10 @@ import socket
 import tempfile
 from collections.abc import Callable
 
+import forked  # noqa: F401  (the fork server's preload list)
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-# imported by the fork server before it forks any rank (none of them starts a thread)
-multiprocessing.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.checkpoint",
-                                        "torch.distributed.fsdp", "timm", "fastssl", "fastssl.engine",
-                                        "fastssl.methods", "fastssl.losses"])
 
 
 def _free_port() -> int:

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import forked
 import numpy as np
 import pytest
 import torch
@@ -141,12 +142,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _cli(*args, cwd=None, **popen) -> subprocess.CompletedProcess | subprocess.Popen:
-    """`fastssl ARGS` in a fresh Python process (Popen when `popen` options are given)."""
+    """`fastssl ARGS` in a process of its own, forked from the tests' fork server (forked.py); a
+    fresh interpreter (subprocess.Popen) when `popen` options are given."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "fastssl.cli", *map(str, args)]
     if popen:
+        cmd = [sys.executable, "-m", "fastssl.cli", *map(str, args)]
         return subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **popen)
-    return subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=True, timeout=300)
+    return forked.run_module("fastssl.cli", args, env=env, cwd=cwd, timeout=300)
 
 
 def _tiny_args(data, *extra):

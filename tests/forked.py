@@ -1,0 +1,87 @@
+"""New processes for the tests, forked from a server that imported torch, timm and fastssl once.
+
+A fresh interpreter spends ~6 s of CPU importing torch, torchvision, timm, DALI and fastssl
+before a CLI command or a gloo rank does anything; on the 2-core CPU that was a third of the
+suite. multiprocessing's fork server imports them once per test process (it starts no thread,
+so forking it is safe) and each new process is a fork of it: its own pid, signals, file
+descriptors, environment, working directory and exit status, as a fresh `python -m ...` has.
+
+`run_module(module, args, ...)` runs `python -m module args` that way and returns what
+subprocess.run would. Commands whose start-up itself is under test (torchrun, Popen-style
+interaction with a running process) use real interpreters."""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import runpy
+import subprocess
+import sys
+import tempfile
+import traceback
+
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.fsdp",
+           "torchvision", "timm", "fastssl", "fastssl.engine", "fastssl.methods", "fastssl.losses",
+           "fastssl.cli"]
+multiprocessing.set_forkserver_preload(PRELOAD)
+CONTEXT = multiprocessing.get_context("forkserver")
+
+
+def exit_status(body) -> int:
+    """What `python` exits with after running body(): SystemExit's code, 1 after printing an
+    uncaught exception's traceback, 130 after KeyboardInterrupt's."""
+    try:
+        body()
+    except SystemExit as stop:
+        if stop.code is None or isinstance(stop.code, int):
+            return stop.code or 0
+        print(stop.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        return 130
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _child(module: str, args: list[str], env: dict, cwd: str | None, out: str, err: str) -> None:
+    multiprocessing.set_start_method(None, force=True)  # the command's own workers: the platform's default
+    os.environ.clear()
+    os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    for fd, path in ((1, out), (2, err)):
+        with open(path, "w") as f:
+            os.dup2(f.fileno(), fd)
+    import torch
+
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", "0") or 0) or torch.get_num_threads())
+    sys.argv = [module, *args]
+    sys.modules.pop(module, None)  # run as __main__, a copy of its own, as `python -m` does
+    code = exit_status(lambda: runpy.run_module(module, run_name="__main__", alter_sys=True))
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def run_module(module: str, args, *, env: dict | None = None, cwd=None, timeout: float = 300):
+    """`python -m module args` in a forked process: a subprocess.CompletedProcess with text
+    stdout and stderr (subprocess.TimeoutExpired past `timeout` seconds, the process killed)."""
+    args = [str(a) for a in args]
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        proc = CONTEXT.Process(target=_child, args=(module, args, dict(os.environ if env is None else env),
+                                                    None if cwd is None else str(cwd), out, err))
+        proc.start()
+        proc.join(timeout)
+        cmd = [sys.executable, "-m", module, *args]
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join()
+            raise subprocess.TimeoutExpired(cmd, timeout)
+        with open(out) as o, open(err) as e:
+            return subprocess.CompletedProcess(cmd, proc.exitcode, o.read(), e.read())
