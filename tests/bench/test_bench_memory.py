@@ -6,9 +6,8 @@ joins a fake process group of 4 ranks."""
 
 import json
 import math
-import subprocess
-import sys
 
+import forked
 import pytest
 import torch
 
@@ -31,7 +30,7 @@ print(json.dumps(rows))
 
 @pytest.mark.slow  # ~65 s on a busy 2-core CPU (five fake steps in a subprocess that imports torch and timm)
 def test_memory_plan_measures_the_models_tensors_and_fsdp_shards_them():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=600)
+    out = forked.run_code(SCRIPT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     ddp, ddp_ac, fsdp, fsdp_ac, ddp_16, ddp_reg4 = json.loads(out.stdout.strip().splitlines()[-1])
     cls = METHODS["dino"]

@@ -4,10 +4,9 @@ renderer and marker handling behave, and the documents link only to files in the
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
+import forked
 import pytest
 
 from fastssl.bench import memory, report
@@ -85,8 +84,7 @@ print(json.dumps([measure(m, b, p, c, 8, GLOBAL_BATCH[m] // 8) for m, b, p, c in
 def test_published_memory_plan_rows_are_what_the_code_counts():
     published = {(r["method"], r["backbone"], r["parallel"], memory.ac_mode(r["checkpointing"]), r["world"]):
                  r for r in report.read_rows(RESULTS / "memory_plan.jsonl")}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(PINNED)], capture_output=True, text=True,
-                         timeout=900)
+    out = forked.run_code(SCRIPT, [json.dumps(PINNED)], timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     keys = ("per_gpu_batch", "params", "grads", "optimizer", "teacher", "activations", "peak")
     for row in json.loads(out.stdout.strip().splitlines()[-1]):

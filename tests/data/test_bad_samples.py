@@ -14,6 +14,7 @@ import textwrap
 import time
 import zlib
 
+import forked
 import numpy as np
 import pytest
 from PIL import Image
@@ -106,8 +107,7 @@ def test_corrupt_and_truncated_pngs_never_crash_any_backend(tmp_path):
     # In a child process, as DALI crashed it (SIGSEGV) on such files; three times, as it crashed
     # intermittently; torchvision's workers once.
     runs = ["torchvision"] + ["dali"] * 3 * dali_backend.HAS_DALI
-    run = subprocess.run([sys.executable, "-c", _TRAIN_ON_FOLDER, str(tmp_path / "f"), ",".join(runs)],
-                         capture_output=True, text=True, env=env, timeout=300)
+    run = forked.run_code(_TRAIN_ON_FOLDER, [tmp_path / "f", ",".join(runs)], env=env, timeout=300)
     assert run.returncode == 0, f"rc {run.returncode}\n{run.stderr[-2000:]}"
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(result) == 2 * len(runs)

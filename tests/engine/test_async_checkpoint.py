@@ -8,11 +8,10 @@
   checkpoint published and readable, and the next run sweeps the unfinished one."""
 
 import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
+import forked
 import torch
 from ssl_tiny import SIZES, MultiViewLoader, full_state, tiny_method
 from torch import nn
@@ -104,8 +103,7 @@ def test_sigkill_during_an_async_save_leaves_the_previous_checkpoint(tmp_path):
     script = KILLED_MID_SAVE.format(tests=str(Path(__file__).parent))
     env = os.environ | {"PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                         "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = forked.run_code(script, [tmp_path], env=env, timeout=600)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (tmp_path / "last.dcp").resolve().name == "step-00000001"
     assert (tmp_path / ".step-00000002.tmp").is_dir()  # the killed save's partial shards, unpublished
