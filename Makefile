@@ -45,10 +45,11 @@ wordnet:
 	  else echo "WordNet missing: install Debian's $(WORDNET_PACKAGES) (or set FASTSSL_WORDNET to a WordNet 3.0 dict folder)"; fi; \
 	fi
 
-# Each .cu is plain CUDA C++: it must compile with bare nvcc (no torch headers).
+# Each .cu is plain CUDA C++: it must compile with bare nvcc (no torch headers). One architecture
+# is enough for that; the build (setup.py) compiles every listed one.
 cuda-check:
 	@if command -v nvcc >/dev/null; then \
-	  archs=$$(nvcc --list-gpu-code | grep -E '^sm_(80|86|89|90|100)$$' | sed 's/sm_\(.*\)/-gencode=arch=compute_\1,code=sm_\1/'); \
+	  archs=$$(nvcc --list-gpu-code | grep -E '^sm_(80|86|89|90|100)$$' | head -1 | sed 's/sm_\(.*\)/-gencode=arch=compute_\1,code=sm_\1/'); \
 	  for f in csrc/cuda/*.cu; do echo "nvcc -c $$f ($$(echo $$archs | grep -o 'sm_[0-9]*' | tr '\n' ' '))"; \
 	    nvcc -std=c++17 $$archs -c $$f -o /tmp/fastssl_$$(basename $$f).o || exit 1; done; \
 	else echo "nvcc not found: skipping the .cu compile check"; fi
