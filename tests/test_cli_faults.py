@@ -164,18 +164,6 @@ def test_a_damaged_sharded_checkpoint_is_named_by_eval_resume_and_export(tmp_pat
     assert not (tmp_path / "b.pt").exists()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs (needs root and mount); skipped where it cannot be mounted."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
 @pytest.mark.slow
 def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path, small_disk):
     """A ~650 KB checkpoint fits once in 1 MiB; the next save, beside it, does not."""
