@@ -57,11 +57,12 @@ def reportable(e: BaseException) -> bool:
 def report(e: BaseException) -> tuple[int, str]:
     """(exit status, the one line after "fastssl CMD: ") of an error a command raised."""
     from fastssl.engine import NonFiniteLossError
+    from fastssl.engine.run import RejoinError
     from fastssl.engine.signals import PeerLostError, is_peer_error
 
     if isinstance(e, NonFiniteLossError):
         return 1, f"stopped: {e}"
-    if isinstance(e, (ValueError, TypeError, PeerLostError)):
+    if isinstance(e, (ValueError, TypeError, PeerLostError, RejoinError)):
         return 2, f"error: {e}"
     if isinstance(e, OSError):
         return 2, f"error: {_os_error(e)}"

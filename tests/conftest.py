@@ -2,6 +2,7 @@
 must be switched on before any fastssl module defines its kernels."""
 
 import os
+import subprocess
 
 import torch
 
@@ -27,3 +28,15 @@ def device() -> torch.device:
     """The device a test's tensors live on: CUDA when present, else the CPU
     (where backend='triton' runs under the interpreter)."""
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root and mount); skipped where it cannot be mounted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -5,6 +5,7 @@ line and exit status 2 (1 for the NaN stop), with nothing on disk lost."""
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_utils import _free_port
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from test_cli import REPO, _children, _cli, _image_folder, _refused, _snapshot, _steps_and_losses, _tiny_args
@@ -58,6 +60,32 @@ def test_nan_stop_keeps_a_finite_checkpoint_that_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     steps = _steps_and_losses(run)
     assert [s for s, _ in steps] == list(range(8)) and all(math.isfinite(v) for _, v in steps[2:])
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_on_nan_and_a_static_rendezvous_restart_rejoins(tmp_path):
+    """torchrun --master-port (its static rendezvous: one store for every attempt) --max-restarts 1,
+    2 ranks on gloo, base_lr=1e6: both ranks stop on the NaN naming the last checkpoint; the restart
+    rejoins (not through the failed attempt's stale peer addresses), resumes from that finite
+    checkpoint and stops at the same step (a sane LR resuming one: the test above)."""
+    _image_folder(tmp_path / "data")        # 2 steps per epoch
+    run, data = tmp_path / "run", tmp_path / "data"
+    common = ["--epochs", "4", "--out", run, "warmup_epochs=0"]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(_free_port()),
+                "--nproc-per-node", "2", "--max-restarts", "1"]
+    result = subprocess.run([*torchrun, "-m", "fastssl.cli", *_tiny_args(data, *common, "base_lr=1e6")],
+                            env=env, text=True, capture_output=True, timeout=400)
+    err = result.stderr
+    assert result.returncode != 0 and "could not rejoin" not in err, err[-3000:]
+    stops = re.findall(r"fastssl train: stopped: .*", err)
+    assert len(stops) == 4 and len(set(stops)) == 1, err[-3000:]       # each rank of both attempts, one line
+    saved = re.search(rf"checkpoint {re.escape(str(run / 'last.pt'))} \(step (\d+)\) is left", stops[0])
+    assert saved and err.count(f"resumed from {run / 'last.pt'} at step {saved.group(1)}") == 2, err[-3000:]
+    state = load_checkpoint(run / "last.pt")
+    assert state["step"] == int(saved.group(1)) and _finite(state) == []
+    steps = _steps_and_losses(run)             # the restart trained from it again, every loss finite
+    assert [s for s, _ in steps] == list(range(4)) and all(math.isfinite(v) for _, v in steps)
 
 
 @pytest.mark.slow
@@ -162,18 +190,6 @@ def test_a_damaged_sharded_checkpoint_is_named_by_eval_resume_and_export(tmp_pat
         for command in commands:
             _refused(_cli(*command), "last.dcp", shard.name, what)
     assert not (tmp_path / "b.pt").exists()
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB tmpfs (needs root and mount); skipped where it cannot be mounted."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
-    yield disk
-    subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 @pytest.mark.slow

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.constants import default_pg_timeout
 
 from fastssl.distributed import get_rank, get_world_size, is_distributed
 
@@ -42,19 +43,66 @@ class RunContext:
         return self.rank == 0
 
 
+class RejoinError(RuntimeError):
+    """A worker that torchrun restarted could not join the process group."""
+
+
+def _attempt_join(restart: int, timeout: datetime.timedelta | None) -> dict[str, Any]:
+    """init_process_group's arguments for a worker that torchrun restarted (attempt `restart`)
+    into the rendezvous store of the attempts before.
+
+    torchrun's static rendezvous (--master-port) keeps one TCPStore for every attempt and has the
+    workers join through it, as its c10d rendezvous does unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1.
+    torch's env:// join expects a fresh store per attempt: in the kept one, a restarted worker reads
+    its peers' addresses of the failed attempt and cannot connect ("Connection refused", or gloo's
+    "Connect timeout" minutes later). So a restarted worker joins under a prefix of its attempt,
+    which every rank shares as long as the nodes restart together (one node always does)."""
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=timeout or default_pg_timeout)
+    return {"store": dist.PrefixStore(f"fastssl/restart-{restart}", store),
+            "rank": int(os.environ["RANK"]), "world_size": int(os.environ["WORLD_SIZE"])}
+
+
 def init_distributed(timeout_s: float | None = None) -> tuple[int, int, torch.device]:
     """Join the process group torchrun describes (RANK / WORLD_SIZE / LOCAL_RANK in the
     environment): NCCL with one GPU per process, gloo on CPU. Returns (rank, world, device).
     timeout_s: how long a collective may wait for the slowest rank before the group fails
-    (None: torch's default). A group that is already initialised (tests) is used as is."""
+    (None: torch's default). A group that is already initialised (tests) is used as is.
+    A worker that torchrun restarted joins through a namespace of its attempt (_attempt_join);
+    when it cannot, RejoinError says so in one line with the launch whose every attempt has a
+    store of its own."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
     if not is_distributed() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout)
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        shared = restart > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+        try:
+            joined = _attempt_join(restart, timeout) if shared else {}
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, **joined)
+        except Exception as e:
+            if not shared:
+                raise
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+            raise RejoinError(f"torchrun restart {restart}: could not rejoin the other processes ({first}); "
+                              f"the nodes may have restarted out of step in torchrun's shared store; "
+                              f"relaunch with --resume auto as TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun "
+                              f"--rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id ID (docs/scale.md), "
+                              f"which gives every attempt a store of its own") from e
     return get_rank(), get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def torchrun_restart(resume: str | None, overwrite: bool, *, out,
+                     log: Callable[[str], None]) -> tuple[str | None, bool]:
+    """(resume, overwrite) of a run under torchrun: a worker it restarted (TORCHELASTIC_RESTART_COUNT
+    > 0) continues OUT's checkpoint ("auto")."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if restart and resume is None:
+        log(f"torchrun restart {restart}: resuming from {out}'s checkpoint when present")
+        return "auto", False
+    return resume, overwrite
 
 
 def global_batch_size(cfg) -> int:

@@ -26,9 +26,13 @@ state by parameter name.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +40,11 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from fastssl.distributed import get_rank, is_distributed
-from fastssl.engine.checkpoint import REQUIRED_KEYS, fsync_dir, load_checkpoint
+from fastssl.engine.checkpoint import REQUIRED_KEYS, NoSpaceError, fsync_dir, load_checkpoint
 
 LATEST = "last.dcp"
 META = "meta.pt"
@@ -50,9 +55,40 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _full_disk(error: BaseException) -> bool:
+    """Whether `error`, or a rank's error inside DCP's CheckpointException, is the disk filling up
+    (torch.save reports a failed write as "unexpected pos", with the OSError as its context)."""
+    pending = [error]
+    if isinstance(error, CheckpointException):
+        pending += [pair[0] for pair in error.failures.values()]
+    while pending:
+        e = pending.pop()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        pending += [c for c in (e.__cause__, e.__context__) if c is not None]
+    return False
+
+
+@contextlib.contextmanager
+def _no_space_named(out: Path, tmp: Path) -> Iterator[None]:
+    """A save that fails writing (DCP raises on every rank once each rank's writes have ended; an
+    OSError on rank 0 writing meta.pt) has its unfinished `tmp` removed by rank 0, and a full disk
+    raises NoSpaceError naming OUT/last.dcp, which still names the previous complete checkpoint."""
+    try:
+        yield
+    except BaseException as e:
+        if get_rank() == 0 and isinstance(e, (CheckpointException, OSError)):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if _full_disk(e):
+            raise NoSpaceError(out / LATEST) from e
+        raise
+
+
 def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    buffer = io.BytesIO()  # a failed write then raises the OSError itself, not torch.save's "unexpected pos"
+    torch.save(meta, buffer)
     with open(directory / META, "wb") as f:
-        torch.save(meta, f)
+        f.write(buffer.getbuffer())
         f.flush()
         os.fsync(f.fileno())
     fsync_dir(directory)
@@ -105,10 +141,11 @@ def save_sharded(out: str | Path, step: int, model: nn.Module, optimizer: torch.
     out = Path(out)
     tmp, final = _begin(out, step)
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp,
-             no_dist=not is_distributed())
-    if get_rank() == 0:
-        _complete(tmp, final, out, meta)
+    with _no_space_named(out, tmp):
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp,
+                 no_dist=not is_distributed())
+        if get_rank() == 0:
+            _complete(tmp, final, out, meta)
     _barrier()
     return final
 
@@ -121,7 +158,7 @@ class AsyncSave:
     written (other ranks) and raises what the save raised."""
 
     def __init__(self, future, tmp: Path, final: Path, out: Path, meta: dict[str, Any]):
-        self.future, self.final, self.error = future, final, None
+        self.future, self.tmp, self.final, self.out, self.error = future, tmp, final, out, None
         self.published = threading.Event()
         if get_rank() == 0:
             def publish(done) -> None:
@@ -137,10 +174,11 @@ class AsyncSave:
             self.published.set()
 
     def wait(self) -> Path:
-        self.future.result()
-        self.published.wait()
-        if self.error is not None:
-            raise self.error
+        with _no_space_named(self.out, self.tmp):
+            self.future.result()
+            self.published.wait()
+            if self.error is not None:
+                raise self.error
         return self.final
 
 

@@ -43,6 +43,7 @@ from fastssl.engine.run import (
     epoch_batches,
     evaluate,
     init_run,
+    torchrun_restart,
 )
 from fastssl.engine.run_folder import RunFolder, new_run_dir
 from fastssl.engine.schedules import build_schedules
@@ -103,10 +104,7 @@ class Trainer:
             cfg.run.out = str(new_run_dir(method.name, is_main=self.is_main, world=self.world))
             self.log(f"out: {cfg.run.out} (a new run folder; --out DIR names one)")
         self.out = Path(cfg.run.out)
-        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-        if restarts and resume is None:
-            self.log(f"torchrun restart {restarts}: resuming from {self.out}'s checkpoint when present")
-            resume, overwrite = "auto", False
+        resume, overwrite = torchrun_restart(resume, overwrite, out=self.out, log=self.log)
         self.extend = extend
         self.allow_change = check_allowed(allow_change, cfg)
         # what the checkpoint records of the data, compared on resume (fastssl.engine.resume_check)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastssl.engine.checkpoint import save_atomic
+from fastssl.cli_errors import report
+from fastssl.engine.checkpoint import NoSpaceError, save_atomic
 from fastssl.engine.checkpointer import Checkpointer, make_checkpointer, read_checkpoint
 from fastssl.engine.sharded_checkpoint import save_sharded
 
@@ -89,3 +90,27 @@ def test_only_rank_0_writes_a_plain_checkpoint_and_stale_temps_are_swept(tmp_pat
     assert Checkpointer(tmp_path, sharded=False, is_main=False, world=2).remove_stale() == []
     removed = Checkpointer(tmp_path, sharded=False, is_main=True, world=1).remove_stale()
     assert [p.name for p in removed] == [".last.pt.tmp.99"] and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_full_disk_during_a_sharded_save_is_named_and_the_previous_one_kept(small_disk, async_save):
+    """A ~640 KB sharded checkpoint fits once in 1 MiB; the next save beside it does not. The CLI's
+    line for it is the plain checkpoint's, and last.dcp still names the first, complete and loadable."""
+    torch.manual_seed(0)
+    model = nn.Linear(400, 400)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpointer = Checkpointer(small_disk, sharded=True, is_main=True, world=1, async_save=async_save)
+    checkpointer.save(step=1, method=model, model=model, optimizer=optimizer, meta=_meta(step=1))
+    checkpointer.wait()
+    saved = model.weight.detach().clone()
+    model.weight.data += 1
+    with pytest.raises(NoSpaceError) as info:
+        checkpointer.save(step=2, method=model, model=model, optimizer=optimizer, meta=_meta(step=2))
+        checkpointer.wait()
+    line = f"error: no space left on device while writing {small_disk / 'last.dcp'}; free space there"
+    assert report(info.value) == (2, f"{line}, or write elsewhere (--out)")
+    assert sorted(p.name for p in small_disk.iterdir()) == ["last.dcp", "step-00000001"]  # no unfinished one
+    checkpoint = read_checkpoint(small_disk / "last.dcp")      # every shard file whole
+    assert checkpoint.state["step"] == 1
+    checkpoint.load_into(model, model, None)
+    assert torch.equal(model.weight, saved)

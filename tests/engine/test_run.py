@@ -56,3 +56,23 @@ def test_deterministic_algorithms_hold_inside_the_block_only_even_on_an_error():
     assert not torch.are_deterministic_algorithms_enabled()
     with deterministic_algorithms(False):
         assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_restarted_worker_that_cannot_rejoin_says_so_in_one_line(monkeypatch):
+    """A worker torchrun restarted into a store nobody serves any more (its agent gone): RejoinError,
+    reported in one line (exit status 2) with the launch whose every attempt has a store of its own."""
+    from dist_utils import _free_port
+
+    from fastssl.cli_errors import report
+    from fastssl.engine.run import RejoinError, init_distributed
+
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(_free_port()), "TORCHELASTIC_RESTART_COUNT": "1",
+                       "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RejoinError) as info:
+        init_distributed(timeout_s=0.5)
+    assert not torch.distributed.is_initialized()
+    status, line = report(info.value)
+    assert status == 2 and "\n" not in line and line.startswith("error: torchrun restart 1: could not rejoin")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --rdzv-backend c10d" in line
