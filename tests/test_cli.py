@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from dist_utils import _free_port
 from PIL import Image
 
 import fastssl.data
@@ -363,17 +364,18 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_torchrun_restarts_a_killed_worker_and_the_job_completes(tmp_path):
-    """2 workers under `torchrun --max-restarts 1`; one is SIGKILLed after the first checkpoint;
-    the restarted workers resume from it on their own and the job completes, each step logged
-    once. (~1-2 min on a busy 2-core machine: two start-ups of two workers.)"""
+    """2 workers under `torchrun --master-port P --max-restarts 1`; one is SIGKILLed after the first
+    checkpoint; the restarted workers rejoin, resume from it on their own and the job completes,
+    each step logged once. (~1-2 min on a busy 2-core machine: two start-ups of two workers.)"""
     _image_folder(tmp_path / "data", n_per_class=32)
     run = tmp_path / "run"
     args = _tiny_args(tmp_path / "data", "--epochs", "3", "--out", run, "checkpoint_every=4")
-    # torchrun's rendezvous store, shared with the workers by default, can hand restarted workers
-    # the previous attempt's peer addresses (connection refused); a store per attempt avoids it.
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "--max-restarts", "1"]
+    # The static rendezvous (--master-port) keeps one store for every attempt, the failed one's peer
+    # addresses included: the restarted workers must rejoin under their own attempt's keys.
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(_free_port()),
+                "--nproc-per-node", "2", "--max-restarts", "1"]
     proc = subprocess.Popen([*torchrun, "-m", "fastssl.cli", *args], env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline, killed = time.time() + 400, None

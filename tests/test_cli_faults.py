@@ -63,29 +63,26 @@ def test_nan_stop_keeps_a_finite_checkpoint_that_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_stop_on_nan_and_a_static_rendezvous_restart_rejoins(tmp_path):
-    """torchrun --master-port (its static rendezvous: one store for every attempt) --max-restarts 1,
-    2 ranks on gloo, base_lr=1e6: both ranks stop on the NaN naming the last checkpoint; the restart
-    rejoins (not through the failed attempt's stale peer addresses), resumes from that finite
-    checkpoint and stops at the same step (a sane LR resuming one: the test above)."""
+def test_two_ranks_stop_on_nan_with_one_line_each_and_a_finite_checkpoint(tmp_path):
+    """torchrun, 2 ranks on gloo, base_lr=1e6: both ranks stop on the NaN with the same line naming
+    the last checkpoint, which holds only finite tensors (resuming one with a sane LR: the test
+    above; a torchrun restart rejoining: test_cli's killed-worker test)."""
     _image_folder(tmp_path / "data")        # 2 steps per epoch
     run, data = tmp_path / "run", tmp_path / "data"
     common = ["--epochs", "4", "--out", run, "warmup_epochs=0"]
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(_free_port()),
-                "--nproc-per-node", "2", "--max-restarts", "1"]
+                "--nproc-per-node", "2"]
     result = subprocess.run([*torchrun, "-m", "fastssl.cli", *_tiny_args(data, *common, "base_lr=1e6")],
                             env=env, text=True, capture_output=True, timeout=400)
     err = result.stderr
-    assert result.returncode != 0 and "could not rejoin" not in err, err[-3000:]
+    assert result.returncode != 0, err[-3000:]
     stops = re.findall(r"fastssl train: stopped: .*", err)
-    assert len(stops) == 4 and len(set(stops)) == 1, err[-3000:]       # each rank of both attempts, one line
+    assert len(stops) == 2 and len(set(stops)) == 1, err[-3000:]       # each rank, one line, the same
     saved = re.search(rf"checkpoint {re.escape(str(run / 'last.pt'))} \(step (\d+)\) is left", stops[0])
-    assert saved and err.count(f"resumed from {run / 'last.pt'} at step {saved.group(1)}") == 2, err[-3000:]
+    assert saved, stops[0]
     state = load_checkpoint(run / "last.pt")
     assert state["step"] == int(saved.group(1)) and _finite(state) == []
-    steps = _steps_and_losses(run)             # the restart trained from it again, every loss finite
-    assert [s for s, _ in steps] == list(range(4)) and all(math.isfinite(v) for _, v in steps)
 
 
 @pytest.mark.slow
