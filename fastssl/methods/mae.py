@@ -39,9 +39,7 @@ class MAEConfig(MethodConfig):
 
 
 @register
-class MAE(Method):
-    name = "mae"
-    config_class = MAEConfig
+class MAE(Method, config=MAEConfig):
     # Fashion-MNIST at its own 28 px, under 10 minutes on a 2-core CPU: ViT-Tiny (4 blocks) with
     # 4 px patches (49 tokens, 12 kept), a 2-block decoder of width 128, batch 128, 10x the
     # paper's base LR for a short run, 2 epochs.
@@ -60,11 +58,6 @@ class MAE(Method):
                              decoder_dim=cfg.method.decoder_dim, decoder_depth=cfg.method.decoder_depth,
                              decoder_heads=cfg.method.decoder_heads, norm_pix_loss=cfg.method.norm_pix_loss,
                              backend=self.backend)
-
-    def recipe(self):
-        from fastssl.data import recipes
-
-        return recipes.mae(size=self.cfg.data.image_size)
 
     def encoder(self) -> nn.Module:
         return MAEEncoder(self.model)
