@@ -29,8 +29,8 @@ from torch import nn
 
 from fastssl import _ext
 from fastssl.distributed import all_gather_no_grad
-from fastssl.queue import kernel_runs_on
-from fastssl.validation import FLOAT_DTYPES, check_bool, check_int, check_number, check_tensor
+from fastssl.queue import RowTable, kernel_runs_on
+from fastssl.validation import check_bool, check_float_dtype, check_int, check_number, check_tensor
 
 _ext.load()
 
@@ -42,10 +42,6 @@ _INIT_CHUNK = 1 << 22  # elements drawn per step of the initialisation (16 MB of
 def _memory_bank_update_fake(memory, scratch, rejected, features, indices, momentum, normalize) -> None:
     # Mutates its inputs in place and returns nothing: lets torch.compile trace update().
     return None
-
-
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def memory_bank_update_ref(
@@ -81,7 +77,7 @@ def memory_bank_update_ref(
     rejected.add_(~valid)
 
 
-class MemoryBank(nn.Module):
+class MemoryBank(RowTable):
     """`size` feature rows of `dim` features, one per training image (instance discrimination's
     memory bank), replicated on every rank.
 
@@ -101,6 +97,7 @@ class MemoryBank(nn.Module):
     update, the last occurrence wins (in a gathered update: the last in rank order).
     """
 
+    ROWS = "memory"
     memory: torch.Tensor
     rejected: torch.Tensor
 
@@ -124,9 +121,7 @@ class MemoryBank(nn.Module):
         device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        if dtype not in FLOAT_DTYPES:
-            names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
-            raise TypeError(f"dtype must be one of ({names}), got {dtype}")
+        check_float_dtype("dtype", dtype)
         self.register_buffer("memory", torch.empty(size, dim, dtype=dtype, device=device))
         self.register_buffer("rejected", torch.zeros(1, dtype=torch.int64, device=device), persistent=False)
         # The update's claims (one int32 per row, zero between updates) and its rejection flag.
@@ -153,21 +148,8 @@ class MemoryBank(nn.Module):
         in float16: 327,978,752 + 5,124,672 + 8 bytes (333 MB)."""
         size = check_int("size", size, low=1)
         dim = check_int("dim", dim, low=1)
-        if dtype not in FLOAT_DTYPES:
-            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        check_float_dtype("dtype", dtype)
         return size * dim * dtype.itemsize + (size + 1) * 4 + 8
-
-    @property
-    def size(self) -> int:
-        return self.memory.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.memory.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.memory.dtype
 
     def extra_repr(self) -> str:
         return (f"size={self.size}, dim={self.dim}, dtype={self.dtype}, momentum={self.momentum}, "
@@ -191,12 +173,9 @@ class MemoryBank(nn.Module):
         with a ValueError; on CUDA, where checking would cost a host sync per step, the kernel
         refuses it on the device and counts it in `rejected` (read it at log time), as it does
         under torch.compile on any device."""
-        check_tensor("features", features, ndim=2, device=self.memory.device, like="the bank")
-        if features.shape[1] != self.dim:
-            raise ValueError(f"features must have {self.dim} columns (the bank's dim), got shape "
-                             f"{tuple(features.shape)}")
+        features = self._incoming("features", features)
         check_tensor("indices", indices, ndim=1, dtypes=_INDEX_DTYPES, device=self.memory.device,
-                     like="the bank")
+                     like="the MemoryBank")
         if indices.shape[0] != features.shape[0]:
             raise ValueError(f"indices must have one entry per feature row ({features.shape[0]}), got "
                              f"shape {tuple(indices.shape)}")
@@ -205,8 +184,6 @@ class MemoryBank(nn.Module):
         indices = indices.to(torch.int64)
         if gather:
             features, indices = all_gather_no_grad(features), all_gather_no_grad(indices)
-        elif not torch.compiler.is_compiling() and _same_storage(features, self.memory):
-            features = features.clone()  # rows of the bank itself: read them all before any is written
         # After the gather, so that every rank agrees. Under torch.compile the op refuses instead.
         if indices.device.type == "cpu" and not torch.compiler.is_compiling():
             low, high = int(indices.min()), int(indices.max())
@@ -239,13 +216,5 @@ class MemoryBank(nn.Module):
         return indices, self.memory.index_select(0, indices.reshape(-1)).view(*shape, self.dim)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        # Validate before nn.Module copies anything: a rejected load changes nothing.
-        memory = state_dict.get(prefix + "memory")
-        if memory is not None:
-            if not isinstance(memory, torch.Tensor) or not memory.is_floating_point():
-                raise TypeError(f"state_dict[{prefix + 'memory'!r}] must be a floating tensor, got "
-                                f"{getattr(memory, 'dtype', type(memory).__name__)}")
-            if tuple(memory.shape) != tuple(self.memory.shape):
-                raise ValueError(f"state_dict[{prefix + 'memory'!r}] must have shape "
-                                 f"{tuple(self.memory.shape)} (size, dim), got {tuple(memory.shape)}")
+        self._check_saved_rows(state_dict, prefix)  # a rejected load changes nothing
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

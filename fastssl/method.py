@@ -46,9 +46,10 @@ class StepContext:
 
 
 class Method(nn.Module):
-    """Base class: subclasses set `name` and `config_class` (the MethodConfig of the method's
-    own fields, whose `defaults` hold the paper's values of the other components' fields) and
-    implement the hooks. `self.cfg` is the whole TrainConfig; `self.cfg.method` its own part."""
+    """Base class: a subclass names its MethodConfig (the method's own fields, whose `defaults`
+    hold the paper's values of the other components' fields) as `class SimCLR(Method,
+    config=SimCLRConfig)`, which sets `config_class` and `name` (the config's), and implements
+    the hooks. `self.cfg` is the whole TrainConfig; `self.cfg.method` its own part."""
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
@@ -57,6 +58,11 @@ class Method(nn.Module):
     presets: ClassVar[dict[str, dict]] = {}
     # The --data a run without one trains on (a method that needs colour names a colour set).
     default_data: ClassVar[str] = "fashion-mnist"
+
+    def __init_subclass__(cls, config: type[MethodConfig] | None = None, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if config is not None:  # the name is written once, in the config
+            cls.config_class, cls.name = config, config.name
 
     def __init__(self, cfg: TrainConfig):
         super().__init__()
@@ -68,8 +74,15 @@ class Method(nn.Module):
         return "auto" if self.cfg.model.fused else "torch"
 
     def recipe(self):
-        """The fastssl.data recipe whose views this method consumes."""
-        raise NotImplementedError
+        """The fastssl.data recipe whose views this method consumes: by default the recipe named
+        after the method, at the configured image size (fastssl.data.recipes.<name>(size=...))."""
+        from fastssl.data import recipes
+
+        recipe = getattr(recipes, self.name, None)
+        if recipe is None:
+            raise NotImplementedError(f"{type(self).__name__}: fastssl.data.recipes has no {self.name!r} "
+                                      "recipe; define its recipe()")
+        return recipe(size=self.cfg.data.image_size)
 
     def encoder(self) -> nn.Module:
         """The backbone whose [B, F] features kNN / linear probe evaluate."""

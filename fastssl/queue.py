@@ -16,13 +16,14 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from fastssl import _ext
 from fastssl.distributed import all_gather_no_grad
-from fastssl.validation import FLOAT_DTYPES, check_bool, check_int, check_tensor
+from fastssl.validation import check_bool, check_float_dtype, check_int, check_tensor
 
 _ext.load()
 
@@ -31,12 +32,6 @@ _ext.load()
 def _queue_push_fake(queue, ptr, arrivals, keys, normalize) -> None:
     # Mutates its inputs in place and returns nothing: lets torch.compile trace push().
     return None
-
-
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    # Checked eagerly only (dynamo cannot trace data_ptr). Under torch.compile, pushing a view
-    # of the queue itself is unsupported: inductor's re-inplacing reads rows already overwritten.
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def has_kernel_image(capability: tuple[int, int], images: Sequence[str]) -> bool:
@@ -114,7 +109,57 @@ def _training_dtype(device: torch.device | str) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-class KeyQueue(nn.Module):
+class RowTable(nn.Module):
+    """What KeyQueue and MemoryBank share: a [size, dim] floating buffer of rows, named ROWS (its
+    state-dict key), that an op of the extension writes in place."""
+
+    ROWS: ClassVar[str]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return getattr(self, self.ROWS)
+
+    @property
+    def size(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.rows.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
+    def _incoming(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """x [n, dim] on the table's device, checked; a copy when it shares the table's storage
+        (the kernel must read every incoming row before it writes any)."""
+        what = f"the {type(self).__name__}"
+        check_tensor(name, x, ndim=2, device=self.rows.device, like=what)
+        if x.shape[1] != self.dim:
+            raise ValueError(f"{name} must have {self.dim} columns ({what}'s dim), got shape "
+                             f"{tuple(x.shape)}")
+        # Checked eagerly only (dynamo cannot trace data_ptr). Under torch.compile, passing a view
+        # of the table itself is unsupported: inductor's re-inplacing reads rows already overwritten.
+        if torch.compiler.is_compiling():
+            return x
+        return x.clone() if x.untyped_storage().data_ptr() == self.rows.untyped_storage().data_ptr() else x
+
+    def _check_saved_rows(self, state_dict: dict, prefix: str) -> None:
+        """Refuse saved rows that are not floating or not [size, dim], before nn.Module copies anything."""
+        key = prefix + self.ROWS
+        rows = state_dict.get(key)
+        if rows is None:
+            return
+        if not isinstance(rows, torch.Tensor) or not rows.is_floating_point():
+            raise TypeError(f"state_dict[{key!r}] must be a floating tensor, got "
+                            f"{getattr(rows, 'dtype', type(rows).__name__)}")
+        if tuple(rows.shape) != tuple(self.rows.shape):
+            raise ValueError(f"state_dict[{key!r}] must have shape {tuple(self.rows.shape)} (size, dim), "
+                             f"got {tuple(rows.shape)}")
+
+
+class KeyQueue(RowTable):
     """A ring of `size` keys of `dim` features (MoCo's queue of negatives).
 
     Buffers (saved by state_dict, moved by .to()): `keys` [size, dim] in `dtype`, initially
@@ -134,6 +179,7 @@ class KeyQueue(nn.Module):
     row (F.normalize). Keys of another floating dtype are cast to `dtype` in the kernel.
     """
 
+    ROWS = "keys"
     keys: torch.Tensor
     ptr: torch.Tensor
 
@@ -152,9 +198,7 @@ class KeyQueue(nn.Module):
         self._auto_dtype = dtype is None
         if dtype is None:
             dtype = _training_dtype(device)
-        if dtype not in FLOAT_DTYPES:
-            names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
-            raise TypeError(f"dtype must be one of ({names}), got {dtype}")
+        check_float_dtype("dtype", dtype)
         self.normalize = check_bool("normalize", normalize)
         # Random unit rows like the official init (normalize(randn)); drawn in fp32 at
         # least so the rows are unit to the precision of `dtype`.
@@ -185,18 +229,6 @@ class KeyQueue(nn.Module):
         out.load_state_dict({"keys": queue.T, "ptr": queue_ptr.reshape(1).to(queue.device)})
         return out
 
-    @property
-    def size(self) -> int:
-        return self.keys.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.keys.dtype
-
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, dtype={self.dtype}, normalize={self.normalize}"
 
@@ -208,15 +240,9 @@ class KeyQueue(nn.Module):
         concat_all_gather), so all ranks push the same rows and hold identical queues;
         every rank must then pass the same n. No device-to-host sync on CUDA. A rejected
         push raises before anything in the queue changes."""
-        check_tensor("keys", keys, ndim=2, device=self.keys.device, like="the queue")
-        if keys.shape[1] != self.dim:
-            raise ValueError(
-                f"keys must have {self.dim} columns (the queue's dim), got shape {tuple(keys.shape)}"
-            )
+        keys = self._incoming("keys", keys)
         if gather:
             keys = all_gather_no_grad(keys)
-        elif not torch.compiler.is_compiling() and _same_storage(keys, self.keys):
-            keys = keys.clone()  # rows of the queue itself: read them all before any is overwritten
         if not kernel_runs_on(self.keys.device):
             queue_push_ref(self.keys, self.ptr, keys, self.normalize)
             return
@@ -241,14 +267,8 @@ class KeyQueue(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # Validate everything before nn.Module copies anything: a rejected load changes nothing.
-        keys, ptr = state_dict.get(prefix + "keys"), state_dict.get(prefix + "ptr")
-        if keys is not None:
-            if not isinstance(keys, torch.Tensor) or not keys.is_floating_point():
-                raise TypeError(f"state_dict[{prefix + 'keys'!r}] must be a floating tensor, got "
-                                f"{getattr(keys, 'dtype', type(keys).__name__)}")
-            if tuple(keys.shape) != tuple(self.keys.shape):
-                raise ValueError(f"state_dict[{prefix + 'keys'!r}] must have shape {tuple(self.keys.shape)} "
-                                 f"(size, dim), got {tuple(keys.shape)}")
+        self._check_saved_rows(state_dict, prefix)
+        ptr = state_dict.get(prefix + "ptr")
         if ptr is not None:
             if not isinstance(ptr, torch.Tensor) or ptr.numel() != 1 or ptr.is_floating_point() \
                     or ptr.dtype == torch.bool or ptr.is_complex():

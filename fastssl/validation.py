@@ -106,6 +106,14 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
+def check_float_dtype(name: str, value: object) -> torch.dtype:
+    """One of FLOAT_DTYPES, or a TypeError naming `name` and listing them."""
+    if value not in FLOAT_DTYPES:
+        names = ", ".join(str(d).replace("torch.", "") for d in FLOAT_DTYPES)
+        raise TypeError(f"{name} must be one of ({names}), got {value}")
+    return value
+
+
 def check_choice(name: str, value: object, choices: Iterable[Any]) -> Any:
     """One of `choices`, or a ValueError naming `name` and listing them."""
     choices = tuple(choices)

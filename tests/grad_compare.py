@@ -188,14 +188,15 @@ OP_CASES = {"info_nce_queue": info_nce_queue, "info_nce_in_batch": info_nce_in_b
 
 @contextlib.contextmanager
 def method_backend(method, backend: str):
-    """Every fused op of `method` (its own calls and its criterion's) forced to `backend`."""
+    """Every fused op of `method` (its own calls and those of the modules that hold a backend of
+    their own: its criterion, MAE's model and the model's criterion) forced to `backend`."""
     cls, had = type(method), "backend" in type(method).__dict__
     saved = cls.__dict__.get("backend")
-    criterion = getattr(method, "criterion", None)
-    saved_criterion = getattr(criterion, "backend", None)
+    holders = [m for m in method.modules() if m is not method and hasattr(m, "backend")]
+    saved_holders = [m.backend for m in holders]
     cls.backend = property(lambda self: backend)
-    if criterion is not None:
-        criterion.backend = backend
+    for m in holders:
+        m.backend = backend
     try:
         yield
     finally:
@@ -203,8 +204,8 @@ def method_backend(method, backend: str):
             cls.backend = saved
         else:
             del cls.backend
-        if criterion is not None:
-            criterion.backend = saved_criterion
+        for m, value in zip(holders, saved_holders):
+            m.backend = value
 
 
 def step_values(method, batch: dict, ctx, *, backend: str, dtype: torch.dtype, device: str,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from fastssl.bench.harness import environment, parse_args, write_rows
+from fastssl.bench.harness import environment, parse_args, publish
 from fastssl.bench.train import SyntheticLoader
 from fastssl.engine import Trainer, resolve_config
 from fastssl.methods import METHODS
@@ -67,12 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         row["ratio_to_none"] = row["step_s"] / base
         lines.append(f"| {row['mode']} | {row['step_s']:.4f} | {row['ratio_to_none']:.2f}x |")
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "checkpoint.md").write_text(table)
-        write_rows(args.out / "checkpoint.jsonl", rows, env)
+    publish("checkpoint", "\n".join(lines) + "\n", rows, env, args.out)
 
 
 if __name__ == "__main__":

@@ -16,10 +16,12 @@ and the two feature gradients). The fused kernels recompute the logits once more
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from fastssl.bench.harness import Case, compiled, parse_args, run
+from fastssl.bench.harness import Case, compiled, loss_providers, run_suites
 from fastssl.ops import info_nce, siglip_loss
 
 
@@ -38,13 +40,6 @@ def siglip_gathered(backend: str):
     return loss
 
 
-def fwd_bwd(loss_fn):
-    def step(*inputs):
-        wrt = [x for x in inputs if x.requires_grad]
-        return torch.autograd.grad(loss_fn(*inputs), wrt, allow_unused=True)  # SigLIP's: no x_all, y
-    return step
-
-
 def cases(name: str, formula, quick: bool, device: str) -> list[Case]:
     shapes = [(32, 64, 32)] if quick else [(1024, 1024, 768), (1024, 32768, 768), (256, 32768, 512)]
     dtypes = [torch.float32] if quick else [torch.bfloat16, torch.float32]
@@ -60,18 +55,15 @@ def cases(name: str, formula, quick: bool, device: str) -> list[Case]:
 
             out.append(Case(
                 name=name, params={"N": N, "M": M, "D": D, "dtype": str(dtype)[6:]}, make_inputs=make,
-                providers={"eager": fwd_bwd(formula("torch")), "compile": fwd_bwd(eager_c),
-                           "fastssl": fwd_bwd(formula("auto"))},
+                providers=loss_providers(formula("torch"), formula("auto"), compiled_eager=eager_c),
                 flops=directions * 3 * (2 * N * M * D),
             ))
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__.splitlines()[0], argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    run("clip_local_loss", cases("clip", clip_local, args.quick, device), args)
-    run("siglip_gathered", cases("siglip", siglip_gathered, args.quick, device), args)
+    run_suites(__doc__, {"clip_local_loss": functools.partial(cases, "clip", clip_local),
+                         "siglip_gathered": functools.partial(cases, "siglip", siglip_gathered)}, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from fastssl.bench.harness import Case, compiled, parse_args, run
+from fastssl.bench.harness import Case, loss_providers, run_suites
 from fastssl.losses import multilabel_softmax_loss
 from fastssl.ops import dino_loss, ibot_patch_loss
 
@@ -28,13 +28,6 @@ def official_dino_loss(student, teacher, center, n_crops):
 def official_multilabel_loss(logits, targets):
     """Softmax cross-entropy with 1/k on each of k labels."""
     return multilabel_softmax_loss(logits, targets, validate=False, backend="torch")
-
-
-def fwd_bwd(loss_fn):
-    def step(x, *rest):
-        (grad,) = torch.autograd.grad(loss_fn(x, *rest), x)
-        return grad
-    return step
 
 
 def dino_cases(quick: bool, device: str) -> list[Case]:
@@ -55,8 +48,7 @@ def dino_cases(quick: bool, device: str) -> list[Case]:
             cases.append(Case(
                 name="dino_loss", params={"B": B, "K": K, "n_crops": n_crops, "dtype": str(dtype)[6:]},
                 make_inputs=make,
-                providers={"eager": fwd_bwd(eager), "compile": fwd_bwd(compiled(eager)),
-                           "fastssl": fwd_bwd(fused)},
+                providers=loss_providers(eager, fused),
                 bytes_moved=(3 * n_crops * B * K + 2 * B * K) * elt,
             ))
     return cases
@@ -87,8 +79,7 @@ def ibot_cases(quick: bool, device: str) -> list[Case]:
             cases.append(Case(
                 name="ibot_patch_loss", params={"B": B, "L": L, "n": n, "K": K, "dtype": str(dtype)[6:]},
                 make_inputs=make,
-                providers={"eager": fwd_bwd(eager), "compile": fwd_bwd(compiled(eager)),
-                           "fastssl": fwd_bwd(fused)},
+                providers=loss_providers(eager, fused),
                 bytes_moved=4 * n * K * elt,
             ))
     return cases
@@ -109,20 +100,16 @@ def multilabel_cases(quick: bool, device: str) -> list[Case]:
             elt = torch.finfo(dtype).bits // 8
             cases.append(Case(
                 name="multilabel_softmax", params={"N": N, "C": C, "dtype": str(dtype)[6:]}, make_inputs=make,
-                providers={"eager": fwd_bwd(official_multilabel_loss),
-                           "compile": fwd_bwd(compiled(official_multilabel_loss)),
-                           "fastssl": fwd_bwd(lambda x, y: multilabel_softmax_loss(x, y, validate=False))},
+                providers=loss_providers(official_multilabel_loss,
+                                         lambda x, y: multilabel_softmax_loss(x, y, validate=False)),
                 bytes_moved=4 * N * C * elt,
             ))
     return cases
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__.splitlines()[0], argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    run("dino_loss", dino_cases(args.quick, device), args)
-    run("ibot_patch_loss", ibot_cases(args.quick, device), args)
-    run("multilabel_softmax_loss", multilabel_cases(args.quick, device), args)
+    run_suites(__doc__, {"dino_loss": dino_cases, "ibot_patch_loss": ibot_cases,
+                         "multilabel_softmax_loss": multilabel_cases}, argv)
 
 
 if __name__ == "__main__":

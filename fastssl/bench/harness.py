@@ -95,6 +95,16 @@ def write_rows(path: Path, rows: Sequence[dict], env: dict | None = None) -> Pat
     return path
 
 
+def publish(name: str, table: str, rows: Sequence[dict], env: dict, out: Path | None) -> None:
+    """Print a benchmark's markdown `table`; with `out`, also write it to OUT/<name>.md and its
+    rows (each carrying `env`) to OUT/<name>.jsonl."""
+    print(table, flush=True)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{name}.md").write_text(table)
+        write_rows(out / f"{name}.jsonl", rows, env)
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -271,18 +281,41 @@ def run(op: str, cases: Sequence[Case], args: argparse.Namespace) -> list[dict]:
         rows += run_case(case, rotate=2 if quick else 4, warmup=warmup, iters=iters)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    table = markdown(op, rows, env, roof)
-    print(table, flush=True)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"{op}.md").write_text(table)
-        write_rows(args.out / f"{op}.jsonl", [{**roof, "op": op, **r} for r in rows], env)
+    publish(op, markdown(op, rows, env, roof), [{**roof, "op": op, **r} for r in rows], env, args.out)
     return rows
+
+
+def run_suites(doc: str, suites: dict[str, Callable[[bool, str], list[Case]]],
+               argv: Sequence[str] | None = None) -> None:
+    """The `main` of a module of op benchmarks (`doc`: its docstring, whose first line is the
+    --help text): `run` each op's cases, suites[op](quick, device), on the GPU when there is one."""
+    args = parse_args(doc.splitlines()[0], argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for op, cases in suites.items():
+        run(op, cases(args.quick, device), args)
 
 
 def compiled(fn: Provider) -> Provider:
     """torch.compile of the eager formula (the 'compile' provider)."""
     return torch.compile(fn)
+
+
+def fwd_bwd(loss_fn: Provider) -> Provider:
+    """One training step's loss work: the forward, and the gradients of every input that needs
+    one (an input the loss does not read gets None, as SigLIP's unused gathered features)."""
+    def step(*inputs):
+        wrt = [x for x in inputs if x.requires_grad]
+        return torch.autograd.grad(loss_fn(*inputs), wrt, allow_unused=True)
+    return step
+
+
+def loss_providers(eager: Provider, fastssl: Provider, *, compiled_eager: Provider | None = None,
+                   ) -> dict[str, Provider]:
+    """The three providers of a loss op, each run forward and backward: the official formula, its
+    torch.compile and the fused op. compiled_eager: one `compiled(eager)` that the caller shares
+    across its cases (shapes after the first then compile dynamic); default: a new one."""
+    return {"eager": fwd_bwd(eager), "compile": fwd_bwd(compiled_eager or compiled(eager)),
+            "fastssl": fwd_bwd(fastssl)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

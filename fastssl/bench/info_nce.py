@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastssl.bench.harness import Case, compiled, parse_args, run
+from fastssl.bench.harness import Case, compiled, loss_providers, run_suites
 from fastssl.ops import info_nce
 
 T = 0.2
@@ -44,14 +44,6 @@ def fastssl_moco_v3(q, k):
     return info_nce(q, k, temperature=T)
 
 
-def fwd_bwd(loss_fn):
-    """One training step's loss work: forward, and the gradients of every input that needs one."""
-    def step(*inputs):
-        wrt = [x for x in inputs if x.requires_grad]
-        return torch.autograd.grad(loss_fn(*inputs), wrt)
-    return step
-
-
 def moco_v2_cases(quick: bool, device: str) -> list[Case]:
     shapes = [(64, 512, 32)] if quick else [(N, 65536, 128) for N in (256, 1024, 4096)]
     dtypes = [torch.float32] if quick else [torch.bfloat16, torch.float32]
@@ -67,8 +59,7 @@ def moco_v2_cases(quick: bool, device: str) -> list[Case]:
 
             cases.append(Case(
                 name="moco_v2", params={"N": N, "K": K, "D": D, "dtype": str(dtype)[6:]}, make_inputs=make,
-                providers={"eager": fwd_bwd(official_moco_v2), "compile": fwd_bwd(eager_c),
-                           "fastssl": fwd_bwd(fastssl_moco_v2)},
+                providers=loss_providers(official_moco_v2, fastssl_moco_v2, compiled_eager=eager_c),
                 flops=2 * (2 * N * (K + 1) * D),
             ))
     return cases
@@ -88,18 +79,14 @@ def in_batch_cases(quick: bool, device: str) -> list[Case]:
 
             cases.append(Case(
                 name="in_batch", params={"N": N, "M": N, "D": D, "dtype": str(dtype)[6:]}, make_inputs=make,
-                providers={"eager": fwd_bwd(official_moco_v3), "compile": fwd_bwd(eager_c),
-                           "fastssl": fwd_bwd(fastssl_moco_v3)},
+                providers=loss_providers(official_moco_v3, fastssl_moco_v3, compiled_eager=eager_c),
                 flops=2 * (2 * N * N * D),
             ))
     return cases
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(__doc__.splitlines()[0], argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    run("info_nce_moco_v2", moco_v2_cases(args.quick, device), args)
-    run("info_nce_in_batch", in_batch_cases(args.quick, device), args)
+    run_suites(__doc__, {"info_nce_moco_v2": moco_v2_cases, "info_nce_in_batch": in_batch_cases}, argv)
 
 
 if __name__ == "__main__":

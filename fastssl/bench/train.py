@@ -18,11 +18,12 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from fastssl.bench.harness import environment, parse_args, write_rows
+from fastssl.bench.harness import environment, parse_args, publish
 from fastssl.engine import Trainer, resolve_config
 from fastssl.methods import METHODS
 
@@ -53,7 +54,8 @@ class SyntheticLoader:
     yielding batch i for i in `marks` it waits for the device and notes the time, so the steps
     between two marks are one timed window."""
 
-    def __init__(self, sizes: list[int], batch_size: int, steps: int, device: torch.device, marks: list[int]):
+    def __init__(self, sizes: list[int], batch_size: int, steps: int, device: torch.device,
+                 marks: Sequence[int] = ()):
         g = torch.Generator(device=device).manual_seed(0)
         self.batch = {
             "views": [torch.randn(batch_size, 3, s, s, device=device, generator=g) for s in sizes],
@@ -156,12 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         lines.append(f"| {name} | {params['backbone']} | {params['batch_size']} | {fast:.1f} | {ref:.1f} | "
                      f"{fast / ref:.2f}x | {mem(f)} | {mem(r)} |")
         print(lines[-1], flush=True)
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "train.md").write_text(table)
-        write_rows(args.out / "train.jsonl", rows, env)
+    publish("train", "\n".join(lines) + "\n", rows, env, args.out)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,9 @@ from fastssl.config import TrainConfig
 from fastssl.models import build_backbone
 from fastssl.models.backbones import is_vit_name
 
+# The papers' SGD (momentum 0.9): MoCo v2, InstDisc, RotNet, context prediction, the weak method.
+SGD = dict(optimizer="sgd", momentum=0.9)
+
 
 def backbone_from_config(cfg: TrainConfig, *, drop_path_rate: float | None = None) -> tuple[nn.Module, int]:
     """build_backbone(backbone, image_size) with the model's ViT options (vit_depth, vit_reg_tokens

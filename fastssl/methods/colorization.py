@@ -84,9 +84,7 @@ def last_map(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class Colorization(Method):
-    name = "colorization"
-    config_class = ColorizationConfig
+class Colorization(Method, config=ColorizationConfig):
     default_data = "colour-shapes"
     # The generated colour set's 32 px images on a 2-core CPU: the CIFAR ResNet-8 (an 8x8 last map).
     presets = {"colour-shapes": dict(backbone="resnet8", image_size=32, batch_size=64, epochs=3,
@@ -118,11 +116,6 @@ class Colorization(Method):
         counts = sum(ab_histogram(rgb_to_lab(x)[:, 1:], self.bins.cpu()) for x in images.split(256))
         m = self.cfg.method
         self.weights.copy_(rebalance_weights(counts, self.bins.cpu(), sigma=m.prior_sigma, lam=m.rebalance))
-
-    def recipe(self):
-        from fastssl.data import recipes
-
-        return recipes.colorization(size=self.cfg.data.image_size)
 
     def encoder(self) -> nn.Module:
         return self.net

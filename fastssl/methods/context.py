@@ -27,7 +27,7 @@ from torch import nn
 from fastssl.config import MethodConfig, setting
 from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
-from fastssl.methods._common import check_views, step_generator
+from fastssl.methods._common import SGD, check_views, step_generator
 
 # (row, col) offsets from the centre cell, label k = NEIGHBOURS[k]
 NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
@@ -40,9 +40,8 @@ class ContextConfig(MethodConfig):
     name: ClassVar[str] = "context"
     # The paper: 96 px patches with gaps of 48 and jitter of up to 7 px, cut from ImageNet images
     # (here: cells of 144 px of a 432 px crop), an AlexNet-style network, SGD with batch normalisation.
-    defaults: ClassVar[dict] = dict(backbone="resnet18", image_size=432, epochs=100, batch_size=256,
-                                    base_lr=0.1, lr_batch_divisor=256, weight_decay=5e-4, optimizer="sgd",
-                                    momentum=0.9)
+    defaults: ClassVar[dict] = dict(SGD, backbone="resnet18", image_size=432, epochs=100, batch_size=256,
+                                    base_lr=0.1, lr_batch_divisor=256, weight_decay=5e-4)
     gap: int = setting(48, "pixels of a cell left out of its patch (half on each side before jitter)", low=0,
                        high=4096)
     jitter: int = setting(7, "a patch moves by up to this many pixels per axis (<= gap / 2)", low=0,
@@ -52,9 +51,7 @@ class ContextConfig(MethodConfig):
 
 
 @register
-class ContextPrediction(Method):
-    name = "context"
-    config_class = ContextConfig
+class ContextPrediction(Method, config=ContextConfig):
     # Fashion-MNIST upsampled to 48 px: 16 px cells, 12 px patches (gap 4, jitter up to 2).
     presets = {"fashion-mnist": dict(backbone="resnet8", image_size=48, batch_size=128, epochs=3, gap=4,
                                      jitter=2, head_hidden_dim=256, eval_size=28, channels_last=True)}
@@ -73,11 +70,6 @@ class ContextPrediction(Method):
         self.backbone, width = build_backbone(cfg.model.backbone, self.patch)
         self.head = nn.Sequential(nn.Linear(2 * width, m.head_hidden_dim), nn.BatchNorm1d(m.head_hidden_dim),
                                   nn.ReLU(inplace=True), nn.Linear(m.head_hidden_dim, len(NEIGHBOURS)))
-
-    def recipe(self):
-        from fastssl.data import recipes
-
-        return recipes.context(size=self.cfg.data.image_size)
 
     def encoder(self) -> nn.Module:
         return self.backbone

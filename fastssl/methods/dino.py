@@ -58,9 +58,7 @@ class DINOConfig(MethodConfig):
 
 
 @register
-class DINO(Method):
-    name = "dino"
-    config_class = DINOConfig
+class DINO(Method, config=DINOConfig):
     # Fashion-MNIST at its own 28 px, under 10 minutes on a 2-core CPU: the CIFAR ResNet-8 (a
     # 4-block ViT-Tiny learns less in that time: README), 2 global crops of 28 px and 4 local
     # crops of 14 px, 1024 prototypes, batch 128, a short warm-up and teacher momentum 0.99.

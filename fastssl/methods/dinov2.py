@@ -82,9 +82,7 @@ class DINOv2Network(nn.Module):
 
 
 @register
-class DINOv2(DINO):
-    name = "dinov2"
-    config_class = DINOv2Config
+class DINOv2(DINO, config=DINOv2Config):
     # Fashion-MNIST at 28 px on a 2-core CPU: a 4-block ViT-Tiny with 7 px patches (a 4 x 4 grid),
     # the DINO preset's crops, prototypes and batch
     presets = {"fashion-mnist": dict(

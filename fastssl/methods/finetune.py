@@ -86,12 +86,9 @@ def backbone_layers(backbone: nn.Module, *, vit: bool) -> int:
     return max(ids) + 1
 
 
-class Finetune(Method):
+class Finetune(Method, config=FinetuneConfig):
     """A backbone (built and loaded by fastssl.finetune) with a new linear head of
     cfg.method.num_classes outputs, trained with cross-entropy."""
-
-    name = "finetune"
-    config_class = FinetuneConfig
 
     def __init__(self, cfg: TrainConfig, backbone: nn.Module, feature_dim: int, *, vit: bool):
         super().__init__(cfg)

@@ -30,7 +30,7 @@ from fastssl.losses import InfoNCELoss
 from fastssl.losses.instdisc import nce_loss, nce_partition
 from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
-from fastssl.methods._common import backbone_from_config, check_views, step_generator
+from fastssl.methods._common import SGD, backbone_from_config, check_views, step_generator
 
 LOSSES = ("nce", "softmax")
 
@@ -38,9 +38,8 @@ LOSSES = ("nce", "softmax")
 @dataclass
 class InstDiscConfig(MethodConfig):
     name: ClassVar[str] = "instdisc"
-    defaults: ClassVar[dict] = dict(backbone="resnet18", image_size=224, epochs=200, batch_size=256,
-                                    base_lr=0.03, lr_batch_divisor=256, weight_decay=5e-4, optimizer="sgd",
-                                    momentum=0.9)
+    defaults: ClassVar[dict] = dict(SGD, backbone="resnet18", image_size=224, epochs=200, batch_size=256,
+                                    base_lr=0.03, lr_batch_divisor=256, weight_decay=5e-4)
     feature_dim: int = setting(128, "D: the embedding and bank row width", low=1, high=65536)
     temperature: float = setting(0.07, "tau of exp(v . f / tau)", low=0, low_open=True, high=100)
     loss: str = setting("nce", "nce: m sampled negatives, Z fixed; softmax: the whole bank (fused InfoNCE)",
@@ -52,9 +51,7 @@ class InstDiscConfig(MethodConfig):
 
 
 @register
-class InstDisc(Method):
-    name = "instdisc"
-    config_class = InstDiscConfig
+class InstDisc(Method, config=InstDiscConfig):
     # Fashion-MNIST at 28 px on a 2-core CPU: the CIFAR ResNet-8, crops of at least a third of the image.
     presets = {"fashion-mnist": dict(backbone="resnet8", image_size=28, batch_size=128, epochs=3,
                                      nce_negatives=1024, channels_last=True, views={"scale": (0.3, 1.0)})}
@@ -84,11 +81,6 @@ class InstDisc(Method):
         if self.bank is None and isinstance(memory, torch.Tensor) and memory.ndim == 2:
             self._make_bank(memory.shape[0])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def recipe(self):
-        from fastssl.data import recipes
-
-        return recipes.instdisc(size=self.cfg.data.image_size)
 
     def encoder(self) -> nn.Module:
         return self.backbone

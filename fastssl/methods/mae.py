@@ -4,8 +4,8 @@ ViT encoder on the 25% kept patches (fastssl.ops.random_masking, which adds the 
 position embedding to the kept patches and writes the class token in the same pass), decoder of
 8 blocks of width 512 fed by fastssl.ops.unshuffle_tokens (mask tokens, class token and decoder
 position embedding in one pass), per-patch-normalized pixel MSE on the masked patches read from
-the images (fastssl.ops.mae_loss). AdamW (beta2 0.95), lr 1.5e-4 * B / 256, 40 warm-up epochs + cosine,
-weight decay 0.05.
+the images (the model's criterion, fastssl.losses.MAELoss). AdamW (beta2 0.95), lr 1.5e-4 * B / 256,
+40 warm-up epochs + cosine, weight decay 0.05.
 """
 
 from __future__ import annotations
@@ -39,9 +39,7 @@ class MAEConfig(MethodConfig):
 
 
 @register
-class MAE(Method):
-    name = "mae"
-    config_class = MAEConfig
+class MAE(Method, config=MAEConfig):
     # Fashion-MNIST at its own 28 px, under 10 minutes on a 2-core CPU: ViT-Tiny (4 blocks) with
     # 4 px patches (49 tokens, 12 kept), a 2-block decoder of width 128, batch 128, 10x the
     # paper's base LR for a short run, 2 epochs.
@@ -58,20 +56,16 @@ class MAE(Method):
         size, patch = parse_vit_name(cfg.model.backbone)
         self.model = mae_vit(size, cfg.data.image_size, patch or 16, depth=cfg.model.vit_depth,
                              decoder_dim=cfg.method.decoder_dim, decoder_depth=cfg.method.decoder_depth,
-                             decoder_heads=cfg.method.decoder_heads, norm_pix_loss=cfg.method.norm_pix_loss)
-
-    def recipe(self):
-        from fastssl.data import recipes
-
-        return recipes.mae(size=self.cfg.data.image_size)
+                             decoder_heads=cfg.method.decoder_heads, norm_pix_loss=cfg.method.norm_pix_loss,
+                             backend=self.backend)
 
     def encoder(self) -> nn.Module:
         return MAEEncoder(self.model)
 
     def compile_modules(self) -> list[nn.Module]:
-        return [self.model]  # encoder on the kept tokens, decoder and loss (the fused ops are custom ops)
+        return [self.model]  # encoder on the kept tokens, decoder, criterion (the fused ops are custom ops)
 
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         imgs = check_views(batch, 1, self.name)[0]
-        loss, _, mask = self.model(imgs, self.cfg.method.mask_ratio, backend=self.backend)
+        loss, _, _ = self.model(imgs, self.cfg.method.mask_ratio)
         return {"loss": loss}

@@ -25,7 +25,7 @@ from fastssl.distributed import batch_shuffle, batch_unshuffle, get_world_size
 from fastssl.losses import InfoNCELoss
 from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
-from fastssl.methods._common import backbone_from_config, check_views
+from fastssl.methods._common import SGD, backbone_from_config, check_views
 from fastssl.models import ema_update_, frozen_copy, moco_v2_head
 from fastssl.models.heads import split_batch_norm_
 
@@ -33,8 +33,8 @@ from fastssl.models.heads import split_batch_norm_
 @dataclass
 class MoCoV2Config(MethodConfig):
     name: ClassVar[str] = "mocov2"
-    defaults: ClassVar[dict] = dict(backbone="resnet50", image_size=224, epochs=200, batch_size=256,
-                                    base_lr=0.03, weight_decay=1e-4, optimizer="sgd", momentum=0.9)
+    defaults: ClassVar[dict] = dict(SGD, backbone="resnet50", image_size=224, epochs=200, batch_size=256,
+                                    base_lr=0.03, weight_decay=1e-4)
     moco_dim: int = setting(128, "embedding (key) dimension", low=1, high=65536)
     mlp_hidden_dim: int = setting(2048, "hidden width of the projection MLP", low=1, high=65536)
     queue_size: int = setting(65536, "negatives kept in the key queue", low=1, high=1 << 24)
@@ -47,9 +47,7 @@ class MoCoV2Config(MethodConfig):
 
 
 @register
-class MoCoV2(Method):
-    name = "mocov2"
-    config_class = MoCoV2Config
+class MoCoV2(Method, config=MoCoV2Config):
     # Fashion-MNIST at its own 28 px, under 10 minutes on a 2-core CPU: the CIFAR ResNet-8, the
     # official MoCo CIFAR-10 demo's changes (K = 4096, m = 0.99, T = 0.1, symmetric loss, wd 5e-4,
     # BN in 8 splits), batch 128, the demo's milder views, 3 epochs (README: what it printed).
@@ -72,11 +70,6 @@ class MoCoV2(Method):
         self.queue = fastssl.KeyQueue(cfg.method.queue_size, cfg.method.moco_dim, normalize=True)
         self.criterion = InfoNCELoss(temperature=cfg.method.temperature, normalize=True, backend=self.backend)
         self._keys: torch.Tensor | None = None
-
-    def recipe(self):
-        from fastssl.data import recipes
-
-        return recipes.mocov2(size=self.cfg.data.image_size)
 
     def encoder(self) -> nn.Module:
         return self.encoder_q[0]

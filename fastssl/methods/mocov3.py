@@ -41,9 +41,7 @@ class MoCoV3Config(MethodConfig):
 
 
 @register
-class MoCoV3(Method):
-    name = "mocov3"
-    config_class = MoCoV3Config
+class MoCoV3(Method, config=MoCoV3Config):
     # The demo (`make demo`), found by the recipe search in benchmarks/RESULTS.md. Fashion-MNIST:
     # the CIFAR ResNet-8 whose features (what kNN sees) are its last stage average-pooled to 3x3
     # (on clothes, where a part lies matters); training crops of 24 px (26.5% fewer pixels than
@@ -78,11 +76,6 @@ class MoCoV3(Method):
         # the official contrastive_loss: keys gathered from every rank, target rank * N + i, times 2T
         self.criterion = InfoNCELoss(temperature=m.temperature, normalize=True, gather_distributed=True,
                                      backend=self.backend, scale_by_2t=True)
-
-    def recipe(self):
-        from fastssl.data import recipes
-
-        return recipes.mocov3(size=self.cfg.data.image_size)
 
     def encoder(self) -> nn.Module:
         return self.base_encoder[0]

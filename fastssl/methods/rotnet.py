@@ -15,7 +15,7 @@ from fastssl.config import MethodConfig, setting
 from fastssl.losses import rotation_loss
 from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
-from fastssl.methods._common import backbone_from_config, check_views
+from fastssl.methods._common import SGD, backbone_from_config, check_views
 
 ROTATIONS = 4
 
@@ -23,17 +23,14 @@ ROTATIONS = 4
 @dataclass
 class RotNetConfig(MethodConfig):
     name: ClassVar[str] = "rotnet"
-    defaults: ClassVar[dict] = dict(backbone="resnet18", image_size=32, epochs=100, batch_size=128,
-                                    base_lr=0.1, lr_batch_divisor=128, weight_decay=5e-4, optimizer="sgd",
-                                    momentum=0.9)
+    defaults: ClassVar[dict] = dict(SGD, backbone="resnet18", image_size=32, epochs=100, batch_size=128,
+                                    base_lr=0.1, lr_batch_divisor=128, weight_decay=5e-4)
     head_hidden_dim: int = setting(0, "0: a linear 4-way head; > 0: Linear-BN-ReLU-Linear of this width",
                                    low=0, high=65536)
 
 
 @register
-class RotNet(Method):
-    name = "rotnet"
-    config_class = RotNetConfig
+class RotNet(Method, config=RotNetConfig):
     # Fashion-MNIST at its own 28 px, under 10 minutes on a 2-core CPU: the CIFAR ResNet-8, crops
     # of at least half the image (a small crop of a garment hides which way is up), 3 epochs.
     presets = {"fashion-mnist": dict(backbone="resnet8", image_size=28, batch_size=128, epochs=3,
@@ -48,11 +45,6 @@ class RotNet(Method):
                 nn.Linear(feature_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
                 nn.Linear(hidden, ROTATIONS))
         )
-
-    def recipe(self):
-        from fastssl.data import recipes
-
-        return recipes.rotnet(size=self.cfg.data.image_size)
 
     def encoder(self) -> nn.Module:
         return self.backbone

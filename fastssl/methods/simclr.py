@@ -40,9 +40,7 @@ class SimCLRConfig(MethodConfig):
 
 
 @register
-class SimCLR(Method):
-    name = "simclr"
-    config_class = SimCLRConfig
+class SimCLR(Method, config=SimCLRConfig):
     presets = {
         "imagenet": dict(_PAPER, temperature=0.1, proj_hidden_dim=2048, proj_dim=128),
         # The demo's network, crops and views (MoCo v3's preset) with the recipe lightly-train's

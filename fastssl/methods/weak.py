@@ -27,7 +27,7 @@ from fastssl.data.sampler import MODES, ResamplingSampler, StreamResampler
 from fastssl.data.vocab import load_tag_ids
 from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
-from fastssl.methods._common import backbone_from_config, check_views
+from fastssl.methods._common import SGD, backbone_from_config, check_views
 
 LOSSES = ("softmax", "sigmoid")
 
@@ -35,8 +35,8 @@ LOSSES = ("softmax", "sigmoid")
 @dataclass
 class WeakConfig(MethodConfig):
     name: ClassVar[str] = "weak"
-    defaults: ClassVar[dict] = dict(backbone="resnet50", image_size=224, epochs=100, batch_size=256,
-                                    base_lr=0.1, weight_decay=1e-4, optimizer="sgd", momentum=0.9)
+    defaults: ClassVar[dict] = dict(SGD, backbone="resnet50", image_size=224, epochs=100, batch_size=256,
+                                    base_lr=0.1, weight_decay=1e-4)
     loss: str = setting("softmax", "softmax (1/k targets) or sigmoid (per-label BCE)", choices=LOSSES)
     sampling: str = setting("sqrt", "how images are resampled by their labels' frequencies", choices=MODES)
     labels_file: str = setting("", "CSV / JSON lines of labels (fastssl.data.labels); empty: the source's "
@@ -61,7 +61,7 @@ class WeakConfig(MethodConfig):
 
 
 @register
-class WeakSupervised(Method):
+class WeakSupervised(Method, config=WeakConfig):
     """Backbone + Linear(feature_dim, num_classes) trained on multi-hot targets.
 
     labels: a LabelTable in dataset order (else cfg.method.labels_file is read; else the source's
@@ -69,8 +69,6 @@ class WeakSupervised(Method):
     them, otherwise batch["label"] directly).
     backbone: (module, feature_dim) to use instead of cfg.model.backbone (small study nets)."""
 
-    name = "weak"
-    config_class = WeakConfig
     # Fashion-MNIST at its own 28 px, each image tagged with its class: the CIFAR ResNet-8, 2 epochs.
     presets = {"fashion-mnist": dict(backbone="resnet8", image_size=28, batch_size=128, epochs=2,
                                      channels_last=True, num_classes=10, crop_scale=(0.25, 1.0))}

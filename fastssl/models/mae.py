@@ -1,8 +1,8 @@
 """Masked autoencoder ViT (He et al. 2022): the encoder runs on the kept patches only, a
 lightweight decoder reconstructs the pixels of every patch.
 
-The masking, the decoder's unshuffle and the loss are fastssl ops; `backend` picks the fused
-kernels ("auto") or their references ("torch").
+The masking and the decoder's unshuffle are fastssl ops, the loss is fastssl.losses.MAELoss; the
+constructor's `backend` picks the fused kernels ("auto") or their references ("torch") for all three.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from fastssl import ops
+from fastssl.losses.mae import MAELoss
 from fastssl.models.backbones import VIT_SIZES
+from fastssl.ops.backend import BACKENDS
+from fastssl.validation import check_choice
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int, cls_token: bool = False) -> torch.Tensor:
@@ -48,6 +51,11 @@ class MaskedAutoencoderViT(nn.Module):
     len_keep = int(L * (1 - mask_ratio)) tokens plus the class token), ViT blocks, LayerNorm.
     Decoder: linear to decoder_dim, unshuffle with a learned mask token, fixed pos-embed,
     decoder blocks, linear prediction of each patch's pixels.
+    Loss: `criterion`, the losses layer's MAELoss (the official forward_loss), which reads the
+    targets from imgs in place and skips the prediction's class-token row without a slice.
+
+    backend (keyword): "auto" (the fused kernels on CUDA), "triton" or "torch" (the references),
+    for the masking, the unshuffle and the loss alike.
     """
 
     def __init__(
@@ -62,10 +70,13 @@ class MaskedAutoencoderViT(nn.Module):
         decoder_heads: int = 16,
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = True,
+        *,
+        backend: str = "auto",
     ):
         super().__init__()
+        self.backend = check_choice("backend", backend, BACKENDS)
         self.patch_size = patch_size
-        self.norm_pix_loss = norm_pix_loss
+        self.criterion = MAELoss(patch_size, norm_pix_loss, backend, with_cls_token=True)
         self.patch_embed = PatchEmbed(image_size, patch_size, 3, embed_dim)
         grid = image_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -103,8 +114,7 @@ class MaskedAutoencoderViT(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def encode(self, imgs: torch.Tensor, mask_ratio: float, backend: str = "auto",
-               noise: torch.Tensor | None = None):
+    def encode(self, imgs: torch.Tensor, mask_ratio: float, noise: torch.Tensor | None = None):
         """-> (latent [B, 1 + len_keep, D], mask [B, L], ids_restore [B, L]); mask_ratio 0 keeps all.
 
         noise [B, L]: the official masking noise (keep the len_keep lowest); None draws a random
@@ -116,7 +126,8 @@ class MaskedAutoencoderViT(nn.Module):
             # the masking gather adds the fixed position embedding to the kept rows and writes the
             # class token as row 0: the official x + pos_embed, gather and cat in one pass over 25% of x
             x, mask, ids_restore = ops.random_masking(
-                x, mask_ratio, noise=noise, pos_embed=self.pos_embed[:, 1:], cls_token=cls, backend=backend
+                x, mask_ratio, noise=noise, pos_embed=self.pos_embed[:, 1:], cls_token=cls,
+                backend=self.backend,
             )
         else:
             x, mask, ids_restore = x + self.pos_embed[:, 1:], None, None
@@ -125,25 +136,23 @@ class MaskedAutoencoderViT(nn.Module):
             x = block(x)
         return self.norm(x), mask, ids_restore
 
-    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    def decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         """latent [B, 1 + len_keep, D] -> pixel predictions [B, 1 + L, p*p*3] (row 0: the class token's)."""
         x = self.decoder_embed(latent)
         # one pass: the class token, the unshuffled tokens with mask tokens, + the fixed position embedding
-        x = ops.unshuffle_tokens(x, self.mask_token, ids_restore, backend=backend,
-                                 pos_embed=self.decoder_pos_embed, with_cls_token=True)
+        x = ops.unshuffle_tokens(x, self.mask_token, ids_restore, pos_embed=self.decoder_pos_embed,
+                                 with_cls_token=True, backend=self.backend)
         for block in self.decoder_blocks:
             x = block(x)
         return self.decoder_pred(self.decoder_norm(x))
 
-    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, backend: str = "auto",
-                noise: torch.Tensor | None = None):
+    def forward(self, imgs: torch.Tensor, mask_ratio: float = 0.75, noise: torch.Tensor | None = None):
         """-> (loss, pred [B, L, p*p*3] (a view), mask [B, L])."""
-        latent, mask, ids_restore = self.encode(imgs, mask_ratio, backend, noise)
-        pred = self.decode(latent, ids_restore, backend)
-        # the loss skips the class-token row and reads the target from imgs in the patchify layout,
-        # so neither pred[:, 1:] nor patchify(imgs) is ever copied
-        loss = ops.mae_loss(pred, imgs, mask, norm_pix_loss=self.norm_pix_loss, patch_size=self.patch_size,
-                            with_cls_token=True, backend=backend)
+        latent, mask, ids_restore = self.encode(imgs, mask_ratio, noise)
+        pred = self.decode(latent, ids_restore)
+        # the criterion skips the class-token row and reads the target from imgs in the patchify
+        # layout, so neither pred[:, 1:] nor patchify(imgs) is ever copied
+        loss = self.criterion(imgs, pred, mask)
         return loss, pred[:, 1:], mask
 
 
@@ -159,12 +168,13 @@ class MAEEncoder(nn.Module):
 
 
 def mae_vit(
-    size: str, image_size: int, patch_size: int = 16, depth: int | None = None, **decoder
+    size: str, image_size: int, patch_size: int = 16, depth: int | None = None, **options
 ) -> MaskedAutoencoderViT:
-    """MAE with a ViT-{tiny,small,base} encoder; `decoder` takes decoder_dim/_depth/_heads, norm_pix_loss."""
+    """MAE with a ViT-{tiny,small,base} encoder; `options`: MaskedAutoencoderViT's other keywords
+    (decoder_dim, decoder_depth, decoder_heads, norm_pix_loss, backend)."""
     if size not in VIT_SIZES:
         raise ValueError(f"ViT size must be one of {tuple(VIT_SIZES)}, got {size!r}")
     if image_size % patch_size != 0:
         raise ValueError(f"image_size must be a multiple of patch_size={patch_size}, got {image_size}")
     dim, default_depth, heads = VIT_SIZES[size]
-    return MaskedAutoencoderViT(image_size, patch_size, dim, depth or default_depth, heads, **decoder)
+    return MaskedAutoencoderViT(image_size, patch_size, dim, depth or default_depth, heads, **options)

@@ -56,13 +56,23 @@ def _fwd_op(
                          with_target_sum=with_target_sum)
 
 
+def dino_loss_fwd_fake(student: Tensor, *, student_rows: int, target_rows: int,
+                       with_target_sum: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Empty tensors shaped as the forward kernel's outputs (the fake of every custom op that runs
+    it, iBOT's included): the loss (fp32; fp64 for fp64 input), then in fp32 the log-sum-exp of
+    each student row, the normaliser of each target row and the target column sum ([K], or [0]
+    without with_target_sum)."""
+    f32 = dict(device=student.device, dtype=torch.float32)
+    loss = student.new_empty((), dtype=torch.promote_types(student.dtype, torch.float32))
+    K = student.shape[-1] if with_target_sum else 0
+    return loss, torch.empty(student_rows, **f32), torch.empty(target_rows, **f32), torch.empty(K, **f32)
+
+
 @_fwd_op.register_fake
 def _(student, target, center, n_crops, n_targets, student_temp, target_temp, target_is_logits,
       exclude_same, with_target_sum):
-    f32 = dict(device=student.device, dtype=torch.float32)
-    loss = student.new_empty((), dtype=torch.promote_types(student.dtype, torch.float32))
-    K = student.shape[1] if with_target_sum else 0
-    return loss, torch.empty(student.shape[0], **f32), torch.empty(target.shape[0], **f32), torch.empty(K, **f32)
+    return dino_loss_fwd_fake(student, student_rows=student.shape[0], target_rows=target.shape[0],
+                              with_target_sum=with_target_sum)
 
 
 @torch.library.custom_op("fastssl::dino_loss_bwd", mutates_args=())

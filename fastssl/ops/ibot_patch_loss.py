@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from fastssl.ops.backend import HAS_TRITON, resolve_backend
+from fastssl.ops.dino_loss import dino_loss_fwd_fake
 from fastssl.validation import check_positive, check_tensor
 
 if HAS_TRITON:  # without triton only the reference runs (resolve_backend refuses "triton")
@@ -51,11 +52,8 @@ def _fwd_op(
 @_fwd_op.register_fake
 def _(student, target, center, student_rows, target_rows, row_weight, student_temp, target_temp,
       target_is_logits, with_target_sum):
-    f32 = dict(device=student.device, dtype=torch.float32)
     n = row_weight.shape[0]
-    loss = student.new_empty((), dtype=torch.promote_types(student.dtype, torch.float32))
-    K = student.shape[-1] if with_target_sum else 0
-    return loss, torch.empty(n, **f32), torch.empty(n, **f32), torch.empty(K, **f32)
+    return dino_loss_fwd_fake(student, student_rows=n, target_rows=n, with_target_sum=with_target_sum)
 
 
 @torch.library.custom_op("fastssl::ibot_patch_loss_bwd", mutates_args=())

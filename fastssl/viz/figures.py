@@ -144,9 +144,9 @@ def mae_reconstructions(mae, images: torch.Tensor, mask_ratio: float, seed: int)
     p = mae.patch_size
     target = ops.patchify(images, p)
     noise = torch.rand(target.shape[:2], generator=torch.Generator().manual_seed(seed)).to(images.device)
-    latent, mask, ids_restore = mae.encode(images, mask_ratio, backend="torch", noise=noise)
-    pred = mae.decode(latent, ids_restore, backend="torch")[:, 1:]  # row 0 is the class token's
-    if mae.norm_pix_loss:
+    latent, mask, ids_restore = mae.encode(images, mask_ratio, noise=noise)
+    pred = mae.decode(latent, ids_restore)[:, 1:]  # row 0 is the class token's
+    if mae.criterion.norm_pix_loss:
         mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
         pred = pred * (var + 1e-6).sqrt() + mean
     m = mask.unsqueeze(-1)

@@ -39,8 +39,7 @@ class MAEWithNoise(MAE):
     ranks holding halves of a batch mask exactly as one process holding all of it does."""
 
     def forward(self, batch, ctx):
-        loss, _, _ = self.model(batch["views"][0], self.cfg.method.mask_ratio, backend=self.backend,
-                                noise=batch["noise"])
+        loss, _, _ = self.model(batch["views"][0], self.cfg.method.mask_ratio, noise=batch["noise"])
         return {"loss": loss}
 
 

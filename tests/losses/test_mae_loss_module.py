@@ -1,4 +1,4 @@
-"""MAELoss: the official MAE forward_loss(imgs, pred, mask) call shape (patchify inside),
+"""MAELoss: the official MAE forward_loss(imgs, pred, mask) call shape (targets read from imgs),
 against the official function restated from the paper and repository, in float64."""
 
 import pytest

@@ -100,8 +100,9 @@ def loss_and_grads(method: Method, batch: dict, backend: str, monkeypatch, ctx=N
     method = copy.deepcopy(method)
     with monkeypatch.context() as mp:
         mp.setattr(type(method), "backend", property(lambda self: backend))
-        if hasattr(method, "criterion"):
-            mp.setattr(method.criterion, "backend", backend)
+        for module in method.modules():  # its criterion, MAE's model: modules with a backend of their own
+            if module is not method and hasattr(module, "backend"):
+                mp.setattr(module, "backend", backend)
         torch.manual_seed(seed)
         loss = method(batch, ctx or context())["loss"]
         loss.backward()

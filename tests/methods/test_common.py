@@ -18,6 +18,7 @@ from method_helpers import (  # noqa: F401 (one_thread is an autouse fixture)
 )
 
 import fastssl.losses.info_nce
+import fastssl.losses.mae
 import fastssl.losses.nt_xent
 import fastssl.ops
 from fastssl.engine import resolve_config
@@ -112,7 +113,7 @@ def test_fused_flag_routes_every_op(name, fused, monkeypatch):
     method = build(name, fused=fused)
     seen = []
     # the ops as the model calls them (fastssl.ops) and as the losses layer calls them
-    for module in (fastssl.ops, fastssl.losses.info_nce, fastssl.losses.nt_xent):
+    for module in (fastssl.ops, fastssl.losses.info_nce, fastssl.losses.mae, fastssl.losses.nt_xent):
         for op in ("info_nce", "random_masking", "unshuffle_tokens", "mae_loss"):
             if hasattr(module, op):
                 real = getattr(module, op)
@@ -124,11 +125,14 @@ def test_fused_flag_routes_every_op(name, fused, monkeypatch):
                 monkeypatch.setattr(module, op, spy)
     method(make_batch(method, batch_size=4), context())
     want = "auto" if fused else "torch"
-    if hasattr(method, "criterion"):
-        assert method.criterion.backend == want  # set once, when the method builds its loss
+    # set once, when the method (or its model: MAE) builds its losses-layer criterion
+    criteria = [m for m in method.modules() if type(m).__module__.startswith("fastssl.losses.")]
+    assert all(c.backend == want for c in criteria), [(type(c).__name__, c.backend) for c in criteria]
     if name == "dino":
         return  # DINOLoss dispatches its own op calls
     assert seen and all(backend == want for _, backend in seen), seen
+    if name == "mae":  # the loss reaches its op through the losses layer (MAELoss)
+        assert "mae_loss" in {op for op, _ in seen}, seen
 
 
 def test_views_are_checked():

@@ -114,7 +114,7 @@ def test_mae_encoder_sees_len_keep_tokens_and_loss_counts_masked_patches():
     model.decoder_pred.register_forward_hook(keep_pred)
     imgs = make_batch(method, batch_size=3)["views"][0]
     noise = torch.rand(3, L, generator=torch.Generator().manual_seed(1))
-    loss, pred, mask = model(imgs, 0.75, backend=method.backend, noise=noise)
+    loss, pred, mask = model(imgs, 0.75, noise=noise)
     assert encoder_in[0].shape == (3, 1 + len_keep, 192)  # class token + kept patches only
     assert decoder_in == [(3, 1 + L, 32)]             # class token + every position
     # official masking: keep the len_keep lowest-noise patches, mask 1 = removed
