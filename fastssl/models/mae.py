@@ -14,7 +14,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from fastssl import ops
-from fastssl.models.backbones import VIT_SIZES
+from fastssl.models.backbones import VIT_BLOCK_OPTIONS, VIT_SIZES
 
 
 def sincos_pos_embed_2d(dim: int, grid_size: int, cls_token: bool = False) -> torch.Tensor:
@@ -162,8 +162,9 @@ def mae_vit(
     size: str, image_size: int, patch_size: int = 16, depth: int | None = None, **decoder
 ) -> MaskedAutoencoderViT:
     """MAE with a ViT-{tiny,small,base} encoder; `decoder` takes decoder_dim/_depth/_heads, norm_pix_loss."""
-    if size not in VIT_SIZES:
-        raise ValueError(f"ViT size must be one of {tuple(VIT_SIZES)}, got {size!r}")
+    if size not in VIT_SIZES or size in VIT_BLOCK_OPTIONS:  # MAE's blocks are the plain ViT's
+        sizes = tuple(s for s in VIT_SIZES if s not in VIT_BLOCK_OPTIONS)
+        raise ValueError(f"ViT size must be one of {sizes} for MAE, got {size!r}")
     if image_size % patch_size != 0:
         raise ValueError(f"image_size must be a multiple of patch_size={patch_size}, got {image_size}")
     dim, default_depth, heads = VIT_SIZES[size]
