@@ -159,3 +159,19 @@ def test_vit_giant_is_dinov2s_swiglu_giant():
     h = torch.randn(3, 1536)
     first, second = mlp.fc1(h).chunk(2, dim=-1)
     torch.testing.assert_close(mlp(h), mlp.fc2(nn.functional.silu(first) * second))
+
+
+def test_vit_giant_state_is_timms_dinov2_giant():
+    """`fastssl export`'s loader for a giant (timm's vit_giant_patch14_dinov2) has its keys and shapes."""
+    import timm
+
+    from fastssl.engine.export import TIMM_NAMES
+
+    with torch.device("meta"):
+        ours, _ = build_backbone("vit_giant_patch14", 28, depth=1)
+        theirs = timm.create_model(TIMM_NAMES["giant"], pretrained=False, num_classes=0, img_size=28,
+                                   patch_size=14, depth=1)
+    def shapes(m):
+        return {k: v.shape for k, v in m.state_dict().items()}
+
+    assert shapes(ours) == shapes(theirs)
