@@ -203,3 +203,17 @@ def test_elementwise_ops_count_no_matmul_flops_on_either_side():
         (make_eager, eager), (make_fused, fused) = traffic._split(build())
         assert _reference_flops(eager, *make_eager()) == 0, op
         assert traffic.count_fused(make_fused, fused)[0].flops == 0, op
+
+
+def test_published_ibot_paper_case_holds_what_each_path_must_by_hand():
+    """DINOv2's iBOT loss at its paper shape (n masked tokens x K prototypes, bf16 logits): the
+    official formula holds float32 [n, K] tensors (the student's and teacher's float32 copies, the
+    teacher's probabilities, the log-softmax, their product), at least three at once; the fused
+    path allocates the student's gradient [n, K] in bf16 and statistics of n and K values only."""
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    (r,) = [json.loads(line) for line in (results / "traffic_model.jsonl").read_text().splitlines()
+            if json.loads(line)["op"] == "ibot_patch_loss"]
+    n, K = traffic.IBOT_PAPER["n"], traffic.IBOT_PAPER["K"]
+    assert r["shape"].startswith(f"n={n} ") and f"K={K} " in r["shape"]
+    assert r["eager_peak_bytes"] >= 3 * 4 * n * K
+    assert 0 <= r["fused_peak_bytes"] - 2 * n * K < 2**20

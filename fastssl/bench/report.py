@@ -87,6 +87,21 @@ def _memory(rows: list[dict]) -> str:
     return "\n".join([caption(rows), "", memory.HEADER] + [memory.format_row(r) for r in rows])
 
 
+def _memory_ibot(rows: list[dict]) -> str:
+    from fastssl.bench import memory
+
+    rows = [r for r in rows if r["method"] == "dinov2"]
+    return "\n".join([caption(rows), ""] + memory.ibot_table(rows))
+
+
+def _memory_bank(rows: list[dict]) -> str:
+    from fastssl.bench import memory
+
+    return "\n".join([caption(rows), "", "Predicted (MemoryBank.bytes and the NCE step's sampled rows), "
+                      f"on each of {rows[0]['world']} GPUs.", "", memory.BANK_HEADER]
+                     + [memory.format_bank_row(r) for r in rows])
+
+
 def _memory_verdict(rows: list[dict]) -> str:
     """On 8 GPUs: the configurations over an 80 GB card, those only FSDP makes fit, and each
     method's largest configuration that fits with DDP."""
@@ -110,7 +125,7 @@ def _memory_verdict(rows: list[dict]) -> str:
     over = [r for r in eight if r["peak"] >= memory.CARD_BYTES]
     card = memory.CARD_BYTES
     only_fsdp = [r for r in over if r["parallel"] == "ddp" and (fsdp_of(r) or r)["peak"] < card]
-    lines = [caption(eight), "", f"On 8 GPUs at the papers' global batches, over an 80 GB card "
+    lines = [caption(eight), "", f"On 8 GPUs at the papers' batches, over an 80 GB card "
              f"({card / memory.GIB:.1f} GiB; peak GiB per GPU):"]
     lines += [f"- {name(r)}: {gib(r)}" for r in over] or ["- none"]
     lines += ["", f"Fit with FSDP but not with DDP: {', '.join(name(r) for r in only_fsdp) or 'none'}."]
@@ -162,6 +177,8 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], str]]] = {
     "traffic_model": ("traffic_model.jsonl", _traffic),
     "memory_plan": ("memory_plan.jsonl", _memory),
     "memory_verdict": ("memory_plan.jsonl", _memory_verdict),
+    "memory_ibot": ("memory_plan.jsonl", _memory_ibot),
+    "memory_bank": ("memory_bank.jsonl", _memory_bank),
     "compile_gate": ("compile_gate.jsonl", _compile_gate),
     "presets": ("presets.jsonl", Table("presets.jsonl", [
         ("method", col("method")), ("backbone", col("backbone")), ("steps", col("steps")),

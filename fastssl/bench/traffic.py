@@ -213,6 +213,31 @@ def _siglip_case(N, M, D):
     return make, eager, fused
 
 
+def ibot_case(B: int, L: int, n: int, K: int):
+    """DINOv2's iBOT patch loss on one GPU: the patch head's logits [n, K] of the n masked tokens of
+    B global crops of L patches, student (with a gradient) and teacher, softmax centering, per-image
+    weights. eager: the official formula (ibot_patch_loss_ref: fp32 teacher softmax, student
+    log-softmax, their product, over [n, K]); fused: ibot_patch_loss through the DINO kernels."""
+    from fastssl.ops.ibot_patch_loss import ibot_patch_loss, ibot_patch_loss_ref
+
+    def make():
+        masks = torch.empty(B, L, dtype=torch.bool, device="meta")
+        indices, weights = torch.empty(n, dtype=torch.int64, device="meta"), _meta(n, dtype=torch.float32)
+        center = _meta(1, 1, K, dtype=torch.float32)
+        return _meta(n, K, grad=True), _meta(n, K), center, masks, indices, weights
+
+    def step(loss, **backend):
+        return lambda s, t, center, masks, indices, weights: loss(
+            s, t, center, masks=masks, mask_indices=indices, masks_weight=weights, **backend).backward()
+
+    return make, step(ibot_patch_loss_ref), step(ibot_patch_loss, backend="triton")
+
+
+# DINOv2's default configuration on one GPU: 64 images, so 128 global crops of 16 x 16 patches at 224 px
+# (/14), half of them masked at ratios spread over 10-50%: 64 x 30% x 256 = 4,915 masked tokens.
+IBOT_PAPER = dict(B=128, L=256, n=4915, K=65536)
+
+
 def _split(case):
     """(eager make, eager step), (fused make, fused step) of a case."""
     if len(case) == 2:
@@ -228,6 +253,7 @@ CASES = [
     ("mae mask+unshuffle+loss", "N=256 L=196 D=1024 bf16 r=0.75 norm-pix", lambda: _mae_case(256, 196, 1024)),
     ("multilabel softmax", "N=256 C=27000 bf16", lambda: _multilabel_case(256, 27000)),
     ("siglip gathered", "N=1024 of M=32768 D=768 bf16", lambda: _siglip_case(1024, 32768, 768)),
+    ("ibot_patch_loss", "n=4915 masked of 128 x 256 tokens K=65536 bf16", lambda: ibot_case(**IBOT_PAPER)),
 ]
 
 

@@ -21,7 +21,7 @@ from fastssl.models.backbones import RESNETS, SMALL_IMAGE_MAX, VIT_SIZES, is_vit
 MAE_ENCODER_KEYS = ("cls_token", "pos_embed", "patch_embed.", "blocks.", "norm.")
 # timm architectures of each ViT size (patch size, depth and image size are passed explicitly)
 TIMM_NAMES = {size: f"vit_{size}_patch16_224" for size in ("tiny", "small", "base", "large")} | {
-    "huge": "vit_huge_patch14_224"}
+    "huge": "vit_huge_patch14_224", "giant": "vit_giant_patch14_dinov2"}
 
 
 def backbone_state_dict(method: nn.Module) -> dict[str, torch.Tensor]:

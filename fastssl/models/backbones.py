@@ -12,6 +12,7 @@ import re
 
 import torch
 import torchvision
+from timm.layers import SwiGLUPacked
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from torchvision.models.resnet import BasicBlock
@@ -23,9 +24,14 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 # Far cheaper than a ResNet-18 with the small stem (ResNet-20: ~41 MFLOPs vs ~560 at 32x32),
 # which is what a CPU run on 32x32 images can afford.
 CIFAR_RESNETS = {"resnet8": 1, "resnet14": 2, "resnet20": 3, "resnet32": 5, "resnet56": 9}
-# ViT sizes of the ViT / DeiT papers: (embed_dim, depth, num_heads).
+# ViT sizes of the ViT / DeiT papers, and DINOv2's giant ("vit_giant2"): (embed_dim, depth, num_heads).
 VIT_SIZES = {"tiny": (192, 12, 3), "small": (384, 12, 6), "base": (768, 12, 12),
-             "large": (1024, 24, 16), "huge": (1280, 32, 16)}
+             "large": (1024, 24, 16), "huge": (1280, 32, 16), "giant": (1536, 40, 24)}
+# DINOv2's giant blocks: its fused SwiGLU feed-forward (hidden (int(4 D * 2 / 3) + 7) // 8 * 8 = 4096
+# per half, both halves in one packed linear, the first half gated) and layer scale 1e-5, as timm's
+# vit_giant_patch14_dinov2 builds them, so an exported giant loads into that architecture.
+VIT_BLOCK_OPTIONS = {"giant": dict(mlp_ratio=2.66667 * 2, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU,
+                                   init_values=1e-5)}
 SMALL_IMAGE_MAX = 64  # at or below this size a ResNet gets the CIFAR stem by default
 
 
@@ -103,7 +109,8 @@ def vit(
     drop_path_rate: float = 0.0,
     reg_tokens: int = 0,
 ) -> tuple[nn.Module, int]:
-    """A timm VisionTransformer (Tiny/Small/Base/Large/Huge) returning the class token [B, D].
+    """A timm VisionTransformer (Tiny/Small/Base/Large/Huge, or DINOv2's Giant with its SwiGLU
+    feed-forward) returning the class token [B, D].
 
     `dynamic_img_size=True` interpolates the position embedding, so one model takes the
     global and the local crops of multi-crop training (DINO). reg_tokens: register tokens
@@ -121,12 +128,13 @@ def vit(
         img_size=image_size, patch_size=patch_size, embed_dim=dim, depth=depth or default_depth,
         num_heads=heads, num_classes=0, global_pool="token", dynamic_img_size=True,
         drop_path_rate=drop_path_rate, reg_tokens=reg_tokens, no_embed_class=reg_tokens > 0,
+        **VIT_BLOCK_OPTIONS.get(size, {}),
     )
     return model, dim
 
 
 _CIFAR_NAME = re.compile(r"^(resnet(?:" + "|".join(n[6:] for n in CIFAR_RESNETS) + r"))(?:_pool(\d+))?$")
-_VIT_NAME = re.compile(r"^vit_(tiny|small|base|large|huge)(?:_patch(\d+))?$")
+_VIT_NAME = re.compile(r"^vit_(" + "|".join(VIT_SIZES) + r")(?:_patch(\d+))?$")
 
 
 def is_vit_name(name: str) -> bool:
@@ -138,7 +146,8 @@ def parse_vit_name(name: str) -> tuple[str, int | None]:
     match = _VIT_NAME.match(name) if isinstance(name, str) else None
     if match is None:
         raise ValueError(
-            f"a ViT backbone name must look like vit_{{tiny,small,base,large,huge}}[_patch<P>], got {name!r}"
+            f"a ViT backbone name must look like vit_{{tiny,small,base,large,huge,giant}}[_patch<P>], "
+            f"got {name!r}"
         )
     size, patch = match.groups()
     return size, None if patch is None else int(patch)
@@ -147,7 +156,7 @@ def parse_vit_name(name: str) -> tuple[str, int | None]:
 def build_backbone(name: str, image_size: int, **options) -> tuple[nn.Module, int]:
     """Backbone by name: "resnet18".."resnet152" (torchvision), "resnet{8,14,20,32,56}[_pool{P}]"
     (CIFAR ResNets, option `width`; _poolP: features = the last stage pooled to P x P), or
-    "vit_{tiny,small,base,large,huge}[_patch{P}]".
+    "vit_{tiny,small,base,large,huge,giant}[_patch{P}]".
 
     torchvision ResNets take `small_stem` (default: image_size <= 64) and `zero_init_residual`; ViTs
     take `patch_size` (default 16, or the name's), `depth`, `drop_path_rate` and `reg_tokens`.
@@ -174,7 +183,7 @@ def build_backbone(name: str, image_size: int, **options) -> tuple[nn.Module, in
         return vit(size, image_size=image_size, **options)
     raise ValueError(
         f"backbone must be one of {RESNETS} or resnet{{8,14,20,32,56}}[_pool<P>] or "
-        f"vit_{{tiny,small,base,large,huge}}[_patch<P>], got {name!r}"
+        f"vit_{{tiny,small,base,large,huge,giant}}[_patch<P>], got {name!r}"
     )
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from fastssl import ops
 from fastssl.losses.mae import MAELoss
-from fastssl.models.backbones import VIT_SIZES
+from fastssl.models.backbones import VIT_BLOCK_OPTIONS, VIT_SIZES
 from fastssl.ops.backend import BACKENDS
 from fastssl.validation import check_choice
 
@@ -172,8 +172,9 @@ def mae_vit(
 ) -> MaskedAutoencoderViT:
     """MAE with a ViT-{tiny,small,base} encoder; `options`: MaskedAutoencoderViT's other keywords
     (decoder_dim, decoder_depth, decoder_heads, norm_pix_loss, backend)."""
-    if size not in VIT_SIZES:
-        raise ValueError(f"ViT size must be one of {tuple(VIT_SIZES)}, got {size!r}")
+    if size not in VIT_SIZES or size in VIT_BLOCK_OPTIONS:  # MAE's blocks are the plain ViT's
+        sizes = tuple(s for s in VIT_SIZES if s not in VIT_BLOCK_OPTIONS)
+        raise ValueError(f"ViT size must be one of {sizes} for MAE, got {size!r}")
     if image_size % patch_size != 0:
         raise ValueError(f"image_size must be a multiple of patch_size={patch_size}, got {image_size}")
     dim, default_depth, heads = VIT_SIZES[size]

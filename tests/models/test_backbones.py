@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from fastssl.models import build_backbone
-from fastssl.models.backbones import parse_vit_name
+from fastssl.models.backbones import VIT_SIZES, parse_vit_name
 
 
 def test_resnet_small_stem_keeps_resolution():
@@ -52,8 +52,9 @@ def test_parse_vit_name():
     assert parse_vit_name("vit_small_patch16") == ("small", 16)
     assert parse_vit_name("vit_tiny") == ("tiny", None)
     assert parse_vit_name("vit_huge_patch14") == ("huge", 14)  # the memory plan's ViT-L / ViT-H
-    with pytest.raises(ValueError, match="vit_giant"):
-        parse_vit_name("vit_giant")
+    assert parse_vit_name("vit_giant_patch14") == ("giant", 14)  # DINOv2's ViT-g/14
+    with pytest.raises(ValueError, match="vit_gigantic"):
+        parse_vit_name("vit_gigantic")
 
 
 def test_bad_backbone_arguments():
@@ -138,3 +139,39 @@ def test_vit_with_four_registers_trains_a_step_and_its_state_loads_into_timm():
     torch.testing.assert_close(timm_model.eval()(images), model.eval()(images))
     with pytest.raises(ValueError, match="reg_tokens must be"):
         build_backbone("vit_tiny", 32, reg_tokens=-1)
+
+
+
+def test_vit_giant_is_dinov2s_swiglu_giant():
+    """DINOv2's vit_giant2 with ffn_layer=swiglufused: embed 1536, 40 blocks of 24 heads, the fused
+    SwiGLU of hidden width (int(4 D * 2 / 3) + 7) // 8 * 8 per half (one linear to both halves,
+    silu(first) * second, back to D), layer scale on both branches."""
+    with torch.device("meta"):
+        model, dim = build_backbone("vit_giant_patch14", 224, depth=1)
+    block, hidden = model.blocks[0], (int(4 * 1536 * 2 / 3) + 7) // 8 * 8
+    assert dim == 1536 and VIT_SIZES["giant"] == (1536, 40, 24) and block.attn.num_heads == 24
+    assert hidden == 4096 and block.mlp.fc1.weight.shape == (2 * hidden, 1536)
+    assert block.mlp.fc2.weight.shape == (1536, hidden)
+    assert block.ls1.gamma.shape == block.ls2.gamma.shape == (1536,)
+    mlp = block.mlp.to_empty(device="cpu")
+    for p in mlp.parameters():
+        nn.init.normal_(p, std=0.02)
+    h = torch.randn(3, 1536)
+    first, second = mlp.fc1(h).chunk(2, dim=-1)
+    torch.testing.assert_close(mlp(h), mlp.fc2(nn.functional.silu(first) * second))
+
+
+def test_vit_giant_state_is_timms_dinov2_giant():
+    """`fastssl export`'s loader for a giant (timm's vit_giant_patch14_dinov2) has its keys and shapes."""
+    import timm
+
+    from fastssl.engine.export import TIMM_NAMES
+
+    with torch.device("meta"):
+        ours, _ = build_backbone("vit_giant_patch14", 28, depth=1)
+        theirs = timm.create_model(TIMM_NAMES["giant"], pretrained=False, num_classes=0, img_size=28,
+                                   patch_size=14, depth=1)
+    def shapes(m):
+        return {k: v.shape for k, v in m.state_dict().items()}
+
+    assert shapes(ours) == shapes(theirs)
