@@ -237,7 +237,7 @@ def _print_summary(summary: dict, data: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fastssl.data import check_data_spec
+    from fastssl.data import check_data_spec, data_splits
     from fastssl.runs import load_trained_method
 
     if args.overrides and not args.finetune:
@@ -247,13 +247,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = check_data_spec(args.data or cfg.data.source)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method.to(device).eval()
-    evaluator = _evaluator(cfg, data, device, linear=True)
+    splits = data_splits(data)
+    evaluator = _evaluator(cfg, data, device, splits, linear=True)
     if evaluator is None:
         raise ValueError(f"--data: {data!r} has no labelled train/ and val/ splits to evaluate on")
+    evaluator = method.evaluator(evaluator, splits, device,
+                                 resize=cfg.eval_side if data in FIXED_SIZE_SETS else None)
     with torch.no_grad():
-        result = evaluator(method.encoder())
+        result = evaluator(method if getattr(evaluator, "takes_method", False) else method.encoder())
     print(f"{name} {cfg.model.backbone} step {state['step']}: kNN top-1 {result['knn_top1']:.2%}, "
-          f"linear probe top-1 {result['linear_top1']:.2%}", flush=True)
+          f"linear probe top-1 {result['linear_top1']:.2%}"
+          + (f", zero-shot top-1 {result['zero_shot_top1']:.2%}" if "zero_shot_top1" in result else ""),
+          flush=True)
     if args.finetune:
         from fastssl.engine import parse_overrides
         from fastssl.finetune import finetune, summary_lines

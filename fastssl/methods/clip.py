@@ -128,9 +128,10 @@ class Clip(Method):
         nn.init.normal_(self.visual_projection.weight, std=feature_dim**-0.5)
         self.text = TextTransformer(embed_dim=m.embed_dim, context_length=m.context_length,
                                     width=m.text_width, layers=m.text_layers, heads=m.text_heads)
-        self.logit_scale = nn.Parameter(torch.tensor(float(m.init_logit_scale)))
+        # [1], not open_clip's 0-d: FSDP2 shards every parameter along its first dimension
+        self.logit_scale = nn.Parameter(torch.full((1,), float(m.init_logit_scale)))
         bias = m.init_logit_bias
-        self.logit_bias = None if bias is None else nn.Parameter(torch.tensor(float(bias)))
+        self.logit_bias = None if bias is None else nn.Parameter(torch.full((1,), float(bias)))
         self.criterion = self.build_criterion()
         self.register_buffer("tokens", None, persistent=False)  # data: rebuilt from the captions on resume
         self.captions: list[str | None] | None = None
@@ -186,6 +187,9 @@ class Clip(Method):
 
     def batch_tokens(self, batch: dict) -> torch.Tensor:
         """int64 [B, context_length] tokens of the batch's captions (by batch["index"])."""
+        if self.tokens is None and self.logit_scale.is_meta:  # the FLOP count's copy: values change no FLOP
+            rows = len(batch["index"])
+            return torch.zeros(rows, self.cfg.method.context_length, dtype=torch.long, device="meta")
         if self.tokens is None:
             raise ValueError(f"{self.name}: no captions: call bind_data(source) or pass captions=")
         index = batch.get("index")

@@ -13,6 +13,9 @@ from method_helpers import build, context, make_batch, one_thread  # noqa: F401 
 
 VIT = {"backbone": "vit_tiny_patch4", "image_size": 16, "vit_depth": 1}
 JOBS = [("dino", {}), ("mocov3", VIT), ("simclr", VIT), ("clip", {}), ("siglip", {})]
+# CLIP's and SigLIP's logits carry the learned scale (t = 14.3 / 10), and their gradients with it
+# (up to ~20): float32 rounding then exceeds an absolute 1e-6, so it scales with the gradient
+GRAD_ATOL = {"clip": 5e-6, "siglip": 5e-6}
 
 
 def _steps(rank: int, world: int, jobs: list) -> list:
@@ -47,7 +50,8 @@ def test_two_processes_equal_one_process_on_the_full_batch():
         torch.testing.assert_close((r0[0] + r1[0]) / 2, full_loss, rtol=1e-5, atol=1e-6, msg=name)
         assert r0[1].keys() == full_grads.keys()
         for n, g in full_grads.items():
-            torch.testing.assert_close((r0[1][n] + r1[1][n]) / 2, g, rtol=1e-4, atol=1e-6, msg=f"{name} {n}")
+            atol = max(1e-6, GRAD_ATOL.get(name, 0.0) * float(g.abs().max()))
+            torch.testing.assert_close((r0[1][n] + r1[1][n]) / 2, g, rtol=1e-4, atol=atol, msg=f"{name} {n}")
         if full_center is not None:
             torch.testing.assert_close(r0[2], full_center, rtol=1e-5, atol=1e-7)
             torch.testing.assert_close(r1[2], full_center, rtol=1e-5, atol=1e-7)
