@@ -56,9 +56,9 @@ _SIGLIP_PAPER = _CLIP_PAPER | dict(backbone="vit_base_patch16", base_lr=1e-3, be
                                    weight_decay=1e-4)
 # Fashion-MNIST with synthetic captions (fastssl.data.captions, 20% naming another class): the
 # weak method's CIFAR ResNet-8 at 28 px and a 2-layer text transformer, on the 2-core CPU.
-_FASHION_MNIST = dict(backbone="resnet8", image_size=28, batch_size=256, epochs=4, optimizer="adamw",
+_FASHION_MNIST = dict(backbone="resnet8", image_size=28, batch_size=256, epochs=1, optimizer="adamw",
                       base_lr=2e-3, lr_batch_divisor=256, betas=(0.9, 0.98), weight_decay=0.1,
-                      warmup_epochs=0.3,
+                      warmup_epochs=0.1,
                       channels_last=True, embed_dim=64, context_length=16, text_width=64, text_layers=2,
                       text_heads=4, captions="synthetic", caption_noise=0.2, crop_scale=(0.5, 1.0),
                       views={"flip_p": 0.5})
