@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*/*.cpp c
 	  fi; \
 	fi
 	$(VPY) -m pip install -q setuptools wheel ninja pybind11
-	$(VPY) -m pip install -q --no-build-isolation -e '.[dev,dali,viz,wordnet]'
+	$(VPY) -m pip install -q --no-build-isolation -e '.[dev,dali,viz,wordnet,clip]'
 	@touch $@
 
 venv: $(VENV)/.installed

@@ -9,7 +9,7 @@
     fastssl bench [--quick] [NAME ...]
     fastssl viz RUN [--out DIR] [--data SPEC]
     fastssl bench --model [--json FILE]
-    fastssl shards SRC OUT [--shard-size N] [--split train|test] [--labels FILE]
+    fastssl shards SRC OUT [--shard-size N] [--split train|test] [--labels FILE] [--captions FILE]
     fastssl vocab SHARDS [--top K] [--out vocab.json] [--wordnet [--unmatched drop|keep]]
                   [--match LABELS [--map-to-target]] [--hierarchy wordnet [--depth D] [--root SYNSET]]
 
@@ -177,7 +177,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _log(f"data: {data}, {options['loader']} loader on {options['device']}, {len(loader)} steps/epoch")
     # the demo shows the linear probe as well: a few seconds on features already extracted
     linear = args.linear_probe or demo
-    evaluator = _evaluator(cfg, data, device, splits, linear=linear) if cfg.eval.eval_knn else None
+    evaluator = None
+    if cfg.eval.eval_knn:  # kNN / linear probe, and what the method adds (zero-shot, retrieval)
+        evaluator = method.evaluator(_evaluator(cfg, data, device, splits, linear=linear), splits, device,
+                                     resize=cfg.eval_side if data in FIXED_SIZE_SETS else None)
     monitor = None
     if evaluator is not None and cfg.eval.eval_every:
         monitor = _evaluator(cfg, data, device, splits, max_train=MONITOR_TRAIN_IMAGES,
@@ -222,11 +225,19 @@ def _print_summary(summary: dict, data: str) -> None:
         lines.append(f"linear probe top-1: pretrained {summary['linear_top1']:.2%}"
                      + (f", random init {summary['linear_top1_random_init']:.2%}"
                         if "linear_top1_random_init" in summary else ""))
+    if "zero_shot_top1" in summary:
+        lines.append(f"zero-shot top-1 (class-name prompts): pretrained {summary['zero_shot_top1']:.2%}, "
+                     f"random init {summary.get('zero_shot_top1_random_init', float('nan')):.2%}")
+    if "image_to_text_r1" in summary:
+        recalls = {d: "/".join(f"{summary[f'{d}_r{k}']:.1%}" for k in (1, 5, 10))
+                   for d in ("image_to_text", "text_to_image")}
+        lines.append(f"retrieval over {summary['retrieval_images']} test images, recall@1/5/10: image->text "
+                     f"{recalls['image_to_text']}, text->image {recalls['text_to_image']}")
     print("\n".join(lines), flush=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fastssl.data import check_data_spec
+    from fastssl.data import check_data_spec, data_splits
     from fastssl.runs import load_trained_method
 
     if args.overrides and not args.finetune:
@@ -236,13 +247,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = check_data_spec(args.data or cfg.data.source)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method.to(device).eval()
-    evaluator = _evaluator(cfg, data, device, linear=True)
+    splits = data_splits(data)
+    evaluator = _evaluator(cfg, data, device, splits, linear=True)
     if evaluator is None:
         raise ValueError(f"--data: {data!r} has no labelled train/ and val/ splits to evaluate on")
+    evaluator = method.evaluator(evaluator, splits, device,
+                                 resize=cfg.eval_side if data in FIXED_SIZE_SETS else None)
     with torch.no_grad():
-        result = evaluator(method.encoder())
+        result = evaluator(method if getattr(evaluator, "takes_method", False) else method.encoder())
     print(f"{name} {cfg.model.backbone} step {state['step']}: kNN top-1 {result['knn_top1']:.2%}, "
-          f"linear probe top-1 {result['linear_top1']:.2%}", flush=True)
+          f"linear probe top-1 {result['linear_top1']:.2%}"
+          + (f", zero-shot top-1 {result['zero_shot_top1']:.2%}" if "zero_shot_top1" in result else ""),
+          flush=True)
     if args.finetune:
         from fastssl.engine import parse_overrides
         from fastssl.finetune import finetune, summary_lines
@@ -266,7 +282,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
     from fastssl.data.shards import shard_dataset
 
     manifest = shard_dataset(args.src, args.out, shard_size=args.shard_size, split=args.split,
-                             labels=args.labels, overwrite=args.overwrite)
+                             labels=args.labels, captions=args.captions, overwrite=args.overwrite)
     print(f"{args.out}: {manifest['total']} samples in {len(manifest['shards'])} shard(s), "
           f"{len(manifest['class_names'])} classes, {len(manifest['tag_vocabulary'])} tags", flush=True)
     return 0
@@ -336,6 +352,10 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"{info['parameters']:,} parameters -> {args.out}\n"
           f"load with: {info['load']}.load_state_dict(torch.load({args.out!r}, weights_only=True))",
           flush=True)
+    if "text_tower" in info:
+        print(f"text tower, image projection and logit scale -> {info['text_tower']}; the text tower loads "
+              f"with: {info['text_load']}.load_state_dict({{k[5:]: v for k, v in torch.load("
+              f"{info['text_tower']!r}, weights_only=True).items() if k.startswith('text.')}})", flush=True)
     return 0
 
 

@@ -136,6 +136,9 @@ def build_parser(method: str | None = None) -> argparse.ArgumentParser:
     shards.add_argument("--split", default="train",
                         help="train or test (Fashion-MNIST's; ROOT/train or ROOT/val of a folder)")
     shards.add_argument("--labels", help="labels file whose labels become each sample's tags (method weak)")
+    shards.add_argument("--captions", help="captions file (.csv/.jsonl) or 'synthetic' (class-name "
+                                           "templates), written as KEY.txt; default: an image folder's "
+                                           "captions.csv/.jsonl")
     shards.add_argument("--overwrite", action="store_true",
                         help="write OUT again even if it holds a complete shard set")
     vocab = _add_command(sub, "vocab", "hashtag vocabulary of shards' captions (#tags, or WordNet synsets)",

@@ -9,7 +9,8 @@ Per step the engine does:
 
     ctx = StepContext(step, epoch, steps_per_epoch, total_steps, lr, weight_decay,
                       {name: schedule[step] for name, schedule in method_schedules.items()})
-    for each of cfg.dist.accum_steps micro-batches (ctx.micro_step = 0, 1, ...):
+    for each of cfg.dist.accum_steps micro-batches (ctx.micro_step = 0, 1, ...; one, the whole
+    batch, for a method that `accumulates_itself`, e.g. GradCache):
         out = model(micro_batch, ctx)  # model = method, DDP(method) or the FSDP-sharded method
         (out["loss"] / accum_steps).backward()  # gradients synchronised on the last one only
     method.before_optimizer_step(ctx)  # e.g. DINO cancels the last layer's gradient in epoch 0
@@ -58,6 +59,9 @@ class Method(nn.Module):
     presets: ClassVar[dict[str, dict]] = {}
     # The --data a run without one trains on (a method that needs colour names a colour set).
     default_data: ClassVar[str] = "fashion-mnist"
+    # True: the engine hands forward() the rank's whole batch and the method runs cfg.dist.accum_steps
+    # micro-batches itself (CLIP's GradCache keeps the whole batch's negatives); False: the engine splits it.
+    accumulates_itself: ClassVar[bool] = False
 
     def __init_subclass__(cls, config: type[MethodConfig] | None = None, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -124,6 +128,12 @@ class Method(nn.Module):
         """An index sampler (set_epoch + __iter__, already sharded for this rank) that replaces
         the loader's shuffle, or None for the loader's own (the weak method resamples by label)."""
         return None
+
+    def evaluator(self, base, splits, device: torch.device, *, resize: int | None = None):
+        """The run's evaluator: `base` (kNN / linear probe of encoder(), or None) by default; a
+        method with more to score (zero-shot, retrieval) wraps it. splits: the data's
+        fastssl.data.DataSplits; resize: the side test images are resized to whole (small sets)."""
+        return base
 
     def masking(self):
         """The fastssl.data.masking.BlockMasks whose masks each batch carries

@@ -59,18 +59,30 @@ def load_trained_method(run: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 def export_backbone(run: str | Path, out: str | Path) -> dict[str, Any]:
     """Write the backbone of RUN (a run directory or checkpoint) to `out` (torch.save of a plain
     {name: tensor} dict, written to a temp file and renamed). Returns a summary: method,
-    backbone, step, tensors, parameters and `load` (the code that builds the module to load into)."""
+    backbone, step, tensors, parameters and `load` (the code that builds the module to load into).
+    An image-text method's text tower, image projection and logit scale go to OUT's stem + ".text"
+    (`text_tower`, with `text_load` for the "text." entries)."""
     method, meta = load_trained_method(run)
     state = backbone_state_dict(method)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _save_atomic(state, out)
+    reg_tokens = state["reg_token"].shape[1] if "reg_token" in state else 0
+    info = {"method": meta["method"], "backbone": method.cfg.model.backbone, "step": meta["step"],
+            "tensors": len(state), "parameters": sum(v.numel() for v in state.values()),
+            "load": loader_code(method.cfg, reg_tokens=reg_tokens)}
+    if hasattr(method, "text_tower_state"):  # image-text methods: the other tower beside the backbone
+        text_out = out.with_name(f"{out.stem}.text{out.suffix}")
+        _save_atomic(method.text_tower_state(), text_out)
+        info |= {"text_tower": str(text_out), "text_load": method.text_tower_code()}
+    return info
+
+
+def _save_atomic(state: dict[str, torch.Tensor], out: Path) -> None:
+    """torch.save to a temporary name, flushed to disk, then renamed to `out`."""
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, out)
-    reg_tokens = state["reg_token"].shape[1] if "reg_token" in state else 0
-    return {"method": meta["method"], "backbone": method.cfg.model.backbone, "step": meta["step"],
-            "tensors": len(state), "parameters": sum(v.numel() for v in state.values()),
-            "load": loader_code(method.cfg, reg_tokens=reg_tokens)}

@@ -123,7 +123,7 @@ def test_loss_flag_is_rejected_by_methods_without_it(capsys):
 
 
 @pytest.mark.parametrize("method, backbone, size",
-                         [("mocov2", "resnet8", 28), ("mae", "vit_tiny_patch4", 28)])
+                         [("mocov2", "resnet8", 28), ("mae", "vit_tiny_patch4", 28), ("clip", "resnet8", 28)])
 def test_fashion_mnist_runs_start_from_the_methods_preset(tmp_path, method, backbone, size):
     """--data fashion-mnist takes the method's small-image preset (not its ImageNet defaults);
     flags and key=value overrides still win over it."""

@@ -16,7 +16,8 @@ counter they use). `harness` times and records; `report` writes RESULTS.md's tab
 
 CPU studies: `presets` (every method's Fashion-MNIST preset), `demo_search` (the demo's recipe
 search), `under_load` (the demo's step on a busy CPU), `weak_study` (loss x sampling under
-long-tailed noisy labels), `time_to_accuracy` (a recipe trained for a wall-time budget, its kNN
+long-tailed noisy labels), `clip_demo` (CLIP on Fashion-MNIST with synthetic captions beside the
+hashtag method), `time_to_accuracy` (a recipe trained for a wall-time budget, its kNN
 over time and where the time went, optionally beside another tool run the same way).
 """
 

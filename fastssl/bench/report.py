@@ -165,6 +165,15 @@ COMPILE_GATE = Table("compile_gate.jsonl", [
     ("max smem B", col("max_smem_bytes")), ("card limit B", col("card_limit_bytes")),
     ("tensor cores", col("tensor_cores"))])
 
+def _read_out() -> Callable[[dict], str]:
+    """Top-1 of a row's class read-out: CLIP's zero-shot prompts, the weak method's own classifier."""
+    return lambda r: pct("classifier_top1" if r["method"] == "weak" else "zero_shot_top1")(r)
+
+
+def _recall(direction: str) -> Callable[[dict], str]:
+    return lambda r: "/".join(_cell(r.get(f"{direction}_r{k}"), "{:.1f}") for k in (1, 5, 10))
+
+
 DEMO_SEARCH_COLUMNS = [
     ("candidate", col("candidate")), ("change", col("change")),
     ("epochs (steps)", lambda r: f"{r['epochs']} ({r['steps']})"), ("kNN top-1", pct("knn_top1")),
@@ -212,6 +221,13 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], str]]] = {
                                                       keep=lambda r: r["round"] == 1).render),
     "demo_search_round2": ("demo_search.jsonl", Table("demo_search.jsonl", DEMO_SEARCH_COLUMNS,
                                                       keep=lambda r: r["round"] == 2).render),
+    "clip_demo": ("clip_demo.jsonl", Table("clip_demo.jsonl", [
+        ("method", col("method")), ("epochs (steps)", lambda r: f"{r['epochs']} ({r['steps']})"),
+        ("class read-out top-1 (chance 10%)", _read_out()),
+        ("kNN top-1", pct("knn_top1")), ("linear probe", pct("linear_top1")),
+        ("image→text R@1/5/10 (%)", _recall("image_to_text")),
+        ("text→image R@1/5/10 (%)", _recall("text_to_image")),
+        ("train s (shared machine)", col("train_seconds"))]).render),
     "readouts": ("readouts.jsonl", Table("readouts.jsonl", [
         ("read-out of the last stage", col("readout")), ("dim", col("dim")), ("kNN trained", pct("knn_top1")),
         ("kNN random init", pct("knn_top1_random_init")), ("margin", margin)]).render),

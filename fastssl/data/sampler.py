@@ -27,6 +27,7 @@ from torch.utils.data import Sampler
 
 from fastssl.data.labels import LabelTable
 from fastssl.data.order import stream_indices
+from fastssl.validation import check_int
 
 MODES = ("natural", "uniform", "sqrt", "inverse_sqrt")
 
@@ -224,3 +225,34 @@ class StreamResampler:
 
     def __len__(self) -> int:
         return self.length // self.world_size
+
+
+class SubsetSampler:
+    """Each epoch a seeded permutation of the dataset indices `index` (the samples that can be
+    trained on), cut to a multiple of world_size and split across ranks by stride. excluded:
+    (name, reason) of the samples left out (an image without a caption), counted by the loader
+    as skipped."""
+
+    def __init__(self, index: Sequence[int], *, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 excluded: Sequence[tuple[str, str]] = ()):
+        self.index = torch.as_tensor(list(index), dtype=torch.int64)
+        self.world_size = check_int("world_size", world_size, low=1)
+        self.rank = check_int("rank", rank, low=0, high=self.world_size - 1)
+        self.seed = check_int("seed", seed, low=0)
+        if len(self.index) < self.world_size:
+            raise ValueError(f"index: expected at least world_size={world_size} samples, "
+                             f"got {len(self.index)}")
+        self.excluded = list(excluded)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch __iter__ draws."""
+        self.epoch = check_int("epoch", epoch, low=0)
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        order = self.index[torch.randperm(len(self.index), generator=g)][: len(self) * self.world_size]
+        return iter(order[self.rank :: self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return len(self.index) // self.world_size

@@ -1,8 +1,9 @@
 """Writing WebDataset tar shards (`fastssl shards`; fastssl.data.shards reads them).
 
 Layout: OUT/shard-000000.tar, ... where each sample is KEY.jpg or KEY.png (the image's
-encoded bytes, unchanged), KEY.cls (its class index as ASCII) and KEY.json ({"path": source
-path or index, "tags": [...]}); one OUT/shard-NNNNNN.idx per shard in the format DALI's
+encoded bytes, unchanged), KEY.cls (its class index as ASCII), KEY.json ({"path": source
+path or index, "tags": [...]}) and KEY.txt (its caption, when it has one, as img2dataset
+writes it); one OUT/shard-NNNNNN.idx per shard in the format DALI's
 `wds2idx` writes; OUT/manifest.json last. Every file is written to a temporary name and
 renamed, so a killed write leaves finished shards and no manifest, which a re-run completes.
 """
@@ -73,40 +74,45 @@ def _meta(source, i: int, tags) -> dict:
             "tags": list(tags[i]) if tags is not None else []}
 
 
-def _sample(source, i: int, tags) -> tuple[str, list[tuple[str, bytes]]]:
+def _sample(source, i: int, tags, captions) -> tuple[str, list[tuple[str, bytes]]]:
     """Sample i as the writer stores it: (key, [(extension, bytes), ...])."""
     if source.kind == "encoded":
         ext = Path(source.paths[i]).suffix.lower().lstrip(".")
         ext, data = "jpg" if ext == "jpeg" else ext, source.read_bytes(i).tobytes()
     else:
         ext, data = "png", _png_bytes(source.images[i])
+    caption = captions[i] if captions is not None else None
     return f"{i:09d}", [(ext, data), ("cls", str(int(source.labels[i])).encode()),
-                        ("json", json.dumps(_meta(source, i, tags), sort_keys=True).encode())]
+                        ("json", json.dumps(_meta(source, i, tags), sort_keys=True).encode()),
+                        *([("txt", caption.encode("utf-8"))] if caption is not None else [])]
 
 
-def _kept_shard(path: Path, source, ids: range, tags) -> bool:
+def _kept_shard(path: Path, source, ids: range, tags, captions) -> bool:
     """Whether the finished shard at `path` (a re-run after a killed write) holds exactly samples
     `ids` of `source` (keys, classes, paths and tags; images are not re-read) and keeps its
     index: True to keep it, False to rewrite it (damaged). ValueError when it holds other data."""
     samples, problem = scan_shard(str(path), 0, None)
     if problem is not None or not path.with_suffix(".idx").is_file():
         return False
-    want = [(f"{i:09d}", int(source.labels[i]), _meta(source, i, tags)) for i in ids]
-    if [(s.key, s.cls, s.meta) for s in samples] != want:
+    want = [(f"{i:09d}", int(source.labels[i]), _meta(source, i, tags),
+             (captions[i] if captions is not None else None) or "") for i in ids]
+    if [(s.key, s.cls, s.meta, s.caption) for s in samples] != want:
         raise ValueError(f"out: {path} holds other samples than {ids.start}..{ids.stop - 1} of this source "
-                         "(other data, labels, tags or --shard-size); pass --overwrite to write it again")
+                         "(other data, labels, tags, captions or --shard-size); pass --overwrite to write "
+                         "it again")
     return True
 
 
 def write_shards(source, out: str | os.PathLike, *, shard_size: int = 10_000,
-                 tags: Sequence[Sequence[str]] | None = None,
+                 tags: Sequence[Sequence[str]] | None = None, captions: Sequence[str | None] | None = None,
                  class_names: Sequence[str] | None = None, overwrite: bool = False) -> dict:
     """Write `source` (an encoded-image source: its files' bytes unchanged; or an ArraySource:
     PNG-encoded) as shards of `shard_size` samples under `out`; returns the manifest.
 
     tags: one list of tag strings per sample (weak supervision), stored in KEY.json and
     gathered, sorted, into the manifest's tag vocabulary. KEY.json's "path" is the file's
-    path (an ArraySource's: the item index).
+    path (an ArraySource's: the item index). captions: one caption (or None) per sample, stored
+    as KEY.txt.
     Deterministic: the same source gives byte-identical shards. Shards appear atomically;
     manifest.json is written last, so a folder with a manifest is complete. A folder without
     one is an unfinished write: a re-run with the same arguments keeps each finished shard
@@ -117,6 +123,8 @@ def write_shards(source, out: str | os.PathLike, *, shard_size: int = 10_000,
     n = len(source)
     if tags is not None and len(tags) != n:
         raise ValueError(f"tags must have one list per sample ({n}), got {len(tags)}")
+    if captions is not None and len(captions) != n:
+        raise ValueError(f"captions must have one caption (or None) per sample ({n}), got {len(captions)}")
     check_bool("overwrite", overwrite)
     out = Path(out)
     if (out / MANIFEST).exists() and not overwrite:
@@ -138,8 +146,8 @@ def write_shards(source, out: str | os.PathLike, *, shard_size: int = 10_000,
     counts: list[int] = []
     for k in range(n_shards):
         ids, path = range(k * shard_size, min((k + 1) * shard_size, n)), out / SHARD_NAME.format(k)
-        if not (path.exists() and _kept_shard(path, source, ids, tags)):
-            _write_shard(path, [_sample(source, i, tags) for i in ids])
+        if not (path.exists() and _kept_shard(path, source, ids, tags, captions)):
+            _write_shard(path, [_sample(source, i, tags, captions) for i in ids])
         counts.append(len(ids))
     vocabulary = sorted({t for row in tags for t in row}) if tags is not None else []
     manifest = {

@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from fastssl.data.remote import RemoteOptions, RemoteReader, RemoteReadError, is_url
-from fastssl.data.sources import read_each
+from fastssl.data.sources import FASHION_MNIST_CLASSES, read_each
 from fastssl.validation import check_int
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp", "bmp", "ppm", "tif", "tiff")
@@ -87,12 +87,10 @@ def hashtags(caption: str) -> list[str]:
     return list(dict.fromkeys(t.lower() for t in _HASHTAG.findall(caption)))
 
 
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot")
 
 
 def shard_dataset(src: str, out: str | os.PathLike, *, shard_size: int = 10_000, split: str = "train",
-                  labels: str | None = None, overwrite: bool = False) -> dict:
+                  labels: str | None = None, captions: str | None = None, overwrite: bool = False) -> dict:
     """`fastssl shards`: write SRC as shards under OUT (write_shards: an unfinished OUT is
     completed, a complete one refused unless overwrite); returns the manifest.
 
@@ -101,7 +99,10 @@ def shard_dataset(src: str, out: str | os.PathLike, *, shard_size: int = 10_000,
     fastssl.data.labels reads them: image paths relative to the file's folder; every
     row's labels become the sample's tags, and its class when the file has one label per row).
     labels: a labels file whose labels become the tags of SRC's images (matched by path,
-    or by index for Fashion-MNIST)."""
+    or by index for Fashion-MNIST).
+    captions: a captions file, or "synthetic" (fastssl.data.captions); None: an image folder's
+    captions.csv / captions.jsonl when it has one. Each caption is written as the sample's KEY.txt."""
+    from fastssl.data.captions import captions_beside, source_captions
     from fastssl.data.labels import _rows, read_labels
     from fastssl.data.shard_writer import write_shards
     from fastssl.data.sources import ImageFolderSource, _FileSource, fashion_mnist
@@ -137,8 +138,11 @@ def shard_dataset(src: str, out: str | os.PathLike, *, shard_size: int = 10_000,
         table = read_labels(labels, vocabulary=names, paths=getattr(source, "paths", None),
                             num_items=len(source) if source.kind == "array" else None)
         tags = [[table.names[c] if table.names else str(c) for c in row] for row in table.labels]
-    return write_shards(source, out, shard_size=shard_size, tags=tags, class_names=class_names,
-                        overwrite=overwrite)
+    texts = None
+    if captions is not None or (os.path.isdir(src) and captions_beside(src) is not None):
+        texts = source_captions(source, captions or "", data=src)
+    return write_shards(source, out, shard_size=shard_size, tags=tags, captions=texts,
+                        class_names=class_names, overwrite=overwrite)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -275,6 +279,7 @@ class ShardSource:
     reason). A folder of `fastssl shards` output without its manifest (an unfinished write)
     is refused. labels: each sample's .cls (-1 without one).
     tags(vocabulary): each sample's tag ids (from .json "tags", else the caption's hashtags).
+    captions(): each sample's caption (.txt, else .json "caption").
     """
 
     kind = "encoded"
@@ -375,6 +380,14 @@ class ShardSource:
         if tags:
             return [str(t) for t in tags]
         return hashtags(s.caption or (s.meta.get("caption", "") if isinstance(s.meta, dict) else ""))
+
+    def captions(self) -> list[str | None]:
+        """Each sample's caption: its KEY.txt, else the "caption" field of its KEY.json (img2dataset
+        writes both); None for a sample with neither or an empty one."""
+        from fastssl.data.captions import clean_caption
+
+        return [clean_caption(s.caption) or (clean_caption(s.meta.get("caption")) if isinstance(s.meta, dict)
+                                             else None) for s in self.samples]
 
     def tag_vocabulary(self) -> list[str]:
         """The manifest's tag vocabulary ([] without a manifest: build one with `vocabulary`)."""

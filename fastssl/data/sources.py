@@ -14,6 +14,7 @@ import io
 import os
 import warnings
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -201,11 +202,12 @@ class FileListSource(_FileSource):
 
 class ArraySource:
     """In-memory uint8 images [N, H, W] (grayscale, made 3-channel) or [N, H, W, 3],
-    with optional int labels [N] (-1 when None)."""
+    with optional int labels [N] (-1 when None) and the names of their classes."""
 
     kind = "array"
 
-    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor | None = None):
+    def __init__(self, images: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor | None = None,
+                 classes: Sequence[str] = ()):
         if isinstance(images, torch.Tensor):
             images = images.cpu().numpy()
         if not isinstance(images, np.ndarray):
@@ -228,6 +230,7 @@ class ArraySource:
             )
         self.images = np.ascontiguousarray(images)
         self.labels = labels.astype(np.int64)
+        self.classes = list(classes)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -255,6 +258,10 @@ def _read_idx(path: Path, magic: int, header: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
 
 
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+
+
 def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -> ArraySource:
     """Fashion-MNIST (Xiao et al. 2017) from Debian's `dataset-fashion-mnist` IDX files:
     train = 60,000 and test = 10,000 grayscale 28x28 images (yielded as 3 channels),
@@ -278,7 +285,7 @@ def fashion_mnist(split: str = "train", root: str | os.PathLike | None = None) -
         raise ValueError(
             f"{img_path} has {images.shape[0]} images but {lbl_path} has {labels.shape[0]} labels"
         )
-    return ArraySource(images, labels)
+    return ArraySource(images, labels, classes=FASHION_MNIST_CLASSES)
 
 
 

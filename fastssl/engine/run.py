@@ -148,7 +148,8 @@ def epoch_batches(loader: Iterable, epoch: int, skip: int) -> Iterator:
 
 def evaluate(method: nn.Module, evaluator: Callable[[nn.Module], dict[str, float]], device: torch.device,
              autocast: dict[str, Any]) -> dict[str, float]:
-    """`evaluator` on the method's encoder in eval mode (the method's mode comes back after).
+    """`evaluator` on the method's encoder in eval mode (the method's mode comes back after); on the
+    method itself when the evaluator's `takes_method` is set (zero-shot needs both towers).
 
     Every rank calls the evaluator: a distributed one (the CLI's) extracts each rank's shard,
     so no rank waits in a collective, past its timeout, while rank 0 does all the work. Under
@@ -160,7 +161,7 @@ def evaluate(method: nn.Module, evaluator: Callable[[nn.Module], dict[str, float
     was_training = method.training
     method.eval()
     with torch.no_grad(), torch.autocast(**autocast):
-        result = evaluator(method.encoder())
+        result = evaluator(method if getattr(evaluator, "takes_method", False) else method.encoder())
     method.train(was_training)
     return result
 

@@ -445,9 +445,9 @@ class Trainer:
             if group.get("apply_wd", True):
                 group["weight_decay"] = wd
         self.optimizer.zero_grad(set_to_none=True)
-        # Gradient accumulation: the rank's batch runs as accum_steps micro-batches whose mean
-        # losses are averaged; gradients are synchronised across ranks on the last one only.
-        n = self.cfg.dist.accum_steps
+        # Gradient accumulation: accum_steps micro-batches whose mean losses are averaged, gradients
+        # synchronised on the last one only (a method that accumulates_itself gets the whole batch).
+        n = 1 if self.method.accumulates_itself else self.cfg.dist.accum_steps
         out: dict[str, Any] = {}
         for i, micro in enumerate(split_micro_batches(batch, n)):
             ctx.micro_step, ctx.accum_steps = i, n

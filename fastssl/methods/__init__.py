@@ -16,6 +16,7 @@ def register(cls: type[Method]) -> type[Method]:
 # imported after METHODS exists: each module registers itself
 from fastssl.data.spec import FASHION_MNIST  # noqa: E402
 from fastssl.methods import (  # noqa: E402,F401
+    clip,
     colorization,
     context,
     dino,

@@ -12,9 +12,11 @@ from fastssl.models.heads import (
     split_batch_norm_,
 )
 from fastssl.models.mae import MAEEncoder, MaskedAutoencoderViT, mae_vit, sincos_pos_embed_2d
+from fastssl.models.text import TextTransformer
 
 __all__ = [
     "DINOHead", "MAEEncoder", "MaskedAutoencoderViT", "MultiCropWrapper", "SplitBatchNorm2d",
+    "TextTransformer",
     "build_backbone", "cosine_momentum", "ema_update_", "frozen_copy", "mae_vit", "moco_v2_head",
     "moco_v3_mlp", "simclr_head", "sincos_pos_embed_2d", "split_batch_norm_",
 ]

@@ -1,5 +1,5 @@
-"""Tiny ViT configurations of DINO, MAE, MoCo v3 and the weak method, a multi-crop loader and
-state helpers for the FSDP, accumulation, sharded-checkpoint and export tests: a step runs in
+"""Tiny ViT configurations of DINO, MAE, MoCo v3, the weak method and CLIP / SigLIP, a multi-crop
+loader and state helpers for the FSDP, accumulation, sharded-checkpoint and export tests: a step runs in
 a fraction of a second."""
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from fastssl.methods import METHODS
 from fastssl.methods.mae import MAE
 
 # views of each sample: DINO 2 global + 2 local crops; MoCo v3 two views; one image otherwise
-SIZES = {"dino": [16, 16, 8, 8], "mae": [16], "mocov3": [16, 16], "weak": [16]}
+SIZES = {"dino": [16, 16, 8, 8], "mae": [16], "mocov3": [16, 16], "weak": [16], "clip": [16], "siglip": [16]}
+# a caption for each of MultiViewLoader's 32 samples (CLIP / SigLIP), one of 4 texts per label
+CAPTIONS = [f"a picture of thing {k % 4}" for k in range(32)]
 
 
 def tiny_method(name: str, out: str, **overrides):
@@ -26,12 +28,15 @@ def tiny_method(name: str, out: str, **overrides):
         common |= dict(decoder_dim=32, decoder_depth=1, decoder_heads=2, base_lr=0.01)
     elif name == "mocov3":
         common |= dict(mlp_hidden_dim=32, moco_dim=16, optimizer="adamw", base_lr=0.01, sync_bn=False)
+    elif name in ("clip", "siglip"):
+        common |= dict(embed_dim=16, context_length=8, text_width=16, text_layers=1, text_heads=2,
+                       base_lr=0.01)
     else:
         common |= dict(num_classes=4, base_lr=0.01)
     cls = MAEWithNoise if name == "mae" else METHODS[name]
     cfg = resolve_config(cls.config_class, None, common | overrides)
     torch.manual_seed(0)
-    return cls(cfg)
+    return cls(cfg, captions=CAPTIONS) if name in ("clip", "siglip") else cls(cfg)
 
 
 class MAEWithNoise(MAE):

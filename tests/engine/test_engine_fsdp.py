@@ -1,8 +1,9 @@
 """parallel=fsdp (FSDP2 over a 2-process gloo group) through the Trainer.
 
 - equals one process on the full batch, for DINO (sharded student, EMA teacher and heads,
-  center all-reduced; with 2 accumulated micro-batches), MAE (sharded encoder and decoder)
-  and the weak method, with activation checkpointing: the same losses and parameters after
+  center all-reduced; with 2 accumulated micro-batches), MAE (sharded encoder and decoder),
+  the weak method and CLIP (both towers sharded, features gathered across ranks, 2 GradCache
+  micro-batches), with activation checkpointing: the same losses and parameters after
   two steps; MoCo v3 (whose projector's BatchNorm sees per-rank batches, so it cannot equal
   one process) trains sharded with its momentum encoder updated shard by shard;
 - its sharded (DCP) checkpoint, written by 2 ranks, resumes on 1 process with the model and
@@ -30,7 +31,8 @@ from fastssl.engine.parallel import check_parallel_config
 # linear in the gradients. AdamW on shards is what the checkpoint run uses.
 EQUAL = {"optimizer": "sgd", "momentum": 0.9}
 FSDP = {"parallel": "fsdp", "activation_checkpointing": True}
-RUNS = {"dino": EQUAL | {"accum_steps": 2}, "mae": EQUAL, "weak": EQUAL, "mocov3": {}, "dino_adamw": {}}
+RUNS = {"dino": EQUAL | {"accum_steps": 2}, "mae": EQUAL, "weak": EQUAL, "mocov3": {}, "dino_adamw": {},
+        "clip": EQUAL | {"accum_steps": 2}}
 
 
 def _features(encoder):
@@ -70,7 +72,7 @@ def fsdp_runs(tmp_path_factory):
 
 
 @pytest.mark.slow  # ~70 s on a busy 2-core CPU (the fixture spawns two processes importing torch and timm)
-@pytest.mark.parametrize("name", ["dino", "mae", "weak"])
+@pytest.mark.parametrize("name", ["dino", "mae", "weak", "clip"])
 def test_fsdp_two_processes_equal_one_process(tmp_path, fsdp_runs, name):
     _, ranks = fsdp_runs
     one = _run(0, 1, name, str(tmp_path / "one"), EQUAL)

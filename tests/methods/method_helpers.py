@@ -21,11 +21,17 @@ TINY = {
                  out_dim=32, head_hidden_dim=32, bottleneck_dim=16, epochs=2, drop_path_rate=0.0),
     "mae": dict(backbone="vit_tiny_patch4", image_size=16, vit_depth=1, decoder_dim=32, decoder_depth=1,
                 decoder_heads=4),
+    "clip": dict(backbone="vit_tiny_patch4", image_size=16, vit_depth=1, embed_dim=16, context_length=8,
+                 text_width=16, text_layers=1, text_heads=2),
 }
+TINY["siglip"] = TINY["clip"]
+# the image-text methods' captions, by dataset index (make_batch's indices)
+CAPTIONS = [f"a photo of thing {k % 4}" for k in range(16)]
 # the fused ops each method calls (all must exist for the fused-vs-reference comparison)
 OPS = {
     "mocov2": ("info_nce",), "mocov3": ("info_nce",), "rotnet": (), "simclr": ("info_nce",),
     "dino": ("dino_loss",), "mae": ("random_masking", "unshuffle_tokens", "mae_loss", "patchify"),
+    "clip": ("info_nce",), "siglip": ("siglip_loss",),
 }
 
 
@@ -48,7 +54,8 @@ def require_ops(name: str) -> None:
 def build(name: str, seed: int = 0, **overrides) -> Method:
     cls = METHODS[name]
     torch.manual_seed(seed)
-    return cls(resolve_config(cls.config_class, overrides={**TINY[name], **overrides}))
+    cfg = resolve_config(cls.config_class, overrides={**TINY[name], **overrides})
+    return cls(cfg, captions=CAPTIONS) if name in ("clip", "siglip") else cls(cfg)
 
 
 def make_batch(method: Method, batch_size: int = 8, seed: int = 0) -> dict:
@@ -65,7 +72,8 @@ def make_batch(method: Method, batch_size: int = 8, seed: int = 0) -> dict:
     if method.name == "dino":
         sizes = [size] * 2 + [cfg.method.local_crop_size] * cfg.method.n_local_crops
     else:
-        sizes = {"mocov2": [size] * 2, "mocov3": [size] * 2, "simclr": [size] * 2, "mae": [size]}[method.name]
+        sizes = {"mocov2": [size] * 2, "mocov3": [size] * 2, "simclr": [size] * 2, "mae": [size],
+                 "clip": [size], "siglip": [size]}[method.name]
     views = []
     for k, size in enumerate(sizes):
         v = x.flip(-1) if k % 2 else x
