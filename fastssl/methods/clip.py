@@ -110,13 +110,11 @@ class SigLipConfig(ClipConfig):
 
 
 @register
-class Clip(Method):
+class Clip(Method, config=ClipConfig):
     """Image and text towers with a learned logit scale, trained with ClipLoss.
 
     captions: one caption (or None) per dataset item, instead of bind_data's (tests, the Python API)."""
 
-    name = "clip"
-    config_class = ClipConfig
     presets = {"fashion-mnist": _FASHION_MNIST}
     accumulates_itself = True
 
@@ -290,11 +288,9 @@ class Clip(Method):
 
 
 @register
-class SigLip(Clip):
+class SigLip(Clip, config=SigLipConfig):
     """CLIP's towers with a learned logit bias, trained with SigLipLoss (pairwise sigmoid)."""
 
-    name = "siglip"
-    config_class = SigLipConfig
     presets = {"fashion-mnist": _FASHION_MNIST | dict(init_logit_scale=math.log(10), init_logit_bias=-10.0)}
 
     def build_criterion(self) -> nn.Module:
