@@ -235,13 +235,13 @@ def _info_nce_bwd_kernel(
 
 @triton.jit(do_not_specialize=["num_splits", "label_offset"])
 def _info_nce_bwd_combine_kernel(
-    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, grad_ptr, outer_grad_ptr, weight_scale_ptr, part_ptr, dk_ptr,
+    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, grad_ptr, outer_weight_ptr, weight_scale_ptr, part_ptr, dk_ptr,
     N, M, D, stride_q, stride_qd, stride_k, stride_kd, num_splits, label_offset, inv_temperature,
     NORMALIZE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, OUTER_LSE: tl.constexpr, EPS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Sum the key-gradient splits, subtract the target term (OUTER_LSE: the key's own direction's
-    too, outer_grad_j q_i), apply the normalization backward."""
+    too, outer_grad_j q_i, outer_grad_j = outer_weight_j · weight_scale), apply the normalization backward."""
     keys = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     key_ok = keys < M
@@ -251,7 +251,8 @@ def _info_nce_bwd_combine_kernel(
     for split in range(num_splits):
         part = split * M + keys.to(tl.int64)
         acc += tl.load(part_ptr + part[:, None] * D + dims[None, :], mask=tile_ok, other=0.0)
-    acc = acc * (tl.load(weight_scale_ptr) * inv_temperature)
+    weight_scale = tl.load(weight_scale_ptr)
+    acc = acc * (weight_scale * inv_temperature)
     # Key j is the target of query i = j − label_offset (if that query exists).
     rows = keys.to(tl.int64) - label_offset
     has_row = key_ok & (rows >= 0) & (rows < N)
@@ -261,7 +262,7 @@ def _info_nce_bwd_combine_kernel(
                 other=0.0).to(tl.float32)
     coef = tl.load(grad_ptr + rows, mask=has_row, other=0.0) * inv_temperature
     if OUTER_LSE:
-        coef += tl.load(outer_grad_ptr + keys, mask=has_row, other=0.0) * inv_temperature
+        coef += tl.load(outer_weight_ptr + keys, mask=has_row, other=0.0) * (weight_scale * inv_temperature)
     if NORMALIZE:
         coef = coef / tl.maximum(tl.load(q_norm_ptr + rows, mask=has_row, other=1.0), EPS)
     dkn = acc - q * coef[:, None]
@@ -380,14 +381,13 @@ def info_nce_bwd(
     # tensor-core dot; scaling them into [-1, 1] keeps fp16 from underflowing (g = 1/N at large
     # N). One [N] pass; the scale stays on the device (no sync).
     weight = grad / q_norm.clamp_min(_EPS) if normalize else grad
-    weight_scale = weight.abs().amax()
     has_outer = outer_lse2 is not None
-    if has_outer:
-        outer_grad, outer_lse2 = outer_grad.to(torch.float32).contiguous(), outer_lse2.contiguous()
-        weight_scale = torch.maximum(weight_scale, outer_grad.abs().amax())
-    weight_scale = weight_scale.clamp_min(torch.finfo(torch.float32).tiny)
+    if has_outer:  # one scale for both weights, which meet in one p
+        outer_grad, outer_lse2 = outer_grad.to(torch.float32), outer_lse2.contiguous()
+        weight = torch.cat([weight, outer_grad])
+    weight_scale = weight.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
     weight = weight / weight_scale
-    outer_weight = outer_grad / weight_scale if has_outer else weight[:0]
+    weight, outer_weight = weight[:N], weight[N:]
     d_tiles = _d_tiles(D, query.dtype)
     d_programs = triton.cdiv(D, d_tiles["BLOCK_DV"])
     num_splits, split_rows = _num_splits(M, N, D, d_programs, dev)
@@ -401,7 +401,7 @@ def info_nce_bwd(
     dk = torch.empty(key.shape, dtype=key.dtype, device=dev)
     block_m = _combine_block(D)
     _info_nce_bwd_combine_kernel[(triton.cdiv(M, block_m),)](
-        query, key, q_norm, k_norm, grad, outer_grad if has_outer else grad[:0], weight_scale, part, dk,
+        query, key, q_norm, k_norm, grad, outer_weight, weight_scale, part, dk,
         N, M, D, *query.stride(), *key.stride(), num_splits, label_offset, 1.0 / temperature,
         NORMALIZE=normalize, EXCLUDE_SELF=exclude_self, OUTER_LSE=has_outer, EPS=_EPS, BLOCK_M=block_m,
         BLOCK_D=block_d(D), num_warps=_combine_warps(D),
@@ -440,6 +440,6 @@ KERNEL_TRAFFIC = {
     "_info_nce_bwd_kernel": lambda a: (*whole(a, ("q_ptr", "k_ptr", "lse2_ptr", "weight_ptr") + _OUTER + _norms(a),
                                               ("part_ptr",)), _matmul_flops(a, 1)),
     "_info_nce_bwd_combine_kernel": lambda a: (*whole(
-        a, ("q_ptr", "k_ptr", "grad_ptr", "outer_grad_ptr", "weight_scale_ptr", "part_ptr") + _norms(a),
-        ("dk_ptr",)), 0),
+        a, ("q_ptr", "grad_ptr", "outer_weight_ptr", "weight_scale_ptr", "part_ptr") + ("k_ptr",) * a["NORMALIZE"]
+        + _norms(a), ("dk_ptr",)), 0),  # the keys themselves only for the normalization backward
 }

@@ -85,6 +85,7 @@ def _setup_context(ctx, inputs, output):
     image, text = inputs
     _, _, row_lse2, col_lse2 = output
     ctx.save_for_backward(image, text, row_lse2, col_lse2)
+    ctx.set_materialize_grads(False)  # the log-sum-exps get no gradient: no zero tensors for them
 
 
 def _backward(ctx, grad_row, grad_col, *unused_grads):
@@ -169,7 +170,7 @@ def clip_loss(
                 + info_nce(scale * text_features, all_image_features, **kw)) / 2
     else:
         row_loss, col_loss, _, _ = _fwd_op(scale * image_features, text_features)
-        loss = (row_loss.mean() + col_loss.mean()) / 2
+        loss = (row_loss + col_loss).mean() / 2
     if bias is not None:
         loss = loss + 0.0 * bias.reshape(())  # in the graph: its gradient is the exact zero
     return loss.to(image_features.dtype)
