@@ -50,6 +50,34 @@ def check_tensor(
     return value
 
 
+def check_scalar(name: str, value: object, *, device: torch.device, like: str | None = None) -> torch.Tensor:
+    """A one-element tensor on `device` (returned as it is, so gradients flow), or a Python number
+    made into a float32 one; else an error naming `name`."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor(float(value), dtype=torch.float32, device=device)
+    check_tensor(name, value, device=device, like=like)
+    if value.numel() != 1:
+        raise ValueError(f"{name} must hold one value (a 0-d or [1] tensor), got shape {tuple(value.shape)}")
+    return value
+
+
+def check_image_text(image_features: object, text_features: object, logit_scale: object,
+                     logit_bias: object) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An image-text loss's inputs: the towers' features [N, D] and [M, D] (2-D, one dtype and
+    device, the same D), the logit scale and the bias (check_scalar each; the bias may be None).
+    Returns (scale, bias) as tensors."""
+    check_tensor("image_features", image_features, ndim=2)
+    check_tensor("text_features", text_features, ndim=2, device=image_features.device, like="image_features")
+    check_same_dtype(("image_features", "text_features"), (image_features, text_features))
+    D = image_features.shape[1]
+    if text_features.shape[1] != D:
+        raise ValueError(f"text_features must have D={D} columns like image_features, got shape "
+                         f"{tuple(text_features.shape)}")
+    on = dict(device=image_features.device, like="image_features")
+    bias = None if logit_bias is None else check_scalar("logit_bias", logit_bias, **on)
+    return check_scalar("logit_scale", logit_scale, **on), bias
+
+
 def check_same_dtype(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
     """All tensors share one dtype, or a TypeError lists each one's."""
     if len({t.dtype for t in tensors}) > 1:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from fastssl.losses.multilabel import multilabel_softmax_loss
 from fastssl.ops import (
+    clip_loss,
     dino_loss,
     ibot_patch_loss,
     info_nce,
@@ -166,6 +167,15 @@ def siglip(*, backend, dtype, device, N=17, M=40, D=48):
     return _grads(loss, {"image": image, "text": text, "logit_scale": scale, "logit_bias": bias})
 
 
+def clip(*, backend, dtype, device, N=33, D=48):
+    """CLIP's one grid (both directions from one sweep) with open_clip's learned log-scale."""
+    feats = [_leaf(F.normalize(x, dim=1), device, dtype) for x in _inputs(10, (N, D), (N, D))]
+    scalar = F64 if dtype == F64 else torch.float32
+    log_scale = torch.tensor(3.0, dtype=scalar, device=device, requires_grad=True)
+    loss = clip_loss(*feats, log_scale.exp(), backend=backend)
+    return _grads(loss, {"image": feats[0], "text": feats[1], "log_scale": log_scale})
+
+
 def ibot(*, backend, dtype, device, B=3, L=10, K=200):
     """iBOT's masked-patch loss on [B, L, K] token logits, DINOv2's [1, 1, K] center."""
     student, teacher, center = _inputs(8, (B, L, K), (B, L, K), (1, 1, K))
@@ -180,7 +190,7 @@ def ibot(*, backend, dtype, device, B=3, L=10, K=200):
 OP_CASES = {"info_nce_queue": info_nce_queue, "info_nce_in_batch": info_nce_in_batch,
             "info_nce_unnormalized": lambda **kw: info_nce_in_batch(**kw, normalize=False),
             "dino_loss": dino, "multilabel": multilabel, "mae_pipeline": mae_pipeline, "siglip": siglip,
-            "ibot_patch_loss": ibot}
+            "ibot_patch_loss": ibot, "clip": clip}
 
 
 # ---------------------------------------------------------------- a method's training step

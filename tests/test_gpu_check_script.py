@@ -28,7 +28,7 @@ def test_kernel_cases_run_under_the_interpreter():
     assert out.returncode == 0, out.stderr[-2000:]
     done = [line.split(":")[0] for line in out.stdout.splitlines() if line.endswith(": ok")]
     assert done == ["info_nce_queue", "info_nce_in_batch", "dino_loss", "ibot_patch_loss", "multilabel",
-                    "mae", "siglip", "queue_push", "bank_update"]
+                    "mae", "siglip", "clip", "queue_push", "bank_update"]
 
 
 def test_gpu_check_script_is_valid_bash():

@@ -100,6 +100,22 @@ def test_info_nce_kernels_traffic(queue):
     assert "_info_nce_fwd_kernel" in names and ("_info_nce_bwd_kernel" in names) != queue
 
 
+def test_clip_kernels_traffic():
+    """The one grid: the forward's column statistics, both combines, the two key gradients with the
+    keys' own softmax (OUTER_LSE); texts in strided rows; and a text-only gradient."""
+    x = torch.randn(40, 20, requires_grad=True)  # two image tiles, one ragged, under the interpreter
+    y = torch.randn(80, 20)[::2].requires_grad_()
+    t = torch.tensor(3.0, requires_grad=True)
+
+    def run():
+        ops.clip_loss(x, y, t, backend="triton").backward()
+        ops.clip_loss(x.detach(), y, t.detach(), backend="triton").backward()
+
+    names = check_formulas(run)
+    assert names == {"_info_nce_fwd_kernel", "_info_nce_combine_kernel", "_info_nce_bwd_kernel",
+                     "_info_nce_bwd_combine_kernel"}
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_siglip_kernels_traffic(with_bias):
     x = torch.randn(40, 20, requires_grad=True)

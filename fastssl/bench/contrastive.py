@@ -4,8 +4,9 @@ CUDA, the reference on the CPU, where this benchmark only smoke-tests with --qui
 
 One rank's step at CLIP scales: N image and N text rows against M gathered rows of the other
 tower (M = N: one GPU; M = 32768: a 32k global batch), a learned fp32 scale (and SigLIP's bias),
-gradients of every input. CLIP's local-loss form is two InfoNCE passes on the scaled features
-(image->text and text->image); SigLIP's gathered form one sigmoid pass over the N x M pairs.
+gradients of every input. CLIP at M = N is the one grid (both directions from one sweep of the
+fused op), at M = 32768 open_clip's local loss (two row-wise sweeps: image->text and text->image);
+SigLIP's gathered form one sigmoid pass over the N x M pairs.
 
 FLOPs per call, as the formulas count them: 3 matmul-equivalents of 2·N·M·D per direction (logits,
 and the two feature gradients). The fused kernels recompute the logits once more per 128- or
@@ -22,14 +23,17 @@ import torch
 import torch.nn.functional as F
 
 from fastssl.bench.harness import Case, compiled, loss_providers, run_suites
-from fastssl.ops import info_nce, siglip_loss
+from fastssl.ops import clip_loss, siglip_loss
 
 
-def clip_local(backend: str):
-    """open_clip's ClipLoss with local_loss=True on one rank: CE(t X Y_allᵀ) and CE(t Y X_allᵀ)."""
+def clip(backend: str):
+    """open_clip's ClipLoss on rank 0: one GPU's N x N grid when M = N, else local_loss=True,
+    CE(t X Y_allᵀ) and CE(t Y X_allᵀ)."""
     def loss(x, y, x_all, y_all, scale, bias):
-        kw = dict(temperature=1.0, normalize=False, backend=backend)
-        return (info_nce(scale * x, y_all, **kw) + info_nce(scale * y, x_all, **kw)) / 2
+        if x_all.shape[0] == x.shape[0]:
+            return clip_loss(x, y, scale, bias, backend=backend)
+        gathered = dict(all_image_features=x_all, all_text_features=y_all)
+        return clip_loss(x, y, scale, bias, **gathered, backend=backend)
     return loss
 
 
@@ -62,7 +66,7 @@ def cases(name: str, formula, quick: bool, device: str) -> list[Case]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run_suites(__doc__, {"clip_local_loss": functools.partial(cases, "clip", clip_local),
+    run_suites(__doc__, {"clip": functools.partial(cases, "clip", clip),
                          "siglip_gathered": functools.partial(cases, "siglip", siglip_gathered)}, argv)
 
 

@@ -23,6 +23,7 @@ from fastssl import KeyQueue
 from fastssl.bank import MemoryBank
 from fastssl.losses import multilabel_softmax_loss
 from fastssl.ops import (
+    clip_loss,
     dino_loss,
     ibot_patch_loss,
     info_nce,
@@ -86,6 +87,12 @@ def cases(size: str, device: str) -> dict:
         scale, bias = (torch.tensor(v, device=device, requires_grad=True) for v in (10.0, -10.0))
         siglip_loss(image, texts, scale, bias, label_offset=N, backend="triton").backward()
 
+    def clip():  # one GPU's N x N grid, both directions from one sweep; learned scale, a bias
+        image, text = (torch.nn.functional.normalize(torch.randn(N, 4 * D, **bf16), dim=1).requires_grad_()
+                       for _ in range(2))
+        scale, bias = (torch.tensor(v, device=device, requires_grad=True) for v in (100.0, -3.0))
+        clip_loss(image, text, scale, bias, backend="triton").backward()
+
     def queue_push():
         queue = KeyQueue(K, D, device=device, normalize=True)
         queue.push(torch.randn(N, D, **bf16))
@@ -98,7 +105,7 @@ def cases(size: str, device: str) -> dict:
         bank.update(torch.randn(N, D, **bf16), indices)
 
     return {"info_nce_queue": moco_v2, "info_nce_in_batch": in_batch, "dino_loss": dino,
-            "ibot_patch_loss": ibot, "multilabel": multilabel, "mae": mae, "siglip": siglip,
+            "ibot_patch_loss": ibot, "multilabel": multilabel, "mae": mae, "siglip": siglip, "clip": clip,
             "queue_push": queue_push, "bank_update": bank_update}
 
 

@@ -238,6 +238,23 @@ def ibot_case(B: int, L: int, n: int, K: int):
 IBOT_PAPER = dict(B=128, L=256, n=4915, K=65536)
 
 
+def _clip_case(N, D):
+    """open_clip's ClipLoss on one GPU (its N x N grid; fused: both directions from one sweep), a
+    learned fp32 scale, both feature sets with a gradient."""
+    from fastssl.ops.clip_loss import clip_loss, clip_loss_ref
+
+    def make():
+        return _meta(N, D, grad=True), _meta(N, D, grad=True), _meta((), dtype=torch.float32, grad=True)
+
+    def eager(x, y, scale):
+        clip_loss_ref(x, y, scale).backward()
+
+    def fused(x, y, scale):
+        clip_loss(x, y, scale, backend="triton").backward()
+
+    return make, eager, fused
+
+
 def _split(case):
     """(eager make, eager step), (fused make, fused step) of a case."""
     if len(case) == 2:
@@ -252,6 +269,7 @@ CASES = [
     ("dino_loss", "B=128 x 12 crops K=65536 bf16", lambda: _dino_case(128, 12, 65536)),
     ("mae mask+unshuffle+loss", "N=256 L=196 D=1024 bf16 r=0.75 norm-pix", lambda: _mae_case(256, 196, 1024)),
     ("multilabel softmax", "N=256 C=27000 bf16", lambda: _multilabel_case(256, 27000)),
+    ("clip one grid", "N=M=1024 D=512 bf16", lambda: _clip_case(1024, 512)),
     ("siglip gathered", "N=1024 of M=32768 D=768 bf16", lambda: _siglip_case(1024, 32768, 768)),
     ("ibot_patch_loss", "n=4915 masked of 128 x 256 tokens K=65536 bf16", lambda: ibot_case(**IBOT_PAPER)),
 ]

@@ -1,24 +1,16 @@
-"""ClipLoss: open_clip's CLIP loss module on the fused InfoNCE op.
+"""ClipLoss: open_clip's CLIP loss module on the fused CLIP op (fastssl.ops.clip_loss).
 
-CLIP (Radford et al. 2021) is symmetric InfoNCE with a learned logit scale t:
-
-    loss = ½ [ CE((t · X_q) Y_kᵀ, labels) + CE((t · Y_q) X_kᵀ, labels) ]
-
-one fastssl.ops.info_nce call per direction (temperature 1, no normalization) on the scaled
-queries, so no [N × M] logits buffer exists in either direction on the Triton backend. The scale
-multiplies the query rows first, in open_clip's own order of operations (`logit_scale *
-image_features @ text_features.T`), and its gradient, Σ_i x_i · ∂loss/∂(t x_i), comes from autograd
-through that [N, D] product. On W ranks the
+CLIP (Radford et al. 2021) is symmetric InfoNCE with a learned logit scale t. On W ranks the
 features are all-gathered (with or without gradient, as open_clip's gather_features does):
 
-* local_loss=True: X_q, Y_q are this rank's N rows, X_k, Y_k every rank's W·N rows, and the
-  labels are offset by rank·N.
-* local_loss=False: every rank scores the whole W·N × W·N grid (X_q = X_k, Y_q = Y_k gathered).
-  Without gather_with_grad, the gathered copy carries this rank's own tensors in its slot, so
-  they keep their gradient.
+* local_loss=True: this rank's N rows against every rank's W·N rows in both directions, labels
+  offset by rank·N (the op's local form: two row-wise sweeps).
+* local_loss=False: every rank scores the whole W·N × W·N grid (the op's one-grid form: both
+  directions from one sweep). Without gather_with_grad, the gathered copy carries this rank's own
+  tensors in its slot, so they keep their gradient.
 
-A logit bias shifts every logit of a row alike and cross-entropy is invariant to that shift:
-it changes neither the loss nor the features' gradients, and its own gradient is zero.
+One process is the one-grid form on its N rows. No [N × W·N] logits buffer exists on the Triton
+backend. A logit bias changes nothing (cross-entropy is shift-invariant); its gradient is zero.
 """
 
 from __future__ import annotations
@@ -27,12 +19,12 @@ import torch
 from torch import nn
 
 from fastssl.distributed import all_gather_no_grad, all_gather_with_grad, check_process_group
-from fastssl.ops.info_nce import info_nce
+from fastssl.ops.clip_loss import clip_loss
 from fastssl.validation import check_bool, check_int
 
 
 class ClipLoss(nn.Module):
-    """Drop-in for open_clip's ClipLoss (Radford et al. 2021) on the fused InfoNCE op.
+    """Drop-in for open_clip's ClipLoss (Radford et al. 2021) on the fused CLIP op.
 
     forward(image_features [N, D], text_features [N, D], logit_scale, logit_bias=None,
     output_dict=False) -> the scalar loss (or {"contrastive_loss": loss}); logit_scale is the
@@ -70,23 +62,16 @@ class ClipLoss(nn.Module):
         return torch.cat(parts)
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
-        image_keys, text_keys, label_offset = image_features, text_features, 0
+        kw = {}
         if self.world_size > 1:
             check_process_group("ClipLoss", self.rank, self.world_size)
-            image_keys, text_keys = self._gather(image_features), self._gather(text_features)
+            all_images, all_texts = self._gather(image_features), self._gather(text_features)
             if self.local_loss:
-                label_offset = self.rank * image_features.shape[0]
+                kw = dict(all_image_features=all_images, all_text_features=all_texts,
+                          label_offset=self.rank * image_features.shape[0])
             else:
-                image_features, text_features = image_keys, text_keys
-        if isinstance(logit_scale, torch.Tensor) and logit_scale.numel() != 1:
-            raise ValueError(f"logit_scale must hold one value (a 0-d or [1] tensor), got shape "
-                             f"{tuple(logit_scale.shape)}")
-        scale = logit_scale.reshape(()) if isinstance(logit_scale, torch.Tensor) else logit_scale
-        kw = dict(temperature=1.0, normalize=False, label_offset=label_offset, backend=self.backend)
-        loss = (info_nce(scale * image_features, text_keys, **kw)
-                + info_nce(scale * text_features, image_keys, **kw)) / 2
-        if isinstance(logit_bias, torch.Tensor):
-            loss = loss + (0.0 * logit_bias.sum()).to(loss.dtype)  # in the graph: its gradient is zero
+                image_features, text_features = all_images, all_texts
+        loss = clip_loss(image_features, text_features, logit_scale, logit_bias, **kw, backend=self.backend)
         return {"contrastive_loss": loss} if output_dict else loss
 
     def extra_repr(self) -> str:

@@ -1,11 +1,16 @@
 """Fused ops, all laid out alike: `<op>.py` holds the math (docstring), the custom ops, the
 `<op>_ref` reference and the public function; `_<op>_kernels.py` (`_mae_kernels.py` for the MAE
-family, `_dino_loss_kernels.py` for dino_loss and ibot_patch_loss) holds the Triton kernels, their launchers and their traffic formulas (`KERNEL_TRAFFIC`).
+family, `_dino_loss_kernels.py` for dino_loss and ibot_patch_loss) holds the Triton kernels, their
+launchers and their traffic formulas (`KERNEL_TRAFFIC`). clip_loss runs the InfoNCE kernels with
+their CLIP flags: `_clip_loss_kernels.py` holds its launchers only, `_info_nce_tiles.py` the InfoNCE
+kernels' tile tables and launch shapes. `_tiles.py` holds what the streaming kernels share (a Triton
+prologue, tile arithmetic), `_traffic.py` what the traffic formulas share.
 `fastssl.ops.backend` picks the implementation."""
 
 import importlib
 
 from fastssl.ops.backend import HAS_TRITON
+from fastssl.ops.clip_loss import clip_loss, clip_loss_ref
 from fastssl.ops.dino_loss import dino_loss, dino_loss_ref, dino_loss_with_teacher_sum, soft_cross_entropy
 from fastssl.ops.ibot_patch_loss import (
     ibot_patch_cross_entropy,
@@ -18,10 +23,10 @@ from fastssl.ops.mae import mae_loss, patchify, random_masking, unpatchify, unsh
 from fastssl.ops.siglip_loss import siglip_loss, siglip_loss_ref
 
 __all__ = [
-    "dino_loss", "dino_loss_ref", "dino_loss_with_teacher_sum", "ibot_patch_cross_entropy", "ibot_patch_loss",
-    "ibot_patch_loss_ref", "ibot_patch_loss_with_teacher_sum", "info_nce", "info_nce_ref", "kernel_traffic",
-    "mae_loss", "patchify", "random_masking", "siglip_loss", "siglip_loss_ref", "soft_cross_entropy",
-    "triton_kernels", "unpatchify", "unshuffle_tokens",
+    "clip_loss", "clip_loss_ref", "dino_loss", "dino_loss_ref", "dino_loss_with_teacher_sum",
+    "ibot_patch_cross_entropy", "ibot_patch_loss", "ibot_patch_loss_ref", "ibot_patch_loss_with_teacher_sum",
+    "info_nce", "info_nce_ref", "kernel_traffic", "mae_loss", "patchify", "random_masking", "siglip_loss",
+    "siglip_loss_ref", "soft_cross_entropy", "triton_kernels", "unpatchify", "unshuffle_tokens",
 ]
 
 _KERNEL_MODULES = ("_dino_loss_kernels", "_info_nce_kernels", "_mae_kernels", "_siglip_loss_kernels")

@@ -1,16 +1,26 @@
 """Triton kernels, launchers and traffic formulas behind fastssl.ops.info_nce (see that module
-for the math). Imported only where triton is installed: without it the reference runs."""
+for the math) and, with their CLIP flags, fastssl.ops.clip_loss; their tiles and launch shapes are in
+_info_nce_tiles.py. Imported only where triton is installed: without it the reference runs."""
 
 import torch
 import triton
 import triton.language as tl
 
+from fastssl.ops._info_nce_tiles import (
+    _CONFIGS,
+    _combine_block,
+    _combine_warps,
+    _configs,
+    _d_tiles,
+    _fixed_outer,
+    _launch,
+    _num_splits,
+)
+from fastssl.ops._tiles import block_d, chunked_dot, dot_precision, program_tiles, row_block
 from fastssl.ops._traffic import whole
-from fastssl.ops.backend import multiprocessor_count, triton_interpreting
 
 _EPS = 1e-12  # F.normalize's clamp on the norm
 _LOG2E = 1.4426950408889634
-_SPLIT_CHUNK = 128  # columns per split are a multiple of this, the largest BLOCK_M of any config
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -18,10 +28,10 @@ _SPLIT_CHUNK = 128  # columns per split are a multiple of this, the largest BLOC
 
 @triton.jit(do_not_specialize=["label_offset"])
 def _info_nce_fwd_kernel(
-    q_ptr, x_ptr, q_norm_ptr, x_norm_ptr, m_ptr, l_ptr, acc_ptr,
+    q_ptr, x_ptr, q_norm_ptr, x_norm_ptr, m_ptr, l_ptr, acc_ptr, col_m_ptr, col_l_ptr,
     N, X_ROWS, D, stride_q, stride_qd, stride_x, stride_xd, split_cols, label_offset, scale2,
     SCALE_ROWS: tl.constexpr, SCALE_COLS: tl.constexpr, COMPUTE_DQ: tl.constexpr, EXCLUDE_SELF: tl.constexpr,
-    EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    COLUMN_STATS: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """Partial online LSE (and Σ p·x̂ over columns [pid_d·BLOCK_DV, +BLOCK_DV)) of BLOCK_N queries
@@ -29,17 +39,15 @@ def _info_nce_fwd_kernel(
     stays in registers and each x tile serves both dots; otherwise the logits are summed over
     D in BLOCK_K chunks reloaded from cache, which keeps registers bounded for any D.
     EXCLUDE_SELF (NT-Xent): column rows + label_offset, the query's own row among the keys, is
-    left out of the softmax."""
+    left out of the softmax. COLUMN_STATS (CLIP's other direction, same sweep): each streamed
+    row's (max, Σ 2^(s − max)) over this program's queries, at [pid_n, column]."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_d = tl.program_id(2)
     dtype = q_ptr.dtype.element_ty  # x (e.g. an fp32 queue) is converted to it on load
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    rows, row_ok, dims_v, dv_ok, start, end = program_tiles(N, D, split_cols, X_ROWS, BLOCK_N, BLOCK_DV)
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_q
     dims_k = tl.arange(0, BLOCK_K)
-    dims_v = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    dv_ok = dims_v < D
     if ONE_CHUNK:
         q = tl.load(q_rows + dims_k[None, :] * stride_qd, mask=row_ok[:, None] & (dims_k < D)[None, :], other=0.0)
     # Logits in base 2: s2 = q·x · (log2(e)/T) / (‖q‖‖x‖), scaled after the dot so the
@@ -50,23 +58,14 @@ def _info_nce_fwd_kernel(
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    start = split * split_cols
-    end = tl.minimum(start + split_cols, X_ROWS)
     for col0 in range(start, end, BLOCK_M):
-        cols = col0 + tl.arange(0, BLOCK_M)
-        col_ok = cols < end
-        x_rows = x_ptr + cols.to(tl.int64)[:, None] * stride_x
+        cols, col_ok, x_rows = row_block(x_ptr, col0, end, stride_x, BLOCK_M)
         if ONE_CHUNK:
             x = tl.load(x_rows + dims_v[None, :] * stride_xd, mask=col_ok[:, None] & dv_ok[None, :],
                         other=0.0).to(dtype)
             s = tl.dot(q, tl.trans(x), input_precision=DOT_PRECISION)
         else:
-            s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
-            for d0 in range(0, D, BLOCK_K):
-                dk = d0 + dims_k
-                qc = tl.load(q_rows + dk[None, :] * stride_qd, mask=row_ok[:, None] & (dk < D)[None, :], other=0.0)
-                xc = tl.load(x_rows + dk[None, :] * stride_xd, mask=col_ok[:, None] & (dk < D)[None, :], other=0.0)
-                s = tl.dot(qc, tl.trans(xc.to(dtype)), s, input_precision=DOT_PRECISION)
+            s = chunked_dot(q_rows, row_ok, stride_qd, x_rows, col_ok, stride_xd, D, BLOCK_K, DOT_PRECISION)
         s = s * row_scale[:, None]
         if SCALE_COLS:
             col_inv = 1.0 / tl.maximum(tl.load(x_norm_ptr + cols, mask=col_ok, other=1.0), EPS)
@@ -74,6 +73,12 @@ def _info_nce_fwd_kernel(
         s = tl.where(col_ok[None, :], s, float("-inf"))
         if EXCLUDE_SELF:
             s = tl.where(cols[None, :] == rows[:, None] + label_offset, float("-inf"), s)
+        if COLUMN_STATS:
+            s_col = tl.where(row_ok[:, None], s, float("-inf"))
+            c_max = tl.max(s_col, 0)
+            tile = pid_n.to(tl.int64) * X_ROWS + cols
+            tl.store(col_m_ptr + tile, c_max, mask=col_ok & (pid_d == 0))
+            tl.store(col_l_ptr + tile, tl.sum(tl.exp2(s_col - c_max[None, :]), 0), mask=col_ok & (pid_d == 0))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # a split whose only column so far is the row's own keeps m at -inf (-inf - -inf is NaN)
         m_exp = tl.where(m_new == float("-inf"), 0.0, m_new) if EXCLUDE_SELF else m_new
@@ -178,47 +183,38 @@ def _info_nce_combine_kernel(
 
 @triton.jit(do_not_specialize=["label_offset"])
 def _info_nce_bwd_kernel(
-    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse2_ptr, weight_ptr, part_ptr,
+    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, lse2_ptr, weight_ptr, outer_lse2_ptr, outer_weight_ptr, part_ptr,
     N, M, D, stride_q, stride_qd, stride_k, stride_kd, split_rows, label_offset, scale2,
-    NORMALIZE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, EPS: tl.constexpr, DOT_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
+    NORMALIZE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, OUTER_LSE: tl.constexpr, EPS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ONE_CHUNK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     """In-batch key gradient, one split of the queries, columns [pid_d·BLOCK_DV, +BLOCK_DV):
     Σ_i w_i p_ij q_i for BLOCK_M keys, with w_i = g_i/‖q_i‖ / max_i' |g_i'/‖q_i'‖| (the combine
     multiplies back the scale and 1/T) and p_ij = 2^(l_ij·log2(e) − lse2_i) recomputed from the
-    saved base-2 lse. ONE_CHUNK and BLOCK_K as in the forward."""
-    pid_m = tl.program_id(0)
+    saved base-2 lse. OUTER_LSE (CLIP, normalize=False): p_ij gains the key's own softmax term
+    2^(l_ij·log2(e) − outer_lse2_j) · outer_weight_j. ONE_CHUNK and BLOCK_K as in the forward."""
     split = tl.program_id(1)
-    pid_d = tl.program_id(2)
     dtype = k_ptr.dtype.element_ty
-    keys = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    key_ok = keys < M
+    keys, key_ok, dims_v, dv_ok, start, end = program_tiles(M, D, split_rows, N, BLOCK_M, BLOCK_DV)
     k_rows = k_ptr + keys.to(tl.int64)[:, None] * stride_k
     dims_k = tl.arange(0, BLOCK_K)
-    dims_v = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    dv_ok = dims_v < D
     if ONE_CHUNK:
         k = tl.load(k_rows + dims_k[None, :] * stride_kd, mask=key_ok[:, None] & (dims_k < D)[None, :], other=0.0)
     k_inv = tl.zeros([BLOCK_M], tl.float32) + 1.0
     if NORMALIZE:
         k_inv = 1.0 / tl.maximum(tl.load(k_norm_ptr + keys, mask=key_ok, other=1.0), EPS)
+    if OUTER_LSE:
+        outer_lse2 = tl.load(outer_lse2_ptr + keys, mask=key_ok, other=float("inf"))
+        outer_weight = tl.load(outer_weight_ptr + keys, mask=key_ok, other=0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    start = split * split_rows
-    end = tl.minimum(start + split_rows, N)
     for row0 in range(start, end, BLOCK_N):
-        rows = row0 + tl.arange(0, BLOCK_N)
-        row_ok = rows < end
-        q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_q
+        rows, row_ok, q_rows = row_block(q_ptr, row0, end, stride_q, BLOCK_N)
         if ONE_CHUNK:
             q = tl.load(q_rows + dims_v[None, :] * stride_qd, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
             s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         else:
-            s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-            for d0 in range(0, D, BLOCK_K):
-                dk = d0 + dims_k
-                kc = tl.load(k_rows + dk[None, :] * stride_kd, mask=key_ok[:, None] & (dk < D)[None, :], other=0.0)
-                qc = tl.load(q_rows + dk[None, :] * stride_qd, mask=row_ok[:, None] & (dk < D)[None, :], other=0.0)
-                s = tl.dot(kc, tl.trans(qc), s, input_precision=DOT_PRECISION)
+            s = chunked_dot(k_rows, key_ok, stride_kd, q_rows, row_ok, stride_qd, D, BLOCK_K, DOT_PRECISION)
             q = tl.load(q_rows + dims_v[None, :] * stride_qd, mask=row_ok[:, None] & dv_ok[None, :], other=0.0)
         row_scale = tl.zeros([BLOCK_N], tl.float32) + scale2
         if NORMALIZE:
@@ -228,6 +224,8 @@ def _info_nce_bwd_kernel(
         lse2 = tl.load(lse2_ptr + rows, mask=row_ok, other=float("inf"))
         s = s * row_scale[None, :] * k_inv[:, None]
         p = tl.exp2(s - lse2[None, :]) * weight[None, :]
+        if OUTER_LSE:  # padded query rows are zero vectors: their p multiplies nothing
+            p += tl.exp2(s - outer_lse2[:, None]) * outer_weight[:, None]
         if EXCLUDE_SELF:
             p = tl.where(keys[:, None] == rows[None, :] + label_offset, 0.0, p)
         acc += tl.dot(p.to(dtype), q, input_precision=DOT_PRECISION)
@@ -237,12 +235,13 @@ def _info_nce_bwd_kernel(
 
 @triton.jit(do_not_specialize=["num_splits", "label_offset"])
 def _info_nce_bwd_combine_kernel(
-    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, grad_ptr, weight_scale_ptr, part_ptr, dk_ptr,
+    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, grad_ptr, outer_weight_ptr, weight_scale_ptr, part_ptr, dk_ptr,
     N, M, D, stride_q, stride_qd, stride_k, stride_kd, num_splits, label_offset, inv_temperature,
-    NORMALIZE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, EPS: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, OUTER_LSE: tl.constexpr, EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Sum the key-gradient splits, subtract the target term, apply the normalization backward."""
+    """Sum the key-gradient splits, subtract the target term (OUTER_LSE: the key's own direction's
+    too, outer_grad_j q_i, outer_grad_j = outer_weight_j · weight_scale), apply the normalization backward."""
     keys = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     key_ok = keys < M
@@ -252,7 +251,8 @@ def _info_nce_bwd_combine_kernel(
     for split in range(num_splits):
         part = split * M + keys.to(tl.int64)
         acc += tl.load(part_ptr + part[:, None] * D + dims[None, :], mask=tile_ok, other=0.0)
-    acc = acc * (tl.load(weight_scale_ptr) * inv_temperature)
+    weight_scale = tl.load(weight_scale_ptr)
+    acc = acc * (weight_scale * inv_temperature)
     # Key j is the target of query i = j − label_offset (if that query exists).
     rows = keys.to(tl.int64) - label_offset
     has_row = key_ok & (rows >= 0) & (rows < N)
@@ -261,6 +261,8 @@ def _info_nce_bwd_combine_kernel(
     q = tl.load(q_ptr + rows[:, None] * stride_q + dims[None, :] * stride_qd, mask=has_row[:, None] & dim_ok[None, :],
                 other=0.0).to(tl.float32)
     coef = tl.load(grad_ptr + rows, mask=has_row, other=0.0) * inv_temperature
+    if OUTER_LSE:
+        coef += tl.load(outer_weight_ptr + keys, mask=has_row, other=0.0) * (weight_scale * inv_temperature)
     if NORMALIZE:
         coef = coef / tl.maximum(tl.load(q_norm_ptr + rows, mask=has_row, other=1.0), EPS)
     dkn = acc - q * coef[:, None]
@@ -275,74 +277,11 @@ def _info_nce_bwd_combine_kernel(
     tl.store(dk_ptr + keys.to(tl.int64)[:, None] * D + dims[None, :], dkn, mask=tile_ok)
 
 
-# Tiles (outer, inner, num_warps, num_stages) per input precision, autotuned on a GPU for
-# problems big enough to repay it (each config is a compile); small ones run _FIXED_TILES, the
-# interpreter _INTERPRETER_TILES. Triton's autotuner drops a config whose compiled kernel needs
-# more shared memory than the tensor's device has (its launch raises OutOfResources). Every
-# config compiles without register spills for sm_80, sm_89 and sm_90, with wgmma on sm_90 (the
-# outer tile has >= 64 rows) and mma on the others: tests/ops/compile_gate.py checks it.
-# No 128x128 tiles (they spill at D=128 on 8 warps) and no 32-row tiles (no wgmma).
-_CONFIGS = {
-    # 16-bit: 128x64 for the H100 and A100; 64x64 for the L40S / RTX 4090, whose 101 KB of
-    # shared memory favours smaller tiles. 8 warps and 2 stages: with 4 warps or 3 stages,
-    # 64x64 at D > 128 spills on sm_100.
-    "16bit": [(128, 64, 8, 3), (64, 64, 8, 2)],
-    # fp32 (tf32x3: each dot splits its operands into two tf32 halves, doubling their
-    # registers): 64x32 tiles over 8 warps on every card, D reduced in chunks of 32 (64x64
-    # spills on sm_80); 3 stages where the shared memory allows.
-    "fp32": [(64, 32, 8, 2), (64, 32, 8, 3)],
-}
-_FIXED_TILES = {"16bit": (64, 64, 8, 2), "fp32": (64, 32, 8, 2)}  # one of each list: no extra compile
-_AUTOTUNE_MIN_LOGITS = 1 << 22  # N·K below this: the fixed configuration
-_INTERPRETER_TILES = {"BLOCK_N": 32, "BLOCK_M": 64}
-_MAX_ONE_CHUNK = {"16bit": 128, "fp32": 32}  # padded D held whole in registers (D=256 spills)
-_CHUNKS = {"16bit": (64, 128), "fp32": (32, 128)}  # (BLOCK_K, BLOCK_DV) above that
-
-
-def _tiles(outer_block: str, outer: int, inner: int) -> dict:
-    """The outer tile (queries in the forward, keys in the key gradient) and the streamed inner one."""
-    return {outer_block: outer, ("BLOCK_M" if outer_block == "BLOCK_N" else "BLOCK_N"): inner}
-
-
-def _configs(precision: str, outer_block: str) -> list:
-    return [triton.Config(_tiles(outer_block, n, m), num_warps=w, num_stages=st) for n, m, w, st in _CONFIGS[precision]]
-
-
 _FWD_KEY = ["BLOCK_K", "BLOCK_DV", "ONE_CHUNK", "SCALE_ROWS", "SCALE_COLS", "COMPUTE_DQ", "EXCLUDE_SELF",
-            "DOT_PRECISION"]
-_BWD_KEY = ["BLOCK_K", "BLOCK_DV", "ONE_CHUNK", "NORMALIZE", "EXCLUDE_SELF", "DOT_PRECISION"]
+            "COLUMN_STATS", "DOT_PRECISION"]
+_BWD_KEY = ["BLOCK_K", "BLOCK_DV", "ONE_CHUNK", "NORMALIZE", "EXCLUDE_SELF", "OUTER_LSE", "DOT_PRECISION"]
 _fwd_tuned = {p: triton.autotune(_configs(p, "BLOCK_N"), key=_FWD_KEY)(_info_nce_fwd_kernel) for p in _CONFIGS}
 _bwd_tuned = {p: triton.autotune(_configs(p, "BLOCK_M"), key=_BWD_KEY)(_info_nce_bwd_kernel) for p in _CONFIGS}
-
-
-def _precision(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16bit"
-
-
-def _d_tiles(D: int, dtype: torch.dtype) -> dict:
-    """BLOCK_K (D chunk of the logits dot), BLOCK_DV (D chunk of the accumulator; one program each) and ONE_CHUNK."""
-    precision = _precision(dtype)
-    block_d = _block_d(D)
-    if block_d <= _MAX_ONE_CHUNK[precision]:
-        return {"BLOCK_K": block_d, "BLOCK_DV": block_d, "ONE_CHUNK": True}
-    block_k, block_dv = _CHUNKS[precision]
-    return {"BLOCK_K": block_k, "BLOCK_DV": min(block_dv, block_d), "ONE_CHUNK": False}
-
-
-def _launch(kernel, tuned: dict, *, splits: int, d_programs: int, outer_block: str, outer_rows: int, logits: int,
-            args: tuple, flags: dict, dtype: torch.dtype) -> None:
-    """Run `kernel` over (ceil(outer_rows / BLOCK), splits, d_programs) programs with the tiles for this machine."""
-    precision = _precision(dtype)
-    if triton_interpreting():
-        grid = (triton.cdiv(outer_rows, _INTERPRETER_TILES[outer_block]), splits, d_programs)
-        kernel[grid](*args, **flags, **_INTERPRETER_TILES)
-    elif logits >= _AUTOTUNE_MIN_LOGITS:
-        tuned[precision][lambda meta: (triton.cdiv(outer_rows, meta[outer_block]), splits, d_programs)](*args, **flags)
-    else:
-        n, m, warps, stages = _FIXED_TILES[precision]
-        tiles = _tiles(outer_block, n, m)
-        grid = (triton.cdiv(outer_rows, tiles[outer_block]), splits, d_programs)
-        kernel[grid](*args, **flags, **tiles, num_warps=warps, num_stages=stages)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -353,35 +292,52 @@ def _row_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
 
 
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))  # tl.dot needs every tile dim >= 16
+def info_nce_partials(
+    query: torch.Tensor, x: torch.Tensor, q_norm: torch.Tensor, x_norm: torch.Tensor, *, scale2: float,
+    label_offset: int, scale_rows: bool, scale_cols: bool, compute_dq: bool, exclude_self: bool, column_stats: bool,
+) -> dict:
+    """Launch the forward kernel: per split, each query row's (m, l) [splits, N] and, with compute_dq,
+    acc [splits, N, D]; with column_stats, each streamed row's (col_m, col_l) [query tiles, X_ROWS]
+    (fixed tiles then, so the number of query tiles is known here)."""
+    N, D = query.shape
+    X_ROWS = x.shape[0]
+    d_tiles = _d_tiles(D, query.dtype)
+    d_programs = triton.cdiv(D, d_tiles["BLOCK_DV"]) if compute_dq else 1  # D programs split the accumulator only
+    splits, split_cols = _num_splits(N, X_ROWS, D, d_programs, query.device)
+    row_tiles = triton.cdiv(N, _fixed_outer(query.dtype, "BLOCK_N")) if column_stats else 0
+    f32 = {"dtype": torch.float32, "device": query.device}
+    out = dict(splits=splits, m=torch.empty(splits, N, **f32), l=torch.empty(splits, N, **f32),
+               acc=torch.empty((splits, N, D) if compute_dq else (0,), **f32), row_tiles=row_tiles,
+               col_m=torch.empty(row_tiles, X_ROWS, **f32), col_l=torch.empty(row_tiles, X_ROWS, **f32))
+    flags = dict(SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, COMPUTE_DQ=compute_dq, EXCLUDE_SELF=exclude_self,
+                 COLUMN_STATS=column_stats, EPS=_EPS, DOT_PRECISION=dot_precision(query.dtype), **d_tiles)
+    args = (query, x, q_norm, x_norm, out["m"], out["l"], out["acc"], out["col_m"], out["col_l"], N, X_ROWS, D,
+            *query.stride(), *x.stride(), split_cols, label_offset, scale2)
+    _launch(_info_nce_fwd_kernel, _fwd_tuned, splits=splits, d_programs=d_programs, outer_block="BLOCK_N",
+            outer_rows=N, logits=N * X_ROWS, args=args, flags=flags, dtype=query.dtype, tune=not column_stats)
+    return out
 
 
-def _combine_block(D: int) -> int:  # rows per program of the combine kernels: ~2K elements a tile
-    return max(1, min(64, 2048 // _block_d(D)))
-
-
-def _combine_warps(D: int) -> int:
-    return 16 if _block_d(D) > 2048 else 4  # a 4096-wide row over 4 (sm_90) or 8 (sm_100) warps spills
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    return "tf32x3" if dtype == torch.float32 else "tf32"  # ignored for 16-bit inputs
-
-
-def _num_splits(outer_rows: int, stream_rows: int, D: int, d_programs: int, device: torch.device) -> tuple[int, int]:
-    """(splits, rows per split) of the streamed dimension: enough programs to fill the GPU
-    (about 2 per SM) while every split keeps >= 4 chunks of work and the fp32 partials stay
-    under ~16 MiB. On the CPU interpreter, 2 splits so tests exercise the merge."""
-    chunks = triton.cdiv(stream_rows, _SPLIT_CHUNK)
-    sms = multiprocessor_count(device)
-    if sms is not None:
-        want = triton.cdiv(2 * sms, triton.cdiv(outer_rows, 128) * d_programs)
-        want = min(want, max(1, chunks // 4), max(1, (16 << 20) // (outer_rows * D * 4)))
-    else:
-        want = 2
-    per_split = triton.cdiv(chunks, max(1, min(want, chunks)))
-    return triton.cdiv(chunks, per_split), per_split * _SPLIT_CHUNK
+def info_nce_combine(
+    query: torch.Tensor, key: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, m_part: torch.Tensor,
+    l_part: torch.Tensor, acc_part: torch.Tensor, *, scale2: float, temperature: float, label_offset: int,
+    has_queue: bool, normalize: bool, compute_dq: bool, compute_dk: bool, exclude_self: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the combine kernel over the partials [parts, N] of each query row (splits of the
+    forward, or a column's query tiles). Returns (loss, lse2, dq_dir, dk_dir) as info_nce_fwd."""
+    N, D = query.shape
+    f32 = {"dtype": torch.float32, "device": query.device}
+    loss, lse2 = torch.empty(N, **f32), torch.empty(N, **f32)
+    dq_dir = torch.empty((N, D) if compute_dq else (0,), **f32)
+    dk_dir = torch.empty((N, D) if compute_dk else (0,), **f32)
+    block_n = _combine_block(D)
+    _info_nce_combine_kernel[(triton.cdiv(N, block_n),)](
+        query, key, q_norm, k_norm, m_part, l_part, acc_part, loss, lse2, dq_dir, dk_dir,
+        N, D, *query.stride(), *key.stride(), m_part.shape[0], label_offset, scale2, 1.0 / temperature,
+        HAS_QUEUE=has_queue, NORMALIZE=normalize, COMPUTE_DQ=compute_dq, COMPUTE_DK=compute_dk,
+        EXCLUDE_SELF=exclude_self, EPS=_EPS, BLOCK_N=block_n, BLOCK_D=block_d(D), num_warps=_combine_warps(D),
+    )
+    return loss, lse2, dq_dir, dk_dir
 
 
 def info_nce_fwd(
@@ -393,47 +349,27 @@ def info_nce_fwd(
     fp32 = ∂loss_i/∂key_i for the queue form (empty unless compute_dk and a queue). The queue may
     have another float dtype than query: its rows are converted to query's dtype on load."""
     has_queue = queue is not None
-    x = queue if has_queue else key
-    N, D = query.shape
-    dev = query.device
     q_norm = _row_norms(query) if normalize else query.new_empty(0, dtype=torch.float32)
     k_norm = _row_norms(key) if normalize else q_norm
     scale2 = _LOG2E / temperature
-    d_tiles = _d_tiles(D, query.dtype)
-    d_programs = triton.cdiv(D, d_tiles["BLOCK_DV"])
-    num_splits, split_cols = _num_splits(N, x.shape[0], D, d_programs, dev)
-    f32 = {"dtype": torch.float32, "device": dev}
-    m_part = torch.empty(num_splits, N, **f32)
-    l_part = torch.empty(num_splits, N, **f32)
-    acc_part = torch.empty((num_splits, N, D) if compute_dq else (0,), **f32)
-    flags = dict(SCALE_ROWS=normalize, SCALE_COLS=normalize and not has_queue, COMPUTE_DQ=compute_dq,
-                 EXCLUDE_SELF=exclude_self, EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype), **d_tiles)
-    args = (query, x, q_norm, k_norm, m_part, l_part, acc_part, N, x.shape[0], D, *query.stride(), *x.stride(),
-            split_cols, label_offset, scale2)
-    _launch(_info_nce_fwd_kernel, _fwd_tuned, splits=num_splits, d_programs=d_programs, outer_block="BLOCK_N",
-            outer_rows=N, logits=N * x.shape[0], args=args, flags=flags, dtype=query.dtype)
-
-    loss = torch.empty(N, **f32)
-    lse2 = torch.empty(N, **f32)
-    dq_dir = torch.empty((N, D) if compute_dq else (0,), **f32)
-    compute_dk = compute_dk and has_queue
-    dk_dir = torch.empty((N, D) if compute_dk else (0,), **f32)
-    block_n = _combine_block(D)
-    _info_nce_combine_kernel[(triton.cdiv(N, block_n),)](
-        query, key, q_norm, k_norm, m_part, l_part, acc_part, loss, lse2, dq_dir, dk_dir,
-        N, D, *query.stride(), *key.stride(), num_splits, label_offset, scale2, 1.0 / temperature,
-        HAS_QUEUE=has_queue, NORMALIZE=normalize, COMPUTE_DQ=compute_dq, COMPUTE_DK=compute_dk,
-        EXCLUDE_SELF=exclude_self, EPS=_EPS, BLOCK_N=block_n, BLOCK_D=_block_d(D), num_warps=_combine_warps(D),
-    )
-    return loss, lse2, dq_dir, dk_dir
+    parts = info_nce_partials(query, queue if has_queue else key, q_norm, k_norm, scale2=scale2,
+                              label_offset=label_offset, scale_rows=normalize, scale_cols=normalize and not has_queue,
+                              compute_dq=compute_dq, exclude_self=exclude_self, column_stats=False)
+    return info_nce_combine(query, key, q_norm, k_norm, parts["m"], parts["l"], parts["acc"], scale2=scale2,
+                            temperature=temperature, label_offset=label_offset, has_queue=has_queue,
+                            normalize=normalize, compute_dq=compute_dq, compute_dk=compute_dk and has_queue,
+                            exclude_self=exclude_self)
 
 
 def info_nce_bwd(
     query: torch.Tensor, key: torch.Tensor, lse2: torch.Tensor, grad: torch.Tensor, *, temperature: float,
-    normalize: bool, label_offset: int, exclude_self: bool,
+    normalize: bool, label_offset: int, exclude_self: bool, outer_lse2: torch.Tensor | None = None,
+    outer_grad: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """In-batch key gradient [M, D] (key's dtype, contiguous) of Σ_i grad_i · loss_i, recomputing
-    the logits tiles from lse2 [N] (from info_nce_fwd). grad [N] may be an expanded (stride-0) view."""
+    the logits tiles from lse2 [N] (from info_nce_fwd). grad [N] may be an expanded (stride-0) view.
+    outer_lse2, outer_grad [M] (CLIP, normalize=False): the keys' own cross-entropies over the
+    queries, Σ_j outer_grad_j · (outer_lse_j − l_{j−label_offset, j}), join the gradient."""
     grad = grad.to(torch.float32).contiguous()  # [N]: the copy of a stride-0 view is N floats
     lse2 = lse2.contiguous()
     N, D = query.shape
@@ -445,25 +381,30 @@ def info_nce_bwd(
     # tensor-core dot; scaling them into [-1, 1] keeps fp16 from underflowing (g = 1/N at large
     # N). One [N] pass; the scale stays on the device (no sync).
     weight = grad / q_norm.clamp_min(_EPS) if normalize else grad
+    has_outer = outer_lse2 is not None
+    if has_outer:  # one scale for both weights, which meet in one p
+        outer_grad, outer_lse2 = outer_grad.to(torch.float32), outer_lse2.contiguous()
+        weight = torch.cat([weight, outer_grad])
     weight_scale = weight.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
     weight = weight / weight_scale
+    weight, outer_weight = weight[:N], weight[N:]
     d_tiles = _d_tiles(D, query.dtype)
     d_programs = triton.cdiv(D, d_tiles["BLOCK_DV"])
     num_splits, split_rows = _num_splits(M, N, D, d_programs, dev)
     part = torch.empty(num_splits, M, D, dtype=torch.float32, device=dev)
-    flags = dict(NORMALIZE=normalize, EXCLUDE_SELF=exclude_self, EPS=_EPS, DOT_PRECISION=_dot_precision(query.dtype),
-                 **d_tiles)
-    args = (query, key, q_norm, k_norm, lse2, weight, part, N, M, D, *query.stride(), *key.stride(), split_rows,
-            label_offset, _LOG2E / temperature)
+    flags = dict(NORMALIZE=normalize, EXCLUDE_SELF=exclude_self, OUTER_LSE=has_outer, EPS=_EPS,
+                 DOT_PRECISION=dot_precision(query.dtype), **d_tiles)
+    args = (query, key, q_norm, k_norm, lse2, weight, outer_lse2 if has_outer else lse2[:0], outer_weight, part,
+            N, M, D, *query.stride(), *key.stride(), split_rows, label_offset, _LOG2E / temperature)
     _launch(_info_nce_bwd_kernel, _bwd_tuned, splits=num_splits, d_programs=d_programs, outer_block="BLOCK_M",
             outer_rows=M, logits=N * M, args=args, flags=flags, dtype=query.dtype)
     dk = torch.empty(key.shape, dtype=key.dtype, device=dev)
     block_m = _combine_block(D)
     _info_nce_bwd_combine_kernel[(triton.cdiv(M, block_m),)](
-        query, key, q_norm, k_norm, grad, weight_scale, part, dk, N, M, D, *query.stride(), *key.stride(),
-        num_splits, label_offset, 1.0 / temperature,
-        NORMALIZE=normalize, EXCLUDE_SELF=exclude_self, EPS=_EPS, BLOCK_M=block_m, BLOCK_D=_block_d(D),
-        num_warps=_combine_warps(D),
+        query, key, q_norm, k_norm, grad, outer_weight, weight_scale, part, dk,
+        N, M, D, *query.stride(), *key.stride(), num_splits, label_offset, 1.0 / temperature,
+        NORMALIZE=normalize, EXCLUDE_SELF=exclude_self, OUTER_LSE=has_outer, EPS=_EPS, BLOCK_M=block_m,
+        BLOCK_D=block_d(D), num_warps=_combine_warps(D),
     )
     return dk
 
@@ -478,23 +419,27 @@ def _norms(a: dict) -> tuple[str, ...]:
 
 def _matmul_flops(a: dict, matmuls: int) -> int:
     """matmuls x 2 N K D (the logits tile, p @ streamed rows or its backward); one logits tile per
-    BLOCK_DV-column program, each recomputing it."""
-    d_programs = -(-a["D"] // a["BLOCK_DV"])
+    BLOCK_DV-column program, each recomputing it (one program without the forward's accumulator)."""
+    d_programs = -(-a["D"] // a["BLOCK_DV"]) if a.get("COMPUTE_DQ", True) else 1
     rows = a["k_ptr" if "k_ptr" in a else "x_ptr"].shape[0]
     return (d_programs + matmuls) * 2 * a["q_ptr"].shape[0] * rows * a["D"]
 
 
 def _fwd_traffic(a: dict) -> tuple[int, int, int]:
     reads = ("q_ptr", "x_ptr") + ("q_norm_ptr",) * a["SCALE_ROWS"] + ("x_norm_ptr",) * a["SCALE_COLS"]
-    return *whole(a, reads, ("m_ptr", "l_ptr", "acc_ptr")), _matmul_flops(a, int(a["COMPUTE_DQ"]))
+    writes = ("m_ptr", "l_ptr", "acc_ptr", "col_m_ptr", "col_l_ptr")
+    return *whole(a, reads, writes), _matmul_flops(a, int(a["COMPUTE_DQ"]))
 
+
+_OUTER = ("outer_lse2_ptr", "outer_weight_ptr")  # empty without OUTER_LSE: 0 bytes
 
 KERNEL_TRAFFIC = {
     "_info_nce_fwd_kernel": _fwd_traffic,
     "_info_nce_combine_kernel": lambda a: (*whole(a, ("q_ptr", "k_ptr", "m_ptr", "l_ptr", "acc_ptr") + _norms(a),
                                                   ("loss_ptr", "lse2_ptr", "dq_ptr", "dk_ptr")), 0),
-    "_info_nce_bwd_kernel": lambda a: (*whole(a, ("q_ptr", "k_ptr", "lse2_ptr", "weight_ptr") + _norms(a),
+    "_info_nce_bwd_kernel": lambda a: (*whole(a, ("q_ptr", "k_ptr", "lse2_ptr", "weight_ptr") + _OUTER + _norms(a),
                                               ("part_ptr",)), _matmul_flops(a, 1)),
     "_info_nce_bwd_combine_kernel": lambda a: (*whole(
-        a, ("q_ptr", "k_ptr", "grad_ptr", "weight_scale_ptr", "part_ptr") + _norms(a), ("dk_ptr",)), 0),
+        a, ("q_ptr", "grad_ptr", "outer_weight_ptr", "weight_scale_ptr", "part_ptr") + ("k_ptr",) * a["NORMALIZE"]
+        + _norms(a), ("dk_ptr",)), 0),  # the keys themselves only for the normalization backward
 }

@@ -6,11 +6,17 @@ import torch
 import triton
 import triton.language as tl
 
+from fastssl.ops._tiles import (
+    SPLIT_CHUNK,
+    block_d,
+    chunked_dot,
+    dot_precision,
+    precision,
+    program_tiles,
+    stream_splits,
+)
 from fastssl.ops._traffic import nbytes
-from fastssl.ops.backend import multiprocessor_count, triton_interpreting
-
-_SPLIT_CHUNK = 128  # streamed rows per split are a multiple of this, the largest BLOCK_M of any tile
-
+from fastssl.ops.backend import triton_interpreting
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -23,15 +29,9 @@ def _siglip_pair_tile(
 ):
     """For rows of a against columns of b: the dot products s = a_i·b_j and the signed logits
     u = z_ij (t·s + b), z = +1 where j == i + label_offset (POSITIVES), -1 elsewhere."""
-    dims = tl.arange(0, BLOCK_K)
     a_rows = a_ptr + rows.to(tl.int64)[:, None] * stride_a
     b_rows = b_ptr + cols.to(tl.int64)[:, None] * stride_b
-    s = tl.zeros([rows.shape[0], cols.shape[0]], tl.float32)
-    for d0 in range(0, D, BLOCK_K):
-        dk = d0 + dims
-        a = tl.load(a_rows + dk[None, :] * stride_ad, mask=row_ok[:, None] & (dk < D)[None, :], other=0.0)
-        b = tl.load(b_rows + dk[None, :] * stride_bd, mask=col_ok[:, None] & (dk < D)[None, :], other=0.0)
-        s = tl.dot(a, tl.trans(b.to(a.dtype)), s, input_precision=DOT_PRECISION)
+    s = chunked_dot(a_rows, row_ok, stride_ad, b_rows, col_ok, stride_bd, D, BLOCK_K, DOT_PRECISION)
     logit = s * tl.load(scale_ptr).to(tl.float32)
     if HAS_BIAS:
         logit += tl.load(bias_ptr).to(tl.float32)
@@ -62,19 +62,13 @@ def _siglip_loss_fwd_kernel(
 
     Traffic: reads x's and y's rows (each split its own texts; x re-read per split from cache);
     writes [splits, N] fp32 sums (three with COMPUTE_GRAD) and the [splits, N, D] fp32 accumulator."""
-    pid_n = tl.program_id(0)
     split = tl.program_id(1)
     pid_d = tl.program_id(2)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    dims_v = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    dv_ok = dims_v < D
+    rows, row_ok, dims_v, dv_ok, start, end = program_tiles(N, D, split_cols, M, BLOCK_N, BLOCK_DV)
     loss = tl.zeros([BLOCK_N], tl.float32)
     dscale = tl.zeros([BLOCK_N], tl.float32)
     dbias = tl.zeros([BLOCK_N], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    start = split * split_cols
-    end = tl.minimum(start + split_cols, M)
     for col0 in range(start, end, BLOCK_M):
         cols = col0 + tl.arange(0, BLOCK_M)
         col_ok = cols < end
@@ -118,16 +112,9 @@ def _siglip_loss_bwd_kernel(
     ONE_SPLIT: the sum is whole, so it is scaled by coef = g·t/N and stored in the text's dtype
     ([M, D]); otherwise the split's fp32 partial sum is stored ([splits, M, D]).
     Traffic: reads x's and y's rows; writes the gradient or the partials."""
-    pid_m = tl.program_id(0)
     split = tl.program_id(1)
-    pid_d = tl.program_id(2)
-    texts = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    text_ok = texts < M
-    dims_v = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
-    dv_ok = dims_v < D
+    texts, text_ok, dims_v, dv_ok, start, end = program_tiles(M, D, split_rows, N, BLOCK_M, BLOCK_DV)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    start = split * split_rows
-    end = tl.minimum(start + split_rows, N)
     for row0 in range(start, end, BLOCK_N):
         images = row0 + tl.arange(0, BLOCK_N)
         image_ok = images < end
@@ -187,14 +174,6 @@ _BLOCK_K = {"16bit": 64, "fp32": 32}  # D chunk of the logits dot
 _BLOCK_DV = {"16bit": 256, "fp32": 128}
 
 
-def _precision(dtype: torch.dtype) -> str:
-    return "fp32" if dtype == torch.float32 else "16bit"
-
-
-def _block_d(D: int) -> int:
-    return max(16, triton.next_power_of_2(D))  # tl.dot needs every tile dim >= 16
-
-
 def _unit_last_dim(x: torch.Tensor) -> torch.Tensor:
     """x itself when its rows are unit-stride (the kernels take the row stride), else a copy."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -204,26 +183,19 @@ def _launch_shape(outer_rows: int, stream_rows: int, D: int, dtype: torch.dtype,
     """Tiles, grid and warps for `outer_rows` rows streaming `stream_rows`: the streamed rows are
     split so that about two programs per SM run on a GPU (N = 256 alone is 4 row tiles); on the
     interpreter in 2 splits, so the tests exercise the sum over splits."""
-    precision = _precision(dtype)
-    outer, inner, warps, stages = _TILES[precision]
-    block_k, block_dv, split_chunk = _BLOCK_K[precision], _BLOCK_DV[precision], _SPLIT_CHUNK
+    tile_class = precision(dtype)
+    outer, inner, warps, stages = _TILES[tile_class]
+    block_k, block_dv, split_chunk = _BLOCK_K[tile_class], _BLOCK_DV[tile_class], SPLIT_CHUNK
     if triton_interpreting():
         outer, inner, block_k, block_dv, split_chunk = (_INTERPRETER[k] for k in (
             "outer", "inner", "BLOCK_K", "BLOCK_DV", "split_chunk"))
-    block_dv = min(block_dv, _block_d(D))
+    block_dv = min(block_dv, block_d(D))
     d_programs = triton.cdiv(D, block_dv)
     outer_programs = triton.cdiv(outer_rows, outer)
-    chunks = triton.cdiv(stream_rows, split_chunk)
-    sms = multiprocessor_count(device)
-    if sms is not None:
-        want = min(triton.cdiv(2 * sms, outer_programs * d_programs), max(1, chunks // 4))
-    else:
-        want = 2
-    per_split = triton.cdiv(chunks, max(1, min(want, chunks)))
-    splits = triton.cdiv(chunks, per_split)
-    return dict(grid=(outer_programs, splits, d_programs), splits=splits, split_rows=per_split * split_chunk,
-                outer=outer, inner=inner, BLOCK_K=min(block_k, _block_d(D)), BLOCK_DV=block_dv,
-                num_warps=warps, num_stages=stages, DOT_PRECISION="tf32x3" if precision == "fp32" else "tf32")
+    splits, split_rows = stream_splits(outer_programs, stream_rows, d_programs, device, chunk=split_chunk)
+    return dict(grid=(outer_programs, splits, d_programs), splits=splits, split_rows=split_rows,
+                outer=outer, inner=inner, BLOCK_K=min(block_k, block_d(D)), BLOCK_DV=block_dv,
+                num_warps=warps, num_stages=stages, DOT_PRECISION=dot_precision(dtype))
 
 
 def _scalar_args(logit_scale: torch.Tensor, logit_bias: torch.Tensor | None) -> tuple:

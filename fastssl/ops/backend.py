@@ -106,3 +106,22 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
                 "TRITON_INTERPRET=1 (set before fastssl is imported). Use backend='torch' or 'auto'."
             )
     return backend
+
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def resolve_kernel_backend(op: str, backend: str, *tensors: torch.Tensor) -> str:
+    """resolve_backend for an op whose kernels take float32, float16 and bfloat16 tensors: float64
+    (e.g. gradcheck) runs the reference under "auto" and is refused by "triton" with a TypeError
+    naming `op`; a kernel bound for the interpreter passes check_interpreter_dot first."""
+    resolved = resolve_backend(backend, *tensors)
+    if resolved == "triton" and any(t.dtype not in KERNEL_DTYPES for t in tensors):
+        if backend != "auto":
+            got = ", ".join(sorted({str(t.dtype) for t in tensors}))
+            raise TypeError(f"{op}: backend='triton' takes float32, float16 or bfloat16 tensors, got {got}; "
+                            f"backend='auto' or 'torch' runs the reference in float64")
+        resolved = "torch"  # float64: the reference, which computes in it
+    if resolved == "triton":
+        check_interpreter_dot(op, *tensors)
+    return resolved

@@ -37,13 +37,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastssl.ops.backend import HAS_TRITON, check_interpreter_dot, resolve_backend
-from fastssl.validation import check_int, check_same_dtype, check_tensor
+from fastssl.ops.backend import HAS_TRITON, resolve_kernel_backend
+from fastssl.validation import check_image_text, check_int
 
 if HAS_TRITON:  # without triton only the reference runs (resolve_backend refuses "triton")
     from fastssl.ops._siglip_loss_kernels import siglip_loss_bwd, siglip_loss_fwd
-
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -125,16 +123,6 @@ def siglip_loss_ref(
     return -F.logsigmoid(signs * logits).sum() / image.shape[0]
 
 
-def _as_scalar(name: str, value, like: torch.Tensor) -> torch.Tensor:
-    """A one-element float tensor on like's device (a Python number becomes one)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor(float(value), dtype=torch.float32, device=like.device)
-    check_tensor(name, value, device=like.device, like="image_features")
-    if value.numel() != 1:
-        raise ValueError(f"{name} must hold one value (a 0-d or [1] tensor), got shape {tuple(value.shape)}")
-    return value
-
-
 def siglip_loss(
     image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float,
     logit_bias: torch.Tensor | float | None = None, *, label_offset: int | None = 0, backend: str = "auto",
@@ -148,31 +136,15 @@ def siglip_loss(
     float64 runs the reference on backend="auto" and is refused by backend="triton".
     backend: "auto" (Triton on CUDA, else `siglip_loss_ref`), "triton", "torch".
     """
-    check_tensor("image_features", image_features, ndim=2)
-    check_tensor("text_features", text_features, ndim=2, device=image_features.device, like="image_features")
-    check_same_dtype(("image_features", "text_features"), (image_features, text_features))
-    N, D = image_features.shape
-    M = text_features.shape[0]
-    if text_features.shape[1] != D:
-        raise ValueError(f"text_features must have D={D} columns like image_features, got shape "
-                         f"{tuple(text_features.shape)}")
-    scale = _as_scalar("logit_scale", logit_scale, image_features)
-    bias = None if logit_bias is None else _as_scalar("logit_bias", logit_bias, image_features)
+    scale, bias = check_image_text(image_features, text_features, logit_scale, logit_bias)
+    N, M = image_features.shape[0], text_features.shape[0]
     if label_offset is not None:
         if M < N:
             raise ValueError(f"text_features must have at least N={N} rows (one positive text per image) unless "
                              f"label_offset=None, got shape {tuple(text_features.shape)}")
         label_offset = check_int("label_offset", label_offset, low=0, high=M - N)
-    tensors = (image_features, text_features)
-    resolved = resolve_backend(backend, *tensors)
-    if resolved == "triton" and image_features.dtype not in _KERNEL_DTYPES:
-        if backend != "auto":
-            raise TypeError(f"siglip_loss: backend='triton' takes float32, float16 or bfloat16 features, got "
-                            f"{image_features.dtype}; backend='auto' or 'torch' runs the reference in float64")
-        resolved = "torch"  # float64 (e.g. gradcheck): the reference, which computes in it
-    if resolved == "torch":
+    if resolve_kernel_backend("siglip_loss", backend, image_features, text_features) == "torch":
         return siglip_loss_ref(image_features, text_features, logit_scale, logit_bias, label_offset=label_offset)
-    check_interpreter_dot("siglip_loss", *tensors)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (image_features, text_features, scale, bias))
     loss, _, _, _ = _fwd_op(image_features, text_features, scale, bias, 0 if label_offset is None else label_offset,

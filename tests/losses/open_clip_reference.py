@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def open_clip_loss():
@@ -18,3 +19,10 @@ def open_clip_loss():
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+def assert_same_output_dict(ours, official, *args):
+    """forward(*args, output_dict=True) of both modules: the one key open_clip gives, the same loss."""
+    out, want = ours(*args, output_dict=True), official(*args, output_dict=True)
+    assert out.keys() == want.keys() == {"contrastive_loss"}
+    torch.testing.assert_close(out["contrastive_loss"], want["contrastive_loss"], rtol=1e-12, atol=1e-12)

@@ -3,7 +3,7 @@ no GPU and no driver, at the configurations its launcher picks for a grid of rea
 
     python tests/ops/compile_gate.py --targets 80,89,90,100 [--json FILE]
 
-How the configurations are found: the public ops (info_nce, dino_loss, soft_cross_entropy,
+How the configurations are found: the public ops (info_nce, clip_loss, dino_loss, soft_cross_entropy,
 random_masking, unshuffle_tokens, mae_loss, siglip_loss, ibot_patch_loss, ibot_patch_cross_entropy) run
 on shape-only CUDA tensors (FakeTensorMode) with each custom op's fake implementation swapped for its real
 one followed by its registered backward,
@@ -79,6 +79,7 @@ def scenarios():
     fake_cuda runs each op's backward too."""
     import torch
 
+    from fastssl.ops.clip_loss import clip_loss
     from fastssl.ops.dino_loss import dino_loss, soft_cross_entropy
     from fastssl.ops.ibot_patch_loss import ibot_patch_cross_entropy, ibot_patch_loss
     from fastssl.ops.info_nce import info_nce
@@ -137,15 +138,18 @@ def scenarios():
         scale, bias = t((), dtype=torch.float32, grad=True), t((), dtype=torch.float32, grad=True)
         siglip_loss(image, text, scale, bias, label_offset=offset, backend="triton")
 
-    def clip(dt, N, M, D):  # local loss: this rank's scaled rows against all M (one direction of two)
-        queries, keys = t(N, D, dtype=dt, grad=True), t(M, D, dtype=dt, grad=True)
-        info_nce(queries, keys, temperature=1.0, normalize=False, backend="triton")
+    def clip(dt, N, M, D):  # M = N: one grid, both directions in one sweep; else the local loss
+        image, text = t(N, D, dtype=dt, grad=True), t(N, D, dtype=dt, grad=True)
+        scale = t((), dtype=torch.float32, grad=True)
+        kw = {} if M == N else dict(all_image_features=t(M, D, dtype=dt, grad=True),
+                                    all_text_features=t(M, D, dtype=dt, grad=True))
+        clip_loss(image, text, scale, **kw, backend="triton")
 
     out = []
     for name, dt in dtypes.items():
         out += [
             (f"clip N={N} M={M} D={D} {name}", lambda dt=dt, N=N, M=M, D=D: clip(dt, N, M, D))
-            for N, M in ((256, 256), (1024, 32768))
+            for N, M in ((256, 256), (4096, 4096), (1024, 32768))  # 4096: tuned backward tiles
             for D in (512, 1024)
         ]
         # per-GPU batch 256-1024, local texts, a rank's block of another's, or all 32k gathered

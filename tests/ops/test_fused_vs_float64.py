@@ -1,9 +1,9 @@
 """Every fused op in its training form (tests/grad_compare.py: MoCo v2 with its queue, in-batch
 with and without normalization, DINO, multi-label, the MAE pipeline in the model's layout, SigLIP
-with its learned scale and bias, iBOT's patch loss), loss and every gradient against float64 by
-DESIGN.md's rule: on the CPU under the interpreter in fp32 and fp16, on CUDA in bf16 and fp32. And
-the comparison shown to catch a wrong backward: each registered backward, its gradient scaled by
-1.01, fails it."""
+with its learned scale and bias, iBOT's patch loss, CLIP's one grid with its learned scale), loss
+and every gradient against float64 by DESIGN.md's rule: on the CPU under the interpreter in fp32
+and fp16, on CUDA in bf16 and fp32. And the comparison shown to catch a wrong backward: each
+registered backward, its gradient scaled by 1.01, fails it."""
 
 import importlib
 
@@ -16,6 +16,7 @@ dino_module = importlib.import_module("fastssl.ops.dino_loss")
 mae_module = importlib.import_module("fastssl.ops.mae")
 siglip_module = importlib.import_module("fastssl.ops.siglip_loss")
 ibot_module = importlib.import_module("fastssl.ops.ibot_patch_loss")
+clip_module = importlib.import_module("fastssl.ops.clip_loss")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -39,6 +40,8 @@ BROKEN = [
     ("siglip", siglip_module._fwd_op, 1, {"dtext"}),
     ("siglip", siglip_module._fwd_op, 2, {"dlogit_scale"}),
     ("ibot_patch_loss", ibot_module._fwd_op, 0, {"dstudent"}),
+    ("clip", clip_module._fwd_op, 0, {"dimage", "dlog_scale"}),  # the scaled rows' gradient feeds both
+    ("clip", clip_module._fwd_op, 1, {"dtext"}),
 ]
 
 

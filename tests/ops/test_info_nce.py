@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from bad_inputs import bad_input_test
 
 from fastssl.ops.info_nce import info_nce, info_nce_ref
 
@@ -305,11 +306,7 @@ def _bad_calls():
     ]
 
 
-@pytest.mark.parametrize("i", range(len(_bad_calls())))
-def test_errors(i):
-    args, kwargs, exc, match = _bad_calls()[i]
-    with pytest.raises(exc, match=match):
-        info_nce(*args, **kwargs)
+test_errors = bad_input_test(info_nce, _bad_calls)
 
 
 # ---------------------------------------------------------------- op registration

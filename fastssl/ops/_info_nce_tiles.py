@@ -1,0 +1,91 @@
+"""Tiles and launch shapes of the InfoNCE kernels (_info_nce_kernels.py, behind fastssl.ops.info_nce
+and fastssl.ops.clip_loss): the configurations per input precision, the D chunks, the splits of the
+streamed rows and the launch itself. Imported only where triton is installed."""
+
+import torch
+import triton
+
+from fastssl.ops._tiles import block_d, precision, stream_splits
+from fastssl.ops.backend import triton_interpreting
+
+# Tiles (outer, inner, num_warps, num_stages) per input precision, autotuned on a GPU for
+# problems big enough to repay it (each config is a compile); small ones run _FIXED_TILES, the
+# interpreter _INTERPRETER_TILES. Triton's autotuner drops a config whose compiled kernel needs
+# more shared memory than the tensor's device has (its launch raises OutOfResources). Every
+# config compiles without register spills for sm_80, sm_89 and sm_90, with wgmma on sm_90 (the
+# outer tile has >= 64 rows) and mma on the others: tests/ops/compile_gate.py checks it.
+# No 128x128 tiles (they spill at D=128 on 8 warps) and no 32-row tiles (no wgmma).
+_CONFIGS = {
+    # 16-bit: 128x64 for the H100 and A100; 64x64 for the L40S / RTX 4090, whose 101 KB of
+    # shared memory favours smaller tiles. 8 warps and 2 stages: with 4 warps or 3 stages,
+    # 64x64 at D > 128 spills on sm_100.
+    "16bit": [(128, 64, 8, 3), (64, 64, 8, 2)],
+    # fp32 (tf32x3: each dot splits its operands into two tf32 halves, doubling their
+    # registers): 64x32 tiles over 8 warps on every card, D reduced in chunks of 32 (64x64
+    # spills on sm_80); 3 stages where the shared memory allows.
+    "fp32": [(64, 32, 8, 2), (64, 32, 8, 3)],
+}
+_FIXED_TILES = {"16bit": (64, 64, 8, 2), "fp32": (64, 32, 8, 2)}  # one of each list: no extra compile
+_AUTOTUNE_MIN_LOGITS = 1 << 22  # N·K below this: the fixed configuration
+_INTERPRETER_TILES = {"BLOCK_N": 32, "BLOCK_M": 64}
+_MAX_ONE_CHUNK = {"16bit": 128, "fp32": 32}  # padded D held whole in registers (D=256 spills)
+_CHUNKS = {"16bit": (64, 128), "fp32": (32, 128)}  # (BLOCK_K, BLOCK_DV) above that
+
+
+def _tiles(outer_block: str, outer: int, inner: int) -> dict:
+    """The outer tile (queries in the forward, keys in the key gradient) and the streamed inner one."""
+    return {outer_block: outer, ("BLOCK_M" if outer_block == "BLOCK_N" else "BLOCK_N"): inner}
+
+
+def _configs(tile_class: str, outer_block: str) -> list:
+    return [triton.Config(_tiles(outer_block, n, m), num_warps=w, num_stages=st) for n, m, w, st in _CONFIGS[tile_class]]
+
+
+def _d_tiles(D: int, dtype: torch.dtype) -> dict:
+    """BLOCK_K (D chunk of the logits dot), BLOCK_DV (D chunk of the accumulator; one program each) and ONE_CHUNK."""
+    padded = block_d(D)
+    if padded <= _MAX_ONE_CHUNK[precision(dtype)]:
+        return {"BLOCK_K": padded, "BLOCK_DV": padded, "ONE_CHUNK": True}
+    block_k, block_dv = _CHUNKS[precision(dtype)]
+    return {"BLOCK_K": block_k, "BLOCK_DV": min(block_dv, padded), "ONE_CHUNK": False}
+
+
+def _fixed_outer(dtype: torch.dtype, outer_block: str) -> int:
+    """The outer tile of an untuned launch (the interpreter's, or the fixed tiles)."""
+    if triton_interpreting():
+        return _INTERPRETER_TILES[outer_block]
+    return _tiles(outer_block, *_FIXED_TILES[precision(dtype)][:2])[outer_block]
+
+
+def _launch(kernel, tuned: dict, *, splits: int, d_programs: int, outer_block: str, outer_rows: int, logits: int,
+            args: tuple, flags: dict, dtype: torch.dtype, tune: bool = True) -> None:
+    """Run `kernel` over (ceil(outer_rows / BLOCK), splits, d_programs) programs with the tiles for this
+    machine; tune=False keeps the fixed tiles (`_fixed_outer`) at any size."""
+    if triton_interpreting():
+        grid = (triton.cdiv(outer_rows, _INTERPRETER_TILES[outer_block]), splits, d_programs)
+        kernel[grid](*args, **flags, **_INTERPRETER_TILES)
+    elif tune and logits >= _AUTOTUNE_MIN_LOGITS:
+        grid = lambda meta: (triton.cdiv(outer_rows, meta[outer_block]), splits, d_programs)
+        tuned[precision(dtype)][grid](*args, **flags)
+    else:
+        n, m, warps, stages = _FIXED_TILES[precision(dtype)]
+        tiles = _tiles(outer_block, n, m)
+        grid = (triton.cdiv(outer_rows, tiles[outer_block]), splits, d_programs)
+        kernel[grid](*args, **flags, **tiles, num_warps=warps, num_stages=stages)
+
+
+def _combine_block(D: int) -> int:  # rows per program of the combine kernels: ~2K elements a tile
+    return max(1, min(64, 2048 // block_d(D)))
+
+
+def _combine_warps(D: int) -> int:
+    return 16 if block_d(D) > 2048 else 4  # a 4096-wide row over 4 (sm_90) or 8 (sm_100) warps spills
+
+
+def _num_splits(outer_rows: int, stream_rows: int, D: int, d_programs: int, device: torch.device) -> tuple[int, int]:
+    """stream_splits with the outer tiles counted at 128 rows (the largest) and the fp32 partials
+    [splits, outer_rows, D] kept under ~16 MiB."""
+    return stream_splits(triton.cdiv(outer_rows, 128), stream_rows, d_programs, device,
+                         max_splits=max(1, (16 << 20) // (outer_rows * D * 4)))
+
+
