@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from fastssl.data.labels import _PathIndex, keyed_json_rows
 
 CAPTION_FILES = ("captions.csv", "captions.jsonl")
 SYNTHETIC = "synthetic"
@@ -63,19 +64,8 @@ def _caption_rows(path: Path) -> list[tuple[str, object, object]]:
     """(where, key, caption) per row of a captions file; key is an int index or a path string."""
     rows: list[tuple[str, object, object]] = []
     if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not a JSON object ({e.msg})") from None
-                if not isinstance(obj, dict) or ("path" in obj) == ("index" in obj):
-                    raise ValueError(f'{where}: expected an object with "caption" and one of "path"/"index"')
-                rows.append((where, obj.get("path", obj.get("index")), obj.get("caption")))
-        return rows
+        return [(f"{path}:{lineno}", key, obj.get("caption"))
+                for lineno, key, obj in keyed_json_rows(path, "caption")]
     if path.suffix != ".csv":
         raise ValueError(f"captions file must end in .csv or .jsonl, got {path.name!r}")
     with open(path, encoding="utf-8", newline="") as f:
@@ -101,8 +91,6 @@ def read_captions(path: str | Path, *, paths: Sequence[str] | None = None, num_i
     module docstring). paths: the source's file paths, for path keys; num_items: its size, for
     index keys. Rows naming files the source does not hold are ignored (one file may caption
     several splits); a file that names none of the source's samples is an error."""
-    from fastssl.data.labels import _PathIndex
-
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"captions: expected a captions file (.csv or .jsonl), got {str(path)!r} "

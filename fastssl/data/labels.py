@@ -88,28 +88,37 @@ def _label_ids(raw: Sequence, where: str, vocab: dict[str, int] | None, num_clas
     return sorted(set(ids))
 
 
+def keyed_json_rows(path: Path, field: str) -> list[tuple[int, object, dict]]:
+    """(line number, key, object) per line of a JSON-lines file whose objects name their sample by
+    "path" (a string) or "index" (an integer) and carry `field` (labels, a caption)."""
+    out: list[tuple[int, object, dict]] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not a JSON object ({e.msg})") from None
+            if not isinstance(obj, dict) or ("path" in obj) == ("index" in obj):
+                raise ValueError(f'{where}: expected an object with "{field}" and one of "path"/"index"')
+            key = obj["path"] if "path" in obj else obj["index"]
+            if "index" in obj and (isinstance(key, bool) or not isinstance(key, int)):
+                raise ValueError(f'{where}: "index" must be an integer, got {key!r}')
+            out.append((lineno, key, obj))
+    return out
+
+
 def _rows(path: Path) -> list[tuple[int, object, list]]:
     """(line number, key, raw labels) per row; key is an int index or a path string."""
     out: list[tuple[int, object, list]] = []
     if path.suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: not a JSON object ({e.msg})") from None
-                if not isinstance(obj, dict) or ("path" in obj) == ("index" in obj):
-                    raise ValueError(f'{where}: expected an object with "labels" and one of "path"/"index"')
-                labels = obj.get("labels")
-                if not isinstance(labels, list):
-                    raise ValueError(f'{where}: "labels" must be a list, got {labels!r}')
-                key = obj["path"] if "path" in obj else obj["index"]
-                if "index" in obj and (isinstance(key, bool) or not isinstance(key, int)):
-                    raise ValueError(f'{where}: "index" must be an integer, got {key!r}')
-                out.append((lineno, key, labels))
+        for lineno, key, obj in keyed_json_rows(path, "labels"):
+            labels = obj.get("labels")
+            if not isinstance(labels, list):
+                raise ValueError(f'{path}:{lineno}: "labels" must be a list, got {labels!r}')
+            out.append((lineno, key, labels))
         return out
     if path.suffix != ".csv":
         raise ValueError(f"labels file must end in .csv, .jsonl or .json, got {path.name!r}")
