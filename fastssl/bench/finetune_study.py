@@ -113,6 +113,8 @@ def finetuned(run: Path, folder: str, args, init: str) -> dict:
     keys = dict(init=init, epochs=args.ft_epochs, batch_size=args.batch_size, loader="torchvision",
                 warmup_epochs=min(1.0, args.ft_epochs / 4), num_threads=args.threads, seed=args.seed,
                 out=str(out))
+    if init == "random":  # layer decay keeps what pre-training put in the early layers; here there is none
+        keys["layer_decay"] = 1.0
     s = finetune(run, folder, args.size, keys, preset={}, progress=False, log=lambda m: None)
     return {"finetune_top1": s["top1"], "finetune_top5": s["top5"], "finetune_steps": s["steps"],
             "finetune_seconds": s["train_seconds"]}
