@@ -2,7 +2,8 @@
 the rule written out one index at a time in fp64 (duplicates: the last occurrence wins), the
 PyTorch reference, casts, normalization, the official initialisation, errors without state
 change, state round trips, the 2-process gather, sampling, the memory formula, the CUDA images
-the extension carries for the kernel (cuobjdump), and (GPU) the kernel with no host sync."""
+the extension carries for the kernel and their register use (cuobjdump), and (GPU) the kernel with no
+host sync."""
 
 from __future__ import annotations
 
@@ -460,3 +461,30 @@ def test_cuda_duplicates_and_refusal_on_the_device():
            (features, torch.tensor([-1, 5, 1, 2, 0, 5], device="cuda"))]
     _update_without_host_sync(bank, bad)  # refused on the device: no raise, no sync
     assert torch.equal(bank.memory, before) and bank.rejected.item() == 2 and not bank._scratch.any()
+
+
+def test_extension_kernels_keep_to_registers_in_every_image():
+    """The compile gate's no-spill rule, applied to the extension's CUDA kernels (the bank's and the
+    queue's), which the Triton gate does not compile: in every SASS image, every kernel has no stack
+    frame and no local memory (where spilled registers go) and at most 255 registers per thread."""
+    reported, library, tool = built_extension()
+    out = subprocess.run([tool, "--dump-resource-usage", library.__file__], capture_output=True, text=True,
+                         check=True).stdout
+    usage, section = {}, {}
+    for line in map(str.strip, out.splitlines()):
+        if line.startswith("Fatbin "):
+            section = {"elf": line.startswith("Fatbin elf")}
+        elif line.startswith(("arch = ", "identifier = ")):
+            key, value = line.split(" = ")
+            section[key] = value.rsplit("/", 1)[-1].removesuffix(".cu")
+        elif line.startswith("Function ") and section.get("elf"):
+            kernel = line.removeprefix("Function ").rstrip(":")
+        elif line.startswith("REG:") and section.get("elf"):
+            usage[section["arch"], section["identifier"], kernel] = dict(f.split(":") for f in line.split())
+    images = {i for i in reported if i.startswith("sm_")}
+    for source in ("memory_bank_update", "queue_push"):
+        assert {arch for arch, src, _ in usage if src == source} == images, source
+    for (arch, source, kernel), fields in usage.items():
+        where = f"{source} {kernel} on {arch}"
+        assert fields["STACK"] == "0" and fields["LOCAL"] == "0", f"{where} spills: {fields}"
+        assert int(fields["REG"]) <= 255, where

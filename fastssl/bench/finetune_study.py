@@ -10,8 +10,9 @@ full fine-tuning (fastssl.finetune) at 32 px, a resolution other than pre-traini
   pre-trains on each label space: raw hashtags, WordNet-merged synsets, the synsets matched to
   the ten target classes (fastssl.data.vocab.wordnet_vocabulary), flat or with WordNet
   hypernyms added to every image's targets (JFT-style).
-* presets: the MAE, DINO and MoCo v3 Fashion-MNIST presets pre-train on the same clean images,
-  then fine-tune from their weights and from random init of the same network.
+* presets: the MAE, DINO and MoCo v3 Fashion-MNIST presets pre-train on the 60,000 training
+  images without labels, then are probed and fine-tuned on the labelled subset, from their weights
+  and from random init of the same network (trained at the full LR in every layer).
 
     python -m fastssl.bench.finetune_study                  # idle CPU: minutes per run
     python -m fastssl.bench.finetune_study --tiny           # smoke run (the test's size)
@@ -113,6 +114,8 @@ def finetuned(run: Path, folder: str, args, init: str) -> dict:
     keys = dict(init=init, epochs=args.ft_epochs, batch_size=args.batch_size, loader="torchvision",
                 warmup_epochs=min(1.0, args.ft_epochs / 4), num_threads=args.threads, seed=args.seed,
                 out=str(out))
+    if init == "random":  # layer decay keeps what pre-training put in the early layers; here there is none
+        keys["layer_decay"] = 1.0
     s = finetune(run, folder, args.size, keys, preset={}, progress=False, log=lambda m: None)
     return {"finetune_top1": s["top1"], "finetune_top5": s["top5"], "finetune_steps": s["steps"],
             "finetune_seconds": s["train_seconds"]}
@@ -147,8 +150,9 @@ def vocab_part(args, train, folder: str, tmp: Path, wordnet) -> list[dict]:
     return out
 
 
-def preset_part(args, folder: str, tmp: Path) -> list[dict]:
-    splits = data_splits(folder)
+def preset_part(args, train, folder: str, tmp: Path) -> list[dict]:
+    """Each preset pre-trains on all of `train` without its labels (the semi-supervised protocol),
+    then is probed and fine-tuned on the labelled subset in `folder`."""
     out = []
     for name in args.methods:
         cls = METHODS[name]
@@ -161,9 +165,9 @@ def preset_part(args, folder: str, tmp: Path) -> list[dict]:
         cfg = resolve_config(cls.config_class, None, overrides, preset=cls.presets["fashion-mnist"])
         torch.manual_seed(args.seed)
         method = cls(cfg)
-        method.bind_data(splits.pretrain)
+        method.bind_data(train)
         recipe = recipes.with_view_overrides(method.recipe(), cfg.data.views)
-        loader = build_loader(splits.pretrain, recipe, batch_size=cfg.data.batch_size, seed=args.seed,
+        loader = build_loader(train, recipe, batch_size=cfg.data.batch_size, seed=args.seed,
                               drop_last=True, loader="torchvision", device="cpu", num_threads=args.threads)
         summary = Trainer(method, loader, progress=False, log=lambda m: None).fit()
         probe = linear_top1(cfg, folder, method.encoder())
@@ -194,7 +198,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--backbone", default="resnet8", help="vocab part: the weak method's backbone")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=128)
     p.add_argument("--clean-train", dest="clean_train", type=int, default=10000,
-                   help="clean labelled images the probes and fine-tuning train on (presets pre-train on)")
+                   help="labelled training images the probes and fine-tuning use")
     p.add_argument("--clean-test", dest="clean_test", type=int, default=5000)
     p.add_argument("--size", type=int, default=32, help="fine-tuning size (pre-training: 24-28)")
     p.add_argument("--ft-epochs", dest="ft_epochs", type=int, default=5)
@@ -219,7 +223,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if "vocab" in parts:
             rows += vocab_part(args, train, folder, Path(tmp), wn_.load_wordnet())
         if "presets" in parts:
-            rows += preset_part(args, folder, Path(tmp))
+            rows += preset_part(args, train, folder, Path(tmp))
     setting = {k: v for k, v in vars(args).items() if k not in ("results", "root")} | {
         "total_wall_s": time.perf_counter() - t0}
     write_rows(args.results / "finetune_study.jsonl", [setting | r for r in rows], env)

@@ -1,7 +1,8 @@
-"""Every method's Fashion-MNIST preset, run as a user runs it, one after another:
+"""Every method's small-data preset, run as a user runs it, one after another:
 
-    fastssl train --method M --data fashion-mnist --out OUT/M
+    fastssl train --method M --data DATA --out OUT/M
 
+with DATA the method's default data (Fashion-MNIST; colorization: the generated colour-shapes set),
 and one table row per method: steps, kNN top-1 (k=20, T=0.07, test split) of the trained and of
 the randomly initialised encoder, the margin, the wall time of the whole command (start-up, both
 kNN evaluations and the training), and the machine's load. Fixed work: the numbers do not depend
@@ -9,7 +10,8 @@ on the load, the times do; run it on an otherwise idle machine to read them as t
 
     python -m fastssl.bench.presets [--only mocov2 dino ...] [--out runs/presets] [--results DIR]
 
---results DIR writes the rows (with machine, date, versions, git SHA) to DIR/presets.jsonl.
+--results DIR writes the rows (with machine, date, versions, git SHA) to DIR/presets.jsonl, in place of
+the rows of the methods run; the other methods' rows stay.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import sys
 import time
 from pathlib import Path
 
-from fastssl.bench.harness import environment, write_rows
+from fastssl.bench.harness import environment
+from fastssl.bench.report import read_rows
+from fastssl.methods import METHODS as REGISTERED
 
-METHODS = ("mocov3", "mocov2", "dino", "mae", "rotnet", "weak")
+METHODS = ("mocov3", "mocov2", "dino", "mae", "rotnet", "weak", "colorization", "context", "instdisc")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     failed, rows = 0, []
     for method in args.only or METHODS:
         out = Path(args.out, method)
-        cmd = [sys.executable, "-m", "fastssl.cli", "train", "--method", method, "--data", "fashion-mnist",
+        data = REGISTERED[method].default_data
+        cmd = [sys.executable, "-m", "fastssl.cli", "train", "--method", method, "--data", data,
                "--out", str(out), "--overwrite"]
         t0 = time.perf_counter()
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -59,11 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {method} | {s['backbone']} | {s['steps']} | {trained:.2%} | {rand:.2%} | "
               f"{100 * (trained - rand):+.2f} | {s['images_per_second']:.0f} | {wall:.0f} | {load:.1f} |",
               flush=True)
-        rows.append({"method": method, "backbone": s["backbone"], "steps": s["steps"], "knn_top1": trained,
-                     "knn_top1_random_init": rand, "images_per_second": s["images_per_second"],
+        # percentages, as the table (fastssl.bench.report) and the earlier rows hold them
+        rows.append({"method": method, "data": data, "backbone": s["backbone"], "steps": s["steps"],
+                     "knn_top1": round(100 * trained, 2), "knn_top1_random_init": round(100 * rand, 2),
+                     "images_per_second": s["images_per_second"],
                      "command_wall_s": wall, "load_avg": load})
     if args.results:
-        write_rows(args.results / "presets.jsonl", rows, env)
+        # the rows of the methods not run this time stay as they were
+        path = args.results / "presets.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ran = {r["method"] for r in rows}
+        kept = [r for r in read_rows(path) if r["method"] not in ran] if path.is_file() else []
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.writelines(json.dumps({**env, **r}) + "\n" for r in rows)
     return 1 if failed else 0
 
 

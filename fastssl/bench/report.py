@@ -68,6 +68,12 @@ def pct(key: str) -> Callable[[dict], str]:
     return col(key, "{:.2f}%")
 
 
+def preset_method(r: dict) -> str:
+    """The method, and its data when not Fashion-MNIST (rows without "data" ran on Fashion-MNIST)."""
+    data = r.get("data", "fashion-mnist")
+    return r["method"] if data == "fashion-mnist" else f"{r['method']} ({data})"
+
+
 def margin(r: dict) -> str:
     return f"{r['knn_top1'] - r['knn_top1_random_init']:+.2f}"
 
@@ -190,10 +196,11 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], str]]] = {
     "memory_bank": ("memory_bank.jsonl", _memory_bank),
     "compile_gate": ("compile_gate.jsonl", _compile_gate),
     "presets": ("presets.jsonl", Table("presets.jsonl", [
-        ("method", col("method")), ("backbone", col("backbone")), ("steps", col("steps")),
+        ("method", preset_method), ("backbone", col("backbone")), ("steps", col("steps")),
         ("kNN top-1", pct("knn_top1")), ("random init", pct("knn_top1_random_init")), ("margin", margin),
-        ("linear probe", pct("linear_top1")), ("img/s", col("images_per_second")),
-        ("command wall s", col("command_wall_s")), ("load avg", col("load_avg"))]).render),
+        ("linear probe", pct("linear_top1")), ("img/s", col("images_per_second", "{:.0f}")),
+        ("command wall s", col("command_wall_s", "{:.0f}")),
+        ("load avg", col("load_avg", "{:.1f}"))]).render),
     "checkpoint": ("checkpoint.jsonl", Table("checkpoint.jsonl", [
         ("checkpoints", col("mode")), ("backbone", col("backbone")), ("every", col("checkpoint_every")),
         ("steps", col("steps")), ("s / step (CPU, ratios only)", col("step_s", "{:.3f}")),

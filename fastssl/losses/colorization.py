@@ -3,12 +3,14 @@
 
 - CIELab from sRGB (D65 white, the sRGB primaries' XYZ matrix of IEC 61966-2-1 as skimage
   uses it): `rgb_to_lab`, and back, `lab_to_rgb`.
-- The output space: the ab plane quantised on a grid of step 10 (centres at multiples of 10),
-  keeping the cells that are in gamut (`ab_bins`): a centre (a, b) is kept when some lightness
-  L in [0, 100] makes (L, a, b) an sRGB colour with every channel in [0, 1]. This exact
-  criterion keeps 229 centres, not the paper's 313: the paper's file (pts_in_hull) is a looser
-  set (its name says a hull) holding centres no sRGB colour reaches; a cell-occupancy criterion
-  (a cell kept when some 8-bit sRGB colour lies nearest its centre) gives 261.
+- The output space: the ab plane quantised on a grid of step 10 (points at multiples of 10 in
+  [-110, 110]), keeping the points in gamut (`ab_bins`) as the paper's file of 313 (pts_in_hull)
+  keeps them: a grid point is a bin when it is a corner of a 10 x 10 grid cell that the convex hull
+  of the sRGB gamut's ab values (every colour, at every L; `gamut_hull`) touches, i.e. when that
+  hull comes within 10 of it in both a and b. This gives exactly the file's 313 points. Stricter
+  readings keep fewer: a point reached itself by some sRGB colour, 229; a cell holding an 8-bit
+  sRGB colour nearest its centre, 261. The looser set also keeps bins for the rim colours the
+  rounding would push outside the grid, so every sRGB pixel's nearest grid point is a bin.
 - Soft-encoded targets: each pixel's ab spread over its 5 nearest bins with a Gaussian kernel
   of sigma 5, weights summing to 1 (`soft_encode`).
 - Class rebalancing: the training set's empirical bin distribution p, smoothed by a Gaussian
@@ -78,22 +80,65 @@ def lab_to_rgb(lab: Tensor) -> Tensor:
     return rgb.clamp(0, 1).movedim(-1, -3)
 
 
+def _cube_colours(steps: int) -> Tensor:
+    """sRGB colours [n, 3] (float64) on the cube's six faces, `steps` levels per side, and inside it
+    at a quarter of that: every colour the convex hull of the gamut's ab values needs."""
+    side = torch.linspace(0, 1, steps, dtype=torch.float64)
+    u, v = (t.reshape(-1) for t in torch.meshgrid(side, side, indexing="ij"))
+    faces = [torch.stack([u, v][:axis] + [torch.full_like(u, value)] + [u, v][axis:], -1)
+             for axis in range(3) for value in (0.0, 1.0)]
+    inner = torch.linspace(0, 1, steps // 4 + 1, dtype=torch.float64)
+    cube = torch.stack(torch.meshgrid(inner, inner, inner, indexing="ij"), -1).reshape(-1, 3)
+    return torch.cat([*faces, cube])
+
+
+def gamut_hull(steps: int = 65) -> Tensor:
+    """The convex hull [V, 2] (float64, counter-clockwise) of the ab values of every sRGB colour, at
+    every L: the colours of `_cube_colours(steps)` cut down to the extreme points in 1,440 directions,
+    then Andrew's monotone chain."""
+    rgb = _cube_colours(steps)
+    ab = rgb_to_lab(rgb.T.reshape(1, 3, 1, -1))[0, 1:].reshape(2, -1).T
+    angle = torch.arange(1440, dtype=torch.float64) * (2 * torch.pi / 1440)
+    direction = torch.stack([angle.cos(), angle.sin()], 1)
+    # only a point extreme in some direction can be a vertex; chunks keep the [1440, n] products small
+    extreme = torch.cat([part[(direction @ part.T).argmax(1).unique()] for part in ab.split(8192)])
+    points = sorted(set(map(tuple, extreme.tolist())))
+
+    def chain(seq):
+        out: list = []
+        for p in seq:
+            while len(out) >= 2 and ((out[-1][0] - out[-2][0]) * (p[1] - out[-2][1])
+                                     - (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0])) <= 0:
+                out.pop()
+            out.append(p)
+        return out[:-1]
+
+    return torch.tensor(chain(points) + chain(points[::-1]), dtype=torch.float64)
+
+
 @functools.cache
-def _ab_bins(grid: int, l_steps: int) -> Tensor:
+def _ab_bins(grid: int) -> Tensor:
     centres = torch.arange(-AB_RANGE, AB_RANGE + 1, grid, dtype=torch.float64)
     a, b = torch.meshgrid(centres, centres, indexing="ij")
     ab = torch.stack([a.reshape(-1), b.reshape(-1)], -1)
-    reached = torch.zeros(ab.shape[0], dtype=torch.bool)
-    for L in torch.linspace(0, 100, l_steps, dtype=torch.float64):
-        rgb = lab_to_linear_rgb(torch.cat([L.expand(ab.shape[0], 1), ab], -1))
-        reached |= ((rgb >= 0) & (rgb <= 1)).all(-1)
-    return ab[reached].float()
+    hull = gamut_hull()
+    # Separating axes of the square [c - grid, c + grid]^2 and the convex hull: a, b and the hull's
+    # outward edge normals; the square meets the hull unless one of them separates the two.
+    apart = (ab + grid < hull.amin(0)).any(1) | (ab - grid > hull.amax(0)).any(1)
+    edge = hull.roll(-1, 0) - hull
+    normal = torch.stack([edge[:, 1], -edge[:, 0]], 1)
+    corners = ab[:, None] + grid * torch.tensor([[-1.0, -1.0], [-1.0, 1.0], [1.0, -1.0], [1.0, 1.0]],
+                                                dtype=torch.float64)
+    reach = torch.einsum("qkc,ec->qek", corners, normal) - (hull * normal).sum(1)[None, :, None]
+    apart |= (reach.amin(-1) > 0).any(1)
+    return ab[~apart].float()
 
 
-def ab_bins(grid: int = GRID, l_steps: int = 1001) -> Tensor:
-    """The in-gamut ab bin centres [Q, 2] (float32): grid centres reached by an sRGB colour at
-    some L of `l_steps` evenly spaced in [0, 100] (see the module docstring)."""
-    return _ab_bins(check_int("grid", grid, low=1), check_int("l_steps", l_steps, low=2)).clone()
+def ab_bins(grid: int = GRID) -> Tensor:
+    """The in-gamut ab bin centres [Q, 2] (float32; Q = 313 at grid 10): the multiples of `grid` in
+    [-110, 110]^2 that are corners of a grid cell the gamut's convex hull touches (see the module
+    docstring)."""
+    return _ab_bins(check_int("grid", grid, low=1)).clone()
 
 
 def nearest_bins(ab: Tensor, bins: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -117,9 +162,9 @@ def soft_encode(ab: Tensor, bins: Tensor, *, k: int = 5, sigma: float = 5.0) -> 
 
 def ab_histogram(ab: Tensor, bins: Tensor) -> Tensor:
     """Counts [Q] of ab pixels [B, 2, H, W] at their nearest bin. Pixels are first counted at their
-    nearest grid centre (a rounding), and each centre's count goes to the bin nearest it: the same
-    bin whenever the pixel's nearest grid centre is in gamut, as it is for every sRGB pixel but
-    those at the gamut's rim. O(pixels), not O(pixels x Q)."""
+    nearest grid centre (a rounding), and each centre's count goes to the bin nearest it: the
+    centre itself for every sRGB pixel (every sRGB colour's nearest grid point is a bin). O(pixels),
+    not O(pixels x Q)."""
     check_tensor("ab", ab, ndim=4)
     side = 2 * AB_RANGE // GRID + 1
     cell = ((ab.float() / GRID).round().clamp(-(side // 2), side // 2) + side // 2).long()
@@ -166,5 +211,5 @@ def annealed_mean(logits: Tensor, bins: Tensor, temperature: float = 0.38) -> Te
     return torch.einsum("bqhw,qc->bchw", p, bins.to(p.device))
 
 
-__all__ = ["ab_bins", "ab_histogram", "annealed_mean", "colorization_loss", "lab_to_rgb", "rebalance_weights",
-           "rgb_to_lab", "soft_encode"]
+__all__ = ["ab_bins", "ab_histogram", "annealed_mean", "colorization_loss", "gamut_hull", "lab_to_rgb",
+           "rebalance_weights", "rgb_to_lab", "soft_encode"]

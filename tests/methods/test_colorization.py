@@ -60,18 +60,32 @@ def in_gamut(a, b, l_step=0.05):
     return bool(((rgb >= -1e-6) & (rgb <= 1 + 1e-6)).all(-1).any())
 
 
-def test_bins_are_the_in_gamut_grid_centres():
-    bins = ab_bins()
+# CIELab (D65) ab of sRGB's primaries and secondaries as colour tables list them: the gamut's
+# extremes (green's a, magenta's a, blue's b, yellow's b are its bounds).
+CORNERS = {"red": (80.09, 67.20), "yellow": (-21.55, 94.48), "green": (-86.18, 83.18),
+           "cyan": (-48.08, -14.14), "blue": (79.19, -107.86), "magenta": (98.23, -60.82)}
+
+
+def test_bins_are_the_corners_of_the_grid_cells_the_gamut_hull_touches():
+    bins = {tuple(map(int, p)) for p in ab_bins().tolist()}
+    assert len(bins) == 313                                         # the paper's Q
+    for a, b in CORNERS.values():                                   # the cell holding a colour: its 4 corners
+        a0, b0 = 10 * math.floor(a / 10), 10 * math.floor(b / 10)
+        assert {(a0, b0), (a0 + 10, b0), (a0, b0 + 10), (a0 + 10, b0 + 10)} <= bins
+    # no cell beyond the extremes is touched: a in [-90, 100], b in [-110, 100]
+    assert {a for a, _ in bins} == set(range(-90, 101, 10))
+    assert {b for _, b in bins} == set(range(-110, 101, 10))
+    # the hull holds the chord from magenta to red, at a = 91.03 for b = -10: it touches the cell
+    # [90, 100] x [-10, 0], so (100, 0) is a bin, far as it is from any colour on the grid's scale
+    (am, bm), (ar, br) = CORNERS["magenta"], CORNERS["red"]
+    assert am + (ar - am) * (-10 - bm) / (br - bm) > 90 and (100, 0) in bins
+    # every grid point an sRGB colour reaches at some L is a bin, and so is every sRGB colour's nearest one
     grid = [(a, b) for a in range(-110, 111, 10) for b in range(-110, 111, 10)]
-    want = {p for p in grid if in_gamut(*p)}
-    assert {tuple(map(int, p)) for p in bins.tolist()} == want
-    # Fewer than the paper's 313: that file keeps centres no sRGB colour reaches (the module docstring).
-    assert len(want) < 313 and (0, 0) in want and (110, 110) not in want
-    # ... yet every sRGB colour lies near a bin: within a cell's diagonal of one.
+    assert {p for p in grid if in_gamut(*p)} < bins
     v = torch.linspace(0, 1, 24)
     cube = torch.stack(torch.meshgrid(v, v, v, indexing="ij")).reshape(1, 3, 24, 24 * 24)
-    ab = rgb_to_lab(cube)[:, 1:].reshape(2, -1).T
-    assert torch.cdist(ab, bins).min(1).values.max() <= 10 * math.sqrt(2)
+    nearest = (rgb_to_lab(cube)[:, 1:].reshape(2, -1).T / 10).round() * 10
+    assert {tuple(map(int, p)) for p in nearest.tolist()} <= bins
 
 
 def test_soft_encoding_spreads_over_the_5_nearest_with_a_gaussian():

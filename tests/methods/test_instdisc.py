@@ -51,24 +51,29 @@ def test_nce_loss_and_partition_are_the_papers():
     torch.testing.assert_close(nce_loss(scores, tau, z, n), want, rtol=1e-4, atol=0)
 
 
-def test_nce_form_estimates_z_once_from_the_first_batch(monkeypatch):
-    method = build()
+@pytest.mark.parametrize("momentum", [1.0, 0.9])
+def test_nce_form_estimates_z_on_the_first_batch_then_holds_or_averages_it(monkeypatch, momentum):
+    """momentum 1: the paper's Z, fixed after the first batch (eq. 8); below 1, the moving average
+    Z <- mu Z + (1 - mu) N E_j[exp(v_j f / tau)] of each batch's estimate."""
+    method = build(partition_momentum=momentum)
     drawn = []
     sample = method.bank.sample
     monkeypatch.setattr(method.bank, "sample", lambda *a, **k: drawn.append(sample(*a, **k)) or drawn[-1])
-    b = batch(0)
     memory = method.bank.memory.clone()
     assert float(method.partition) == 0
-    loss = method(b, context(step=0))["loss"]
-    f = features(method, b)
-    rows = torch.cat([memory[b["index"]].unsqueeze(1), drawn[0][1]], 1)    # positive, then m sampled rows
-    assert drawn[0][1].shape == (B, 32, 16)
-    scores = torch.einsum("bkd,bd->bk", rows, f)
-    z = N * torch.exp(scores / 0.5).mean()
-    torch.testing.assert_close(method.partition, z, rtol=1e-5, atol=0)
-    torch.testing.assert_close(loss, nce_loss(scores, 0.5, z, N), rtol=1e-5, atol=1e-5)
-    method(batch(1), context(step=1))
-    torch.testing.assert_close(method.partition, z, rtol=1e-5, atol=0)     # held fixed afterwards
+    estimates, losses = [], []
+    for step in range(2):
+        b = batch(step)
+        losses.append(method(b, context(step=step))["loss"])
+        rows = torch.cat([memory[b["index"]].unsqueeze(1), drawn[step][1]], 1)  # positive, m sampled rows
+        assert drawn[step][1].shape == (B, 32, 16)
+        scores = torch.einsum("bkd,bd->bk", rows, features(method, b))
+        estimates.append((scores, N * torch.exp(scores / 0.5).mean()))
+    (s0, z0), (s1, z1) = estimates
+    torch.testing.assert_close(losses[0], nce_loss(s0, 0.5, z0, N), rtol=1e-5, atol=1e-5)
+    want = z0 if momentum == 1 else momentum * z0 + (1 - momentum) * z1
+    torch.testing.assert_close(method.partition, want, rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses[1], nce_loss(s1, 0.5, want, N), rtol=1e-5, atol=1e-5)
 
 
 def test_softmax_form_uses_the_whole_bank_and_the_proximal_term():
@@ -99,7 +104,7 @@ def test_bank_rows_move_with_momentum_after_the_step():
 
 
 def test_training_lowers_the_loss_and_resume_is_exact():
-    method = build()
+    method = build(partition_momentum=0.9)  # Z moves every step: the state must carry it
     opt = torch.optim.AdamW(method.parameters(), lr=3e-3)
     batches = [batch(s) for s in range(4)]
 
@@ -112,16 +117,17 @@ def test_training_lowers_the_loss_and_resume_is_exact():
         return loss.detach()
 
     losses = [step(method, opt, s) for s in range(24)]
-    assert sum(losses[-4:]) < sum(losses[4:8])  # after the first batch fixed Z
+    assert sum(losses[-4:]) < sum(losses[4:8])
     state, opt_state = copy.deepcopy(method.state_dict()), copy.deepcopy(opt.state_dict())
     assert {"bank.memory", "partition"} <= state.keys()
-    resumed = build(seed=1)
+    resumed = build(seed=1, partition_momentum=0.9)
     resumed.load_state_dict(state)
     resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=3e-3)
     resumed_opt.load_state_dict(opt_state)
     for s in range(24, 27):
         assert torch.equal(step(method, opt, s), step(resumed, resumed_opt, s)), s
     assert torch.equal(method.bank.memory, resumed.bank.memory)
+    assert torch.equal(method.partition, resumed.partition)
     cls = METHODS["instdisc"]
     loaded = cls(resolve_config(cls.config_class, overrides=TINY))   # no data bound: evaluation, export
     loaded.load_state_dict(method.state_dict())
