@@ -22,7 +22,7 @@ def _ctx(method, step: int = 0):
     return context(step=step, epoch=1, **{k: float(v[step]) for k, v in schedules.items()})
 
 
-@pytest.mark.parametrize("name", FUSED)
+@pytest.mark.parametrize("name", FUSED + ["dinov2", "instdisc"])
 def test_fused_step_within_the_rule_on_cpu(name):
     method = build(name)
     batch = make_batch(method, batch_size=4)
