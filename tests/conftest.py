@@ -18,9 +18,11 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
-# One folder per session, shared with pytest-xdist's workers (they inherit the environment).
+# One folder per session, shared with pytest-xdist's workers and any pytest a test starts (they
+# inherit the environment); the process that made it checks and removes it.
 if "FASTSSL_TEST_LAUNCHES" not in os.environ:
     os.environ["FASTSSL_TEST_LAUNCHES"] = tempfile.mkdtemp(prefix="fastssl-launches-")
+    os.environ["FASTSSL_TEST_LAUNCHES_OWNER"] = str(os.getpid())
 LAUNCHES = Path(os.environ["FASTSSL_TEST_LAUNCHES"])
 sys.path.insert(0, str(Path(__file__).with_name("ops")))
 
@@ -60,9 +62,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    """In the controlling process, once every worker has finished: fail on a launch the gate
-    does not compile."""
-    if hasattr(session.config, "workerinput") or not LAUNCHES.is_dir():
+    """In the process that made the folder, once every worker has finished: fail on a launch the
+    gate does not compile."""
+    if os.environ.get("FASTSSL_TEST_LAUNCHES_OWNER") != str(os.getpid()) or not LAUNCHES.is_dir():
         return
     recorded = {line for f in LAUNCHES.glob("*.txt") for line in f.read_text().splitlines()}
     shutil.rmtree(LAUNCHES, ignore_errors=True)
