@@ -1,8 +1,14 @@
 """Test set-up. Without a GPU, Triton kernels run under the CPU interpreter, which
-must be switched on before any fastssl module defines its kernels."""
+must be switched on before any fastssl module defines its kernels. Every kernel launch the
+interpreter runs is recorded by its signature (tests/ops/gate_coverage.py), and the session fails
+when one of them is not a configuration the compile gate compiles."""
 
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -12,6 +18,38 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
+# One folder per session, shared with pytest-xdist's workers and any pytest a test starts (they
+# inherit the environment); the process that made it checks and removes it.
+if "FASTSSL_TEST_LAUNCHES" not in os.environ:
+    os.environ["FASTSSL_TEST_LAUNCHES"] = tempfile.mkdtemp(prefix="fastssl-launches-")
+    os.environ["FASTSSL_TEST_LAUNCHES_OWNER"] = str(os.getpid())
+LAUNCHES = Path(os.environ["FASTSSL_TEST_LAUNCHES"])
+sys.path.insert(0, str(Path(__file__).with_name("ops")))
+
+
+def _record_interpreter_launches():
+    """Wrap the interpreter's launch: each new signature is appended to this process's file."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return
+    from gate_coverage import signature
+
+    run, seen = InterpretedFunction.run, set()
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        sig = signature(self, args, kwargs)
+        if sig not in seen:
+            seen.add(sig)
+            with open(LAUNCHES / f"{os.getpid()}.txt", "a") as f:
+                f.write(sig + "\n")
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _record_interpreter_launches()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -21,6 +59,28 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """In the process that made the folder, once every worker has finished: fail on a launch the
+    gate does not compile."""
+    if os.environ.get("FASTSSL_TEST_LAUNCHES_OWNER") != str(os.getpid()) or not LAUNCHES.is_dir():
+        return
+    recorded = {line for f in LAUNCHES.glob("*.txt") for line in f.read_text().splitlines()}
+    shutil.rmtree(LAUNCHES, ignore_errors=True)
+    if not recorded or torch.version.cuda is None:  # a CPU-only torch cannot run the gate's capture
+        return
+    from gate_coverage import coverage_failures
+
+    failures = coverage_failures(recorded)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"compile-gate coverage: {len(recorded)} kernel configurations launched, "
+                            f"{len(failures)} failures")
+        for line in failures:
+            reporter.write_line(f"  COVERAGE FAIL: {line}", red=True)
+    if failures:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture

@@ -30,9 +30,13 @@ def check_formulas(run) -> set[str]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dino_kernels_traffic(dtype):
-    student = torch.randn(4 * 5, 300, dtype=dtype, requires_grad=True)
-    teacher, center = torch.randn(2 * 5, 300, dtype=dtype), torch.randn(300)
+@pytest.mark.parametrize("tiles", [1, 2], ids=["one-tile", "two-tiles"])
+def test_dino_kernels_traffic(dtype, tiles):
+    """Two tiles: a full 4 KB row tile (1,024 fp32 or 2,048 bf16 columns) and a partial one, the
+    per-tile partial statistics and their merge."""
+    K = 300 if tiles == 1 else 4096 // dtype.itemsize + 20
+    student = torch.randn(4 * 5, K, dtype=dtype, requires_grad=True)
+    teacher, center = torch.randn(2 * 5, K, dtype=dtype), torch.randn(K)
 
     def run():
         loss, _ = ops.dino_loss_with_teacher_sum(student, teacher, center, n_crops=4, n_global_crops=2,
@@ -92,11 +96,14 @@ def test_mae_kernels_traffic():
 
 
 @pytest.mark.parametrize("queue", [True, False])
-def test_info_nce_kernels_traffic(queue):
-    q = torch.randn(40, 16, requires_grad=True)
-    k = torch.randn(40, 16, requires_grad=not queue)
-    qu = torch.randn(100, 16) if queue else None
-    names = check_formulas(lambda: ops.info_nce(q, k, qu, backend="triton").backward())
+@pytest.mark.parametrize("D,normalize", [(16, True), (256, True), (256, False)])
+def test_info_nce_kernels_traffic(queue, D, normalize):
+    """D=256 is above fp32's one-chunk width: the logits accumulate over D chunks and each
+    128-column slice of the output is its own program (the path of the D=256 model row)."""
+    q = torch.randn(40, D, requires_grad=True)
+    k = torch.randn(40, D, requires_grad=not queue)
+    qu = torch.randn(100, D) if queue else None
+    names = check_formulas(lambda: ops.info_nce(q, k, qu, normalize=normalize, backend="triton").backward())
     assert "_info_nce_fwd_kernel" in names and ("_info_nce_bwd_kernel" in names) != queue
 
 
@@ -114,6 +121,21 @@ def test_clip_kernels_traffic():
     names = check_formulas(run)
     assert names == {"_info_nce_fwd_kernel", "_info_nce_combine_kernel", "_info_nce_bwd_kernel",
                      "_info_nce_bwd_combine_kernel"}
+
+
+def test_mae_model_step_traffic():
+    """The MAE model's own training step (patch embedding's D-major output, class token and
+    position embeddings fused into the masking and unshuffle kernels, the loss reading pixels
+    from the images): every launch matches its formula. Sample n keeps position n."""
+    from fastssl.models.mae import MaskedAutoencoderViT
+
+    torch.manual_seed(0)
+    model = MaskedAutoencoderViT(image_size=8, patch_size=4, embed_dim=16, depth=1, num_heads=1,
+                                 decoder_dim=8, decoder_depth=1, decoder_heads=1, backend="triton")
+    noise = torch.stack([torch.roll(torch.arange(4, dtype=torch.float32), n) for n in range(4)])
+    imgs = torch.randn(4, 3, 8, 8)
+    assert check_formulas(lambda: model(imgs, 0.75, noise=noise)[0].backward()) == {
+        "_compact_kernel", "_expand_kernel", "_mae_loss_kernel"}
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
@@ -209,6 +231,29 @@ def test_info_nce_flop_formulas_against_the_flop_counter(queue, D, normalize):
     chunks = -(-D // 128)
     passes = chunks + 1 if queue else 2 * (chunks + 1)
     assert fused.flops * (2 if queue else 3) == reference * passes
+
+
+@pytest.mark.parametrize("D", [64, 256])
+def test_siglip_flop_formulas_against_the_flop_counter(D):
+    """The official sigmoid loss is one N x M logits matmul, and its backward two more (image and
+    text gradients). The kernels recompute the logits once per 128-column slice of D and do each
+    gradient dot once."""
+    N, M = 256, 1024
+
+    def make():
+        shapes = ((N, D), (M, D), (), ())  # image, text, scale, bias
+        return tuple(torch.empty(shape, device="meta", requires_grad=True) for shape in shapes)
+
+    def step(backend):
+        return lambda x, y, t, b: ops.siglip_loss(x, y, t, b, backend=backend).backward()
+
+    reference = _reference_flops(step("torch"), *make())
+    assert reference == 3 * 2 * N * M * D
+    fused, _ = traffic.count_fused(make, step("triton"))
+    slices = -(-D // 128)
+    # forward: the logits per slice and the image gradient; backward: the logits per slice and the
+    # text gradient
+    assert fused.flops * 3 == reference * 2 * (slices + 1)
 
 
 def test_elementwise_ops_count_no_matmul_flops_on_either_side():

@@ -23,15 +23,22 @@ TINY = {
                 decoder_heads=4),
     "clip": dict(backbone="vit_tiny_patch4", image_size=16, vit_depth=1, embed_dim=16, context_length=8,
                  text_width=16, text_layers=1, text_heads=2),
+    "dinov2": dict(backbone="vit_tiny_patch4", image_size=16, local_crop_size=8, n_local_crops=2, vit_depth=1,
+                   out_dim=32, head_hidden_dim=32, bottleneck_dim=16, epochs=2, drop_path_rate=0.0,
+                   mask_probability=1.0, freeze_last_layer_epochs=0, warmup_teacher_temp_epochs=0),
+    "instdisc": dict(backbone="resnet8", image_size=8, feature_dim=16, nce_negatives=32, temperature=0.5,
+                     loss="softmax"),
 }
 TINY["siglip"] = TINY["clip"]
 # the image-text methods' captions, by dataset index (make_batch's indices)
 CAPTIONS = [f"a photo of thing {k % 4}" for k in range(16)]
+INSTDISC_IMAGES = 40  # the memory bank's rows
 # the fused ops each method calls (all must exist for the fused-vs-reference comparison)
 OPS = {
     "mocov2": ("info_nce",), "mocov3": ("info_nce",), "rotnet": (), "simclr": ("info_nce",),
     "dino": ("dino_loss",), "mae": ("random_masking", "unshuffle_tokens", "mae_loss", "patchify"),
     "clip": ("info_nce",), "siglip": ("siglip_loss",),
+    "dinov2": ("dino_loss", "ibot_patch_loss"), "instdisc": ("info_nce",),
 }
 
 
@@ -55,7 +62,12 @@ def build(name: str, seed: int = 0, **overrides) -> Method:
     cls = METHODS[name]
     torch.manual_seed(seed)
     cfg = resolve_config(cls.config_class, overrides={**TINY[name], **overrides})
-    return cls(cfg, captions=CAPTIONS) if name in ("clip", "siglip") else cls(cfg)
+    method = cls(cfg, captions=CAPTIONS) if name in ("clip", "siglip") else cls(cfg)
+    if name == "instdisc":  # its memory bank has a row per training image
+        from fastssl.data import ArraySource
+
+        method.bind_data(ArraySource(torch.zeros(INSTDISC_IMAGES, 8, 8, 3, dtype=torch.uint8)))
+    return method
 
 
 def make_batch(method: Method, batch_size: int = 8, seed: int = 0) -> dict:
@@ -69,18 +81,23 @@ def make_batch(method: Method, batch_size: int = 8, seed: int = 0) -> dict:
         return {"views": [torch.rot90(x, k, dims=(2, 3)) for k in range(4)],
                 "label": torch.zeros(batch_size, dtype=torch.long), "index": torch.arange(batch_size)}
     size = cfg.data.image_size
-    if method.name == "dino":
+    if method.name in ("dino", "dinov2"):
         sizes = [size] * 2 + [cfg.method.local_crop_size] * cfg.method.n_local_crops
     else:
         sizes = {"mocov2": [size] * 2, "mocov3": [size] * 2, "simclr": [size] * 2, "mae": [size],
-                 "clip": [size], "siglip": [size]}[method.name]
+                 "clip": [size], "siglip": [size], "instdisc": [size]}[method.name]
     views = []
     for k, size in enumerate(sizes):
         v = x.flip(-1) if k % 2 else x
         v = torch.nn.functional.interpolate(v, size=size, mode="area") if size != cfg.data.image_size else v
         views.append(v + 0.1 * torch.randn(v.shape, generator=g))
-    return {"views": views, "label": torch.zeros(batch_size, dtype=torch.long),
-            "index": torch.arange(batch_size)}
+    batch = {"views": views, "label": torch.zeros(batch_size, dtype=torch.long),
+             "index": torch.arange(batch_size)}
+    if method.name == "instdisc":  # bank rows of distinct images
+        batch["index"] = torch.randperm(INSTDISC_IMAGES, generator=g)[:batch_size]
+    if method.name == "dinov2":  # the loader's block masks of the global crops
+        batch |= method.masking().for_batch(batch_size, epoch=0, shard=0, batch=seed)
+    return batch
 
 
 def context(step: int = 0, epoch: int = 0, total_steps: int = 100, **schedules) -> StepContext:

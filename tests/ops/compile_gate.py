@@ -25,8 +25,9 @@ the code that turns a compile into a verdict) and re-read on later runs.
 Fails (exit 1) on: a compile error; a register spill in a configuration the launcher keeps on
 the card; shared memory above the card's opt-in limit in a fixed launch, or in every
 configuration of an autotuned one (Triton's autotuner drops a configuration whose launch runs
-out of resources, so only those that fit are kept); a kernel with tl.dot whose PTX has no
-tensor-core instruction (wgmma on sm_90, mma on the others); a @triton.jit kernel of fastssl.ops
+out of resources, so only those that fit are kept); a tl.dot, in a kernel or a helper it calls,
+that is not lowered to tensor cores (its TTGIR op and the PTX's wgmma on sm_90, mma on the others;
+gate_dots.py); a @triton.jit kernel of fastssl.ops
 that no scenario launches. Needs a CUDA build of torch (no GPU) and triton; run it in a process
 without TRITON_INTERPRET.
 """
@@ -49,6 +50,7 @@ import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gate_dots  # beside this file
 import triton
 import triton.language as tl
 
@@ -422,7 +424,7 @@ def compile_one(launch: Launch, cap: int) -> dict:
     from triton.backends.compiler import GPUTarget
 
     target = GPUTarget("cuda", cap, 32)
-    res = dict(ok=False, error="", regs=None, spills=None, smem=None, tensor_cores=None)
+    res = dict(ok=False, error="", regs=None, spills=None, smem=None, tensor_cores=None, dots={})
     t0 = time.time()
     try:
         with captured_fds() as log:
@@ -435,12 +437,14 @@ def compile_one(launch: Launch, cap: int) -> dict:
     else:
         text = log["text"]
         regs, spills = PTXAS_REGS.search(text), PTXAS_SPILLS.search(text)
+        tensor_cores = bool(TENSOR_CORE_PTX[cap].search(kernel.asm["ptx"]))
         res.update(
             ok=True,
             smem=kernel.metadata.shared,
             regs=int(regs.group(1)) if regs else None,
             spills=max(map(int, spills.groups())) if spills else None,
-            tensor_cores=bool(TENSOR_CORE_PTX[cap].search(kernel.asm["ptx"])),
+            tensor_cores=tensor_cores,
+            dots=gate_dots.dot_verdicts(launch.fn, kernel.asm["ttgir"], tensor_cores),
         )
         if res["regs"] is None:
             res.update(ok=False, error="no ptxas -v report in the compile's output:\n" + text[-2000:])
@@ -454,7 +458,7 @@ def gate_version() -> str:
     parsing, the tensor-core patterns): a changed gate does not reuse its old verdicts."""
     import inspect
 
-    logic = [inspect.getsource(f) for f in (bind, compile_key, compile_one)]
+    logic = [inspect.getsource(f) for f in (bind, compile_key, compile_one)] + [inspect.getsource(gate_dots)]
     logic += [PTXAS_REGS.pattern, PTXAS_SPILLS.pattern]
     logic += [f"{cap}:{pattern.pattern}" for cap, pattern in TENSOR_CORE_PTX.items()]
     return hashlib.sha256("\n".join(logic).encode()).hexdigest()[:16]
@@ -575,7 +579,7 @@ def run_gate(caps: list[int], only: str = "") -> tuple[list[dict], list[str], li
                 config=describe(launch),
                 launch=launch.how,
                 target=f"sm_{cap}",
-                dot="tl.dot(" in launch.fn.src,
+                dot=bool(gate_dots.dot_sites(launch.fn)),
                 scenarios=launch.scenarios,
                 fits=fits,
                 **res,
@@ -591,8 +595,9 @@ def run_gate(caps: list[int], only: str = "") -> tuple[list[dict], list[str], li
                 failures.append(f"shared memory {res['smem']} B > {card.smem_optin} B: {where}")
             if fits and res["spills"]:
                 failures.append(f"spill of {res['spills']} B ({res['regs']} registers): {where}")
-            if row["dot"] and not res["tensor_cores"]:
-                failures.append(f"no tensor-core instruction in the PTX of {where}")
+            fma = [label for label, verdict in res["dots"].items() if verdict == "fma"]
+            if fma:
+                failures.append(f"tl.dot without tensor cores at {', '.join(fma)}: {where}")
             if launch.how != "fixed":
                 for sc in launch.scenarios:
                     by_launch[(row["kernel"], sc)] = by_launch.get((row["kernel"], sc), False) or fits
@@ -617,6 +622,14 @@ def _inlined(fn, launched: set) -> bool:
     return any(re.search(rf"\b{fn.__name__}\(", kernels[name].src) for name in launched if name in kernels)
 
 
+def _dots_column(row: dict) -> str:
+    """tl.dot sites on tensor cores / compiled in this configuration ('-' without tl.dot)."""
+    if not row["dot"]:
+        return "-"
+    compiled = [v for v in row["dots"].values() if v != "not compiled"]
+    return f"{compiled.count('tc')}/{len(compiled)}"
+
+
 def format_table(rows: list[dict]) -> str:
     cols = ["kernel", "config", "launch", "target", "regs", "spills", "smem", "tc", "s"]
     table = [
@@ -628,7 +641,7 @@ def format_table(rows: list[dict]) -> str:
             str(r["regs"]),
             str(r["spills"]),
             f"{r['smem']}{'' if r['fits'] else ' >LIMIT'}",
-            ("y" if r["tensor_cores"] else "n") if r["dot"] else "-",
+            _dots_column(r),
             f"{r['seconds']:.1f}",
         ]
         for r in rows
@@ -652,7 +665,8 @@ def summarize(rows: list[dict]) -> str:
         groups.setdefault((r["kernel"], r["target"]), []).append(r)
     for (kernel, target), rs in groups.items():
         kept = [r for r in rs if r["fits"]]
-        tc = "-" if not rs[0]["dot"] else ("all" if all(r["tensor_cores"] for r in rs) else "NOT ALL")
+        tc = "-" if not rs[0]["dot"] else (
+            "all" if all("fma" not in r["dots"].values() for r in rs) else "NOT ALL")
         worst = {k: max([r[k] or 0 for r in kept] + [0]) for k in ("regs", "spills", "smem")}
         lines.append(
             f"| {kernel} | {target} | {len(rs)} | {len(kept)} | {worst['regs']} | {worst['spills']} | "

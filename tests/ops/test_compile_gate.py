@@ -92,15 +92,19 @@ def test_gate_scenarios_launch_every_kernel():
 
 CALL_SITES = r"""
 import compile_gate as g
+import gate_coverage
 from gate_call_sites import PAPER_STEPS, method_step
 from triton.backends.compiler import GPUTarget
 
 card, target = g.CARDS[90], GPUTarget("cuda", 90, 32)
-compiled = set()
+compiled, signatures = set(), set()
 for name, run in g.scenarios():
     with g.fake_cuda(card) as recorded:
         run()
-    compiled |= {g.compile_key(launch, target) for launch in g.expand(recorded, card)}
+    launches = g.expand(recorded, card)
+    compiled |= {g.compile_key(launch, target) for launch in launches}
+    signatures |= {gate_coverage.signature(launch.fn, launch.args, launch.kwargs) for launch in launches}
+gate_coverage.save(signatures)  # read by the suite's coverage check (tests/conftest.py)
 for method in PAPER_STEPS:
     with g.fake_cuda(card) as recorded:
         method_step(method)
@@ -127,3 +131,49 @@ def test_gate_compiles_what_each_method_step_launches():
     assert {"mocov2", "mocov3", "dino", "mae"} <= set(lines), out.stdout
     for method, line in lines.items():
         assert line.endswith("missing []") and (int(line.split()[1]) > 0) == (method != "rotnet"), line
+
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _helper_dot(a, b):
+        return tl.dot(a, b)
+
+    @triton.jit
+    def _kernel_with_dots(x_ptr, CHUNKED: tl.constexpr):
+        r = tl.arange(0, 16)
+        a = tl.load(x_ptr + r[:, None] * 16 + r[None, :])
+        c = tl.dot(a, a)
+        if CHUNKED:
+            c = tl.dot(a, c)
+        tl.store(x_ptr + r[:, None] * 16 + r[None, :], _helper_dot(a, c))
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_tensor_core_verdict_per_tl_dot_helpers_included():
+    """Each tl.dot site is judged by the TTGIR op its location maps to: a helper's dot through its
+    call-site location, an FMA-lowered dot (blocked layout) flagged on its own, a site a constexpr
+    branch removed reported as not compiled."""
+    import inspect
+
+    from gate_dots import dot_verdicts
+
+    src, start = inspect.getsourcelines(_kernel_with_dots.fn)
+    path = inspect.getsourcefile(_kernel_with_dots.fn)
+    first, helper_start = start + 4, inspect.getsourcelines(_helper_dot.fn)[1]
+    call = start + len(src) - 1
+    ttgir = "\n".join([
+        "%1 = ttng.warp_group_dot %a, %b, %c : tensor<16x16xf16, #x> -> tensor<16x16xf32, #mma> loc(#loc3)",
+        "%2 = tt.dot %a, %1, %c : tensor<16x16xf16, #x> -> tensor<16x16xf32, #blocked> loc(#loc5)",
+        f'#loc3 = loc("{path}":{first}:12)',
+        f'#loc4 = loc("{path}":{helper_start + 2}:11)',
+        '#loc5 = loc(callsite(#loc4 at #loc6))',
+        f'#loc6 = loc("{path}":{call}:60)',
+    ])
+    assert dot_verdicts(_kernel_with_dots, ttgir, ptx_tensor_cores=True) == {
+        "_kernel_with_dots+4": "tc", "_kernel_with_dots+6": "not compiled", "_helper_dot+2": "fma"}
+    # the PTX without a tensor-core instruction: no dot is on tensor cores, whatever the TTGIR says
+    without = dot_verdicts(_kernel_with_dots, ttgir, ptx_tensor_cores=False)
+    assert set(without.values()) == {"fma", "not compiled"}
