@@ -58,7 +58,7 @@ lint: venv
 	$(VENV)/bin/ruff check fastssl tests benchmarks
 
 test: venv data wordnet cuda-check lint
-	$(VPY) -m pytest -q -n 2 --durations=15
+	FASTSSL_GATE_COVERAGE=require $(VPY) -m pytest -q -n 2 --durations=15
 
 # The compile gate under triton 3.6 (the GPU machine's version) beside the venv's newer one:
 # triton alone in its own directory, first on the path (compiling needs no matching torch).

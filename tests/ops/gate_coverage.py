@@ -116,6 +116,11 @@ def known_gaps() -> set:
     return {ln for ln in GAPS.read_text().splitlines() if ln and not ln.startswith("#")}
 
 
+def captured() -> bool:
+    """Whether the gate's signatures for these sources are cached (checking costs nothing more)."""
+    return _cache_path().is_file()
+
+
 def coverage_failures(recorded: set) -> list[str]:
     """One line per recorded signature the gate does not compile and gate_gaps.txt does not list,
     and per line of gate_gaps.txt that the gate compiles now (the list only shrinks)."""
