@@ -31,6 +31,10 @@ PAPER = {
              64, "ViT-S/16, 2x224 + 10x96, K=65,536"),
     "mae": ({"backbone": "vit_large_patch16", "image_size": 224}, 64, "ViT-L/16, class token"),
     "rotnet": ({}, 128, "ResNet-18 (no fused op)"),
+    "ibot": ({"backbone": "vit_small_patch16", "image_size": 224, "local_crop_size": 96, "n_local_crops": 10},
+             64, "ViT-S/16, 2x224 + 10x96, K=8,192, centering"),
+    "dinov2": ({"backbone": "vit_small_patch14", "image_size": 224, "local_crop_size": 98,
+                "n_local_crops": 8}, 64, "ViT-S/14, 2x224 + 8x98, K=65,536, Sinkhorn-Knopp"),
 }
 
 
@@ -49,14 +53,29 @@ class StepLaunches:
         return self.fused_aten + self.fused_triton
 
 
+def step_batch(method, batch: int, device: str) -> dict:
+    """A step's batch of `batch` images as shapes on `device` (meta, or fake CUDA): the recipe's views,
+    labels, indices and, for a method that masks, masks shaped as one draw of its masking makes them."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    views = [torch.empty(batch, 3, s, s, device=device) for s in method.recipe().view_sizes]
+    step = {"views": views, "label": torch.zeros(batch, dtype=torch.long, device=device),
+            "index": torch.arange(batch, device=device)}
+    masking = method.masking()
+    if masking is not None:
+        with _disable_current_modes():  # the draw is real CPU work, outside any fake mode
+            drawn = masking.for_batch(batch, epoch=0, shard=0, batch=0)
+        step |= {k: torch.empty(v.shape, dtype=v.dtype, device=device) if torch.is_tensor(v) else v
+                 for k, v in drawn.items()}
+    return step
+
+
 def _count(name: str, overrides: dict, batch: int, fused: bool) -> tuple[int, list]:
     cls = METHODS[name]
     cfg = resolve_config(cls.config_class, overrides={**overrides, "fused": fused})
     with torch.device("meta"):
         method = cls(cfg).to("meta")  # .to: modules that pick their own device (the key queue)
-    views = [torch.empty(batch, 3, s, s, device="meta") for s in method.recipe().view_sizes]
-    step = {"views": views, "label": torch.zeros(batch, dtype=torch.long, device="meta"),
-            "index": torch.arange(batch, device="meta")}
+    step = step_batch(method, batch, "meta")
     schedules = {k: float(v[0]) for k, v in method.schedules(total_steps=100, steps_per_epoch=10).items()}
     ctx = StepContext(step=0, epoch=1, steps_per_epoch=10, total_steps=100, lr=0.0, weight_decay=0.0,
                       schedules=schedules)
