@@ -31,8 +31,6 @@ PAPER = {
              64, "ViT-S/16, 2x224 + 10x96, K=65,536"),
     "mae": ({"backbone": "vit_large_patch16", "image_size": 224}, 64, "ViT-L/16, class token"),
     "rotnet": ({}, 128, "ResNet-18 (no fused op)"),
-    "ibot": ({"backbone": "vit_small_patch16", "image_size": 224, "local_crop_size": 96, "n_local_crops": 10},
-             64, "ViT-S/16, 2x224 + 10x96, K=8,192, centering"),
     "dinov2": ({"backbone": "vit_small_patch14", "image_size": 224, "local_crop_size": 98,
                 "n_local_crops": 8}, 64, "ViT-S/14, 2x224 + 8x98, K=65,536, Sinkhorn-Knopp"),
 }
