@@ -21,15 +21,15 @@ CAPTIONS = [f"a picture of thing {k % 4}" for k in range(32)]
 
 def tiny_method(name: str, out: str, **overrides):
     """DINO, DINOv2, MAE, MoCo v3 or weak on a 2-block ViT-Tiny with 4 px patches at 16 px (8 px
-    local crops). DINOv2 without KoLeo, which compares each rank's own rows (DINOv2's KoLeoLoss), so ranks
-    holding halves of a batch cannot give one process's value."""
+    local crops). DINOv2 without KoLeo, which compares each rank's own rows (DINOv2's KoLeoLoss),
+    so ranks holding halves of a batch cannot give one process's value."""
     common = dict(backbone="vit_tiny_patch4", image_size=16, vit_depth=2, batch_size=8, epochs=2,
                   lr_batch_divisor=8, warmup_epochs=0.0, out=out, eval_knn=False, log_every=1)
     if name in ("dino", "dinov2"):
         common |= dict(local_crop_size=8, n_local_crops=2, out_dim=64, head_hidden_dim=32, bottleneck_dim=16,
                        drop_path_rate=0.0, freeze_last_layer_epochs=0, base_lr=0.01, teacher_momentum=0.9)
-    if name == "dinov2":
-        common |= dict(koleo_loss_weight=0.0, warmup_teacher_temp_epochs=0)
+        if name == "dinov2":
+            common |= dict(koleo_loss_weight=0.0, warmup_teacher_temp_epochs=0)
     elif name == "mae":
         common |= dict(decoder_dim=32, decoder_depth=1, decoder_heads=2, base_lr=0.01)
     elif name == "mocov3":
