@@ -19,6 +19,7 @@ import torch
 from fastssl.bench.counter import DispatchCounter, kernel_launches
 from fastssl.bench.traffic import _fused_on_meta
 from fastssl.engine import resolve_config
+from fastssl.engine.flops import mask_shapes
 from fastssl.method import StepContext
 from fastssl.methods import METHODS
 
@@ -53,19 +54,10 @@ class StepLaunches:
 
 def step_batch(method, batch: int, device: str) -> dict:
     """A step's batch of `batch` images as shapes on `device` (meta, or fake CUDA): the recipe's views,
-    labels, indices and, for a method that masks, masks shaped as one draw of its masking makes them."""
-    from torch.utils._python_dispatch import _disable_current_modes
-
+    labels, indices and, for a method that masks, its masks' keys."""
     views = [torch.empty(batch, 3, s, s, device=device) for s in method.recipe().view_sizes]
-    step = {"views": views, "label": torch.zeros(batch, dtype=torch.long, device=device),
-            "index": torch.arange(batch, device=device)}
-    masking = method.masking()
-    if masking is not None:
-        with _disable_current_modes():  # the draw is real CPU work, outside any fake mode
-            drawn = masking.for_batch(batch, epoch=0, shard=0, batch=0)
-        step |= {k: torch.empty(v.shape, dtype=v.dtype, device=device) if torch.is_tensor(v) else v
-                 for k, v in drawn.items()}
-    return step
+    return {"views": views, "label": torch.zeros(batch, dtype=torch.long, device=device),
+            "index": torch.arange(batch, device=device), **mask_shapes(method, batch, device)}
 
 
 def _count(name: str, overrides: dict, batch: int, fused: bool) -> tuple[int, list]:

@@ -238,3 +238,12 @@ def test_ibot_loss_is_its_papers_class_and_patch_terms():
     per_image = (ce * masks).sum(1) / masks.sum(1).clamp(min=1)
     torch.testing.assert_close(out["ibot_loss"].double(), per_image.view(2, -1).mean(1).mean(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_step_flops_are_counted_with_the_masks_shapes():
+    from fastssl.engine.flops import step_flops
+
+    method = build()
+    flops = step_flops(method, method.recipe().view_sizes, 4)
+    # at least the student's forward and backward of its patch embeddings on the 2 global crops
+    assert flops >= 3 * 2 * (2 * 4) * 16 * (3 * 4 * 4) * 192
