@@ -47,6 +47,12 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any 
     return field(default=default, metadata=meta)
 
 
+def redefault(cls: type, name: str, default: Any) -> Any:
+    """Field `name` of config class `cls` with another default, for a subclass (a method built on
+    another's fields with its own paper's values): same meaning and allowed values."""
+    return field(default=default, metadata=cls.__dataclass_fields__[name].metadata)
+
+
 def range_text(f: dataclasses.Field) -> str:
     """The allowed values of a field as `--help` shows them ("" when any value of its type fits)."""
     m = f.metadata

@@ -27,8 +27,8 @@ def test_kernel_cases_run_under_the_interpreter():
                          capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     done = [line.split(":")[0] for line in out.stdout.splitlines() if line.endswith(": ok")]
-    assert done == ["info_nce_queue", "info_nce_in_batch", "dino_loss", "ibot_patch_loss", "multilabel",
-                    "mae", "siglip", "clip", "queue_push", "bank_update"]
+    assert done == ["info_nce_queue", "info_nce_in_batch", "dino_loss", "ibot_patch_loss", "ibot_targets",
+                    "multilabel", "mae", "siglip", "clip", "queue_push", "bank_update"]
 
 
 def test_gpu_check_script_is_valid_bash():

@@ -17,7 +17,7 @@ from fastssl.ops.backend import triton_interpreting
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MIGRATION = ROOT / "docs" / "migration.md"
-CODEBASES = ("DINO", "MAE", "MoCo v2", "MoCo v3", "lightly", "solo-learn", "open_clip")
+CODEBASES = ("DINO", "MAE", "MoCo v2", "MoCo v3", "lightly", "solo-learn", "open_clip", "DINOv2 / DINOv3")
 
 
 def python_blocks(path: Path) -> list[str]:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 
 from fastssl.bench.harness import Case, loss_providers, run_suites
-from fastssl.losses import multilabel_softmax_loss
-from fastssl.ops import dino_loss, ibot_patch_loss
+from fastssl.losses import multilabel_softmax_loss, sinkhorn_knopp_teacher
+from fastssl.ops import dino_loss, ibot_patch_cross_entropy, ibot_patch_loss
 
 
 def official_dino_loss(student, teacher, center, n_crops):
@@ -82,7 +82,31 @@ def ibot_cases(quick: bool, device: str) -> list[Case]:
                 providers=loss_providers(eager, fused),
                 bytes_moved=4 * n * K * elt,
             ))
+    if not quick:  # DINOv2's default: Sinkhorn-Knopp targets (alike on every path), then the loss
+        cases.append(sinkhorn_case(device, *shapes[0]))
     return cases
+
+
+def sinkhorn_case(device: str, B: int, L: int, K: int) -> Case:
+    """The Sinkhorn-Knopp step of the iBOT loss in bf16: 3 iterations over the n masked teacher rows,
+    then the cross-entropy against them; only the latter differs between the providers."""
+    masks = torch.zeros(B, L, dtype=torch.bool, device=device)
+    masks[: B // 2] = torch.rand(B // 2, L, device=device) < 0.3
+    n = int(masks.sum())
+
+    def make():
+        return (torch.randn(n, K, device=device, dtype=torch.bfloat16).requires_grad_(True),
+                torch.randn(n, K, device=device, dtype=torch.bfloat16))
+
+    def step(backend):
+        def loss(s, t):
+            targets = sinkhorn_knopp_teacher(t, 0.07, 3)
+            return ibot_patch_cross_entropy(s, targets, masks=masks, backend=backend)
+        return loss
+
+    return Case(
+        name="ibot_patch_loss sinkhorn_knopp", params={"B": B, "L": L, "n": n, "K": K, "dtype": "bfloat16"},
+        make_inputs=make, bytes_moved=4 * n * K * 2, providers=loss_providers(step("torch"), step("auto")))
 
 
 def multilabel_cases(quick: bool, device: str) -> list[Case]:

@@ -25,6 +25,7 @@ from fastssl.losses import multilabel_softmax_loss
 from fastssl.ops import (
     clip_loss,
     dino_loss,
+    ibot_patch_cross_entropy,
     ibot_patch_loss,
     info_nce,
     mae_loss,
@@ -66,6 +67,15 @@ def cases(size: str, device: str) -> dict:
         ibot_patch_loss(tokens[:, 1:], teacher, torch.zeros(P, device=device), masks=masks,
                         backend="triton").backward()
 
+    def ibot_targets():  # DINOv2's Sinkhorn-Knopp path: the n masked rows first, given targets and weights
+        masks = torch.rand(n_img, L, device=device) < 0.3
+        n = int(masks.sum())
+        student = torch.randn(n, P, **bf16, requires_grad=True)
+        targets = torch.rand(n, P, device=device)
+        weights = torch.rand(n, device=device)
+        ibot_patch_cross_entropy(student, targets, masks=masks, masks_weight=weights,
+                                 backend="triton").backward()
+
     def multilabel():
         logits = torch.randn(4 * B, P // 2, **bf16, requires_grad=True)
         targets = (torch.rand(4 * B, P // 2, device=device) < 0.01).to(dtype)
@@ -105,8 +115,8 @@ def cases(size: str, device: str) -> dict:
         bank.update(torch.randn(N, D, **bf16), indices)
 
     return {"info_nce_queue": moco_v2, "info_nce_in_batch": in_batch, "dino_loss": dino,
-            "ibot_patch_loss": ibot, "multilabel": multilabel, "mae": mae, "siglip": siglip, "clip": clip,
-            "queue_push": queue_push, "bank_update": bank_update}
+            "ibot_patch_loss": ibot, "ibot_targets": ibot_targets, "multilabel": multilabel, "mae": mae,
+            "siglip": siglip, "clip": clip, "queue_push": queue_push, "bank_update": bank_update}
 
 
 def main(argv: list[str] | None = None) -> int:

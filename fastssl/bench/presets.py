@@ -28,7 +28,8 @@ from fastssl.bench.harness import environment
 from fastssl.bench.report import read_rows
 from fastssl.methods import METHODS as REGISTERED
 
-METHODS = ("mocov3", "mocov2", "dino", "mae", "rotnet", "weak", "colorization", "context", "instdisc")
+METHODS = ("mocov3", "mocov2", "dino", "dinov2", "mae", "rotnet", "weak", "colorization", "context",
+           "instdisc")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import torch
 from fastssl.bench.counter import DispatchCounter, kernel_launches
 from fastssl.bench.traffic import _fused_on_meta
 from fastssl.engine import resolve_config
+from fastssl.engine.flops import mask_shapes
 from fastssl.method import StepContext
 from fastssl.methods import METHODS
 
@@ -31,6 +32,8 @@ PAPER = {
              64, "ViT-S/16, 2x224 + 10x96, K=65,536"),
     "mae": ({"backbone": "vit_large_patch16", "image_size": 224}, 64, "ViT-L/16, class token"),
     "rotnet": ({}, 128, "ResNet-18 (no fused op)"),
+    "dinov2": ({"backbone": "vit_small_patch14", "image_size": 224, "local_crop_size": 98,
+                "n_local_crops": 8}, 64, "ViT-S/14, 2x224 + 8x98, K=65,536, Sinkhorn-Knopp"),
 }
 
 
@@ -49,14 +52,20 @@ class StepLaunches:
         return self.fused_aten + self.fused_triton
 
 
+def step_batch(method, batch: int, device: str) -> dict:
+    """A step's batch of `batch` images as shapes on `device` (meta, or fake CUDA): the recipe's views,
+    labels, indices and, for a method that masks, its masks' keys."""
+    views = [torch.empty(batch, 3, s, s, device=device) for s in method.recipe().view_sizes]
+    return {"views": views, "label": torch.zeros(batch, dtype=torch.long, device=device),
+            "index": torch.arange(batch, device=device), **mask_shapes(method, batch, device)}
+
+
 def _count(name: str, overrides: dict, batch: int, fused: bool) -> tuple[int, list]:
     cls = METHODS[name]
     cfg = resolve_config(cls.config_class, overrides={**overrides, "fused": fused})
     with torch.device("meta"):
         method = cls(cfg).to("meta")  # .to: modules that pick their own device (the key queue)
-    views = [torch.empty(batch, 3, s, s, device="meta") for s in method.recipe().view_sizes]
-    step = {"views": views, "label": torch.zeros(batch, dtype=torch.long, device="meta"),
-            "index": torch.arange(batch, device="meta")}
+    step = step_batch(method, batch, "meta")
     schedules = {k: float(v[0]) for k, v in method.schedules(total_steps=100, steps_per_epoch=10).items()}
     ctx = StepContext(step=0, epoch=1, steps_per_epoch=10, total_steps=100, lr=0.0, weight_decay=0.0,
                       schedules=schedules)

@@ -39,6 +39,20 @@ def card_peak_tflops(name: str) -> float | None:
     return next((peak for key, peak in PEAK_BF16_TFLOPS if key in name), None)
 
 
+def mask_shapes(method: nn.Module, batch_size: int, device: str | torch.device) -> dict:
+    """The batch keys of a masking method's block masks (method.masking()), shaped as one draw makes
+    them, as empty tensors on `device` (meta, fake CUDA); {} for a method that does not mask."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    masking = method.masking()
+    if masking is None:
+        return {}
+    with _disable_current_modes():  # the draw is real CPU work, outside any fake mode
+        drawn = masking.for_batch(batch_size, epoch=0, shard=0, batch=0)
+    return {k: torch.empty(v.shape, dtype=v.dtype, device=device) if torch.is_tensor(v) else v
+            for k, v in drawn.items()}
+
+
 def step_flops(method: nn.Module, view_sizes: list[int], batch_size: int) -> int:
     """FLOPs of the forward and backward of `method` (a fresh copy on meta tensors, reference
     ops) on a batch of `batch_size` samples with views of `view_sizes` pixels."""
@@ -55,7 +69,8 @@ def step_flops(method: nn.Module, view_sizes: list[int], batch_size: int) -> int
                       schedules=schedules)
     # labels and indices stay real CPU tensors (methods check their values); images and model are meta
     batch = {"label": torch.zeros(batch_size, dtype=torch.long), "index": torch.arange(batch_size),
-             "views": [torch.empty(batch_size, 3, s, s, device="meta") for s in view_sizes]}
+             "views": [torch.empty(batch_size, 3, s, s, device="meta") for s in view_sizes],
+             **mask_shapes(model, batch_size, "meta")}
     with FlopCounterMode(display=False) as counter:
         model(batch, ctx)["loss"].backward()
     return counter.get_total_flops()

@@ -63,6 +63,7 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (the official class name)
         self.reduce_handle = None
         self.len_teacher_patch_tokens: int | None = None
         self.async_batch_center: Tensor | None = None
+        self._held: tuple[Tensor, int] | None = None  # masked teacher tokens' sum and count, not yet applied
 
     # ------------------------------------------------------------------------- teacher targets
 
@@ -124,7 +125,8 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (the official class name)
         centering="center": softmax((t - center) / teacher_temp) inside the kernel, after applying
         a pending center update; with update_center, the masked teacher tokens' mean then starts
         the asynchronous center update (DINOv2's update_center on them). "sinkhorn_knopp": the
-        targets are Sinkhorn-Knopp's over the masked teacher tokens, their count summed over ranks."""
+        targets are Sinkhorn-Knopp's over the masked teacher tokens, their count summed over ranks.
+        update_center=False holds the masked tokens for commit_center_update instead."""
         check_choice("centering", centering, CENTERINGS)
         check_tensor("masks", masks, ndim=2, dtypes=(torch.bool,))
         if mask_indices is None:
@@ -147,7 +149,20 @@ class iBOTPatchLoss(nn.Module):  # noqa: N801 (the official class name)
             # the masked tokens' mean, DINOv2's update_center on them as [1, n, K]; a rank with no
             # masked token still joins the all-reduce, with a zero center
             self._reduce_batch_center((teacher_sum / max(n, 1)).reshape(1, -1), 1)
+        else:
+            held_sum, held_n = self._held or (0.0, 0)
+            self._held = (held_sum + teacher_sum.detach(), held_n + n)
         return loss
+
+    @torch.no_grad()
+    def commit_center_update(self) -> None:
+        """Start the center update with every masked token held by masked_loss(update_center=False)
+        calls (gradient accumulation's micro-batches move the center as one batch of all their
+        masked tokens would); no-op when none is held."""
+        if self._held is not None:
+            teacher_sum, n = self._held
+            self._held = None
+            self._reduce_batch_center((teacher_sum / max(n, 1)).reshape(1, -1), 1)
 
     # ------------------------------------------------------------------------- center
 

@@ -14,6 +14,8 @@ eps * sqrt(D), so the loss and its gradient stay finite for duplicates and batch
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -42,7 +44,10 @@ def koleo_loss(x: Tensor, eps: float = 1e-8, *, distributed: bool = False) -> Te
                          f"{tuple(x.shape)}")
     eps = check_positive("eps", eps)
     distributed = check_bool("distributed", distributed)
-    with torch.autocast(device_type=x.device.type, enabled=False):
+    # meta tensors (the step-launch count) have no autocast to switch off
+    autocast_off = (torch.autocast(device_type=x.device.type, enabled=False)
+                    if torch.amp.is_autocast_available(x.device.type) else contextlib.nullcontext())
+    with autocast_off:
         u = nn.functional.normalize(x.to(torch.promote_types(x.dtype, torch.float32)), p=2, dim=-1, eps=eps)
         others, offset = u, 0
         if distributed and get_world_size() > 1:

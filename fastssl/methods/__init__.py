@@ -21,6 +21,7 @@ from fastssl.methods import (  # noqa: E402,F401
     context,
     dino,
     dinov2,
+    ibot,
     instdisc,
     mae,
     mocov2,

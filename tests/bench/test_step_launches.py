@@ -12,6 +12,8 @@ KERNELS = {
     "simclr": {"_info_nce_fwd_kernel", "_info_nce_combine_kernel", "_info_nce_bwd_kernel",
                "_info_nce_bwd_combine_kernel"},
     "dino": {"_dino_loss_fwd_kernel", "_dino_loss_merge_kernel", "_dino_loss_bwd_kernel"},
+    # the class-token and the masked-patch losses, both on the DINO kernels
+    "dinov2": {"_dino_loss_fwd_kernel", "_dino_loss_merge_kernel", "_dino_loss_bwd_kernel"},
     "mae": {"_compact_kernel", "_expand_kernel", "_mae_loss_kernel"},
 }
 

@@ -1,13 +1,16 @@
 """parallel=fsdp (FSDP2 over a 2-process gloo group) through the Trainer.
 
 - equals one process on the full batch, for DINO (sharded student, EMA teacher and heads,
-  center all-reduced; with 2 accumulated micro-batches), MAE (sharded encoder and decoder),
-  the weak method and CLIP (both towers sharded, features gathered across ranks, 2 GradCache
-  micro-batches), with activation checkpointing: the same losses and parameters after
-  two steps; MoCo v3 (whose projector's BatchNorm sees per-rank batches, so it cannot equal
-  one process) trains sharded with its momentum encoder updated shard by shard;
+  center all-reduced; with 2 accumulated micro-batches), DINOv2 (the same, with the iBOT patch
+  loss and its center over the loader's block masks, anchored to a sharded Gram teacher), MAE
+  (sharded encoder and decoder), the weak method and CLIP (both towers sharded, features gathered
+  across ranks, 2 GradCache micro-batches), with activation checkpointing: the same losses and
+  parameters after two steps; so does DINOv2 under DDP with Sinkhorn-Knopp targets (its
+  masked-token count all-reduced); MoCo v3 (whose projector's BatchNorm sees per-rank batches, so
+  it cannot equal one process) trains sharded with its momentum encoder updated shard by shard;
 - its sharded (DCP) checkpoint, written by 2 ranks, resumes on 1 process with the model and
-  AdamW state exactly as the 2 ranks held them, and the run continues;
+  AdamW state exactly as the 2 ranks held them, and the run continues (DINOv2's too, iBOT center
+  included);
 - a save killed before it is published leaves the previous checkpoint as the one resumed.
 One spawn of two processes serves all tests (a module fixture): it is the slow part."""
 
@@ -24,6 +27,7 @@ from torch.distributed.tensor import DTensor
 
 import fastssl.engine.sharded_checkpoint as sharded_checkpoint
 from fastssl.engine import Trainer
+from fastssl.engine.export import backbone_state_dict
 from fastssl.engine.parallel import check_parallel_config
 
 # SGD: attention's key bias has an exactly-zero gradient (softmax is shift-invariant), so AdamW
@@ -32,7 +36,11 @@ from fastssl.engine.parallel import check_parallel_config
 EQUAL = {"optimizer": "sgd", "momentum": 0.9}
 FSDP = {"parallel": "fsdp", "activation_checkpointing": True}
 RUNS = {"dino": EQUAL | {"accum_steps": 2}, "mae": EQUAL, "weak": EQUAL, "mocov3": {}, "dino_adamw": {},
-        "clip": EQUAL | {"accum_steps": 2}}
+        "clip": EQUAL | {"accum_steps": 2},
+        "dinov2": EQUAL | {"accum_steps": 2, "teacher_centering": "center"},
+        "dinov2_ddp": EQUAL | {"parallel": "ddp", "teacher_centering": "sinkhorn_knopp"}}
+# how a run is spread (not what it computes): one process runs without them
+SPREAD = ("parallel", "accum_steps", "activation_checkpointing")
 
 
 def _features(encoder):
@@ -42,9 +50,10 @@ def _features(encoder):
 
 
 def _run(rank, world, name, out, overrides, max_steps=2, resume=None):
-    method = tiny_method(name.split("_")[0], out, max_steps=max_steps, **overrides)
+    base = name.split("_")[0]
+    method = tiny_method(base, out, max_steps=max_steps, **overrides)
     losses = record_losses(method)
-    loader = MultiViewLoader(SIZES[name.split("_")[0]], shard_id=rank, num_shards=world)
+    loader = MultiViewLoader(SIZES[base], shard_id=rank, num_shards=world, masks=base == "dinov2")
     trainer = Trainer(method, loader, resume=resume, progress=False, log=lambda m: None,
                       evaluator=_features if name == "dino" else None)
     loaded = {"state": full_state(method), "optimizer": _full_optimizer_state(trainer)}
@@ -61,23 +70,35 @@ def _full_optimizer_state(trainer):
     return {name: {k: v.detach().clone() for k, v in s.items()} for name, s in state.items()}
 
 
+def _config(name, root):
+    """RUNS[name]; the FSDP DINOv2 run anchors to a Gram teacher, root/gram.pt (the fixture's)."""
+    return RUNS[name] | ({"gram_teacher": f"{root}/gram.pt"} if name == "dinov2" else {})
+
+
 def _two_ranks(rank, world, out):
-    return {name: _run(rank, world, name, f"{out}/{name}", RUNS[name] | FSDP) for name in RUNS}
+    return {name: _run(rank, world, name, f"{out}/{name}", FSDP | _config(name, out)) for name in RUNS}
 
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
+    # the Gram teacher: an earlier backbone, as `fastssl export` writes it (the tiny ViT's init, moved)
+    g = torch.Generator().manual_seed(5)
+    earlier = backbone_state_dict(tiny_method("dinov2", str(out)))
+    torch.save({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in earlier.items()}, out / "gram.pt")
     return out, run_gloo(_two_ranks, 2, str(out))
 
 
 @pytest.mark.slow  # ~70 s on a busy 2-core CPU (the fixture spawns two processes importing torch and timm)
-@pytest.mark.parametrize("name", ["dino", "mae", "weak", "clip"])
+@pytest.mark.parametrize("name", ["dino", "dinov2", "dinov2_ddp", "mae", "weak", "clip"])
 def test_fsdp_two_processes_equal_one_process(tmp_path, fsdp_runs, name):
-    _, ranks = fsdp_runs
-    one = _run(0, 1, name, str(tmp_path / "one"), EQUAL)
+    out, ranks = fsdp_runs
+    alone = {k: v for k, v in _config(name, out).items() if k not in SPREAD}
+    one = _run(0, 1, name, str(tmp_path / "one"), alone)
     fsdp = [ranks[r][name] for r in range(2)]
-    assert fsdp[0]["sharded"] == fsdp[0]["params"] > 0  # every parameter (teacher included) is a shard
+    # under FSDP every parameter (teacher included) is a shard
+    sharded = fsdp[0]["params"] if RUNS[name].get("parallel", "fsdp") == "fsdp" else 0
+    assert fsdp[0]["sharded"] == sharded and fsdp[0]["params"] > 0
     per_step = len(fsdp[0]["losses"]) // 2  # DINO: 2 accumulated micro-batches per step
     for step in range(2):
         mean = sum(f["losses"][step * per_step + i] for f in fsdp for i in range(per_step)) / (2 * per_step)
@@ -92,8 +113,10 @@ def test_fsdp_two_processes_equal_one_process(tmp_path, fsdp_runs, name):
         for r in range(2):
             torch.testing.assert_close(fsdp[r]["state"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     # the run moved the parameters (the comparison is not between two initial states)
-    start = full_state(tiny_method(name, str(tmp_path / "x")))
-    assert any(not torch.allclose(start[k], v) for k, v in one["state"].items() if v.is_floating_point())
+    start = full_state(tiny_method(name.split("_")[0], str(tmp_path / "x")))
+    assert any(not torch.allclose(v, one["state"][k]) for k, v in start.items() if v.is_floating_point())
+    if name.startswith("dinov2"):  # the iBOT center moved (centering) or stayed at 0 (Sinkhorn-Knopp)
+        assert (one["state"]["ibot.center"].abs().sum() > 0) == (name == "dinov2")
 
 
 @pytest.mark.slow
@@ -131,6 +154,18 @@ def test_two_rank_sharded_checkpoint_resumes_on_one_process(fsdp_runs):
     steps = [json.loads(line)["step"] for line in open(run_dir / "metrics.jsonl")]
     assert steps[-2:] == [2, 3] and len(resumed["losses"]) == 2
     assert sorted(p.name for p in run_dir.glob("step-*")) == ["step-00000004"]
+
+
+@pytest.mark.slow
+def test_dinov2_two_rank_sharded_checkpoint_resumes_on_one_process(fsdp_runs):
+    out, ranks = fsdp_runs
+    saved = ranks[0]["dinov2"]
+    resumed = _run(0, 1, "dinov2", str(out / "dinov2"), FSDP | _config("dinov2", out), max_steps=3,
+                   resume="auto")
+    assert resumed["loaded"]["state"].keys() == saved["state"].keys()
+    for key, value in saved["state"].items():  # student, teacher, both centers
+        assert torch.equal(resumed["loaded"]["state"][key], value), key
+    assert len(resumed["losses"]) == 2 and all(map(math.isfinite, resumed["losses"]))  # 2 micro-batches
 
 
 def test_a_save_killed_before_publishing_leaves_the_previous_checkpoint(monkeypatch, tmp_path):

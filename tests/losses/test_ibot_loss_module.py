@@ -82,6 +82,27 @@ def test_fused_centering_path_and_async_center_over_steps(backend):
     torch.testing.assert_close(ours.center.double(), center, rtol=1e-5, atol=1e-6)
 
 
+def test_accumulated_micro_batches_move_the_center_once_as_their_union():
+    """update_center=False holds each micro-batch's masked teacher tokens; commit_center_update
+    then moves the center once by the mean of all of them (as one batch of their union would)."""
+    s, t, masks = batch(2, B=4)
+    idx = masks.flatten().nonzero().flatten()
+    whole = iBOTPatchLoss(24, center_momentum=0.7)
+    whole.masked_loss(s, t, masks, teacher_temp=0.05)
+    whole.apply_center_update()
+    parts = iBOTPatchLoss(24, center_momentum=0.7)
+    for half in (slice(0, 2), slice(2, 4)):
+        parts.masked_loss(s[half], t[half], masks[half], teacher_temp=0.05, update_center=False)
+        assert torch.equal(parts.center, torch.zeros(1, 1, 24))  # nothing moves before the commit
+    parts.commit_center_update()
+    parts.apply_center_update()
+    want = 0.3 * t.flatten(0, 1)[idx].mean(0)
+    torch.testing.assert_close(parts.center.reshape(-1).double(), want, rtol=1e-6, atol=1e-7)  # fp32 buffer
+    torch.testing.assert_close(parts.center, whole.center, rtol=1e-6, atol=1e-7)
+    parts.commit_center_update()  # nothing held: no-op
+    torch.testing.assert_close(parts.center, whole.center, rtol=0, atol=0)
+
+
 def test_update_center_official_semantics():
     ours = iBOTPatchLoss(8, center_momentum=0.8)
     ours.center.fill_(1.0)

@@ -1,4 +1,5 @@
-"""DINOv2: the three losses, the mask token, the iBOT part against iBOTPatchLoss, LR decay, resume."""
+"""DINOv2: the three losses, the mask token, the iBOT part against iBOTPatchLoss, LR decay, resume;
+DINOv3's Gram anchoring against its formula; iBOT (DINOv2 without KoLeo) against its paper's loss."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import pytest
 import torch
 
 from fastssl.engine import resolve_config
+from fastssl.engine.export import backbone_state_dict
 from fastssl.engine.parallel import split_micro_batches
 from fastssl.losses import iBOTPatchLoss
 from fastssl.method import StepContext
 from fastssl.methods import METHODS
+from tests.losses.test_gram import formula as gram_formula
 from tests.methods.method_helpers import context, one_thread  # noqa: F401 (autouse fixture)
 
 TINY = dict(backbone="vit_tiny_patch4", image_size=16, local_crop_size=8, n_local_crops=2, vit_depth=2,
@@ -19,8 +22,8 @@ TINY = dict(backbone="vit_tiny_patch4", image_size=16, local_crop_size=8, n_loca
             mask_probability=1.0, freeze_last_layer_epochs=0, warmup_teacher_temp_epochs=0)
 
 
-def build(seed: int = 0, **overrides):
-    cls = METHODS["dinov2"]
+def build(seed: int = 0, name: str = "dinov2", **overrides):
+    cls = METHODS[name]
     torch.manual_seed(seed)
     return cls(resolve_config(cls.config_class, overrides={**TINY, **overrides}))
 
@@ -79,8 +82,8 @@ def test_ibot_part_equals_ibot_patch_loss_reference(centering):
     temp = method.criterion.teacher_temp_at(0)
     crops, masks, indices = b["views"], b["masks"], b["mask_indices"]
     with torch.no_grad():
-        _, _, teacher_patch = method.teacher(crops[:2], mask_indices=indices)
-        _, _, student_patch = method.student(crops, masks, indices)
+        _, _, teacher_patch, _ = method.teacher(crops[:2], mask_indices=indices)
+        _, _, student_patch, _ = method.student(crops, masks, indices)
     ref = iBOTPatchLoss(32)
     n = b["n_masked_patches"]
     if centering == "center":
@@ -160,3 +163,87 @@ def test_resume_is_bit_exact(centering):
 def test_rejects_a_cnn_backbone():
     with pytest.raises(ValueError, match="backbone: dinov2 needs a ViT"):
         build(backbone="resnet18", image_size=8)
+
+
+def test_gram_anchoring_adds_the_papers_loss_against_a_frozen_earlier_backbone(tmp_path):
+    earlier = build(seed=1)
+    path = tmp_path / "backbone.pt"
+    torch.save(backbone_state_dict(earlier), path)  # what `fastssl export` writes
+    method = build(gram_teacher=str(path), gram_loss_weight=0.5)
+    frozen = {k: v.clone() for k, v in method.gram_teacher.backbone.state_dict().items()}
+    assert frozen.keys() == earlier.teacher.backbone.state_dict().keys()
+    assert all(torch.equal(v, earlier.teacher.backbone.state_dict()[k]) for k, v in frozen.items())
+    b = batch(method)
+    out = method(b, context())
+    # DINOv3's Gram loss (its formula, in float64): the student's patch tokens of the masked global
+    # crops against the Gram teacher's of the unmasked ones, negatives kept
+    crops = torch.cat(b["views"][:2])
+    with torch.no_grad():
+        student = method.student.tokens(crops, b["masks"])[:, 1:]
+        target = earlier.teacher.backbone.forward_features(crops)[:, 1:]
+    want = gram_formula(student, target, remove_neg=False)
+    torch.testing.assert_close(out["gram_loss"].double(), want, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(out["loss"], out["dino_loss"] + out["ibot_loss"] + 0.1 * out["koleo_loss"]
+                               + 0.5 * out["gram_loss"])
+    # it trains the student; the Gram teacher is frozen, out of the optimizer and in the checkpoint
+    opt = torch.optim.AdamW(method.parameter_groups(), lr=1e-2)
+    out["loss"].backward()
+    assert method.student.backbone.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in method.gram_teacher.parameters())
+    opt.step()
+    method.after_optimizer_step(context())
+    assert all(torch.equal(v, frozen[k]) for k, v in method.gram_teacher.backbone.state_dict().items())
+    assert {f"gram_teacher.backbone.{k}" for k in frozen} <= method.state_dict().keys()
+
+
+def test_gram_teacher_errors_name_the_key_and_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"gram_teacher: expected a backbone file .* fastssl export "):
+        build(gram_teacher=str(tmp_path))  # a run folder
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(ValueError, match="not a backbone file written by `fastssl export`"):
+        build(gram_teacher=str(tmp_path / "junk.pt"))
+    torch.save(backbone_state_dict(build(vit_depth=1)), tmp_path / "shallow.pt")
+    with pytest.raises(ValueError, match="its weights do not fit this run's vit_tiny_patch4 .vit_depth=2"):
+        build(gram_teacher=str(tmp_path / "shallow.pt"))
+
+
+def test_ibot_defaults_are_the_official_vit_s_recipe():
+    cfg = resolve_config(METHODS["ibot"].config_class)
+    m = cfg.method
+    assert (cfg.model.backbone, cfg.optim.epochs, cfg.model.drop_path_rate) == ("vit_small_patch16", 800, 0.1)
+    assert (m.out_dim, m.norm_last_layer, m.separate_patch_head) == (8192, False, False)
+    assert (m.teacher_centering, m.koleo_loss_weight, m.layer_decay) == ("center", 0.0, 1.0)
+    assert (m.warmup_teacher_temp, m.teacher_temp, m.warmup_teacher_temp_epochs) == (0.04, 0.07, 30)
+    assert (m.n_local_crops, m.mask_probability, m.mask_ratio_min, m.mask_ratio_max) == (10, 0.5, 0.1, 0.5)
+    dinov2 = resolve_config(METHODS["dinov2"].config_class).method  # keeps its own
+    assert (dinov2.out_dim, dinov2.teacher_centering, dinov2.koleo_loss_weight) == (65536, "sinkhorn_knopp",
+                                                                                    0.1)
+
+
+def test_ibot_loss_is_its_papers_class_and_patch_terms():
+    method = build(name="ibot")
+    b = batch(method)
+    out = method(b, context())
+    assert out.keys() == {"loss", "dino_loss", "ibot_loss"}  # no KoLeo
+    torch.testing.assert_close(out["loss"], out["dino_loss"] + out["ibot_loss"])
+    # iBOT's patch term: for each global crop, each image's mean over its masked patches of
+    # -sum_k softmax((t - c) / tau_t) log softmax(s / tau_s) (c = 0 at the first step), averaged
+    # over the images, then over the 2 crops; one head for class and patch tokens
+    crops, masks = torch.cat(b["views"][:2]), b["masks"]
+    with torch.no_grad():
+        t = method.teacher.head(method.teacher.tokens(crops)[:, 1:]).double()
+        s = method.student.head(method.student.tokens(crops, masks)[:, 1:]).double()
+    temp = method.criterion.teacher_temp_at(0)
+    ce = -((t / temp).softmax(-1) * (s / 0.1).log_softmax(-1)).sum(-1)
+    per_image = (ce * masks).sum(1) / masks.sum(1).clamp(min=1)
+    torch.testing.assert_close(out["ibot_loss"].double(), per_image.view(2, -1).mean(1).mean(),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_step_flops_are_counted_with_the_masks_shapes():
+    from fastssl.engine.flops import step_flops
+
+    method = build()
+    flops = step_flops(method, method.recipe().view_sizes, 4)
+    # at least the student's forward and backward of its patch embeddings on the 2 global crops
+    assert flops >= 3 * 2 * (2 * 4) * 16 * (3 * 4 * 4) * 192

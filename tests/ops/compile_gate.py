@@ -83,7 +83,11 @@ def scenarios():
 
     from fastssl.ops.clip_loss import clip_loss
     from fastssl.ops.dino_loss import dino_loss, soft_cross_entropy
-    from fastssl.ops.ibot_patch_loss import ibot_patch_cross_entropy, ibot_patch_loss
+    from fastssl.ops.ibot_patch_loss import (
+        ibot_patch_cross_entropy,
+        ibot_patch_loss,
+        ibot_patch_loss_with_teacher_sum,
+    )
     from fastssl.ops.info_nce import info_nce
     from fastssl.ops.mae import mae_loss, random_masking, unshuffle_tokens
     from fastssl.ops.siglip_loss import siglip_loss
@@ -115,6 +119,11 @@ def scenarios():
                         masks=masks, mask_indices=idx, backend="triton")
         ibot_patch_cross_entropy(t(n, K, dtype=dt, grad=True), t(n, K, dtype=torch.float32), masks=masks,
                                  masks_weight=t(n, dtype=torch.float32), backend="triton")
+        # iBOT's centering step (iBOTPatchLoss.masked_loss): the heads' [n, K] logits, the teacher's sum
+        center = t(1, 1, K, dtype=torch.float32)
+        ibot_patch_loss_with_teacher_sum(t(n, K, dtype=dt, grad=True), t(n, K, dtype=dt), center, masks=masks,
+                                         mask_indices=idx, masks_weight=t(n, dtype=torch.float32),
+                                         backend="triton")
 
     def multilabel(dt, C, N=256):
         soft_cross_entropy(t(N, C, dtype=dt, grad=True), t(N, C, dtype=dt), backend="triton")
@@ -181,7 +190,8 @@ def scenarios():
             for K in (4096, 65536)
         ]
         out += [
-            (f"ibot B=64 L=256 n=5000 K={K} {name}", lambda dt=dt, K=K: ibot(dt, K)) for K in (65536, 131072)
+            (f"ibot B=64 L=256 n=5000 K={K} {name}", lambda dt=dt, K=K: ibot(dt, K))
+            for K in (8192, 65536, 131072)  # iBOT's prototypes, DINOv2's and DINOv2-g's
         ]
         out += [
             (f"multilabel N=256 C={C} {name}", lambda dt=dt, C=C: multilabel(dt, C)) for C in (10000, 27000)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 
 from fastssl.bench.step_launches import PAPER as PAPER_STEPS  # (overrides, per-GPU batch, setting)
+from fastssl.bench.step_launches import step_batch
 
 
 @contextlib.contextmanager
@@ -45,9 +46,7 @@ def method_step(name: str) -> None:
     with _disable_current_modes(), torch.device("meta"):
         method = cls(resolve_config(cls.config_class, overrides=overrides)).to("meta")
     method = method.to("cuda")
-    views = [torch.empty(batch, 3, s, s, device="cuda") for s in method.recipe().view_sizes]
-    step = {"views": views, "label": torch.zeros(batch, dtype=torch.long, device="cuda"),
-            "index": torch.arange(batch, device="cuda")}
+    step = step_batch(method, batch, "cuda")
     schedules = {k: float(v[0]) for k, v in method.schedules(total_steps=100, steps_per_epoch=10).items()}
     ctx = StepContext(step=0, epoch=1, steps_per_epoch=10, total_steps=100, lr=0.0, weight_decay=0.0,
                       schedules=schedules)
