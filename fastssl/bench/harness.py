@@ -85,11 +85,12 @@ def environment() -> dict:
     }
 
 
-def write_rows(path: Path, rows: Sequence[dict], env: dict | None = None) -> Path:
-    """Write one JSON line per row, each carrying `env` (default: `environment()`)."""
+def write_rows(path: Path, rows: Sequence[dict], env: dict | None = None, *, append: bool = False) -> Path:
+    """Write one JSON line per row, each carrying `env` (default: `environment()`), replacing the file
+    (append: after its rows)."""
     env = environment() if env is None else env
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
+    with open(path, "a" if append else "w") as f:
         for row in rows:
             f.write(json.dumps({**env, **row}) + "\n")
     return path

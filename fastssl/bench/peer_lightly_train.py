@@ -1,11 +1,15 @@
 """lightly-train's SimCLR on fastssl's backbone, for `fastssl.bench.time_to_accuracy --peer lightly-train`.
 
-Run by the interpreter of the environment where lightly-train is installed (never fastssl's own),
+Run by the interpreter of the environment where lightly-train is installed with its timm extra
+(`pip install 'lightly-train[timm]==0.18.0'`: fastssl's backbones module imports timm; never fastssl's own),
 with this checkout on PYTHONPATH, as `python -m fastssl.bench.peer_lightly_train '<request JSON>'`;
 the request names out, data (an image folder), backbone, image_size, epochs, batch_size and train_args (extra
 keyword arguments of lightly_train.train). The network is fastssl.models.build_backbone's module,
 passed through lightly-train's custom-model wrapper (get_model, forward_features, forward_pool,
 feature_dim); writes OUT/backbone.pt (its state dict after training) and OUT/peer_result.json.
+Timed as fastssl's run is: the forward of lightly-train's SimCLR modules (embedding model, projection
+head, loss), each optimizer.step (Lightning runs forward and backward inside it) and the update alone
+(from the first layer's gradient, the end of backward, to the step's end).
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from pathlib import Path
 import torch
 
 from fastssl.bench.time_to_accuracy import StepTimers
-from fastssl.models.backbones import build_backbone
+
+# the modules of lightly-train's SimCLR.training_step_impl, timed as fastssl's Method.forward is
+FORWARD_MODULES = ("EmbeddingModel", "SimCLRProjectionHead", "NTXentLoss")
 
 
 class PooledBackbone(torch.nn.Module):
@@ -44,10 +50,13 @@ class PooledBackbone(torch.nn.Module):
 def main(request: dict) -> int:
     try:
         import lightly_train
+
+        from fastssl.models.backbones import build_backbone  # needs timm: lightly-train's [timm] extra
     except ImportError as exc:
         print(
-            f"peer lightly-train: this interpreter ({sys.executable}) cannot import lightly_train ({exc}); "
-            f"pass --peer-python of the environment where it is installed",
+            f"peer lightly-train: this interpreter ({sys.executable}) cannot import lightly_train with its "
+            f"timm extra ({exc}); pass --peer-python of the environment where `pip install "
+            f"'lightly-train[timm]==0.18.0'` installed it",
             file=sys.stderr,
         )
         return 2
@@ -55,7 +64,8 @@ def main(request: dict) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     backbone, dim = build_backbone(request["backbone"], request["image_size"])
-    timers = StepTimers(lambda module: False)  # Lightning runs forward and backward inside optimizer.step
+    timers = StepTimers(lambda module: type(module).__name__ in FORWARD_MODULES)
+    timers.watch_backward_end(next(backbone.parameters()))
     lightly_train.train(
         out=str(out / "lightly_train"),
         data=request["data"],
@@ -77,6 +87,8 @@ def main(request: dict) -> int:
                 "version": lightly_train.__version__,
                 "step_ends_s": result["step_ends_s"],
                 "step_s": result["optimizer_s"],
+                "forward_s": result["forward_s"],
+                "update_s": result["update_s"],
                 "train_s": train_s,
                 "finished_s": time.perf_counter() - timers.t0,
             }

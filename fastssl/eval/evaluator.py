@@ -18,6 +18,7 @@ from fastssl.eval.linear import linear_probe
 Evaluator = Callable[[nn.Module], dict[str, float]]
 
 KNN_K, KNN_TEMPERATURE = 20, 0.07  # DINO's weighted kNN
+KNN_WIDE = (200, 0.1)  # InstDisc's and lightly's benchmark kNN: (k, temperature)
 
 
 class FixedIndices:
@@ -55,14 +56,15 @@ def check_knn_labels(source, split: str) -> None:
 
 def build_evaluator(cfg, train_source, test_source, device: torch.device, *, resize: int | None = None,
                     linear: bool = False, max_train: int | None = None, max_test: int | None = None,
-                    progress: bool = True) -> Evaluator:
-    """Callable(encoder) -> {"knn_top1": ..., ["linear_top1", "linear_train_top1"]}.
+                    progress: bool = True, wide_knn: bool = False) -> Evaluator:
+    """Callable(encoder) -> {"knn_top1": ..., ["knn_top1_k200"], ["linear_top1", "linear_train_top1"]}.
 
     Features of `train_source` (the kNN memory bank) and `test_source` through the eval recipe
     (cfg.eval_side; `resize` first resizes the whole image to it, no crop margin), with the run's
     data loader and threads. max_train / max_test: a fixed subsample of each split, drawn with
     cfg.run.seed (the same images at every call, so successive calls are comparable). kNN top-1 with
-    k = 20 (fewer for a smaller memory bank), T = 0.07. progress: bars on stderr for each pass.
+    k = 20 (fewer for a smaller memory bank), T = 0.07; wide_knn adds "knn_top1_k200" (KNN_WIDE: k = 200,
+    T = 0.1) from the same features. progress: bars on stderr for each pass.
     Raises ValueError for a split with fewer than two classes.
 
     Called on every rank of a distributed run: each rank extracts the features of its share of
@@ -94,15 +96,17 @@ def build_evaluator(cfg, train_source, test_source, device: torch.device, *, res
             feats[name] = extract_features(encoder, loader, device, cfg.model.channels_last,
                                            progress=f"{name} features" if progress else None)
         bank = tuple(all_gather_rows(t) for t in feats["train"])
-        k = min(KNN_K, len(bank[1]))
         n_test = len(feats["test"][1])
-        top1 = knn_top1(*bank, *feats["test"], k=k, temperature=KNN_TEMPERATURE,
-                        progress="kNN" if progress else None)
-        if world > 1:
-            counts = all_reduce_sum_(torch.tensor([round(top1 * n_test), n_test], dtype=torch.int64,
-                                                  device=comm_device()))
-            top1 = int(counts[0]) / int(counts[1])
-        result = {"knn_top1": top1}
+        settings = {"knn_top1": (KNN_K, KNN_TEMPERATURE)} | ({"knn_top1_k200": KNN_WIDE} if wide_knn else {})
+        result = {}
+        for key, (k, temperature) in settings.items():
+            top1 = knn_top1(*bank, *feats["test"], k=min(k, len(bank[1])), temperature=temperature,
+                            progress="kNN" if progress else None)
+            if world > 1:
+                counts = all_reduce_sum_(torch.tensor([round(top1 * n_test), n_test], dtype=torch.int64,
+                                                      device=comm_device()))
+                top1 = int(counts[0]) / int(counts[1])
+            result[key] = top1
         if linear:
             test = tuple(all_gather_rows(t) for t in feats["test"])
             if rank == 0:

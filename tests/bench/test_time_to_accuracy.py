@@ -32,6 +32,8 @@ def test_a_budgeted_run_records_time_steps_knn_and_the_split(tmp_path):
     data = _folder(tmp_path / "data")
     results = tmp_path / "tta.jsonl"
     argv = [
+        "--method",
+        "simclr",
         "--data",
         str(data),
         "--budget-s",
@@ -54,6 +56,9 @@ def test_a_budgeted_run_records_time_steps_knn_and_the_split(tmp_path):
     assert row["tool"] == "fastssl" and row["method"] == "simclr" and row["backbone"] == "resnet8"
     assert row["steps"] == 2 * (48 // 8) and row["batch_size"] == 8
     assert 0 <= row["knn_top1"] <= 1 and 0 <= row["knn_top1_random_init"] <= 1
+    # the benchmark scores the trained backbone with the evaluator `fastssl train` used: the same top-1
+    assert row["knn_top1"] == row["knn_top1_printed"] and 0 <= row["knn_top1_k200"] <= 1
+    assert row["command"].startswith("fastssl train --method simclr --data ")
     assert row["images_per_second"] > 0 and row["command_wall_s"] > 0
     curve = row["knn_curve"]
     assert [c["step"] for c in curve] == [6, 12]  # every epoch, the last step included
@@ -95,3 +100,5 @@ def test_a_peer_needs_its_interpreter(capsys):
     assert "--peer-python" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         tta.main(["--budget-s", "0"])
+    with pytest.raises(SystemExit):  # the demo trains on Fashion-MNIST only
+        tta.main(["--data", "/some/folder"])
