@@ -180,6 +180,23 @@ def _recall(direction: str) -> Callable[[dict], str]:
     return lambda r: "/".join(_cell(r.get(f"{direction}_r{k}"), "{:.1f}") for k in (1, 5, 10))
 
 
+PHASES = ("data", "forward", "backward", "optimizer", "evaluation", "other")
+
+
+def _split(r: dict) -> str:
+    return " / ".join(f"{r['seconds'][k]:.0f}" for k in PHASES)
+
+
+TIME_TO_ACCURACY_COLUMNS = [
+    ("tool", lambda r: f"{r['tool']} {r.get('version', '')}".strip()), ("method", col("method")),
+    ("backbone", col("backbone")), ("epochs (steps)", lambda r: f"{r['epochs']:g} ({r['steps']})"),
+    ("train s", col("train_s", "{:.0f}")), ("img/s", col("images_per_second", "{:.0f}")),
+    ("× peer img/s", col("images_per_second_ratio_fastssl", "{:.2f}")),
+    ("kNN k=20 T=0.07", lambda r: f"{100 * r['knn_top1']:.2f}%"),
+    ("kNN k=200 T=0.1", lambda r: f"{100 * r['knn_top1_k200']:.2f}%"),
+    ("s: data / fwd / bwd / optim / eval / other", _split), ("command s", col("command_wall_s", "{:.0f}")),
+    ("load avg", col("load_avg", "{:.1f}"))]
+
 DEMO_SEARCH_COLUMNS = [
     ("candidate", col("candidate")), ("change", col("change")),
     ("epochs (steps)", lambda r: f"{r['epochs']} ({r['steps']})"), ("kNN top-1", pct("knn_top1")),
@@ -235,6 +252,15 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], str]]] = {
         ("image→text R@1/5/10 (%)", _recall("image_to_text")),
         ("text→image R@1/5/10 (%)", _recall("text_to_image")),
         ("train s (shared machine)", col("train_seconds"))]).render),
+    "time_to_accuracy": ("time_to_accuracy.jsonl", Table("time_to_accuracy.jsonl",
+                                                         TIME_TO_ACCURACY_COLUMNS).render),
+    "race_search": ("race_search.jsonl", Table("race_search.jsonl", [
+        ("trial", col("trial")), ("method", col("method")), ("overrides", lambda r: " ".join(r["overrides"])),
+        ("epochs (steps)", lambda r: f"{r['epochs']:g} ({r['steps']})"),
+        ("kNN k=20 T=0.07", lambda r: f"{100 * r['knn_top1']:.2f}%"),
+        ("kNN k=200 T=0.1", lambda r: f"{100 * r['knn_top1_k200']:.2f}%"),
+        ("img/s (shared machine)", col("images_per_second", "{:.0f}")),
+        ("load avg", col("load_avg", "{:.1f}"))]).render),
     "readouts": ("readouts.jsonl", Table("readouts.jsonl", [
         ("read-out of the last stage", col("readout")), ("dim", col("dim")), ("kNN trained", pct("knn_top1")),
         ("kNN random init", pct("knn_top1_random_init")), ("margin", margin)]).render),
