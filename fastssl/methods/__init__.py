@@ -35,7 +35,7 @@ from fastssl.methods import (  # noqa: E402,F401
 # preset (its `presets["fashion-mnist"]`, chosen by the recipe search in benchmarks/RESULTS.md) with
 # DEMO_SETTINGS on top. Fixed work (epochs, no time budget), so a busy machine takes longer but
 # prints the same numbers; same seed, same machine -> the same losses and kNN.
-DEMO_METHOD = "simclr"
+DEMO_METHOD = "mocov3"
 DEMO_SETTINGS = {"deterministic": True}
 
 

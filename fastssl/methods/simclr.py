@@ -43,10 +43,10 @@ class SimCLRConfig(MethodConfig):
 class SimCLR(Method, config=SimCLRConfig):
     presets = {
         "imagenet": dict(_PAPER, temperature=0.1, proj_hidden_dim=2048, proj_dim=128),
-        # The demo (`make demo`): MoCo v3's network, crops and views with the recipe lightly-train's
-        # SimCLR uses on it: SGD lr 0.15 at batch 128 (momentum 0.9, weight decay 1e-4), 10% warm-up
-        # then cosine, T = 0.1; one encoder pass per view instead of MoCo v3's two, so 8 epochs fit in
-        # the training time of MoCo v3's 6 (`python -m fastssl.bench.time_to_accuracy` times both).
+        # The demo's network, crops and views (MoCo v3's preset) with the recipe lightly-train's SimCLR
+        # uses on it: SGD lr 0.15 at batch 128 (momentum 0.9, weight decay 1e-4), 10% warm-up then
+        # cosine, T = 0.1, for 8 epochs (`python -m fastssl.bench.time_to_accuracy --method simclr`
+        # times it: RESULTS' time-to-accuracy rows).
         "fashion-mnist": dict(
             backbone="resnet8_pool3", image_size=24, eval_size=28, epochs=8, batch_size=128, optimizer="sgd",
             base_lr=0.3, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.8, proj_hidden_dim=512,
