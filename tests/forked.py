@@ -17,6 +17,7 @@ import atexit
 import multiprocessing
 import os
 import runpy
+import signal
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,7 @@ CONTEXT = multiprocessing.get_context("forkserver")
 
 def exit_status(body) -> int:
     """What `python` exits with after running body(): SystemExit's code, 1 after printing an
-    uncaught exception's traceback, 130 after KeyboardInterrupt's."""
+    uncaught exception's traceback, death by SIGINT (-SIGINT here) after KeyboardInterrupt's."""
     try:
         body()
     except SystemExit as stop:
@@ -41,7 +42,7 @@ def exit_status(body) -> int:
         return 1
     except KeyboardInterrupt:
         traceback.print_exc()
-        return 130
+        return -signal.SIGINT
     except BaseException:
         traceback.print_exc()
         return 1
@@ -72,6 +73,9 @@ def _child(module: str | None, code: str | None, args: list[str], env: dict, cwd
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
+    if status < 0:  # as python does after KeyboardInterrupt: die by the signal
+        signal.signal(-status, signal.SIG_DFL)
+        os.kill(os.getpid(), -status)
     os._exit(status)
 
 
