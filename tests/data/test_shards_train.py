@@ -26,8 +26,8 @@ TINY = {
              "bottleneck_dim=8"],
     "mae": ["backbone=vit_tiny_patch4", "vit_depth=1", "decoder_dim=16", "decoder_depth=1",
             "decoder_heads=2"],
-    "dinov2": ["backbone=vit_tiny_patch4", "vit_depth=1", "n_local_crops=2", "local_crop_size=8", "out_dim=32",
-               "head_hidden_dim=16", "bottleneck_dim=8"],
+    "dinov2": ["backbone=vit_tiny_patch4", "vit_depth=1", "n_local_crops=2", "local_crop_size=8",
+               "out_dim=32", "head_hidden_dim=16", "bottleneck_dim=8"],
     "rotnet": ["backbone=resnet8"],
     "weak": ["backbone=resnet8"],
 }
