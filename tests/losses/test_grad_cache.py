@@ -15,7 +15,8 @@ N, D_IN, D, MICRO = 12, 10, 8, 3
 
 def towers(seed=0):
     torch.manual_seed(seed)
-    image = nn.Sequential(nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, D))
+    image = nn.Sequential(nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3),
+                          nn.Linear(16, D))
     model = nn.ModuleDict({"image": image, "text": nn.Linear(D_IN, D)}).double()
     log_scale = nn.Parameter(torch.tensor(10.0, dtype=torch.float64).log())
     bias = nn.Parameter(torch.tensor(-2.0, dtype=torch.float64))
@@ -81,8 +82,9 @@ def test_without_grad_the_micro_batches_are_only_split():
 
 def test_errors():
     model = nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"micro_batches \(accum_steps\): expected a divisor of the batch's 6 rows, "
-                                         r"got 4; set batch_size to a multiple of world size x accum_steps"):
+    with pytest.raises(ValueError, match=r"micro_batches \(accum_steps\): expected a divisor of the batch's "
+                                         r"6 rows, got 4; set batch_size to a multiple of world size x "
+                                         r"accum_steps"):
         grad_cache_encode(model, torch.randn(6, 2), micro_batches=4, module=model)
     with pytest.raises(ValueError, match=r"inputs\[1\]: expected 6 rows as inputs\[0\], got 5"):
         grad_cache_encode(model, torch.randn(6, 2), torch.randn(5, 2), micro_batches=2, module=model)

@@ -69,7 +69,8 @@ def test_grad_cache_equals_one_batch_of_the_micro_batches(name):
     for n, b in want_buffers.items():  # each micro-batch moved the running statistics once
         torch.testing.assert_close(buffers[n], b, rtol=1e-12, atol=1e-12, msg=n)
     if name in BN_CALLS:
-        assert max(int(b) for n, b in buffers.items() if n.endswith("num_batches_tracked")) == A * BN_CALLS[name]
+        counts = [int(b) for n, b in buffers.items() if n.endswith("num_batches_tracked")]
+        assert max(counts) == A * BN_CALLS[name]
     # a full batch through the encoders at once is another step (BatchNorm statistics, drop-path draws)
     whole = build(name, **OVERRIDES[name]).double()
     assert (_step(whole, batch, reference=False)[0] - want_loss).abs() > 1e-6
@@ -77,14 +78,24 @@ def test_grad_cache_equals_one_batch_of_the_micro_batches(name):
 
 def test_grad_cache_rejects_a_batch_it_cannot_split():
     method = build("simclr", accum_steps=3, backbone="resnet8")
-    with pytest.raises(ValueError, match=r"micro_batches \(accum_steps\): expected a divisor of the batch's 8 "
-                                         r"rows, got 3; set batch_size to a multiple of world size x accum_steps"):
+    with pytest.raises(ValueError, match=r"micro_batches \(accum_steps\): expected a divisor of the batch's "
+                                         r"8 rows, got 3; set batch_size to a multiple of world size x "
+                                         r"accum_steps"):
         method(make_batch(method), context())
+
+
+def test_flop_count_is_a_micro_batch_s():
+    """The engine counts one micro-batch's FLOPs (x accum_steps): the replay is recompute."""
+    from fastssl.engine.flops import step_flops
+
+    cached, plain = (build("simclr", accum_steps=a, backbone="resnet8") for a in (4, 1))
+    assert step_flops(cached, [8, 8], 2) == step_flops(plain, [8, 8], 2) > 0
 
 
 def _simclr_rank(rank: int, world: int, batch: dict) -> tuple:
     method = build("simclr", accum_steps=A, backbone="resnet8").double()
-    shard = {"views": [v.chunk(world)[rank] for v in batch["views"]], "index": batch["index"].chunk(world)[rank]}
+    shard = {"views": [v.chunk(world)[rank] for v in batch["views"]],
+             "index": batch["index"].chunk(world)[rank]}
     loss = method(shard, context())["loss"]
     loss.backward()
     grads = {}
