@@ -3,7 +3,8 @@ the method's step equals one batch made of those 2 micro-batches — each micro-
 encoders once, with its graph; the loss over the whole batch — in loss, in every parameter's
 gradient and in the BatchNorm buffers (float64, reference path). CLIP runs a ViT with drop-path
 (the replay must draw the same masks), SimCLR and MoCo v3 a ResNet with BatchNorm (the replay must
-leave the running statistics alone). On 2 gloo ranks, SimCLR with GradCache equals one process."""
+leave the running statistics alone). On 2 gloo ranks, SimCLR with GradCache equals one process.
+The engine's FLOP count of a GradCache step is its micro-batches' (the replay is recompute)."""
 
 import pytest
 import torch
