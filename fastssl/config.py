@@ -232,7 +232,9 @@ class DistConfig(Component):
     replicate_size: int | None = setting(None, "hsdp: replicas of the model (the mesh is replicate_size x "
                                                "world/replicate_size); none: the number of nodes, "
                                                "WORLD_SIZE / LOCAL_WORLD_SIZE", low=1, high=MAX_BATCH)
-    accum_steps: int = setting(1, "micro-batches per optimizer step", low=1, high=4096)
+    accum_steps: int = setting(1, "micro-batches per optimizer step (divides the per-rank batch); clip, "
+                                  "siglip, simclr and mocov3: GradCache, the loss over the whole batch",
+                               low=1, high=4096)
     activation_checkpointing: str = setting("none", "none; full: recompute each transformer block in the "
                                                     "backward; selective: keep its matmul, attention and "
                                                     "collective outputs, recompute the rest (true: full)",

@@ -60,7 +60,8 @@ class Method(nn.Module):
     # The --data a run without one trains on (a method that needs colour names a colour set).
     default_data: ClassVar[str] = "fashion-mnist"
     # True: the engine hands forward() the rank's whole batch and the method runs cfg.dist.accum_steps
-    # micro-batches itself (CLIP's GradCache keeps the whole batch's negatives); False: the engine splits it.
+    # micro-batches itself (GradCache, fastssl.losses.grad_cache: the contrastive methods keep the whole
+    # batch's negatives); False: the engine splits it.
     accumulates_itself: ClassVar[bool] = False
 
     def __init_subclass__(cls, config: type[MethodConfig] | None = None, **kwargs):

@@ -60,8 +60,10 @@ def step_flops(method: nn.Module, view_sizes: list[int], batch_size: int) -> int
 
     from fastssl.method import StepContext
 
-    cfg = dataclasses.replace(method.cfg, model=dataclasses.replace(method.cfg.model, fused=False,
-                                                                    compile="false"))
+    # accum_steps=1: `batch_size` is one micro-batch, and a GradCache replay is recompute, not model FLOPs
+    model_cfg = dataclasses.replace(method.cfg.model, fused=False, compile="false")
+    cfg = dataclasses.replace(method.cfg, model=model_cfg,
+                              dist=dataclasses.replace(method.cfg.dist, accum_steps=1))
     with torch.random.fork_rng(devices=[]), torch.device("meta"):
         model = type(method)(cfg)
     schedules = {k: float(v[0]) for k, v in model.schedules(2, 1).items()}

@@ -15,12 +15,10 @@ beside an image folder or named by `captions`, or synthetic ones from class name
 once at bind_data and looked up by batch["index"]; samples without one are never drawn and are
 counted as skipped.
 
-Gradient accumulation is GradCache (Gao et al. 2021): with accum_steps = A the engine hands the
-method its whole batch; each of the A micro-batches is encoded by both towers without keeping
-activations (a non-reentrant checkpoint), the loss is taken over the full batch's features —
-every row keeps the whole batch's negatives — and the backward re-encodes one micro-batch at a
-time to push its rows' feature gradients into the towers. Loss and gradients equal one full
-batch's (BatchNorm's running statistics see each micro-batch twice, the re-encoding included).
+Gradient accumulation is GradCache (fastssl.losses.grad_cache): with accum_steps = A the engine
+hands the method its whole batch, both towers encode it as A micro-batches that keep no activations,
+the loss is taken over the full batch's features (every row keeps the whole batch's negatives) and
+the backward replays one micro-batch at a time.
 """
 
 from __future__ import annotations
@@ -33,12 +31,11 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from fastssl.config import MethodConfig, setting
 from fastssl.data.captions import source_captions, tokenize
 from fastssl.distributed import get_rank, get_world_size
-from fastssl.losses import ClipLoss, SigLipLoss
+from fastssl.losses import ClipLoss, SigLipLoss, grad_cache_encode
 from fastssl.losses.siglip import DIST_IMPLS
 from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
@@ -227,16 +224,8 @@ class Clip(Method, config=ClipConfig):
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         x = check_views(batch, 1, self.name)[0]
         tokens = self.batch_tokens(batch)
-        micro = self.cfg.dist.accum_steps
-        if micro == 1:
-            image, text = self._encode(x, tokens)
-        else:  # GradCache (module docstring): one micro-batch's activations at a time, the full batch's loss
-            if x.shape[0] % micro:
-                raise ValueError(f"accum_steps: this rank's batch of {x.shape[0]} is not a multiple of "
-                                 f"accum_steps={micro}")
-            parts = [checkpoint(self._encode, xs, ts, use_reentrant=False)
-                     for xs, ts in zip(x.chunk(micro), tokens.chunk(micro))]
-            image, text = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        image, text = grad_cache_encode(self._encode, x, tokens, micro_batches=self.cfg.dist.accum_steps,
+                                        module=self)
         loss = self.criterion(image, text, self.logit_scale.exp(), self.logit_bias)
         out = {"loss": loss, "logit_scale": self.logit_scale.detach().exp()}
         if self.logit_bias is not None:

@@ -5,6 +5,8 @@ EMA of backbone + projector with m rising from 0.99 to 1 on a cosine. Symmetric 
 InfoNCE: queries of one view against the keys of the other view gathered from every rank,
 target = the sample's own key (label offset rank * N), loss scaled by 2T, T = 0.2.
 ResNet-50 defaults: LARS, lr 0.6 * B / 256, weight decay 1e-6, 10 warm-up epochs.
+accum_steps = A is GradCache (fastssl.losses.grad_cache): queries and keys of A micro-batches, the
+loss over the whole batch; only the queries are replayed (the keys carry no gradient).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from fastssl.config import MethodConfig, setting
-from fastssl.losses import InfoNCELoss
+from fastssl.losses import InfoNCELoss, grad_cache_encode
 from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
 from fastssl.methods._common import backbone_from_config, check_views
@@ -42,6 +44,7 @@ class MoCoV3Config(MethodConfig):
 
 @register
 class MoCoV3(Method, config=MoCoV3Config):
+    accumulates_itself = True  # GradCache
     # The demo (`make demo`), found by the recipe search in benchmarks/RESULTS.md. Fashion-MNIST:
     # the CIFAR ResNet-8 whose features (what kNN sees) are its last stage average-pooled to 3x3
     # (on clothes, where a part lies matters); training crops of 24 px (26.5% fewer pixels than
@@ -91,12 +94,17 @@ class MoCoV3(Method, config=MoCoV3Config):
 
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         x1, x2 = check_views(batch, 2, self.name)[:2]
-        q1 = self.predictor(self.base_encoder(x1))
-        q2 = self.predictor(self.base_encoder(x2))
+        micro = self.cfg.dist.accum_steps
+        q1, q2 = grad_cache_encode(self._queries, x1, x2, micro_batches=micro, module=self)
         with torch.no_grad():
-            k1 = self.momentum_encoder(x1)
-            k2 = self.momentum_encoder(x2)
+            k1, k2 = grad_cache_encode(self._keys, x1, x2, micro_batches=micro, module=self)
         return {"loss": self.criterion(q1, k2.to(q1.dtype)) + self.criterion(q2, k1.to(q2.dtype))}
+
+    def _queries(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.predictor(self.base_encoder(x1)), self.predictor(self.base_encoder(x2))
+
+    def _keys(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.momentum_encoder(x1), self.momentum_encoder(x2)
 
     @torch.no_grad()
     def after_optimizer_step(self, ctx: StepContext) -> None:

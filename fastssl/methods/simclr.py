@@ -5,6 +5,8 @@ Encoder = backbone + projection head g (Linear-BN-ReLU-Linear-BN); both views of
 through it as one batch (as the official code concatenates them), and the NT-Xent loss contrasts
 each of the 2N projections with the other 2N−1 of every rank (`fastssl.losses.NTXentLoss` over the
 fused InfoNCE): target = the other view of the same image. No momentum encoder, no predictor.
+accum_steps = A is GradCache (fastssl.losses.grad_cache): A micro-batches (both views of each one
+through the encoder together) whose projections are contrasted as one batch's.
 ResNet-50 on ImageNet (the paper's 100-epoch setting): batch 4096, LARS, lr 0.3 × B / 256,
 weight decay 1e-6, 10 warm-up epochs then cosine, T = 0.1, 128-d output of a 2048-wide head.
 """
@@ -18,7 +20,7 @@ import torch
 from torch import nn
 
 from fastssl.config import MethodConfig, setting
-from fastssl.losses import NTXentLoss
+from fastssl.losses import NTXentLoss, grad_cache_encode
 from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
 from fastssl.methods._common import backbone_from_config, check_views
@@ -41,6 +43,7 @@ class SimCLRConfig(MethodConfig):
 
 @register
 class SimCLR(Method, config=SimCLRConfig):
+    accumulates_itself = True  # GradCache
     presets = {
         "imagenet": dict(_PAPER, temperature=0.1, proj_hidden_dim=2048, proj_dim=128),
         # The demo's network, crops and views (MoCo v3's preset) with the recipe lightly-train's SimCLR
@@ -76,5 +79,10 @@ class SimCLR(Method, config=SimCLRConfig):
 
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
         x1, x2 = check_views(batch, 2, self.name)[:2]
-        z = self.encoder_q(torch.cat([x1, x2]))
-        return {"loss": self.criterion(z[: x1.shape[0]], z[x1.shape[0]:])}
+        micro = self.cfg.dist.accum_steps
+        z1, z2 = grad_cache_encode(self._project, x1, x2, micro_batches=micro, module=self)
+        return {"loss": self.criterion(z1, z2)}
+
+    def _project(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = self.encoder_q(torch.cat([x1, x2]))  # one batch of both views, as the official code
+        return z[: x1.shape[0]], z[x1.shape[0]:]

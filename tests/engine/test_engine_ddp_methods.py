@@ -2,10 +2,11 @@
 
 SyncBatchNorm runs only on GPUs, and per-rank BatchNorm statistics legitimately differ from
 full-batch ones, so BatchNorm layers are replaced by Identity in every run. MoCo v3 (keys
-gathered across ranks, symmetric loss, DDP gradient averaging, LARS, momentum encoder) and
-colorization (each image's targets from its own pixels) must then equal one process on the full
-batch. Context prediction draws its patch positions from a generator seeded by the rank, so its
-ranks see different pairs by design: they must still hold identical parameters after every step."""
+gathered across ranks, symmetric loss, DDP gradient averaging, LARS, momentum encoder, GradCache
+micro-batches) and colorization (each image's targets from its own pixels) must then equal one
+process on the full batch. Context prediction draws its patch positions from a generator seeded by
+the rank, so its ranks see different pairs by design: they must still hold identical parameters
+after every step."""
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +18,7 @@ from fastssl.engine import Trainer, resolve_config
 
 RUNS = {  # method -> the tiny configuration
     "mocov3": dict(backbone="resnet8", image_size=4, mlp_hidden_dim=32, moco_dim=16, optimizer="lars",
-                   base_lr=0.6, sync_bn=False),
+                   base_lr=0.6, sync_bn=False, accum_steps=2),  # GradCache: every row against all keys
     "colorization": dict(backbone="resnet8", image_size=4, optimizer="sgd", base_lr=0.5),
     "context": dict(backbone="resnet8", image_size=12, gap=2, jitter=1, head_hidden_dim=16, optimizer="sgd",
                     base_lr=0.5),

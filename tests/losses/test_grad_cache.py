@@ -1,23 +1,26 @@
-"""GradCache with the contrastive losses: micro-batches encoded without a graph, the loss over the
-full batch from the cached features, the feature gradients replayed per micro-batch, equal to one
-full-batch step in loss and in every parameter's gradient (float64)."""
+"""grad_cache_encode with the contrastive losses: micro-batches encoded without activations, the loss
+over the full batch, one backward replaying each micro-batch; equal to one batch of those
+micro-batches (each encoded once with its graph) in loss, in every parameter's gradient and in the
+BatchNorm buffers, with the same dropout masks (float64). Under no_grad it only splits."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from fastssl.losses import ClipLoss, InfoNCELoss, SigLipLoss
-from fastssl.losses.grad_cache import cached_loss_and_feature_grads
+from fastssl.losses import ClipLoss, InfoNCELoss, SigLipLoss, grad_cache_encode
 
-N, D_IN, D, MICRO = 12, 10, 8, 4
+N, D_IN, D, MICRO = 12, 10, 8, 3
 
 
 def towers(seed=0):
     torch.manual_seed(seed)
-    image, text = torch.nn.Linear(D_IN, D).double(), torch.nn.Linear(D_IN, D).double()
-    log_scale = torch.nn.Parameter(torch.tensor(10.0, dtype=torch.float64).log())
-    bias = torch.nn.Parameter(torch.tensor(-2.0, dtype=torch.float64))
-    return image, text, log_scale, bias
+    image = nn.Sequential(nn.Linear(D_IN, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3),
+                          nn.Linear(16, D))
+    model = nn.ModuleDict({"image": image, "text": nn.Linear(D_IN, D)}).double()
+    log_scale = nn.Parameter(torch.tensor(10.0, dtype=torch.float64).log())
+    bias = nn.Parameter(torch.tensor(-2.0, dtype=torch.float64))
+    return model, log_scale, bias
 
 
 def batch():
@@ -33,44 +36,59 @@ CRITERIA = {  # name -> (criterion, keyword arguments from (log_scale, bias))
 }
 
 
-def encode(tower, x):
-    return F.normalize(tower(x), dim=1)
+def encode(model, x, y):
+    return F.normalize(model["image"](x), dim=1), F.normalize(model["text"](y), dim=1)
 
 
-def grads(params):
-    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+def step(name, cached):
+    criterion, extra = CRITERIA[name]
+    x, y = batch()
+    model, log_scale, bias = towers()
+    torch.manual_seed(5)  # the dropout masks
+    if cached:
+        image, text = grad_cache_encode(lambda a, b: encode(model, a, b), x, y, micro_batches=N // MICRO,
+                                        module=model)
+    else:
+        parts = [encode(model, x[i:i + MICRO], y[i:i + MICRO]) for i in range(0, N, MICRO)]
+        image, text = (torch.cat(p) for p in zip(*parts))
+    loss = criterion(image, text, **extra(log_scale, bias))
+    loss.backward()
+    grads = [p.grad for p in (*model.parameters(), log_scale) if p.grad is not None]
+    return loss.detach(), grads, list(model.buffers())
 
 
 @pytest.mark.parametrize("name", list(CRITERIA))
-def test_grad_cache_equals_the_full_batch(name):
-    criterion, extra = CRITERIA[name]
-    x, y = batch()
-
-    image, text, log_scale, bias = towers()
-    params = [*image.parameters(), *text.parameters(), log_scale, bias]
-    full = criterion(encode(image, x), encode(text, y), **extra(log_scale, bias))
-    full.backward()
-    want = grads(params)
-
-    image, text, log_scale, bias = towers()
-    params = [*image.parameters(), *text.parameters(), log_scale, bias]
-    micro = [slice(i, i + MICRO) for i in range(0, N, MICRO)]
-    with torch.no_grad():  # step 1: features only, no graph
-        cached = [torch.cat([encode(tower, v[m]) for m in micro]) for tower, v in ((image, x), (text, y))]
-    loss, (g_image, g_text) = cached_loss_and_feature_grads(criterion, *cached, **extra(log_scale, bias))
-    for m in micro:  # step 3: one micro-batch's graph at a time
-        encode(image, x[m]).backward(g_image[m])
-        encode(text, y[m]).backward(g_text[m])
-    torch.testing.assert_close(loss, full.detach(), rtol=1e-12, atol=1e-12)
-    for got, exp in zip(grads(params), want):
+def test_grad_cache_equals_one_batch_of_the_micro_batches(name):
+    want_loss, want_grads, want_buffers = step(name, cached=False)
+    loss, grads, buffers = step(name, cached=True)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
+    assert len(grads) == len(want_grads) >= 7
+    for got, exp in zip(grads, want_grads):
         torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-12)
+    for got, exp in zip(buffers, want_buffers):  # running mean, var and 4 batches counted, once each
+        torch.testing.assert_close(got, exp, rtol=0, atol=0)
+    assert int(buffers[2]) == N // MICRO
 
-    # What accumulating micro-batch losses gives instead (fewer negatives per row): another loss.
-    image, text, log_scale, bias = towers()
-    small = sum(criterion(encode(image, x[m]), encode(text, y[m]), **extra(log_scale, bias)) for m in micro)
-    assert (small / len(micro) - full).abs() > 1e-3
+
+def test_without_grad_the_micro_batches_are_only_split():
+    model, _, _ = towers()
+    model.eval()
+    x, y = batch()
+    with torch.no_grad():
+        image = grad_cache_encode(model["image"], x, micro_batches=4, module=model)
+    torch.testing.assert_close(image, model["image"](x).detach(), rtol=1e-12, atol=1e-12)
+    assert image.grad_fn is None
 
 
 def test_errors():
-    with pytest.raises(TypeError, match=r"features\[1\] must be a torch.Tensor"):
-        cached_loss_and_feature_grads(ClipLoss(), torch.randn(2, 3), [[1.0]], logit_scale=1.0)
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"micro_batches \(accum_steps\): expected a divisor of the batch's "
+                                         r"6 rows, got 4; set batch_size to a multiple of world size x "
+                                         r"accum_steps"):
+        grad_cache_encode(model, torch.randn(6, 2), micro_batches=4, module=model)
+    with pytest.raises(ValueError, match=r"inputs\[1\]: expected 6 rows as inputs\[0\], got 5"):
+        grad_cache_encode(model, torch.randn(6, 2), torch.randn(5, 2), micro_batches=2, module=model)
+    with pytest.raises(TypeError, match=r"inputs\[0\] must be a torch.Tensor"):
+        grad_cache_encode(model, [[1.0]], micro_batches=2, module=model)
+    with pytest.raises(ValueError, match="micro_batches must be an integer >= 1, got 0"):
+        grad_cache_encode(model, torch.randn(6, 2), micro_batches=0, module=model)
