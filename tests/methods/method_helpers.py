@@ -30,6 +30,10 @@ TINY = {
                      loss="softmax"),
 }
 TINY["siglip"] = TINY["clip"]
+TINY["ibot"] = TINY["dinov2"]
+TINY["weak"] = dict(backbone="resnet18", image_size=8, num_classes=12)
+TINY["context"] = dict(backbone="resnet8", image_size=36, gap=4, jitter=2, head_hidden_dim=16)
+TINY["colorization"] = dict(backbone="resnet8", image_size=16)
 # the image-text methods' captions, by dataset index (make_batch's indices)
 CAPTIONS = [f"a photo of thing {k % 4}" for k in range(16)]
 INSTDISC_IMAGES = 40  # the memory bank's rows
@@ -38,7 +42,8 @@ OPS = {
     "mocov2": ("info_nce",), "mocov3": ("info_nce",), "rotnet": (), "simclr": ("info_nce",),
     "dino": ("dino_loss",), "mae": ("random_masking", "unshuffle_tokens", "mae_loss", "patchify"),
     "clip": ("info_nce",), "siglip": ("siglip_loss",),
-    "dinov2": ("dino_loss", "ibot_patch_loss"), "instdisc": ("info_nce",),
+    "dinov2": ("dino_loss", "ibot_patch_loss"), "ibot": ("dino_loss", "ibot_patch_loss"),
+    "instdisc": ("info_nce",), "weak": ("soft_cross_entropy",), "context": (), "colorization": (),
 }
 
 
@@ -81,21 +86,24 @@ def make_batch(method: Method, batch_size: int = 8, seed: int = 0) -> dict:
         return {"views": [torch.rot90(x, k, dims=(2, 3)) for k in range(4)],
                 "label": torch.zeros(batch_size, dtype=torch.long), "index": torch.arange(batch_size)}
     size = cfg.data.image_size
-    if method.name in ("dino", "dinov2"):
+    if method.name in ("dino", "dinov2", "ibot"):
         sizes = [size] * 2 + [cfg.method.local_crop_size] * cfg.method.n_local_crops
     else:
         sizes = {"mocov2": [size] * 2, "mocov3": [size] * 2, "simclr": [size] * 2, "mae": [size],
-                 "clip": [size], "siglip": [size], "instdisc": [size]}[method.name]
+                 "clip": [size], "siglip": [size], "instdisc": [size], "weak": [size], "context": [size],
+                 "colorization": [size]}[method.name]
     views = []
     for k, size in enumerate(sizes):
         v = x.flip(-1) if k % 2 else x
         v = torch.nn.functional.interpolate(v, size=size, mode="area") if size != cfg.data.image_size else v
         views.append(v + 0.1 * torch.randn(v.shape, generator=g))
-    batch = {"views": views, "label": torch.zeros(batch_size, dtype=torch.long),
-             "index": torch.arange(batch_size)}
+    label = torch.zeros(batch_size, dtype=torch.long)
+    if method.name == "weak":  # its targets: three classes, not one
+        label = torch.arange(batch_size) % 3
+    batch = {"views": views, "label": label, "index": torch.arange(batch_size)}
     if method.name == "instdisc":  # bank rows of distinct images
         batch["index"] = torch.randperm(INSTDISC_IMAGES, generator=g)[:batch_size]
-    if method.name == "dinov2":  # the loader's block masks of the global crops
+    if method.name in ("dinov2", "ibot"):  # the loader's block masks of the global crops
         batch |= method.masking().for_batch(batch_size, epoch=0, shard=0, batch=seed)
     return batch
 

@@ -15,7 +15,11 @@ by the ptxas bundled with Triton, whose -v log gives registers and spills; share
 metadata. Only loading a cubin needs a driver.
 
 Besides the shape grid, the gate compiles what the library itself launches: each method's
-training step at its paper configuration (gate_call_sites.py), under bf16 autocast.
+training step at its paper configuration (gate_call_sites.py), under bf16 autocast; and every
+flag/dtype combination the public ops accept at one small shape (gate_flag_grid.py), for sm_90
+only (FLAG_GRID_TARGETS): the configuration a flag selects compiles alike for every target, and the
+shape grid checks the tiles of each card; sm_90 is the target the suite's coverage check compares
+with (gate_coverage.py), and one target keeps the grid's ~400 compiles within CI's time.
 
 A compile is identified by Triton's own cache key (kernel source and dependencies, constexprs,
 specialization, target, options, Triton version), so shapes that specialize alike compile once;
@@ -70,6 +74,7 @@ CARDS = {
     100: Card("B200", 148, 232_448),
 }
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
+FLAG_GRID, FLAG_GRID_TARGETS = "flags ", (90,)  # the flag grid's scenario names start with FLAG_GRID
 
 
 # ----------------------------------------------------------------------------- scenarios
@@ -77,8 +82,8 @@ DTYPE_NAMES = ("fp32", "bf16", "fp16")
 
 def scenarios():
     """(name, callable) for the shape grid, then each method's training step at its paper
-    configuration (gate_call_sites.py); each runs on fake CUDA tensors (under FakeTensorMode);
-    fake_cuda runs each op's backward too."""
+    configuration (gate_call_sites.py), then the flag grid (gate_flag_grid.py); each runs on fake
+    CUDA tensors (under FakeTensorMode); fake_cuda runs each op's backward too."""
     import torch
 
     from fastssl.ops.clip_loss import clip_loss
@@ -201,8 +206,9 @@ def scenarios():
             for D in (768, 1024)
         ]
     from gate_call_sites import call_site_scenarios  # beside this file
+    from gate_flag_grid import flag_scenarios
 
-    return out + call_site_scenarios()
+    return out + call_site_scenarios() + flag_scenarios()
 
 
 # ----------------------------------------------------------------------------- capture
@@ -563,7 +569,7 @@ def run_gate(caps: list[int], only: str = "") -> tuple[list[dict], list[str], li
             continue
         unique: dict[str, Launch] = {}
         for name, run in scenarios():
-            if only not in name:
+            if only not in name or (name.startswith(FLAG_GRID) and cap not in FLAG_GRID_TARGETS):
                 continue
             with fake_cuda(card) as recorded:
                 run()

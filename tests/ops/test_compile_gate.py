@@ -2,11 +2,11 @@
 sm_90 and sm_100 at the configurations its launcher picks, with no spill, within the card's
 shared memory and with tensor-core instructions in its matmuls.
 
-Two gate processes (two targets each; ~1.3 GB of memory apiece at most), run side by side from
-this one test: the test session runs Triton under the interpreter while the gate needs the real
-compiler, and one test that uses two cores keeps pytest-xdist from queueing the gates behind each
-other on one worker. Compiles are cached beside Triton's cache, so only the first run on a
-machine pays (about 4 CPU-minutes; then ~10 s)."""
+Two gate processes (sm_90, which alone compiles the flag grid, and the three other targets; ~1.3
+GB of memory apiece at most), run side by side from this one test: the test session runs Triton
+under the interpreter while the gate needs the real compiler, and one test that uses two cores
+keeps pytest-xdist from queueing the gates behind each other on one worker. Compiles are cached
+beside Triton's cache, so only the first run on a machine pays (about 10 CPU-minutes; then ~10 s)."""
 
 import json
 import os
@@ -19,7 +19,7 @@ import torch
 
 GATE = Path(__file__).with_name("compile_gate.py")
 ROOT = GATE.parents[2]
-GROUPS = ((80, 89), (90, 100))
+GROUPS = ((80, 89, 100), (90,))
 TARGETS = tuple(cap for group in GROUPS for cap in group)
 
 try:
@@ -105,6 +105,12 @@ for name, run in g.scenarios():
     compiled |= {g.compile_key(launch, target) for launch in launches}
     signatures |= {gate_coverage.signature(launch.fn, launch.args, launch.kwargs) for launch in launches}
 gate_coverage.save(signatures)  # read by the suite's coverage check (tests/conftest.py)
+values = {}  # (kernel, flag constexpr) -> the values the gate compiles it with
+for sig in signatures:
+    kernel, *parts = sig.split()
+    for flag, _, value in (p.partition("=") for p in parts if "=" in p and not p.endswith("=None")):
+        values.setdefault((kernel.rsplit(".", 1)[1], flag), set()).add(value)
+print("flags-with-one-value", sorted(f"{k}.{f}={v}" for (k, f), v in values.items() if len(v) < 2))
 for method in PAPER_STEPS:
     with g.fake_cuda(card) as recorded:
         method_step(method)
@@ -121,13 +127,16 @@ def test_gate_compiles_what_each_method_step_launches():
     """Every kernel configuration (by Triton's cache key, on sm_90) that a method's training step
     launches at its paper configuration is one the gate compiles (captured on fake CUDA tensors,
     nothing compiled): a launcher change that gives the library's own call sites a configuration
-    the gate never sees fails here."""
+    the gate never sees fails here. And every flag constexpr of every kernel is compiled with each
+    of its values (DOT_PRECISION with tf32 and tf32x3)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(GATE.parent), str(ROOT), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", CALL_SITES], env=env, capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = {line.split()[0]: line for line in out.stdout.splitlines()}
+    # the flag grid: every flag of every kernel compiled with each value it takes (both, for a bool)
+    assert lines.pop("flags-with-one-value") == "flags-with-one-value []", out.stdout
     assert {"mocov2", "mocov3", "dino", "mae"} <= set(lines), out.stdout
     for method, line in lines.items():
         assert line.endswith("missing []") and (int(line.split()[1]) > 0) == (method != "rotnet"), line
