@@ -5,7 +5,9 @@ shared memory and with tensor-core instructions in its matmuls.
 Two gate processes (sm_90, which alone compiles the flag grid, and the three other targets; ~1.3
 GB of memory apiece at most), run side by side from this one test: the test session runs Triton
 under the interpreter while the gate needs the real compiler, and one test that uses two cores
-keeps pytest-xdist from queueing the gates behind each other on one worker. Compiles are cached
+keeps pytest-xdist from queueing the gates behind each other on one worker. The run's summary (one
+row per kernel and target) must equal the rows benchmarks/results/compile_gate.jsonl publishes for
+the installed triton version. Compiles are cached
 beside Triton's cache, so only the first run on a machine pays (about 10 CPU-minutes; then ~10 s)."""
 
 import json
@@ -14,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gate_report  # beside this file
 import pytest
 import torch
 
@@ -44,6 +47,7 @@ def test_compile_gate(tmp_path):
             cmd = [sys.executable, str(GATE), "--targets", targets, "--json", str(tmp_path / f"{name}.json")]
             procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     reports, rows, failures, skipped = [], [], [], []
+    totals = dict(launches=0, compiles=0)
     for name, proc in procs.items():
         code = proc.wait(timeout=1800)
         log = (tmp_path / f"{name}.log").read_text()
@@ -54,12 +58,16 @@ def test_compile_gate(tmp_path):
         rows += result["rows"]
         failures += result["failures"]
         skipped += result["skipped"]
+        totals = {k: n + result["stats"][k] for k, n in totals.items()}
     print("\n".join(reports))  # the tables: shown with pytest -s, or on failure
     compiled = {int(r["target"][3:]) for r in rows}
     assert {80, 89, 90} <= compiled, skipped  # sm_100 only where the installed Triton targets it
     assert compiled | {cap for cap in TARGETS if any(f"sm_{cap}:" in why for why in skipped)} == set(TARGETS)
     assert not failures, "\n".join(failures)
     assert not any(r["spills"] for r in rows if r["fits"])
+    # the published table (benchmarks/RESULTS.md's compile_gate) is what this run gives
+    stale = gate_report.published_difference(gate_report.summary(rows, totals), result["stats"]["triton"])
+    assert not stale, stale
 
 
 CAPTURE = r"""
