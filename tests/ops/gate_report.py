@@ -123,9 +123,13 @@ def published_difference(summary_rows: list[dict], triton_version: str, path: Pa
         why = f"no rows for triton {triton_version}"
     else:
         diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
-        first_want, first_have = want.get(diff[0], {}), have.get(diff[0], {})
-        fields = [f for f in COMPARED if first_want.get(f) != first_have.get(f)]
-        why = (f"{len(diff)} (kernel, target) rows differ for triton {triton_version}, "
-               f"e.g. {' '.join(diff[0])} in {', '.join(fields)}")
+        first = " ".join(diff[0])
+        if diff[0] not in have:
+            first += " published but not compiled"
+        elif diff[0] not in want:
+            first += " compiled but not published"
+        else:
+            first += " in " + ", ".join(f for f in COMPARED if want[diff[0]][f] != have[diff[0]][f])
+        why = f"{len(diff)} of the (kernel, target) rows for triton {triton_version} differ, e.g. {first}"
     return f"{path.name} is stale ({why}): regenerate it with `{REGENERATE}`"
 
