@@ -69,7 +69,8 @@ $(TRITON36)/.installed:
 
 compile-gate-triton36: venv $(TRITON36)/.installed
 	PYTHONPATH=$(CURDIR)/$(TRITON36):$(CURDIR) TRITON_CACHE_DIR=$(CURDIR)/$(TRITON36)/cache \
-	  $(VPY) tests/ops/compile_gate.py --targets 80,89,90,100 --json $(TRITON36)/gate.json
+	  $(VPY) tests/ops/compile_gate.py --targets 80,89,90,100 --json $(TRITON36)/gate.json \
+	  --results benchmarks/results/compile_gate.jsonl
 
 demo: venv data
 	$(VENV)/bin/fastssl train

@@ -13,7 +13,7 @@ import subprocess
 import pytest
 import torch
 from dist_utils import run_gloo
-from test_queue import built_extension
+from test_queue_extension import built_extension
 
 import fastssl.bank
 from fastssl.bank import MemoryBank, memory_bank_update_ref

@@ -1,8 +1,11 @@
 """The import rules of the house, read from the source (every import, lazy ones included):
 imports point down the layers, ops stay free of the rest of fastssl, nothing outside ops/
-reaches into a private ops module, and the package graph has no cycle."""
+reaches into a private ops module, the package graph has no cycle, and no module is over 500
+lines."""
 
 import ast
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -95,3 +98,21 @@ def test_package_graph_has_no_cycle():
     for start in sorted(graph):
         found = cycle_from(start, [], done)
         assert not found, f"import cycle between fastssl packages: {' -> '.join(found)}"
+
+
+MAX_LINES = 500
+
+
+def test_no_module_over_500_lines():
+    """Every Python file git holds (tracked, or new and not ignored) under fastssl/, tests/ and
+    benchmarks/ has at most MAX_LINES lines."""
+    repo = ROOT.parent
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout: which files are the project's is git's answer")
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "--", "fastssl", "tests",
+         "benchmarks"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    paths = [repo / p for p in listed if p.endswith(".py") and (repo / p).is_file()]
+    assert len(paths) > 100, listed[:10]
+    long = {str(p.relative_to(repo)): n for p in paths if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them into cohesive modules): {long}"

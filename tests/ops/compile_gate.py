@@ -1,7 +1,7 @@
 """Ahead-of-time compile gate: every Triton kernel of fastssl, compiled for real NVIDIA cards with
 no GPU and no driver, at the configurations its launcher picks for a grid of real shapes.
 
-    python tests/ops/compile_gate.py --targets 80,89,90,100 [--json FILE]
+    python tests/ops/compile_gate.py --targets 80,89,90,100 [--json FILE] [--results FILE]
 
 How the configurations are found: the public ops (info_nce, clip_loss, dino_loss, soft_cross_entropy,
 random_masking, unshuffle_tokens, mae_loss, siglip_loss, ibot_patch_loss, ibot_patch_cross_entropy) run
@@ -12,7 +12,8 @@ card, and kernel launches (JITFunction.run, Autotuner.run) are recorded instead 
 launch is bound by the JIT's own binder (signature, constexprs, specialization) and compiled by
 triton.compile(ASTSource(...), target=GPUTarget("cuda", cap, 32)): ttir -> ... -> cubin, the last stage
 by the ptxas bundled with Triton, whose -v log gives registers and spills; shared memory is Triton's
-metadata. Only loading a cubin needs a driver.
+metadata. Only loading a cubin needs a driver. The capture lives in gate_capture.py, the compile in
+gate_compile.py, the tables and the published summary (--results) in gate_report.py.
 
 Besides the shape grid, the gate compiles what the library itself launches: each method's
 training step at its paper configuration (gate_call_sites.py), under bf16 autocast; and every
@@ -39,40 +40,20 @@ without TRITON_INTERPRET.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import functools
-import hashlib
 import importlib.util
 import json
 import os
 import pkgutil
 import re
 import sys
-import tempfile
 import time
-import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import gate_dots  # beside this file
-import triton
-import triton.language as tl
+import gate_report
+from gate_capture import CARDS, Launch, Ptr, expand, fake_cuda
+from gate_compile import cached_compile, compile_key, target_supported
 
-
-@dataclass(frozen=True)
-class Card:
-    name: str
-    sms: int  # the launchers size their grids by it
-    smem_optin: int  # cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes
-
-
-# Public figures of the card each target stands for.
-CARDS = {
-    80: Card("A100", 108, 166_912),
-    89: Card("L40S", 142, 101_376),
-    90: Card("H100 SXM", 132, 232_448),
-    100: Card("B200", 148, 232_448),
-}
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
 FLAG_GRID, FLAG_GRID_TARGETS = "flags ", (90,)  # the flag grid's scenario names start with FLAG_GRID
 
@@ -211,310 +192,6 @@ def scenarios():
     return out + call_site_scenarios() + flag_scenarios()
 
 
-# ----------------------------------------------------------------------------- capture
-
-
-class Ptr:
-    """A tensor argument as the compiler sees it: dtype and a 16-byte aligned address."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-    def data_ptr(self):
-        return 1 << 20
-
-
-@dataclass
-class Launch:
-    fn: object  # the JITFunction
-    args: tuple
-    kwargs: dict
-    how: str  # "fixed" or "autotune i/n"
-    scenarios: list = field(default_factory=list)
-
-
-def _compile_arg(x):
-    import torch
-
-    return Ptr(x.dtype) if isinstance(x, torch.Tensor) else x
-
-
-@contextlib.contextmanager
-def fake_cuda(card: Card):
-    """FakeTensorMode with torch.cuda answering for `card`, custom ops running their real
-    launchers and kernel launches recorded (not run)."""
-    import torch
-    from torch._library.custom_ops import CustomOpDef
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from triton.runtime import autotuner, jit
-
-
-    props = types.SimpleNamespace(
-        multi_processor_count=card.sms, shared_memory_per_block_optin=card.smem_optin, name=card.name
-    )
-    recorded = []
-
-    def jit_run(self, *args, grid, warmup, **kwargs):
-        recorded.append(
-            (self, tuple(map(_compile_arg, args)), {k: _compile_arg(v) for k, v in kwargs.items()})
-        )
-
-    def tuner_run(self, *args, **kwargs):
-        kwargs = {k: _compile_arg(v) for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        recorded.append((self, tuple(map(_compile_arg, args)), kwargs))
-
-    ops = {
-        op
-        for info in pkgutil.iter_modules(importlib.util.find_spec("fastssl.ops").submodule_search_locations)
-        for op in vars(importlib.import_module(f"fastssl.ops.{info.name}")).values()
-        if isinstance(op, CustomOpDef)
-    }
-    saved_fakes = {op: op._abstract_fn for op in ops}
-    saved = (
-        torch.cuda.get_device_properties,
-        torch.cuda.current_device,
-        jit.JITFunction.run,
-        autotuner.Autotuner.run,
-    )
-    torch.cuda.get_device_properties = lambda device=None: props
-    torch.cuda.current_device = lambda: 0
-    jit.JITFunction.run, autotuner.Autotuner.run = jit_run, tuner_run
-    for op in ops:
-        op._abstract_fn = _real_with_backward(op)
-    try:
-        # non-fake inputs: the call-site scenarios move modules built on the meta device
-        with FakeTensorMode(allow_non_fake_inputs=True):
-            yield recorded
-    finally:
-        (
-            torch.cuda.get_device_properties,
-            torch.cuda.current_device,
-            jit.JITFunction.run,
-            autotuner.Autotuner.run,
-        ) = saved
-        for op, fake in saved_fakes.items():
-            op._abstract_fn = fake
-
-
-class _Ctx:
-    """What a custom op's setup_context and backward see of autograd's ctx."""
-
-    def __init__(self, inputs):
-        import torch
-
-        self.needs_input_grad = tuple(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs)
-
-    def save_for_backward(self, *tensors):
-        self.saved_tensors = tensors
-
-    def mark_non_differentiable(self, *tensors):
-        pass
-
-    def set_materialize_grads(self, value):
-        pass
-
-
-def _real_with_backward(op):
-    """The op's real implementation (the launchers), followed by its registered backward with
-    gradients of the outputs' shapes: the autograd engine cannot run on fake CUDA tensors
-    without a device, so the gate runs each op's backward itself."""
-    import inspect
-
-    import torch
-
-    signature = inspect.signature(op._init_fn)
-
-    def run(*args, **kwargs):
-        out = op._init_fn(*args, **kwargs)
-        inputs = tuple(signature.bind(*args, **kwargs).arguments.values())
-        if op._backward_fn is not None and any(_Ctx(inputs).needs_input_grad):
-            ctx = _Ctx(inputs)
-            op._setup_context_fn(ctx, inputs, out)
-            outs = out if isinstance(out, tuple) else (out,)
-            op._backward_fn(ctx, *(torch.empty_like(o) for o in outs))
-        return out
-
-    return run
-
-
-def expand(recorded, card: Card) -> list[Launch]:
-    """Recorded launches -> one Launch per configuration the launcher may run on `card`
-    (an autotuned launch: each config its early_config_prune keeps)."""
-    import torch
-    from triton.runtime.jit import JITFunction
-
-    launches = []
-    for obj, args, kwargs in recorded:
-        if isinstance(obj, JITFunction):
-            launches.append(Launch(obj, args, kwargs, "fixed"))
-            continue
-        fn = obj.fn
-        while not isinstance(fn, JITFunction):
-            fn = fn.fn
-        kept = obj.configs
-        if obj.early_config_prune:
-            props = types.SimpleNamespace(
-                multi_processor_count=card.sms, shared_memory_per_block_optin=card.smem_optin
-            )
-            saved = torch.cuda.get_device_properties, torch.cuda.current_device
-            torch.cuda.get_device_properties = lambda device=None, props=props: props
-            torch.cuda.current_device = lambda: 0
-            try:
-                kept = obj.early_config_prune(obj.configs, dict(zip(obj.arg_names, args)), **kwargs)
-            finally:
-                torch.cuda.get_device_properties, torch.cuda.current_device = saved
-        for i, cfg in enumerate(kept):
-            launches.append(Launch(fn, args, {**kwargs, **cfg.all_kwargs()}, f"autotune {i + 1}/{len(kept)}"))
-    return launches
-
-
-# ----------------------------------------------------------------------------- compile
-
-
-def bind(launch: Launch, target):
-    """(ASTSource, options) exactly as JITFunction.run builds them for this launch."""
-    from triton import knobs
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    fn = launch.fn
-    backend = make_backend(target)
-    kwargs = dict(launch.kwargs)
-    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-    if hasattr(knobs.compilation, "instrumentation_mode"):  # newer JITs pass it to the binder
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound_args, specialization, options = binder(*launch.args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(
-        backend, kwargs, bound_args, specialization, options
-    )
-    return ASTSource(fn, signature, constexprs, attrs), options, backend
-
-
-def compile_key(launch: Launch, target) -> str:
-    """Triton's own cache key of this compile (source, specialization, target, options, version)."""
-    from triton.runtime.cache import get_cache_key
-
-    src, options, backend = bind(launch, target)
-    options = backend.parse_options(dict(options.__dict__, **src.parse_options()))
-    return hashlib.sha256(get_cache_key(src, backend, options, {}).encode()).hexdigest()
-
-
-@contextlib.contextmanager
-def captured_fds():
-    """Everything written to fds 1 and 2 (ptxas -v prints there)."""
-    out = {}
-    with tempfile.TemporaryFile() as tmp:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        saved = os.dup(1), os.dup(2)
-        os.dup2(tmp.fileno(), 1)
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield out
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(saved[0])
-            os.close(saved[1])
-            tmp.seek(0)
-            out["text"] = tmp.read().decode(errors="replace")
-
-
-PTXAS_REGS = re.compile(r"Used (\d+) registers")
-PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-TENSOR_CORE_PTX = {
-    90: re.compile(r"\bwgmma\."),
-    80: re.compile(r"\bmma\.sync"),
-    89: re.compile(r"\bmma\.sync"),
-    100: re.compile(r"\btcgen05\.mma|\bmma\.sync"),
-}
-
-
-def compile_one(launch: Launch, cap: int) -> dict:
-    """Compile for sm_<cap>: {ok, error, regs, spills, smem, tensor_cores, seconds}."""
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-
-    target = GPUTarget("cuda", cap, 32)
-    res = dict(ok=False, error="", regs=None, spills=None, smem=None, tensor_cores=None, dots={})
-    t0 = time.time()
-    try:
-        with captured_fds() as log:
-            src, options, _ = bind(launch, target)
-            knobs.compilation.always_compile = True  # a Triton cache hit would skip ptxas and its log
-            kernel = triton.compile(src, target=target, options=options.__dict__)
-    except Exception as exc:  # noqa: BLE001 - a failed compile is a result of the gate
-        lines = f"{type(exc).__name__}: {exc}".splitlines() + log.get("text", "").splitlines()
-        res["error"] = "\n".join(ln for ln in lines if ln.strip())[:3000]
-    else:
-        text = log["text"]
-        regs, spills = PTXAS_REGS.search(text), PTXAS_SPILLS.search(text)
-        tensor_cores = bool(TENSOR_CORE_PTX[cap].search(kernel.asm["ptx"]))
-        res.update(
-            ok=True,
-            smem=kernel.metadata.shared,
-            regs=int(regs.group(1)) if regs else None,
-            spills=max(map(int, spills.groups())) if spills else None,
-            tensor_cores=tensor_cores,
-            dots=gate_dots.dot_verdicts(launch.fn, kernel.asm["ttgir"], tensor_cores),
-        )
-        if res["regs"] is None:
-            res.update(ok=False, error="no ptxas -v report in the compile's output:\n" + text[-2000:])
-    res["seconds"] = round(time.time() - t0, 2)
-    return res
-
-
-@functools.cache
-def gate_version() -> str:
-    """A hash of what turns a compile into a verdict (the binder, the compile and its log's
-    parsing, the tensor-core patterns): a changed gate does not reuse its old verdicts."""
-    import inspect
-
-    logic = [inspect.getsource(f) for f in (bind, compile_key, compile_one)] + [inspect.getsource(gate_dots)]
-    logic += [PTXAS_REGS.pattern, PTXAS_SPILLS.pattern]
-    logic += [f"{cap}:{pattern.pattern}" for cap, pattern in TENSOR_CORE_PTX.items()]
-    return hashlib.sha256("\n".join(logic).encode()).hexdigest()[:16]
-
-
-def cached_compile(launch: Launch, cap: int, cache_dir: Path) -> tuple[dict, bool]:
-    """compile_one, memoized in cache_dir by Triton's cache key and the gate's version;
-    (result, was_cached)."""
-    from triton.backends.compiler import GPUTarget
-
-    path = cache_dir / f"{compile_key(launch, GPUTarget('cuda', cap, 32))}-{gate_version()}.json"
-    if path.is_file():
-        return json.loads(path.read_text()), True
-    res = compile_one(launch, cap)
-    if res["ok"]:  # failures are recompiled (and reported) every run
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(res))
-        tmp.replace(path)
-    return res, False
-
-
-def target_supported(cap: int) -> str:
-    """'' when the installed Triton (and its ptxas) compiles for sm_<cap>, else why not."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    try:
-        with captured_fds():
-            triton.compile(ASTSource(_probe, {"x_ptr": "*fp32"}, {}, {}), target=GPUTarget("cuda", cap, 32))
-    except Exception as exc:  # noqa: BLE001 - the reason is the report
-        return f"triton {triton.__version__} cannot compile for sm_{cap}: {str(exc).splitlines()[0][:300]}"
-    return ""
-
-
-@triton.jit
-def _probe(x_ptr):
-    tl.store(x_ptr, tl.load(x_ptr) + 1.0)
-
-
 # ----------------------------------------------------------------------------- gate
 
 
@@ -638,58 +315,6 @@ def _inlined(fn, launched: set) -> bool:
     return any(re.search(rf"\b{fn.__name__}\(", kernels[name].src) for name in launched if name in kernels)
 
 
-def _dots_column(row: dict) -> str:
-    """tl.dot sites on tensor cores / compiled in this configuration ('-' without tl.dot)."""
-    if not row["dot"]:
-        return "-"
-    compiled = [v for v in row["dots"].values() if v != "not compiled"]
-    return f"{compiled.count('tc')}/{len(compiled)}"
-
-
-def format_table(rows: list[dict]) -> str:
-    cols = ["kernel", "config", "launch", "target", "regs", "spills", "smem", "tc", "s"]
-    table = [
-        [
-            r["kernel"],
-            r["config"],
-            r["launch"],
-            r["target"],
-            str(r["regs"]),
-            str(r["spills"]),
-            f"{r['smem']}{'' if r['fits'] else ' >LIMIT'}",
-            _dots_column(r),
-            f"{r['seconds']:.1f}",
-        ]
-        for r in rows
-    ]
-    widths = [max([len(c)] + [len(t[i]) for t in table]) for i, c in enumerate(cols)]
-    fmt = " | ".join(f"{{:{w}}}" for w in widths)
-    return "\n".join(
-        [fmt.format(*cols), "-+-".join("-" * w for w in widths)] + [fmt.format(*t) for t in table]
-    )
-
-
-def summarize(rows: list[dict]) -> str:
-    """Markdown, one line per kernel and target: the margins of the configurations kept."""
-    lines = [
-        "| kernel | target | compiles | kept (fit) | max regs | max spill B | max smem B | card limit B "
-        "| tensor cores |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    groups: dict = {}
-    for r in rows:
-        groups.setdefault((r["kernel"], r["target"]), []).append(r)
-    for (kernel, target), rs in groups.items():
-        kept = [r for r in rs if r["fits"]]
-        tc = "-" if not rs[0]["dot"] else (
-            "all" if all("fma" not in r["dots"].values() for r in rs) else "NOT ALL")
-        worst = {k: max([r[k] or 0 for r in kept] + [0]) for k in ("regs", "spills", "smem")}
-        lines.append(
-            f"| {kernel} | {target} | {len(rs)} | {len(kept)} | {worst['regs']} | {worst['spills']} | "
-            f"{worst['smem']} | {CARDS[int(target[3:])].smem_optin} | {tc} |"
-        )
-    return "\n".join(lines)
-
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -700,7 +325,15 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--only", default="", help="only scenarios whose name contains this")
     ap.add_argument("--json", help="write rows, failures and stats here")
+    ap.add_argument(
+        "--results",
+        type=Path,
+        help="publish the summary (one row per kernel and target) in this JSON-lines file, replacing "
+        "the rows of the installed triton version (benchmarks/results/compile_gate.jsonl)",
+    )
     a = ap.parse_args(argv)
+    if a.results and a.only:
+        ap.error("--results publishes the whole gate: drop --only")
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("the compile gate needs compiled kernels: unset TRITON_INTERPRET", file=sys.stderr)
         return 2
@@ -710,10 +343,11 @@ def main(argv=None) -> int:
         print(f"no card for sm_{unknown}; known: {sorted(CARDS)}", file=sys.stderr)
         return 2
     rows, failures, skipped, stats = run_gate(caps, a.only)
+    summary = gate_report.summary(rows, stats)
     if rows:
-        print(format_table(rows))
+        print(gate_report.format_table(rows))
         print()
-        print(summarize(rows))
+        print(gate_report.summary_markdown(summary))
     spills = [r for r in rows if r["fits"] and r["spills"]]
     print(
         f"\ntriton {stats['triton']}: {stats['launches']} launches -> {stats['compiles']} distinct compiles "
@@ -728,6 +362,9 @@ def main(argv=None) -> int:
         Path(a.json).write_text(
             json.dumps(dict(stats=stats, failures=failures, skipped=skipped, rows=rows), indent=1)
         )
+    if a.results and not failures:  # a failing gate publishes nothing
+        gate_report.write_results(a.results, summary, gate_report.environment(stats["triton"]))
+        print(f"wrote {len(summary)} rows for triton {stats['triton']} to {a.results}")
     return 1 if failures else 0
 
 

@@ -60,7 +60,8 @@ def _sources_hash() -> str:
 
     h = hashlib.sha256(triton.__version__.encode())
     files = sorted((ROOT / "fastssl").rglob("*.py")) + [HERE / n for n in (
-        "compile_gate.py", "gate_call_sites.py", "gate_coverage.py", "gate_dots.py", "gate_flag_grid.py")]
+        "compile_gate.py", "gate_call_sites.py", "gate_capture.py", "gate_compile.py", "gate_coverage.py",
+        "gate_dots.py", "gate_flag_grid.py", "gate_report.py")]
     for path in files:
         h.update(str(path.relative_to(ROOT)).encode() + path.read_bytes())
     return h.hexdigest()[:16]

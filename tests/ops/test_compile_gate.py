@@ -5,7 +5,9 @@ shared memory and with tensor-core instructions in its matmuls.
 Two gate processes (sm_90, which alone compiles the flag grid, and the three other targets; ~1.3
 GB of memory apiece at most), run side by side from this one test: the test session runs Triton
 under the interpreter while the gate needs the real compiler, and one test that uses two cores
-keeps pytest-xdist from queueing the gates behind each other on one worker. Compiles are cached
+keeps pytest-xdist from queueing the gates behind each other on one worker. The run's summary (one
+row per kernel and target) must equal the rows benchmarks/results/compile_gate.jsonl publishes for
+the installed triton version. Compiles are cached
 beside Triton's cache, so only the first run on a machine pays (about 10 CPU-minutes; then ~10 s)."""
 
 import json
@@ -14,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import gate_report  # beside this file
 import pytest
 import torch
 
@@ -44,6 +47,7 @@ def test_compile_gate(tmp_path):
             cmd = [sys.executable, str(GATE), "--targets", targets, "--json", str(tmp_path / f"{name}.json")]
             procs[name] = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     reports, rows, failures, skipped = [], [], [], []
+    totals = dict(launches=0, compiles=0)
     for name, proc in procs.items():
         code = proc.wait(timeout=1800)
         log = (tmp_path / f"{name}.log").read_text()
@@ -54,12 +58,16 @@ def test_compile_gate(tmp_path):
         rows += result["rows"]
         failures += result["failures"]
         skipped += result["skipped"]
+        totals = {k: n + result["stats"][k] for k, n in totals.items()}
     print("\n".join(reports))  # the tables: shown with pytest -s, or on failure
     compiled = {int(r["target"][3:]) for r in rows}
     assert {80, 89, 90} <= compiled, skipped  # sm_100 only where the installed Triton targets it
     assert compiled | {cap for cap in TARGETS if any(f"sm_{cap}:" in why for why in skipped)} == set(TARGETS)
     assert not failures, "\n".join(failures)
     assert not any(r["spills"] for r in rows if r["fits"])
+    # the published table (benchmarks/RESULTS.md's compile_gate) is what this run gives
+    stale = gate_report.published_difference(gate_report.summary(rows, totals), result["stats"]["triton"])
+    assert not stale, stale
 
 
 CAPTURE = r"""
@@ -186,3 +194,46 @@ def test_tensor_core_verdict_per_tl_dot_helpers_included():
     # the PTX without a tensor-core instruction: no dot is on tensor cores, whatever the TTGIR says
     without = dot_verdicts(_kernel_with_dots, ttgir, ptx_tensor_cores=False)
     assert set(without.values()) == {"fma", "not compiled"}
+
+
+def _compiled(kernel, target, regs, smem, fits=True, dots=None):
+    """A row as the gate records one compile."""
+    return dict(kernel=kernel, target=target, regs=regs, spills=0, smem=smem, fits=fits, dot=dots is not None,
+                dots=dots or {})
+
+
+def test_published_summary_replaces_one_triton_version_and_names_a_difference(tmp_path):
+    """The gate's summary: per (kernel, target) the compiles, those kept on the card and the worst
+    kept figures; --results replaces the installed version's rows in place and keeps the other
+    version's; a changed figure, a missing row or no row of the version is stale, by one line that
+    names the command regenerating the rows."""
+    rows = [_compiled("_fwd", "sm_90", 200, 1000, dots={"_fwd+3": "tc"}),
+            _compiled("_fwd", "sm_90", 255, 300_000, fits=False, dots={"_fwd+3": "tc"}),
+            _compiled("_fwd", "sm_80", 90, 500, dots={"_fwd+3": "fma"}),
+            _compiled("_merge", "sm_90", 40, 64)]
+    summary = gate_report.summary(rows, dict(launches=7, compiles=4))
+    common = dict(launches=7, distinct_compiles=4, max_spill_bytes=0)
+    assert summary == [
+        dict(common, kernel="_fwd", target="sm_90", compiles=2, kept=1, max_registers=200,
+             max_smem_bytes=1000, card_limit_bytes=232_448, tensor_cores="all"),
+        dict(common, kernel="_fwd", target="sm_80", compiles=1, kept=1, max_registers=90, max_smem_bytes=500,
+             card_limit_bytes=166_912, tensor_cores="NOT ALL"),
+        dict(common, kernel="_merge", target="sm_90", compiles=1, kept=1, max_registers=40, max_smem_bytes=64,
+             card_limit_bytes=232_448, tensor_cores="-")]
+    path = tmp_path / "compile_gate.jsonl"
+    old = [{"triton": v, "date": "2026-01-01", "kernel": k, "target": "sm_90"}
+           for v, k in (("3.8.0", "_a"), ("3.8.0", "_b"), ("3.6.0", "_a"))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in old))
+    gate_report.write_results(path, summary, {"triton": "3.8.0", "date": "2026-02-02", "git_sha": "abc"})
+    written = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["triton"], r["kernel"], r["date"]) for r in written] == [
+        ("3.8.0", "_fwd", "2026-02-02"), ("3.8.0", "_fwd", "2026-02-02"), ("3.8.0", "_merge", "2026-02-02"),
+        ("3.6.0", "_a", "2026-01-01")]
+    assert gate_report.published_difference(summary, "3.8.0", path) == ""  # dates and SHAs aside
+    changed = [dict(summary[0], max_registers=201)] + summary[1:]
+    for run, version, words in ((changed, "3.8.0", "_fwd sm_90 in max_registers"),
+                                (summary[:2], "3.8.0", "_merge sm_90 published but not compiled"),
+                                (summary, "3.9.0", "no rows for triton 3.9.0")):
+        stale = gate_report.published_difference(run, version, path)
+        assert words in stale and "--results benchmarks/results/compile_gate.jsonl" in stale, stale
+        assert "\n" not in stale
