@@ -54,10 +54,10 @@ class ContextConfig(MethodConfig):
 class ContextPrediction(Method, config=ContextConfig):
     # Fashion-MNIST upsampled to 48 px: 16 px cells, 12 px patches (gap 4, jitter up to 2). Grayscale has
     # no chromatic aberration to hide, and dropped channels would only make the patches unlike the whole
-    # images kNN sees: no guard.
+    # images kNN sees: no guard. kNN sees the images at the 48 px the patches were cut from: at 28 px
+    # every object is half the size the network learned its parts at.
     presets = {"fashion-mnist": dict(backbone="resnet8", image_size=48, batch_size=128, epochs=3, gap=4,
-                                     jitter=2, head_hidden_dim=256, aberration="none", eval_size=28,
-                                     channels_last=True)}
+                                     jitter=2, head_hidden_dim=256, aberration="none", channels_last=True)}
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)

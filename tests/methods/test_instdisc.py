@@ -10,6 +10,7 @@ from dist_utils import run_gloo
 from method_helpers import context, one_thread  # noqa: F401 (autouse fixture)
 
 from fastssl.data import ArraySource
+from fastssl.data.recipes import IMAGENET_MEAN, IMAGENET_STD
 from fastssl.engine import resolve_config
 from fastssl.losses.instdisc import nce_loss, nce_partition
 from fastssl.methods import METHODS
@@ -18,11 +19,11 @@ N, B = 40, 8
 TINY = dict(backbone="resnet8", image_size=8, feature_dim=16, nce_negatives=32, temperature=0.5)
 
 
-def build(seed=0, **overrides):
+def build(seed=0, source=None, **overrides):
     cls = METHODS["instdisc"]
     torch.manual_seed(seed)
     method = cls(resolve_config(cls.config_class, overrides={**TINY, **overrides}))
-    method.bind_data(ArraySource(torch.zeros(N, 8, 8, 3, dtype=torch.uint8)))
+    method.bind_data(ArraySource(torch.zeros(N, 8, 8, 3, dtype=torch.uint8) if source is None else source))
     return method
 
 
@@ -132,6 +133,48 @@ def test_training_lowers_the_loss_and_resume_is_exact():
     loaded = cls(resolve_config(cls.config_class, overrides=TINY))   # no data bound: evaluation, export
     loaded.load_state_dict(method.state_dict())
     assert torch.equal(loaded.bank.memory, method.bank.memory)
+
+
+IMAGES = torch.randint(0, 256, (N, 8, 8, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+
+
+def _normalised(images):
+    """The eval recipe's view of uint8 images at their own size: x / 255, minus mean, over std."""
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+def _fill(rank, world):
+    torch.set_num_threads(1)
+    method = build(bank_init="features")
+    share = torch.arange(rank, N, world)
+    method.fill_bank([{"views": [_normalised(IMAGES[i])], "index": i} for i in share.split(7)])
+    return method.bank.memory
+
+
+def test_fill_bank_writes_each_images_untrained_feature_on_one_or_two_ranks():
+    """Row i = normalize(head(backbone(x_i))), BatchNorm on its running statistics; two ranks, each
+    embedding half of the images, fill the same bank as one process."""
+    method = build(bank_init="features")
+    method.eval()
+    want = features(method, {"views": [_normalised(IMAGES)]})
+    bank = _fill(0, 1)
+    torch.testing.assert_close(bank, want, rtol=1e-5, atol=1e-6)
+    bank0, bank1 = run_gloo(_fill, 2)
+    assert torch.equal(bank0, bank1)
+    torch.testing.assert_close(bank0, bank, rtol=1e-5, atol=1e-6)
+
+
+def test_bank_init_features_fills_the_bank_at_the_first_step_only():
+    method = build(bank_init="features", source=IMAGES, loader="torchvision", num_threads=1)
+    method.eval()
+    want = features(method, {"views": [_normalised(IMAGES)]})
+    method.train()
+    method(batch(0), context(step=0))
+    torch.testing.assert_close(method.bank.memory, want, rtol=1e-4, atol=1e-4)
+    rows = method.bank.memory.clone()
+    method(batch(1), context(step=1))   # a resumed run's bank comes from its checkpoint
+    assert torch.equal(method.bank.memory, rows)
 
 
 def test_forward_without_a_bank_says_to_bind_the_data():
