@@ -107,20 +107,29 @@ def test_info_nce_kernels_traffic(queue, D, normalize):
     assert "_info_nce_fwd_kernel" in names and ("_info_nce_bwd_kernel" in names) != queue
 
 
-def test_clip_kernels_traffic():
+@pytest.mark.parametrize("N,D", [(40, 130), (136, 20)], ids=["one-split-two-chunks", "two-splits"])
+def test_clip_kernels_traffic(N, D):
     """The one grid: the forward's column statistics, both combines, the two key gradients with the
-    keys' own softmax (OUTER_LSE); texts in strided rows; and a text-only gradient."""
-    x = torch.randn(40, 20, requires_grad=True)  # two image tiles, one ragged, under the interpreter
-    y = torch.randn(80, 20)[::2].requires_grad_()
+    keys' own softmax (OUTER_LSE); texts in strided rows. 130-wide rows are two fp32 D chunks: the
+    first keeps its p for the second (KEEP_P). One split of the streamed rows: the key gradients
+    finish in their kernel (DIRECT); and the local form (N of M = 2N gathered rows, labels offset
+    by N: the combine reads N key rows). Two splits: a combine; and a text-only gradient."""
+    x = torch.randn(N, D, requires_grad=True)  # ragged image tiles under the interpreter
+    y = torch.randn(2 * N, D)[::2].requires_grad_()
     t = torch.tensor(3.0, requires_grad=True)
 
     def run():
         ops.clip_loss(x, y, t, backend="triton").backward()
-        ops.clip_loss(x.detach(), y, t.detach(), backend="triton").backward()
+        if N > 128:
+            ops.clip_loss(x.detach(), y, t.detach(), backend="triton").backward()
+        else:
+            ops.clip_loss(x, y, t, all_image_features=torch.randn(2 * N, D, requires_grad=True),
+                          all_text_features=torch.randn(2 * N, D, requires_grad=True), label_offset=N,
+                          backend="triton").backward()
 
     names = check_formulas(run)
-    assert names == {"_info_nce_fwd_kernel", "_info_nce_combine_kernel", "_info_nce_bwd_kernel",
-                     "_info_nce_bwd_combine_kernel"}
+    assert names == {"_info_nce_fwd_kernel", "_info_nce_combine_kernel", "_info_nce_bwd_kernel"} | (
+        {"_info_nce_bwd_combine_kernel"} if N > 128 else set())
 
 
 def test_mae_model_step_traffic():

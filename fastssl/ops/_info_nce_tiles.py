@@ -30,6 +30,11 @@ _AUTOTUNE_MIN_LOGITS = 1 << 22  # N·K below this: the fixed configuration
 _INTERPRETER_TILES = {"BLOCK_N": 32, "BLOCK_M": 64}
 _MAX_ONE_CHUNK = {"16bit": 128, "fp32": 32}  # padded D held whole in registers (D=256 spills)
 _CHUNKS = {"16bit": (64, 128), "fp32": (32, 128)}  # (BLOCK_K, BLOCK_DV) above that
+# Above one BLOCK_DV chunk, one program covers every chunk of D and keeps the probabilities of its
+# tiles for the later chunks (KEEP_P) while that scratch, outer rows x streamed rows in the input's
+# dtype, stays under this (one grid N=4096 bf16: 32 MiB; 1,024 of 32,768 gathered: 64 MiB); beyond
+# it each chunk is its own program and recomputes the logits.
+_KEEP_P_BYTES = 128 << 20
 
 
 def _tiles(outer_block: str, outer: int, inner: int) -> dict:
@@ -48,6 +53,19 @@ def _d_tiles(D: int, dtype: torch.dtype) -> dict:
         return {"BLOCK_K": padded, "BLOCK_DV": padded, "ONE_CHUNK": True}
     block_k, block_dv = _CHUNKS[precision(dtype)]
     return {"BLOCK_K": block_k, "BLOCK_DV": min(block_dv, padded), "ONE_CHUNK": False}
+
+
+def keep_p(d_chunks: int, outer_rows: int, stream_rows: int, dtype: torch.dtype) -> bool:
+    """Whether the D chunks of an accumulator share their logits through the KEEP_P scratch."""
+    return d_chunks > 1 and outer_rows * stream_rows * dtype.itemsize <= _KEEP_P_BYTES
+
+
+def stream_tile(dtype: torch.dtype) -> int:
+    """The streamed tile (BLOCK_M) of the forward, which every configuration of a precision shares."""
+    if triton_interpreting():
+        return _INTERPRETER_TILES["BLOCK_M"]
+    (inner,) = {config[1] for config in _CONFIGS[precision(dtype)]}
+    return inner
 
 
 def _fixed_outer(dtype: torch.dtype, outer_block: str) -> int:
