@@ -29,8 +29,7 @@ __all__ = [
     "siglip_loss_ref", "soft_cross_entropy", "triton_kernels", "unpatchify", "unshuffle_tokens",
 ]
 
-_KERNEL_MODULES = ("_dino_loss_kernels", "_info_nce_combine_kernels", "_info_nce_kernels", "_mae_kernels",
-                   "_siglip_loss_kernels")
+_KERNEL_MODULES = ("_dino_loss_kernels", "_info_nce_kernels", "_mae_kernels", "_siglip_loss_kernels")
 
 
 def kernel_traffic() -> dict:

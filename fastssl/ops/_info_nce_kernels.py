@@ -1,37 +1,28 @@
-"""Triton kernels, launchers and traffic formulas behind fastssl.ops.info_nce (see that module
-for the math) and, with their CLIP flags, fastssl.ops.clip_loss; their tiles and launch shapes are in
-_info_nce_tiles.py, the kernels that merge the splits' partials in _info_nce_combine_kernels.py. Imported only where triton is installed: without it the reference runs."""
+"""Triton kernels and traffic formulas behind fastssl.ops.info_nce (see that module for the math)
+and, with their CLIP flags, fastssl.ops.clip_loss; their tiles and launch shapes are in
+_info_nce_tiles.py, their launchers in _info_nce_launchers.py. Imported only where triton is
+installed: without it the reference runs."""
 
-import torch
 import triton
 import triton.language as tl
 
-from fastssl.ops._info_nce_combine_kernels import (
-    _EPS,
-    _info_nce_bwd_combine_kernel,
-    _info_nce_combine_kernel,
-    _key_grad_direction,
-    _norms,
-)
-from fastssl.ops._info_nce_tiles import (
-    _CONFIGS,
-    _combine_block,
-    _combine_warps,
-    _configs,
-    _d_tiles,
-    _fixed_outer,
-    _launch,
-    _num_splits,
-    keep_p,
-    stream_tile,
-)
-from fastssl.ops._tiles import block_d, chunked_dot, dot_precision, program_tiles, row_block
+from fastssl.ops._info_nce_tiles import _CONFIGS, _configs
+from fastssl.ops._tiles import chunked_dot, program_tiles, row_block
 from fastssl.ops._traffic import whole
 
+_EPS = 1e-12  # F.normalize's clamp on the norm
 _LOG2E = 1.4426950408889634
 
 
 # ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _kept_tile(p_ptr, outer, outer_ok, stream, stream_ok, stream_rows):
+    """Addresses and mask of a tile of the KEEP_P scratch [outer rows, stream_rows], made where they
+    are used: a tile of 64-bit addresses held across the logits would cost registers."""
+    return (p_ptr + outer.to(tl.int64)[:, None] * stream_rows + stream[None, :],
+            outer_ok[:, None] & stream_ok[None, :])
 
 
 @triton.jit(do_not_specialize=["label_offset"])
@@ -71,21 +62,23 @@ def _info_nce_fwd_kernel(
         row_scale = scale2 / tl.maximum(tl.load(q_norm_ptr + rows, mask=row_ok, other=1.0), EPS)
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
-    passes = tl.cdiv(D, BLOCK_DV) if KEEP_P else 1
+    # KEEP_P: pass 0 computes each logits tile once and keeps its p and α, pass c + 1 accumulates D chunk c
+    passes = tl.cdiv(D, BLOCK_DV) + 1 if KEEP_P else 1
     for d_pass in range(passes):
-        dims = dims_v + d_pass * BLOCK_DV
+        if KEEP_P:
+            logits_pass, dot_pass = d_pass == 0, d_pass > 0
+            dims = dims_v + (d_pass - 1) * BLOCK_DV
+        else:
+            logits_pass: tl.constexpr = True  # static: one pass does both
+            dot_pass: tl.constexpr = True
+            dims = dims_v
         dims_ok = dims < D
         acc = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
         for col0 in range(start, end, BLOCK_M):
             cols, col_ok, x_rows = row_block(x_ptr, col0, end, stride_x, BLOCK_M)
             if KEEP_P:
-                first_pass = d_pass == 0
-                kept = p_ptr + rows.to(tl.int64)[:, None] * X_ROWS + cols[None, :]
-                kept_ok = row_ok[:, None] & col_ok[None, :]
                 alpha_at = alpha_ptr + rows.to(tl.int64) * tl.cdiv(X_ROWS, BLOCK_M) + col0 // BLOCK_M
-            else:
-                first_pass = True
-            if first_pass:
+            if logits_pass:
                 if ONE_CHUNK:
                     x = tl.load(x_rows + dims[None, :] * stride_xd, mask=col_ok[:, None] & dims_ok[None, :],
                                 other=0.0).to(dtype)
@@ -117,24 +110,130 @@ def _info_nce_fwd_kernel(
                     p = p * col_inv[None, :]  # Σ p_ij x̂_j with x̂_j = x_j/‖x_j‖
                 p = p.to(dtype)
                 if KEEP_P:
+                    kept, kept_ok = _kept_tile(p_ptr, rows, row_ok, cols, col_ok, X_ROWS)
                     tl.store(kept, p, mask=kept_ok)
                     tl.store(alpha_at, alpha, mask=row_ok)
-            else:
-                p = tl.load(kept, mask=kept_ok, other=0.0)
-                alpha = tl.load(alpha_at, mask=row_ok, other=1.0)
             if COMPUTE_DQ:
-                if not ONE_CHUNK:
-                    x = tl.load(x_rows + dims[None, :] * stride_xd, mask=col_ok[:, None] & dims_ok[None, :],
-                                other=0.0).to(dtype)
-                acc = acc * alpha[:, None] + tl.dot(p, x, input_precision=DOT_PRECISION)
+                if dot_pass:
+                    if KEEP_P:
+                        kept, kept_ok = _kept_tile(p_ptr, rows, row_ok, cols, col_ok, X_ROWS)
+                        p = tl.load(kept, mask=kept_ok, other=0.0)
+                        alpha = tl.load(alpha_at, mask=row_ok, other=1.0)
+                    if not ONE_CHUNK:
+                        x = tl.load(x_rows + dims[None, :] * stride_xd, mask=col_ok[:, None] & dims_ok[None, :],
+                                    other=0.0).to(dtype)
+                    acc = acc * alpha[:, None] + tl.dot(p, x, input_precision=DOT_PRECISION)
         if COMPUTE_DQ:
-            part = split.to(tl.int64) * N + rows
-            tl.store(acc_ptr + part[:, None] * D + dims[None, :], acc, mask=row_ok[:, None] & dims_ok[None, :])
+            if dot_pass:
+                part = split.to(tl.int64) * N + rows
+                tl.store(acc_ptr + part[:, None] * D + dims[None, :], acc, mask=row_ok[:, None] & dims_ok[None, :])
         if KEEP_P:
-            tl.debug_barrier()  # the first pass's p and α, stored by other threads, before the replay
+            tl.debug_barrier()  # pass 0's p and α, stored by other threads, before they are read
     part = split.to(tl.int64) * N + rows
     tl.store(m_ptr + part, m_i, mask=row_ok & (pid_d == 0))
     tl.store(l_ptr + part, l_i, mask=row_ok & (pid_d == 0))
+
+
+@triton.jit(do_not_specialize=["num_splits", "label_offset"])
+def _info_nce_combine_kernel(
+    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, m_ptr, l_ptr, acc_ptr,
+    loss_ptr, lse2_ptr, dq_ptr, dk_ptr,
+    N, D, stride_q, stride_qd, stride_k, stride_kd, num_splits, label_offset, scale2, inv_temperature,
+    HAS_QUEUE: tl.constexpr, NORMALIZE: tl.constexpr, COMPUTE_DQ: tl.constexpr, COMPUTE_DK: tl.constexpr,
+    EXCLUDE_SELF: tl.constexpr, EPS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Merge the splits' partials; add the positive column (queue form); write loss, lse2 and the
+    per-row gradient directions dq (dk for the queue form). EXCLUDE_SELF: target = the other view."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < N
+    dim_ok = dims < D
+    tile_ok = row_ok[:, None] & dim_ok[None, :]
+    pos_rows = rows.to(tl.int64) + label_offset
+    if EXCLUDE_SELF:  # the other view's key
+        pos_rows += tl.where(rows < N // 2, N // 2, -(N // 2))
+    q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * stride_q + dims[None, :] * stride_qd, mask=tile_ok,
+                other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + pos_rows[:, None] * stride_k + dims[None, :] * stride_kd, mask=tile_ok,
+                other=0.0).to(tl.float32)
+    q_inv = tl.zeros([BLOCK_N], tl.float32) + 1.0
+    k_inv = tl.zeros([BLOCK_N], tl.float32) + 1.0
+    if NORMALIZE:
+        q_norm = tl.load(q_norm_ptr + rows, mask=row_ok, other=1.0)
+        k_norm = tl.load(k_norm_ptr + pos_rows, mask=row_ok, other=1.0)
+        q_inv = 1.0 / tl.maximum(q_norm, EPS)
+        k_inv = 1.0 / tl.maximum(k_norm, EPS)
+    qn = q * q_inv[:, None]
+    kn = k * k_inv[:, None]
+    # Same scaling order as the streamed logits, so the in-batch positive matches its column.
+    pos2 = tl.sum(q * k, 1) * (scale2 * q_inv) * k_inv
+
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for split in range(num_splits):
+        part = split * N + rows.to(tl.int64)
+        m_s = tl.load(m_ptr + part, mask=row_ok, other=0.0)
+        l_s = tl.load(l_ptr + part, mask=row_ok, other=1.0)  # padded rows stay finite
+        m_new = tl.maximum(m_i, m_s)
+        m_exp = tl.where(m_new == float("-inf"), 0.0, m_new) if EXCLUDE_SELF else m_new  # as in the forward
+        alpha = tl.exp2(m_i - m_exp)
+        beta = tl.exp2(m_s - m_exp)
+        l_i = l_i * alpha + l_s * beta
+        if COMPUTE_DQ:
+            acc_s = tl.load(acc_ptr + part[:, None] * D + dims[None, :], mask=tile_ok, other=0.0)
+            acc = acc * alpha[:, None] + acc_s * beta[:, None]
+        m_i = m_new
+    if HAS_QUEUE:
+        m_new = tl.maximum(m_i, pos2)
+        alpha = tl.exp2(m_i - m_new)
+        beta = tl.exp2(pos2 - m_new)
+        l_i = l_i * alpha + beta
+        if COMPUTE_DQ:
+            acc = acc * alpha[:, None] + kn * beta[:, None]
+        m_i = m_new
+    lse2 = m_i + tl.log2(l_i)
+    tl.store(loss_ptr + rows, (lse2 - pos2) * 0.6931471805599453, mask=row_ok)
+    # Kept in base 2: a conversion would cost an ulp of lse, which the backward's exp2 amplifies
+    # when logits are large (unnormalized inputs at small T).
+    tl.store(lse2_ptr + rows, lse2, mask=row_ok)
+    if COMPUTE_DQ:
+        # ∂loss_i/∂q̂_i = (Σ_j p_ij x̂_j − k̂_pos) / T, then through q̂ = q/max(‖q‖, eps):
+        # (I − q̂q̂ᵀ)/‖q‖, or plain 1/eps where the clamp is active.
+        dqn = (acc / l_i[:, None] - kn) * inv_temperature
+        if NORMALIZE:
+            proj = tl.where(q_norm > EPS, tl.sum(qn * dqn, 1), 0.0)
+            dqn = (dqn - qn * proj[:, None]) * q_inv[:, None]
+        tl.store(dq_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], dqn, mask=tile_ok)
+    if COMPUTE_DK:
+        # Queue form only: k_i appears in row i's positive logit alone, ∂loss_i/∂k̂_i = (p_i0 − 1) q̂_i / T.
+        p_pos = tl.exp2(pos2 - lse2)
+        dkn = qn * ((p_pos - 1.0) * inv_temperature)[:, None]
+        if NORMALIZE:
+            proj = tl.where(k_norm > EPS, tl.sum(kn * dkn, 1), 0.0)
+            dkn = (dkn - kn * proj[:, None]) * k_inv[:, None]
+        tl.store(dk_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], dkn, mask=tile_ok)
+
+
+@triton.jit
+def _key_grad_direction(acc, q_ptr, q_norm_ptr, grad_ptr, outer_weight_ptr, weight_scale, keys, key_ok, dims, dims_ok,
+                        N, stride_q, stride_qd, label_offset, inv_temperature, NORMALIZE: tl.constexpr,
+                        EXCLUDE_SELF: tl.constexpr, OUTER_LSE: tl.constexpr, EPS: tl.constexpr):
+    """∂loss/∂k̂_j from the whole Σ_i w_i p_ij q_i: times weight_scale/T, less the target term (key j
+    is the target of query j − label_offset, if that query exists; OUTER_LSE: the key's own
+    direction's too, outer_grad_j q_i, outer_grad_j = outer_weight_j · weight_scale)."""
+    rows = keys.to(tl.int64) - label_offset
+    has_row = key_ok & (rows >= 0) & (rows < N)
+    if EXCLUDE_SELF:  # key j is the target of its other view's query
+        rows = tl.where(rows < N // 2, rows + N // 2, rows - N // 2)
+    q = tl.load(q_ptr + rows[:, None] * stride_q + dims[None, :] * stride_qd, mask=has_row[:, None] & dims_ok[None, :],
+                other=0.0).to(tl.float32)
+    coef = tl.load(grad_ptr + rows, mask=has_row, other=0.0) * inv_temperature
+    if OUTER_LSE:
+        coef += tl.load(outer_weight_ptr + keys, mask=has_row, other=0.0) * (weight_scale * inv_temperature)
+    if NORMALIZE:
+        coef = coef / tl.maximum(tl.load(q_norm_ptr + rows, mask=has_row, other=1.0), EPS)
+    return acc * (weight_scale * inv_temperature) - q * coef[:, None]
 
 
 @triton.jit(do_not_specialize=["label_offset"])
@@ -168,20 +267,20 @@ def _info_nce_bwd_kernel(
     if OUTER_LSE:
         outer_lse2 = tl.load(outer_lse2_ptr + keys, mask=key_ok, other=float("inf"))
         outer_weight = tl.load(outer_weight_ptr + keys, mask=key_ok, other=0.0)
-    passes = tl.cdiv(D, BLOCK_DV) if KEEP_P else 1
+    passes = tl.cdiv(D, BLOCK_DV) + 1 if KEEP_P else 1  # as in the forward
     for d_pass in range(passes):
-        dims = dims_v + d_pass * BLOCK_DV
+        if KEEP_P:
+            logits_pass, dot_pass = d_pass == 0, d_pass > 0
+            dims = dims_v + (d_pass - 1) * BLOCK_DV
+        else:
+            logits_pass: tl.constexpr = True
+            dot_pass: tl.constexpr = True
+            dims = dims_v
         dims_ok = dims < D
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
         for row0 in range(start, end, BLOCK_N):
             rows, row_ok, q_rows = row_block(q_ptr, row0, end, stride_q, BLOCK_N)
-            if KEEP_P:
-                first_pass = d_pass == 0
-                kept = p_ptr + keys.to(tl.int64)[:, None] * N + rows[None, :]
-                kept_ok = key_ok[:, None] & row_ok[None, :]
-            else:
-                first_pass = True
-            if first_pass:
+            if logits_pass:
                 if ONE_CHUNK:
                     q = tl.load(q_rows + dims[None, :] * stride_qd, mask=row_ok[:, None] & dims_ok[None, :],
                                 other=0.0)
@@ -202,22 +301,58 @@ def _info_nce_bwd_kernel(
                     p = tl.where(keys[:, None] == rows[None, :] + label_offset, 0.0, p)
                 p = p.to(dtype)
                 if KEEP_P:
+                    kept, kept_ok = _kept_tile(p_ptr, keys, key_ok, rows, row_ok, N)
                     tl.store(kept, p, mask=kept_ok)
+            if dot_pass:
+                if KEEP_P:
+                    kept, kept_ok = _kept_tile(p_ptr, keys, key_ok, rows, row_ok, N)
+                    p = tl.load(kept, mask=kept_ok, other=0.0)
+                if not ONE_CHUNK:
+                    q = tl.load(q_rows + dims[None, :] * stride_qd, mask=row_ok[:, None] & dims_ok[None, :],
+                                other=0.0)
+                acc += tl.dot(p, q, input_precision=DOT_PRECISION)
+        if dot_pass:
+            tile_ok = key_ok[:, None] & dims_ok[None, :]
+            if DIRECT:
+                dk = _key_grad_direction(acc, q_ptr, q_norm_ptr, grad_ptr, outer_weight_ptr, tl.load(weight_scale_ptr),
+                                         keys, key_ok, dims, dims_ok, N, stride_q, stride_qd, label_offset,
+                                         inv_temperature, NORMALIZE, EXCLUDE_SELF, OUTER_LSE, EPS)
+                tl.store(dk_ptr + keys.to(tl.int64)[:, None] * D + dims[None, :], dk, mask=tile_ok)
             else:
-                p = tl.load(kept, mask=kept_ok, other=0.0)
-            if not ONE_CHUNK:
-                q = tl.load(q_rows + dims[None, :] * stride_qd, mask=row_ok[:, None] & dims_ok[None, :], other=0.0)
-            acc += tl.dot(p, q, input_precision=DOT_PRECISION)
-        tile_ok = key_ok[:, None] & dims_ok[None, :]
-        if DIRECT:
-            dk = _key_grad_direction(acc, q_ptr, q_norm_ptr, grad_ptr, outer_weight_ptr, tl.load(weight_scale_ptr),
-                                     keys, key_ok, dims, dims_ok, N, stride_q, stride_qd, label_offset, inv_temperature,
-                                     NORMALIZE, EXCLUDE_SELF, OUTER_LSE, EPS)
-            tl.store(dk_ptr + keys.to(tl.int64)[:, None] * D + dims[None, :], dk, mask=tile_ok)
-        else:
-            tl.store(part_ptr + (split.to(tl.int64) * M + keys)[:, None] * D + dims[None, :], acc, mask=tile_ok)
+                tl.store(part_ptr + (split.to(tl.int64) * M + keys)[:, None] * D + dims[None, :], acc, mask=tile_ok)
         if KEEP_P:
-            tl.debug_barrier()  # the first pass's p, stored by other threads, before the replay
+            tl.debug_barrier()  # pass 0's p, stored by other threads, before it is read
+
+
+@triton.jit(do_not_specialize=["num_splits", "label_offset"])
+def _info_nce_bwd_combine_kernel(
+    q_ptr, k_ptr, q_norm_ptr, k_norm_ptr, grad_ptr, outer_weight_ptr, weight_scale_ptr, part_ptr, dk_ptr,
+    N, M, D, stride_q, stride_qd, stride_k, stride_kd, num_splits, label_offset, inv_temperature,
+    NORMALIZE: tl.constexpr, EXCLUDE_SELF: tl.constexpr, OUTER_LSE: tl.constexpr, EPS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Sum the key-gradient splits, subtract the target term (_key_grad_direction), apply the normalization backward."""
+    keys = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    key_ok = keys < M
+    dim_ok = dims < D
+    tile_ok = key_ok[:, None] & dim_ok[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for split in range(num_splits):
+        part = split * M + keys.to(tl.int64)
+        acc += tl.load(part_ptr + part[:, None] * D + dims[None, :], mask=tile_ok, other=0.0)
+    dkn = _key_grad_direction(acc, q_ptr, q_norm_ptr, grad_ptr, outer_weight_ptr, tl.load(weight_scale_ptr), keys,
+                              key_ok, dims, dim_ok, N, stride_q, stride_qd, label_offset, inv_temperature,
+                              NORMALIZE, EXCLUDE_SELF, OUTER_LSE, EPS)
+    if NORMALIZE:
+        k = tl.load(k_ptr + keys.to(tl.int64)[:, None] * stride_k + dims[None, :] * stride_kd, mask=tile_ok,
+                    other=0.0).to(tl.float32)
+        k_norm = tl.load(k_norm_ptr + keys, mask=key_ok, other=1.0)
+        k_inv = 1.0 / tl.maximum(k_norm, EPS)
+        kn = k * k_inv[:, None]
+        proj = tl.where(k_norm > EPS, tl.sum(kn * dkn, 1), 0.0)
+        dkn = (dkn - kn * proj[:, None]) * k_inv[:, None]
+    tl.store(dk_ptr + keys.to(tl.int64)[:, None] * D + dims[None, :], dkn, mask=tile_ok)
 
 
 _FWD_KEY = ["BLOCK_K", "BLOCK_DV", "ONE_CHUNK", "SCALE_ROWS", "SCALE_COLS", "COMPUTE_DQ", "EXCLUDE_SELF",
@@ -228,148 +363,20 @@ _fwd_tuned = {p: triton.autotune(_configs(p, "BLOCK_N"), key=_FWD_KEY)(_info_nce
 _bwd_tuned = {p: triton.autotune(_configs(p, "BLOCK_M"), key=_BWD_KEY)(_info_nce_bwd_kernel) for p in _CONFIGS}
 
 
-# ----------------------------------------------------------------------------- launchers
-
-
-def _row_norms(x: torch.Tensor) -> torch.Tensor:
-    """‖x_i‖ in fp32, [rows]: the only pass the normalization needs outside the kernels."""
-    return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
-
-
-def info_nce_partials(
-    query: torch.Tensor, x: torch.Tensor, q_norm: torch.Tensor, x_norm: torch.Tensor, *, scale2: float,
-    label_offset: int, scale_rows: bool, scale_cols: bool, compute_dq: bool, exclude_self: bool, column_stats: bool,
-) -> dict:
-    """Launch the forward kernel: per split, each query row's (m, l) [splits, N] and, with compute_dq,
-    acc [splits, N, D]; with column_stats, each streamed row's (col_m, col_l) [query tiles, X_ROWS]
-    (fixed tiles then, so the number of query tiles is known here)."""
-    N, D = query.shape
-    X_ROWS = x.shape[0]
-    d_tiles = _d_tiles(D, query.dtype)
-    d_chunks = triton.cdiv(D, d_tiles["BLOCK_DV"]) if compute_dq else 1  # D programs split the accumulator only
-    keep = keep_p(d_chunks, N, X_ROWS, query.dtype)
-    d_programs = 1 if keep else d_chunks
-    splits, split_cols = _num_splits(N, X_ROWS, D, d_programs, query.device)
-    row_tiles = triton.cdiv(N, _fixed_outer(query.dtype, "BLOCK_N")) if column_stats else 0
-    f32 = {"dtype": torch.float32, "device": query.device}
-    out = dict(splits=splits, m=torch.empty(splits, N, **f32), l=torch.empty(splits, N, **f32),
-               acc=torch.empty((splits, N, D) if compute_dq else (0,), **f32), row_tiles=row_tiles,
-               col_m=torch.empty(row_tiles, X_ROWS, **f32), col_l=torch.empty(row_tiles, X_ROWS, **f32))
-    flags = dict(SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, COMPUTE_DQ=compute_dq, EXCLUDE_SELF=exclude_self,
-                 COLUMN_STATS=column_stats, EPS=_EPS, DOT_PRECISION=dot_precision(query.dtype), **d_tiles)
-    if keep:  # passed only here: the other launches keep their signature
-        flags |= dict(KEEP_P=True, p_ptr=torch.empty(N, X_ROWS, dtype=query.dtype, device=query.device),
-                      alpha_ptr=torch.empty(N, triton.cdiv(X_ROWS, stream_tile(query.dtype)), **f32))
-    args = (query, x, q_norm, x_norm, out["m"], out["l"], out["acc"], out["col_m"], out["col_l"], N, X_ROWS, D,
-            *query.stride(), *x.stride(), split_cols, label_offset, scale2)
-    _launch(_info_nce_fwd_kernel, _fwd_tuned, splits=splits, d_programs=d_programs, outer_block="BLOCK_N",
-            outer_rows=N, logits=N * X_ROWS, args=args, flags=flags, dtype=query.dtype, tune=not column_stats)
-    return out
-
-
-def info_nce_combine(
-    query: torch.Tensor, key: torch.Tensor, q_norm: torch.Tensor, k_norm: torch.Tensor, m_part: torch.Tensor,
-    l_part: torch.Tensor, acc_part: torch.Tensor, *, scale2: float, temperature: float, label_offset: int,
-    has_queue: bool, normalize: bool, compute_dq: bool, compute_dk: bool, exclude_self: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the combine kernel over the partials [parts, N] of each query row (splits of the
-    forward, or a column's query tiles). Returns (loss, lse2, dq_dir, dk_dir) as info_nce_fwd."""
-    N, D = query.shape
-    f32 = {"dtype": torch.float32, "device": query.device}
-    loss, lse2 = torch.empty(N, **f32), torch.empty(N, **f32)
-    dq_dir = torch.empty((N, D) if compute_dq else (0,), **f32)
-    dk_dir = torch.empty((N, D) if compute_dk else (0,), **f32)
-    block_n = _combine_block(D)
-    _info_nce_combine_kernel[(triton.cdiv(N, block_n),)](
-        query, key, q_norm, k_norm, m_part, l_part, acc_part, loss, lse2, dq_dir, dk_dir,
-        N, D, *query.stride(), *key.stride(), m_part.shape[0], label_offset, scale2, 1.0 / temperature,
-        HAS_QUEUE=has_queue, NORMALIZE=normalize, COMPUTE_DQ=compute_dq, COMPUTE_DK=compute_dk,
-        EXCLUDE_SELF=exclude_self, EPS=_EPS, BLOCK_N=block_n, BLOCK_D=block_d(D), num_warps=_combine_warps(D),
-    )
-    return loss, lse2, dq_dir, dk_dir
-
-
-def info_nce_fwd(
-    query: torch.Tensor, key: torch.Tensor, queue: torch.Tensor | None, *, temperature: float,
-    normalize: bool, label_offset: int, compute_dq: bool, compute_dk: bool, exclude_self: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward. Returns (loss [N] fp32, lse2 [N] fp32 = log2 Σ_j 2^(l_ij·log2 e),
-    dq_dir, dk_dir) where dq_dir [N, D] fp32 = ∂loss_i/∂query_i (empty unless compute_dq) and dk_dir [N, D]
-    fp32 = ∂loss_i/∂key_i for the queue form (empty unless compute_dk and a queue). The queue may
-    have another float dtype than query: its rows are converted to query's dtype on load."""
-    has_queue = queue is not None
-    q_norm = _row_norms(query) if normalize else query.new_empty(0, dtype=torch.float32)
-    k_norm = _row_norms(key) if normalize else q_norm
-    scale2 = _LOG2E / temperature
-    parts = info_nce_partials(query, queue if has_queue else key, q_norm, k_norm, scale2=scale2,
-                              label_offset=label_offset, scale_rows=normalize, scale_cols=normalize and not has_queue,
-                              compute_dq=compute_dq, exclude_self=exclude_self, column_stats=False)
-    return info_nce_combine(query, key, q_norm, k_norm, parts["m"], parts["l"], parts["acc"], scale2=scale2,
-                            temperature=temperature, label_offset=label_offset, has_queue=has_queue,
-                            normalize=normalize, compute_dq=compute_dq, compute_dk=compute_dk and has_queue,
-                            exclude_self=exclude_self)
-
-
-def info_nce_bwd(
-    query: torch.Tensor, key: torch.Tensor, lse2: torch.Tensor, grad: torch.Tensor, *, temperature: float,
-    normalize: bool, label_offset: int, exclude_self: bool, outer_lse2: torch.Tensor | None = None,
-    outer_grad: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """In-batch key gradient [M, D] (key's dtype, contiguous) of Σ_i grad_i · loss_i, recomputing
-    the logits tiles from lse2 [N] (from info_nce_fwd). grad [N] may be an expanded (stride-0) view.
-    outer_lse2, outer_grad [M] (CLIP, normalize=False): the keys' own cross-entropies over the
-    queries, Σ_j outer_grad_j · (outer_lse_j − l_{j−label_offset, j}), join the gradient."""
-    grad = grad.to(torch.float32).contiguous()  # [N]: the copy of a stride-0 view is N floats
-    lse2 = lse2.contiguous()
-    N, D = query.shape
-    M = key.shape[0]
-    dev = query.device
-    q_norm = _row_norms(query) if normalize else query.new_empty(0, dtype=torch.float32)
-    k_norm = _row_norms(key) if normalize else q_norm
-    # The per-query weights g_i/‖q_i‖ multiply p before it is rounded to the input dtype for the
-    # tensor-core dot; scaling them into [-1, 1] keeps fp16 from underflowing (g = 1/N at large
-    # N). One [N] pass; the scale stays on the device (no sync).
-    weight = grad / q_norm.clamp_min(_EPS) if normalize else grad
-    has_outer = outer_lse2 is not None
-    if has_outer:  # one scale for both weights, which meet in one p
-        outer_grad, outer_lse2 = outer_grad.to(torch.float32), outer_lse2.contiguous()
-        weight = torch.cat([weight, outer_grad])
-    weight_scale = weight.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
-    weight = weight / weight_scale
-    weight, outer_weight = weight[:N], weight[N:]
-    d_tiles = _d_tiles(D, query.dtype)
-    d_chunks = triton.cdiv(D, d_tiles["BLOCK_DV"])
-    keep = keep_p(d_chunks, M, N, key.dtype)
-    d_programs = 1 if keep else d_chunks
-    num_splits, split_rows = _num_splits(M, N, D, d_programs, dev)
-    direct = num_splits == 1 and not normalize
-    part = torch.empty((0,) if direct else (num_splits, M, D), dtype=torch.float32, device=dev)
-    dk = torch.empty(key.shape, dtype=key.dtype, device=dev)
-    flags = dict(NORMALIZE=normalize, EXCLUDE_SELF=exclude_self, OUTER_LSE=has_outer, EPS=_EPS,
-                 DOT_PRECISION=dot_precision(query.dtype), **d_tiles)
-    if keep:  # passed only where set: the other launches keep their signature
-        flags |= dict(KEEP_P=True, p_ptr=torch.empty(M, N, dtype=key.dtype, device=dev))
-    if direct:
-        flags |= dict(DIRECT=True, grad_ptr=grad, weight_scale_ptr=weight_scale, dk_ptr=dk,
-                      inv_temperature=1.0 / temperature)
-    args = (query, key, q_norm, k_norm, lse2, weight, outer_lse2 if has_outer else lse2[:0], outer_weight, part,
-            N, M, D, *query.stride(), *key.stride(), split_rows, label_offset, _LOG2E / temperature)
-    _launch(_info_nce_bwd_kernel, _bwd_tuned, splits=num_splits, d_programs=d_programs, outer_block="BLOCK_M",
-            outer_rows=M, logits=N * M, args=args, flags=flags, dtype=query.dtype)
-    if direct:
-        return dk
-    block_m = _combine_block(D)
-    _info_nce_bwd_combine_kernel[(triton.cdiv(M, block_m),)](
-        query, key, q_norm, k_norm, grad, outer_weight, weight_scale, part, dk,
-        N, M, D, *query.stride(), *key.stride(), num_splits, label_offset, 1.0 / temperature,
-        NORMALIZE=normalize, EXCLUDE_SELF=exclude_self, OUTER_LSE=has_outer, EPS=_EPS, BLOCK_M=block_m,
-        BLOCK_D=block_d(D), num_warps=_combine_warps(D),
-    )
-    return dk
-
-
 # ----------------------------------------------------------------------------- traffic (fastssl.ops._traffic):
 # each kernel reads the tensors named here whole and writes the outputs named here whole
+
+
+def _norms(a: dict) -> tuple[str, ...]:
+    return ("q_norm_ptr", "k_norm_ptr") * a["NORMALIZE"]
+
+
+def _combine_traffic(a: dict) -> tuple[int, int, int]:
+    """The keys (and their norms) are read at the queries' positives only: N of them (of M >= N gathered)."""
+    read, written = whole(a, ("q_ptr", "m_ptr", "l_ptr", "acc_ptr") + _norms(a)[:1],
+                          ("loss_ptr", "lse2_ptr", "dq_ptr", "dk_ptr"))
+    N, (_, D), size = a["q_ptr"].shape[0], a["k_ptr"].shape, a["k_ptr"].itemsize
+    return read + N * D * size + N * 4 * a["NORMALIZE"], written, 0
 
 
 def _matmul_flops(a: dict, matmuls: int) -> int:
@@ -395,6 +402,10 @@ _OUTER = ("outer_lse2_ptr", "outer_weight_ptr")  # empty without OUTER_LSE: 0 by
 _DIRECT = ("grad_ptr", "weight_scale_ptr")  # absent without DIRECT (part_ptr empty with it)
 
 KERNEL_TRAFFIC = {
+    "_info_nce_combine_kernel": _combine_traffic,
+    "_info_nce_bwd_combine_kernel": lambda a: (*whole(
+        a, ("q_ptr", "grad_ptr", "outer_weight_ptr", "weight_scale_ptr", "part_ptr") + ("k_ptr",) * a["NORMALIZE"]
+        + _norms(a), ("dk_ptr",)), 0),  # the keys themselves only for the normalization backward
     "_info_nce_fwd_kernel": _fwd_traffic,
     "_info_nce_bwd_kernel": lambda a: (*whole(a, ("q_ptr", "k_ptr", "lse2_ptr", "weight_ptr", "p_ptr") + _OUTER
                                               + _norms(a) + _DIRECT, ("part_ptr", "p_ptr", "dk_ptr")), _matmul_flops(a, 1)),

@@ -35,6 +35,9 @@ _CHUNKS = {"16bit": (64, 128), "fp32": (32, 128)}  # (BLOCK_K, BLOCK_DV) above t
 # dtype, stays under this (one grid N=4096 bf16: 32 MiB; 1,024 of 32,768 gathered: 64 MiB); beyond
 # it each chunk is its own program and recomputes the logits.
 _KEEP_P_BYTES = 128 << 20
+# BLOCK_DV with KEEP_P, whose passes load p rather than recompute it: fp32's tf32x3 key gradient
+# spills at 128 columns with the scratch's loads (sm_90), so 64 (more passes, no more FLOPs).
+_KEPT_CHUNK = {"16bit": 128, "fp32": 32}
 
 
 def _tiles(outer_block: str, outer: int, inner: int) -> dict:
@@ -46,18 +49,18 @@ def _configs(tile_class: str, outer_block: str) -> list:
     return [triton.Config(_tiles(outer_block, n, m), num_warps=w, num_stages=st) for n, m, w, st in _CONFIGS[tile_class]]
 
 
-def _d_tiles(D: int, dtype: torch.dtype) -> dict:
-    """BLOCK_K (D chunk of the logits dot), BLOCK_DV (D chunk of the accumulator; one program each) and ONE_CHUNK."""
+def _d_tiles(D: int, dtype: torch.dtype, *, kept_elements: int = 0) -> dict:
+    """BLOCK_K (D chunk of the logits dot), BLOCK_DV (D chunk of the accumulator; one program each,
+    or one pass each with KEEP_P), ONE_CHUNK, and KEEP_P for an accumulating launch whose scratch
+    (kept_elements = outer rows x streamed rows; 0: no accumulator) fits _KEEP_P_BYTES."""
     padded = block_d(D)
     if padded <= _MAX_ONE_CHUNK[precision(dtype)]:
-        return {"BLOCK_K": padded, "BLOCK_DV": padded, "ONE_CHUNK": True}
+        return {"BLOCK_K": padded, "BLOCK_DV": padded, "ONE_CHUNK": True, "KEEP_P": False}
     block_k, block_dv = _CHUNKS[precision(dtype)]
-    return {"BLOCK_K": block_k, "BLOCK_DV": min(block_dv, padded), "ONE_CHUNK": False}
-
-
-def keep_p(d_chunks: int, outer_rows: int, stream_rows: int, dtype: torch.dtype) -> bool:
-    """Whether the D chunks of an accumulator share their logits through the KEEP_P scratch."""
-    return d_chunks > 1 and outer_rows * stream_rows * dtype.itemsize <= _KEEP_P_BYTES
+    keep = padded > block_dv and 0 < kept_elements * dtype.itemsize <= _KEEP_P_BYTES
+    if keep:
+        block_dv = _KEPT_CHUNK[precision(dtype)]
+    return {"BLOCK_K": block_k, "BLOCK_DV": min(block_dv, padded), "ONE_CHUNK": False, "KEEP_P": keep}
 
 
 def stream_tile(dtype: torch.dtype) -> int:

@@ -139,9 +139,9 @@ def test_local_form_gathered_gradients_vs_fp64(device):
 
     def grads(dtype, **backend):
         X, Y = x.to(dtype).requires_grad_(), y.to(dtype).requires_grad_()
-        loss = (clip_loss if backend else clip_loss_ref)(x[5:10].to(dtype), y[5:10].to(dtype), log_t.exp().to(dtype),
-                                                         all_image_features=X, all_text_features=Y, label_offset=5,
-                                                         **backend)
+        loss_fn = clip_loss if backend else clip_loss_ref
+        loss = loss_fn(x[5:10].to(dtype), y[5:10].to(dtype), log_t.exp().to(dtype), all_image_features=X,
+                       all_text_features=Y, label_offset=5, **backend)
         return [g.double() for g in torch.autograd.grad(loss, [X, Y])]
 
     truth, low, got = grads(F64), grads(torch.float32), grads(torch.float32, backend="triton")
@@ -149,17 +149,22 @@ def test_local_form_gathered_gradients_vs_fp64(device):
         assert (g - tr).abs().max() <= 2 * (lo - tr).abs().max() + 2e-6 * (tr.abs().max() + 20.0 / 15)
 
 
-def test_d_chunks_without_the_kept_p_give_the_same_bits(device, monkeypatch):
+def test_d_chunks_without_the_kept_p_agree(device, monkeypatch):
     """Above the scratch budget each D chunk is its own program that recomputes the logits; the kept
-    p is the same p, so both paths give the same loss and gradients bit for bit."""
+    p is the same p (chunks of other widths sum it in another order): the same loss and gradients to
+    fp32 round-off, and within DESIGN.md's rule of float64 both ways."""
     from fastssl.ops import _info_nce_tiles
 
     inputs = make(40, 140, seed=8, device=device)
+    truth = value_and_grads(clip_loss_ref, inputs, F64)
+    low = value_and_grads(clip_loss_ref, inputs, torch.float32)
     kept = value_and_grads(lambda *a: clip_loss(*a, backend="triton"), inputs, torch.float32)
     monkeypatch.setattr(_info_nce_tiles, "_KEEP_P_BYTES", 0)
     recomputed = value_and_grads(lambda *a: clip_loss(*a, backend="triton"), inputs, torch.float32)
+    for got in (kept, recomputed):
+        assert_within_rule(got, low, truth, 2e-6, 20.0)
     for a, b in zip(kept, recomputed):
-        assert torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 def test_one_feature_set_or_none_needs_a_gradient(device):
