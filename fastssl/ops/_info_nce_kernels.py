@@ -287,6 +287,9 @@ def _info_nce_bwd_kernel(
                     s = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
                 else:
                     s = chunked_dot(k_rows, key_ok, stride_kd, q_rows, row_ok, stride_qd, D, BLOCK_K, DOT_PRECISION)
+                    if not KEEP_P:  # loaded before p is made, as its dot needs it next (fewer registers)
+                        q = tl.load(q_rows + dims[None, :] * stride_qd, mask=row_ok[:, None] & dims_ok[None, :],
+                                    other=0.0)
                 row_scale = tl.zeros([BLOCK_N], tl.float32) + scale2
                 if NORMALIZE:
                     row_scale = scale2 / tl.maximum(tl.load(q_norm_ptr + rows, mask=row_ok, other=1.0), EPS)
@@ -307,7 +310,6 @@ def _info_nce_bwd_kernel(
                 if KEEP_P:
                     kept, kept_ok = _kept_tile(p_ptr, keys, key_ok, rows, row_ok, N)
                     p = tl.load(kept, mask=kept_ok, other=0.0)
-                if not ONE_CHUNK:
                     q = tl.load(q_rows + dims[None, :] * stride_qd, mask=row_ok[:, None] & dims_ok[None, :],
                                 other=0.0)
                 acc += tl.dot(p, q, input_precision=DOT_PRECISION)

@@ -35,8 +35,9 @@ _CHUNKS = {"16bit": (64, 128), "fp32": (32, 128)}  # (BLOCK_K, BLOCK_DV) above t
 # dtype, stays under this (one grid N=4096 bf16: 32 MiB; 1,024 of 32,768 gathered: 64 MiB); beyond
 # it each chunk is its own program and recomputes the logits.
 _KEEP_P_BYTES = 128 << 20
-# BLOCK_DV with KEEP_P, whose passes load p rather than recompute it: fp32's tf32x3 key gradient
-# spills at 128 columns with the scratch's loads (sm_90), so 64 (more passes, no more FLOPs).
+# KEEP_P launches run the fixed tiles (the 128-row 16-bit tiles spill there on sm_80/89/100) and
+# this BLOCK_DV: fp32's tf32x3 kernels spill on sm_80 above 32 columns (more passes over the kept
+# p, no more FLOPs); tests/ops/compile_gate.py checks it.
 _KEPT_CHUNK = {"16bit": 128, "fp32": 32}
 
 
@@ -64,7 +65,7 @@ def _d_tiles(D: int, dtype: torch.dtype, *, kept_elements: int = 0) -> dict:
 
 
 def stream_tile(dtype: torch.dtype) -> int:
-    """The streamed tile (BLOCK_M) of the forward, which every configuration of a precision shares."""
+    """The streamed tile (BLOCK_M) of the forward: every configuration of a precision has the same."""
     if triton_interpreting():
         return _INTERPRETER_TILES["BLOCK_M"]
     (inner,) = {config[1] for config in _CONFIGS[precision(dtype)]}
