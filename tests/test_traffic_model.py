@@ -218,13 +218,19 @@ def _reference_flops(step, *inputs) -> int:
     return counter.get_total_flops()
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["kept-p", "over-budget"])
 @pytest.mark.parametrize("queue", [True, False], ids=["queue", "in-batch"])
 @pytest.mark.parametrize("D,normalize", [(64, True), (128, True), (128, False), (256, True), (1024, True)])
-def test_info_nce_flop_formulas_against_the_flop_counter(queue, D, normalize):
+def test_info_nce_flop_formulas_against_the_flop_counter(queue, D, normalize, kept, monkeypatch):
     """torch.utils.flop_counter counts the official formula's matmuls: the logits and the query
     gradient (2 matmul-equivalents) with a queue, and the key gradient too in-batch (3). The kernels
-    do that work once per 128-column chunk of D (each chunk recomputes the logits), plus the
-    gradient accumulation, in the forward and, in-batch, again in the key-gradient backward."""
+    do that work in the forward and, in-batch, again in the key-gradient backward, plus the
+    gradient accumulation; above one 128-column chunk of D the logits are computed once and their
+    p kept for every chunk, or, with the scratch over its budget, recomputed by each chunk."""
+    from fastssl.ops import _info_nce_tiles
+
+    if not kept:
+        monkeypatch.setattr(_info_nce_tiles, "_KEEP_P_BYTES", 0)
     N, K = 512, 4096
 
     def make():
@@ -240,7 +246,7 @@ def test_info_nce_flop_formulas_against_the_flop_counter(queue, D, normalize):
         make, lambda q, k, qu: ops.info_nce(q, k, qu, normalize=normalize, backend="triton").backward())
     # 2 N K D per matmul (the positive logit is a row-wise dot, not a matmul)
     assert reference == (2 if queue else 3) * 2 * N * K * D
-    chunks = -(-D // 128)
+    chunks = 1 if kept else -(-D // 128)
     passes = chunks + 1 if queue else 2 * (chunks + 1)
     assert fused.flops * (2 if queue else 3) == reference * passes
 

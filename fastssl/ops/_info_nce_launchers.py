@@ -139,7 +139,8 @@ def info_nce_bwd(
     keep = d_tiles.pop("KEEP_P")
     d_programs = 1 if keep else triton.cdiv(D, d_tiles["BLOCK_DV"])
     num_splits, split_rows = _num_splits(M, N, D, d_programs, dev)
-    direct = num_splits == 1 and not normalize
+    # one split finishes in the kernel; at one-chunk widths (D <= 128) the fp32 partials are small anyway
+    direct = num_splits == 1 and not normalize and not d_tiles["ONE_CHUNK"]
     part = torch.empty((0,) if direct else (num_splits, M, D), dtype=torch.float32, device=dev)
     dk = torch.empty(key.shape, dtype=key.dtype, device=dev)
     flags = dict(NORMALIZE=normalize, EXCLUDE_SELF=exclude_self, OUTER_LSE=has_outer, EPS=_EPS,

@@ -101,7 +101,9 @@ def _combine_block(D: int) -> int:  # rows per program of the combine kernels: ~
 
 
 def _combine_warps(D: int) -> int:
-    return 16 if block_d(D) > 2048 else 4  # a 4096-wide row over 4 (sm_90) or 8 (sm_100) warps spills
+    # a 4096-wide row over 4 (sm_90) or 8 (sm_100) warps spills, and a 1024-wide key gradient's merge
+    # over 4 (sm_90, fp16)
+    return 16 if block_d(D) > 2048 else 8 if block_d(D) >= 1024 else 4
 
 
 def _num_splits(outer_rows: int, stream_rows: int, D: int, d_programs: int, device: torch.device) -> tuple[int, int]:
