@@ -107,20 +107,29 @@ def test_info_nce_kernels_traffic(queue, D, normalize):
     assert "_info_nce_fwd_kernel" in names and ("_info_nce_bwd_kernel" in names) != queue
 
 
-def test_clip_kernels_traffic():
+@pytest.mark.parametrize("N,D", [(40, 130), (136, 20)], ids=["one-split-two-chunks", "two-splits"])
+def test_clip_kernels_traffic(N, D):
     """The one grid: the forward's column statistics, both combines, the two key gradients with the
-    keys' own softmax (OUTER_LSE); texts in strided rows; and a text-only gradient."""
-    x = torch.randn(40, 20, requires_grad=True)  # two image tiles, one ragged, under the interpreter
-    y = torch.randn(80, 20)[::2].requires_grad_()
+    keys' own softmax (OUTER_LSE); texts in strided rows. 130-wide rows are two fp32 D chunks: the
+    first keeps its p for the second (KEEP_P). One split of the streamed rows: the key gradients
+    finish in their kernel (DIRECT); and the local form (N of M = 2N gathered rows, labels offset
+    by N: the combine reads N key rows). Two splits: a combine; and a text-only gradient."""
+    x = torch.randn(N, D, requires_grad=True)  # ragged image tiles under the interpreter
+    y = torch.randn(2 * N, D)[::2].requires_grad_()
     t = torch.tensor(3.0, requires_grad=True)
 
     def run():
         ops.clip_loss(x, y, t, backend="triton").backward()
-        ops.clip_loss(x.detach(), y, t.detach(), backend="triton").backward()
+        if N > 128:
+            ops.clip_loss(x.detach(), y, t.detach(), backend="triton").backward()
+        else:
+            ops.clip_loss(x, y, t, all_image_features=torch.randn(2 * N, D, requires_grad=True),
+                          all_text_features=torch.randn(2 * N, D, requires_grad=True), label_offset=N,
+                          backend="triton").backward()
 
     names = check_formulas(run)
-    assert names == {"_info_nce_fwd_kernel", "_info_nce_combine_kernel", "_info_nce_bwd_kernel",
-                     "_info_nce_bwd_combine_kernel"}
+    assert names == {"_info_nce_fwd_kernel", "_info_nce_combine_kernel", "_info_nce_bwd_kernel"} | (
+        {"_info_nce_bwd_combine_kernel"} if N > 128 else set())
 
 
 def test_mae_model_step_traffic():
@@ -185,11 +194,14 @@ def test_bench_model_prints_the_table_and_writes_records(tmp_path, capsys):
             "torch", "git_sha"}
     assert all(keys <= set(r) for r in records)
     for r in records:
-        assert 0 < r["fused_bytes"] < r["eager_bytes"] and r["fused_kernels"] < r["eager_kernels"]
+        assert 0 < r["fused_bytes"] < r["eager_bytes"]
+        # CLIP's local form is two InfoNCE calls whose small host-side ops (gradient scales) outnumber
+        # eager's launches; the model leaves launch latency out, so that row is judged by its time alone
+        assert r["fused_kernels"] < r["eager_kernels"] or r["op"] == "clip local"
         assert r["predicted_speedup"] > 1 and f"| {r['op']} |" in printed
     moco = records[0]  # two matmul-equivalents of 2 N K D on both sides
     assert moco["eager_flops"] == moco["fused_flops"] == 2 * 2 * 4096 * 65536 * 128
-    assert printed.count("holds:") + printed.count("FAILS:") == 3
+    assert printed.count("holds:") + printed.count("FAILS:") == 4 and "FAILS:" not in printed
     assert "predicted µs eager / fused" in printed and "measured" not in printed
     assert "Kernel launches per training step" in printed and "| dino | ViT-S/16" in printed
     assert main(["bench", "--json", str(out)]) == 2  # --json needs --model
@@ -206,13 +218,19 @@ def _reference_flops(step, *inputs) -> int:
     return counter.get_total_flops()
 
 
+@pytest.mark.parametrize("kept", [True, False], ids=["kept-p", "over-budget"])
 @pytest.mark.parametrize("queue", [True, False], ids=["queue", "in-batch"])
 @pytest.mark.parametrize("D,normalize", [(64, True), (128, True), (128, False), (256, True), (1024, True)])
-def test_info_nce_flop_formulas_against_the_flop_counter(queue, D, normalize):
+def test_info_nce_flop_formulas_against_the_flop_counter(queue, D, normalize, kept, monkeypatch):
     """torch.utils.flop_counter counts the official formula's matmuls: the logits and the query
     gradient (2 matmul-equivalents) with a queue, and the key gradient too in-batch (3). The kernels
-    do that work once per 128-column chunk of D (each chunk recomputes the logits), plus the
-    gradient accumulation, in the forward and, in-batch, again in the key-gradient backward."""
+    do that work in the forward and, in-batch, again in the key-gradient backward, plus the
+    gradient accumulation; above one 128-column chunk of D the logits are computed once and their
+    p kept for every chunk, or, with the scratch over its budget, recomputed by each chunk."""
+    from fastssl.ops import _info_nce_tiles
+
+    if not kept:
+        monkeypatch.setattr(_info_nce_tiles, "_KEEP_P_BYTES", 0)
     N, K = 512, 4096
 
     def make():
@@ -228,7 +246,7 @@ def test_info_nce_flop_formulas_against_the_flop_counter(queue, D, normalize):
         make, lambda q, k, qu: ops.info_nce(q, k, qu, normalize=normalize, backend="triton").backward())
     # 2 N K D per matmul (the positive logit is a row-wise dot, not a matmul)
     assert reference == (2 if queue else 3) * 2 * N * K * D
-    chunks = -(-D // 128)
+    chunks = 1 if kept else -(-D // 128)
     passes = chunks + 1 if queue else 2 * (chunks + 1)
     assert fused.flops * (2 if queue else 3) == reference * passes
 

@@ -6,7 +6,8 @@ Imported only where triton is installed: fastssl.ops.clip_loss runs its referenc
 
 import torch
 
-from fastssl.ops._info_nce_kernels import _LOG2E, info_nce_bwd, info_nce_combine, info_nce_partials
+from fastssl.ops._info_nce_kernels import _LOG2E
+from fastssl.ops._info_nce_launchers import info_nce_bwd, info_nce_combine, info_nce_partials
 
 _TEMPERATURE_ONE = dict(temperature=1.0, label_offset=0, exclude_self=False)  # the scale is in the rows
 

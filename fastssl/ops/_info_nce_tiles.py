@@ -30,6 +30,15 @@ _AUTOTUNE_MIN_LOGITS = 1 << 22  # N·K below this: the fixed configuration
 _INTERPRETER_TILES = {"BLOCK_N": 32, "BLOCK_M": 64}
 _MAX_ONE_CHUNK = {"16bit": 128, "fp32": 32}  # padded D held whole in registers (D=256 spills)
 _CHUNKS = {"16bit": (64, 128), "fp32": (32, 128)}  # (BLOCK_K, BLOCK_DV) above that
+# Above one BLOCK_DV chunk, one program covers every chunk of D and keeps the probabilities of its
+# tiles for the later chunks (KEEP_P) while that scratch, outer rows x streamed rows in the input's
+# dtype, stays under this (one grid N=4096 bf16: 32 MiB; 1,024 of 32,768 gathered: 64 MiB); beyond
+# it each chunk is its own program and recomputes the logits.
+_KEEP_P_BYTES = 128 << 20
+# KEEP_P launches run the fixed tiles (the 128-row 16-bit tiles spill there on sm_80/89/100) and
+# this BLOCK_DV: fp32's tf32x3 kernels spill on sm_80 above 32 columns (more passes over the kept
+# p, no more FLOPs); tests/ops/compile_gate.py checks it.
+_KEPT_CHUNK = {"16bit": 128, "fp32": 32}
 
 
 def _tiles(outer_block: str, outer: int, inner: int) -> dict:
@@ -41,13 +50,26 @@ def _configs(tile_class: str, outer_block: str) -> list:
     return [triton.Config(_tiles(outer_block, n, m), num_warps=w, num_stages=st) for n, m, w, st in _CONFIGS[tile_class]]
 
 
-def _d_tiles(D: int, dtype: torch.dtype) -> dict:
-    """BLOCK_K (D chunk of the logits dot), BLOCK_DV (D chunk of the accumulator; one program each) and ONE_CHUNK."""
+def _d_tiles(D: int, dtype: torch.dtype, *, kept_elements: int = 0) -> dict:
+    """BLOCK_K (D chunk of the logits dot), BLOCK_DV (D chunk of the accumulator; one program each,
+    or one pass each with KEEP_P), ONE_CHUNK, and KEEP_P for an accumulating launch whose scratch
+    (kept_elements = outer rows x streamed rows; 0: no accumulator) fits _KEEP_P_BYTES."""
     padded = block_d(D)
     if padded <= _MAX_ONE_CHUNK[precision(dtype)]:
-        return {"BLOCK_K": padded, "BLOCK_DV": padded, "ONE_CHUNK": True}
+        return {"BLOCK_K": padded, "BLOCK_DV": padded, "ONE_CHUNK": True, "KEEP_P": False}
     block_k, block_dv = _CHUNKS[precision(dtype)]
-    return {"BLOCK_K": block_k, "BLOCK_DV": min(block_dv, padded), "ONE_CHUNK": False}
+    keep = padded > block_dv and 0 < kept_elements * dtype.itemsize <= _KEEP_P_BYTES
+    if keep:
+        block_dv = _KEPT_CHUNK[precision(dtype)]
+    return {"BLOCK_K": block_k, "BLOCK_DV": min(block_dv, padded), "ONE_CHUNK": False, "KEEP_P": keep}
+
+
+def stream_tile(dtype: torch.dtype) -> int:
+    """The streamed tile (BLOCK_M) of the forward: every configuration of a precision has the same."""
+    if triton_interpreting():
+        return _INTERPRETER_TILES["BLOCK_M"]
+    (inner,) = {config[1] for config in _CONFIGS[precision(dtype)]}
+    return inner
 
 
 def _fixed_outer(dtype: torch.dtype, outer_block: str) -> int:
@@ -79,7 +101,9 @@ def _combine_block(D: int) -> int:  # rows per program of the combine kernels: ~
 
 
 def _combine_warps(D: int) -> int:
-    return 16 if block_d(D) > 2048 else 4  # a 4096-wide row over 4 (sm_90) or 8 (sm_100) warps spills
+    # a 4096-wide row over 4 (sm_90) or 8 (sm_100) warps spills, and a 1024-wide key gradient's merge
+    # over 4 (sm_90, fp16)
+    return 16 if block_d(D) > 2048 else 8 if block_d(D) >= 1024 else 4
 
 
 def _num_splits(outer_rows: int, stream_rows: int, D: int, d_programs: int, device: torch.device) -> tuple[int, int]:

@@ -28,10 +28,14 @@ The kernels (the InfoNCE kernels with their CLIP flags, launched from _clip_loss
 2. backward: ``_info_nce_bwd_kernel`` with OUTER_LSE, twice: the image gradient with the image
    rows as keys of the text queries (each tile recomputed, p and q from the two saved
    log-sum-exps), then the text gradient with the roles swapped; no atomics (deterministic).
+   Above 128 columns the gradient is made in column chunks by one program that keeps each
+   tile's probabilities for the later chunks (KEEP_P, see fastssl.ops.info_nce), and a
+   gradient made in one split is finished in the kernel (DIRECT).
 
 Matmul-equivalents (2·N²·D flops each): forward 1; backward 2 per feature set that needs a
-gradient, plus one logits recompute per 128-column chunk of D beyond the first (as InfoNCE's
-key gradient). Extra memory: O(N·D + N²/BLOCK_N) fp32, no N × N logits.
+gradient, at any D. Extra memory: O(N·D + N²/BLOCK_N) fp32 and, where D is chunked, the kept
+probabilities (N² in the input's dtype, up to 128 MiB; beyond it each chunk recomputes the
+logits, one matmul more per chunk); no fp32 N × N logits.
 
 The scale multiplies the image rows (and, in the local form, the text rows) before the sweep, in
 open_clip's order of operations (`logit_scale * image_features @ text_features.T`): the kernels run

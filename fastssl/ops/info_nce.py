@@ -32,7 +32,8 @@ The kernels never build an N×K logits tile outside registers/shared memory:
    g_i q̂_i / T for j = i + label_offset and applies the normalization backward.
 
 Matmul-equivalents (2·N·K·D flops each): queue form 2 (logits, p·queue), in-batch with
-key gradient 4 (forward 2, backward 2). Extra memory: O((N+M)·D), independent of N·K.
+key gradient 4 (forward 2, backward 2), each +1 per extra D chunk above the scratch budget.
+Extra memory: O((N+M)·D), plus the kept p (N·K in the input's dtype) where D is chunked.
 
 Normalization: row norms are one fp32 read pass over query/key (`_row_norms`); the
 kernels scale logits by 1/‖q‖·1/‖k‖ after the dot (so bf16 inputs feed the tensor cores
@@ -48,15 +49,21 @@ logits, i.e. ~0.1 absolute at T=0.01.
 
 Registers: a 16-bit query tile of up to 128 columns stays in registers; wider rows (and every
 fp32 row, whose tf32x3 operand splits double their registers) are reduced over D in chunks,
-and the accumulator's columns are split over programs (128 each, each recomputing the
-logits), so registers and shared memory stay bounded for any D (checked without spills for
-sm_80/89/90/100 by tests/ops/compile_gate.py).
+and the accumulator (Σ p x̂ in the forward, the key gradient) is made in column chunks
+(128 wide, fp32 64) so registers and shared memory stay bounded for any D (checked without
+spills for sm_80/89/90/100 by tests/ops/compile_gate.py). One program makes every chunk in
+turn (KEEP_P): a first pass computes each logits tile once and keeps its p, in the input's
+dtype as the dot takes it (and the forward's rescale α), in a scratch of outer x streamed
+rows; each chunk's pass replays them, bit for bit the p it would recompute, so the logits
+cost one matmul whatever D. Above _KEEP_P_BYTES of scratch (128 MiB) each chunk is a program
+of its own that recomputes the logits. A key gradient made in one split of the queries with
+normalize=False (CLIP's) is finished in its kernel (DIRECT): no fp32 partials, no combine.
 
 At D=128 the exponentials are a co-limit with the matmuls on an H100; overlapping them
 is left to Triton's software pipelining (num_stages) across the streamed tiles.
 
-The kernels, their launchers (`info_nce_fwd`, `info_nce_bwd`) and their traffic formulas are in
-_info_nce_kernels.py.
+The kernels and their traffic formulas are in _info_nce_kernels.py, their launchers
+(`info_nce_fwd`, `info_nce_bwd`) in _info_nce_launchers.py.
 """
 
 from typing import Optional
@@ -76,7 +83,7 @@ from fastssl.validation import (
 )
 
 if HAS_TRITON:  # without triton only the reference runs (resolve_backend refuses "triton")
-    from fastssl.ops._info_nce_kernels import info_nce_bwd, info_nce_fwd
+    from fastssl.ops._info_nce_launchers import info_nce_bwd, info_nce_fwd
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("mean", "sum", "none")

@@ -146,9 +146,14 @@ def scenarios():
     for name, dt in dtypes.items():
         out += [
             (f"clip N={N} M={M} D={D} {name}", lambda dt=dt, N=N, M=M, D=D: clip(dt, N, M, D))
-            for N, M in ((256, 256), (4096, 4096), (1024, 32768))  # 4096: tuned backward tiles
+            # 4096: tuned backward tiles; 1024 of 2048: the local form on 2 GPUs (key gradients in
+            # splits, merged); 32768: open_clip's local_loss=False at a 32k global batch, whose
+            # probabilities outgrow the kept-p scratch (each D chunk its own program)
+            for N, M in ((256, 256), (4096, 4096), (1024, 2048), (1024, 32768), (32768, 32768))
             for D in (512, 1024)
         ]
+        # a small tower's embedding (D = 128, one accumulator chunk) in the local form
+        out += [(f"clip N=1024 M=32768 D=128 {name}", lambda dt=dt: clip(dt, 1024, 32768, 128))]
         # per-GPU batch 256-1024, local texts, a rank's block of another's, or all 32k gathered
         out += [
             (f"siglip N={N} M={M} D={D} {name}", lambda dt=dt, N=N, M=M, D=D, o=o: siglip(dt, N, M, D, o))

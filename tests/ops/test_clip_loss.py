@@ -3,7 +3,8 @@
 The Triton kernels run on the CPU under TRITON_INTERPRET=1 (conftest), so shapes stay small; the
 interpreter's tiles (32 image rows, 64 streamed rows, splits of 128) make N = 40 two image tiles,
 N = 130 two splits in both directions with ragged edges, D = 40 (fp32) the D-chunked logits and
-D = 130 two accumulator programs. On a GPU machine the same tests run on the card (the `device`
+D = 130, 140 two accumulator chunks, the first keeping its probabilities for the second (KEEP_P).
+On a GPU machine the same tests run on the card (the `device`
 fixture); bf16 kernel runs are GPU-only (see test_info_nce.py).
 """
 
@@ -95,7 +96,8 @@ CASES = [  # (N, D, t)
     (40, 24, 100.0),  # two image tiles with a ragged one; the largest scale open_clip allows
     (70, 40, 1.0),  # fp32: D chunked in the logits dot
     (130, 16, 50.0),  # two splits of the rows' sweep and of each key gradient
-    (5, 130, 10.0),  # two accumulator programs (D columns) in the backward
+    (5, 130, 10.0),  # two accumulator chunks (D columns) in the backward, the p kept
+    (40, 140, 20.0),  # two image tiles (one ragged) and two D chunks (the second ragged)
 ]
 
 
@@ -113,9 +115,11 @@ def test_kernel_vs_fp64(case, dtype, device):
     assert got[4].abs().max() == 0  # the bias: cross-entropy is shift-invariant
 
 
-def test_local_form_vs_fp64(device):
-    """Rank 1 of 3 (N = 5 of M = 15): its rows against every rank's, labels offset by 5."""
-    x, y, log_t, b = make(5, 16, seed=4, M=15, device=device)
+@pytest.mark.parametrize("D", [16, 140])
+def test_local_form_vs_fp64(D, device):
+    """Rank 1 of 3 (N = 5 of M = 15): its rows against every rank's, labels offset by 5; D = 140: the
+    forward's query gradient in two D chunks, the second replaying the first's p and rescales."""
+    x, y, log_t, b = make(5, D, seed=4, M=15, device=device)
     inputs = [x[5:10], y[5:10], log_t, b]
 
     def gathered(dtype):  # the other ranks' rows, gathered without gradient
@@ -126,6 +130,41 @@ def test_local_form_vs_fp64(device):
     got = value_and_grads(lambda *a: clip_loss(*a, **gathered(torch.float32), backend="triton"), inputs,
                           torch.float32)
     assert_within_rule(got, low, truth, 2e-6, 20.0)
+
+
+def test_local_form_gathered_gradients_vs_fp64(device):
+    """gather_with_grad: the gradients of every rank's gathered rows (key gradients finished in their
+    kernel, labels offset by 5, two D chunks) against float64, by DESIGN.md's rule."""
+    x, y, log_t, _ = make(5, 140, seed=6, M=15, device=device)
+
+    def grads(dtype, **backend):
+        X, Y = x.to(dtype).requires_grad_(), y.to(dtype).requires_grad_()
+        loss_fn = clip_loss if backend else clip_loss_ref
+        loss = loss_fn(x[5:10].to(dtype), y[5:10].to(dtype), log_t.exp().to(dtype), all_image_features=X,
+                       all_text_features=Y, label_offset=5, **backend)
+        return [g.double() for g in torch.autograd.grad(loss, [X, Y])]
+
+    truth, low, got = grads(F64), grads(torch.float32), grads(torch.float32, backend="triton")
+    for g, lo, tr in zip(got, low, truth):
+        assert (g - tr).abs().max() <= 2 * (lo - tr).abs().max() + 2e-6 * (tr.abs().max() + 20.0 / 15)
+
+
+def test_d_chunks_without_the_kept_p_agree(device, monkeypatch):
+    """Above the scratch budget each D chunk is its own program that recomputes the logits; the kept
+    p is the same p (chunks of other widths sum it in another order): the same loss and gradients to
+    fp32 round-off, and within DESIGN.md's rule of float64 both ways."""
+    from fastssl.ops import _info_nce_tiles
+
+    inputs = make(40, 140, seed=8, device=device)
+    truth = value_and_grads(clip_loss_ref, inputs, F64)
+    low = value_and_grads(clip_loss_ref, inputs, torch.float32)
+    kept = value_and_grads(lambda *a: clip_loss(*a, backend="triton"), inputs, torch.float32)
+    monkeypatch.setattr(_info_nce_tiles, "_KEEP_P_BYTES", 0)
+    recomputed = value_and_grads(lambda *a: clip_loss(*a, backend="triton"), inputs, torch.float32)
+    for got in (kept, recomputed):
+        assert_within_rule(got, low, truth, 2e-6, 20.0)
+    for a, b in zip(kept, recomputed):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
 def test_one_feature_set_or_none_needs_a_gradient(device):
