@@ -10,10 +10,10 @@ a linear probe of its image tower. The weak (hashtag) method trains the same bac
 same epochs on the same captions read as tags — each caption's named class, the noise included —
 and is scored by its classifier's top-1 (its own class read-out, zero-shot's counterpart), kNN
 and linear probe (their memory bank / training set: a fixed 10,000 of the training images).
-Both on the 10,000 test images; fixed work, so a busy machine is slower but prints the same
-numbers.
+Both on the 10,000 test images; fixed work, so a busy machine is only slower (with two threads the
+order of floating-point reductions varies, and the scores move by about a point between runs).
 
-    nice -n 10 python -m fastssl.bench.clip_demo --results benchmarks/results   # ~10 min, 2 cores
+    nice -n 10 python -m fastssl.bench.clip_demo --results benchmarks/results   # ~2.5 min idle, 2 cores
     python -m fastssl.bench.clip_demo --quick                                    # smoke run
 
 --results DIR writes the rows (machine, date, versions, git SHA) to DIR/clip_demo.jsonl.

@@ -17,8 +17,8 @@ full fine-tuning (fastssl.finetune) at 32 px, a resolution other than pre-traini
     python -m fastssl.bench.finetune_study                  # idle CPU: minutes per run
     python -m fastssl.bench.finetune_study --tiny           # smoke run (the test's size)
 
-Rows go to RESULTS/finetune_study.jsonl (--results, default benchmarks/results), one per
-(part, setting, init) with machine, date, versions and git SHA."""
+Rows go to RESULTS/finetune_study.jsonl (--results, default benchmarks/results; --append adds to it),
+one per (part, setting, init) with machine, date, versions and git SHA."""
 
 from __future__ import annotations
 
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--root", default=None, help="Fashion-MNIST folder (default: Debian's dataset path)")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--append", action="store_true", help="add the rows to the data file instead of replacing it")
     args = p.parse_args(argv)
     if args.tiny:
         args.train_images, args.epochs, args.clean_train, args.clean_test = 64, 1, 40, 20
@@ -224,9 +225,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rows += vocab_part(args, train, folder, Path(tmp), wn_.load_wordnet())
         if "presets" in parts:
             rows += preset_part(args, train, folder, Path(tmp))
-    setting = {k: v for k, v in vars(args).items() if k not in ("results", "root")} | {
+    setting = {k: v for k, v in vars(args).items() if k not in ("results", "root", "append")} | {
         "total_wall_s": time.perf_counter() - t0}
-    write_rows(args.results / "finetune_study.jsonl", [setting | r for r in rows], env)
+    write_rows(args.results / "finetune_study.jsonl", [setting | r for r in rows], env, append=args.append)
     return rows
 
 

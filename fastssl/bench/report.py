@@ -68,6 +68,11 @@ def pct(key: str) -> Callable[[dict], str]:
     return col(key, "{:.2f}%")
 
 
+def _pct100(key: str) -> Callable[[dict], str]:
+    """A fraction in [0, 1] as a percentage."""
+    return lambda r: _cell(None if r.get(key) is None else 100 * r[key], "{:.2f}%")
+
+
 def preset_method(r: dict) -> str:
     """The method, and its data when not Fashion-MNIST (rows without "data" ran on Fashion-MNIST)."""
     data = r.get("data", "fashion-mnist")
@@ -251,7 +256,7 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], str]]] = {
         ("kNN top-1", pct("knn_top1")), ("linear probe", pct("linear_top1")),
         ("image→text R@1/5/10 (%)", _recall("image_to_text")),
         ("text→image R@1/5/10 (%)", _recall("text_to_image")),
-        ("train s (shared machine)", col("train_seconds"))]).render),
+        ("train s", col("train_seconds", "{:.1f}"))]).render),
     "time_to_accuracy": ("time_to_accuracy.jsonl", Table("time_to_accuracy.jsonl",
                                                          TIME_TO_ACCURACY_COLUMNS).render),
     "race_search": ("race_search.jsonl", Table("race_search.jsonl", [
@@ -261,6 +266,16 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], str]]] = {
         ("kNN k=200 T=0.1", lambda r: f"{100 * r['knn_top1_k200']:.2f}%"),
         ("img/s (shared machine)", col("images_per_second", "{:.0f}")),
         ("load avg", col("load_avg", "{:.1f}"))]).render),
+    "finetune_presets": ("finetune_study.jsonl", Table("finetune_study.jsonl", [
+        ("method", col("method")), ("backbone", col("backbone")), ("pre-training steps", col("pretrain_steps")),
+        ("px: pre-train → fine-tune", lambda r: f"{r['pretrain_size']} → {r['size']}"), ("init", col("init")),
+        ("linear probe", _pct100("linear_top1")), ("fine-tuned top-1", _pct100("finetune_top1")),
+        ("fine-tuned top-5", _pct100("finetune_top5")), ("fine-tuning steps", col("finetune_steps"))],
+        keep=lambda r: r["part"] == "presets").render),
+    "finetune_vocab": ("finetune_study.jsonl", Table("finetune_study.jsonl", [
+        ("vocabulary", col("vocab")), ("targets", col("targets")), ("labels", col("labels")),
+        ("images kept", col("images")), ("kNN", _pct100("knn_top1")), ("linear probe", _pct100("linear_top1")),
+        ("fine-tuned top-1", _pct100("finetune_top1"))], keep=lambda r: r["part"] == "vocab").render),
     "readouts": ("readouts.jsonl", Table("readouts.jsonl", [
         ("read-out of the last stage", col("readout")), ("dim", col("dim")), ("kNN trained", pct("knn_top1")),
         ("kNN random init", pct("knn_top1_random_init")), ("margin", margin)]).render),
