@@ -114,10 +114,15 @@ for name, run in g.scenarios():
     signatures |= {gate_coverage.signature(launch.fn, launch.args, launch.kwargs) for launch in launches}
 gate_coverage.save(signatures)  # read by the suite's coverage check (tests/conftest.py)
 values = {}  # (kernel, flag constexpr) -> the values the gate compiles it with
-for sig in signatures:
-    kernel, *parts = sig.split()
+launched = [(kernel.rsplit(".", 1)[1], parts) for kernel, *parts in map(str.split, signatures)]
+for kernel, parts in launched:
     for flag, _, value in (p.partition("=") for p in parts if "=" in p and not p.endswith("=None")):
-        values.setdefault((kernel.rsplit(".", 1)[1], flag), set()).add(value)
+        values.setdefault((kernel, flag), set()).add(value)
+for kernel, parts in launched:  # a flag a launcher leaves out compiles with its default
+    given = {p.partition("=")[0] for p in parts}
+    for (k, flag), v in values.items():
+        if k == kernel and flag not in given:
+            v.add("default")
 print("flags-with-one-value", sorted(f"{k}.{f}={v}" for (k, f), v in values.items() if len(v) < 2))
 for method in PAPER_STEPS:
     with g.fake_cuda(card) as recorded:
