@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--root", default=None, help="Fashion-MNIST folder (default: Debian's dataset path)")
     p.add_argument("--results", type=Path, default=Path("benchmarks/results"))
-    p.add_argument("--append", action="store_true", help="add the rows to the data file instead of replacing it")
+    p.add_argument("--append", action="store_true",
+                   help="add the rows to the data file instead of replacing it")
     args = p.parse_args(argv)
     if args.tiny:
         args.train_images, args.epochs, args.clean_train, args.clean_test = 64, 1, 40, 20

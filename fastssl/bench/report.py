@@ -267,14 +267,16 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], str]]] = {
         ("img/s (shared machine)", col("images_per_second", "{:.0f}")),
         ("load avg", col("load_avg", "{:.1f}"))]).render),
     "finetune_presets": ("finetune_study.jsonl", Table("finetune_study.jsonl", [
-        ("method", col("method")), ("backbone", col("backbone")), ("pre-training steps", col("pretrain_steps")),
+        ("method", col("method")), ("backbone", col("backbone")),
+        ("pre-training steps", col("pretrain_steps")),
         ("px: pre-train → fine-tune", lambda r: f"{r['pretrain_size']} → {r['size']}"), ("init", col("init")),
         ("linear probe", _pct100("linear_top1")), ("fine-tuned top-1", _pct100("finetune_top1")),
         ("fine-tuned top-5", _pct100("finetune_top5")), ("fine-tuning steps", col("finetune_steps"))],
         keep=lambda r: r["part"] == "presets").render),
     "finetune_vocab": ("finetune_study.jsonl", Table("finetune_study.jsonl", [
         ("vocabulary", col("vocab")), ("targets", col("targets")), ("labels", col("labels")),
-        ("images kept", col("images")), ("kNN", _pct100("knn_top1")), ("linear probe", _pct100("linear_top1")),
+        ("images kept", col("images")), ("kNN", _pct100("knn_top1")),
+        ("linear probe", _pct100("linear_top1")),
         ("fine-tuned top-1", _pct100("finetune_top1"))], keep=lambda r: r["part"] == "vocab").render),
     "readouts": ("readouts.jsonl", Table("readouts.jsonl", [
         ("read-out of the last stage", col("readout")), ("dim", col("dim")), ("kNN trained", pct("knn_top1")),
