@@ -67,8 +67,10 @@ def grad_cache_encode(encode: Callable[..., Features], *inputs: torch.Tensor, mi
         return encode(*inputs)
     chunks = zip(*(x.chunk(micro_batches) for x in inputs))
     if torch.is_grad_enabled():
-        keep = lambda: (contextlib.nullcontext(), _running_stats_kept(module))  # noqa: E731
-        parts = [checkpoint(encode, *c, use_reentrant=False, context_fn=keep) for c in chunks]
+        def contexts():  # the first pass as is; the replay keeps the running statistics
+            return contextlib.nullcontext(), _running_stats_kept(module)
+
+        parts = [checkpoint(encode, *c, use_reentrant=False, context_fn=contexts) for c in chunks]
     else:
         parts = [encode(*c) for c in chunks]
     if isinstance(parts[0], torch.Tensor):
