@@ -114,6 +114,8 @@ def finetuned(run: Path, folder: str, args, init: str) -> dict:
     keys = dict(init=init, epochs=args.ft_epochs, batch_size=args.batch_size, loader="torchvision",
                 warmup_epochs=min(1.0, args.ft_epochs / 4), num_threads=args.threads, seed=args.seed,
                 out=str(out))
+    if args.ft_lr is not None:
+        keys["base_lr"] = args.ft_lr
     if init == "random":  # layer decay keeps what pre-training put in the early layers; here there is none
         keys["layer_decay"] = 1.0
     s = finetune(run, folder, args.size, keys, preset={}, progress=False, log=lambda m: None)
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--clean-test", dest="clean_test", type=int, default=5000)
     p.add_argument("--size", type=int, default=32, help="fine-tuning size (pre-training: 24-28)")
     p.add_argument("--ft-epochs", dest="ft_epochs", type=int, default=5)
+    p.add_argument("--ft-lr", dest="ft_lr", type=float, help="fine-tuning base_lr (else its default)")
     p.add_argument("--pretrain-steps", dest="pretrain_steps", type=int, help="presets: step cap")
     p.add_argument("--pretrain-batch", dest="pretrain_batch", type=int, help="presets: batch (else preset's)")
     p.add_argument("--threads", type=int, default=2)
