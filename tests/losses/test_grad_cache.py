@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastssl.losses import ClipLoss, InfoNCELoss, SigLipLoss, grad_cache_encode
+from fastssl.losses.grad_cache import _running_stats_kept
 
 N, D_IN, D, MICRO = 12, 10, 8, 3
 
@@ -92,3 +93,17 @@ def test_errors():
         grad_cache_encode(model, [[1.0]], micro_batches=2, module=model)
     with pytest.raises(ValueError, match="micro_batches must be an integer >= 1, got 0"):
         grad_cache_encode(model, torch.randn(6, 2), micro_batches=0, module=model)
+
+
+def test_the_replay_restores_sync_batch_norm_statistics():
+    """SyncBatchNorm (what sync_bn=true converts to) runs only on CUDA tensors, so the replay's
+    restore is shown on its buffers directly: the running statistics of every normalization layer,
+    synchronised or not, come back after the replay moved them."""
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2)))
+    assert isinstance(model[1], nn.SyncBatchNorm)
+    before = [b.clone() for b in model.buffers()]
+    with _running_stats_kept(model):
+        for b in model.buffers():
+            b.add_(1)
+    for got, exp in zip(model.buffers(), before, strict=True):
+        torch.testing.assert_close(got, exp, rtol=0, atol=0)
