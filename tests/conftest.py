@@ -98,6 +98,30 @@ def device() -> torch.device:
 
 
 @pytest.fixture
+def kept_bands(monkeypatch):
+    """kept_bands(cap): the InfoNCE kernels' KEEP_P workspace capped at `cap` bytes (so a tiny
+    problem runs in several bands) and the device fill left out of the choice (a tiny problem fills
+    no GPU); returns a Counter of the KEEP_P launches (bands) per kernel name."""
+    from collections import Counter
+
+    from fastssl.ops import _info_nce_launchers, _info_nce_tiles
+
+    bands, launch = Counter(), _info_nce_launchers._launch
+
+    def counted(kernel, tuned, **kw):
+        bands[kernel.__name__] += kw["flags"].get("KEEP_P", False)
+        launch(kernel, tuned, **kw)
+
+    def cap(nbytes: int) -> Counter:
+        monkeypatch.setattr(_info_nce_tiles, "_KEEP_P_BYTES", nbytes)
+        monkeypatch.setattr(_info_nce_tiles, "multiprocessor_count", lambda device: None)
+        monkeypatch.setattr(_info_nce_launchers, "_launch", counted)
+        return bands
+
+    return cap
+
+
+@pytest.fixture
 def small_disk(tmp_path):
     """A 1 MiB tmpfs (needs root and mount); skipped where it cannot be mounted."""
     disk = tmp_path / "disk"

@@ -132,6 +132,36 @@ def test_clip_kernels_traffic(N, D):
         {"_info_nce_bwd_combine_kernel"} if N > 128 else set())
 
 
+def test_kept_p_bands_traffic(kept_bands):
+    """KEEP_P in bands (CLIP's local form, N = 5 of M = 130 rows, fp32 D = 140, the workspace capped
+    at one forward split): every band's launch reads and writes its views (x's column band and its
+    splits' partials, the key band and its gradient rows, the workspace) as its formula counts them."""
+    bands = kept_bands(5 * (128 * 4 + 2 * 4))
+    x, y = torch.randn(5, 140, requires_grad=True), torch.randn(5, 140, requires_grad=True)
+    every = [torch.randn(130, 140, requires_grad=True) for _ in range(2)]
+    check_formulas(lambda: ops.clip_loss(x, y, 3.0, all_image_features=every[0], all_text_features=every[1],
+                                         label_offset=125, backend="triton").backward())
+    assert (bands["_info_nce_fwd_kernel"], bands["_info_nce_bwd_kernel"]) == (4, 4), bands
+
+
+def test_clip_local_workspace_is_flat_in_world_size():
+    """The KEEP_P workspace a CLIP local-loss step allocates (the p and rescales of every launch, on
+    meta tensors with an H100's grid), N = 1,024 rows per rank, D = 1,024 bf16: within the cap at 8,
+    64 and 256 ranks, and the same at 64 as at 256, where unbanded it would be N x world·N (128 and
+    512 MiB)."""
+    from fastssl.ops._info_nce_tiles import _KEEP_P_BYTES
+    from fastssl.ops._traffic import whole
+
+    def workspace(world: int) -> int:
+        make, _, fused = traffic._clip_case(1024, world * 1024, 1024)
+        _, launches = traffic.count_fused(make, fused)
+        return max(whole(launch.args, ("p_ptr", "alpha_ptr"), ())[0] for launch in launches)
+
+    sizes = {world: workspace(world) for world in (8, 64, 256)}
+    assert sizes[8] == 1024 * 8192 * 2 + 1024 * (8192 // 64) * 4  # the forward's, whole: under the cap
+    assert sizes[64] == sizes[256] <= _KEEP_P_BYTES, sizes
+
+
 def test_mae_model_step_traffic():
     """The MAE model's own training step (patch embedding's D-major output, class token and
     position embeddings fused into the masking and unshuffle kernels, the loss reading pixels

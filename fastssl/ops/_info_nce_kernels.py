@@ -400,15 +400,33 @@ def _fwd_traffic(a: dict) -> tuple[int, int, int]:
     return *whole(a, reads, writes), _matmul_flops(a, int(a["COMPUTE_DQ"]))
 
 
+def _targeted(a: dict) -> int:
+    """The queries whose target is one of this launch's keys (all N but in a band of keys): the key
+    gradient's target term reads their rows (query, gradient, norm, the key's outer weight) only."""
+    N, M, offset = a["q_ptr"].shape[0], a["k_ptr"].shape[0], a["label_offset"]
+    return max(0, min(N, M - offset) - max(0, -offset))
+
+
+def _bwd_traffic(a: dict) -> tuple[int, int, int]:
+    reads = ("q_ptr", "k_ptr", "lse2_ptr", "weight_ptr", "p_ptr", "weight_scale_ptr") + _OUTER + _norms(a)
+    read, written = whole(a, reads, ("part_ptr", "p_ptr", "dk_ptr"))
+    direct_grad = _targeted(a) * 4 if hasattr(a.get("grad_ptr"), "numel") else 0  # absent without DIRECT
+    return read + direct_grad, written, _matmul_flops(a, 1)
+
+
+def _bwd_combine_traffic(a: dict) -> tuple[int, int, int]:
+    """The keys themselves only for the normalization backward."""
+    read, written = whole(a, ("weight_scale_ptr", "part_ptr") + ("k_ptr", "k_norm_ptr") * a["NORMALIZE"], ("dk_ptr",))
+    q = a["q_ptr"]
+    per_target = q.shape[1] * q.itemsize + 4 * (1 + a["NORMALIZE"] + a["OUTER_LSE"])
+    return read + _targeted(a) * per_target, written, 0
+
+
 _OUTER = ("outer_lse2_ptr", "outer_weight_ptr")  # empty without OUTER_LSE: 0 bytes
-_DIRECT = ("grad_ptr", "weight_scale_ptr")  # absent without DIRECT (part_ptr empty with it)
 
 KERNEL_TRAFFIC = {
     "_info_nce_combine_kernel": _combine_traffic,
-    "_info_nce_bwd_combine_kernel": lambda a: (*whole(
-        a, ("q_ptr", "grad_ptr", "outer_weight_ptr", "weight_scale_ptr", "part_ptr") + ("k_ptr",) * a["NORMALIZE"]
-        + _norms(a), ("dk_ptr",)), 0),  # the keys themselves only for the normalization backward
+    "_info_nce_bwd_combine_kernel": _bwd_combine_traffic,
     "_info_nce_fwd_kernel": _fwd_traffic,
-    "_info_nce_bwd_kernel": lambda a: (*whole(a, ("q_ptr", "k_ptr", "lse2_ptr", "weight_ptr", "p_ptr") + _OUTER
-                                              + _norms(a) + _DIRECT, ("part_ptr", "p_ptr", "dk_ptr")), _matmul_flops(a, 1)),
+    "_info_nce_bwd_kernel": _bwd_traffic,
 }

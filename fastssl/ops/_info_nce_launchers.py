@@ -21,6 +21,7 @@ from fastssl.ops._info_nce_tiles import (
     _combine_warps,
     _d_tiles,
     _fixed_outer,
+    _kept_band,
     _launch,
     _num_splits,
     stream_tile,
@@ -33,35 +34,66 @@ def _row_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32)
 
 
+def _forward_plan(N: int, X_ROWS: int, D: int, dtype: torch.dtype, device: torch.device, *, compute_dq: bool,
+                  column_stats: bool) -> dict:
+    """The forward's D tiles, its column splits (splits, split_cols) and band_splits, the splits per
+    KEEP_P band (0: no KEEP_P). Column statistics [query tiles, X_ROWS] are written by one launch
+    over every column (a band's columns would be a strided slice of them): that launch is not
+    banded, and recomputes the logits per D chunk (CLIP's one grid asks for them without dq)."""
+    d_tiles = _d_tiles(D, dtype)
+    chunks = triton.cdiv(D, d_tiles["BLOCK_DV"]) if compute_dq else 1  # D programs split the accumulator only
+    splits, split_cols = _num_splits(N, X_ROWS, D, chunks, device)
+    band = 0
+    if chunks > 1 and not column_stats:
+        kept_splits, kept_cols = _num_splits(N, X_ROWS, D, 1, device, kept_bytes=N * X_ROWS * dtype.itemsize)
+        tiles = triton.cdiv(N, _fixed_outer(dtype, "BLOCK_N"))
+        band = _kept_band(units=kept_splits,
+                          unit_bytes=N * (kept_cols * dtype.itemsize + triton.cdiv(kept_cols, stream_tile(dtype)) * 4),
+                          band_programs=lambda n: tiles * n, chunks=chunks,
+                          recompute_programs=triton.cdiv(N, 128) * splits * chunks, device=device)
+        if band:
+            d_tiles, splits, split_cols = _d_tiles(D, dtype, keep_p=True), kept_splits, kept_cols
+    return dict(d_tiles=d_tiles, d_programs=1 if band else chunks, splits=splits, split_cols=split_cols,
+                band_splits=band)
+
+
 def info_nce_partials(
     query: torch.Tensor, x: torch.Tensor, q_norm: torch.Tensor, x_norm: torch.Tensor, *, scale2: float,
     label_offset: int, scale_rows: bool, scale_cols: bool, compute_dq: bool, exclude_self: bool, column_stats: bool,
 ) -> dict:
     """Launch the forward kernel: per split, each query row's (m, l) [splits, N] and, with compute_dq,
     acc [splits, N, D]; with column_stats, each streamed row's (col_m, col_l) [query tiles, X_ROWS]
-    (fixed tiles then, so the number of query tiles is known here)."""
+    (fixed tiles then, so the number of query tiles is known here). A KEEP_P launch runs over bands
+    of whole splits: x's column band, the splits' partials, one workspace of N x band columns."""
     N, D = query.shape
     X_ROWS = x.shape[0]
-    d_tiles = _d_tiles(D, query.dtype, kept_elements=N * X_ROWS if compute_dq else 0)
-    keep = d_tiles.pop("KEEP_P")
-    # D programs split the accumulator only, unless one program makes every pass (KEEP_P)
-    d_programs = 1 if keep or not compute_dq else triton.cdiv(D, d_tiles["BLOCK_DV"])
-    splits, split_cols = _num_splits(N, X_ROWS, D, d_programs, query.device)
+    plan = _forward_plan(N, X_ROWS, D, query.dtype, query.device, compute_dq=compute_dq, column_stats=column_stats)
+    splits, split_cols, band = plan["splits"], plan["split_cols"], plan["band_splits"]
     row_tiles = triton.cdiv(N, _fixed_outer(query.dtype, "BLOCK_N")) if column_stats else 0
     f32 = {"dtype": torch.float32, "device": query.device}
     out = dict(splits=splits, m=torch.empty(splits, N, **f32), l=torch.empty(splits, N, **f32),
                acc=torch.empty((splits, N, D) if compute_dq else (0,), **f32), row_tiles=row_tiles,
                col_m=torch.empty(row_tiles, X_ROWS, **f32), col_l=torch.empty(row_tiles, X_ROWS, **f32))
     flags = dict(SCALE_ROWS=scale_rows, SCALE_COLS=scale_cols, COMPUTE_DQ=compute_dq, EXCLUDE_SELF=exclude_self,
-                 COLUMN_STATS=column_stats, EPS=_EPS, DOT_PRECISION=dot_precision(query.dtype), **d_tiles)
-    if keep:  # passed only here: the other launches keep their signature
-        flags |= dict(KEEP_P=True, p_ptr=torch.empty(N, X_ROWS, dtype=query.dtype, device=query.device),
-                      alpha_ptr=torch.empty(N, triton.cdiv(X_ROWS, stream_tile(query.dtype)), **f32))
-    args = (query, x, q_norm, x_norm, out["m"], out["l"], out["acc"], out["col_m"], out["col_l"], N, X_ROWS, D,
-            *query.stride(), *x.stride(), split_cols, label_offset, scale2)
-    _launch(_info_nce_fwd_kernel, _fwd_tuned, splits=splits, d_programs=d_programs, outer_block="BLOCK_N",
-            outer_rows=N, logits=N * X_ROWS, args=args, flags=flags, dtype=query.dtype,
-            tune=not (column_stats or keep))
+                 COLUMN_STATS=column_stats, EPS=_EPS, DOT_PRECISION=dot_precision(query.dtype), **plan["d_tiles"])
+    flags.pop("KEEP_P")  # passed only where set: the other launches keep their signature
+    if band:
+        cols = min(band * split_cols, X_ROWS)
+        block_m = stream_tile(query.dtype)
+        p = torch.empty(N * cols, dtype=query.dtype, device=query.device)
+        alpha = torch.empty(N * triton.cdiv(cols, block_m), **f32)
+    for s0 in range(0, splits, band or splits):
+        s1 = min(s0 + (band or splits), splits)
+        c0, c1 = s0 * split_cols, min(s1 * split_cols, X_ROWS)
+        if band:  # the band's columns are 0..c1 - c0 in the kernel: the workspace's, and the own column's
+            kept = N * (c1 - c0), N * triton.cdiv(c1 - c0, block_m)
+            flags |= dict(KEEP_P=True, p_ptr=p[:kept[0]].view(N, c1 - c0), alpha_ptr=alpha[:kept[1]].view(N, -1))
+        args = (query, x[c0:c1], q_norm, x_norm[c0:c1] if scale_cols else x_norm, out["m"][s0:s1], out["l"][s0:s1],
+                out["acc"][s0:s1] if compute_dq else out["acc"], out["col_m"], out["col_l"], N, c1 - c0, D,
+                *query.stride(), *x.stride(), split_cols, label_offset - c0, scale2)
+        _launch(_info_nce_fwd_kernel, _fwd_tuned, splits=s1 - s0, d_programs=plan["d_programs"],
+                outer_block="BLOCK_N", outer_rows=N, logits=N * (c1 - c0), args=args, flags=flags,
+                dtype=query.dtype, tune=not (column_stats or band))
     return out
 
 
@@ -135,32 +167,66 @@ def info_nce_bwd(
     weight_scale = weight.abs().amax().clamp_min(torch.finfo(torch.float32).tiny)
     weight = weight / weight_scale
     weight, outer_weight = weight[:N], weight[N:]
-    d_tiles = _d_tiles(D, query.dtype, kept_elements=M * N)
-    keep = d_tiles.pop("KEEP_P")
-    d_programs = 1 if keep else triton.cdiv(D, d_tiles["BLOCK_DV"])
-    num_splits, split_rows = _num_splits(M, N, D, d_programs, dev)
+    plan = _key_grad_plan(M, N, D, query.dtype, dev)
+    band_rows, num_splits, split_rows = plan["band_rows"], plan["splits"], plan["split_rows"]
+    keep = plan["d_tiles"]["KEEP_P"]
     # one split finishes in the kernel; at one-chunk widths (D <= 128) the fp32 partials are small anyway
-    direct = num_splits == 1 and not normalize and not d_tiles["ONE_CHUNK"]
-    part = torch.empty((0,) if direct else (num_splits, M, D), dtype=torch.float32, device=dev)
+    direct = num_splits == 1 and not normalize and not plan["d_tiles"]["ONE_CHUNK"]
+    part = torch.empty((0,) if direct else (num_splits * band_rows * D,), dtype=torch.float32, device=dev)
     dk = torch.empty(key.shape, dtype=key.dtype, device=dev)
     flags = dict(NORMALIZE=normalize, EXCLUDE_SELF=exclude_self, OUTER_LSE=has_outer, EPS=_EPS,
-                 DOT_PRECISION=dot_precision(query.dtype), **d_tiles)
-    if keep:  # passed only where set: the other launches keep their signature
-        flags |= dict(KEEP_P=True, p_ptr=torch.empty(M, N, dtype=key.dtype, device=dev))
+                 DOT_PRECISION=dot_precision(query.dtype), **plan["d_tiles"])
+    flags.pop("KEEP_P")  # passed only where set: the other launches keep their signature
+    if keep:
+        p = torch.empty(band_rows * N, dtype=key.dtype, device=dev)
     if direct:
-        flags |= dict(DIRECT=True, grad_ptr=grad, weight_scale_ptr=weight_scale, dk_ptr=dk,
-                      inv_temperature=1.0 / temperature)
-    args = (query, key, q_norm, k_norm, lse2, weight, outer_lse2 if has_outer else lse2[:0], outer_weight, part,
-            N, M, D, *query.stride(), *key.stride(), split_rows, label_offset, _LOG2E / temperature)
-    _launch(_info_nce_bwd_kernel, _bwd_tuned, splits=num_splits, d_programs=d_programs, outer_block="BLOCK_M",
-            outer_rows=M, logits=N * M, args=args, flags=flags, dtype=query.dtype, tune=not keep)
-    if direct:
-        return dk
-    block_m = _combine_block(D)
-    _info_nce_bwd_combine_kernel[(triton.cdiv(M, block_m),)](
-        query, key, q_norm, k_norm, grad, outer_weight, weight_scale, part, dk,
-        N, M, D, *query.stride(), *key.stride(), num_splits, label_offset, 1.0 / temperature,
-        NORMALIZE=normalize, EXCLUDE_SELF=exclude_self, OUTER_LSE=has_outer, EPS=_EPS, BLOCK_M=block_m,
-        BLOCK_D=block_d(D), num_warps=_combine_warps(D),
-    )
+        flags |= dict(DIRECT=True, grad_ptr=grad, weight_scale_ptr=weight_scale, inv_temperature=1.0 / temperature)
+    # Bands of key rows [b0, b1): the kernels see keys 0..b1 - b0, so the label offset (a key's own
+    # query, its target, EXCLUDE_SELF's column) moves by b0, and the per-key tensors are sliced.
+    for b0 in range(0, M, band_rows):
+        b1 = min(b0 + band_rows, M)
+        rows, offset = b1 - b0, label_offset - b0
+        band_part = part if direct else part[:num_splits * rows * D].view(num_splits, rows, D)
+        band_norm = k_norm[b0:b1] if normalize else k_norm
+        if keep:
+            flags |= dict(KEEP_P=True, p_ptr=p[:rows * N].view(rows, N))
+        if direct:
+            flags |= dict(dk_ptr=dk[b0:b1])
+        args = (query, key[b0:b1], q_norm, band_norm, lse2, weight, outer_lse2[b0:b1] if has_outer else lse2[:0],
+                outer_weight[b0:b1], band_part, N, rows, D, *query.stride(), *key.stride(), split_rows, offset,
+                _LOG2E / temperature)
+        _launch(_info_nce_bwd_kernel, _bwd_tuned, splits=num_splits, d_programs=plan["d_programs"],
+                outer_block="BLOCK_M", outer_rows=rows, logits=N * rows, args=args, flags=flags, dtype=query.dtype,
+                tune=not keep)
+        if direct:
+            continue
+        block_m = _combine_block(D)
+        _info_nce_bwd_combine_kernel[(triton.cdiv(rows, block_m),)](
+            query, key[b0:b1], q_norm, band_norm, grad, outer_weight[b0:b1], weight_scale, band_part, dk[b0:b1],
+            N, rows, D, *query.stride(), *key.stride(), num_splits, offset, 1.0 / temperature,
+            NORMALIZE=normalize, EXCLUDE_SELF=exclude_self, OUTER_LSE=has_outer, EPS=_EPS, BLOCK_M=block_m,
+            BLOCK_D=block_d(D), num_warps=_combine_warps(D),
+        )
     return dk
+
+
+def _key_grad_plan(M: int, N: int, D: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The key gradient's D tiles, band_rows (keys per KEEP_P band; all M without KEEP_P) and each
+    band's query splits (splits, split_rows)."""
+    d_tiles = _d_tiles(D, dtype)
+    chunks = triton.cdiv(D, d_tiles["BLOCK_DV"])
+    tile = _fixed_outer(dtype, "BLOCK_M")
+
+    def splits_of(rows: int, d_programs: int) -> tuple[int, int]:
+        return _num_splits(rows, N, D, d_programs, device)
+
+    band = 0
+    if chunks > 1:
+        band = _kept_band(units=triton.cdiv(M, tile), unit_bytes=tile * N * dtype.itemsize,
+                          band_programs=lambda n: n * splits_of(min(n * tile, M), 1)[0], chunks=chunks,
+                          recompute_programs=triton.cdiv(M, 128) * splits_of(M, chunks)[0] * chunks, device=device)
+    band_rows = min(band * tile, M) if band else M
+    d_programs = 1 if band else chunks
+    splits, split_rows = splits_of(band_rows, d_programs)
+    return dict(d_tiles=_d_tiles(D, dtype, keep_p=band > 0), d_programs=d_programs, band_rows=band_rows,
+                splits=splits, split_rows=split_rows)

@@ -29,13 +29,15 @@ The kernels (the InfoNCE kernels with their CLIP flags, launched from _clip_loss
    rows as keys of the text queries (each tile recomputed, p and q from the two saved
    log-sum-exps), then the text gradient with the roles swapped; no atomics (deterministic).
    Above 128 columns the gradient is made in column chunks by one program that keeps each
-   tile's probabilities for the later chunks (KEEP_P, see fastssl.ops.info_nce), and a
-   gradient made in one split is finished in the kernel (DIRECT).
+   tile's probabilities for the later chunks (KEEP_P, see fastssl.ops.info_nce) in a bounded
+   workspace, band of key rows after band, and a gradient made in one split is finished in
+   the kernel (DIRECT).
 
 Matmul-equivalents (2·N²·D flops each): forward 1; backward 2 per feature set that needs a
 gradient, at any D. Extra memory: O(N·D + N²/BLOCK_N) fp32 and, where D is chunked, the kept
-probabilities (N² in the input's dtype, up to 128 MiB; beyond it each chunk recomputes the
-logits, one matmul more per chunk); no fp32 N × N logits.
+probabilities' workspace, at most 48 MiB at any N and number of ranks (larger problems run in
+bands through it; where bands too small to fill the device would not pay, each chunk recomputes
+the logits, one matmul more per chunk); no fp32 N × N logits and no N × world·N buffer.
 
 The scale multiplies the image rows (and, in the local form, the text rows) before the sweep, in
 open_clip's order of operations (`logit_scale * image_features @ text_features.T`): the kernels run

@@ -32,8 +32,8 @@ The kernels never build an N×K logits tile outside registers/shared memory:
    g_i q̂_i / T for j = i + label_offset and applies the normalization backward.
 
 Matmul-equivalents (2·N·K·D flops each): queue form 2 (logits, p·queue), in-batch with
-key gradient 4 (forward 2, backward 2), each +1 per extra D chunk above the scratch budget.
-Extra memory: O((N+M)·D), plus the kept p (N·K in the input's dtype) where D is chunked.
+key gradient 4 (forward 2, backward 2), each +1 per extra D chunk where the logits are recomputed.
+Extra memory: O((N+M)·D), plus where D is chunked the kept-p workspace, at most 48 MiB for any N and K.
 
 Normalization: row norms are one fp32 read pass over query/key (`_row_norms`); the
 kernels scale logits by 1/‖q‖·1/‖k‖ after the dot (so bf16 inputs feed the tensor cores
@@ -53,10 +53,14 @@ and the accumulator (Σ p x̂ in the forward, the key gradient) is made in colum
 (128 wide, fp32 64) so registers and shared memory stay bounded for any D (checked without
 spills for sm_80/89/90/100 by tests/ops/compile_gate.py). One program makes every chunk in
 turn (KEEP_P): a first pass computes each logits tile once and keeps its p, in the input's
-dtype as the dot takes it (and the forward's rescale α), in a scratch of outer x streamed
+dtype as the dot takes it (and the forward's rescale α), in a workspace of outer x streamed
 rows; each chunk's pass replays them, bit for bit the p it would recompute, so the logits
-cost one matmul whatever D. Above _KEEP_P_BYTES of scratch (128 MiB) each chunk is a program
-of its own that recomputes the logits. A key gradient made in one split of the queries with
+cost one matmul whatever D. The workspace is bounded (_KEEP_P_BYTES, 48 MiB, about an H100's
+L2): a problem whose p is larger runs band after band through one workspace (bands of key rows
+in the key gradient, of whole column splits of the streamed rows in the forward), so memory is
+flat in N, K and the number of ranks. Where a band holds too few programs to fill the device
+for keeping p to pay (or not one tile's p fits), each chunk is a program of its own that
+recomputes the logits. A key gradient made in one split of the queries with
 normalize=False (CLIP's) is finished in its kernel (DIRECT): no fp32 partials, no combine.
 
 At D=128 the exponentials are a co-limit with the matmuls on an H100; overlapping them

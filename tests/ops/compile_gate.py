@@ -89,9 +89,9 @@ def scenarios():
     def in_batch(dt, N, D):
         info_nce(t(N, D, dtype=dt, grad=True), t(N, D, dtype=dt, grad=True), backend="triton")
 
-    def nt_xent(dt, B, world):  # SimCLR: both views stacked, keys gathered from every rank
-        z = t(2 * B, 128, dtype=dt, grad=True)
-        keys = t(2 * B * world, 128, dtype=dt, grad=True)
+    def nt_xent(dt, B, world, D=128):  # SimCLR: both views stacked, keys gathered from every rank
+        z = t(2 * B, D, dtype=dt, grad=True)
+        keys = t(2 * B * world, D, dtype=dt, grad=True)
         info_nce(z, keys, label_offset=2 * B * (world - 1), exclude_self=True, backend="triton")
 
     def dino(dt, B, crops, K):
@@ -148,8 +148,10 @@ def scenarios():
             (f"clip N={N} M={M} D={D} {name}", lambda dt=dt, N=N, M=M, D=D: clip(dt, N, M, D))
             # 4096: tuned backward tiles; 1024 of 2048: the local form on 2 GPUs (key gradients in
             # splits, merged); 32768: open_clip's local_loss=False at a 32k global batch, whose
-            # probabilities outgrow the kept-p scratch (each D chunk its own program)
-            for N, M in ((256, 256), (4096, 4096), (1024, 2048), (1024, 32768), (32768, 32768))
+            # probabilities run in bands through the kept-p workspace (key gradients in splits,
+            # merged); 524288: not one key tile's probabilities fit it (each D chunk its own program)
+            for N, M in ((256, 256), (4096, 4096), (1024, 2048), (1024, 32768), (32768, 32768),
+                         (524288, 524288))
             for D in (512, 1024)
         ]
         # a small tower's embedding (D = 128, one accumulator chunk) in the local form
@@ -172,6 +174,8 @@ def scenarios():
         ]
         out += [(f"info_nce nt-xent 2x{B} of {B * W} D=128 {name}", lambda dt=dt, B=B, W=W: nt_xent(dt, B, W))
                 for B, W in ((128, 1), (512, 8))]
+        # a projection wider than one accumulator chunk: the kept p with the own column left out
+        out += [(f"info_nce nt-xent 2x512 of 4096 D=256 {name}", lambda dt=dt: nt_xent(dt, 512, 8, D=256))]
         # the widest rows a launcher accepts (D chunks over programs)
         out += [(f"info_nce in-batch N=M=256 D=4096 {name}", lambda dt=dt: in_batch(dt, 256, 4096))]
         out += [

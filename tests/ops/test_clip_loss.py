@@ -98,55 +98,77 @@ CASES = [  # (N, D, t)
     (130, 16, 50.0),  # two splits of the rows' sweep and of each key gradient
     (5, 130, 10.0),  # two accumulator chunks (D columns) in the backward, the p kept
     (40, 140, 20.0),  # two image tiles (one ragged) and two D chunks (the second ragged)
+    (66, 140, 20.0),  # KEEP_P in bands (below): each key gradient's 66 keys in bands of 64 and 2
 ]
+# the workspace capped at one key tile (64 keys x 66 fp32 queries); the forward writes column
+# statistics, so it is one launch, never banded
+BANDED_GRID, BANDED_GRID_CAP = CASES[-1], 64 * 66 * 4
 
 
 # fp16 takes the 16-bit tiles: a ragged multi-tile case and the D-chunked one (D > 128 for 16 bits)
 @pytest.mark.parametrize("case,dtype", [(c, torch.float32) for c in CASES]
                          + [(CASES[2], torch.float16), (CASES[5], torch.float16)],
                          ids=lambda v: "N{}-D{}-t{}".format(*v) if isinstance(v, tuple) else str(v)[6:])
-def test_kernel_vs_fp64(case, dtype, device):
+def test_kernel_vs_fp64(case, dtype, device, kept_bands):
     N, D, t = case
+    bands = kept_bands(BANDED_GRID_CAP) if case == BANDED_GRID else None
     inputs = make(N, D, seed=N + D, t=t, device=device)
     truth = value_and_grads(paper_loss if N <= 3 else clip_loss_ref, inputs, F64, grad_out=-2.5)
     low = value_and_grads(clip_loss_ref, inputs, dtype, grad_out=-2.5)
     got = value_and_grads(lambda *a: clip_loss(*a, backend="triton"), inputs, dtype, grad_out=-2.5)
     assert_within_rule(got, low, truth, 2e-6 if dtype == torch.float32 else 2e-3, t)
     assert got[4].abs().max() == 0  # the bias: cross-entropy is shift-invariant
+    if bands is not None:  # the two key gradients (OUTER_LSE), two bands each
+        assert (bands["_info_nce_fwd_kernel"], bands["_info_nce_bwd_kernel"]) == (0, 4), bands
 
 
-@pytest.mark.parametrize("D", [16, 140])
-def test_local_form_vs_fp64(D, device):
+# The local form in KEEP_P bands: rank 25 of 26 (N = 5 of M = 130, labels offset by 125), the
+# workspace capped at one forward split (5 rows x 128 fp32 columns, + their rescales): each
+# direction's forward runs its 2 column splits one band each, each key gradient its 130 keys in
+# bands of 128 and 2, the positives (125-129) across both.
+BANDED_LOCAL, BANDED_CAP = (130, 125), 5 * (128 * 4 + 2 * 4)
+
+
+@pytest.mark.parametrize("D,M,offset", [(16, 15, 5), (140, 15, 5), (140, *BANDED_LOCAL)],
+                         ids=["D16", "D140", "D140-banded"])
+def test_local_form_vs_fp64(D, M, offset, device, kept_bands):
     """Rank 1 of 3 (N = 5 of M = 15): its rows against every rank's, labels offset by 5; D = 140: the
     forward's query gradient in two D chunks, the second replaying the first's p and rescales."""
-    x, y, log_t, b = make(5, D, seed=4, M=15, device=device)
-    inputs = [x[5:10], y[5:10], log_t, b]
+    bands = kept_bands(BANDED_CAP) if (M, offset) == BANDED_LOCAL else None
+    x, y, log_t, b = make(5, D, seed=4, M=M, device=device)
+    inputs = [x[offset:offset + 5], y[offset:offset + 5], log_t, b]
 
     def gathered(dtype):  # the other ranks' rows, gathered without gradient
-        return dict(all_image_features=x.to(dtype), all_text_features=y.to(dtype), label_offset=5)
+        return dict(all_image_features=x.to(dtype), all_text_features=y.to(dtype), label_offset=offset)
 
     truth = value_and_grads(lambda *a: clip_loss_ref(*a, **gathered(F64)), inputs, F64)
     low = value_and_grads(lambda *a: clip_loss_ref(*a, **gathered(torch.float32)), inputs, torch.float32)
     got = value_and_grads(lambda *a: clip_loss(*a, **gathered(torch.float32), backend="triton"), inputs,
                           torch.float32)
     assert_within_rule(got, low, truth, 2e-6, 20.0)
+    if bands is not None:  # two directions, each a banded forward (its key gradient: no gathered grad)
+        assert (bands["_info_nce_fwd_kernel"], bands["_info_nce_bwd_kernel"]) == (4, 0), bands
 
 
-def test_local_form_gathered_gradients_vs_fp64(device):
+@pytest.mark.parametrize("M,offset", [(15, 5), BANDED_LOCAL], ids=["M15", "M130-banded"])
+def test_local_form_gathered_gradients_vs_fp64(M, offset, device, kept_bands):
     """gather_with_grad: the gradients of every rank's gathered rows (key gradients finished in their
     kernel, labels offset by 5, two D chunks) against float64, by DESIGN.md's rule."""
-    x, y, log_t, _ = make(5, 140, seed=6, M=15, device=device)
+    bands = kept_bands(BANDED_CAP) if (M, offset) == BANDED_LOCAL else None
+    x, y, log_t, _ = make(5, 140, seed=6, M=M, device=device)
 
     def grads(dtype, **backend):
         X, Y = x.to(dtype).requires_grad_(), y.to(dtype).requires_grad_()
         loss_fn = clip_loss if backend else clip_loss_ref
-        loss = loss_fn(x[5:10].to(dtype), y[5:10].to(dtype), log_t.exp().to(dtype), all_image_features=X,
-                       all_text_features=Y, label_offset=5, **backend)
+        loss = loss_fn(x[offset:offset + 5].to(dtype), y[offset:offset + 5].to(dtype), log_t.exp().to(dtype),
+                       all_image_features=X, all_text_features=Y, label_offset=offset, **backend)
         return [g.double() for g in torch.autograd.grad(loss, [X, Y])]
 
     truth, low, got = grads(F64), grads(torch.float32), grads(torch.float32, backend="triton")
     for g, lo, tr in zip(got, low, truth):
-        assert (g - tr).abs().max() <= 2 * (lo - tr).abs().max() + 2e-6 * (tr.abs().max() + 20.0 / 15)
+        assert (g - tr).abs().max() <= 2 * (lo - tr).abs().max() + 2e-6 * (tr.abs().max() + 20.0 / M)
+    if bands is not None:
+        assert (bands["_info_nce_fwd_kernel"], bands["_info_nce_bwd_kernel"]) == (4, 4), bands
 
 
 def test_d_chunks_without_the_kept_p_agree(device, monkeypatch):

@@ -152,15 +152,27 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}-M{}-K{}-D{}-T{}-off{}-norm{}".format(*c))
-def test_kernel_fp32_vs_fp64(case, device):
+# KEEP_P in bands: the workspace capped at one forward split (5 queries x 128 fp32 columns, + their
+# rescales): the forward runs its 2 column splits one band each, the in-batch key gradient its 130
+# keys in bands of 128 and 2, the targets (keys 125-129) across both.
+BANDED = [(5, 130, None, 140, 0.1, 125, True), (5, 5, 130, 140, 0.2, 0, False)]
+BANDED_CAP = 5 * (128 * 4 + 2 * 4)
+
+
+@pytest.mark.parametrize("case", CASES + BANDED, ids=lambda c: "N{}-M{}-K{}-D{}-T{}-off{}-norm{}".format(*c)
+                         + ("-banded" if c in BANDED else ""))
+def test_kernel_fp32_vs_fp64(case, device, kept_bands):
     N, M, K, D, T, offset, normalize = case
+    bands = kept_bands(BANDED_CAP) if case in BANDED else None
     q, k, queue, w = make_inputs(N, M, K, D, seed=N * 31 + M, device=device)
     kw = dict(temperature=T, normalize=normalize, label_offset=offset, reduction="none")
     truth = losses_and_grads(lambda *a: oracle(*a, T, offset, normalize), q, k, queue, w, F64)
     low = losses_and_grads(lambda *a: info_nce_ref(*a, **kw), q, k, queue, w, torch.float32)
     got = losses_and_grads(lambda *a: info_nce(*a, **kw, backend="triton"), q, k, queue, w, torch.float32)
     check_all(got, low, truth, torch.float32, q, k, queue, T, normalize, w)
+    if bands is not None:
+        key_bands = 2 if K is None else 0  # the queue form has no key gradient
+        assert (bands["_info_nce_fwd_kernel"], bands["_info_nce_bwd_kernel"]) == (2, key_bands), bands
 
 
 @pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[6], CASES[8], CASES[11]],

@@ -56,9 +56,18 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "N{}-M{}-off{}-D{}-T{}-norm{}-shared{}".format(*c))
-def test_kernel_fp32_matches_float64(case, device):
+# KEEP_P in bands (D=140: fp32 accumulator chunks), the workspace capped at one forward split (4
+# queries x 128 fp32 columns, + their rescales): the 2 column splits and the 160 keys (bands of 128
+# and 32) each run band by band, with the queries' own columns (126-129) across both bands.
+BANDED = [(4, 160, 126, 140, 0.2, True, True)]
+BANDED_CAP = 4 * (128 * 4 + 2 * 4)
+
+
+@pytest.mark.parametrize("case", CASES + BANDED, ids=lambda c: "N{}-M{}-off{}-D{}-T{}-norm{}-shared{}".format(
+    *c) + ("-banded" if c in BANDED else ""))
+def test_kernel_fp32_matches_float64(case, device, kept_bands):
     N, M, offset, D, T, normalize, shared = case
+    bands = kept_bands(BANDED_CAP) if case in BANDED else None
     q, k, w = _inputs(N, M, offset, D, seed=3 * N + M, shared=shared)
     kw = dict(temperature=T, normalize=normalize, label_offset=offset, exclude_self=True, reduction="none")
 
@@ -75,6 +84,8 @@ def test_kernel_fp32_matches_float64(case, device):
     for name, g, t in zip(("loss", "dq", "dk"), got, truth):
         torch.testing.assert_close(g, t, rtol=2e-4, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
     assert got[2][offset:offset + N].abs().sum() > 0  # the own rows still get gradient as keys of others
+    if bands is not None:
+        assert (bands["_info_nce_fwd_kernel"], bands["_info_nce_bwd_kernel"]) == (2, 2), bands
 
 
 def test_same_tensor_as_query_and_key_sums_both_gradients(device):
