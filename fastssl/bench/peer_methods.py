@@ -13,10 +13,11 @@ lightly-train 0.18.0 (`lightly_train.train(method=..., transform_args=...)`):
   softmax). transform_args: image_size and random_resize (min_scale, max_scale) = fastssl's
   global crops; local_view = fastssl's local crops (num_views, view_size, random_resize
   min_scale/max_scale), or None with no local crops. Its defaults kept (not fastssl's preset):
-  SGD lr 0.03 scaled by batch / 256 and weight decay 1e-4, output_dim, teacher temperature and
-  momentum start scaled to the data set's size, the last layer frozen for 1250 steps and the
-  teacher temperature warm-up for min(37,500 steps, 30% of training). Its export is the teacher's
-  backbone, the network fastssl's DINO evaluates.
+  SGD lr 0.03 scaled by batch / 256, weight decay 1e-4, gradient norm clipped to 3, the head
+  2048 -> 256 wide, and what it scales to the data set's size (for Fashion-MNIST's 60,000 images:
+  4096 prototypes, teacher temperature 0.02 from the first step, teacher momentum 0.99 -> 1); the
+  head's last layer frozen for the first 1250 steps (2.7 epochs at batch 128). Its export is the
+  teacher's backbone, the network fastssl's DINO evaluates.
 """
 
 from __future__ import annotations
