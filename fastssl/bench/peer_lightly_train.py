@@ -1,15 +1,19 @@
-"""lightly-train's SimCLR on fastssl's backbone, for `fastssl.bench.time_to_accuracy --peer lightly-train`.
+"""lightly-train's method on fastssl's backbone, for `fastssl.bench.time_to_accuracy --peer lightly-train`.
 
 Run by the interpreter of the environment where lightly-train is installed with its timm extra
 (`pip install 'lightly-train[timm]==0.18.0'`: fastssl's backbones module imports timm; never fastssl's own),
 with this checkout on PYTHONPATH, as `python -m fastssl.bench.peer_lightly_train '<request JSON>'`;
-the request names out, data (an image folder), backbone, image_size, epochs, batch_size and train_args (extra
-keyword arguments of lightly_train.train). The network is fastssl.models.build_backbone's module,
-passed through lightly-train's custom-model wrapper (get_model, forward_features, forward_pool,
-feature_dim); writes OUT/backbone.pt (its state dict after training) and OUT/peer_result.json.
-Timed as fastssl's run is: the forward of lightly-train's SimCLR modules (embedding model, projection
-head, loss), each optimizer.step (Lightning runs forward and backward inside it) and the update alone
-(from the first layer's gradient, the end of backward, to the step's end).
+the request names out, data (an image folder), method (lightly-train's), forward_modules (the class
+names of the modules its training step runs), backbone, image_size, epochs, batch_size and
+train_args (extra keyword arguments of lightly_train.train; fastssl.bench.peer_methods builds them).
+The network is fastssl.models.build_backbone's module, passed through lightly-train's custom-model
+wrapper (get_model, forward_features, forward_pool, feature_dim); writes OUT/backbone.pt (its state
+dict after training: lightly-train's export of that module) and OUT/peer_result.json.
+Timed as fastssl's run is: the forward of the method's modules (embedding models, projection heads,
+loss), each optimizer.step (Lightning runs forward and backward inside it) and the update alone
+(from the first layer's gradient, the end of backward, to the step's end). That layer is found in
+the optimizer at its first step: DINO trains a copy of the module it is given (the given one is
+its teacher, which gets no gradient), SimCLR the module itself.
 """
 
 from __future__ import annotations
@@ -22,9 +26,6 @@ from pathlib import Path
 import torch
 
 from fastssl.bench.time_to_accuracy import StepTimers
-
-# the modules of lightly-train's SimCLR.training_step_impl, timed as fastssl's Method.forward is
-FORWARD_MODULES = ("EmbeddingModel", "SimCLRProjectionHead", "NTXentLoss")
 
 
 class PooledBackbone(torch.nn.Module):
@@ -47,6 +48,19 @@ class PooledBackbone(torch.nn.Module):
         return self._dim
 
 
+def watch_trained_first_layer(timers: StepTimers, first: torch.nn.Parameter) -> None:
+    """At the first optimizer step, before its closure runs backward: time the end of backward at the
+    first trained parameter shaped as the backbone's first (`first` itself, or the trained copy of it)."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    def found(optimizer, args, kwargs):
+        handle.remove()
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.shape == first.shape]
+        timers.watch_backward_end(params[0])
+
+    handle = register_optimizer_step_pre_hook(found)
+
+
 def main(request: dict) -> int:
     try:
         import lightly_train
@@ -64,13 +78,14 @@ def main(request: dict) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     backbone, dim = build_backbone(request["backbone"], request["image_size"])
-    timers = StepTimers(lambda module: type(module).__name__ in FORWARD_MODULES)
-    timers.watch_backward_end(next(backbone.parameters()))
+    timed = set(request["forward_modules"])
+    timers = StepTimers(lambda module: type(module).__name__ in timed)
+    watch_trained_first_layer(timers, next(backbone.parameters()))
     lightly_train.train(
         out=str(out / "lightly_train"),
         data=request["data"],
         model=PooledBackbone(backbone, dim),
-        method="simclr",
+        method=request["method"],
         epochs=request["epochs"],
         batch_size=request["batch_size"],
         overwrite=True,

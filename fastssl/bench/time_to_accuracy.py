@@ -19,12 +19,13 @@ bookkeeping), optimizer (optimizer.step), evaluation (the tool's own kNN checks)
 boundary, which the split needs.
 
 --peer lightly-train: lightly-train's documented Python API (`lightly_train.train(out, data, model,
-method="simclr", epochs, batch_size)`; a custom model goes through its wrapper interface, which its
+method, epochs, batch_size)`; a custom model goes through its wrapper interface, which its
 command line does not offer) run by that tool's own interpreter (`--peer-python`, an environment
 where it is installed: never a dependency of fastssl) on the same images exported as PNG files and
-the same backbone module (fastssl.models.build_backbone, read from this checkout), fastssl's crop
-size and crop scale (its documented transform_args; --peer-args adds or replaces arguments), for
---peer-epochs epochs (the number whose training time matches fastssl's), with the same timers:
+the same backbone module (fastssl.models.build_backbone, read from this checkout), with the
+method nearest fastssl's and fastssl's views (fastssl.bench.peer_methods: `simclr` for SimCLR and
+the demo, `dino` for DINO; --peer-args adds or replaces arguments), for --peer-epochs epochs (the
+number whose training time matches fastssl's), with the same timers:
 Lightning runs forward and backward inside optimizer.step's closure, so its optimizer time is
 the step's end minus the moment the first layer's gradient is accumulated (the end of backward).
 Its row carries images_per_second_ratio_fastssl: fastssl's training images/s over the peer's, both
@@ -44,7 +45,6 @@ import time
 from pathlib import Path
 
 RESULTS = Path("benchmarks") / "results" / "time_to_accuracy.jsonl"
-PEERS = ("lightly-train",)
 PEER_RUNNER = "fastssl.bench.peer_lightly_train"  # run as a module: the folder holds queue.py, data.py
 
 
@@ -288,15 +288,27 @@ def export_png_folder(data: str, folder: Path) -> Path:
     return folder
 
 
-def peer_defaults(cfg) -> dict:
-    """lightly_train.train arguments that give the peer fastssl's crop size and crop scale (its
-    documented transform_args); its other augmentations keep their SimCLR defaults."""
+def peer_request(args: argparse.Namespace, cfg, images: Path, out: Path) -> dict:
+    """What the peer runner trains: the peer's method nearest fastssl's (peer_methods), the timed
+    modules of its step, the same backbone, image size and batch, and its arguments for fastssl's
+    views with --peer-args over them."""
+    from fastssl.bench.peer_methods import peer_method
     from fastssl.data import recipes
     from fastssl.methods import METHODS
 
-    view = recipes.with_view_overrides(METHODS[cfg.method.name](cfg).recipe(), cfg.data.views).views[0]
-    side = cfg.data.image_size
-    return {"transform_args": {"image_size": [side, side], "random_resize": {"min_scale": view.scale[0]}}}
+    peer = peer_method(args.peer, cfg.method.name)
+    views = recipes.with_view_overrides(METHODS[cfg.method.name](cfg).recipe(), cfg.data.views).views
+    return {
+        "out": str(out),
+        "data": str(images),
+        "method": peer.name,
+        "forward_modules": list(peer.forward_modules),
+        "backbone": cfg.model.backbone,
+        "image_size": cfg.data.image_size,
+        "epochs": args.peer_epochs,
+        "batch_size": cfg.data.batch_size,
+        "train_args": {**peer.defaults(cfg, views), **json.loads(args.peer_args)},
+    }
 
 
 def run_peer(args: argparse.Namespace, out: Path) -> dict:
@@ -306,15 +318,7 @@ def run_peer(args: argparse.Namespace, out: Path) -> dict:
 
     cfg = _resolved_config(args)
     images = Path(args.data) if Path(args.data).is_dir() else export_png_folder(args.data, out.parent / "png")
-    request = {
-        "out": str(out),
-        "data": str(images),
-        "backbone": cfg.model.backbone,
-        "image_size": cfg.data.image_size,
-        "epochs": args.peer_epochs,
-        "batch_size": cfg.data.batch_size,
-        "train_args": {**peer_defaults(cfg), **json.loads(args.peer_args)},
-    }
+    request = peer_request(args, cfg, images, out)
     env = {
         **os.environ,
         "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
@@ -346,7 +350,7 @@ def run_peer(args: argparse.Namespace, out: Path) -> dict:
         "tool": args.peer,
         "version": peer["version"],
         "command": shlex.join(command),
-        "method": "simclr",
+        "method": request["method"],
         "backbone": cfg.model.backbone,
         "command_wall_s": wall,
         "train_s": train_s,
@@ -387,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--child"]:
         return child(argv[1], argv[3:] if argv[2:3] == ["--"] else argv[2:])
+    from fastssl.bench.peer_methods import PEER_METHODS, peer_method
     from fastssl.data.spec import FASHION_MNIST  # here: the peer's interpreter imports this module too
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -405,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         "--append", action="store_true", help="add the rows to --results instead of replacing it"
     )
     parser.add_argument("--trial", help="a name the rows carry (a recipe search's candidate)")
-    parser.add_argument("--peer", choices=PEERS, help="also run this tool the same way")
+    parser.add_argument("--peer", choices=sorted(PEER_METHODS), help="also run this tool the same way")
     parser.add_argument(
         "--peer-python", help="the interpreter of the environment where the peer is installed"
     )
@@ -414,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         "--peer-args",
         default="{}",
         help="JSON: keyword arguments of lightly_train.train over "
-        "the defaults (transform_args with fastssl's crop size and scale)",
+        "the defaults (transform_args with fastssl's crop sizes, scales and counts)",
     )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides of the fastssl run")
     args = parser.parse_args(argv)
@@ -429,6 +434,13 @@ def main(argv: list[str] | None = None) -> int:
             f"--peer {args.peer}: expected --peer-python, the path of the python of the environment "
             f"where {args.peer} is installed, got {args.peer_python!r}"
         )
+    if args.peer:
+        from fastssl.methods import DEMO_METHOD
+
+        try:
+            peer_method(args.peer, args.method or DEMO_METHOD)
+        except ValueError as exc:
+            parser.error(str(exc))
     from fastssl.bench.harness import environment, write_rows
 
     env = environment()
@@ -446,7 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         ratio = rows[0]["images_per_second"] / rows[-1]["images_per_second"]
         rows[-1]["images_per_second_ratio_fastssl"] = ratio
         print(
-            f"\nfastssl {rows[0]['method']} / {args.peer} simclr images/s: {ratio:.2f}x; kNN k=20 T=0.07: "
+            f"\nfastssl {rows[0]['method']} / {args.peer} {rows[-1]['method']} images/s: {ratio:.2f}x; "
+            f"kNN k=20 T=0.07: "
             f"{100 * (rows[0]['knn_top1'] - rows[-1]['knn_top1']):+.2f} points"
         )
     for row in rows:

@@ -1,6 +1,9 @@
 """The time-to-accuracy benchmark on a tiny folder and a budget of seconds: a real `fastssl train`
-child with its timers, the row it records, and the peer runner's refusal where its tool is absent."""
+child with its timers, the row it records, the peer's request per method, and the peer runner's
+refusal where its tool is absent."""
 
+import argparse
+import copy
 import json
 import os
 import subprocess
@@ -11,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fastssl.bench import peer_lightly_train, peer_methods
 from fastssl.bench import time_to_accuracy as tta
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,3 +106,75 @@ def test_a_peer_needs_its_interpreter(capsys):
         tta.main(["--budget-s", "0"])
     with pytest.raises(SystemExit):  # the demo trains on Fashion-MNIST only
         tta.main(["--data", "/some/folder"])
+
+
+# each fastssl Fashion-MNIST preset's views (its method's preset and recipe) as lightly-train's transform_args
+SIMCLR_VIEWS = {"image_size": [24, 24], "random_resize": {"min_scale": 0.5}}  # 24 px, crop scale (0.5, 1)
+DINO_VIEWS = {  # 2 global crops of 28 px, scale (0.4, 1); 4 local crops of 14 px, scale (0.05, 0.4)
+    "image_size": [28, 28],
+    "random_resize": {"min_scale": 0.4, "max_scale": 1.0},
+    "local_view": {
+        "num_views": 4,
+        "view_size": [14, 14],
+        "random_resize": {"min_scale": 0.05, "max_scale": 0.4},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "method, peer_name, modules, views",
+    [
+        (None, "simclr", ["EmbeddingModel", "SimCLRProjectionHead", "NTXentLoss"], SIMCLR_VIEWS),  # the demo
+        ("simclr", "simclr", ["EmbeddingModel", "SimCLRProjectionHead", "NTXentLoss"], SIMCLR_VIEWS),
+        ("dino", "dino", ["EmbeddingModel", "DINOProjectionHead", "DINOLoss"], DINO_VIEWS),
+    ],
+)
+def test_the_peer_request_names_its_method_and_carries_fastssl_views(
+    tmp_path, method, peer_name, modules, views
+):
+    args = argparse.Namespace(
+        method=method, data="fashion-mnist", overrides=[], peer="lightly-train", peer_epochs=2,
+        peer_args='{"seed": 3}',
+    )
+    cfg = tta._resolved_config(args)
+    request = tta.peer_request(args, cfg, tmp_path / "png", tmp_path / "peer")
+    assert request["method"] == peer_name and request["forward_modules"] == modules
+    assert request["batch_size"] == 128 and request["epochs"] == 2
+    assert request["data"] == str(tmp_path / "png") and request["out"] == str(tmp_path / "peer")
+    assert request["backbone"] == cfg.model.backbone and request["image_size"] == views["image_size"][0]
+    assert request["train_args"] == {"transform_args": views, "seed": 3}  # --peer-args over the defaults
+    json.dumps(request)  # travels as one command-line argument
+
+
+def test_a_pair_without_a_peer_method_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        tta.main(["--method", "mocov2", "--peer", "lightly-train", "--peer-python", sys.executable])
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert "--method mocov2 --peer lightly-train" in line and "dino" in line and "simclr" in line
+    with pytest.raises(ValueError, match="--peer other: expected one of"):
+        peer_methods.peer_method("other", "dino")
+
+
+def test_the_peer_times_backward_end_at_the_trained_copy_of_the_first_layer():
+    # DINO's trainer is handed the teacher and trains a deep copy: the copy's first layer ends backward
+    import torch
+
+    teacher = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    student = copy.deepcopy(teacher)
+    timers = tta.StepTimers(lambda module: False)
+    try:
+        peer_lightly_train.watch_trained_first_layer(timers, next(teacher.parameters()))
+        optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = student(torch.ones(2, 3)).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(2):
+            optimizer.step(closure)
+    finally:
+        result = timers.result()
+    assert len(result["step_ends_s"]) == 2
+    assert 0 < result["update_s"] < result["optimizer_s"]  # the update alone, after backward ended
