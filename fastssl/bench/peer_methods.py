@@ -9,6 +9,7 @@ lightly-train 0.18.0 (`lightly_train.train(method=..., transform_args=...)`):
 - simclr -> `simclr` (SimCLR; also the demo's MoCo v3, the nearest method it has: two views,
   an InfoNCE loss over a projection head). transform_args: image_size = fastssl's crop side,
   random_resize.min_scale = the lower bound of fastssl's crop scale; its max scale (1.0) as is.
+  Its SimCLR has no local crops: with fastssl's n_local_crops > 0 it runs the two global views.
 - dino -> `dino` (DINO: teacher EMA over the 2 global views, student over all, centred teacher
   softmax). transform_args: image_size and random_resize (min_scale, max_scale) = fastssl's
   global crops; local_view = fastssl's local crops (num_views, view_size, random_resize

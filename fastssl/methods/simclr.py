@@ -5,21 +5,24 @@ Encoder = backbone + projection head g (Linear-BN-ReLU-Linear-BN); both views of
 through it as one batch (as the official code concatenates them), and the NT-Xent loss contrasts
 each of the 2N projections with the other 2N−1 of every rank (`fastssl.losses.NTXentLoss` over the
 fused InfoNCE): target = the other view of the same image. No momentum encoder, no predictor.
-accum_steps = A is GradCache (fastssl.losses.grad_cache): A micro-batches (both views of each one
-through the encoder together) whose projections are contrasted as one batch's.
+n_local_crops > 0 adds multi-crop (Caron et al. 2020, "SwAV", which applies it to SimCLR too):
+small crops through the same encoder (one batch of them), each contrasted with each global view
+(NTXentLoss' local_crops).
+accum_steps = A is GradCache (fastssl.losses.grad_cache): A micro-batches (all views of each one
+through the encoder) whose projections are contrasted as one batch's.
 ResNet-50 on ImageNet (the paper's 100-epoch setting): batch 4096, LARS, lr 0.3 × B / 256,
 weight decay 1e-6, 10 warm-up epochs then cosine, T = 0.1, 128-d output of a 2048-wide head.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from fastssl.config import MethodConfig, setting
+from fastssl.config import MAX_SIDE, MethodConfig, setting
 from fastssl.losses import NTXentLoss, grad_cache_encode
 from fastssl.method import Method, StepContext, TrainConfig
 from fastssl.methods import register
@@ -39,6 +42,20 @@ class SimCLRConfig(MethodConfig):
     proj_dim: int = setting(128, "output dimension of the projection head", low=1, high=65536)
     proj_layers: int = setting(2, "Linear layers of the projection head (2: SimCLR, 3: SimCLR v2)", low=2,
                                high=16)
+    crop_scale: tuple[float, float] = setting((0.08, 1.0), "the global views' random resized crop area range",
+                                              low=0, low_open=True, high=1)
+    n_local_crops: int = setting(0, "small (local) crops beside the 2 global views (0: plain SimCLR)", low=0,
+                                 high=64)
+    local_crop_size: int = setting(96, "local crop size in pixels", low=1, high=MAX_SIDE)
+    local_crop_scale: tuple[float, float] = setting((0.05, 0.4), "the local crops' random resized crop area "
+                                                    "range", low=0, low_open=True, high=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("crop_scale", "local_crop_scale"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name} must be (min, max) with min <= max, got {getattr(self, name)}")
 
 
 @register
@@ -54,7 +71,7 @@ class SimCLR(Method, config=SimCLRConfig):
             backbone="resnet8_pool3", image_size=24, eval_size=28, epochs=8, batch_size=128, optimizer="sgd",
             base_lr=0.3, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.8, proj_hidden_dim=512,
             proj_dim=128, temperature=0.1, sync_bn=False, channels_last=True,
-            views={"scale": (0.5, 1.0), "jitter": (0.8, 0.8, 0.2, 0.1), "blur_p": 0.0, "grayscale_p": 0.0},
+            crop_scale=(0.5, 1.0), views={"jitter": (0.8, 0.8, 0.2, 0.1), "blur_p": 0.0, "grayscale_p": 0.0},
         ),
     }
 
@@ -69,7 +86,10 @@ class SimCLR(Method, config=SimCLRConfig):
     def recipe(self):
         from fastssl.data import recipes
 
-        return recipes.mocov3(size=self.cfg.data.image_size)
+        m = self.cfg.method
+        views = recipes.mocov3(size=self.cfg.data.image_size, scale=m.crop_scale).views
+        local = replace(views[0], size=m.local_crop_size, scale=m.local_crop_scale, blur_p=0.5)
+        return recipes.Recipe(self.name, views + [replace(local) for _ in range(m.n_local_crops)])
 
     def encoder(self) -> nn.Module:
         return self.encoder_q[0]
@@ -78,11 +98,14 @@ class SimCLR(Method, config=SimCLRConfig):
         return [self.encoder_q[1]]
 
     def forward(self, batch: dict, ctx: StepContext) -> dict[str, torch.Tensor]:
-        x1, x2 = check_views(batch, 2, self.name)[:2]
-        micro = self.cfg.dist.accum_steps
-        z1, z2 = grad_cache_encode(self._project, x1, x2, micro_batches=micro, module=self)
-        return {"loss": self.criterion(z1, z2)}
+        count = 2 + self.cfg.method.n_local_crops
+        views = check_views(batch, count, self.name)[:count]
+        z = grad_cache_encode(self._project, *views, micro_batches=self.cfg.dist.accum_steps, module=self)
+        return {"loss": self.criterion(z[0], z[1], local_crops=z[2:])}
 
-    def _project(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _project(self, x1: torch.Tensor, x2: torch.Tensor, *local: torch.Tensor) -> tuple[torch.Tensor, ...]:
         z = self.encoder_q(torch.cat([x1, x2]))  # one batch of both views, as the official code
-        return z[: x1.shape[0]], z[x1.shape[0]:]
+        out = (z[: x1.shape[0]], z[x1.shape[0]:])
+        if local:  # the local crops' own batch (another size)
+            out += self.encoder_q(torch.cat(local)).chunk(len(local))
+        return out

@@ -92,6 +92,59 @@ def test_two_ranks_equal_the_concatenated_batch(backend, dtype, tol):
                 torch.testing.assert_close(g, t, rtol=1e-12, atol=1e-12)
 
 
+def multi_crop_loss(out0, out1, crops, T):
+    """The mean over the view pairs: NT-Xent of the global pair, then each (crop, global view) pair's
+    cross-entropy of the crop's rows over one global view's rows, target the same image."""
+    terms = [paper_loss(out0, out1, T)]
+    for view in (out0, out1):
+        for crop in crops:
+            sim = F.normalize(crop, dim=1) @ F.normalize(view, dim=1).T / T
+            terms.append(F.cross_entropy(sim, torch.arange(crop.shape[0])))
+    return sum(terms) / len(terms)
+
+
+def crops_of(seed, count, rows=WORLD * B):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, D, generator=g, dtype=torch.float64) for _ in range(count)]
+
+
+def multi_crop_grads(criterion, a, b, crops, dtype):
+    inputs = [t.detach().to(dtype).requires_grad_() for t in (a, b, *crops)]
+    loss = criterion(inputs[0], inputs[1], inputs[2:])
+    loss.backward()
+    return [loss.detach().double()] + [t.grad.double() for t in inputs]
+
+
+@pytest.mark.parametrize("backend,dtype,tol", PATHS)
+def test_local_crops_match_the_mean_over_view_pairs(backend, dtype, tol):
+    a, b = views(3)
+    crops = crops_of(4, 2)
+    truth = multi_crop_grads(lambda x, y, c: multi_crop_loss(x, y, c, T), a, b, crops, torch.float64)
+    got = multi_crop_grads(NTXentLoss(temperature=T, backend=backend), a, b, crops, dtype)
+    for g, t in zip(got, truth):
+        torch.testing.assert_close(g, t, rtol=tol, atol=tol)
+
+
+def _multi_crop_rank_step(rank, world, backend, dtype):
+    a, b = views(5)
+    rows = slice(rank * B, (rank + 1) * B)
+    crops = [c[rows] for c in crops_of(6, 2)]
+    criterion = NTXentLoss(temperature=T, gather_distributed=True, backend=backend)
+    return multi_crop_grads(criterion, a[rows], b[rows], crops, dtype)
+
+
+@pytest.mark.parametrize("backend,dtype,tol", PATHS)
+def test_local_crops_on_two_ranks_equal_the_concatenated_batch(backend, dtype, tol):
+    results = run_gloo(_multi_crop_rank_step, WORLD, backend, dtype)
+    a, b = views(5)
+    truth = multi_crop_grads(lambda x, y, c: multi_crop_loss(x, y, c, T), a, b, crops_of(6, 2), torch.float64)
+    torch.testing.assert_close(sum(r[0] for r in results) / WORLD, truth[0], rtol=tol, atol=tol)
+    for rank, got in enumerate(results):
+        rows = slice(rank * B, (rank + 1) * B)
+        for g, t in zip(got[1:], truth[1:]):
+            torch.testing.assert_close(g / WORLD, t[rows], rtol=tol, atol=tol)
+
+
 def test_bad_arguments_are_refused_by_name():
     with pytest.raises(ValueError, match="memory_bank_size must be 0"):
         NTXentLoss(memory_bank_size=4096)
@@ -101,4 +154,6 @@ def test_bad_arguments_are_refused_by_name():
         NTXentLoss(temperature=0.0)
     with pytest.raises(ValueError, match="out1 must have out0's shape"):
         NTXentLoss()(torch.randn(4, 8), torch.randn(3, 8))
+    with pytest.raises(ValueError, match=r"local_crops\[1\] must have out0's shape"):
+        NTXentLoss()(torch.randn(4, 8), torch.randn(4, 8), [torch.randn(4, 8), torch.randn(4, 6)])
     NTXentLoss(memory_bank_size=(0, 128))  # lightly's disabled bank as a pair

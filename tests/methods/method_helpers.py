@@ -86,10 +86,10 @@ def make_batch(method: Method, batch_size: int = 8, seed: int = 0) -> dict:
         return {"views": [torch.rot90(x, k, dims=(2, 3)) for k in range(4)],
                 "label": torch.zeros(batch_size, dtype=torch.long), "index": torch.arange(batch_size)}
     size = cfg.data.image_size
-    if method.name in ("dino", "dinov2", "ibot"):
+    if method.name in ("dino", "dinov2", "ibot", "simclr"):
         sizes = [size] * 2 + [cfg.method.local_crop_size] * cfg.method.n_local_crops
     else:
-        sizes = {"mocov2": [size] * 2, "mocov3": [size] * 2, "simclr": [size] * 2, "mae": [size],
+        sizes = {"mocov2": [size] * 2, "mocov3": [size] * 2, "mae": [size],
                  "clip": [size], "siglip": [size], "instdisc": [size], "weak": [size], "context": [size],
                  "colorization": [size]}[method.name]
     views = []

@@ -13,8 +13,12 @@ from method_helpers import build, context, make_batch, one_thread  # noqa: F401 
 
 A = 2
 VIT = {"vit_depth": 2, "drop_path_rate": 0.5}  # timm's rates rise from 0 at the first block
-OVERRIDES = {"clip": VIT, "siglip": VIT, "simclr": {"backbone": "resnet8"}, "mocov3": {"backbone": "resnet8"}}
-BN_CALLS = {"simclr": 1, "mocov3": 2}  # encoder passes per micro-batch (MoCo v3: one per view)
+RESNET8 = {"backbone": "resnet8"}
+MULTI_CROP = {**RESNET8, "n_local_crops": 2, "local_crop_size": 4}
+CASES = [("clip", VIT), ("siglip", VIT), ("simclr", RESNET8), ("simclr", MULTI_CROP), ("mocov3", RESNET8)]
+# encoder passes per micro-batch (MoCo v3: one per view; SimCLR: one for the global views, one
+# for the local crops)
+BN_CALLS = {"simclr": 1, "mocov3": 2}
 
 
 def _micro(tensors, k):
@@ -32,9 +36,13 @@ def reference_loss(method, batch):
                            for x, t in (_micro([views[0], tokens], k) for k in range(A))])
         return method.criterion(image, text, method.logit_scale.exp(), method.logit_bias)
     if method.name == "simclr":
-        z1, z2 = cat([method.encoder_q(torch.cat([x1, x2])).chunk(2)
-                      for x1, x2 in (_micro(views[:2], k) for k in range(A))])
-        return method.criterion(z1, z2)
+        parts = []
+        for x in (_micro(views, k) for k in range(A)):
+            z = method.encoder_q(torch.cat(x[:2])).chunk(2)  # the global views first (running statistics)
+            local = method.encoder_q(torch.cat(x[2:])).chunk(len(x) - 2) if len(x) > 2 else ()
+            parts.append((*z, *local))
+        z = cat(parts)
+        return method.criterion(z[0], z[1], local_crops=z[2:])
     q1, q2, k1, k2 = [], [], [], []
     for x1, x2 in (_micro(views[:2], k) for k in range(A)):
         q1.append(method.predictor(method.base_encoder(x1)))
@@ -54,12 +62,12 @@ def _step(method, batch, reference):
     return loss.detach(), grads, {n: b.clone() for n, b in method.named_buffers() if n != "tokens"}
 
 
-@pytest.mark.parametrize("name", list(OVERRIDES))
-def test_grad_cache_equals_one_batch_of_the_micro_batches(name):
-    method = build(name, accum_steps=A, **OVERRIDES[name]).double()
+@pytest.mark.parametrize("name,overrides", CASES, ids=[f"{n}-{len(o)}" for n, o in CASES])
+def test_grad_cache_equals_one_batch_of_the_micro_batches(name, overrides):
+    method = build(name, accum_steps=A, **overrides).double()
     batch = make_batch(method)
     batch["views"] = [v.double() for v in batch["views"]]
-    reference = build(name, accum_steps=A, **OVERRIDES[name]).double()
+    reference = build(name, accum_steps=A, **overrides).double()
     want_loss, want_grads, want_buffers = _step(reference, batch, reference=True)
     loss, grads, buffers = _step(method, batch, reference=False)
     torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=1e-12)
@@ -71,9 +79,10 @@ def test_grad_cache_equals_one_batch_of_the_micro_batches(name):
         torch.testing.assert_close(buffers[n], b, rtol=1e-12, atol=1e-12, msg=n)
     if name in BN_CALLS:
         counts = [int(b) for n, b in buffers.items() if n.endswith("num_batches_tracked")]
-        assert max(counts) == A * BN_CALLS[name]
+        passes = BN_CALLS[name] + (overrides.get("n_local_crops", 0) > 0)
+        assert max(counts) == A * passes
     # a full batch through the encoders at once is another step (BatchNorm statistics, drop-path draws)
-    whole = build(name, **OVERRIDES[name]).double()
+    whole = build(name, **overrides).double()
     assert (_step(whole, batch, reference=False)[0] - want_loss).abs() > 1e-6
 
 
