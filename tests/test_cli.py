@@ -444,11 +444,11 @@ def test_the_printed_resume_command_keeps_the_arguments_and_continues_the_folder
                                                     "'my data' --out runs/dino-1 --resume auto")
 
 
-def test_the_demo_is_mocov3s_fashion_mnist_preset_with_deterministic_kernels(capsys):
+def test_the_demo_is_simclrs_fashion_mnist_preset_with_deterministic_kernels(capsys):
     assert main(["train", "--print-config"]) == 0
     demo = yaml.safe_load(capsys.readouterr().out)
-    assert demo["method"]["name"] == "mocov3", demo["method"]
-    assert main(["train", "--method", "mocov3", "--data", "fashion-mnist", "--print-config"]) == 0
+    assert demo["method"]["name"] == "simclr", demo["method"]
+    assert main(["train", "--method", "simclr", "--data", "fashion-mnist", "--print-config"]) == 0
     preset = yaml.safe_load(capsys.readouterr().out)
     assert preset["run"]["deterministic"] is False and demo["run"]["deterministic"] is True
     assert preset["eval"]["eval_every"] > 0 and demo["eval"]["eval_every"] == 0  # no monitor in the demo

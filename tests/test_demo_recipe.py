@@ -25,7 +25,7 @@ def test_demo_recipe_builds_and_its_encoder_outputs_the_3x3_pooled_last_stage():
     torch.testing.assert_close(grid[:, :, 1, 2], last[:, :, 2:5, 4:7].mean(dim=(2, 3)))
     method.train()
     ctx = StepContext(step=0, epoch=0, steps_per_epoch=1, total_steps=1, lr=0.0, weight_decay=0.0)
-    side = cfg.data.image_size  # 24-px training crops
+    side = cfg.data.image_size  # 20-px training crops
     views = [torch.randn(4, 3, side, side) for _ in range(2)]
     loss = method({"views": views}, ctx)["loss"]
     assert loss.ndim == 0 and torch.isfinite(loss)

@@ -14,8 +14,8 @@ a training step per method, fused vs eager; also printed by `--model`), `counter
 counter they use). `harness` times and records; `report` writes RESULTS.md's tables from the rows in
 `benchmarks/results/`; `kernel_cases` runs each kernel once (compute-sanitizer, ncu).
 
-CPU studies: `presets` (every method's Fashion-MNIST preset), `demo_search` (the demo's recipe
-search), `under_load` (the demo's step on a busy CPU), `weak_study` (loss x sampling under
+CPU studies: `presets` (every method's Fashion-MNIST preset), `demo_search` (MoCo v3's
+Fashion-MNIST recipe search), `under_load` (MoCo v3's step on a busy CPU), `weak_study` (loss x sampling under
 long-tailed noisy labels), `clip_demo` (CLIP on Fashion-MNIST with synthetic captions beside the
 hashtag method), `time_to_accuracy` (a recipe trained for a wall-time budget, its kNN
 over time and where the time went, optionally beside another tool run the same way).

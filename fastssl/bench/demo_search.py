@@ -1,4 +1,4 @@
-"""The demo's recipe search: train each candidate as `fastssl train` (the demo) would, for a fixed
+"""MoCo v3's Fashion-MNIST recipe search: train each candidate as the demo's command would, for a fixed
 number of epochs, and print one table row per candidate (kNN top-1 k=20 T=0.07 on the test
 split, random-init kNN, optional linear probe, steps, speed, wall time, machine load).
 
@@ -6,8 +6,8 @@ split, random-init kNN, optional linear probe, steps, speed, wall time, machine 
     python -m fastssl.bench.demo_search --only base pool2 --epochs 2 --threads 1 --results DIR
     python -m fastssl.bench.demo_search --readouts RUN/last.pt   # kNN of poolings of a CIFAR ResNet
 
-Each candidate is the demo (fastssl.cli's DEMO_METHOD and its Fashion-MNIST preset) with some of
-its keys replaced, run in a fresh process so nothing carries over. Fixed epochs and a fixed
+Each candidate is SEARCH_METHOD's Fashion-MNIST preset with the demo's settings (DEMO_SETTINGS) and
+some of its keys replaced, run in a fresh process so nothing carries over. Fixed epochs and a fixed
 seed make the losses and kNN independent of the machine's load; only the times depend on it, so
 on a shared machine read them as a record of the run, not as speeds.
 """
@@ -24,7 +24,9 @@ from pathlib import Path
 
 from fastssl.bench.harness import environment, write_rows
 
-# name -> (what changes against the row it is compared with, demo fields replaced). "preset" keys are
+SEARCH_METHOD = "mocov3"
+
+# name -> (what changes against the row it is compared with, preset fields replaced). "preset" keys are
 # config keys of the preset, "views" ViewSpec fields of its `views`, "method" the method.
 CANDIDATES: dict[str, tuple[str, dict]] = {
     "base": ("the demo recipe before the search: MoCo v3, resnet8 (global avg pool), LARS lr 1.0", {
@@ -60,13 +62,13 @@ CANDIDATES: dict[str, tuple[str, dict]] = {
 
 
 def _child(name: str, out: str, epochs: int, linear: bool) -> int:
-    """Run one candidate in this process: patch the demo's recipe, then `fastssl train`."""
+    """Run one candidate in this process: patch SEARCH_METHOD's preset, then `fastssl train`."""
     from fastssl.bench.harness import run_cli
     from fastssl.data.spec import FASHION_MNIST
-    from fastssl.methods import DEMO_METHOD, DEMO_SETTINGS, METHODS
+    from fastssl.methods import DEMO_SETTINGS, METHODS
 
     spec = CANDIDATES[name][1]
-    method = spec.get("method", DEMO_METHOD)
+    method = spec.get("method", SEARCH_METHOD)
     cls = METHODS[method]
     preset = dict(cls.presets.get(FASHION_MNIST, {})) | spec.get("preset", {})
     preset["views"] = dict(preset.get("views", {})) | spec.get("views", {})

@@ -6,7 +6,7 @@ Method.forward is, and the peer's arguments that make the two runs comparable: f
 for everything else (optimizer, schedule, head, temperatures, colour augmentations).
 
 lightly-train 0.18.0 (`lightly_train.train(method=..., transform_args=...)`):
-- simclr -> `simclr` (SimCLR; also the demo's MoCo v3, the nearest method it has: two views,
+- simclr -> `simclr` (SimCLR; also MoCo v3, the nearest method it has: two views,
   an InfoNCE loss over a projection head). transform_args: image_size = fastssl's crop side,
   random_resize.min_scale = the lower bound of fastssl's crop scale; its max scale (1.0) as is.
   Its SimCLR has no local crops: with fastssl's n_local_crops > 0 it runs the two global views.

@@ -1,5 +1,5 @@
-"""The demo's training step on a busy CPU: ms per step of the demo configuration (MoCo v3,
-CIFAR ResNet-8 at 28 px, batch 128, channels_last; forward, backward, SGD step on fixed
+"""A training step on a busy CPU: ms per step of MoCo v3's Fashion-MNIST preset (batch 128,
+channels_last; forward, backward, SGD step on fixed
 random views) alone and beside a competing 2-thread torch process, with torch's default
 OpenMP waiting, with OMP_WAIT_POLICY=PASSIVE, and with one thread. Each setting runs in a
 fresh process (the OpenMP policy is read at start-up). CPU figures: ratios only.
@@ -42,10 +42,11 @@ def _load(seconds: float) -> None:
 def _step_ms(steps: int) -> float:
     from fastssl.engine import resolve_config
     from fastssl.method import StepContext
-    from fastssl.methods import DEMO_METHOD, METHODS, demo_preset
+    from fastssl.data.spec import FASHION_MNIST
+    from fastssl.methods import METHODS
 
-    cls = METHODS[DEMO_METHOD]
-    cfg = resolve_config(cls.config_class, None, {"out": "unused"}, preset=demo_preset())
+    cls = METHODS["mocov3"]
+    cfg = resolve_config(cls.config_class, None, {"out": "unused"}, preset=cls.presets[FASHION_MNIST])
     torch.manual_seed(0)
     method = cls(cfg).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(method.parameters(), lr=0.01)

@@ -37,7 +37,7 @@ from fastssl.methods import (  # noqa: E402,F401
 # prints the same numbers; same seed, same machine -> the same losses and kNN. No per-epoch kNN
 # monitor: the demo prints the full kNN before and after training, and the monitor's subsample
 # checks cost ~3% of its command (21 of 656 s in SimCLR's 8-epoch run).
-DEMO_METHOD = "mocov3"
+DEMO_METHOD = "simclr"
 DEMO_SETTINGS = {"deterministic": True, "eval_every": 0}
 
 

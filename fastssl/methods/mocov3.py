@@ -45,8 +45,7 @@ class MoCoV3Config(MethodConfig):
 @register
 class MoCoV3(Method, config=MoCoV3Config):
     accumulates_itself = True  # GradCache
-    # The demo (`make demo`), found by the recipe search in benchmarks/RESULTS.md. Fashion-MNIST:
-    # the CIFAR ResNet-8 whose features (what kNN sees) are its last stage average-pooled to 3x3
+    # Fashion-MNIST, found by the recipe search in benchmarks/RESULTS.md: the CIFAR ResNet-8 whose features (what kNN sees) are its last stage average-pooled to 3x3
     # (on clothes, where a part lies matters); training crops of 24 px (26.5% fewer pixels than
     # 28) of at least half the image, kNN on the whole 28-px images (eval_size); brightness
     # and contrast jitter 0.8, no blur (grayscale is a no-op on gray images); 6 epochs.
