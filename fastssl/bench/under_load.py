@@ -40,9 +40,9 @@ def _load(seconds: float) -> None:
 
 
 def _step_ms(steps: int) -> float:
+    from fastssl.data.spec import FASHION_MNIST
     from fastssl.engine import resolve_config
     from fastssl.method import StepContext
-    from fastssl.data.spec import FASHION_MNIST
     from fastssl.methods import METHODS
 
     cls = METHODS["mocov3"]
