@@ -67,11 +67,11 @@ class SimCLR(Method, config=SimCLRConfig):
         # ResNet-8 whose features are its last stage pooled to 3x3, trained on 20-px crops of at
         # least half the image (31% fewer pixels than 24: 8 epochs in the time of 6), kNN on the
         # whole 28-px images; brightness and contrast jitter 0.8 on every view, no blur; SGD lr
-        # 0.15 at batch 128 (momentum 0.9, weight decay 1e-4), 10% warm-up then cosine, T = 0.2.
+        # 0.15 at batch 128 (momentum 0.9, weight decay 1e-4), 10% warm-up then cosine, T = 0.1.
         "fashion-mnist": dict(
             backbone="resnet8_pool3", image_size=20, eval_size=28, epochs=8, batch_size=128, optimizer="sgd",
             base_lr=0.3, momentum=0.9, weight_decay=1e-4, warmup_epochs=0.8, proj_hidden_dim=512,
-            proj_dim=128, temperature=0.2, sync_bn=False, channels_last=True, crop_scale=(0.5, 1.0),
+            proj_dim=128, temperature=0.1, sync_bn=False, channels_last=True, crop_scale=(0.5, 1.0),
             views={"jitter": (0.8, 0.8, 0.2, 0.1), "jitter_p": 1.0, "blur_p": 0.0, "grayscale_p": 0.0},
         ),
     }
