@@ -192,8 +192,18 @@ def _split(r: dict) -> str:
     return " / ".join(f"{r['seconds'][k]:.0f}" for k in PHASES)
 
 
+def _race_run(r: dict) -> str:
+    """What ran: fastssl's demo or its --method with the overrides; the peer's crop side."""
+    if r["tool"] == "fastssl":
+        if "--method" not in r["command"].split():
+            return f"the demo (`fastssl train`: {r['method']})"
+        return " ".join([f"--method {r['method']}", *r["overrides"]])
+    side = r["train_args"]["transform_args"]["image_size"][0]
+    return f"its {r['method']}, fastssl's {side}-px crops"
+
+
 TIME_TO_ACCURACY_COLUMNS = [
-    ("tool", lambda r: f"{r['tool']} {r.get('version', '')}".strip()), ("method", col("method")),
+    ("tool", lambda r: f"{r['tool']} {r.get('version', '')}".strip()), ("run", _race_run),
     ("backbone", col("backbone")), ("epochs (steps)", lambda r: f"{r['epochs']:g} ({r['steps']})"),
     ("train s", col("train_s", "{:.0f}")), ("img/s", col("images_per_second", "{:.0f}")),
     ("× peer img/s", col("images_per_second_ratio_fastssl", "{:.2f}")),
@@ -260,7 +270,8 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], str]]] = {
     "time_to_accuracy": ("time_to_accuracy.jsonl", Table("time_to_accuracy.jsonl",
                                                          TIME_TO_ACCURACY_COLUMNS).render),
     "race_search": ("race_search.jsonl", Table("race_search.jsonl", [
-        ("trial", col("trial")), ("method", col("method")), ("overrides", lambda r: " ".join(r["overrides"])),
+        ("trial", col("trial")), ("method", col("method")), ("preset of git", col("git_sha")),
+        ("overrides", lambda r: " ".join(r["overrides"])),
         ("epochs (steps)", lambda r: f"{r['epochs']:g} ({r['steps']})"),
         ("kNN k=20 T=0.07", lambda r: f"{100 * r['knn_top1']:.2f}%"),
         ("kNN k=200 T=0.1", lambda r: f"{100 * r['knn_top1_k200']:.2f}%"),
