@@ -45,10 +45,11 @@ class MoCoV3Config(MethodConfig):
 @register
 class MoCoV3(Method, config=MoCoV3Config):
     accumulates_itself = True  # GradCache
-    # Fashion-MNIST, found by the recipe search in benchmarks/RESULTS.md: the CIFAR ResNet-8 whose features (what kNN sees) are its last stage average-pooled to 3x3
-    # (on clothes, where a part lies matters); training crops of 24 px (26.5% fewer pixels than
-    # 28) of at least half the image, kNN on the whole 28-px images (eval_size); brightness
-    # and contrast jitter 0.8, no blur (grayscale is a no-op on gray images); 6 epochs.
+    # Fashion-MNIST, found by the recipe search in benchmarks/RESULTS.md: the CIFAR ResNet-8 whose
+    # features (what kNN sees) are its last stage average-pooled to 3x3 (on clothes, where a part
+    # lies matters); training crops of 24 px (26.5% fewer pixels than 28) of at least half the image,
+    # kNN on the whole 28-px images (eval_size); brightness and contrast jitter 0.8, no blur
+    # (grayscale is a no-op on gray images); 6 epochs.
     presets = {"fashion-mnist": dict(
         backbone="resnet8_pool3", image_size=24, eval_size=28, epochs=6, batch_size=128, optimizer="lars",
         base_lr=1.0, weight_decay=1e-5, warmup_epochs=0.5, mlp_hidden_dim=512, moco_dim=128, sync_bn=False,
