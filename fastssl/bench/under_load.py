@@ -1,8 +1,8 @@
 """A training step on a busy CPU: ms per step of MoCo v3's Fashion-MNIST preset (batch 128,
-channels_last; forward, backward, SGD step on fixed
-random views) alone and beside a competing 2-thread torch process, with torch's default
-OpenMP waiting, with OMP_WAIT_POLICY=PASSIVE, and with one thread. Each setting runs in a
-fresh process (the OpenMP policy is read at start-up). CPU figures: ratios only.
+channels_last; forward, backward, SGD step on fixed random views) alone and beside a
+competing 2-thread torch process, with torch's default OpenMP waiting, with
+OMP_WAIT_POLICY=PASSIVE, and with one thread. Each setting runs in a fresh process (the OpenMP
+policy is read at start-up). CPU figures: ratios only.
 
     python -m fastssl.bench.under_load [--steps N] [--results DIR]
 """
