@@ -7,8 +7,8 @@ for everything else (optimizer, schedule, head, temperatures, colour augmentatio
 
 lightly-train 0.18.0 (`lightly_train.train(method=..., transform_args=...)`):
 - simclr -> `simclr` (SimCLR; also MoCo v3, the nearest method it has: two views,
-  an InfoNCE loss over a projection head). transform_args: image_size = fastssl's crop side,
-  random_resize.min_scale = the lower bound of fastssl's crop scale; its max scale (1.0) as is.
+  an InfoNCE loss over a projection head). transform_args: image_size and random_resize
+  (min_scale, max_scale) = fastssl's global views.
   Its SimCLR has no local crops: with fastssl's n_local_crops > 0 it runs the two global views.
 - dino -> `dino` (DINO: teacher EMA over the 2 global views, student over all, centred teacher
   softmax). transform_args: image_size and random_resize (min_scale, max_scale) = fastssl's
@@ -39,8 +39,8 @@ def _crop(view) -> dict:
 
 
 def _simclr_args(cfg, views) -> dict:
-    side = cfg.data.image_size
-    return {"transform_args": {"image_size": [side, side], "random_resize": {"min_scale": views[0].scale[0]}}}
+    first = views[0]
+    return {"transform_args": {"image_size": [first.size, first.size], "random_resize": _crop(first)}}
 
 
 def _dino_args(cfg, views) -> dict:

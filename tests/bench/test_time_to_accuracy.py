@@ -109,7 +109,7 @@ def test_a_peer_needs_its_interpreter(capsys):
 
 
 # each fastssl Fashion-MNIST preset's views (its method's preset and recipe) as lightly-train's transform_args
-SIMCLR_VIEWS = {"image_size": [20, 20], "random_resize": {"min_scale": 0.5}}  # 20 px, crop scale (0.5, 1)
+SIMCLR_VIEWS = {"image_size": [20, 20], "random_resize": {"min_scale": 0.5, "max_scale": 1.0}}
 DINO_VIEWS = {  # 2 global crops of 28 px, scale (0.4, 1); 4 local crops of 14 px, scale (0.05, 0.4)
     "image_size": [28, 28],
     "random_resize": {"min_scale": 0.4, "max_scale": 1.0},
