@@ -28,8 +28,7 @@ from fastssl.bench.harness import environment
 from fastssl.bench.report import read_rows
 from fastssl.methods import METHODS as REGISTERED
 
-METHODS = ("mocov3", "mocov2", "dino", "dinov2", "mae", "rotnet", "weak", "colorization", "context",
-           "instdisc")
+METHODS = tuple(REGISTERED)  # every registered method
 
 
 def main(argv: list[str] | None = None) -> int:
