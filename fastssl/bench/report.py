@@ -193,13 +193,16 @@ def _split(r: dict) -> str:
 
 
 def _race_run(r: dict) -> str:
-    """What ran: fastssl's demo or its --method with the overrides; the peer's crop side."""
+    """What ran: fastssl's demo or its --method with the overrides; the peer's crop sides."""
     if r["tool"] == "fastssl":
         if "--method" not in r["command"].split():
             return f"the demo (`fastssl train`: {r['method']})"
         return " ".join([f"--method {r['method']}", *r["overrides"]])
-    side = r["train_args"]["transform_args"]["image_size"][0]
-    return f"its {r['method']}, fastssl's {side}-px crops"
+    views = r["train_args"]["transform_args"]
+    crops = f"{views['image_size'][0]}-px"
+    if views.get("local_view"):
+        crops += f" and {views['local_view']['num_views']} × {views['local_view']['view_size'][0]}-px"
+    return f"its {r['method']}, fastssl's {crops} crops"
 
 
 TIME_TO_ACCURACY_COLUMNS = [
@@ -230,9 +233,9 @@ TABLES: dict[str, tuple[str, Callable[[list[dict]], str]]] = {
     "presets": ("presets.jsonl", Table("presets.jsonl", [
         ("method", preset_method), ("backbone", col("backbone")), ("steps", col("steps")),
         ("kNN top-1", pct("knn_top1")), ("random init", pct("knn_top1_random_init")), ("margin", margin),
-        ("linear probe", pct("linear_top1")), ("img/s", col("images_per_second", "{:.0f}")),
+        ("img/s", col("images_per_second", "{:.0f}")),
         ("command wall s", col("command_wall_s", "{:.0f}")),
-        ("load avg", col("load_avg", "{:.1f}"))]).render),
+        ("load avg", col("load_avg", "{:.1f}")), ("date", col("date")), ("git", col("git_sha"))]).render),
     "checkpoint": ("checkpoint.jsonl", Table("checkpoint.jsonl", [
         ("checkpoints", col("mode")), ("backbone", col("backbone")), ("every", col("checkpoint_every")),
         ("steps", col("steps")), ("s / step (CPU, ratios only)", col("step_s", "{:.3f}")),
