@@ -108,7 +108,7 @@ class MemoryBank(RowTable):
         *,
         momentum: float = 0.5,
         dtype: torch.dtype | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         normalize: bool = True,
         seed: int = 0,
     ) -> None:
@@ -118,7 +118,7 @@ class MemoryBank(RowTable):
         self.momentum = check_number("momentum", momentum, low=0, high=1)
         self.normalize = check_bool("normalize", normalize)
         seed = check_int("seed", seed, low=0)
-        device = torch.device(device)
+        device = torch.get_default_device() if device is None else torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         check_float_dtype("dtype", dtype)

@@ -169,7 +169,8 @@ class KeyQueue(RowTable):
     dtype=None (default) stores the training dtype of the queue's device: bfloat16 on CUDA
     (what bf16 autocast gives the query, so info_nce reads the queue as stored, with no cast
     pass), float32 elsewhere; it is chosen again when the queue moves to another device type.
-    An explicit dtype (the argument, or a later cast such as .double()) stays.
+    An explicit dtype (the argument, or a later cast such as .double()) stays. device=None: the
+    default device (torch.get_default_device(); meta inside `with torch.device("meta")`).
 
     The official MoCo queue is the transpose, [dim, K] with a column per key: see from_official.
 
@@ -189,12 +190,13 @@ class KeyQueue(RowTable):
         dim: int,
         *,
         dtype: torch.dtype | None = None,
-        device: torch.device | str = "cpu",
+        device: torch.device | str | None = None,
         normalize: bool = False,
     ) -> None:
         super().__init__()
         check_int("size", size, low=1)
         check_int("dim", dim, low=1)
+        device = torch.get_default_device() if device is None else torch.device(device)
         self._auto_dtype = dtype is None
         if dtype is None:
             dtype = _training_dtype(device)

@@ -40,8 +40,10 @@ def check_views(batch: dict, count: int, method: str) -> list:
 
 def step_generator(cfg: TrainConfig, ctx, device) -> torch.Generator:
     """A generator seeded by the run's seed, the step, the micro-step and the rank: a method's own
-    draws (patch positions, sampled negatives) repeat exactly on a resumed run, and differ by rank."""
+    draws (patch positions, sampled negatives) repeat exactly on a resumed run, and differ by rank.
+    On the meta device (a model whose FLOPs are counted), a CPU generator: meta draws take any."""
     from fastssl.distributed import get_rank
 
     seed = cfg.run.seed * 1_000_003 + ctx.step * 1_009 + ctx.micro_step * 17 + get_rank()
-    return torch.Generator(device).manual_seed(seed % (2**63 - 1))
+    device = torch.device(device)
+    return torch.Generator("cpu" if device.type == "meta" else device).manual_seed(seed % (2**63 - 1))

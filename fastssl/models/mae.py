@@ -41,7 +41,7 @@ def sincos_pos_embed_2d(dim: int, grid_size: int, cls_token: bool = False) -> to
     emb = np.concatenate([encode(cols), encode(rows)], axis=1)
     if cls_token:
         emb = np.concatenate([np.zeros((1, dim)), emb], axis=0)
-    return torch.from_numpy(emb).float()
+    return torch.tensor(emb, dtype=torch.float32)  # on the default device: meta when a model is built there
 
 
 class MaskedAutoencoderViT(nn.Module):
