@@ -110,12 +110,12 @@ def test_a_peer_needs_its_interpreter(capsys):
 
 # each fastssl Fashion-MNIST preset's views (its method's preset and recipe) as lightly-train's transform_args
 SIMCLR_VIEWS = {"image_size": [20, 20], "random_resize": {"min_scale": 0.5, "max_scale": 1.0}}
-DINO_VIEWS = {  # 2 global crops of 28 px, scale (0.4, 1); 4 local crops of 14 px, scale (0.05, 0.4)
-    "image_size": [28, 28],
+DINO_VIEWS = {  # 2 global crops of 20 px, scale (0.4, 1); 4 local crops of 10 px, scale (0.05, 0.4)
+    "image_size": [20, 20],
     "random_resize": {"min_scale": 0.4, "max_scale": 1.0},
     "local_view": {
         "num_views": 4,
-        "view_size": [14, 14],
+        "view_size": [10, 10],
         "random_resize": {"min_scale": 0.05, "max_scale": 0.4},
     },
 }

@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 SMALL = ["max_steps=2", "batch_size=8", "eval_knn=false", "loader=torchvision", "num_threads=1",
          "log_every=1", "vit_depth=1"]
 RUNS = {
-    "dino": ["backbone=vit_tiny_patch7", "out_dim=64", "head_hidden_dim=32", "bottleneck_dim=16",
-             "n_local_crops=2"],
+    # a 7-px-patch ViT on the preset's crops at the images' own 28 px (the preset's ResNet trains at 20)
+    "dino": ["backbone=vit_tiny_patch7", "image_size=28", "local_crop_size=14", "out_dim=64",
+             "head_hidden_dim=32", "bottleneck_dim=16", "n_local_crops=2"],
     "mae": ["decoder_dim=16", "decoder_depth=1"],
 }
 
